@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a Hugging Face DeepseekV4 checkpoint to a ds4 Flash GGUF.
+    Convert(cmd::convert::Args),
+    /// Render a chat request (official DeepSeek V4 encoder) to the prompt text on stdout.
+    RenderChat(cmd::render_chat::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +30,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Convert(args) => cmd::convert::run(args),
+        Command::RenderChat(args) => cmd::render_chat::run(args),
     }
 }
