@@ -1,0 +1,190 @@
+//! The backend trait: fused operations at the granularity the forward pass needs.
+//!
+//! Design (so a GPU backend can keep everything resident and run a chunk layer-major
+//! without host round trips):
+//! * weights are mapped once to backend handles (`Backend::Weight`, via `upload`);
+//! * activations are backend-owned matrices (`Backend::Act`, `rows × cols` f32) allocated
+//!   once per session at the largest chunk; every op takes the number of live rows `n`
+//!   (tokens of the chunk), so decode (n = 1) and prefill use the same code;
+//! * the KV state is backend-owned (`Backend::Kv`) and only leaves the device for
+//!   snapshots (`KvStore::save`);
+//! * the only host reads are `read_rows` (logits) — nothing inside a layer syncs.
+//!
+//! Positions of a chunk are always contiguous: row i of every activation is the token at
+//! absolute position `pos0 + i`.
+
+use crate::shape::ModelShape;
+use crate::weights::{CompressorWeights, FfnWeights, HcWeights, TensorView};
+use crate::Result;
+
+/// Which RoPE frequency set (model.md §6a).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeKind {
+    /// θ = rope base, no scaling (sliding-window layers).
+    Plain,
+    /// θ = compress base with YaRN (compressed layers, compressors, indexer).
+    Compress,
+}
+
+/// Which compressor of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompKind {
+    /// Attention compressor (d_c = head_dim).
+    Attn,
+    /// Indexer compressor (d_c = indexer_dim), CSA only.
+    Indexer,
+}
+
+/// Official precision simulations (model.md §6b–d) applied to rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowRounding {
+    /// FP8-E4M3 round trip of the first `n_nope` dims of each `head_dim` row, then f16.
+    KvRow,
+    /// Hadamard-128 + FP4 round trip per 128-dim head.
+    IndexerQat,
+}
+
+/// Session state that a backend owns (KV caches and compressor frontiers).
+pub trait KvStore {
+    /// Bytes allocated for this state.
+    fn memory_bytes(&self) -> usize;
+    /// Forget everything (position 0).
+    fn reset(&mut self);
+    /// Serialise the state valid after `n_pos` tokens.
+    fn save(&self, n_pos: usize, out: &mut Vec<u8>) -> Result<()>;
+    /// Restore from `save` output; returns the number of bytes consumed.
+    fn load(&mut self, n_pos: usize, bytes: &[u8]) -> Result<usize>;
+}
+
+pub trait Backend<'w> {
+    type Weight;
+    type Act;
+    /// Per-token selected compressed-row indices (indexer top-k).
+    type Idx;
+    type Kv: KvStore;
+
+    fn upload(&self, t: &TensorView<'w>) -> Result<Self::Weight>;
+    fn alloc_act(&self, rows: usize, cols: usize) -> Result<Self::Act>;
+    fn alloc_idx(&self, rows: usize, k: usize) -> Result<Self::Idx>;
+    /// KV state sized for `ctx` tokens.
+    fn alloc_kv(&self, shape: &ModelShape, ctx: usize) -> Result<Self::Kv>;
+
+    /// out[i] = [e, e, …, e] (hc_mult copies of the embedding row of tokens[i]).
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], hc_mult: usize, out: &mut Self::Act) -> Result<()>;
+    /// out[i] = W · x[i] for i < n.
+    fn matmul(&self, w: &Self::Weight, x: &Self::Act, n: usize, out: &mut Self::Act) -> Result<()>;
+    /// Grouped projection: output rows are split in `groups` equal parts; part g reads the
+    /// g-th equal slice of x.
+    fn matmul_grouped(
+        &self,
+        w: &Self::Weight,
+        x: &Self::Act,
+        n: usize,
+        groups: usize,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// RMSNorm of each `seg`-wide piece of each row, in place; `w` (length seg) optional.
+    fn rms_norm(&self, x: &mut Self::Act, w: Option<&Self::Weight>, n: usize, seg: usize, eps: f32) -> Result<()>;
+    /// HC split (§7.1): y = Σ pre_s X[s]; post [n, N]; comb [n, N·N].
+    #[allow(clippy::too_many_arguments)]
+    fn hc_pre(
+        &self,
+        w: &HcWeights<Self::Weight>,
+        state: &Self::Act,
+        n: usize,
+        shape: &ModelShape,
+        y: &mut Self::Act,
+        post: &mut Self::Act,
+        comb: &mut Self::Act,
+    ) -> Result<()>;
+    /// HC merge (§7.2): X'[d] = post_d·o + Σ_a comb[a][d]·X[a], in place on `state`.
+    fn hc_post(
+        &self,
+        sub: &Self::Act,
+        post: &Self::Act,
+        comb: &Self::Act,
+        n: usize,
+        hc_mult: usize,
+        state: &mut Self::Act,
+    ) -> Result<()>;
+    /// Final HC collapse (§7.5 steps 1–3), before the output norm.
+    fn hc_head(
+        &self,
+        w: &HcWeights<Self::Weight>,
+        state: &Self::Act,
+        n: usize,
+        shape: &ModelShape,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// RoPE on the last n_rot dims of each `head_dim` head of each row (row i at pos0+i).
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        inverse: bool,
+    ) -> Result<()>;
+    fn round_rows(&self, x: &mut Self::Act, n: usize, mode: RowRounding) -> Result<()>;
+    /// Compressor step for a chunk (§8): adds ape, writes the frontier, emits pooled rows
+    /// (norm, RoPE, rounding when `official`) into the layer's compressed cache.
+    #[allow(clippy::too_many_arguments)]
+    fn compressor_update(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        which: CompKind,
+        w: &CompressorWeights<Self::Weight>,
+        proj_kv: &Self::Act,
+        proj_score: &Self::Act,
+        n: usize,
+        pos0: usize,
+        official: bool,
+    ) -> Result<()>;
+    /// Lightning indexer (§9): per token, the top-k visible indexer rows by
+    /// Σ_h w_h·relu(q_h·k). Rows past visibility are never chosen.
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_topk(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        q: &Self::Act,
+        weights: &Self::Act,
+        n: usize,
+        pos0: usize,
+        top_k: usize,
+        sel: &mut Self::Idx,
+    ) -> Result<()>;
+    /// Attention with sinks (§10) over the raw window (cache + this chunk's `rows`) and the
+    /// visible compressed rows (selected ones when `sel` is given).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        q: &Self::Act,
+        rows: &Self::Act,
+        sinks: &Self::Weight,
+        sel: Option<&Self::Idx>,
+        n: usize,
+        pos0: usize,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// Appends this chunk's raw KV rows to the sliding window.
+    fn kv_append_raw(&self, kv: &mut Self::Kv, layer: usize, rows: &Self::Act, n: usize, pos0: usize) -> Result<()>;
+    /// Router + routed experts + shared expert (§7.4 steps 3–8, without HC).
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        w: &FfnWeights<Self::Weight>,
+        layer: usize,
+        shape: &ModelShape,
+        x: &Self::Act,
+        tokens: &[u32],
+        n: usize,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// Copies the first n rows to the host (row-major).
+    fn read_rows(&self, x: &Self::Act, n: usize, out: &mut [f32]) -> Result<()>;
+}

@@ -1,0 +1,344 @@
+//! The forward pass, written once over `Backend`: a chunk of tokens at contiguous
+//! positions goes through every layer (layer-major), updating the KV state, and produces
+//! logits for every position of the chunk. Decode is a chunk of one.
+
+use crate::backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
+use crate::shape::ModelShape;
+use crate::weights::{ModelWeights, TensorView};
+use crate::{Error, Result};
+
+/// Options that change numerics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// The official FP8 KV / Hadamard+FP4 indexer / f16 cache rounding (model.md §6).
+    /// On by default; transformers does not do it.
+    pub official_rounding: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self { official_rounding: true }
+    }
+}
+
+/// A model bound to a backend: shape + backend weight handles.
+pub struct Model<'w, B: Backend<'w>> {
+    pub backend: B,
+    pub shape: ModelShape,
+    pub weights: ModelWeights<B::Weight>,
+    pub options: ForwardOptions,
+}
+
+/// Per-session buffers: every activation the forward pass touches.
+pub struct Buffers<A, I> {
+    pub cap: usize,
+    state: A,
+    y: A,
+    post: A,
+    comb: A,
+    qr: A,
+    q: A,
+    kvr: A,
+    comp_kv: A,
+    comp_score: A,
+    iq: A,
+    iw: A,
+    attn: A,
+    low: A,
+    sub: A,
+    head: A,
+    pub logits: A,
+    sel: I,
+}
+
+impl<'w, B: Backend<'w>> Model<'w, B> {
+    /// Binds the shape's tensors from `src` and uploads them to the backend.
+    pub fn new(
+        backend: B,
+        shape: ModelShape,
+        src: &'w (impl crate::weights::TensorSource + ?Sized),
+        options: ForwardOptions,
+    ) -> Result<Self> {
+        let views: ModelWeights<TensorView<'w>> = ModelWeights::bind(src, &shape)?;
+        let weights = views.try_map(|t| backend.upload(t))?;
+        Ok(Self { backend, shape, weights, options })
+    }
+
+    /// Allocates activations for chunks of up to `cap` tokens.
+    pub fn alloc_buffers(&self, cap: usize) -> Result<Buffers<B::Act, B::Idx>> {
+        let s = &self.shape;
+        let b = &self.backend;
+        let cap = cap.max(1);
+        let max_comp_w = 2 * s.head_dim;
+        Ok(Buffers {
+            cap,
+            state: b.alloc_act(cap, s.hc_dim())?,
+            y: b.alloc_act(cap, s.n_embd)?,
+            post: b.alloc_act(cap, s.hc_mult)?,
+            comb: b.alloc_act(cap, s.hc_mult * s.hc_mult)?,
+            qr: b.alloc_act(cap, s.q_lora_rank)?,
+            q: b.alloc_act(cap, s.q_dim())?,
+            kvr: b.alloc_act(cap, s.head_dim)?,
+            comp_kv: b.alloc_act(cap, max_comp_w)?,
+            comp_score: b.alloc_act(cap, max_comp_w)?,
+            iq: b.alloc_act(cap, s.indexer_heads * s.indexer_dim)?,
+            iw: b.alloc_act(cap, s.indexer_heads)?,
+            attn: b.alloc_act(cap, s.q_dim())?,
+            low: b.alloc_act(cap, s.o_groups * s.o_lora_rank)?,
+            sub: b.alloc_act(cap, s.n_embd)?,
+            head: b.alloc_act(cap, s.n_embd)?,
+            logits: b.alloc_act(cap, s.vocab)?,
+            sel: b.alloc_idx(cap, s.indexer_top_k.max(1))?,
+        })
+    }
+
+    pub fn alloc_kv(&self, ctx: usize) -> Result<B::Kv> {
+        self.backend.alloc_kv(&self.shape, ctx)
+    }
+
+    /// Runs `tokens` (at positions pos0..) through the model, updating `kv`; logits of
+    /// every position are left in `bufs.logits` (rows 0..tokens.len()).
+    pub fn forward_chunk(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        kv: &mut B::Kv,
+        bufs: &mut Buffers<B::Act, B::Idx>,
+    ) -> Result<()> {
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if n > bufs.cap {
+            return Err(Error::Config(format!("chunk of {n} tokens exceeds buffer capacity {}", bufs.cap)));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.shape.vocab) {
+            return Err(Error::Token { token: t, vocab: self.shape.vocab });
+        }
+        let s = &self.shape;
+        let be = &self.backend;
+        let official = self.options.official_rounding;
+        let eps = s.rms_eps;
+        be.embed(&self.weights.token_embd, tokens, s.hc_mult, &mut bufs.state)?;
+        for (il, lw) in self.weights.layers.iter().enumerate() {
+            let kind = lw.kind;
+            let rope = if kind.is_compressed() { RopeKind::Compress } else { RopeKind::Plain };
+            // ---- attention sublayer
+            be.hc_pre(&lw.hc_attn, &bufs.state, n, s, &mut bufs.y, &mut bufs.post, &mut bufs.comb)?;
+            let a = &lw.attn;
+            be.rms_norm(&mut bufs.y, Some(&a.norm), n, s.n_embd, eps)?;
+            be.matmul(&a.q_a, &bufs.y, n, &mut bufs.qr)?;
+            be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
+            be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
+            be.rms_norm(&mut bufs.q, None, n, s.head_dim, eps)?;
+            be.matmul(&a.kv, &bufs.y, n, &mut bufs.kvr)?;
+            be.rms_norm(&mut bufs.kvr, Some(&a.kv_norm), n, s.head_dim, eps)?;
+            be.rope(&mut bufs.q, n, s.head_dim, rope, pos0, false)?;
+            be.rope(&mut bufs.kvr, n, s.head_dim, rope, pos0, false)?;
+            if official {
+                be.round_rows(&mut bufs.kvr, n, RowRounding::KvRow)?;
+            }
+            let mut use_sel = false;
+            if let Some(cw) = &a.compressor {
+                be.matmul(&cw.kv, &bufs.y, n, &mut bufs.comp_kv)?;
+                be.matmul(&cw.gate, &bufs.y, n, &mut bufs.comp_score)?;
+                be.compressor_update(kv, il, CompKind::Attn, cw, &bufs.comp_kv, &bufs.comp_score, n, pos0, official)?;
+            }
+            if let Some(ix) = &a.indexer {
+                let icw = &ix.compressor;
+                be.matmul(&icw.kv, &bufs.y, n, &mut bufs.comp_kv)?;
+                be.matmul(&icw.gate, &bufs.y, n, &mut bufs.comp_score)?;
+                be.compressor_update(kv, il, CompKind::Indexer, icw, &bufs.comp_kv, &bufs.comp_score, n, pos0, official)?;
+                be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
+                be.rope(&mut bufs.iq, n, s.indexer_dim, RopeKind::Compress, pos0, false)?;
+                if official {
+                    be.round_rows(&mut bufs.iq, n, RowRounding::IndexerQat)?;
+                }
+                be.matmul(&ix.proj, &bufs.y, n, &mut bufs.iw)?;
+                be.indexer_topk(kv, il, &bufs.iq, &bufs.iw, n, pos0, s.indexer_top_k, &mut bufs.sel)?;
+                use_sel = true;
+            }
+            let sel = if use_sel { Some(&bufs.sel) } else { None };
+            be.attention(kv, il, &bufs.q, &bufs.kvr, &a.sinks, sel, n, pos0, &mut bufs.attn)?;
+            be.kv_append_raw(kv, il, &bufs.kvr, n, pos0)?;
+            be.rope(&mut bufs.attn, n, s.head_dim, rope, pos0, true)?;
+            be.matmul_grouped(&a.out_a, &bufs.attn, n, s.o_groups, &mut bufs.low)?;
+            be.matmul(&a.out_b, &bufs.low, n, &mut bufs.sub)?;
+            be.hc_post(&bufs.sub, &bufs.post, &bufs.comb, n, s.hc_mult, &mut bufs.state)?;
+            // ---- FFN sublayer
+            be.hc_pre(&lw.hc_ffn, &bufs.state, n, s, &mut bufs.y, &mut bufs.post, &mut bufs.comb)?;
+            be.rms_norm(&mut bufs.y, Some(&lw.ffn.norm), n, s.n_embd, eps)?;
+            be.moe(&lw.ffn, il, s, &bufs.y, tokens, n, &mut bufs.sub)?;
+            be.hc_post(&bufs.sub, &bufs.post, &bufs.comb, n, s.hc_mult, &mut bufs.state)?;
+        }
+        be.hc_head(&self.weights.hc_head, &bufs.state, n, s, &mut bufs.head)?;
+        be.rms_norm(&mut bufs.head, Some(&self.weights.output_norm), n, s.n_embd, eps)?;
+        be.matmul(&self.weights.output, &bufs.head, n, &mut bufs.logits)?;
+        Ok(())
+    }
+}
+
+/// A generation session: KV state, token history, buffers and the last logits.
+pub struct Session<'m, 'w, B: Backend<'w>> {
+    model: &'m Model<'w, B>,
+    kv: B::Kv,
+    bufs: Buffers<B::Act, B::Idx>,
+    tokens: Vec<u32>,
+    ctx: usize,
+    last_logits: Vec<f32>,
+}
+
+const SESSION_MAGIC: &[u8; 4] = b"DS4S";
+const SESSION_VERSION: u32 = 1;
+
+impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
+    /// A session for up to `ctx` tokens, prefilling in chunks of up to `max_chunk`.
+    pub fn new(model: &'m Model<'w, B>, ctx: usize, max_chunk: usize) -> Result<Self> {
+        let kv = model.alloc_kv(ctx)?;
+        let bufs = model.alloc_buffers(max_chunk.min(ctx.max(1)))?;
+        Ok(Self { model, kv, bufs, tokens: Vec::new(), ctx, last_logits: Vec::new() })
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.memory_bytes()
+    }
+    /// Logits for the token after the last one fed (empty before any token).
+    pub fn last_logits(&self) -> &[f32] {
+        &self.last_logits
+    }
+
+    /// Feeds `tokens`, chunk by chunk (`chunk` ≤ the buffer capacity). When `all_logits`
+    /// is given, the logits of every fed position are appended to it.
+    pub fn feed(&mut self, tokens: &[u32], chunk: usize, mut all_logits: Option<&mut Vec<f32>>) -> Result<()> {
+        if self.tokens.len() + tokens.len() > self.ctx {
+            return Err(Error::ContextFull { ctx: self.ctx });
+        }
+        let vocab = self.model.shape.vocab;
+        let chunk = chunk.clamp(1, self.bufs.cap);
+        for piece in tokens.chunks(chunk) {
+            let pos0 = self.tokens.len();
+            self.model.forward_chunk(piece, pos0, &mut self.kv, &mut self.bufs)?;
+            let m = piece.len();
+            if let Some(out) = all_logits.as_deref_mut() {
+                let start = out.len();
+                out.resize(start + m * vocab, 0.0);
+                self.model.backend.read_rows(&self.bufs.logits, m, &mut out[start..])?;
+                self.last_logits.clear();
+                self.last_logits.extend_from_slice(&out[start + (m - 1) * vocab..]);
+            } else {
+                // Only the last row is needed; read all rows into a reused buffer.
+                self.last_logits.resize(m * vocab, 0.0);
+                self.model.backend.read_rows(&self.bufs.logits, m, &mut self.last_logits)?;
+                self.last_logits.drain(..(m - 1) * vocab);
+            }
+            self.tokens.extend_from_slice(piece);
+        }
+        Ok(())
+    }
+
+    /// Decodes one token; returns the logits for the next one.
+    pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
+        self.feed(&[token], 1, None)?;
+        Ok(&self.last_logits)
+    }
+
+    /// Drops every token after position `n`. Exact: the state equals a fresh prefill of the
+    /// first `n` tokens (it is recomputed from the kept tokens, since the sliding ring and
+    /// compressor frontiers of earlier positions are already overwritten).
+    pub fn rewind(&mut self, n: usize) -> Result<()> {
+        if n > self.tokens.len() {
+            return Err(Error::Config(format!("cannot rewind to {n}: only {} tokens", self.tokens.len())));
+        }
+        if n == self.tokens.len() {
+            return Ok(());
+        }
+        let kept: Vec<u32> = self.tokens[..n].to_vec();
+        self.kv.reset();
+        self.tokens.clear();
+        self.last_logits.clear();
+        let chunk = self.bufs.cap;
+        self.feed(&kept, chunk, None)
+    }
+
+    /// Versioned snapshot: tokens, last logits and the KV state.
+    pub fn snapshot(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        out.extend_from_slice(SESSION_MAGIC);
+        out.extend_from_slice(&SESSION_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.tokens.len() as u64).to_le_bytes());
+        for t in &self.tokens {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.last_logits.len() as u64).to_le_bytes());
+        for v in &self.last_logits {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        self.kv.save(self.tokens.len(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Restores a `snapshot`; a snapshot of another model or context is refused.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        let err = |m: &str| Error::Snapshot(m.to_string());
+        let get = |at: usize, n: usize| bytes.get(at..at + n).ok_or_else(|| err("truncated session snapshot"));
+        if get(0, 4)? != SESSION_MAGIC {
+            return Err(err("not a ds4 session snapshot (bad magic)"));
+        }
+        let u32_at = |at: usize| -> Result<u32> {
+            let s = get(at, 4)?;
+            Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        };
+        let u64_at = |at: usize| -> Result<u64> {
+            let s = get(at, 8)?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(s);
+            Ok(u64::from_le_bytes(a))
+        };
+        if u32_at(4)? != SESSION_VERSION {
+            return Err(err("unsupported session snapshot version"));
+        }
+        let n = u64_at(8)? as usize;
+        if n > self.ctx {
+            return Err(Error::Snapshot(format!("snapshot holds {n} tokens, session context is {}", self.ctx)));
+        }
+        let mut at = 16;
+        let mut tokens = Vec::with_capacity(n);
+        for _ in 0..n {
+            tokens.push(u32_at(at)?);
+            at += 4;
+        }
+        let nl = u64_at(at)? as usize;
+        at += 8;
+        if nl != 0 && nl != self.model.shape.vocab {
+            return Err(err("snapshot logits do not match the vocabulary"));
+        }
+        let mut logits = Vec::with_capacity(nl);
+        for _ in 0..nl {
+            logits.push(f32::from_bits(u32_at(at)?));
+            at += 4;
+        }
+        let kv_bytes = bytes.get(at..).ok_or_else(|| err("truncated session snapshot"))?;
+        match self.kv.load(n, kv_bytes) {
+            Ok(_) => {}
+            Err(e) => {
+                // Leave a consistent (empty) session behind.
+                self.kv.reset();
+                self.tokens.clear();
+                self.last_logits.clear();
+                return Err(e);
+            }
+        }
+        self.tokens = tokens;
+        self.last_logits = logits;
+        Ok(())
+    }
+}
