@@ -114,8 +114,10 @@ fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
 /// (nothing may follow). `None` when the block is malformed.
 ///
 /// Accepted: any whitespace between tags; `string` missing (treated as `"true"`);
-/// `string="true"` values kept byte-for-byte; `string="false"` values parsed as JSON
-/// (empty → `null`, invalid JSON → kept as a string).
+/// `string="true"` values kept byte-for-byte (the official format has no escaping);
+/// `string="false"` values parsed as JSON (empty → `null`, invalid JSON → kept as a
+/// string); a parameter without `string` whose value starts with further parameters
+/// (loose nested form) becomes a JSON object of those leaf parameters.
 pub(crate) fn parse_block(block: &str) -> Option<Vec<ParsedToolCall>> {
     let mut rest = block.strip_prefix(BLOCK_START)?;
     let mut calls = Vec::new();
@@ -146,18 +148,24 @@ pub(crate) fn parse_block(block: &str) -> Option<Vec<ParsedToolCall>> {
             let gt = after_start.find('>')?;
             let tag = &after_start[..gt];
             let key = attribute(tag, "name")?.to_string();
-            let is_string = attribute(tag, "string") != Some("false");
+            let string_attr = attribute(tag, "string");
             let body = &after_start[gt + 1..];
-            let end = body.find(PARAM_END)?;
-            let raw = &body[..end];
-            rest = &body[end + PARAM_END.len()..];
-            let value = if is_string {
-                Value::String(raw.to_string())
-            } else if raw.trim().is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_string()))
-            };
+            if string_attr.is_none() && body.trim_start().starts_with(PARAM_START) {
+                // Loose nested form: leaf parameters directly inside a parameter without
+                // `string` form a JSON object; its own closing tag is optional.
+                let mut object = Map::new();
+                rest = body.trim_start();
+                while let Some(after_leaf) = rest.strip_prefix(PARAM_START) {
+                    let (leaf_key, leaf_value, after) = parse_param(after_leaf)?;
+                    object.insert(leaf_key, leaf_value);
+                    rest = after.trim_start();
+                }
+                rest = rest.strip_prefix(PARAM_END).unwrap_or(rest);
+                arguments.insert(key, Value::Object(object));
+                continue;
+            }
+            let (key, value, after) = parse_param(after_start)?;
+            rest = after;
             arguments.insert(key, value);
         }
         let invoke_end = block.len() - rest.len();
@@ -167,6 +175,28 @@ pub(crate) fn parse_block(block: &str) -> Option<Vec<ParsedToolCall>> {
             raw_invoke: block.get(invoke_begin..invoke_end)?.to_string(),
         });
     }
+}
+
+/// One `<｜DSML｜parameter` (text after the tag name): key, value and the rest.
+fn parse_param(after_start: &str) -> Option<(String, Value, &str)> {
+    if !after_start.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let gt = after_start.find('>')?;
+    let tag = &after_start[..gt];
+    let key = attribute(tag, "name")?.to_string();
+    let is_string = attribute(tag, "string") != Some("false");
+    let body = &after_start[gt + 1..];
+    let end = body.find(PARAM_END)?;
+    let raw = &body[..end];
+    let value = if is_string {
+        Value::String(raw.to_string())
+    } else if raw.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(raw.trim()).unwrap_or_else(|_| Value::String(raw.to_string()))
+    };
+    Some((key, value, &body[end + PARAM_END.len()..]))
 }
 
 #[cfg(test)]
