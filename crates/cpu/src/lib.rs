@@ -6,6 +6,7 @@
 mod matmul;
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use ds4_gguf::GgmlType;
 use ds4_model::backend::{Backend, CompKind, RopeKind, RowRounding};
@@ -17,6 +18,7 @@ use ds4_model::{Error, Result};
 use rayon::prelude::*;
 
 pub use matmul::dot_row;
+use matmul::{act_kind, QBuf};
 
 /// A weight as the CPU sees it: the file view, plus a decoded f32 copy for small float
 /// tensors (norms, sinks, biases, HC scale/base, ape) that are read element-wise.
@@ -64,11 +66,24 @@ pub struct CpuBackend {
     shape: ModelShape,
     rope_plain: RopeFreqs,
     rope_comp: RopeFreqs,
+    /// Quantised activations of the current matmul (allocated once, reused).
+    qbuf: Mutex<QBuf>,
+    /// MoE expert input and mid-vector quantisations.
+    moe_q: Mutex<(QBuf, QBuf)>,
 }
 
 impl CpuBackend {
     pub fn new(shape: &ModelShape) -> Self {
-        Self { shape: shape.clone(), rope_plain: shape.rope_plain(), rope_comp: shape.rope_compress() }
+        Self {
+            shape: shape.clone(),
+            rope_plain: shape.rope_plain(),
+            rope_comp: shape.rope_compress(),
+            qbuf: Mutex::new(QBuf::default()),
+            moe_q: Mutex::new((QBuf::default(), QBuf::default())),
+        }
+    }
+    fn qbuf(&self) -> Result<std::sync::MutexGuard<'_, QBuf>> {
+        self.qbuf.lock().map_err(|_| Error::Backend("activation buffer poisoned".into()))
     }
     fn rope_of(&self, kind: RopeKind) -> &RopeFreqs {
         match kind {
@@ -171,7 +186,8 @@ impl<'w> Backend<'w> for CpuBackend {
         check(x.cols >= k && out.cols >= rows, || {
             format!("matmul {}: x {} cols, out {} cols, weight [{k}, {rows}]", w.view.name, x.cols, out.cols)
         })?;
-        matmul::matmul(&w.view, 0, rows, x, 0, k, n, out, 0)
+        let mut qb = self.qbuf()?;
+        matmul::matmul(&w.view, 0, rows, x, 0, k, n, out, 0, &mut qb)
     }
 
     fn matmul_grouped(&self, w: &CpuWeight<'w>, x: &Mat, n: usize, groups: usize, out: &mut Mat) -> Result<()> {
@@ -180,8 +196,9 @@ impl<'w> Backend<'w> for CpuBackend {
             format!("grouped matmul {}: bad shapes", w.view.name)
         })?;
         let per = rows / groups;
+        let mut qb = self.qbuf()?;
         for g in 0..groups {
-            matmul::matmul(&w.view, g * per, per, x, g * k, k, n, out, g * per)?;
+            matmul::matmul(&w.view, g * per, per, x, g * k, k, n, out, g * per, &mut qb)?;
         }
         Ok(())
     }
@@ -574,6 +591,8 @@ impl<'w> Backend<'w> for CpuBackend {
             None => None,
         };
         check(k <= 64 && ne <= 4096, || "moe: too many experts".into())?;
+        let mut guard = self.moe_q.lock().map_err(|_| Error::Backend("moe buffer poisoned".into()))?;
+        let (qin, qmid) = &mut *guard;
         for (i, &token) in tokens.iter().enumerate().take(n) {
             let xi = &x.data[i * x.cols..i * x.cols + e];
             let oi = &mut out.data[i * out.cols..i * out.cols + e];
@@ -632,14 +651,18 @@ impl<'w> Backend<'w> for CpuBackend {
                 with_moe_scratch(2 * ff + e, |buf| -> Result<()> {
                     let (g, rest) = buf.split_at_mut(ff);
                     let (u, d) = rest.split_at_mut(ff);
-                    matmul::matvec(gate, row0g, ff, xi, g)?;
-                    matmul::matvec(up, row0g, ff, xi, u)?;
+                    let kin = act_kind(gate.ty)?;
+                    qin.quantize_vec(kin, xi)?;
+                    matmul::matvec(gate, row0g, ff, qin.view(kin, xi), g)?;
+                    matmul::matvec(up, row0g, ff, qin.view(kin, xi), u)?;
                     for (gv, &uv) in g.iter_mut().zip(u.iter()) {
                         let gc = gv.min(clamp);
                         let uc = uv.clamp(-clamp, clamp);
                         *gv = wt * numerics::silu(gc) * uc;
                     }
-                    matmul::matvec(down, row0d, e, g, d)?;
+                    let kd = act_kind(down.ty)?;
+                    qmid.quantize_vec(kd, g)?;
+                    matmul::matvec(down, row0d, e, qmid.view(kd, g), d)?;
                     for (o, &v) in oi.iter_mut().zip(d.iter()) {
                         *o += v;
                     }
