@@ -12,6 +12,12 @@ For every conversation below this writes, under ``fixtures/chat/generated/``:
                     ({"thinking_mode", "reasoning_effort", "drop_thinking", "messages"})
   ``NN_name.txt``   ``encode_messages(messages, thinking_mode, drop_thinking=...,
                     reasoning_effort=...)`` (exact bytes, UTF-8)
+and two seeded random sets (one JSON object per line):
+  ``random_conversations.jsonl``  {"request": <as above>, "prompt": <official output>}
+  ``random_completions.jsonl``    assistant turns rendered by the official encoder and
+                    parsed back by its ``parse_message_from_completion_text``:
+                    {"thinking_mode", "text", "reasoning", "content",
+                     "tool_calls": [{"name", "arguments": <object>}]}
 
 Usage: python oracles/gen_chat.py [--encoder PATH] [--out fixtures/chat/generated]
 """
@@ -324,6 +330,123 @@ case("task_action_then_answer", [
 case("task_title_thinking", [user("Summarize this chat", task="title"), asst("Chat summary")])
 
 
+# --- random conversations / completions (seeded) ----------------------------
+RANDOM_TEXTS = ["", "hi", "a\n\nb", "ü 🧪 日本", "</tool_result>", "<think>x</think>", "  ", "\t\"q\"\\", "x<y>&z"]
+
+
+def random_conversations(enc, seed, count):
+    """Random message lists the official encoder accepts, with its output."""
+    import random
+    R = random.Random(seed)
+
+    def txt():
+        return R.choice(RANDOM_TEXTS) + R.choice(["", str(R.randint(0, 99))])
+
+    def args():
+        d = {}
+        for k in R.sample(["a", "b", "c", "d"], R.randint(0, 3)):
+            d[k] = R.choice([txt(), R.randint(-5, 10**15), R.random() * 10 ** R.randint(-8, 20),
+                             True, None, [1, "x", {"y": 2.5}], {}])
+        return d
+
+    def msg(ids):
+        r = R.random()
+        if r < 0.08:
+            m = {"role": "system", "content": R.choice([txt(), None])}
+            if R.random() < 0.4:
+                m["tools"] = R.sample([WEATHER, BASH, SEARCH], R.randint(1, 2))
+            if R.random() < 0.2:
+                m["response_format"] = JSON_SCHEMA_RF
+            return m
+        if r < 0.13:
+            m = {"role": "developer", "content": "dev " + txt()}
+            if R.random() < 0.3:
+                m["tools"] = [SEARCH]
+            return m
+        if r < 0.4:
+            m = {"role": "user", "content": txt()}
+            if R.random() < 0.1:
+                m["task"] = R.choice(sorted(enc.VALID_TASKS))
+            return m
+        if r < 0.45:
+            return {"role": "latest_reminder", "content": R.choice([txt(), None])}
+        if r < 0.75:
+            m = {"role": "assistant"}
+            if R.random() < 0.8:
+                m["content"] = txt()
+            if R.random() < 0.7:
+                m["reasoning_content"] = txt()
+            if R.random() < 0.4:
+                calls = []
+                for _ in range(R.randint(1, 3)):
+                    cid = "id%d" % R.randint(0, 5)
+                    ids.append(cid)
+                    calls.append({"id": cid, "type": "function", "function": {
+                        "name": R.choice(["f", "g"]),
+                        "arguments": json.dumps(args(), ensure_ascii=R.random() < 0.5)}})
+                m["tool_calls"] = calls
+            if R.random() < 0.05:
+                m["wo_eos"] = True
+            return m
+        m = {"role": "tool", "content": R.choice([txt(), txt(), None,
+                                                   [{"type": "text", "text": "t"}, {"type": "image"}]])}
+        if R.random() < 0.9:
+            m["tool_call_id"] = R.choice(ids) if ids and R.random() < 0.8 else "zz"
+        return m
+
+    out = []
+    while len(out) < count:
+        ids = []
+        msgs = [msg(ids) for _ in range(R.randint(0, 9))]
+        mode = R.choice(["chat", "thinking"])
+        effort = R.choice([None, "high", "max"])
+        drop = R.random() < 0.8
+        try:
+            text = enc.encode_messages(copy.deepcopy(msgs), thinking_mode=mode,
+                                       drop_thinking=drop, reasoning_effort=effort)
+        except Exception:
+            continue  # inputs the official encoder rejects are not fixtures
+        out.append({"request": {"thinking_mode": mode, "reasoning_effort": effort,
+                                "drop_thinking": drop, "messages": msgs}, "prompt": text})
+    return out
+
+
+def random_completions(enc, seed, count):
+    """Well-formed assistant turns rendered by the official encoder and parsed back by
+    the official ``parse_message_from_completion_text``."""
+    import random
+    R = random.Random(seed)
+    out = []
+    while len(out) < count:
+        mode = R.choice(["chat", "thinking"])
+        m = {"role": "assistant", "content": R.choice(["", "answer", "a\n\nb", "ü 🧪", "x<y>&z", "\n"])}
+        if mode == "thinking":
+            m["reasoning_content"] = R.choice(["", "think", "r\n\nr", "日本 <b>"])
+        if R.random() < 0.6:
+            calls = []
+            for _ in range(R.randint(1, 3)):
+                a = {}
+                for k in R.sample(["p", "q", "r", "s"], R.randint(0, 4)):
+                    a[k] = R.choice(["v", "x y", "<&>", "", "line1\nline2", 7, -1.25, True, None,
+                                     [1, [2, {"z": "w"}]], {"k": {"n": 1e-9}}])
+                calls.append({"type": "function", "function": {"name": R.choice(["f", "get_x"]),
+                                                               "arguments": json.dumps(a, ensure_ascii=False)}})
+            m["tool_calls"] = calls
+        prompt = enc.encode_messages([{"role": "user", "content": "u"}, m], thinking_mode=mode, drop_thinking=False)
+        opener = "<｜Assistant｜>" + ("<think>" if mode == "thinking" else "</think>")
+        text = prompt[prompt.index(opener) + len(opener):]
+        try:
+            parsed = enc.parse_message_from_completion_text(text, thinking_mode=mode)
+        except Exception:
+            continue  # e.g. content that itself contains markers
+        out.append({"thinking_mode": mode, "text": text,
+                    "reasoning": parsed["reasoning_content"], "content": parsed["content"],
+                    "tool_calls": [{"name": tc["function"]["name"],
+                                    "arguments": json.loads(tc["function"]["arguments"])}
+                                   for tc in parsed["tool_calls"]]})
+    return out
+
+
 def load_encoder(path):
     spec = importlib.util.spec_from_file_location("encoding_dsv4", path)
     if spec is None or spec.loader is None:
@@ -350,7 +473,13 @@ def main():
         req = {"thinking_mode": mode, "reasoning_effort": effort, "drop_thinking": drop, "messages": messages}
         (out / f"{stem}.json").write_text(json.dumps(req, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         (out / f"{stem}.txt").write_bytes(text.encode("utf-8"))
-    print(f"wrote {len(CASES)} conversations to {out}")
+    with open(out / "random_conversations.jsonl", "w", encoding="utf-8") as f:
+        for item in random_conversations(enc, seed=4, count=400):
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    with open(out / "random_completions.jsonl", "w", encoding="utf-8") as f:
+        for item in random_completions(enc, seed=5, count=300):
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    print(f"wrote {len(CASES)} conversations, 400 random conversations, 300 random completions to {out}")
 
 
 if __name__ == "__main__":

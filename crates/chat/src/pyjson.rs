@@ -87,17 +87,8 @@ pub fn python_float_repr(f: f64) -> String {
             "-Infinity".into()
         };
     }
-    // Rust's `{:e}` prints the shortest round-trip digits: "1.2345e-7", "1e16", "-0e0".
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = match sci.split_once('e') {
-        Some((m, e)) => (m, e.parse::<i32>().unwrap_or(0)),
-        None => (sci.as_str(), 0),
-    };
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(rest) => ("-", rest),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let sign = if f.is_sign_negative() { "-" } else { "" };
+    let (digits, exp) = shortest_digits(f.abs());
     let mut out = String::from(sign);
     if (-4..16).contains(&exp) {
         if exp >= 0 {
@@ -127,6 +118,59 @@ pub fn python_float_repr(f: f64) -> String {
         out.push_str(&format!("{:02}", exp.abs()));
     }
     out
+}
+
+/// Significant digits and decimal exponent of `x` (scientific: d.ddd × 10^exp).
+fn split_scientific(sci: &str) -> (String, i32) {
+    let (mantissa, exp) = match sci.split_once('e') {
+        Some((m, e)) => (m, e.parse::<i32>().unwrap_or(0)),
+        None => (sci, 0),
+    };
+    (mantissa.chars().filter(|c| *c != '.').collect(), exp)
+}
+
+/// Shortest round-trip digits of a non-negative finite `x`, choosing like Python
+/// (David Gay's dtoa): among shortest candidates the one nearest to the exact binary
+/// value, ties to even. Rust's shortest formatting breaks such ties upwards
+/// (83999701305320.125 → "…13" where Python writes "…12").
+fn shortest_digits(x: f64) -> (String, i32) {
+    let (digits, exp) = split_scientific(&format!("{x:e}"));
+    let n = digits.len();
+    // Exact decimal expansion of the double (at most 767 significant digits).
+    let (exact, exact_exp) = split_scientific(&format!("{x:.800e}"));
+    if exact_exp != exp || exact.len() <= n {
+        return (digits, exp);
+    }
+    let (head, tail) = exact.split_at(n);
+    let first = tail.as_bytes().first().copied().unwrap_or(b'0');
+    let rest_zero = tail.bytes().skip(1).all(|b| b == b'0');
+    let last_odd = head.bytes().last().is_some_and(|b| (b - b'0') % 2 == 1);
+    let round_up = first > b'5' || (first == b'5' && (!rest_zero || last_odd));
+    let mut rounded: Vec<u8> = head.bytes().collect();
+    if round_up {
+        let mut i = rounded.len();
+        loop {
+            if i == 0 {
+                return (digits, exp); // carry out of the leading digit: keep Rust's
+            }
+            i -= 1;
+            if rounded[i] == b'9' {
+                rounded[i] = b'0';
+            } else {
+                rounded[i] += 1;
+                break;
+            }
+        }
+    }
+    let candidate = String::from_utf8(rounded).unwrap_or_default();
+    let text = format!("0.{candidate}e{}", exp + 1);
+    if text.parse::<f64>().ok() == Some(x) {
+        let trimmed = candidate.trim_end_matches('0');
+        let trimmed = if trimmed.is_empty() { "0" } else { trimmed };
+        (trimmed.to_string(), exp)
+    } else {
+        (digits, exp)
+    }
 }
 
 /// Python truthiness of a JSON value (`if tools:` / `if response_format:`).
@@ -162,6 +206,11 @@ mod tests {
             (123456789.125, "123456789.125"),
             (1.7976931348623157e308, "1.7976931348623157e+308"),
             (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (f64::from_bits(4815220382915230216), "83999701305320.12"),
+            (0.5, "0.5"),
+            (9.5, "9.5"),
+            (5e-324, "5e-324"),
         ];
         for (f, want) in cases {
             assert_eq!(python_float_repr(f), want, "{f}");
