@@ -117,3 +117,72 @@ where
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_request_drops_thinking_like_the_official_default() {
+        let req = ChatRequest::default();
+        assert!(req.drop_thinking);
+        assert_eq!(req.thinking_mode, ThinkingMode::Thinking);
+        let parsed = ChatRequest::from_json(r#"{"messages": []}"#).unwrap();
+        assert!(parsed.drop_thinking);
+        assert_eq!(render(&parsed).unwrap(), tokens::BOS);
+    }
+
+    #[test]
+    fn invalid_input_is_an_error_not_a_panic() {
+        let cases = [
+            (
+                r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
+                "wizard",
+            ),
+            (
+                r#"{"messages":[{"role":"developer","content":""}]}"#,
+                "developer",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x","task":"nope"}]}"#,
+                "nope",
+            ),
+            (
+                r#"{"messages":[{"role":"system","content":"x","tools":[{"name":"f"}]}]}"#,
+                "function",
+            ),
+            (
+                r#"{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":"[1]"}}]}]}"#,
+                "`f`",
+            ),
+        ];
+        for (json, needle) in cases {
+            let err = render(&ChatRequest::from_json(json).unwrap()).unwrap_err();
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        assert!(ChatRequest::from_json(r#"{"messages":[{"role":"user","content":5}]}"#).is_err());
+        assert!(ChatRequest::from_json(r#"{"thinking_mode":"deep","messages":[]}"#).is_err());
+    }
+
+    #[test]
+    fn top_level_tools_go_on_a_leading_system_message() {
+        let tools = r#"[{"type":"function","function":{"name":"f","parameters":{}}}]"#;
+        let with_system = ChatRequest::from_json(&format!(
+            r#"{{"tools":{tools},"messages":[{{"role":"system","content":"S"}},{{"role":"user","content":"u"}}]}}"#
+        ))
+        .unwrap();
+        let inline = ChatRequest::from_json(&format!(
+            r#"{{"messages":[{{"role":"system","content":"S","tools":{tools}}},{{"role":"user","content":"u"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(render(&with_system).unwrap(), render(&inline).unwrap());
+        let without_system = ChatRequest::from_json(&format!(
+            r#"{{"tools":{tools},"messages":[{{"role":"user","content":"u"}}]}}"#
+        ))
+        .unwrap();
+        let text = render(&without_system).unwrap();
+        assert!(text.starts_with(&format!("{}\n\n## Tools\n\n", tokens::BOS)));
+        assert!(text.ends_with("<｜User｜>u<｜Assistant｜><think>"));
+    }
+}

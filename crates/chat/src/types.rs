@@ -24,8 +24,9 @@ pub enum ReasoningEffort {
     Max,
 }
 
-/// One conversation to render.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One conversation to render. `Default` is an empty thinking-mode conversation with
+/// `drop_thinking = true` (the official default).
+#[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     #[serde(default)]
     pub thinking_mode: ThinkingMode,
@@ -49,6 +50,19 @@ pub struct ChatRequest {
 
 fn default_true() -> bool {
     true
+}
+
+impl Default for ChatRequest {
+    fn default() -> Self {
+        ChatRequest {
+            thinking_mode: ThinkingMode::default(),
+            reasoning_effort: None,
+            messages: Vec::new(),
+            tools: None,
+            response_format: None,
+            drop_thinking: true,
+        }
+    }
 }
 
 /// One message, OpenAI format plus DeepSeek fields. Roles: `system`, `developer`,
