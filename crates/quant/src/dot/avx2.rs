@@ -290,12 +290,13 @@ fn dot_q4_k_q8_k_tf(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn iq2_xxs_isum(wb: &BlockIQ2XXS, xb: &BlockQ8K) -> i32 {
-    let grid = |i: u32| IQ2XXS_GRID[(i & 255) as usize] as i64;
+    let bytes: &[u8; 64] = bytemuck::cast_ref(&wb.qs);
+    let grid = |i: u8| IQ2XXS_GRID[usize::from(i)] as i64;
     let sign = |i: u32| KSIGNS64[(i & 127) as usize] as i64;
     let mut acc = _mm256_setzero_si256();
-    for g in 0..8 {
-        let (a0, a1) = wb.group_words(g);
-        let gv = _mm256_set_epi64x(grid(a0 >> 24), grid(a0 >> 16), grid(a0 >> 8), grid(a0));
+    for (g, q) in bytes.chunks_exact(8).enumerate() {
+        let a1 = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
+        let gv = _mm256_set_epi64x(grid(q[3]), grid(q[2]), grid(q[1]), grid(q[0]));
         let sv = _mm256_set_epi64x(sign(a1 >> 21), sign(a1 >> 14), sign(a1 >> 7), sign(a1));
         let q8 = _mm256_sign_epi8(load32i(&xb.qs[32 * g..]), sv);
         let p16 = _mm256_maddubs_epi16(gv, q8);
