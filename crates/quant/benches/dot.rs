@@ -134,15 +134,7 @@ fn benches(c: &mut Criterion) {
             dot_f16_f32,
             n_in,
         );
-        bench_type(
-            c,
-            "f32",
-            GgmlType::F32,
-            |n| activations(n),
-            &xf,
-            dot_f32,
-            n_in,
-        );
+        bench_type(c, "f32", GgmlType::F32, activations, &xf, dot_f32, n_in);
     }
 }
 
