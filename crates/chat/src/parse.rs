@@ -132,6 +132,9 @@ pub struct CompletionStream {
     pending: String,
     /// `"\n\n"` or `""` seen right before the current block.
     block_prefix: &'static str,
+    /// Bytes of `pending` already searched for the block end (avoids rescanning long
+    /// blocks on every push).
+    block_scanned: usize,
     parsed: ParsedCompletion,
 }
 
@@ -146,6 +149,7 @@ impl CompletionStream {
             },
             pending: String::new(),
             block_prefix: "",
+            block_scanned: 0,
             parsed: ParsedCompletion {
                 reasoning: thinking.then(String::new),
                 ..Default::default()
@@ -178,8 +182,9 @@ impl CompletionStream {
         if matches!(self.phase, Phase::Done | Phase::AfterBlock) {
             return events;
         }
+        let old_len = self.pending.len();
         self.pending.push_str(text);
-        if let Some(pos) = self.pending.find(tokens::EOS) {
+        if let Some(pos) = find_from(&self.pending, tokens::EOS, old_len) {
             self.pending.truncate(pos);
             self.step(&mut events, true);
             self.phase = Phase::Done;
@@ -261,6 +266,7 @@ impl CompletionStream {
                         let text = self.take(content_len);
                         self.take(prefix_len);
                         self.emit_content(events, text);
+                        self.block_scanned = 0;
                         self.phase = Phase::Block;
                         continue;
                     }
@@ -279,7 +285,8 @@ impl CompletionStream {
                     return;
                 }
                 Phase::Block => {
-                    let Some(end) = self.pending.find(BLOCK_END) else {
+                    let Some(end) = find_from(&self.pending, BLOCK_END, self.block_scanned) else {
+                        self.block_scanned = self.pending.len();
                         if last {
                             self.phase = Phase::ContentOnly;
                             self.unblock(events);
@@ -361,6 +368,16 @@ impl CompletionStream {
         self.parsed.tool_calls = calls;
         self.parsed.raw_dsml = Some(raw_dsml);
     }
+}
+
+/// `haystack.find(needle)` for a match ending after `searched` (bytes before it were
+/// already searched without a match).
+fn find_from(haystack: &str, needle: &str, searched: usize) -> Option<usize> {
+    let mut start = searched.saturating_sub(needle.len().saturating_sub(1));
+    while !haystack.is_char_boundary(start) {
+        start -= 1;
+    }
+    haystack.get(start..)?.find(needle).map(|p| p + start)
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of one of `markers`
