@@ -30,6 +30,28 @@
 //! rules are documented in the `parse` module ([`parse_completion`]).
 //!
 //! [`render_tool_calls`] renders an assistant tool-call list as canonical DSML.
+//!
+//! ```
+//! use ds4_chat::{ChatRequest, CompletionStream, StreamEvent, ThinkingMode, render};
+//!
+//! let req = ChatRequest::from_json(r#"{"thinking_mode": "thinking",
+//!     "messages": [{"role": "system", "content": "Be brief."},
+//!                  {"role": "user", "content": "Hi"}]}"#)?;
+//! assert_eq!(
+//!     render(&req)?,
+//!     "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜><think>"
+//! );
+//!
+//! let mut stream = CompletionStream::new(ThinkingMode::Thinking);
+//! let mut events = stream.push("greet</thi");
+//! events.extend(stream.push("nk>Hello!"));
+//! events.extend(stream.finish());
+//! assert_eq!(events, [
+//!     StreamEvent::ReasoningDelta("greet".into()),
+//!     StreamEvent::ContentDelta("Hello!".into()),
+//! ]);
+//! # Ok::<(), ds4_chat::Error>(())
+//! ```
 
 mod dsml;
 mod parse;
