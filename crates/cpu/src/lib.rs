@@ -68,8 +68,9 @@ pub struct CpuBackend {
     rope_comp: RopeFreqs,
     /// Quantised activations of the current matmul (allocated once, reused).
     qbuf: Mutex<QBuf>,
-    /// MoE expert input and mid-vector quantisations.
+    /// MoE expert input and mid-vector quantisations (decode path).
     moe_q: Mutex<(QBuf, QBuf)>,
+    moe_scratch: Mutex<Vec<f32>>,
 }
 
 impl CpuBackend {
@@ -80,6 +81,7 @@ impl CpuBackend {
             rope_comp: shape.rope_compress(),
             qbuf: Mutex::new(QBuf::default()),
             moe_q: Mutex::new((QBuf::default(), QBuf::default())),
+            moe_scratch: Mutex::new(Vec::new()),
         }
     }
     fn qbuf(&self) -> Result<std::sync::MutexGuard<'_, QBuf>> {
@@ -95,21 +97,10 @@ impl CpuBackend {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static MOE_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Like `with_scratch`, for the MoE buffers that stay borrowed across parallel matvecs.
-fn with_moe_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    MOE_SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
-        f(&mut s[..len])
-    })
-}
-
-/// Runs `f` with a thread-local buffer of `len` floats (grown once, then reused).
+/// Runs `f` with a thread-local buffer of `len` floats (grown once, then reused). `f` must
+/// not start parallel work (a stolen task on this thread would need the same buffer).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
@@ -584,93 +575,25 @@ impl<'w> Backend<'w> for CpuBackend {
         n: usize,
         out: &mut Mat,
     ) -> Result<()> {
-        let (e, ff, ne, k) = (s.n_embd, s.n_ff_exp, s.n_expert, s.n_expert_used);
-        let clamp = s.swiglu_clamp.get(layer).copied().unwrap_or(f32::INFINITY);
-        let bias = match &w.bias {
-            Some(b) => Some(b.dense()?),
-            None => None,
-        };
-        check(k <= 64 && ne <= 4096, || "moe: too many experts".into())?;
-        let mut guard = self.moe_q.lock().map_err(|_| Error::Backend("moe buffer poisoned".into()))?;
-        let (qin, qmid) = &mut *guard;
-        for (i, &token) in tokens.iter().enumerate().take(n) {
-            let xi = &x.data[i * x.cols..i * x.cols + e];
-            let oi = &mut out.data[i * out.cols..i * out.cols + e];
-            // Router.
-            let mut ids = [0usize; 64];
-            let mut wts = [0.0f32; 64];
-            with_scratch(2 * ne, |buf| -> Result<()> {
-                let (score, biased) = buf.split_at_mut(ne);
-                for (ex, sc) in score.iter_mut().enumerate() {
-                    let l = matmul::dot_row(&w.router.view, ex, xi)?;
-                    *sc = numerics::softplus(l).sqrt();
-                }
-                if let Some(t2e) = &w.tid2eid {
-                    let t = token as usize;
-                    for (j, id) in ids.iter_mut().enumerate().take(k) {
-                        let off = (t * k + j) * 4;
-                        let b = t2e.view.data.get(off..off + 4).ok_or_else(|| Error::Backend("tid2eid out of range".into()))?;
-                        let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        *id = usize::try_from(v).ok().filter(|&v| v < ne).ok_or_else(|| Error::Backend(format!("tid2eid expert {v} out of range")))?;
-                    }
-                } else {
-                    for (ex, b) in biased.iter_mut().enumerate() {
-                        *b = score[ex] + bias.map_or(0.0, |bb| bb[ex]);
-                    }
-                    for id in ids.iter_mut().take(k) {
-                        let mut best = 0usize;
-                        let mut best_v = f32::NEG_INFINITY;
-                        for (ex, &v) in biased.iter().enumerate() {
-                            if v > best_v {
-                                best = ex;
-                                best_v = v;
-                            }
-                        }
-                        *id = best;
-                        biased[best] = f32::NEG_INFINITY;
-                    }
-                }
-                let sum: f32 = ids[..k].iter().map(|&id| score[id]).sum();
-                for j in 0..k {
-                    wts[j] = if s.expert_weights_norm {
-                        s.expert_weights_scale * score[ids[j]] / sum.max(6.103_515_6e-5)
-                    } else {
-                        s.expert_weights_scale * score[ids[j]]
-                    };
-                }
-                Ok(())
-            })?;
-            oi.fill(0.0);
-            // Routed experts then the shared expert, each accumulated into `oi`.
-            for j in 0..=k {
-                let (gate, up, down, row0g, row0d, wt) = if j < k {
-                    (&w.gate_exps.view, &w.up_exps.view, &w.down_exps.view, ids[j] * ff, ids[j] * e, wts[j])
-                } else {
-                    (&w.gate_sh.view, &w.up_sh.view, &w.down_sh.view, 0, 0, 1.0)
-                };
-                with_moe_scratch(2 * ff + e, |buf| -> Result<()> {
-                    let (g, rest) = buf.split_at_mut(ff);
-                    let (u, d) = rest.split_at_mut(ff);
-                    let kin = act_kind(gate.ty)?;
-                    qin.quantize_vec(kin, xi)?;
-                    matmul::matvec(gate, row0g, ff, qin.view(kin, xi), g)?;
-                    matmul::matvec(up, row0g, ff, qin.view(kin, xi), u)?;
-                    for (gv, &uv) in g.iter_mut().zip(u.iter()) {
-                        let gc = gv.min(clamp);
-                        let uc = uv.clamp(-clamp, clamp);
-                        *gv = wt * numerics::silu(gc) * uc;
-                    }
-                    let kd = act_kind(down.ty)?;
-                    qmid.quantize_vec(kd, g)?;
-                    matmul::matvec(down, row0d, e, qmid.view(kd, g), d)?;
-                    for (o, &v) in oi.iter_mut().zip(d.iter()) {
-                        *o += v;
-                    }
-                    Ok(())
-                })?;
-            }
+        check(s.n_expert_used <= 64 && x.cols >= s.n_embd && out.cols >= s.n_embd && tokens.len() >= n, || {
+            "moe: bad shapes".into()
+        })?;
+        let ocols = out.cols;
+        if n == 1 {
+            // Decode: one token, the parallelism is inside the expert matvecs.
+            let mut guard = self.moe_q.lock().map_err(|_| Error::Backend("moe buffer poisoned".into()))?;
+            let (qin, qmid) = &mut *guard;
+            let mut scratch = self.moe_scratch.lock().map_err(|_| Error::Backend("moe buffer poisoned".into()))?;
+            return moe_token(w, layer, s, &x.data[..x.cols], tokens[0], &mut out.data[..ocols], qin, qmid, &mut scratch, true);
         }
-        Ok(())
+        // Prefill: tokens in parallel, each token's experts on one thread.
+        out.rows_mut(n).par_chunks_mut(ocols).enumerate().try_for_each(|(i, orow)| {
+            MOE_LOCAL.with(|cell| {
+                let mut local = cell.borrow_mut();
+                let (qin, qmid, scratch) = &mut *local;
+                moe_token(w, layer, s, &x.data[i * x.cols..(i + 1) * x.cols], tokens[i], orow, qin, qmid, scratch, false)
+            })
+        })
     }
 
     fn read_rows(&self, x: &Mat, n: usize, out: &mut [f32]) -> Result<()> {
@@ -679,4 +602,110 @@ impl<'w> Backend<'w> for CpuBackend {
         out[..src.len()].copy_from_slice(src);
         Ok(())
     }
+}
+
+thread_local! {
+    static MOE_LOCAL: RefCell<(QBuf, QBuf, Vec<f32>)> = RefCell::new((QBuf::default(), QBuf::default(), Vec::new()));
+}
+
+/// Router + routed experts + shared expert for one token (model.md §7.4 steps 3–7).
+#[allow(clippy::too_many_arguments)]
+fn moe_token(
+    w: &FfnWeights<CpuWeight<'_>>,
+    layer: usize,
+    s: &ModelShape,
+    xi: &[f32],
+    token: u32,
+    oi: &mut [f32],
+    qin: &mut QBuf,
+    qmid: &mut QBuf,
+    scratch: &mut Vec<f32>,
+    par: bool,
+) -> Result<()> {
+    let (e, ff, ne, k) = (s.n_embd, s.n_ff_exp, s.n_expert, s.n_expert_used);
+    let xi = &xi[..e];
+    let oi = &mut oi[..e];
+    let clamp = s.swiglu_clamp.get(layer).copied().unwrap_or(f32::INFINITY);
+    let bias = match &w.bias {
+        Some(b) => Some(b.dense()?),
+        None => None,
+    };
+    let need = 2 * ne + 2 * ff + e;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (score, rest) = scratch.split_at_mut(ne);
+    let (biased, rest) = rest.split_at_mut(ne);
+    let (g, rest) = rest.split_at_mut(ff);
+    let (u, rest) = rest.split_at_mut(ff);
+    let d = &mut rest[..e];
+    // Router: s = sqrt(softplus(logit)).
+    for (ex, sc) in score.iter_mut().enumerate() {
+        let l = matmul::dot_row(&w.router.view, ex, xi)?;
+        *sc = numerics::softplus(l).sqrt();
+    }
+    let mut ids = [0usize; 64];
+    let mut wts = [0.0f32; 64];
+    if let Some(t2e) = &w.tid2eid {
+        let t = token as usize;
+        for (j, id) in ids.iter_mut().enumerate().take(k) {
+            let off = (t * k + j) * 4;
+            let b = t2e.view.data.get(off..off + 4).ok_or_else(|| Error::Backend("tid2eid out of range".into()))?;
+            let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            *id = usize::try_from(v)
+                .ok()
+                .filter(|&v| v < ne)
+                .ok_or_else(|| Error::Backend(format!("tid2eid expert {v} out of range")))?;
+        }
+    } else {
+        for (ex, b) in biased.iter_mut().enumerate() {
+            *b = score[ex] + bias.map_or(0.0, |bb| bb[ex]);
+        }
+        // Top-k, lower index first on ties.
+        for id in ids.iter_mut().take(k) {
+            let mut best = 0usize;
+            let mut best_v = f32::NEG_INFINITY;
+            for (ex, &v) in biased.iter().enumerate() {
+                if v > best_v {
+                    best = ex;
+                    best_v = v;
+                }
+            }
+            *id = best;
+            biased[best] = f32::NEG_INFINITY;
+        }
+    }
+    let sum: f32 = ids[..k].iter().map(|&id| score[id]).sum();
+    for j in 0..k {
+        wts[j] = if s.expert_weights_norm {
+            s.expert_weights_scale * score[ids[j]] / sum.max(6.103_515_6e-5)
+        } else {
+            s.expert_weights_scale * score[ids[j]]
+        };
+    }
+    oi.fill(0.0);
+    // Routed experts (weight applied to the mid vector, as ds4), then the shared expert.
+    for j in 0..=k {
+        let (gate, up, down, row0g, row0d, wt) = if j < k {
+            (&w.gate_exps.view, &w.up_exps.view, &w.down_exps.view, ids[j] * ff, ids[j] * e, wts[j])
+        } else {
+            (&w.gate_sh.view, &w.up_sh.view, &w.down_sh.view, 0, 0, 1.0)
+        };
+        let kin = act_kind(gate.ty)?;
+        qin.quantize_vec(kin, xi)?;
+        matmul::matvec(gate, row0g, ff, qin.view(kin, xi), g, par)?;
+        matmul::matvec(up, row0g, ff, qin.view(kin, xi), u, par)?;
+        for (gv, &uv) in g.iter_mut().zip(u.iter()) {
+            let gc = gv.min(clamp);
+            let uc = uv.clamp(-clamp, clamp);
+            *gv = wt * numerics::silu(gc) * uc;
+        }
+        let kd = act_kind(down.ty)?;
+        qmid.quantize_vec(kd, g)?;
+        matmul::matvec(down, row0d, e, qmid.view(kd, g), d, par)?;
+        for (o, &v) in oi.iter_mut().zip(d.iter()) {
+            *o += v;
+        }
+    }
+    Ok(())
 }

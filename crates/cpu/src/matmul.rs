@@ -194,15 +194,24 @@ pub fn dot_row(w: &TensorView<'_>, row: usize, x: &[f32]) -> Result<f32> {
     dot_float(w.ty, row_slice(w, row)?, &x[..k])
 }
 
-/// out[o] = W[row0 + o] · x for o < n_rows (parallel over rows).
-pub(crate) fn matvec(w: &TensorView<'_>, row0: usize, n_rows: usize, x: Xq<'_>, out: &mut [f32]) -> Result<()> {
+/// Below this many weight elements a matvec runs on the calling thread (task overhead
+/// would dominate).
+const PAR_MIN_ELEMS: usize = 1 << 16;
+
+/// out[o] = W[row0 + o] · x for o < n_rows (parallel over rows when `par` and worth it).
+pub(crate) fn matvec(w: &TensorView<'_>, row0: usize, n_rows: usize, x: Xq<'_>, out: &mut [f32], par: bool) -> Result<()> {
     const ROWS: usize = 16;
-    out[..n_rows].par_chunks_mut(ROWS).enumerate().try_for_each(|(c, o)| -> Result<()> {
+    let one = |(c, o): (usize, &mut [f32])| -> Result<()> {
         for (j, v) in o.iter_mut().enumerate() {
             *v = dot_bytes(w.ty, row_slice(w, row0 + c * ROWS + j)?, x)?;
         }
         Ok(())
-    })
+    };
+    if par && n_rows * w.row_len() >= PAR_MIN_ELEMS {
+        out[..n_rows].par_chunks_mut(ROWS).enumerate().try_for_each(one)
+    } else {
+        out[..n_rows].chunks_mut(ROWS).enumerate().try_for_each(one)
+    }
 }
 
 /// For tokens i < n: out[i][ooff + o] = W[row0 + o] · x[i][xoff .. xoff + k], o < n_rows.
@@ -232,6 +241,6 @@ pub(crate) fn matmul(
             ActKind::Q8_0 => Xq::Q8_0(&qb.q8_0[i * bpr..(i + 1) * bpr]),
             ActKind::Q8K => Xq::Q8K(&qb.q8k[i * bpr..(i + 1) * bpr]),
         };
-        matvec(w, row0, n_rows, xq, &mut orow[ooff..ooff + n_rows])
+        matvec(w, row0, n_rows, xq, &mut orow[ooff..ooff + n_rows], true)
     })
 }
