@@ -2,8 +2,10 @@
 //! forward pass written once over it, KV state and sessions.
 
 pub mod backend;
+pub mod config;
 pub mod forward;
 pub mod kv;
+pub mod layout;
 pub mod numerics;
 pub mod shape;
 pub mod weights;
