@@ -32,6 +32,13 @@ pub trait TensorSource {
     fn tensor(&self, name: &str) -> Option<TensorView<'_>>;
 }
 
+impl TensorSource for ds4_gguf::GgufFile {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        let info = ds4_gguf::GgufFile::tensor(self, name)?;
+        Some(TensorView { name: &info.name, ty: info.ggml_type, dims: &info.dims, data: self.tensor_data(info) })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HcWeights<W> {
     /// [hc_dim, mix] (F16/F32): mix rows of hc_dim inputs.
