@@ -1,3 +1,4 @@
 //! One module per subcommand.
 pub mod render_chat;
 pub mod convert;
+pub mod logits;
