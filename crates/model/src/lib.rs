@@ -7,6 +7,7 @@ pub mod forward;
 pub mod kv;
 pub mod layout;
 pub mod numerics;
+pub mod sampler;
 pub mod shape;
 pub mod weights;
 
