@@ -27,7 +27,9 @@ pub enum Error {
     BadMagic { found: u32 },
     #[error("unsupported GGUF version {0} (only version 3 is supported)")]
     Version(u32),
-    #[error("{what} count {count} cannot fit in the {remaining} bytes left after offset {offset}")]
+    #[error(
+        "{what} count {count} cannot fit in the {remaining} bytes left after offset {offset} (truncated or corrupt file)"
+    )]
     AbsurdCount {
         what: &'static str,
         count: u64,
@@ -35,7 +37,7 @@ pub enum Error {
         remaining: u64,
     },
     #[error(
-        "{what}{context}: string length {len} at offset {offset} exceeds the {remaining} bytes left"
+        "{what}{context}: string length {len} at offset {offset} exceeds the {remaining} bytes left (truncated or corrupt file)"
     )]
     AbsurdString {
         what: &'static str,
