@@ -54,3 +54,29 @@ fn tiny_b_random() {
 fn tiny_b_text() {
     run("tiny-b", "text");
 }
+
+/// The same model through a GGUF container (written with `GgufWriter`, read back with
+/// `GgufFile`): the weights are bound zero-copy to the file bytes.
+#[test]
+fn tiny_a_text_through_gguf() {
+    let (shape, tensors) = load_hf("tiny-a");
+    let (tokens, want) = load_seq("tiny-a", "text");
+    let mut w = ds4_gguf::GgufWriter::new();
+    let mut names: Vec<&String> = tensors.map.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors.map[name];
+        w.add_tensor(name, &t.dims, t.ty, t.data.clone()).unwrap();
+    }
+    let mut bytes = Vec::new();
+    w.write_to(&mut bytes).unwrap();
+    let file = ds4_gguf::GgufFile::from_bytes(bytes).unwrap();
+    let model = Model::new(CpuBackend::new(&shape), shape.clone(), &file, ForwardOptions { official_rounding: false })
+        .expect("model binds to the GGUF");
+    let mut s = Session::new(&model, tokens.len(), 7).unwrap();
+    let mut got = Vec::new();
+    s.feed(&tokens, 7, Some(&mut got)).unwrap();
+    let (err, pos) = max_rel_err(&got, &want, shape.vocab);
+    eprintln!("tiny-a/text via GGUF, chunk 7: {err:.3e} (position {pos})");
+    assert!(err < TOL);
+}
