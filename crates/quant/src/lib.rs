@@ -9,6 +9,11 @@
 //!   (Σ_blocks d_w·d_x·Σ q_w q_x) with AVX2 when compiled for it, and a scalar
 //!   version that gives the identical f32 result (same lanes, same order).
 //! * [`dot_ref`] is the plain reference: dequantise, then an f32 dot.
+//!
+//! Two points where ds4's numerics shape the API: Q8_0 activations are
+//! [`ActQ8_0`] blocks with an **f32** scale (ds4 never rounds the activation
+//! scale to f16), and [`dot_ref`] returns a `Result` because it checks the row
+//! length against `x`.
 
 mod blocks;
 mod dequant;
