@@ -18,6 +18,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Render a chat request (official DeepSeek V4 encoder) to the prompt text on stdout.
     RenderChat(cmd::render_chat::Args),
+    /// Show a GGUF file's header, metadata and tensors; validate deepseek4 files.
+    Inspect(cmd::inspect::Args),
     /// Logits of every position of a token sequence (little-endian f32 [n × vocab]).
     Logits(cmd::logits::Args),
 }
@@ -34,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => cmd::convert::run(args),
         Command::RenderChat(args) => cmd::render_chat::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
         Command::Logits(args) => cmd::logits::run(args),
     }
 }

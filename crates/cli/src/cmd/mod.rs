@@ -2,3 +2,4 @@
 pub mod render_chat;
 pub mod convert;
 pub mod logits;
+pub mod inspect;
