@@ -533,6 +533,25 @@ fn convert_and_check(fixture_name: &str, out_type: OutType) -> BTreeMap<String, 
     check_metadata(&file, &src);
     assert_eq!(file.get_str("general.name").unwrap(), fixture_name);
 
+    // The engine's own reading of the file: config accepted, layout without any issue.
+    let cfg = ds4_model::config::Config::from_gguf(&file)
+        .unwrap_or_else(|e| panic!("{fixture_name} {out_type}: Config::from_gguf: {e}"));
+    let issues = ds4_model::layout::validate_layout(&file, &cfg);
+    assert_eq!(ds4_model::layout::count_errors(&issues), 0, "{issues:?}");
+    if out_type == OutType::Q8_0 {
+        // Q8_0 routed experts are a float-free test format, not a published one: the
+        // checker warns about exactly those tensors and nothing else.
+        assert!(
+            issues.iter().all(|i| i.tensor.ends_with("_exps.weight")),
+            "{fixture_name} {out_type}: layout issues {issues:?}"
+        );
+    } else {
+        assert!(
+            issues.is_empty(),
+            "{fixture_name} {out_type}: layout issues {issues:?}"
+        );
+    }
+
     let expected = expected_tensors(&src);
     let got: BTreeMap<String, &ds4_gguf::TensorInfo> =
         file.tensors().iter().map(|t| (t.name.clone(), t)).collect();
