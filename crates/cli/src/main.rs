@@ -22,6 +22,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Logits of every position of a token sequence (little-endian f32 [n × vocab]).
     Logits(cmd::logits::Args),
+    /// OpenAI- and Anthropic-compatible HTTP server.
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::RenderChat(args) => cmd::render_chat::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Logits(args) => cmd::logits::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
     }
 }

@@ -1,1 +1,5 @@
-//! placeholder
+//! ds4-engine: sessions, the generation loop and the inference worker.
+
+pub mod request;
+pub mod scripted;
+pub mod worker;

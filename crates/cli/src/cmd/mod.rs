@@ -3,3 +3,4 @@ pub mod render_chat;
 pub mod convert;
 pub mod logits;
 pub mod inspect;
+pub mod serve;
