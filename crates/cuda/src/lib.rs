@@ -1,1 +1,54 @@
-//! placeholder
+//! CUDA backend of ds4 (cudarc, dynamically loaded: builds and runs without CUDA;
+//! [`CudaRuntime::probe`] says why the GPU can't be used so the caller can fall
+//! back to the CPU).
+//!
+//! * [`runtime`]: driver / device / NVRTC / cuBLAS detection and versions.
+//! * [`compile`]: NVRTC compilation of `kernels/*.cu` for the device's arch, with
+//!   an on-disk cubin cache.
+//! * [`kernels`]: device buffers, activation quantisation and the quantized
+//!   matrix-vector products (dense, batched, grouped, routed experts).
+//! * [`selftest`]: GPU-vs-CPU checks of every kernel at full Flash dims.
+//! * [`bench`]: the synthetic decode-step weight-streaming benchmark.
+
+pub mod bench;
+pub mod compile;
+pub mod kernels;
+pub mod runtime;
+pub mod selftest;
+
+pub use kernels::{ActBuf, DevBuf, Kernels, Matvec};
+pub use runtime::{CudaRuntime, DeviceInfo};
+
+/// Errors of the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no CUDA driver found (libcuda could not be loaded)")]
+    NoDriver,
+    #[error("no CUDA device found (the driver reports {0} devices)")]
+    NoDevice(i32),
+    #[error("NVRTC not found (libnvrtc could not be loaded); install the CUDA 13 runtime compiler")]
+    NoNvrtc,
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("NVRTC error: {0}")]
+    Nvrtc(#[from] cudarc::nvrtc::result::NvrtcError),
+    #[error("NVRTC failed to compile {file} for {arch}:\n{log}")]
+    Compile {
+        file: String,
+        arch: String,
+        log: String,
+    },
+    #[error("kernel cache {path}: {source}")]
+    Cache {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("unsupported shape for {what}: {detail}")]
+    Shape { what: &'static str, detail: String },
+    #[error("{0} is not supported by the CUDA matvec kernels")]
+    Unsupported(ds4_gguf::GgmlType),
+    #[error(transparent)]
+    Quant(#[from] ds4_quant::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

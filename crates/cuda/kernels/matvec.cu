@@ -1,0 +1,513 @@
+// ds4 CUDA kernels: activation quantisation and quantized matrix-vector products.
+//
+// Compiled at run time by NVRTC (no CUDA headers needed: f16 conversion and dp4a
+// are inline PTX). Numerics follow ds4's integer formulation (model.md §5):
+// Q8_0 weights meet Q8_0 activations, Q2_K / Q4_K / IQ2_XXS weights meet Q8_K
+// activations, F16 weights meet f32 activations. Integer sums are exact, so the
+// result differs from the CPU dot only by the order of the f32 block sums.
+//
+// Activations live on the device as structure-of-arrays:
+//   Q8_0: qs int8[n], d f32[n/32]
+//   Q8_K: qs int8[n], d f32[n/256], bsums int16[n/16]
+//
+// Matvec layout: one warp per output row. The warp first copies its whole weight
+// row into shared memory with coalesced 16-byte loads (all issued before any use,
+// so a row's bytes are in flight at once), then decodes blocks from shared memory.
+// Row bytes must be a multiple of 16 (true for every Flash tensor).
+//
+// One kernel serves three shapes (blockIdx.y = slot s, token t < ntok):
+//   weights  = W + e * w_expert_stride,  e = ids ? ids[s] : s   (ids null: e = s)
+//   act row  = (s / x_group) * ntok + t
+//   out row  = s * ntok + t   -> y[out_row * rows + r]
+// dense decode: 1 slot, ntok 1; batched: 1 slot, ntok n; routed experts: slots =
+// 6 per token with ids on the device; grouped projection (attn_output_a): slots =
+// groups, ids null, x_group 1.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef short i16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define MV_WARPS 4
+#define MAX_TOK 16
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// ---------------------------------------------------------------------------
+// Activation quantisation (bit-identical to ds4-quant's quantize_act_*).
+// ---------------------------------------------------------------------------
+
+// One warp per 32-block: d = amax/127, q = rint(x/d) (ties to even).
+extern "C" __global__ void quant_act_q8_0(const float* __restrict__ x, int n,
+                                          i8* __restrict__ qs, float* __restrict__ d) {
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= n / 32) return;
+    const float v = x[blk * 32 + lane];
+    float a = fabsf(v);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    const float dd = a / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    int q = __float2int_rn(v * id);
+    q = max(-127, min(127, q));
+    qs[blk * 32 + lane] = (i8)q;
+    if (lane == 0) d[blk] = dd;
+}
+
+// One warp per 256-block; lane owns elements 8·lane .. 8·lane+7.
+// max = the signed element of largest |x| (first one on ties), iscale = -127/max.
+extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
+                                          i8* __restrict__ qs, float* __restrict__ d,
+                                          i16* __restrict__ bsums) {
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= n / 256) return;
+    const float4* xp = (const float4*)(x + blk * 256 + lane * 8);
+    const float4 v0 = xp[0], v1 = xp[1];
+    const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    float amax = 0.0f, mx = 0.0f;
+    int idx = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        if (fabsf(v[j]) > amax) { amax = fabsf(v[j]); mx = v[j]; idx = lane * 8 + j; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float oa = __shfl_xor_sync(0xffffffffu, amax, o);
+        const float om = __shfl_xor_sync(0xffffffffu, mx, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; idx = oi; }
+    }
+    int s = 0;
+    char4 q0, q1;
+    if (amax == 0.0f) {
+        q0 = make_char4(0, 0, 0, 0);
+        q1 = q0;
+    } else {
+        const float iscale = -127.0f / mx;
+        int q[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            q[j] = max(-127, min(127, __float2int_rn(iscale * v[j])));
+            s += q[j];
+        }
+        q0 = make_char4(q[0], q[1], q[2], q[3]);
+        q1 = make_char4(q[4], q[5], q[6], q[7]);
+    }
+    char4* qp = (char4*)(qs + blk * 256 + lane * 8);
+    qp[0] = q0;
+    qp[1] = q1;
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if ((lane & 1) == 0) bsums[blk * 16 + lane / 2] = (i16)s;
+    if (lane == 0) d[blk] = amax == 0.0f ? 0.0f : 1.0f / (-127.0f / mx);
+}
+
+// ---------------------------------------------------------------------------
+// Per-type block decoders. Each computes one "unit" (a block or sub-block) of
+// one row against one token's quantized activation and returns its f32 part.
+// ---------------------------------------------------------------------------
+
+struct ActQ {
+    const i8* qs;      // this token's codes
+    const float* d;    // this token's block scales
+    const i16* bsums;  // Q8_K only
+};
+
+__device__ __forceinline__ int ld_s32_2(const u8* p) {  // 4 bytes at a 2-aligned address
+    const u16* h = (const u16*)p;
+    return (int)((u32)h[0] | ((u32)h[1] << 16));
+}
+
+// Q8_0: 34-byte block {f16 d, i8 qs[32]}; unit = one block.
+__device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActQ& a) {
+    const u8* b = row + u * 34;
+    const float dw = h2f(*(const u16*)b);
+    const int4* xq = (const int4*)(a.qs + u * 32);
+    const int4 x0 = xq[0], x1 = xq[1];
+    int s = 0;
+    s = dp4a(ld_s32_2(b + 2), x0.x, s);
+    s = dp4a(ld_s32_2(b + 6), x0.y, s);
+    s = dp4a(ld_s32_2(b + 10), x0.z, s);
+    s = dp4a(ld_s32_2(b + 14), x0.w, s);
+    s = dp4a(ld_s32_2(b + 18), x1.x, s);
+    s = dp4a(ld_s32_2(b + 22), x1.y, s);
+    s = dp4a(ld_s32_2(b + 26), x1.z, s);
+    s = dp4a(ld_s32_2(b + 30), x1.w, s);
+    return (dw * a.d[u]) * (float)s;
+}
+
+// Q2_K: 84-byte block {scales[16], qs[64], f16 d, f16 dmin}; unit = 16-element sub-block.
+__device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActQ& a) {
+    const int blk = u >> 4, k = u & 15;
+    const u8* b = row + blk * 84;
+    const int n = k >> 3, j = (k & 7) >> 1, l0 = (k & 1) * 16;
+    const u32* q = (const u32*)(b + 16 + 32 * n + l0);
+    const int4 xv = *(const int4*)(a.qs + blk * 256 + 16 * k);
+    const int sh = 2 * j;
+    int s = 0;
+    s = dp4a((int)((q[0] >> sh) & 0x03030303u), xv.x, s);
+    s = dp4a((int)((q[1] >> sh) & 0x03030303u), xv.y, s);
+    s = dp4a((int)((q[2] >> sh) & 0x03030303u), xv.z, s);
+    s = dp4a((int)((q[3] >> sh) & 0x03030303u), xv.w, s);
+    const int sc = b[k];
+    const float xd = a.d[blk];
+    const float dall = xd * h2f(*(const u16*)(b + 80));
+    const float dmin = xd * h2f(*(const u16*)(b + 82));
+    return dall * (float)((sc & 15) * s) - dmin * (float)((sc >> 4) * (int)a.bsums[blk * 16 + k]);
+}
+
+// Q4_K: 144-byte block {f16 d, f16 dmin, scales[12], qs[128]}; unit = 32-element sub-block.
+__device__ __forceinline__ float unit_q4_k(const u8* row, int u, const ActQ& a) {
+    const int blk = u >> 3, k = u & 7;
+    const u8* b = row + blk * 144;
+    const u8* sc = b + 4;
+    int scale, mn;
+    if (k < 4) {
+        scale = sc[k] & 63;
+        mn = sc[k + 4] & 63;
+    } else {
+        scale = (sc[k + 4] & 15) | ((sc[k - 4] >> 6) << 4);
+        mn = (sc[k + 4] >> 4) | ((sc[k] >> 6) << 4);
+    }
+    const int c = k >> 1, sh = 4 * (k & 1);
+    const uint4* qp = (const uint4*)(b + 16 + 32 * c);
+    const uint4 q0 = qp[0], q1 = qp[1];
+    const int4* xp = (const int4*)(a.qs + blk * 256 + 32 * k);
+    const int4 x0 = xp[0], x1 = xp[1];
+    int s = 0;
+    s = dp4a((int)((q0.x >> sh) & 0x0f0f0f0fu), x0.x, s);
+    s = dp4a((int)((q0.y >> sh) & 0x0f0f0f0fu), x0.y, s);
+    s = dp4a((int)((q0.z >> sh) & 0x0f0f0f0fu), x0.z, s);
+    s = dp4a((int)((q0.w >> sh) & 0x0f0f0f0fu), x0.w, s);
+    s = dp4a((int)((q1.x >> sh) & 0x0f0f0f0fu), x1.x, s);
+    s = dp4a((int)((q1.y >> sh) & 0x0f0f0f0fu), x1.y, s);
+    s = dp4a((int)((q1.z >> sh) & 0x0f0f0f0fu), x1.z, s);
+    s = dp4a((int)((q1.w >> sh) & 0x0f0f0f0fu), x1.w, s);
+    const int bs = (int)a.bsums[blk * 16 + 2 * k] + (int)a.bsums[blk * 16 + 2 * k + 1];
+    const float xd = a.d[blk];
+    const float dall = xd * h2f(*(const u16*)b);
+    const float dmin = xd * h2f(*(const u16*)(b + 2));
+    return dall * (float)(scale * s) - dmin * (float)(mn * bs);
+}
+
+// IQ2_XXS: 66-byte block {f16 d, u16 qs[32]}; unit = 32-element group.
+// Signs: ksigns[i] = i with bit 7 set when popcount(i) is odd (model.md §5).
+__device__ __forceinline__ u32 sign_mask4(u32 bits4) {  // 4 sign bits -> 4 byte masks
+    return ((bits4 * 0x00204081u) & 0x01010101u) * 0xffu;
+}
+
+__device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActQ& a,
+                                              const u64* __restrict__ grid) {
+    const int blk = u >> 3, g = u & 7;
+    const u8* b = row + blk * 66;
+    const u16* q = (const u16*)(b + 2 + 8 * g);
+    const u32 a0 = (u32)q[0] | ((u32)q[1] << 16);
+    const u32 a1 = (u32)q[2] | ((u32)q[3] << 16);
+    const int4* xp = (const int4*)(a.qs + blk * 256 + 32 * g);
+    const int4 x0 = xp[0], x1 = xp[1];
+    const int xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+    int s = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        const u64 gv = grid[(a0 >> (8 * l)) & 255u];
+        u32 sg = (a1 >> (7 * l)) & 127u;
+        sg |= (__popc(sg) & 1u) << 7;
+        const u32 glo = (u32)gv, ghi = (u32)(gv >> 32);
+        const u32 mlo = sign_mask4(sg & 15u), mhi = sign_mask4(sg >> 4);
+        s = dp4a((int)glo, xw[2 * l], s) - 2 * dp4a((int)(glo & mlo), xw[2 * l], 0);
+        s = dp4a((int)ghi, xw[2 * l + 1], s) - 2 * dp4a((int)(ghi & mhi), xw[2 * l + 1], 0);
+    }
+    const int ls = (int)(a1 >> 28);
+    return 0.125f * (h2f(*(const u16*)b) * a.d[blk]) * (float)(s * (2 * ls + 1));
+}
+
+// ggml iq2xxs_grid (a fact of the format, transcribed). In global memory, not
+// __constant__: lanes index it divergently, which the constant cache serialises.
+__device__ const u64 IQ2XXS_GRID[256] = {
+    0x0808080808080808ull, 0x080808080808082bull, 0x0808080808081919ull, 0x0808080808082b08ull,
+    0x0808080808082b2bull, 0x0808080808190819ull, 0x0808080808191908ull, 0x08080808082b0808ull,
+    0x08080808082b082bull, 0x08080808082b2b08ull, 0x08080808082b2b2bull, 0x0808080819080819ull,
+    0x0808080819081908ull, 0x0808080819190808ull, 0x0808080819192b08ull, 0x08080808192b0819ull,
+    0x08080808192b1908ull, 0x080808082b080808ull, 0x080808082b08082bull, 0x080808082b082b2bull,
+    0x080808082b2b082bull, 0x0808081908080819ull, 0x0808081908081908ull, 0x0808081908190808ull,
+    0x0808081908191919ull, 0x0808081919080808ull, 0x080808192b081908ull, 0x080808192b192b08ull,
+    0x0808082b08080808ull, 0x0808082b0808082bull, 0x0808082b082b082bull, 0x0808082b2b08082bull,
+    0x0808190808080819ull, 0x0808190808081908ull, 0x0808190808190808ull, 0x08081908082b0819ull,
+    0x08081908082b1908ull, 0x0808190819080808ull, 0x080819081908082bull, 0x0808190819082b08ull,
+    0x08081908192b0808ull, 0x080819082b080819ull, 0x080819082b081908ull, 0x080819082b190808ull,
+    0x080819082b2b1908ull, 0x0808191908080808ull, 0x080819190808082bull, 0x0808191908082b08ull,
+    0x08081919082b0808ull, 0x080819191908192bull, 0x08081919192b2b19ull, 0x080819192b080808ull,
+    0x080819192b190819ull, 0x0808192b08082b19ull, 0x0808192b08190808ull, 0x0808192b19080808ull,
+    0x0808192b2b081908ull, 0x0808192b2b2b1908ull, 0x08082b0808080808ull, 0x08082b0808081919ull,
+    0x08082b0808082b08ull, 0x08082b0808191908ull, 0x08082b08082b2b08ull, 0x08082b0819080819ull,
+    0x08082b0819081908ull, 0x08082b0819190808ull, 0x08082b081919082bull, 0x08082b082b082b08ull,
+    0x08082b1908081908ull, 0x08082b1919080808ull, 0x08082b2b0808082bull, 0x08082b2b08191908ull,
+    0x0819080808080819ull, 0x0819080808081908ull, 0x0819080808190808ull, 0x08190808082b0819ull,
+    0x0819080819080808ull, 0x08190808192b0808ull, 0x081908082b081908ull, 0x081908082b190808ull,
+    0x081908082b191919ull, 0x0819081908080808ull, 0x0819081908082b08ull, 0x08190819082b0808ull,
+    0x0819081919190808ull, 0x0819081919192b2bull, 0x081908192b080808ull, 0x0819082b082b1908ull,
+    0x0819082b19081919ull, 0x0819190808080808ull, 0x0819190808082b08ull, 0x08191908082b0808ull,
+    0x08191908082b1919ull, 0x0819190819082b19ull, 0x081919082b080808ull, 0x0819191908192b08ull,
+    0x08191919192b082bull, 0x0819192b08080808ull, 0x0819192b0819192bull, 0x08192b0808080819ull,
+    0x08192b0808081908ull, 0x08192b0808190808ull, 0x08192b0819080808ull, 0x08192b082b080819ull,
+    0x08192b1908080808ull, 0x08192b1908081919ull, 0x08192b192b2b0808ull, 0x08192b2b19190819ull,
+    0x082b080808080808ull, 0x082b08080808082bull, 0x082b080808082b2bull, 0x082b080819081908ull,
+    0x082b0808192b0819ull, 0x082b08082b080808ull, 0x082b08082b08082bull, 0x082b0819082b2b19ull,
+    0x082b081919082b08ull, 0x082b082b08080808ull, 0x082b082b0808082bull, 0x082b190808080819ull,
+    0x082b190808081908ull, 0x082b190808190808ull, 0x082b190819080808ull, 0x082b19081919192bull,
+    0x082b191908080808ull, 0x082b191919080819ull, 0x082b1919192b1908ull, 0x082b192b2b190808ull,
+    0x082b2b0808082b08ull, 0x082b2b08082b0808ull, 0x082b2b082b191908ull, 0x082b2b2b19081908ull,
+    0x1908080808080819ull, 0x1908080808081908ull, 0x1908080808190808ull, 0x1908080808192b08ull,
+    0x19080808082b0819ull, 0x19080808082b1908ull, 0x1908080819080808ull, 0x1908080819082b08ull,
+    0x190808081919192bull, 0x19080808192b0808ull, 0x190808082b080819ull, 0x190808082b081908ull,
+    0x190808082b190808ull, 0x1908081908080808ull, 0x19080819082b0808ull, 0x19080819192b0819ull,
+    0x190808192b080808ull, 0x190808192b081919ull, 0x1908082b08080819ull, 0x1908082b08190808ull,
+    0x1908082b19082b08ull, 0x1908082b1919192bull, 0x1908082b192b2b08ull, 0x1908190808080808ull,
+    0x1908190808082b08ull, 0x19081908082b0808ull, 0x190819082b080808ull, 0x190819082b192b19ull,
+    0x190819190819082bull, 0x19081919082b1908ull, 0x1908192b08080808ull, 0x19082b0808080819ull,
+    0x19082b0808081908ull, 0x19082b0808190808ull, 0x19082b0819080808ull, 0x19082b0819081919ull,
+    0x19082b1908080808ull, 0x19082b1919192b08ull, 0x19082b19192b0819ull, 0x19082b192b08082bull,
+    0x19082b2b19081919ull, 0x19082b2b2b190808ull, 0x1919080808080808ull, 0x1919080808082b08ull,
+    0x1919080808190819ull, 0x1919080808192b19ull, 0x19190808082b0808ull, 0x191908082b080808ull,
+    0x191908082b082b08ull, 0x1919081908081908ull, 0x191908191908082bull, 0x191908192b2b1908ull,
+    0x1919082b2b190819ull, 0x191919082b190808ull, 0x191919082b19082bull, 0x1919191908082b2bull,
+    0x1919192b08080819ull, 0x1919192b19191908ull, 0x19192b0808080808ull, 0x19192b0808190819ull,
+    0x19192b0808192b19ull, 0x19192b08192b1908ull, 0x19192b1919080808ull, 0x19192b2b08082b08ull,
+    0x192b080808081908ull, 0x192b080808190808ull, 0x192b080819080808ull, 0x192b0808192b2b08ull,
+    0x192b081908080808ull, 0x192b081919191919ull, 0x192b082b08192b08ull, 0x192b082b192b0808ull,
+    0x192b190808080808ull, 0x192b190808081919ull, 0x192b191908190808ull, 0x192b19190819082bull,
+    0x192b19192b081908ull, 0x192b2b081908082bull, 0x2b08080808080808ull, 0x2b0808080808082bull,
+    0x2b08080808082b2bull, 0x2b08080819080819ull, 0x2b0808082b08082bull, 0x2b08081908081908ull,
+    0x2b08081908192b08ull, 0x2b08081919080808ull, 0x2b08082b08190819ull, 0x2b08190808080819ull,
+    0x2b08190808081908ull, 0x2b08190808190808ull, 0x2b08190808191919ull, 0x2b08190819080808ull,
+    0x2b081908192b0808ull, 0x2b08191908080808ull, 0x2b0819191908192bull, 0x2b0819192b191908ull,
+    0x2b08192b08082b19ull, 0x2b08192b19080808ull, 0x2b08192b192b0808ull, 0x2b082b080808082bull,
+    0x2b082b1908081908ull, 0x2b082b2b08190819ull, 0x2b19080808081908ull, 0x2b19080808190808ull,
+    0x2b190808082b1908ull, 0x2b19080819080808ull, 0x2b1908082b2b0819ull, 0x2b1908190819192bull,
+    0x2b1908192b080808ull, 0x2b19082b19081919ull, 0x2b19190808080808ull, 0x2b191908082b082bull,
+    0x2b19190819081908ull, 0x2b19191919190819ull, 0x2b192b082b080819ull, 0x2b192b19082b0808ull,
+    0x2b2b08080808082bull, 0x2b2b080819190808ull, 0x2b2b08082b081919ull, 0x2b2b081908082b19ull,
+    0x2b2b082b08080808ull, 0x2b2b190808192b08ull, 0x2b2b2b0819190808ull, 0x2b2b2b1908081908ull,
+};
+
+// ---------------------------------------------------------------------------
+// Matvec driver: stage a row in shared memory, then each lane takes units.
+// ---------------------------------------------------------------------------
+
+#define TY_Q8_0 0
+#define TY_Q2_K 1
+#define TY_Q4_K 2
+#define TY_IQ2_XXS 3
+
+template <int TY>
+__device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_expert_stride,
+                                         const int* __restrict__ ids, const i8* __restrict__ xq,
+                                         const float* __restrict__ xd, const i16* __restrict__ xbs,
+                                         int K, int rows, int ntok, int x_group,
+                                         float* __restrict__ y) {
+    extern __shared__ uint4 smem[];
+    __shared__ u64 grid_s[TY == TY_IQ2_XXS ? 256 : 1];
+    if (TY == TY_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_s[i] = IQ2XXS_GRID[i];
+        __syncthreads();
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * MV_WARPS + warp;
+    if (r >= rows) return;
+    const int slot = blockIdx.y;
+    const int e = ids ? ids[slot] : slot;
+
+    int blk_elems, blk_bytes, units_per_blk;
+    if (TY == TY_Q8_0) { blk_elems = 32; blk_bytes = 34; units_per_blk = 1; }
+    else if (TY == TY_Q2_K) { blk_elems = 256; blk_bytes = 84; units_per_blk = 16; }
+    else if (TY == TY_Q4_K) { blk_elems = 256; blk_bytes = 144; units_per_blk = 8; }
+    else { blk_elems = 256; blk_bytes = 66; units_per_blk = 8; }
+    const int nblk = K / blk_elems;
+    const int row_bytes = nblk * blk_bytes;
+    const int n16 = row_bytes >> 4;
+
+    const u8* src = W + (long long)e * w_expert_stride + (long long)r * row_bytes;
+    uint4* dst = smem + warp * n16;
+    // All of a row's loads are issued before the first shared-memory store.
+    constexpr int BATCH = 8;
+    for (int base = 0; base < n16; base += 32 * BATCH) {
+        uint4 v[BATCH];
+#pragma unroll
+        for (int i = 0; i < BATCH; i++) {
+            const int k = base + i * 32 + lane;
+            if (k < n16) v[i] = ld_stream16((const uint4*)src + k);
+        }
+#pragma unroll
+        for (int i = 0; i < BATCH; i++) {
+            const int k = base + i * 32 + lane;
+            if (k < n16) dst[k] = v[i];
+        }
+    }
+    __syncwarp();
+    const u8* row = (const u8*)dst;
+    const int nunits = nblk * units_per_blk;
+    const int sblk = K / (TY == TY_Q8_0 ? 32 : 256);
+    for (int t = 0; t < ntok; t++) {
+        const long long arow = (long long)(slot / x_group) * ntok + t;
+        ActQ a;
+        a.qs = xq + arow * K;
+        a.d = xd + arow * sblk;
+        a.bsums = xbs ? xbs + arow * (K / 16) : 0;
+        float acc = 0.0f;
+        for (int u = lane; u < nunits; u += 32) {
+            if (TY == TY_Q8_0) acc += unit_q8_0(row, u, a);
+            else if (TY == TY_Q2_K) acc += unit_q2_k(row, u, a);
+            else if (TY == TY_Q4_K) acc += unit_q4_k(row, u, a);
+            else acc += unit_iq2_xxs(row, u, a, grid_s);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) y[((long long)slot * ntok + t) * rows + r] = acc;
+    }
+}
+
+#define MV_KERNEL(name, TY)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                                 \
+        name(const u8* __restrict__ W, long long w_expert_stride, const int* __restrict__ ids,  \
+             const i8* __restrict__ xq, const float* __restrict__ xd,                           \
+             const i16* __restrict__ xbs, int K, int rows, int ntok, int x_group,               \
+             float* __restrict__ y) {                                                           \
+        mv_quant<TY>(W, w_expert_stride, ids, xq, xd, xbs, K, rows, ntok, x_group, y);          \
+    }
+
+MV_KERNEL(mv_q8_0, TY_Q8_0)
+MV_KERNEL(mv_q2_k, TY_Q2_K)
+MV_KERNEL(mv_q4_k, TY_Q4_K)
+MV_KERNEL(mv_iq2_xxs, TY_IQ2_XXS)
+
+// F16 weights x f32 activations: one block of 128 threads per row; each thread
+// keeps its 16-byte pieces of the row in registers and reuses them for every
+// token. K/8 <= 128 * F16_MAX_CHUNKS (K <= 16384).
+#define F16_THREADS 128
+#define F16_MAX_CHUNKS 16
+extern "C" __global__ void __launch_bounds__(F16_THREADS)
+    mv_f16(const u16* __restrict__ W, const float* __restrict__ x, int K, int rows, int ntok,
+           float* __restrict__ y) {
+    __shared__ float red[F16_THREADS / 32];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int n8 = K >> 3;
+    const uint4* src = (const uint4*)(W + (long long)r * K);
+    uint4 w[F16_MAX_CHUNKS];
+#pragma unroll
+    for (int i = 0; i < F16_MAX_CHUNKS; i++) {
+        const int k = i * F16_THREADS + threadIdx.x;
+        if (k < n8) w[i] = ld_stream16(src + k);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int t = 0; t < ntok; t++) {
+        const float4* xp = (const float4*)(x + (long long)t * K);
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < F16_MAX_CHUNKS; i++) {
+            const int k = i * F16_THREADS + threadIdx.x;
+            if (k < n8) {
+                const float4 xa = xp[2 * k], xb = xp[2 * k + 1];
+                acc = fmaf(h2f((u16)(w[i].x & 0xffff)), xa.x, acc);
+                acc = fmaf(h2f((u16)(w[i].x >> 16)), xa.y, acc);
+                acc = fmaf(h2f((u16)(w[i].y & 0xffff)), xa.z, acc);
+                acc = fmaf(h2f((u16)(w[i].y >> 16)), xa.w, acc);
+                acc = fmaf(h2f((u16)(w[i].z & 0xffff)), xb.x, acc);
+                acc = fmaf(h2f((u16)(w[i].z >> 16)), xb.y, acc);
+                acc = fmaf(h2f((u16)(w[i].w & 0xffff)), xb.z, acc);
+                acc = fmaf(h2f((u16)(w[i].w >> 16)), xb.w, acc);
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) red[warp] = acc;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < F16_THREADS / 32; i++) s += red[i];
+            y[(long long)t * rows + r] = s;
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Synthetic weights for `ds4 bench --synthetic`: generated on the device.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 hash32(u64 x) {
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return (u32)x;
+}
+
+// Random bytes everywhere (every code pattern is valid), then each block's f16
+// scale fields (byte offsets f0, f1; f1 < 0: none) set to a small positive value.
+extern "C" __global__ void synth_blocks(u8* __restrict__ p, long long n_blocks, int blk_bytes,
+                                        int f0, int f1, u64 seed) {
+    const long long n_words = n_blocks * blk_bytes / 4;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_words;
+         i += (long long)gridDim.x * blockDim.x)
+        ((u32*)p)[i] = hash32(seed ^ (u64)i * 0x9e3779b97f4a7c15ull);
+}
+
+extern "C" __global__ void synth_scales(u8* __restrict__ p, long long n_blocks, int blk_bytes,
+                                        int f0, int f1, u64 seed) {
+    for (long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x; b < n_blocks;
+         b += (long long)gridDim.x * blockDim.x) {
+        const u32 h = hash32(seed + 0x5bd1e995ull * (u64)b);
+        const float s = 1e-3f * (1.0f + (float)(h & 0xffff) / 65536.0f);
+        *(u16*)(p + b * blk_bytes + f0) = f2h(s);
+        if (f1 >= 0) *(u16*)(p + b * blk_bytes + f1) = f2h(0.5f * s);
+    }
+}
+
+// F16 tensors and f32 vectors: uniform in [-scale, scale).
+extern "C" __global__ void synth_f16(u16* __restrict__ p, long long n, float scale, u64 seed) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float u = (float)(hash32(seed ^ (u64)i * 0x9e3779b97f4a7c15ull) >> 8) / 16777216.0f;
+        p[i] = f2h(scale * (2.0f * u - 1.0f));
+    }
+}
+
+extern "C" __global__ void synth_f32(float* __restrict__ p, long long n, float scale, u64 seed) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float u = (float)(hash32(seed ^ (u64)i * 0x9e3779b97f4a7c15ull) >> 8) / 16777216.0f;
+        p[i] = scale * (2.0f * u - 1.0f);
+    }
+}

@@ -1,0 +1,215 @@
+//! NVRTC compilation of the embedded kernel sources, cached on disk as cubins.
+//!
+//! The cache key is a 64-bit FNV-1a hash of the source, the options, the arch
+//! and the NVRTC version, so any change recompiles. Cache directory:
+//! `$DS4_CUBIN_CACHE`, else `$XDG_CACHE_HOME/ds4/cubin`, else `~/.cache/ds4/cubin`.
+
+use std::ffi::{CString, c_char};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
+
+use crate::{Error, Result};
+
+/// A kernel source file embedded in the binary.
+pub struct KernelSource {
+    pub name: &'static str,
+    pub src: &'static str,
+}
+
+/// Every kernel file (the CI NVRTC check compiles the same files).
+pub const MATVEC: KernelSource = KernelSource {
+    name: "matvec.cu",
+    src: include_str!("../kernels/matvec.cu"),
+};
+
+/// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.
+pub fn arch_for(sm: (i32, i32)) -> String {
+    if sm.0 == 9 && sm.1 == 0 {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{}{}", sm.0, sm.1)
+    }
+}
+
+/// Options passed to NVRTC (mirrored by scripts/ci/nvrtc_check.py).
+pub fn nvrtc_options(arch: &str) -> Vec<String> {
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+        "-lineinfo".to_string(),
+    ];
+    let cuda_home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".to_string());
+    let inc = Path::new(&cuda_home).join("include");
+    if inc.is_dir() {
+        opts.push(format!("-I{}", inc.display()));
+    }
+    opts
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for p in parts {
+        for &b in *p {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("DS4_CUBIN_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("ds4").join("cubin"));
+    }
+    std::env::var("HOME")
+        .ok()
+        .map(|h| PathBuf::from(h).join(".cache").join("ds4").join("cubin"))
+}
+
+/// Compiles `src` for `arch` with NVRTC and returns the cubin.
+pub fn compile_cubin(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
+    let code = CString::new(src.src).map_err(|_| Error::Compile {
+        file: src.name.to_string(),
+        arch: arch.to_string(),
+        log: "source contains a NUL byte".to_string(),
+    })?;
+    let name = CString::new(src.name).map_err(|_| Error::Compile {
+        file: src.name.to_string(),
+        arch: arch.to_string(),
+        log: "bad file name".to_string(),
+    })?;
+    let prog = nvrtc::create_program(&code, Some(&name))?;
+    let opts = nvrtc_options(arch);
+    // SAFETY: `prog` is a live program until destroy_program below.
+    unsafe {
+        let compiled = nvrtc::compile_program(prog, &opts);
+        let result = match compiled {
+            Ok(()) => {
+                let mut size = 0usize;
+                nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+                let mut buf = vec![0u8; size];
+                nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char).result()?;
+                Ok(buf)
+            }
+            Err(_) => {
+                let log = nvrtc::get_program_log(prog).unwrap_or_default();
+                let bytes: Vec<u8> = log
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&b| b != 0)
+                    .collect();
+                Err(Error::Compile {
+                    file: src.name.to_string(),
+                    arch: arch.to_string(),
+                    log: String::from_utf8_lossy(&bytes).into_owned(),
+                })
+            }
+        };
+        nvrtc::destroy_program(prog)?;
+        result
+    }
+}
+
+/// Loads `src` as a module: from the cubin cache when present, else compiled
+/// by NVRTC and written to the cache (a failed cache write is only logged).
+pub fn load_module(
+    ctx: &Arc<CudaContext>,
+    src: &KernelSource,
+    arch: &str,
+    nvrtc_version: (i32, i32),
+) -> Result<Arc<CudaModule>> {
+    let opts = nvrtc_options(arch).join(" ");
+    let ver = format!("{}.{}", nvrtc_version.0, nvrtc_version.1);
+    let key = fnv1a(&[
+        src.src.as_bytes(),
+        opts.as_bytes(),
+        arch.as_bytes(),
+        ver.as_bytes(),
+    ]);
+    let file = format!(
+        "{}-{arch}-{key:016x}.cubin",
+        src.name.trim_end_matches(".cu")
+    );
+    let cached = cache_dir().map(|d| d.join(&file));
+    if let Some(path) = &cached
+        && let Ok(bytes) = std::fs::read(path)
+    {
+        match ctx.load_module(Ptx::from_binary(bytes)) {
+            Ok(m) => {
+                tracing::debug!(path = %path.display(), "kernel cubin from cache");
+                return Ok(m);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cached cubin rejected; recompiling")
+            }
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let cubin = compile_cubin(src, arch)?;
+    tracing::info!(
+        file = src.name,
+        arch,
+        ms = t0.elapsed().as_millis() as u64,
+        bytes = cubin.len(),
+        "NVRTC compiled kernels"
+    );
+    if let Some(path) = &cached
+        && let Err(e) = write_atomic(path, &cubin)
+    {
+        tracing::warn!(error = %e, "could not write the kernel cache");
+    }
+    Ok(ctx.load_module(Ptx::from_binary(cubin))?)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let err = |source| Error::Cache {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_gets_the_arch_specific_target() {
+        assert_eq!(arch_for((9, 0)), "sm_90a");
+        assert_eq!(arch_for((8, 9)), "sm_89");
+        assert_eq!(arch_for((12, 0)), "sm_120");
+    }
+
+    #[test]
+    fn cache_key_changes_with_any_input() {
+        let a = fnv1a(&[b"src", b"-O3"]);
+        assert_ne!(a, fnv1a(&[b"src", b"-O2"]));
+        assert_ne!(a, fnv1a(&[b"srcx", b"-O3"]));
+        // Part boundaries matter: ("ab","c") is not ("a","bc").
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn options_name_the_arch() {
+        assert!(
+            nvrtc_options("sm_90a")
+                .iter()
+                .any(|o| o == "--gpu-architecture=sm_90a")
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! Device buffers and the launch side of `kernels/matvec.cu`.
+//!
+//! Launches take raw device pointers (`u64`): buffers are owned by [`DevBuf`],
+//! everything runs on the runtime's one stream, and the same calls can be
+//! captured into CUDA graphs.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use ds4_gguf::GgmlType;
+
+use crate::compile::{self, KernelSource};
+use crate::runtime::CudaRuntime;
+use crate::{Error, Result};
+
+/// Warps (rows) per block of the quantized matvec kernels (`MV_WARPS`).
+const MV_WARPS: usize = 4;
+/// Threads per block (one row) of the F16 matvec (`F16_THREADS`).
+const F16_THREADS: usize = 128;
+/// Largest K of the F16 kernel (`F16_THREADS * 8 * F16_MAX_CHUNKS`).
+const F16_MAX_K: usize = 16384;
+/// Dynamic shared memory a block may use without opt-in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// A device allocation (bytes) and its address.
+pub struct DevBuf {
+    buf: CudaSlice<u8>,
+    pub ptr: u64,
+}
+
+impl DevBuf {
+    pub fn zeros(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self> {
+        let buf = stream.alloc_zeros::<u8>(bytes.max(1))?;
+        let ptr = buf.device_ptr(stream).0;
+        Ok(Self { buf, ptr })
+    }
+
+    pub fn from_bytes(stream: &Arc<CudaStream>, bytes: &[u8]) -> Result<Self> {
+        let buf = stream.clone_htod(bytes)?;
+        let ptr = buf.device_ptr(stream).0;
+        Ok(Self { buf, ptr })
+    }
+
+    pub fn from_f32(stream: &Arc<CudaStream>, v: &[f32]) -> Result<Self> {
+        Self::from_bytes(stream, bytemuck::cast_slice(v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.len() == 0
+    }
+
+    pub fn to_bytes(&self, stream: &Arc<CudaStream>) -> Result<Vec<u8>> {
+        Ok(stream.clone_dtoh(&self.buf)?)
+    }
+
+    pub fn to_f32(&self, stream: &Arc<CudaStream>) -> Result<Vec<f32>> {
+        let b = self.to_bytes(stream)?;
+        Ok(b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// Which activation format a weight type consumes (model.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActKind {
+    /// Q8_0 weights: 32-blocks, f32 scale.
+    Q8_0,
+    /// K-quants and IQ2_XXS: 256-blocks with f32 scale and per-16 sums.
+    Q8K,
+    /// F16 weights: plain f32.
+    F32,
+}
+
+impl ActKind {
+    pub fn for_weight(ty: GgmlType) -> Result<Self> {
+        match ty {
+            GgmlType::Q8_0 => Ok(Self::Q8_0),
+            GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => Ok(Self::Q8K),
+            GgmlType::F16 => Ok(Self::F32),
+            other => Err(Error::Unsupported(other)),
+        }
+    }
+}
+
+/// Quantized activations of `rows` vectors of `k` elements, structure-of-arrays.
+pub struct ActBuf {
+    pub kind: ActKind,
+    pub k: usize,
+    pub rows: usize,
+    pub qs: DevBuf,
+    pub d: DevBuf,
+    pub bsums: DevBuf,
+}
+
+impl ActBuf {
+    pub fn new(stream: &Arc<CudaStream>, kind: ActKind, k: usize, rows: usize) -> Result<Self> {
+        let n = k * rows;
+        let (blk, sums) = match kind {
+            ActKind::Q8_0 => (32, 0),
+            ActKind::Q8K => (256, n / 16 * 2),
+            ActKind::F32 => {
+                return Err(Error::Shape {
+                    what: "activation buffer",
+                    detail: "F16 weights take the f32 activation directly".into(),
+                });
+            }
+        };
+        if !k.is_multiple_of(blk) {
+            return Err(Error::Shape {
+                what: "activation quantisation",
+                detail: format!("k = {k} is not a multiple of {blk}"),
+            });
+        }
+        Ok(Self {
+            kind,
+            k,
+            rows,
+            qs: DevBuf::zeros(stream, n)?,
+            d: DevBuf::zeros(stream, n / blk * 4)?,
+            bsums: DevBuf::zeros(stream, sums)?,
+        })
+    }
+}
+
+/// Input of a matvec: quantized activations, or f32 for F16 weights.
+#[derive(Clone, Copy)]
+pub enum MvInput<'a> {
+    Quant(&'a ActBuf),
+    F32(u64),
+}
+
+/// One matrix-vector launch (see the layout notes at the top of matvec.cu).
+pub struct Matvec<'a> {
+    pub ty: GgmlType,
+    /// Weights: `rows` rows of `k` elements (per expert when routed).
+    pub w: u64,
+    pub k: usize,
+    pub rows: usize,
+    /// Tokens sharing each weight row read (batched form).
+    pub ntok: usize,
+    /// Slots: routed experts (6 per token) or output groups; 1 for dense.
+    pub slots: usize,
+    /// Bytes between experts (or groups) in `w`.
+    pub w_slot_stride: u64,
+    /// Device i32 expert id per slot; 0 = slot s uses matrix s.
+    pub ids: u64,
+    /// Consecutive slots that share one activation row (6: gate/up of one token).
+    pub x_group: usize,
+    pub x: MvInput<'a>,
+    /// Output f32 [slots · ntok][rows].
+    pub y: u64,
+}
+
+/// Loaded kernel functions.
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    quant_act_q8_0: CudaFunction,
+    quant_act_q8_k: CudaFunction,
+    mv_q8_0: CudaFunction,
+    mv_q2_k: CudaFunction,
+    mv_q4_k: CudaFunction,
+    mv_iq2_xxs: CudaFunction,
+    mv_f16: CudaFunction,
+    pub(crate) synth_blocks: CudaFunction,
+    pub(crate) synth_scales: CudaFunction,
+    pub(crate) synth_f16: CudaFunction,
+    pub(crate) synth_f32: CudaFunction,
+}
+
+fn row_bytes(ty: GgmlType, k: usize) -> usize {
+    k / ty.block_elems() as usize * ty.block_bytes() as usize
+}
+
+impl Kernels {
+    /// Compiles (or loads from the cache) and binds every kernel.
+    pub fn load(rt: &CudaRuntime) -> Result<Self> {
+        let arch = compile::arch_for(rt.device.sm);
+        let src: &KernelSource = &compile::MATVEC;
+        let m = compile::load_module(&rt.ctx, src, &arch, rt.nvrtc_version)?;
+        let f = |name: &str| m.load_function(name);
+        Ok(Self {
+            stream: rt.stream.clone(),
+            quant_act_q8_0: f("quant_act_q8_0")?,
+            quant_act_q8_k: f("quant_act_q8_k")?,
+            mv_q8_0: f("mv_q8_0")?,
+            mv_q2_k: f("mv_q2_k")?,
+            mv_q4_k: f("mv_q4_k")?,
+            mv_iq2_xxs: f("mv_iq2_xxs")?,
+            mv_f16: f("mv_f16")?,
+            synth_blocks: f("synth_blocks")?,
+            synth_scales: f("synth_scales")?,
+            synth_f16: f("synth_f16")?,
+            synth_f32: f("synth_f32")?,
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Quantizes `act.rows × act.k` f32 values at `x` into `act`.
+    pub fn quantize(&self, x: u64, act: &ActBuf) -> Result<()> {
+        let n = (act.k * act.rows) as i32;
+        let (func, blk) = match act.kind {
+            ActKind::Q8_0 => (&self.quant_act_q8_0, 32),
+            ActKind::Q8K => (&self.quant_act_q8_k, 256),
+            ActKind::F32 => return Ok(()),
+        };
+        let warps = (act.k * act.rows / blk) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&x).arg(&n).arg(&act.qs.ptr).arg(&act.d.ptr);
+        if act.kind == ActKind::Q8K {
+            b.arg(&act.bsums.ptr);
+        }
+        // SAFETY: argument list matches the kernel signature; buffers sized by ActBuf.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Launches one matvec after checking its shape.
+    pub fn matvec(&self, m: &Matvec) -> Result<()> {
+        let shape_err = |detail: String| Error::Shape {
+            what: "matvec",
+            detail,
+        };
+        if m.rows == 0 || m.k == 0 || m.ntok == 0 || m.slots == 0 || m.x_group == 0 {
+            return Err(shape_err(format!(
+                "empty dimension (rows {}, k {}, ntok {}, slots {}, x_group {})",
+                m.rows, m.k, m.ntok, m.slots, m.x_group
+            )));
+        }
+        let (k, rows, ntok) = (m.k as i32, m.rows as i32, m.ntok as i32);
+        if m.ty == GgmlType::F16 {
+            let MvInput::F32(x) = m.x else {
+                return Err(shape_err("F16 weights take an f32 input".into()));
+            };
+            if !m.k.is_multiple_of(8) || m.k > F16_MAX_K || m.slots != 1 {
+                return Err(shape_err(format!(
+                    "F16 needs k % 8 == 0, k <= {F16_MAX_K}, one slot (k {}, slots {})",
+                    m.k, m.slots
+                )));
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (m.rows as u32, 1, 1),
+                block_dim: (F16_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.mv_f16);
+            b.arg(&m.w).arg(&x).arg(&k).arg(&rows).arg(&ntok).arg(&m.y);
+            // SAFETY: matches `mv_f16`; shapes checked above.
+            unsafe { b.launch(cfg) }?;
+            return Ok(());
+        }
+        let func = match m.ty {
+            GgmlType::Q8_0 => &self.mv_q8_0,
+            GgmlType::Q2_K => &self.mv_q2_k,
+            GgmlType::Q4_K => &self.mv_q4_k,
+            GgmlType::IQ2_XXS => &self.mv_iq2_xxs,
+            other => return Err(Error::Unsupported(other)),
+        };
+        let MvInput::Quant(act) = m.x else {
+            return Err(shape_err(format!(
+                "{} weights take a quantized input",
+                m.ty.name()
+            )));
+        };
+        let want = ActKind::for_weight(m.ty)?;
+        if act.kind != want || act.k != m.k {
+            return Err(shape_err(format!(
+                "activation is {:?} of k {}, {} needs {want:?} of k {}",
+                act.kind,
+                act.k,
+                m.ty.name(),
+                m.k
+            )));
+        }
+        let act_rows_needed = m.slots.div_ceil(m.x_group) * m.ntok;
+        if act.rows < act_rows_needed {
+            return Err(shape_err(format!(
+                "{} activation rows, {act_rows_needed} needed",
+                act.rows
+            )));
+        }
+        let be = m.ty.block_elems() as usize;
+        let rb = row_bytes(m.ty, m.k);
+        if !m.k.is_multiple_of(be) || !rb.is_multiple_of(16) {
+            return Err(shape_err(format!(
+                "{} row of {} elements: must be whole blocks and a multiple of 16 bytes",
+                m.ty.name(),
+                m.k
+            )));
+        }
+        let smem = MV_WARPS * rb;
+        if smem > SMEM_LIMIT {
+            return Err(shape_err(format!(
+                "{} row of {} elements needs {smem} bytes of shared memory",
+                m.ty.name(),
+                m.k
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (m.rows.div_ceil(MV_WARPS) as u32, m.slots as u32, 1),
+            block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let stride = m.w_slot_stride as i64;
+        let x_group = m.x_group as i32;
+        let bsums = if act.kind == ActKind::Q8K {
+            act.bsums.ptr
+        } else {
+            0u64
+        };
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&m.w)
+            .arg(&stride)
+            .arg(&m.ids)
+            .arg(&act.qs.ptr)
+            .arg(&act.d.ptr)
+            .arg(&bsums)
+            .arg(&k)
+            .arg(&rows)
+            .arg(&ntok)
+            .arg(&x_group)
+            .arg(&m.y);
+        // SAFETY: matches the MV_KERNEL signature; shapes checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Fills `n_blocks` blocks of `ty` at `p` with random codes and small positive scales.
+    pub fn synth_weights(&self, ty: GgmlType, p: u64, n_blocks: u64, seed: u64) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (132 * 8, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if ty == GgmlType::F16 {
+            let n = n_blocks as i64;
+            let scale = 0.05f32;
+            let mut b = self.stream.launch_builder(&self.synth_f16);
+            b.arg(&p).arg(&n).arg(&scale).arg(&seed);
+            // SAFETY: matches `synth_f16`.
+            unsafe { b.launch(cfg) }?;
+            return Ok(());
+        }
+        let (f0, f1): (i32, i32) = match ty {
+            GgmlType::Q8_0 | GgmlType::IQ2_XXS => (0, -1),
+            GgmlType::Q4_K => (0, 2),
+            GgmlType::Q2_K => (80, 82),
+            other => return Err(Error::Unsupported(other)),
+        };
+        let nb = n_blocks as i64;
+        let bb = ty.block_bytes() as i32;
+        for func in [&self.synth_blocks, &self.synth_scales] {
+            let mut b = self.stream.launch_builder(func);
+            b.arg(&p).arg(&nb).arg(&bb).arg(&f0).arg(&f1).arg(&seed);
+            // SAFETY: matches `synth_blocks` / `synth_scales`.
+            unsafe { b.launch(cfg) }?;
+        }
+        Ok(())
+    }
+
+    /// Fills `n` f32 at `p` uniformly in [-scale, scale).
+    pub fn synth_f32(&self, p: u64, n: u64, scale: f32, seed: u64) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (132 * 4, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = n as i64;
+        let mut b = self.stream.launch_builder(&self.synth_f32);
+        b.arg(&p).arg(&n).arg(&scale).arg(&seed);
+        // SAFETY: matches `synth_f32`.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+/// Bytes of `rows` rows of `k` elements of `ty`.
+pub fn matrix_bytes(ty: GgmlType, k: usize, rows: usize) -> usize {
+    row_bytes(ty, k) * rows
+}

@@ -1,0 +1,504 @@
+//! GPU-vs-CPU checks of every kernel on random data at full Flash dims.
+//!
+//! The CPU side is `ds4-quant`: the same activation quantisation
+//! (`quantize_act_*`) and the same integer dot formulation (`dot_*`), so the
+//! GPU must agree to f32 reordering error. Outputs are poisoned with NaN
+//! before each launch, so an unwritten element fails the check.
+
+use ds4_gguf::GgmlType;
+use ds4_quant::{
+    ActQ8_0, BlockIQ2XXS, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, dot_f16_f32, dot_iq2_xxs_q8_k,
+    dot_q2_k_q8_k, dot_q4_k_q8_k, dot_q8_0, quantize_act_q8_0, quantize_act_q8_k,
+};
+use half::f16;
+
+use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput, matrix_bytes};
+use crate::{Error, Result};
+
+/// Quantized dots: GPU and CPU share the integer sums; only the order of the
+/// f32 block sums differs. Max |gpu − cpu| / max |cpu| over the output.
+pub const TOL_QUANT_DOT_REL: f32 = 1e-4;
+/// F16 · f32 dots with f32 accumulation in a different order.
+pub const TOL_F16_DOT_REL: f32 = 1e-4;
+/// Activation quantisation must be bit-identical (codes, scales, sums).
+pub const TOL_ACT_QUANT_MISMATCHES: usize = 0;
+
+/// Outcome of one check.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub name: String,
+    pub max_abs: f32,
+    /// max |gpu − cpu| / max |cpu| (for activation checks: mismatching elements).
+    pub max_rel: f32,
+    pub tol: f32,
+    pub tol_name: &'static str,
+    pub pass: bool,
+}
+
+impl std::fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<58} max_abs {:>10.3e}  max_rel {:>10.3e}  tol {:.0e} ({})  {}",
+            self.name,
+            self.max_abs,
+            self.max_rel,
+            self.tol,
+            self.tol_name,
+            if self.pass { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// splitmix64: a tiny deterministic generator for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// Random but valid weights: random codes, small positive f16 scales.
+fn random_weights(rng: &mut Rng, ty: GgmlType, n_elems: usize) -> Vec<u8> {
+    if ty == GgmlType::F16 {
+        return (0..n_elems)
+            .flat_map(|_| f16::from_f32(0.05 * rng.unit()).to_le_bytes())
+            .collect();
+    }
+    let bb = ty.block_bytes() as usize;
+    let nb = n_elems / ty.block_elems() as usize;
+    let mut v = rng.bytes(nb * bb);
+    let fields: &[(usize, f32)] = match ty {
+        GgmlType::Q8_0 | GgmlType::IQ2_XXS => &[(0, 1.0)],
+        GgmlType::Q4_K => &[(0, 1.0), (2, 0.5)],
+        GgmlType::Q2_K => &[(80, 1.0), (82, 0.5)],
+        _ => &[],
+    };
+    for b in 0..nb {
+        let s = 1e-3 * (1.5 + 0.5 * rng.unit());
+        for &(off, mul) in fields {
+            let h = f16::from_f32(s * mul).to_le_bytes();
+            v[b * bb + off] = h[0];
+            v[b * bb + off + 1] = h[1];
+        }
+    }
+    v
+}
+
+/// Activations: uniform, with a few outliers as real activations have.
+fn random_act(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let v = rng.unit();
+            if i % 97 == 13 { 8.0 * v } else { v }
+        })
+        .collect()
+}
+
+/// Copies raw bytes into an aligned vector of blocks.
+fn to_blocks<B: bytemuck::Pod>(row: &[u8]) -> Vec<B> {
+    let n = row.len() / std::mem::size_of::<B>();
+    let mut v = vec![B::zeroed(); n];
+    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut v);
+    let len = dst.len();
+    dst.copy_from_slice(&row[..len]);
+    v
+}
+
+/// CPU reference of one row · one activation row, in ds4's formulation.
+fn cpu_dot(ty: GgmlType, row: &[u8], x: &[f32], q8_0: &[ActQ8_0], q8k: &[BlockQ8K]) -> f32 {
+    match ty {
+        GgmlType::Q8_0 => dot_q8_0(&to_blocks::<BlockQ8_0>(row), q8_0),
+        GgmlType::Q2_K => dot_q2_k_q8_k(&to_blocks::<BlockQ2K>(row), q8k),
+        GgmlType::Q4_K => dot_q4_k_q8_k(&to_blocks::<BlockQ4K>(row), q8k),
+        GgmlType::IQ2_XXS => dot_iq2_xxs_q8_k(&to_blocks::<BlockIQ2XXS>(row), q8k),
+        GgmlType::F16 => dot_f16_f32(&to_blocks::<f16>(row), x),
+        _ => f32::NAN,
+    }
+}
+
+/// One matvec check: `n_mats` matrices of `rows`×`k`, `slots` launched (routed
+/// when `ids` is given), `x_group` slots per activation row, `ntok` tokens.
+struct Case {
+    name: String,
+    ty: GgmlType,
+    k: usize,
+    rows: usize,
+    n_mats: usize,
+    slots: usize,
+    x_group: usize,
+    ntok: usize,
+    routed: bool,
+}
+
+fn case(name: &str, ty: GgmlType, k: usize, rows: usize) -> Case {
+    Case {
+        name: name.to_string(),
+        ty,
+        k,
+        rows,
+        n_mats: 1,
+        slots: 1,
+        x_group: 1,
+        ntok: 1,
+        routed: false,
+    }
+}
+
+fn compare(
+    name: String,
+    gpu: &[f32],
+    cpu: &[f32],
+    tol: f32,
+    tol_name: &'static str,
+) -> CheckResult {
+    let scale = cpu.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let mut max_abs = 0f32;
+    let mut bad = gpu.len() != cpu.len();
+    for (g, c) in gpu.iter().zip(cpu) {
+        let e = (g - c).abs();
+        if !e.is_finite() {
+            bad = true;
+        }
+        max_abs = max_abs.max(e);
+    }
+    let max_rel = if scale > 0.0 {
+        max_abs / scale
+    } else {
+        max_abs
+    };
+    CheckResult {
+        name,
+        max_abs,
+        max_rel,
+        tol,
+        tol_name,
+        pass: !bad && max_rel <= tol && scale.is_finite(),
+    }
+}
+
+fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
+    let stream = kern.stream();
+    let mat_bytes = matrix_bytes(c.ty, c.k, c.rows);
+    let rb = mat_bytes / c.rows;
+    let w = random_weights(rng, c.ty, c.n_mats * c.rows * c.k);
+    let act_rows = c.slots.div_ceil(c.x_group) * c.ntok;
+    let x = random_act(rng, act_rows * c.k);
+    let ids: Vec<i32> = if c.routed {
+        // Distinct experts within each token's group of slots, as the router gives.
+        let mut ids = Vec::with_capacity(c.slots);
+        while ids.len() < c.slots {
+            let e = (rng.next() % c.n_mats as u64) as i32;
+            let group_start = ids.len() / 6 * 6;
+            if !ids[group_start..].contains(&e) {
+                ids.push(e);
+            }
+        }
+        ids
+    } else {
+        (0..c.slots as i32).collect()
+    };
+
+    // CPU reference.
+    let kind = ActKind::for_weight(c.ty)?;
+    let mut cpu = vec![0f32; c.slots * c.ntok * c.rows];
+    let acts: Vec<(Vec<ActQ8_0>, Vec<BlockQ8K>)> = x
+        .chunks_exact(c.k)
+        .map(|xr| match kind {
+            ActKind::Q8_0 => (quantize_act_q8_0(xr), Vec::new()),
+            ActKind::Q8K => (Vec::new(), quantize_act_q8_k(xr)),
+            ActKind::F32 => (Vec::new(), Vec::new()),
+        })
+        .collect();
+    for s in 0..c.slots {
+        let e = ids[s] as usize;
+        for t in 0..c.ntok {
+            let arow = (s / c.x_group) * c.ntok + t;
+            let xr = &x[arow * c.k..(arow + 1) * c.k];
+            let (q0, qk) = &acts[arow];
+            for r in 0..c.rows {
+                let off = e * mat_bytes + r * rb;
+                cpu[(s * c.ntok + t) * c.rows + r] = cpu_dot(c.ty, &w[off..off + rb], xr, q0, qk);
+            }
+        }
+    }
+
+    // GPU.
+    let w_dev = DevBuf::from_bytes(stream, &w)?;
+    let x_dev = DevBuf::from_f32(stream, &x)?;
+    let ids_dev = DevBuf::from_bytes(stream, bytemuck::cast_slice(&ids))?;
+    let y_dev = DevBuf::from_bytes(stream, &vec![0xffu8; cpu.len() * 4])?;
+    let act;
+    let input = match kind {
+        ActKind::F32 => MvInput::F32(x_dev.ptr),
+        _ => {
+            act = ActBuf::new(stream, kind, c.k, act_rows)?;
+            kern.quantize(x_dev.ptr, &act)?;
+            MvInput::Quant(&act)
+        }
+    };
+    kern.matvec(&Matvec {
+        ty: c.ty,
+        w: w_dev.ptr,
+        k: c.k,
+        rows: c.rows,
+        ntok: c.ntok,
+        slots: c.slots,
+        w_slot_stride: mat_bytes as u64,
+        ids: if c.routed { ids_dev.ptr } else { 0 },
+        x_group: c.x_group,
+        x: input,
+        y: y_dev.ptr,
+    })?;
+    stream.synchronize()?;
+    let gpu = y_dev.to_f32(stream)?;
+    let (tol, tol_name) = if c.ty == GgmlType::F16 {
+        (TOL_F16_DOT_REL, "TOL_F16_DOT_REL")
+    } else {
+        (TOL_QUANT_DOT_REL, "TOL_QUANT_DOT_REL")
+    };
+    Ok(compare(c.name.clone(), &gpu, &cpu, tol, tol_name))
+}
+
+/// Activation quantisation: GPU codes, scales and sums equal the CPU's exactly.
+fn run_act_check(
+    kern: &Kernels,
+    rng: &mut Rng,
+    kind: ActKind,
+    k: usize,
+    rows: usize,
+) -> Result<CheckResult> {
+    let stream = kern.stream();
+    let mut x = random_act(rng, k * rows);
+    // Ties of |x| with opposite signs: the first one must set the Q8_K scale's sign.
+    if let (Some(a), true) = (x.get(5).copied(), x.len() > 200) {
+        x[5] = 9.5 * a.signum();
+        x[200] = -x[5];
+    }
+    let x_dev = DevBuf::from_f32(stream, &x)?;
+    let act = ActBuf::new(stream, kind, k, rows)?;
+    kern.quantize(x_dev.ptr, &act)?;
+    stream.synchronize()?;
+    let qs = act.qs.to_bytes(stream)?;
+    let d = act.d.to_f32(stream)?;
+    let mut mismatches = 0usize;
+    let mut max_abs = 0f32;
+    let name;
+    match kind {
+        ActKind::Q8_0 => {
+            name = format!("quant_act_q8_0 {rows}x{k} (bit-exact)");
+            let cpu: Vec<ActQ8_0> = x.chunks_exact(k).flat_map(quantize_act_q8_0).collect();
+            for (b, blk) in cpu.iter().enumerate() {
+                let dd = d.get(b).copied().unwrap_or(f32::NAN);
+                max_abs = max_abs.max((dd - blk.d).abs());
+                mismatches += usize::from(dd.to_bits() != blk.d.to_bits());
+                for (i, &q) in blk.qs.iter().enumerate() {
+                    mismatches += usize::from(qs.get(b * 32 + i).copied() != Some(q as u8));
+                }
+            }
+        }
+        ActKind::Q8K => {
+            name = format!("quant_act_q8_k {rows}x{k} (bit-exact)");
+            let bs_bytes = act.bsums.to_bytes(stream)?;
+            let bs: Vec<i16> = bs_bytes
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let cpu: Vec<BlockQ8K> = x.chunks_exact(k).flat_map(quantize_act_q8_k).collect();
+            for (b, blk) in cpu.iter().enumerate() {
+                let dd = d.get(b).copied().unwrap_or(f32::NAN);
+                max_abs = max_abs.max((dd - blk.d).abs());
+                mismatches += usize::from(dd.to_bits() != blk.d.to_bits());
+                for (i, &q) in blk.qs.iter().enumerate() {
+                    mismatches += usize::from(qs.get(b * 256 + i).copied() != Some(q as u8));
+                }
+                for (i, &s) in blk.bsums.iter().enumerate() {
+                    mismatches += usize::from(bs.get(b * 16 + i).copied() != Some(s));
+                }
+            }
+        }
+        ActKind::F32 => {
+            return Err(Error::Shape {
+                what: "act check",
+                detail: "f32 has no quantisation".into(),
+            });
+        }
+    }
+    Ok(CheckResult {
+        name,
+        max_abs,
+        max_rel: mismatches as f32,
+        tol: TOL_ACT_QUANT_MISMATCHES as f32,
+        tol_name: "TOL_ACT_QUANT_MISMATCHES",
+        pass: mismatches == TOL_ACT_QUANT_MISMATCHES,
+    })
+}
+
+/// The kernel checks at full Flash dims (model.md §4.3).
+fn cases() -> Vec<Case> {
+    use GgmlType::*;
+    let routed = |name: &str, ty, k, rows, tokens: usize| Case {
+        n_mats: 32,
+        slots: 6 * tokens,
+        x_group: if k == 4096 { 6 } else { 1 },
+        routed: true,
+        ..case(name, ty, k, rows)
+    };
+    let batched = |name: &str, ty, k, rows, ntok| Case {
+        ntok,
+        ..case(name, ty, k, rows)
+    };
+    vec![
+        case("attn_q_a        Q8_0    4096->1024", Q8_0, 4096, 1024),
+        case("attn_q_b        Q8_0    1024->32768", Q8_0, 1024, 32768),
+        case("attn_kv         Q8_0    4096->512", Q8_0, 4096, 512),
+        Case {
+            n_mats: 8,
+            slots: 8,
+            ..case(
+                "attn_output_a   Q8_0    grouped 8 x (4096->1024)",
+                Q8_0,
+                4096,
+                1024,
+            )
+        },
+        case("attn_output_b   Q8_0    8192->4096", Q8_0, 8192, 4096),
+        case("ffn_gate_shexp  Q8_0    4096->2048", Q8_0, 4096, 2048),
+        case("ffn_down_shexp  Q8_0    2048->4096", Q8_0, 2048, 4096),
+        routed(
+            "ffn_gate_exps   IQ2_XXS 4096->2048 routed 2 tok x 6",
+            IQ2_XXS,
+            4096,
+            2048,
+            2,
+        ),
+        routed(
+            "ffn_down_exps   Q2_K    2048->4096 routed 6",
+            Q2_K,
+            2048,
+            4096,
+            1,
+        ),
+        routed(
+            "ffn_gate_exps   Q4_K    4096->2048 routed 6",
+            Q4_K,
+            4096,
+            2048,
+            1,
+        ),
+        routed(
+            "ffn_down_exps   Q4_K    2048->4096 routed 2 tok x 6",
+            Q4_K,
+            2048,
+            4096,
+            2,
+        ),
+        case("ffn_gate_inp    F16     4096->256", F16, 4096, 256),
+        case("attn_compr_kv   F16     4096->1024", F16, 4096, 1024),
+        case("indexer.q_b     F16     1024->8192", F16, 1024, 8192),
+        case("hc_attn_fn      F16     16384->24", F16, 16384, 24),
+        batched(
+            "attn_q_a        Q8_0    4096->1024 batched 7 tok",
+            Q8_0,
+            4096,
+            1024,
+            7,
+        ),
+        batched(
+            "ffn_gate_exps   IQ2_XXS 4096->2048 batched 3 tok",
+            IQ2_XXS,
+            4096,
+            2048,
+            3,
+        ),
+        batched(
+            "ffn_down_exps   Q2_K    2048->4096 batched 5 tok",
+            Q2_K,
+            2048,
+            4096,
+            5,
+        ),
+        batched(
+            "ffn_gate_inp    F16     4096->256 batched 5 tok",
+            F16,
+            4096,
+            256,
+            5,
+        ),
+    ]
+}
+
+/// Runs every kernel check, calling `report` after each one.
+pub fn run_kernel_checks(
+    kern: &Kernels,
+    mut report: impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut rng = Rng(0x05ee_dd54_c0da);
+    let mut out = Vec::new();
+    for (kind, k, rows) in [
+        (ActKind::Q8_0, 32768, 1),
+        (ActKind::Q8_0, 4096, 3),
+        (ActKind::Q8K, 4096, 2),
+        (ActKind::Q8K, 2048, 6),
+    ] {
+        let r = run_act_check(kern, &mut rng, kind, k, rows)?;
+        report(&r);
+        out.push(r);
+    }
+    for c in cases() {
+        let r = run_case(kern, &mut rng, &c)?;
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_weights_have_finite_scales() {
+        let mut rng = Rng(1);
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q2_K,
+            GgmlType::Q4_K,
+            GgmlType::IQ2_XXS,
+            GgmlType::F16,
+        ] {
+            let w = random_weights(&mut rng, ty, 4096);
+            let mut deq = vec![0f32; 4096];
+            ds4_quant::dequantize_row(ty, &w, &mut deq).unwrap();
+            assert!(deq.iter().all(|v| v.is_finite()), "{ty:?}");
+            assert!(deq.iter().any(|&v| v != 0.0), "{ty:?}");
+        }
+    }
+
+    #[test]
+    fn compare_flags_nan_and_large_errors() {
+        let cpu = [1.0f32, -2.0, 0.5];
+        assert!(compare("ok".into(), &[1.0, -2.0, 0.5], &cpu, 1e-4, "t").pass);
+        assert!(!compare("nan".into(), &[1.0, f32::NAN, 0.5], &cpu, 1e-4, "t").pass);
+        assert!(!compare("off".into(), &[1.0, -2.1, 0.5], &cpu, 1e-4, "t").pass);
+        assert!(!compare("short".into(), &[1.0], &cpu, 1e-4, "t").pass);
+    }
+}
