@@ -14,6 +14,10 @@
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use ds4_gguf::GgmlType;
 
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
 use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput, matrix_bytes};
 use crate::runtime::CudaRuntime;
 use crate::{Error, Result};
@@ -203,6 +207,8 @@ pub struct BenchReport {
     pub copy_gbps: f64,
     pub rows: Vec<BenchRow>,
     pub layer_lines: Vec<String>,
+    /// Per-op time and bandwidth on one CSA layer (quantisation included).
+    pub op_lines: Vec<String>,
 }
 
 struct LayerWeights {
@@ -277,29 +283,46 @@ pub fn copy_bandwidth(rt: &CudaRuntime, kern: &Kernels, bytes: usize) -> Result<
     Ok(2.0 * bytes as f64 / ms / 1e6)
 }
 
-fn launch_op(kern: &Kernels, s: &Scratch, op: &Op, w: &DevBuf, ids: &DevBuf) -> Result<()> {
-    let routed = op.name.ends_with("_exps");
-    let (slots, x_group, act_rows) = if routed {
-        if op.name == "ffn_down_exps" {
-            (N_ACTIVE, 1, N_ACTIVE)
-        } else {
-            (N_ACTIVE, N_ACTIVE, 1)
-        }
+/// Slots, activation grouping and activation rows of an op.
+fn op_layout(op: &Op) -> (usize, usize, usize) {
+    if op.name.ends_with("_exps") {
+        if op.name == "ffn_down_exps" { (N_ACTIVE, 1, N_ACTIVE) } else { (N_ACTIVE, N_ACTIVE, 1) }
     } else if op.mats > 1 {
         (op.mats, 1, op.mats)
     } else {
         (1, 1, 1)
-    };
+    }
+}
+
+/// Quantizes the op's input (from the shared f32 scratch) on `stream`.
+fn quantize_for(kern: &Kernels, stream: &Arc<CudaStream>, s: &Scratch, op: &Op) -> Result<()> {
+    let kind = ActKind::for_weight(op.ty)?;
+    if kind == ActKind::F32 {
+        return Ok(());
+    }
+    let act = s.act(kind, op.k, op_layout(op).2)?;
+    kern.quantize_on(stream, s.x_f32.ptr, act)
+}
+
+/// Launches the op's matvec on `stream`, reading the already quantized input;
+/// output goes to the stream's own region `out_slot` of the scratch output.
+fn matvec_for(
+    kern: &Kernels,
+    stream: &Arc<CudaStream>,
+    s: &Scratch,
+    op: &Op,
+    w: &DevBuf,
+    ids: &DevBuf,
+    out_slot: usize,
+) -> Result<()> {
+    let (slots, x_group, act_rows) = op_layout(op);
+    let routed = op.name.ends_with("_exps");
     let kind = ActKind::for_weight(op.ty)?;
     let input = match kind {
         ActKind::F32 => MvInput::F32(s.x_f32.ptr),
-        _ => {
-            let act = s.act(kind, op.k, act_rows)?;
-            kern.quantize(s.x_f32.ptr, act)?;
-            MvInput::Quant(act)
-        }
+        _ => MvInput::Quant(s.act(kind, op.k, act_rows)?),
     };
-    kern.matvec(&Matvec {
+    kern.matvec_on(stream, &Matvec {
         ty: op.ty,
         w: w.ptr,
         k: op.k,
@@ -310,8 +333,100 @@ fn launch_op(kern: &Kernels, s: &Scratch, op: &Op, w: &DevBuf, ids: &DevBuf) -> 
         ids: if routed { ids.ptr } else { 0 },
         x_group,
         x: input,
-        y: s.out.ptr,
+        y: s.out.ptr + (out_slot * OUT_SLOT_BYTES) as u64,
     })
+}
+
+/// Bytes of each stream's region of the scratch output.
+const OUT_SLOT_BYTES: usize = VOCAB * 4;
+
+/// Quantize + matvec of one op on the main stream (per-op timing, the head).
+fn launch_op(kern: &Kernels, s: &Scratch, op: &Op, w: &DevBuf, ids: &DevBuf) -> Result<()> {
+    quantize_for(kern, kern.stream(), s, op)?;
+    matvec_for(kern, kern.stream(), s, op, w, ids, 0)
+}
+
+/// One layer's decode-step matvecs with the dependencies of the real step and
+/// independent work on parallel graph branches:
+///   main: hc_attn_fn, quant(xn) | fork | main: q_a, quant, q_b, indexer q_b;
+///   b1: kv, indexer proj; b2: compressors (F16) | join | quant, o_a, quant,
+///   o_b, hc_ffn_fn, quant(yn) | fork | main: router, routed gate, quant(mid),
+///   routed down (after join with b2: routed up); b1: shared gate, up, quant,
+///   down | join.
+/// Each input is quantized once, as the real step does.
+fn launch_layer(
+    kern: &Kernels,
+    streams: &[Arc<CudaStream>; 3],
+    s: &Scratch,
+    lw: &LayerWeights,
+    with_indexer_q: bool,
+) -> Result<()> {
+    let [m, b1, b2] = streams;
+    let get = |name: &str| lw.ops.iter().find(|(o, _)| o.name == name);
+    let mv = |st: &Arc<CudaStream>, name: &str, slot: usize| -> Result<()> {
+        if name.starts_with("indexer.") && !with_indexer_q {
+            return Ok(());
+        }
+        match get(name) {
+            Some((op, w)) => matvec_for(kern, st, s, op, w, &lw.ids, slot),
+            None => Ok(()),
+        }
+    };
+    let quant = |st: &Arc<CudaStream>, name: &str| -> Result<()> {
+        match get(name) {
+            Some((op, _)) => quantize_for(kern, st, s, op),
+            None => Ok(()),
+        }
+    };
+    let fork = |to: &[&Arc<CudaStream>]| -> Result<()> {
+        let ev = m.record_event(None)?;
+        for st in to {
+            st.wait(&ev)?;
+        }
+        Ok(())
+    };
+    let join = |from: &[&Arc<CudaStream>]| -> Result<()> {
+        for st in from {
+            m.wait(&st.record_event(None)?)?;
+        }
+        Ok(())
+    };
+    // Attention half.
+    mv(m, "hc_attn_fn", 0)?;
+    quant(m, "attn_q_a")?; // xn, shared by q_a and kv
+    fork(&[b1, b2])?;
+    mv(m, "attn_q_a", 0)?;
+    quant(m, "attn_q_b")?;
+    mv(m, "attn_q_b", 0)?;
+    mv(m, "indexer.attn_q_b", 0)?;
+    mv(b1, "attn_kv", 1)?;
+    mv(b1, "indexer.proj", 1)?;
+    for name in ["attn_compressor_kv", "attn_compressor_gate", "indexer_compressor_kv", "indexer_compressor_gate"] {
+        mv(b2, name, 2)?;
+    }
+    join(&[b1, b2])?;
+    quant(m, "attn_output_a")?;
+    mv(m, "attn_output_a", 0)?;
+    quant(m, "attn_output_b")?;
+    mv(m, "attn_output_b", 0)?;
+    // FFN half.
+    mv(m, "hc_ffn_fn", 0)?;
+    quant(m, "ffn_gate_shexp")?; // yn as Q8_0 (shared expert)
+    quant(m, "ffn_gate_exps")?; // yn as Q8_K (routed experts)
+    fork(&[b1])?;
+    mv(m, "ffn_gate_inp", 0)?;
+    fork(&[b2])?; // routed up needs the router's ids, as gate does
+    mv(m, "ffn_gate_exps", 0)?;
+    mv(b2, "ffn_up_exps", 2)?;
+    join(&[b2])?;
+    quant(m, "ffn_down_exps")?;
+    mv(m, "ffn_down_exps", 0)?;
+    mv(b1, "ffn_gate_shexp", 1)?;
+    mv(b1, "ffn_up_shexp", 1)?;
+    quant(b1, "ffn_down_shexp")?;
+    mv(b1, "ffn_down_shexp", 1)?;
+    join(&[b1])?;
+    Ok(())
 }
 
 /// Runs the synthetic decode-step benchmark.
@@ -373,7 +488,7 @@ pub fn run(
         1.0,
         42,
     )?;
-    let out = DevBuf::zeros(stream, (VOCAB.max(Q_DIM).max(N_ACTIVE * D)) * 4)?;
+    let out = DevBuf::zeros(stream, 3 * OUT_SLOT_BYTES)?;
     let mut q8_0 = Vec::new();
     let mut q8_k = Vec::new();
     for (k, rows) in [(D, 1), (Q_LORA, 1), (D, O_GROUPS), (O_LOW, 1), (FFN, 1)] {
@@ -394,6 +509,7 @@ pub fn run(
         copy_gbps,
         rows: Vec::new(),
         layer_lines: Vec::new(),
+        op_lines: Vec::new(),
     };
     for (i, lw) in weights.iter().enumerate() {
         let bytes: usize = lw.ops.iter().map(|(o, _)| o.bytes()).sum();
@@ -408,6 +524,33 @@ pub fn run(
         }
     }
 
+    let streams = [rt.stream.clone(), rt.ctx.new_stream()?, rt.ctx.new_stream()?];
+
+    // Per-op figures for one CSA layer: 10 back-to-back copies of the op (its
+    // quantisation included) in a graph, so launch gaps count as in the step.
+    if let Some(lw) = weights.iter().find(|lw| compress_ratio(lw.il) == 4) {
+        for (op, w) in &lw.ops {
+            let g = capture(rt, || {
+                for _ in 0..10 {
+                    launch_op(kern, &scratch, op, w, &lw.ids)?;
+                }
+                Ok(())
+            })?;
+            let ms = time_ms(rt, opts.iters.min(20), || Ok(g.launch()?))? / 10.0;
+            report.op_lines.push(format!(
+                "{:<24} {:<7} {:>5}->{:<6} x{:<2} {:>8.2} MB {:>8.1} us {:>6.0} GB/s",
+                op.name,
+                op.ty.name(),
+                op.k,
+                op.rows,
+                op.mats,
+                op.bytes() as f64 / 1e6,
+                ms * 1e3,
+                op.bytes() as f64 / ms / 1e6
+            ));
+        }
+    }
+
     // The output head, once per token.
     let head_op = Op {
         name: "output",
@@ -417,6 +560,7 @@ pub fn run(
         mats: 1,
     };
     let head_graph = capture(rt, || launch_op(kern, &scratch, &head_op, &head, &head))?;
+    // (Branch streams join the main one inside each layer's capture.)
     let head_ms = time_ms(rt, opts.iters, || Ok(head_graph.launch()?))?;
     let head_bytes = head_op.bytes();
     log(&format!(
@@ -431,9 +575,7 @@ pub fn run(
         let keep = |op: &Op| with_idx || !op.name.starts_with("indexer.");
         let graph = capture(rt, || {
             for lw in &weights {
-                for (op, w) in lw.ops.iter().filter(|(o, _)| keep(o)) {
-                    launch_op(kern, &scratch, op, w, &lw.ids)?;
-                }
+                launch_layer(kern, &streams, &scratch, lw, with_idx)?;
             }
             Ok(())
         })?;
@@ -479,11 +621,18 @@ pub fn render_text(report: &BenchReport, opts: &BenchOpts) -> String {
     s.push_str(
         "INCLUDED per layer: all weight matvecs of a decode step (HC fns, q_a, q_b, kv, compressors, \
          indexer compressors, indexer q_b/proj when ctx > 2048, o_a, o_b, router, shared expert, \
-         6 routed experts) + their activation quantisation; output head timed separately.\n\
+         6 routed experts) + their activation quantisation (each input once), with independent \
+         matvecs on parallel graph branches (3 streams); output head timed separately.\n\
          NOT INCLUDED yet: attention over the KV cache, norms, RoPE, HC Sinkhorn/merge, SwiGLU, \
          top-k, compressor pooling, indexer scores, embedding. tok/s below is therefore the \
          weight-streaming bound of this code, not end-to-end decode.\n",
     );
+    if !report.op_lines.is_empty() {
+        s.push_str("per op (one CSA layer, each op alone, activation quantisation included):\n");
+        for l in &report.op_lines {
+            s.push_str(&format!("  {l}\n"));
+        }
+    }
     for r in &report.rows {
         s.push_str(&format!(
             "ctx {:>7}: {:.1} MB/step over {} layers in {:.3} ms ({:.3} ms/layer) = {:.0} GB/s = {:.1}% of measured copy ({:.0} GB/s), {:.1}% of {:.1} TB/s; \

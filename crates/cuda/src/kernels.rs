@@ -205,6 +205,11 @@ impl Kernels {
 
     /// Quantizes `act.rows × act.k` f32 values at `x` into `act`.
     pub fn quantize(&self, x: u64, act: &ActBuf) -> Result<()> {
+        self.quantize_on(&self.stream, x, act)
+    }
+
+    /// [`Self::quantize`] on another stream (graph branches).
+    pub fn quantize_on(&self, stream: &Arc<CudaStream>, x: u64, act: &ActBuf) -> Result<()> {
         let n = (act.k * act.rows) as i32;
         let (func, blk) = match act.kind {
             ActKind::Q8_0 => (&self.quant_act_q8_0, 32),
@@ -217,7 +222,7 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(func);
+        let mut b = stream.launch_builder(func);
         b.arg(&x).arg(&n).arg(&act.qs.ptr).arg(&act.d.ptr);
         if act.kind == ActKind::Q8K {
             b.arg(&act.bsums.ptr);
@@ -229,6 +234,11 @@ impl Kernels {
 
     /// Launches one matvec after checking its shape.
     pub fn matvec(&self, m: &Matvec) -> Result<()> {
+        self.matvec_on(&self.stream, m)
+    }
+
+    /// [`Self::matvec`] on another stream (graph branches).
+    pub fn matvec_on(&self, stream: &Arc<CudaStream>, m: &Matvec) -> Result<()> {
         let shape_err = |detail: String| Error::Shape {
             what: "matvec",
             detail,
@@ -255,7 +265,7 @@ impl Kernels {
                 block_dim: (F16_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(&self.mv_f16);
+            let mut b = stream.launch_builder(&self.mv_f16);
             b.arg(&m.w).arg(&x).arg(&k).arg(&rows).arg(&ntok).arg(&m.y);
             // SAFETY: matches `mv_f16`; shapes checked above.
             unsafe { b.launch(cfg) }?;
@@ -320,7 +330,7 @@ impl Kernels {
         } else {
             0u64
         };
-        let mut b = self.stream.launch_builder(func);
+        let mut b = stream.launch_builder(func);
         b.arg(&m.w)
             .arg(&stride)
             .arg(&m.ids)
