@@ -45,6 +45,8 @@ pub(crate) enum Xq<'a> {
 pub(crate) struct QBuf {
     pub q8_0: Vec<ActQ8_0>,
     pub q8k: Vec<BlockQ8K>,
+    /// Row-major [rows × tile] partial results of a tiled multi-token matmul.
+    pub tile: Vec<f32>,
 }
 
 fn qerr(e: ds4_quant::Error) -> Error {
@@ -233,14 +235,45 @@ pub(crate) fn matmul(
     }
     let kind = act_kind(w.ty)?;
     let bpr = qbuf.quantize_rows(kind, x, xoff, k, n)?;
+    let mut tile_buf = std::mem::take(&mut qbuf.tile);
     let qb: &QBuf = qbuf;
+    let xq_of = |i: usize| match kind {
+        ActKind::F32 => Xq::F32(&x.data[i * x.cols + xoff..i * x.cols + xoff + k]),
+        ActKind::Q8_0 => Xq::Q8_0(&qb.q8_0[i * bpr..(i + 1) * bpr]),
+        ActKind::Q8K => Xq::Q8K(&qb.q8k[i * bpr..(i + 1) * bpr]),
+    };
     let ocols = out.cols;
-    out.data[..n * ocols].par_chunks_mut(ocols).enumerate().try_for_each(|(i, orow)| {
-        let xq = match kind {
-            ActKind::F32 => Xq::F32(&x.data[i * x.cols + xoff..i * x.cols + xoff + k]),
-            ActKind::Q8_0 => Xq::Q8_0(&qb.q8_0[i * bpr..(i + 1) * bpr]),
-            ActKind::Q8K => Xq::Q8K(&qb.q8k[i * bpr..(i + 1) * bpr]),
-        };
-        matvec(w, row0, n_rows, xq, &mut orow[ooff..ooff + n_rows], true)
-    })
+    let result = if n == 1 {
+        matvec(w, row0, n_rows, xq_of(0), &mut out.data[ooff..ooff + n_rows], true)
+    } else {
+        // Several tokens: each weight row is read once per tile of tokens (it stays in cache
+        // while the tile's dots use it) instead of once per token.
+        const TILE: usize = 16;
+        const ROWS: usize = 16;
+        if tile_buf.len() < n_rows * TILE {
+            tile_buf.resize(n_rows * TILE, 0.0);
+        }
+        (0..n).step_by(TILE).try_for_each(|t0| -> Result<()> {
+            let tn = TILE.min(n - t0);
+            let tmp = &mut tile_buf[..n_rows * tn];
+            tmp.par_chunks_mut(ROWS * tn).enumerate().try_for_each(|(c, chunk)| -> Result<()> {
+                for (r, dst) in chunk.chunks_mut(tn).enumerate() {
+                    let wrow = row_slice(w, row0 + c * ROWS + r)?;
+                    for (j, v) in dst.iter_mut().enumerate() {
+                        *v = dot_bytes(w.ty, wrow, xq_of(t0 + j))?;
+                    }
+                }
+                Ok(())
+            })?;
+            let tmp = &tile_buf[..n_rows * tn];
+            out.data[t0 * ocols..(t0 + tn) * ocols].par_chunks_mut(ocols).enumerate().for_each(|(j, orow)| {
+                for (o, v) in orow[ooff..ooff + n_rows].iter_mut().enumerate() {
+                    *v = tmp[o * tn + j];
+                }
+            });
+            Ok(())
+        })
+    };
+    qbuf.tile = tile_buf;
+    result
 }
