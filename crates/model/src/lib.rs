@@ -9,6 +9,7 @@ pub mod layout;
 pub mod numerics;
 pub mod sampler;
 pub mod shape;
+pub mod synthetic;
 pub mod weights;
 
 pub use backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
