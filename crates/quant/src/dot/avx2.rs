@@ -14,6 +14,8 @@ use std::arch::x86_64::*;
 /// enough to cover DRAM latency at the compute rate of these loops.
 const PREFETCH_Q8_0_BLOCKS: usize = 16;
 const PREFETCH_K_BLOCKS: usize = 4;
+/// Elements ahead for the f16 / f32 streams (two lines every 32 elements).
+const PREFETCH_FLOAT_ELEMS: usize = 256;
 
 /// Horizontal sum of 8 f32 lanes in [`super::scalar::hsum8`] order.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -111,6 +113,7 @@ fn dot_q8_0_tf(w: &[BlockQ8_0], x: &[ActQ8_0]) -> f32 {
 fn dot_lanes(
     n: usize,
     load8: impl Fn(usize) -> __m256,
+    prefetch: impl Fn(usize),
     x: &[f32],
     tail: impl FnOnce(&mut [[f32; 8]; 4], usize),
 ) -> f32 {
@@ -118,6 +121,7 @@ fn dot_lanes(
     let full = n / 32 * 32;
     let mut i = 0;
     while i < full {
+        prefetch(i + PREFETCH_FLOAT_ELEMS);
         for (k, a) in acc.iter_mut().enumerate() {
             let xs = &x[i + 8 * k..i + 8 * k + 8];
             // SAFETY: `xs` has 8 readable f32.
@@ -150,6 +154,7 @@ fn dot_f16_f32_tf(w: &[f16], x: &[f32]) -> f32 {
             // SAFETY: `ws` has 8 readable f16 = 16 bytes.
             _mm256_cvtph_ps(unsafe { _mm_loadu_si128(ws.as_ptr().cast()) })
         },
+        |i| prefetch_ahead(w, i),
         x,
         |lanes, start| {
             super::scalar::fma_lanes(
@@ -174,6 +179,7 @@ fn dot_f32_tf(w: &[f32], x: &[f32]) -> f32 {
             // SAFETY: `ws` has 8 readable f32.
             unsafe { _mm256_loadu_ps(ws.as_ptr()) }
         },
+        |i| prefetch_ahead(w, i),
         x,
         |lanes, start| {
             super::scalar::fma_lanes(lanes, start, w[start..].iter().copied(), &x[start..])
