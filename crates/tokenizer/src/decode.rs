@@ -20,6 +20,32 @@ fn unicode_to_byte() -> [Option<u8>; 324] {
     table
 }
 
+/// GPT-2 byte-level alphabet: byte → code point.
+const BYTE_TO_CHAR: [char; 256] = {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    let mut b = 0usize;
+    while b < 256 {
+        let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let cp = if printable {
+            b as u32
+        } else {
+            next += 1;
+            next - 1
+        };
+        table[b] = match char::from_u32(cp) {
+            Some(c) => c,
+            None => '\0',
+        };
+        b += 1;
+    }
+    table
+};
+
+pub(crate) fn byte_to_char(b: u8) -> char {
+    BYTE_TO_CHAR[usize::from(b)]
+}
+
 /// Bytes a vocabulary string decodes to. Added tokens, and any token containing U+FF5C,
 /// are emitted verbatim; BPE tokens map each code point back through the byte alphabet
 /// (code points outside it are dropped).
@@ -124,6 +150,9 @@ mod tests {
         assert_eq!(t[0x120], Some(b' '));
         assert_eq!(t[0x10A], Some(b'\n'));
         assert_eq!(t[0x143], Some(0xAD));
+        for b in 0..=255u8 {
+            assert_eq!(t[byte_to_char(b) as usize], Some(b));
+        }
     }
 
     #[test]

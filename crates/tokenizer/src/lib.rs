@@ -22,10 +22,12 @@ mod pretok;
 use std::collections::HashMap;
 
 use ds4_gguf::GgufFile;
+use tokenizers::Model;
 use tokenizers::models::bpe::{BPE, Vocab};
 
 pub use decode::StreamDecoder;
 use literal::LiteralMatcher;
+pub use pretok::{SPLIT_CJK, SPLIT_DIGITS, SPLIT_MAIN};
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp convention).
 pub mod token_type {
@@ -95,7 +97,8 @@ pub struct SpecialIds {
 }
 
 pub struct Tokenizer {
-    bpe: tokenizers::Tokenizer,
+    bpe: BPE,
+    pre: pretok::V4PreTokenizer,
     tokens: Vec<String>,
     /// Bytes each id decodes to (precomputed so decode is a concatenation).
     token_bytes: Vec<Box<[u8]>>,
@@ -219,8 +222,8 @@ impl Tokenizer {
             .vocab_and_merges(vocab, merge_pairs)
             .build()
             .map_err(|e| Error::Build(e.to_string()))?;
-        let mut bpe = tokenizers::Tokenizer::new(model);
-        bpe.with_pre_tokenizer(Some(pretok::v4_pre_tokenizer()?));
+        let bpe = model;
+        let pre = pretok::V4PreTokenizer::new()?;
 
         let token_bytes = tokens
             .iter()
@@ -244,6 +247,7 @@ impl Tokenizer {
 
         Ok(Self {
             bpe,
+            pre,
             tokens,
             token_bytes,
             by_string,
@@ -288,15 +292,18 @@ impl Tokenizer {
     }
 
     fn encode_into(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
-        if text.is_empty() {
-            return Ok(());
-        }
-        let enc = self
-            .bpe
-            .encode_fast(text, false)
-            .map_err(|e| Error::Encode(e.to_string()))?;
-        ids.extend_from_slice(enc.get_ids());
-        Ok(())
+        let mut mapped = String::new();
+        self.pre.for_each_piece(text, |piece| {
+            // Byte-level alphabet, then BPE (the model caches frequent pieces).
+            mapped.clear();
+            mapped.extend(piece.bytes().map(decode::byte_to_char));
+            let tokens = self
+                .bpe
+                .tokenize(&mapped)
+                .map_err(|e| Error::Encode(e.to_string()))?;
+            ids.extend(tokens.iter().map(|t| t.id));
+            Ok(())
+        })
     }
 
     /// Bytes of the token sequence (lossless; out-of-range ids give nothing).
