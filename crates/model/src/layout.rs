@@ -349,6 +349,21 @@ pub fn validate_layout(file: &GgufFile, cfg: &Config) -> Vec<LayoutIssue> {
             kind,
         })
     };
+    // Every layer needs at least 24 tensors; a block_count far beyond the table is
+    // reported once instead of enumerating millions of missing names.
+    let min_needed = cfg.n_layer.saturating_mul(24).saturating_add(6);
+    if min_needed > file.tensors().len().saturating_mul(2).saturating_add(64) {
+        push(
+            "(file)",
+            Severity::Error,
+            IssueKind::Rule(format!(
+                "block_count {} needs at least {min_needed} tensors, the file has {}",
+                cfg.n_layer,
+                file.tensors().len()
+            )),
+        );
+        return issues;
+    }
     let expected = expected_tensors(cfg);
     let expected_names: HashSet<&str> = expected.iter().map(|t| t.name.as_str()).collect();
     for exp in &expected {
@@ -740,6 +755,23 @@ mod tests {
         assert!(text[2].contains("hash layers (< 3)"), "{text:?}");
         assert!(text[3].contains("hash layer 1"), "{text:?}");
         let _ = cfg;
+    }
+
+    #[test]
+    fn absurd_block_count_reported_once() {
+        let cfg = Config {
+            n_layer: 1_000_000,
+            ..Config::tiny()
+        };
+        let issues = validate_layout(&tiny_file(), &cfg);
+        assert_eq!(issues.len(), 1, "{issues:#?}");
+        assert!(
+            issues[0]
+                .to_string()
+                .contains("block_count 1000000 needs at least 24000006 tensors"),
+            "{}",
+            issues[0]
+        );
     }
 
     #[test]
