@@ -10,10 +10,10 @@
 //   Q8_0: qs int8[n], d f32[n/32]
 //   Q8_K: qs int8[n], d f32[n/256], bsums int16[n/16]
 //
-// Matvec layout: one warp per output row. The warp first copies its whole weight
-// row into shared memory with coalesced 16-byte loads (all issued before any use,
-// so a row's bytes are in flight at once), then decodes blocks from shared memory.
-// Row bytes must be a multiple of 16 (true for every Flash tensor).
+// Matvec layout: warps walk output rows; a warp copies a whole weight row into
+// shared memory with coalesced 16-byte cp.async pieces (double-buffered: the next
+// row streams in while the current one is decoded), then decodes blocks from
+// shared memory. Row bytes must be a multiple of 16 (true for every Flash tensor).
 //
 // One kernel serves three shapes (blockIdx.y = slot s, token t < ntok):
 //   weights  = W + e * w_expert_stride,  e = ids ? ids[s] : s   (ids null: e = s)
@@ -332,6 +332,17 @@ __device__ const u64 IQ2XXS_GRID[256] = {
 #define TY_Q4_K 2
 #define TY_IQ2_XXS 3
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned long long sa;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Each warp walks rows r, r + stride, ... with two shared-memory row buffers:
+// the next row streams in (cp.async, 16-byte pieces, no registers) while the
+// current one is decoded, so the warp's memory pipe never idles on compute.
 template <int TY>
 __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_expert_stride,
                                          const int* __restrict__ ids, const i8* __restrict__ xq,
@@ -340,13 +351,12 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
                                          float* __restrict__ y) {
     extern __shared__ uint4 smem[];
     __shared__ u64 grid_s[TY == TY_IQ2_XXS ? 256 : 1];
-    if (TY == TY_IQ2_XXS) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_s[i] = IQ2XXS_GRID[i];
-        __syncthreads();
-    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = blockIdx.x * MV_WARPS + warp;
-    if (r >= rows) return;
+    u64 g0 = 0, g1 = 0;
+    if (TY == TY_IQ2_XXS) {  // in flight together with the first row
+        g0 = IQ2XXS_GRID[threadIdx.x & 255];
+        g1 = IQ2XXS_GRID[(threadIdx.x + 128) & 255];
+    }
     const int slot = blockIdx.y;
     const int e = ids ? ids[slot] : slot;
 
@@ -358,43 +368,52 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
     const int nblk = K / blk_elems;
     const int row_bytes = nblk * blk_bytes;
     const int n16 = row_bytes >> 4;
+    const u8* base = W + (long long)e * w_expert_stride;
+    uint4* bufs = smem + warp * 2 * n16;
+    const int rstep = gridDim.x * MV_WARPS;
+    int r = blockIdx.x * MV_WARPS + warp;
 
-    const u8* src = W + (long long)e * w_expert_stride + (long long)r * row_bytes;
-    uint4* dst = smem + warp * n16;
-    // All of a row's loads are issued before the first shared-memory store.
-    constexpr int BATCH = 8;
-    for (int base = 0; base < n16; base += 32 * BATCH) {
-        uint4 v[BATCH];
-#pragma unroll
-        for (int i = 0; i < BATCH; i++) {
-            const int k = base + i * 32 + lane;
-            if (k < n16) v[i] = ld_stream16((const uint4*)src + k);
-        }
-#pragma unroll
-        for (int i = 0; i < BATCH; i++) {
-            const int k = base + i * 32 + lane;
-            if (k < n16) dst[k] = v[i];
-        }
+    if (r < rows) {
+        const uint4* src = (const uint4*)(base + (long long)r * row_bytes);
+        for (int i = lane; i < n16; i += 32) cp_async16(bufs + i, src + i);
     }
-    __syncwarp();
-    const u8* row = (const u8*)dst;
+    cp_async_commit();
+    if (TY == TY_IQ2_XXS) {
+        if (threadIdx.x < 128) { grid_s[threadIdx.x] = g0; grid_s[threadIdx.x + 128] = g1; }
+        __syncthreads();
+    }
     const int nunits = nblk * units_per_blk;
     const int sblk = K / (TY == TY_Q8_0 ? 32 : 256);
-    for (int t = 0; t < ntok; t++) {
-        const long long arow = (long long)(slot / x_group) * ntok + t;
-        ActQ a;
-        a.qs = xq + arow * K;
-        a.d = xd + arow * sblk;
-        a.bsums = xbs ? xbs + arow * (K / 16) : 0;
-        float acc = 0.0f;
-        for (int u = lane; u < nunits; u += 32) {
-            if (TY == TY_Q8_0) acc += unit_q8_0(row, u, a);
-            else if (TY == TY_Q2_K) acc += unit_q2_k(row, u, a);
-            else if (TY == TY_Q4_K) acc += unit_q4_k(row, u, a);
-            else acc += unit_iq2_xxs(row, u, a, grid_s);
+    int cur = 0;
+    for (; r < rows; r += rstep) {
+        const int rn = r + rstep;
+        if (rn < rows) {
+            const uint4* src = (const uint4*)(base + (long long)rn * row_bytes);
+            uint4* dst = bufs + (cur ^ 1) * n16;
+            for (int i = lane; i < n16; i += 32) cp_async16(dst + i, src + i);
         }
-        acc = warp_sum(acc);
-        if (lane == 0) y[((long long)slot * ntok + t) * rows + r] = acc;
+        cp_async_commit();
+        cp_async_wait_1();  // this lane's pieces of row r have landed
+        __syncwarp();       // ... and every other lane's
+        const u8* row = (const u8*)(bufs + cur * n16);
+        for (int t = 0; t < ntok; t++) {
+            const long long arow = (long long)(slot / x_group) * ntok + t;
+            ActQ a;
+            a.qs = xq + arow * K;
+            a.d = xd + arow * sblk;
+            a.bsums = xbs ? xbs + arow * (K / 16) : 0;
+            float acc = 0.0f;
+            for (int u = lane; u < nunits; u += 32) {
+                if (TY == TY_Q8_0) acc += unit_q8_0(row, u, a);
+                else if (TY == TY_Q2_K) acc += unit_q2_k(row, u, a);
+                else if (TY == TY_Q4_K) acc += unit_q4_k(row, u, a);
+                else acc += unit_iq2_xxs(row, u, a, grid_s);
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) y[((long long)slot * ntok + t) * rows + r] = acc;
+        }
+        __syncwarp();  // all lanes are done with this buffer before it is refilled
+        cur ^= 1;
     }
 }
 

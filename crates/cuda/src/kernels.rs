@@ -19,8 +19,13 @@ const MV_WARPS: usize = 4;
 const F16_THREADS: usize = 128;
 /// Largest K of the F16 kernel (`F16_THREADS * 8 * F16_MAX_CHUNKS`).
 const F16_MAX_K: usize = 16384;
-/// Dynamic shared memory a block may use without opt-in.
-const SMEM_LIMIT: usize = 48 * 1024;
+/// Dynamic shared memory the matvec kernels opt in to (two row buffers per
+/// warp: Q8_0 rows of K = 8192 need 4 · 2 · 8704 bytes).
+const SMEM_LIMIT: usize = 96 * 1024;
+/// Shared memory per SM the grid sizing assumes is usable (H100: 228 KB).
+const SMEM_PER_SM: usize = 200 * 1024;
+/// Most resident blocks of 128 threads per SM (2048 threads).
+const MAX_BLOCKS_PER_SM: usize = 16;
 
 /// A device allocation (bytes) and its address.
 pub struct DevBuf {
@@ -159,6 +164,7 @@ pub struct Matvec<'a> {
 /// Loaded kernel functions.
 pub struct Kernels {
     stream: Arc<CudaStream>,
+    sm_count: usize,
     quant_act_q8_0: CudaFunction,
     quant_act_q8_k: CudaFunction,
     mv_q8_0: CudaFunction,
@@ -183,14 +189,23 @@ impl Kernels {
         let src: &KernelSource = &compile::MATVEC;
         let m = compile::load_module(&rt.ctx, src, &arch, rt.nvrtc_version)?;
         let f = |name: &str| m.load_function(name);
+        let mv = |name: &str| -> Result<CudaFunction> {
+            let func = m.load_function(name)?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                SMEM_LIMIT as i32,
+            )?;
+            Ok(func)
+        };
         Ok(Self {
             stream: rt.stream.clone(),
+            sm_count: rt.device.multiprocessors.max(1) as usize,
             quant_act_q8_0: f("quant_act_q8_0")?,
             quant_act_q8_k: f("quant_act_q8_k")?,
-            mv_q8_0: f("mv_q8_0")?,
-            mv_q2_k: f("mv_q2_k")?,
-            mv_q4_k: f("mv_q4_k")?,
-            mv_iq2_xxs: f("mv_iq2_xxs")?,
+            mv_q8_0: mv("mv_q8_0")?,
+            mv_q2_k: mv("mv_q2_k")?,
+            mv_q4_k: mv("mv_q4_k")?,
+            mv_iq2_xxs: mv("mv_iq2_xxs")?,
             mv_f16: f("mv_f16")?,
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
@@ -310,7 +325,7 @@ impl Kernels {
                 m.k
             )));
         }
-        let smem = MV_WARPS * rb;
+        let smem = MV_WARPS * 2 * rb;
         if smem > SMEM_LIMIT {
             return Err(shape_err(format!(
                 "{} row of {} elements needs {smem} bytes of shared memory",
@@ -318,8 +333,12 @@ impl Kernels {
                 m.k
             )));
         }
+        // Enough blocks to fill the GPU once; warps then walk the remaining rows.
+        let per_sm = (SMEM_PER_SM / smem).clamp(1, MAX_BLOCKS_PER_SM);
+        let fill = (self.sm_count * per_sm).div_ceil(m.slots);
+        let blocks_x = m.rows.div_ceil(MV_WARPS).min(fill.max(1));
         let cfg = LaunchConfig {
-            grid_dim: (m.rows.div_ceil(MV_WARPS) as u32, m.slots as u32, 1),
+            grid_dim: (blocks_x as u32, m.slots as u32, 1),
             block_dim: ((MV_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
