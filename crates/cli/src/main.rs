@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Answer one prompt, streamed (reasoning dimmed, then the answer).
+    Run(cmd::run::Args),
+    /// Interactive multi-turn chat that keeps the KV state between turns.
+    Chat(cmd::chat::Args),
     /// Convert a Hugging Face DeepseekV4 checkpoint to a ds4 Flash GGUF.
     Convert(cmd::convert::Args),
     /// Render a chat request (official DeepSeek V4 encoder) to the prompt text on stdout.
@@ -36,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => cmd::run::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::RenderChat(args) => cmd::render_chat::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),

@@ -4,3 +4,5 @@ pub mod convert;
 pub mod logits;
 pub mod inspect;
 pub mod serve;
+pub mod run;
+pub mod chat;

@@ -1,0 +1,281 @@
+//! The model-backed generator: one live session that every request tries to extend,
+//! prefill with progress, sampling, and lazy feeding of sampled tokens.
+//!
+//! Prefix reuse: a new prompt that starts with the live session's tokens is served by
+//! feeding only the new suffix. A prompt that diverges rewinds the session to the common
+//! prefix first (exact; see `Session::rewind`).
+//!
+//! A sampled token is fed into the KV state only when generation continues past it, so
+//! the last token of a reply (stop sequence, end of a tool block) never has to be rewound
+//! when the next prompt renders the history slightly differently.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ds4_cpu::CpuBackend;
+use ds4_gguf::GgufFile;
+use ds4_model::config::Config;
+use ds4_model::sampler::{Sampler, SamplerConfig, argmax, time_seed};
+use ds4_model::{ForwardOptions, Model, Session};
+use ds4_tokenizer::Tokenizer;
+
+use crate::request::{
+    Directive, EngineFinish, GenerationEvent, GenerationRequest, SamplingParams, TextCodec, Usage,
+};
+use crate::worker::{GenerateError, Generator, Outcome};
+
+/// Errors while loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot open model {path}: {source}")]
+    Open {
+        path: String,
+        source: ds4_gguf::Error,
+    },
+    #[error("model metadata: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("session: {0}")]
+    Session(String),
+}
+
+/// A model file loaded for the whole life of the process: mapping, config, the model
+/// bound to its backend, and the tokenizer.
+pub struct LoadedModel {
+    pub config: Config,
+    pub model: &'static Model<'static, CpuBackend>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub file_bytes: u64,
+}
+
+impl LoadedModel {
+    /// Maps `path`, validates its metadata and binds the weights (zero-copy).
+    ///
+    /// The mapping and the bound model are leaked on purpose: they live as long as the
+    /// process, and a `'static` borrow lets sessions be stored next to them in a worker.
+    pub fn load(path: &Path, options: ForwardOptions) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path).map_err(|source| LoadError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let file_bytes = file.bytes().len() as u64;
+        let file: &'static GgufFile = Box::leak(Box::new(file));
+        let config = Config::from_gguf(file).map_err(|e| LoadError::Config(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_gguf(file).map_err(|e| LoadError::Tokenizer(e.to_string()))?;
+        let shape = config.shape();
+        if tokenizer.vocab_size() > shape.vocab {
+            return Err(LoadError::Tokenizer(format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                shape.vocab
+            )));
+        }
+        let model = Model::new(CpuBackend::new(&shape), shape, file, options)
+            .map_err(|e| LoadError::Weights(e.to_string()))?;
+        let model: &'static Model<'static, CpuBackend> = Box::leak(Box::new(model));
+        Ok(Self {
+            config,
+            model,
+            tokenizer: Arc::new(tokenizer),
+            file_bytes,
+        })
+    }
+
+    /// Bytes a session of `ctx` tokens allocates for its KV state.
+    pub fn kv_bytes(&self, ctx: usize) -> usize {
+        ds4_model::HostKv::estimate_bytes(&self.model.shape, ctx)
+    }
+}
+
+/// [`TextCodec`] over the real tokenizer: rendered chat text recognises special tokens.
+pub struct TokenizerCodec(pub Arc<Tokenizer>);
+
+impl TextCodec for TokenizerCodec {
+    fn encode_rendered(&self, text: &str) -> Vec<u32> {
+        // Encoding cannot fail on valid UTF-8 with this tokenizer; an error would mean a
+        // broken vocabulary, which loading already rejected.
+        self.0.encode(text, true).unwrap_or_default()
+    }
+    fn decode_token(&self, id: u32) -> Vec<u8> {
+        self.0.token_bytes(id).to_vec()
+    }
+    fn name(&self) -> &str {
+        "gguf"
+    }
+}
+
+/// Serves generation requests from one live session.
+pub struct ModelGenerator {
+    session: Session<'static, 'static, CpuBackend>,
+    tokenizer: Arc<Tokenizer>,
+    sampler: Sampler,
+    chunk: usize,
+    eos: u32,
+}
+
+impl ModelGenerator {
+    /// A generator with a session of `ctx` tokens, prefilling `chunk` tokens at a time.
+    pub fn new(loaded: &LoadedModel, ctx: usize, chunk: usize) -> Result<Self, LoadError> {
+        let session = Session::new(loaded.model, ctx.max(1), chunk.max(1))
+            .map_err(|e| LoadError::Session(e.to_string()))?;
+        Ok(Self {
+            session,
+            tokenizer: Arc::clone(&loaded.tokenizer),
+            sampler: Sampler::new(SamplerConfig::default()),
+            chunk: chunk.max(1),
+            eos: loaded.tokenizer.eos(),
+        })
+    }
+
+    /// Tokens currently held by the live session.
+    pub fn session_tokens(&self) -> &[u32] {
+        self.session.tokens()
+    }
+
+    /// Brings the live session to exactly `prompt`, reusing the longest common prefix.
+    /// Returns how many prompt tokens were already in the session.
+    fn sync_prompt(
+        &mut self,
+        prompt: &[u32],
+        req: &GenerationRequest,
+        emit: &mut dyn FnMut(GenerationEvent) -> Directive,
+    ) -> Result<Option<usize>, GenerateError> {
+        let live = self.session.tokens();
+        let mut common = live.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // The last prompt token must be fed to produce its logits; keep one back if the
+        // session already holds the whole prompt but has no logits for it.
+        if common == prompt.len() && (common != live.len() || self.session.last_logits().is_empty())
+        {
+            common = common.saturating_sub(1);
+        }
+        if common < live.len() {
+            tracing::debug!(from = live.len(), to = common, "rewinding live session");
+            self.session
+                .rewind(common)
+                .map_err(|e| GenerateError(e.to_string()))?;
+        }
+        let total = prompt.len() as u32;
+        let rest = &prompt[common..];
+        for piece in rest.chunks(self.chunk) {
+            if req.cancel.is_cancelled() {
+                return Ok(None);
+            }
+            self.session
+                .feed(piece, self.chunk, None)
+                .map_err(|e| GenerateError(e.to_string()))?;
+            let done = self.session.n_tokens() as u32;
+            if done < total && emit(GenerationEvent::Prefill { done, total }) == Directive::Stop {
+                return Ok(None);
+            }
+        }
+        Ok(Some(common))
+    }
+}
+
+fn sampler_config(p: &SamplingParams) -> SamplerConfig {
+    SamplerConfig {
+        temperature: p.temperature,
+        top_k: i32::try_from(p.top_k).unwrap_or(i32::MAX),
+        top_p: p.top_p,
+        min_p: p.min_p,
+        seed: p.seed.unwrap_or_else(|| time_seed(0)),
+    }
+}
+
+impl Generator for ModelGenerator {
+    fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        emit: &mut dyn FnMut(GenerationEvent) -> Directive,
+    ) -> Result<Outcome, GenerateError> {
+        let prompt = &req.prompt_tokens;
+        if prompt.is_empty() {
+            return Err(GenerateError("empty prompt".into()));
+        }
+        let ctx = self.session.ctx();
+        if prompt.len() > ctx {
+            return Err(GenerateError(format!(
+                "prompt of {} tokens does not fit the context of {ctx} tokens",
+                prompt.len()
+            )));
+        }
+        let mut usage = Usage {
+            prompt_tokens: prompt.len() as u32,
+            ..Usage::default()
+        };
+        let Some(cached) = self.sync_prompt(prompt, req, emit)? else {
+            return Ok(Outcome {
+                finish: EngineFinish::Cancelled,
+                usage,
+            });
+        };
+        usage.cached_tokens = cached as u32;
+        if emit(GenerationEvent::Started {
+            prompt_tokens: usage.prompt_tokens,
+            cached_tokens: usage.cached_tokens,
+        }) == Directive::Stop
+        {
+            return Ok(Outcome {
+                finish: EngineFinish::Stopped,
+                usage,
+            });
+        }
+        self.sampler.set_config(sampler_config(&req.sampling));
+        let mut greedy_next = false;
+        loop {
+            if req.cancel.is_cancelled() {
+                return Ok(Outcome {
+                    finish: EngineFinish::Cancelled,
+                    usage,
+                });
+            }
+            if req.max_tokens == 0 {
+                return Ok(Outcome {
+                    finish: EngineFinish::Length,
+                    usage,
+                });
+            }
+            let logits = self.session.last_logits();
+            let token = if greedy_next && req.greedy_dsml {
+                argmax(logits)
+            } else {
+                self.sampler.sample(logits)
+            };
+            if token == self.eos {
+                return Ok(Outcome {
+                    finish: EngineFinish::Eos,
+                    usage,
+                });
+            }
+            usage.completion_tokens += 1;
+            let bytes = self.tokenizer.token_bytes(token).to_vec();
+            match emit(GenerationEvent::Token { id: token, bytes }) {
+                Directive::Stop => {
+                    return Ok(Outcome {
+                        finish: EngineFinish::Stopped,
+                        usage,
+                    });
+                }
+                Directive::ContinueGreedy => greedy_next = true,
+                Directive::Continue => greedy_next = false,
+            }
+            if usage.completion_tokens >= req.max_tokens || self.session.n_tokens() >= ctx {
+                return Ok(Outcome {
+                    finish: EngineFinish::Length,
+                    usage,
+                });
+            }
+            self.session
+                .decode(token)
+                .map_err(|e| GenerateError(e.to_string()))?;
+        }
+    }
+
+    fn context_size(&self) -> u32 {
+        u32::try_from(self.session.ctx()).unwrap_or(u32::MAX)
+    }
+}
