@@ -24,6 +24,8 @@ enum Command {
     RenderChat(cmd::render_chat::Args),
     /// Show a GGUF file's header, metadata and tensors; validate deepseek4 files.
     Inspect(cmd::inspect::Args),
+    /// Token ids of a text as a JSON array (vocabulary from a GGUF file).
+    Tokenize(cmd::tokenize::Args),
     /// Logits of every position of a token sequence (little-endian f32 [n × vocab]).
     Logits(cmd::logits::Args),
     /// OpenAI- and Anthropic-compatible HTTP server.
@@ -45,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Command::Convert(args) => cmd::convert::run(args),
         Command::RenderChat(args) => cmd::render_chat::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Tokenize(args) => cmd::tokenize::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Serve(args) => cmd::serve::run(args),
     }

@@ -2,6 +2,7 @@
 pub mod render_chat;
 pub mod convert;
 pub mod logits;
+pub mod tokenize;
 pub mod inspect;
 pub mod serve;
 pub mod run;
