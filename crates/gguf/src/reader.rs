@@ -370,7 +370,7 @@ fn read_value(cur: &mut Cursor<'_>, ty: ValueType, key: &str, depth: usize) -> R
             let item_type = read_value_type(cur, key, "array item type")?;
             let len = cur.u64("array length")?;
             cur.check_count("array item", len, item_type.min_encoded_size())?;
-            let mut items = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            let mut items = Vec::with_capacity(preallocation(len));
             for _ in 0..len {
                 items.push(read_value(cur, item_type, key, depth + 1)?);
             }
@@ -387,6 +387,13 @@ fn read_value_type(cur: &mut Cursor<'_>, key: &str, what: &'static str) -> Resul
         type_id,
         offset,
     })
+}
+
+/// Capacity to reserve for `count` items read from the file. Counts are checked against
+/// the bytes left, but one byte of a large mapped file can become a 32-byte `Value`, so
+/// only a bounded amount is reserved up front; honest large tables grow as they parse.
+fn preallocation(count: u64) -> usize {
+    usize::try_from(count.min(1 << 16)).unwrap_or(0)
 }
 
 /// Smallest tensor info entry: name length, n_dims, one dim, type, offset.
@@ -408,7 +415,7 @@ fn parse_layout(buf: &[u8]) -> Result<Parsed> {
     let n_kv = cur.u64("metadata count")?;
     cur.check_count("metadata", n_kv, MIN_KV)?;
 
-    let mut metadata = Vec::with_capacity(usize::try_from(n_kv).unwrap_or(0));
+    let mut metadata = Vec::with_capacity(preallocation(n_kv));
     let mut key_index = HashMap::with_capacity(metadata.capacity());
     for i in 0..n_kv {
         let key = cur
@@ -434,7 +441,7 @@ fn parse_layout(buf: &[u8]) -> Result<Parsed> {
     };
 
     cur.check_count("tensor", n_tensors, MIN_TENSOR_INFO)?;
-    let mut tensors = Vec::with_capacity(usize::try_from(n_tensors).unwrap_or(0));
+    let mut tensors = Vec::with_capacity(preallocation(n_tensors));
     let mut tensor_index = HashMap::with_capacity(tensors.capacity());
     // Relative offsets until the data section start is known.
     let mut relative = Vec::with_capacity(tensors.capacity());
