@@ -30,6 +30,10 @@ enum Command {
     Logits(cmd::logits::Args),
     /// OpenAI- and Anthropic-compatible HTTP server.
     Serve(cmd::serve::Args),
+    /// GPU-vs-CPU parity checks of every CUDA kernel (named tolerances).
+    Selftest(cmd::selftest::Args),
+    /// Decode-speed benchmark on the GPU (`--synthetic q2|q4`: no model file needed).
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::Tokenize(args) => cmd::tokenize::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Selftest(args) => cmd::selftest::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     }
 }

@@ -5,5 +5,7 @@ pub mod logits;
 pub mod tokenize;
 pub mod inspect;
 pub mod serve;
+pub mod selftest;
+pub mod bench;
 pub mod run;
 pub mod chat;
