@@ -169,6 +169,47 @@ fn convert_input(f: &Fields<'_>, items: &[Value], out: &mut Vec<Message>) -> Api
                     .map(str::to_string);
                 out.push(msg);
             }
+            // Hosted-tool calls and their outputs (local_shell_call, web_search_call, …).
+            other if other.ends_with("_call_output") || other.ends_with("_output") => {
+                let content = ["output", "result"]
+                    .iter()
+                    .find_map(|k| obj.get(*k).filter(|v| !v.is_null()))
+                    .map_or(String::new(), |v| {
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    });
+                let mut msg = Message::new("tool", &content);
+                msg.tool_call_id = obj
+                    .get("call_id")
+                    .or_else(|| obj.get("id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                out.push(msg);
+            }
+            other if other.ends_with("_call") => {
+                let name = other.strip_suffix("_call").unwrap_or(other);
+                let arguments = ["action", "arguments", "input"]
+                    .iter()
+                    .find_map(|k| obj.get(*k).filter(|v| !v.is_null()))
+                    .map_or_else(
+                        || "{}".to_string(),
+                        |v| v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                    );
+                let id = obj
+                    .get("call_id")
+                    .or_else(|| obj.get("id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                let call = ToolCall {
+                    id,
+                    kind: Some("function".into()),
+                    function: FunctionCall {
+                        name: name.to_string(),
+                        arguments: Value::String(arguments),
+                        id: None,
+                    },
+                };
+                push_call(out, &mut reasoning, call);
+            }
             // Bookkeeping items that carry nothing the model needs.
             "compaction" | "context_compaction" | "item_reference" => {}
             other => return Err(bad(format!("input[{i}]: unsupported item type '{other}'"))),

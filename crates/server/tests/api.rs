@@ -386,6 +386,24 @@ async fn responses_api_streaming_and_plain() {
     )
     .await;
     assert_eq!(r.status, 400);
+    // A Codex-style replay: reasoning item, function call, its output, hosted-tool items.
+    let v = post(s.addr, "/v1/responses", &json!({"input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "rules"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "please list files"}]},
+        {"type": "reasoning", "summary": [], "encrypted_content": "opaque"},
+        {"type": "function_call", "call_id": "call_1", "name": "list_files", "arguments": "{\"path\":\".\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "a.txt"},
+        {"type": "local_shell_call", "call_id": "call_2", "action": {"command": ["ls"]}},
+        {"type": "local_shell_call_output", "call_id": "call_2", "output": "b.txt"},
+        {"type": "message", "role": "user", "content": "thanks"}]})).await;
+    assert_eq!(v.status, 200, "{}", v.text());
+    let r = post(
+        s.addr,
+        "/v1/responses",
+        &json!({"input": [{"type": "bogus"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
 }
 
 #[tokio::test]
