@@ -391,3 +391,60 @@ fn int_array(v: &ds4_gguf::Value) -> Option<Vec<i32>> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tiny_tokens() -> Vec<String> {
+        let mut t: Vec<String> = names::CHAT_SPECIALS.iter().map(|s| s.to_string()).collect();
+        t.extend(["a", "b", "ab", "Ġ"].map(String::from));
+        t
+    }
+
+    fn tiny_types() -> Vec<i32> {
+        let mut t = vec![token_type::CONTROL, token_type::CONTROL];
+        t.extend([token_type::USER_DEFINED; 5]);
+        t.extend([token_type::NORMAL; 4]);
+        t
+    }
+
+    #[test]
+    fn tiny_vocab_from_parts() {
+        let tok = Tokenizer::from_parts(
+            tiny_tokens(),
+            vec!["a b".into()],
+            Some(tiny_types()),
+            Some("joyai-llm"),
+        )
+        .unwrap();
+        assert_eq!(tok.encode("abab", false).unwrap(), vec![9, 9]);
+        assert_eq!(tok.encode("a<think>ab", true).unwrap(), vec![7, 4, 9]);
+        assert_eq!(tok.encode("ab ab", false).unwrap(), vec![9, 10, 9]);
+        assert_eq!(tok.decode(&[9, 10, 4, 9]), b"ab <think>ab");
+        assert_eq!(tok.specials().dsml, 6);
+        // Unknown `pre` only warns; no token types falls back to the U+FF5C rule.
+        let tok =
+            Tokenizer::from_parts(tiny_tokens(), vec!["a b".into()], None, Some("gpt2")).unwrap();
+        assert!(tok.is_added(2) && tok.is_added(4) && !tok.is_added(9));
+    }
+
+    #[test]
+    fn bad_metadata_is_a_clear_error() {
+        let err = Tokenizer::from_parts(tiny_tokens(), vec!["ab".into()], None, None);
+        assert!(matches!(err, Err(Error::BadMerge { index: 0, .. })));
+        let err = Tokenizer::from_parts(tiny_tokens(), vec!["a c".into()], None, None);
+        assert!(matches!(err, Err(Error::Build(_))));
+        let err = Tokenizer::from_parts(tiny_tokens(), vec![], Some(vec![1; 3]), None);
+        assert!(matches!(err, Err(Error::Metadata(_))));
+        let mut tokens = tiny_tokens();
+        tokens.remove(6);
+        let err = Tokenizer::from_parts(tokens, vec![], None, None);
+        assert!(matches!(err, Err(Error::MissingToken("｜DSML｜"))));
+        assert!(matches!(
+            Tokenizer::from_parts(vec![], vec![], None, None),
+            Err(Error::Metadata(_))
+        ));
+    }
+}
