@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use ds4_engine::live::{LoadedModel, ModelGenerator, TokenizerCodec};
 use ds4_engine::request::TextCodec;
 use ds4_engine::scripted::{ByteCodec, Script, ScriptedGenerator};
 use ds4_engine::worker::WorkerHandle;
@@ -26,9 +27,15 @@ pub struct Args {
     /// Port to bind (0 = any free port; the bound address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Context size in tokens.
+    /// Context size in tokens (default 32768 with a model; the KV state is allocated up front).
     #[arg(long)]
     pub ctx: Option<u32>,
+    /// Prefill chunk size in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// The official FP8 KV / FP4 indexer activation rounding.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub official_rounding: String,
     /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`
     /// (default: the DS4_API_KEY environment variable, if set).
     #[arg(long)]
@@ -50,6 +57,9 @@ pub struct Args {
     pub max_body_mib: usize,
 }
 
+/// Context when `--ctx` is not given.
+const DEFAULT_CTX: usize = 32_768;
+
 fn bind_ip(host: &str) -> anyhow::Result<IpAddr> {
     if host == "localhost" {
         return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -59,28 +69,42 @@ fn bind_ip(host: &str) -> anyhow::Result<IpAddr> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (generator, codec): (Box<dyn ds4_engine::worker::Generator>, Arc<dyn TextCodec>) = match (
-        &args.scripted,
-        &args.model,
-    ) {
-        (Some(path), _) => {
-            let mut script = Script::from_file(path)?;
-            if let Some(ctx) = args.ctx {
-                script.context = ctx.max(2);
+    let (generator, codec): (Box<dyn ds4_engine::worker::Generator>, Arc<dyn TextCodec>) =
+        match (&args.scripted, &args.model) {
+            (Some(path), _) => {
+                let mut script = Script::from_file(path)?;
+                if let Some(ctx) = args.ctx {
+                    script.context = ctx.max(2);
+                }
+                let codec: Arc<dyn TextCodec> = Arc::new(ByteCodec);
+                (
+                    Box::new(ScriptedGenerator::new(script, Arc::clone(&codec))),
+                    codec,
+                )
             }
-            let codec: Arc<dyn TextCodec> = Arc::new(ByteCodec);
-            (
-                Box::new(ScriptedGenerator::new(script, Arc::clone(&codec))),
-                codec,
-            )
-        }
-        (None, Some(model)) => bail!(
-            "serving a model ({}) is not available yet: the model-backed generator is not connected to \
-                 `ds4 serve`; use --scripted FILE for client testing",
-            model.display()
-        ),
-        (None, None) => bail!("give a model with -m FILE (or --scripted FILE for client testing)"),
-    };
+            (None, Some(model)) => {
+                let options = ds4_model::ForwardOptions {
+                    official_rounding: args.official_rounding == "on",
+                };
+                let loaded = LoadedModel::load(model, options)
+                    .with_context(|| format!("loading {}", model.display()))?;
+                let ctx = args.ctx.map_or(DEFAULT_CTX, |c| c.max(2) as usize);
+                tracing::info!(
+                    model = %model.display(),
+                    layers = loaded.config.n_layer,
+                    ctx,
+                    kv_mib = loaded.kv_bytes(ctx) as f64 / f64::from(1 << 20),
+                    "model loaded (CPU backend)"
+                );
+                let generator = ModelGenerator::new(&loaded, ctx, args.chunk)?;
+                let codec: Arc<dyn TextCodec> =
+                    Arc::new(TokenizerCodec(Arc::clone(&loaded.tokenizer)));
+                (Box::new(generator), codec)
+            }
+            (None, None) => {
+                bail!("give a model with -m FILE (or --scripted FILE for client testing)")
+            }
+        };
     let worker = WorkerHandle::spawn(generator)?;
     let config = ServerConfig {
         api_key: args
