@@ -16,7 +16,11 @@ fn render_file(path: &std::path::Path) -> Vec<u8> {
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -59,7 +63,10 @@ fn reads_stdin_with_dash() {
     child.stdin.take().unwrap().write_all(&input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(out.stdout, std::fs::read(dir.join("test_output_2.txt")).unwrap());
+    assert_eq!(
+        out.stdout,
+        std::fs::read(dir.join("test_output_2.txt")).unwrap()
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ds4_cpu::CpuBackend;
 use ds4_model::{ForwardOptions, Model, Session};
 
@@ -13,7 +13,13 @@ fn bench(c: &mut Criterion) {
     for name in ["tiny-a", "tiny-b"] {
         let (shape, tensors) = common::load_hf(name);
         let (tokens, _) = common::load_seq(name, "text");
-        let model = Model::new(CpuBackend::new(&shape), shape.clone(), &tensors, ForwardOptions::default()).unwrap();
+        let model = Model::new(
+            CpuBackend::new(&shape),
+            shape.clone(),
+            &tensors,
+            ForwardOptions::default(),
+        )
+        .unwrap();
         let n = tokens.len();
         let mut g = c.benchmark_group(name);
         g.sample_size(10);

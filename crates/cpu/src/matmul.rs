@@ -9,7 +9,7 @@ use ds4_gguf::GgmlType;
 use ds4_model::weights::TensorView;
 use ds4_model::{Error, Result};
 use ds4_quant::{
-    cast_blocks, ActQ8_0, BlockIQ2XXS, BlockQ2K, BlockQ4K, BlockQ8K, BlockQ8_0, QK8_0, QK_K,
+    ActQ8_0, BlockIQ2XXS, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, QK_K, QK8_0, cast_blocks,
 };
 use rayon::prelude::*;
 
@@ -28,7 +28,9 @@ pub(crate) fn act_kind(ty: GgmlType) -> Result<ActKind> {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Ok(ActKind::F32),
         GgmlType::Q8_0 => Ok(ActKind::Q8_0),
         GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => Ok(ActKind::Q8K),
-        other => Err(Error::Backend(format!("weight type {other:?} is not supported by the CPU backend"))),
+        other => Err(Error::Backend(format!(
+            "weight type {other:?} is not supported by the CPU backend"
+        ))),
     }
 }
 
@@ -55,18 +57,37 @@ fn qerr(e: ds4_quant::Error) -> Error {
 
 impl QBuf {
     /// Quantises `n` rows (`x[i][off..off+k]`) for `kind`; returns blocks per row.
-    pub(crate) fn quantize_rows(&mut self, kind: ActKind, x: &Mat, off: usize, k: usize, n: usize) -> Result<usize> {
+    pub(crate) fn quantize_rows(
+        &mut self,
+        kind: ActKind,
+        x: &Mat,
+        off: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<usize> {
         match kind {
             ActKind::F32 => Ok(0),
             ActKind::Q8_0 => {
                 let bpr = k.div_ceil(QK8_0);
                 if self.q8_0.len() < n * bpr {
-                    self.q8_0.resize(n * bpr, ActQ8_0 { d: 0.0, qs: [0; QK8_0] });
+                    self.q8_0.resize(
+                        n * bpr,
+                        ActQ8_0 {
+                            d: 0.0,
+                            qs: [0; QK8_0],
+                        },
+                    );
                 }
-                self.q8_0[..n * bpr].par_chunks_mut(bpr).enumerate().try_for_each(|(i, out)| {
-                    ds4_quant::quantize_act_q8_0_into(&x.data[i * x.cols + off..i * x.cols + off + k], out)
+                self.q8_0[..n * bpr]
+                    .par_chunks_mut(bpr)
+                    .enumerate()
+                    .try_for_each(|(i, out)| {
+                        ds4_quant::quantize_act_q8_0_into(
+                            &x.data[i * x.cols + off..i * x.cols + off + k],
+                            out,
+                        )
                         .map_err(qerr)
-                })?;
+                    })?;
                 Ok(bpr)
             }
             ActKind::Q8K => {
@@ -74,10 +95,16 @@ impl QBuf {
                 if self.q8k.len() < n * bpr {
                     self.q8k.resize(n * bpr, bytemuck::Zeroable::zeroed());
                 }
-                self.q8k[..n * bpr].par_chunks_mut(bpr).enumerate().try_for_each(|(i, out)| {
-                    ds4_quant::quantize_act_q8_k_into(&x.data[i * x.cols + off..i * x.cols + off + k], out)
+                self.q8k[..n * bpr]
+                    .par_chunks_mut(bpr)
+                    .enumerate()
+                    .try_for_each(|(i, out)| {
+                        ds4_quant::quantize_act_q8_k_into(
+                            &x.data[i * x.cols + off..i * x.cols + off + k],
+                            out,
+                        )
                         .map_err(qerr)
-                })?;
+                    })?;
                 Ok(bpr)
             }
         }
@@ -89,7 +116,13 @@ impl QBuf {
             ActKind::F32 => Ok(()),
             ActKind::Q8_0 => {
                 let b = x.len().div_ceil(QK8_0);
-                self.q8_0.resize(b, ActQ8_0 { d: 0.0, qs: [0; QK8_0] });
+                self.q8_0.resize(
+                    b,
+                    ActQ8_0 {
+                        d: 0.0,
+                        qs: [0; QK8_0],
+                    },
+                );
                 ds4_quant::quantize_act_q8_0_into(x, &mut self.q8_0[..b]).map_err(qerr)
             }
             ActKind::Q8K => {
@@ -113,7 +146,10 @@ impl QBuf {
 pub(crate) fn decode_float_row(ty: GgmlType, src: &[u8], out: &mut [f32]) -> Result<()> {
     let need = out.len() * if ty == GgmlType::F32 { 4 } else { 2 };
     if src.len() < need {
-        return Err(Error::Backend(format!("row of {} bytes, need {need}", src.len())));
+        return Err(Error::Backend(format!(
+            "row of {} bytes, need {need}",
+            src.len()
+        )));
     }
     match ty {
         GgmlType::F32 => {
@@ -142,14 +178,22 @@ fn dot_float(ty: GgmlType, row: &[u8], x: &[f32]) -> Result<f32> {
             if let Ok(w) = bytemuck::try_cast_slice::<u8, f32>(row) {
                 Ok(ds4_quant::dot_f32(w, x))
             } else {
-                Ok(row.chunks_exact(4).zip(x).map(|(c, b)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * b).sum())
+                Ok(row
+                    .chunks_exact(4)
+                    .zip(x)
+                    .map(|(c, b)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * b)
+                    .sum())
             }
         }
         GgmlType::F16 => {
             if let Ok(w) = bytemuck::try_cast_slice::<u8, half::f16>(row) {
                 Ok(ds4_quant::dot_f16_f32(w, x))
             } else {
-                Ok(row.chunks_exact(2).zip(x).map(|(c, b)| half::f16::from_le_bytes([c[0], c[1]]).to_f32() * b).sum())
+                Ok(row
+                    .chunks_exact(2)
+                    .zip(x)
+                    .map(|(c, b)| half::f16::from_le_bytes([c[0], c[1]]).to_f32() * b)
+                    .sum())
             }
         }
         GgmlType::BF16 => Ok(row
@@ -157,20 +201,34 @@ fn dot_float(ty: GgmlType, row: &[u8], x: &[f32]) -> Result<f32> {
             .zip(x)
             .map(|(c, b)| half::bf16::from_le_bytes([c[0], c[1]]).to_f32() * b)
             .sum()),
-        other => Err(Error::Backend(format!("{other:?} needs a quantised activation"))),
+        other => Err(Error::Backend(format!(
+            "{other:?} needs a quantised activation"
+        ))),
     }
 }
 
 fn dot_bytes(ty: GgmlType, row: &[u8], x: Xq<'_>) -> Result<f32> {
     match (ty, x) {
         (_, Xq::F32(x)) => dot_float(ty, row, x),
-        (GgmlType::Q8_0, Xq::Q8_0(x)) => Ok(ds4_quant::dot_q8_0(cast_blocks::<BlockQ8_0>(row).map_err(qerr)?, x)),
-        (GgmlType::Q2_K, Xq::Q8K(x)) => Ok(ds4_quant::dot_q2_k_q8_k(cast_blocks::<BlockQ2K>(row).map_err(qerr)?, x)),
-        (GgmlType::Q4_K, Xq::Q8K(x)) => Ok(ds4_quant::dot_q4_k_q8_k(cast_blocks::<BlockQ4K>(row).map_err(qerr)?, x)),
-        (GgmlType::IQ2_XXS, Xq::Q8K(x)) => {
-            Ok(ds4_quant::dot_iq2_xxs_q8_k(cast_blocks::<BlockIQ2XXS>(row).map_err(qerr)?, x))
-        }
-        (ty, _) => Err(Error::Backend(format!("{ty:?}: activation of the wrong kind"))),
+        (GgmlType::Q8_0, Xq::Q8_0(x)) => Ok(ds4_quant::dot_q8_0(
+            cast_blocks::<BlockQ8_0>(row).map_err(qerr)?,
+            x,
+        )),
+        (GgmlType::Q2_K, Xq::Q8K(x)) => Ok(ds4_quant::dot_q2_k_q8_k(
+            cast_blocks::<BlockQ2K>(row).map_err(qerr)?,
+            x,
+        )),
+        (GgmlType::Q4_K, Xq::Q8K(x)) => Ok(ds4_quant::dot_q4_k_q8_k(
+            cast_blocks::<BlockQ4K>(row).map_err(qerr)?,
+            x,
+        )),
+        (GgmlType::IQ2_XXS, Xq::Q8K(x)) => Ok(ds4_quant::dot_iq2_xxs_q8_k(
+            cast_blocks::<BlockIQ2XXS>(row).map_err(qerr)?,
+            x,
+        )),
+        (ty, _) => Err(Error::Backend(format!(
+            "{ty:?}: activation of the wrong kind"
+        ))),
     }
 }
 
@@ -191,7 +249,11 @@ fn row_slice<'a>(w: &TensorView<'a>, row: usize) -> Result<&'a [u8]> {
 pub fn dot_row(w: &TensorView<'_>, row: usize, x: &[f32]) -> Result<f32> {
     let k = w.row_len();
     if x.len() < k {
-        return Err(Error::Backend(format!("tensor {}: input of {} < row {k}", w.name, x.len())));
+        return Err(Error::Backend(format!(
+            "tensor {}: input of {} < row {k}",
+            w.name,
+            x.len()
+        )));
     }
     dot_float(w.ty, row_slice(w, row)?, &x[..k])
 }
@@ -201,7 +263,14 @@ pub fn dot_row(w: &TensorView<'_>, row: usize, x: &[f32]) -> Result<f32> {
 const PAR_MIN_ELEMS: usize = 1 << 16;
 
 /// out[o] = W[row0 + o] · x for o < n_rows (parallel over rows when `par` and worth it).
-pub(crate) fn matvec(w: &TensorView<'_>, row0: usize, n_rows: usize, x: Xq<'_>, out: &mut [f32], par: bool) -> Result<()> {
+pub(crate) fn matvec(
+    w: &TensorView<'_>,
+    row0: usize,
+    n_rows: usize,
+    x: Xq<'_>,
+    out: &mut [f32],
+    par: bool,
+) -> Result<()> {
     const ROWS: usize = 16;
     let one = |(c, o): (usize, &mut [f32])| -> Result<()> {
         for (j, v) in o.iter_mut().enumerate() {
@@ -210,7 +279,10 @@ pub(crate) fn matvec(w: &TensorView<'_>, row0: usize, n_rows: usize, x: Xq<'_>, 
         Ok(())
     };
     if par && n_rows * w.row_len() >= PAR_MIN_ELEMS {
-        out[..n_rows].par_chunks_mut(ROWS).enumerate().try_for_each(one)
+        out[..n_rows]
+            .par_chunks_mut(ROWS)
+            .enumerate()
+            .try_for_each(one)
     } else {
         out[..n_rows].chunks_mut(ROWS).enumerate().try_for_each(one)
     }
@@ -244,7 +316,14 @@ pub(crate) fn matmul(
     };
     let ocols = out.cols;
     let result = if n == 1 {
-        matvec(w, row0, n_rows, xq_of(0), &mut out.data[ooff..ooff + n_rows], true)
+        matvec(
+            w,
+            row0,
+            n_rows,
+            xq_of(0),
+            &mut out.data[ooff..ooff + n_rows],
+            true,
+        )
     } else {
         // Several tokens: each weight row is read once per tile of tokens (it stays in cache
         // while the tile's dots use it) instead of once per token.
@@ -256,21 +335,26 @@ pub(crate) fn matmul(
         (0..n).step_by(TILE).try_for_each(|t0| -> Result<()> {
             let tn = TILE.min(n - t0);
             let tmp = &mut tile_buf[..n_rows * tn];
-            tmp.par_chunks_mut(ROWS * tn).enumerate().try_for_each(|(c, chunk)| -> Result<()> {
-                for (r, dst) in chunk.chunks_mut(tn).enumerate() {
-                    let wrow = row_slice(w, row0 + c * ROWS + r)?;
-                    for (j, v) in dst.iter_mut().enumerate() {
-                        *v = dot_bytes(w.ty, wrow, xq_of(t0 + j))?;
+            tmp.par_chunks_mut(ROWS * tn)
+                .enumerate()
+                .try_for_each(|(c, chunk)| -> Result<()> {
+                    for (r, dst) in chunk.chunks_mut(tn).enumerate() {
+                        let wrow = row_slice(w, row0 + c * ROWS + r)?;
+                        for (j, v) in dst.iter_mut().enumerate() {
+                            *v = dot_bytes(w.ty, wrow, xq_of(t0 + j))?;
+                        }
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                })?;
             let tmp = &tile_buf[..n_rows * tn];
-            out.data[t0 * ocols..(t0 + tn) * ocols].par_chunks_mut(ocols).enumerate().for_each(|(j, orow)| {
-                for (o, v) in orow[ooff..ooff + n_rows].iter_mut().enumerate() {
-                    *v = tmp[o * tn + j];
-                }
-            });
+            out.data[t0 * ocols..(t0 + tn) * ocols]
+                .par_chunks_mut(ocols)
+                .enumerate()
+                .for_each(|(j, orow)| {
+                    for (o, v) in orow[ooff..ooff + n_rows].iter_mut().enumerate() {
+                        *v = tmp[o * tn + j];
+                    }
+                });
             Ok(())
         })
     };

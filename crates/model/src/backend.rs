@@ -13,9 +13,9 @@
 //! Positions of a chunk are always contiguous: row i of every activation is the token at
 //! absolute position `pos0 + i`.
 
+use crate::Result;
 use crate::shape::ModelShape;
 use crate::weights::{CompressorWeights, FfnWeights, HcWeights, TensorView};
-use crate::Result;
 
 /// Which RoPE frequency set (model.md §6a).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,13 @@ pub trait Backend<'w> {
     fn alloc_kv(&self, shape: &ModelShape, ctx: usize) -> Result<Self::Kv>;
 
     /// out[i] = [e, e, …, e] (hc_mult copies of the embedding row of tokens[i]).
-    fn embed(&self, table: &Self::Weight, tokens: &[u32], hc_mult: usize, out: &mut Self::Act) -> Result<()>;
+    fn embed(
+        &self,
+        table: &Self::Weight,
+        tokens: &[u32],
+        hc_mult: usize,
+        out: &mut Self::Act,
+    ) -> Result<()>;
     /// out[i] = W · x[i] for i < n.
     fn matmul(&self, w: &Self::Weight, x: &Self::Act, n: usize, out: &mut Self::Act) -> Result<()>;
     /// Grouped projection: output rows are split in `groups` equal parts; part g reads the
@@ -84,7 +90,14 @@ pub trait Backend<'w> {
         out: &mut Self::Act,
     ) -> Result<()>;
     /// RMSNorm of each `seg`-wide piece of each row, in place; `w` (length seg) optional.
-    fn rms_norm(&self, x: &mut Self::Act, w: Option<&Self::Weight>, n: usize, seg: usize, eps: f32) -> Result<()>;
+    fn rms_norm(
+        &self,
+        x: &mut Self::Act,
+        w: Option<&Self::Weight>,
+        n: usize,
+        seg: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// HC split (§7.1): y = Σ pre_s X[s]; post [n, N]; comb [n, N·N].
     #[allow(clippy::too_many_arguments)]
     fn hc_pre(
@@ -172,7 +185,14 @@ pub trait Backend<'w> {
         out: &mut Self::Act,
     ) -> Result<()>;
     /// Appends this chunk's raw KV rows to the sliding window.
-    fn kv_append_raw(&self, kv: &mut Self::Kv, layer: usize, rows: &Self::Act, n: usize, pos0: usize) -> Result<()>;
+    fn kv_append_raw(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        rows: &Self::Act,
+        n: usize,
+        pos0: usize,
+    ) -> Result<()>;
     /// Router + routed experts + shared expert (§7.4 steps 3–8, without HC).
     #[allow(clippy::too_many_arguments)]
     fn moe(

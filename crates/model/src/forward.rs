@@ -17,7 +17,9 @@ pub struct ForwardOptions {
 
 impl Default for ForwardOptions {
     fn default() -> Self {
-        Self { official_rounding: true }
+        Self {
+            official_rounding: true,
+        }
     }
 }
 
@@ -61,7 +63,12 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
     ) -> Result<Self> {
         let views: ModelWeights<TensorView<'w>> = ModelWeights::bind(src, &shape)?;
         let weights = views.try_map(|t| backend.upload(t))?;
-        Ok(Self { backend, shape, weights, options })
+        Ok(Self {
+            backend,
+            shape,
+            weights,
+            options,
+        })
     }
 
     /// Allocates activations for chunks of up to `cap` tokens.
@@ -110,10 +117,16 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             return Ok(());
         }
         if n > bufs.cap {
-            return Err(Error::Config(format!("chunk of {n} tokens exceeds buffer capacity {}", bufs.cap)));
+            return Err(Error::Config(format!(
+                "chunk of {n} tokens exceeds buffer capacity {}",
+                bufs.cap
+            )));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.shape.vocab) {
-            return Err(Error::Token { token: t, vocab: self.shape.vocab });
+            return Err(Error::Token {
+                token: t,
+                vocab: self.shape.vocab,
+            });
         }
         let s = &self.shape;
         let be = &self.backend;
@@ -122,9 +135,21 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         be.embed(&self.weights.token_embd, tokens, s.hc_mult, &mut bufs.state)?;
         for (il, lw) in self.weights.layers.iter().enumerate() {
             let kind = lw.kind;
-            let rope = if kind.is_compressed() { RopeKind::Compress } else { RopeKind::Plain };
+            let rope = if kind.is_compressed() {
+                RopeKind::Compress
+            } else {
+                RopeKind::Plain
+            };
             // ---- attention sublayer
-            be.hc_pre(&lw.hc_attn, &bufs.state, n, s, &mut bufs.y, &mut bufs.post, &mut bufs.comb)?;
+            be.hc_pre(
+                &lw.hc_attn,
+                &bufs.state,
+                n,
+                s,
+                &mut bufs.y,
+                &mut bufs.post,
+                &mut bufs.comb,
+            )?;
             let a = &lw.attn;
             be.rms_norm(&mut bufs.y, Some(&a.norm), n, s.n_embd, eps)?;
             be.matmul(&a.q_a, &bufs.y, n, &mut bufs.qr)?;
@@ -142,37 +167,111 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             if let Some(cw) = &a.compressor {
                 be.matmul(&cw.kv, &bufs.y, n, &mut bufs.comp_kv)?;
                 be.matmul(&cw.gate, &bufs.y, n, &mut bufs.comp_score)?;
-                be.compressor_update(kv, il, CompKind::Attn, cw, &bufs.comp_kv, &bufs.comp_score, n, pos0, official)?;
+                be.compressor_update(
+                    kv,
+                    il,
+                    CompKind::Attn,
+                    cw,
+                    &bufs.comp_kv,
+                    &bufs.comp_score,
+                    n,
+                    pos0,
+                    official,
+                )?;
             }
             if let Some(ix) = &a.indexer {
                 let icw = &ix.compressor;
                 be.matmul(&icw.kv, &bufs.y, n, &mut bufs.comp_kv)?;
                 be.matmul(&icw.gate, &bufs.y, n, &mut bufs.comp_score)?;
-                be.compressor_update(kv, il, CompKind::Indexer, icw, &bufs.comp_kv, &bufs.comp_score, n, pos0, official)?;
+                be.compressor_update(
+                    kv,
+                    il,
+                    CompKind::Indexer,
+                    icw,
+                    &bufs.comp_kv,
+                    &bufs.comp_score,
+                    n,
+                    pos0,
+                    official,
+                )?;
                 be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
-                be.rope(&mut bufs.iq, n, s.indexer_dim, RopeKind::Compress, pos0, false)?;
+                be.rope(
+                    &mut bufs.iq,
+                    n,
+                    s.indexer_dim,
+                    RopeKind::Compress,
+                    pos0,
+                    false,
+                )?;
                 if official {
                     be.round_rows(&mut bufs.iq, n, RowRounding::IndexerQat)?;
                 }
                 be.matmul(&ix.proj, &bufs.y, n, &mut bufs.iw)?;
-                be.indexer_topk(kv, il, &bufs.iq, &bufs.iw, n, pos0, s.indexer_top_k, &mut bufs.sel)?;
+                be.indexer_topk(
+                    kv,
+                    il,
+                    &bufs.iq,
+                    &bufs.iw,
+                    n,
+                    pos0,
+                    s.indexer_top_k,
+                    &mut bufs.sel,
+                )?;
                 use_sel = true;
             }
             let sel = if use_sel { Some(&bufs.sel) } else { None };
-            be.attention(kv, il, &bufs.q, &bufs.kvr, &a.sinks, sel, n, pos0, &mut bufs.attn)?;
+            be.attention(
+                kv,
+                il,
+                &bufs.q,
+                &bufs.kvr,
+                &a.sinks,
+                sel,
+                n,
+                pos0,
+                &mut bufs.attn,
+            )?;
             be.kv_append_raw(kv, il, &bufs.kvr, n, pos0)?;
             be.rope(&mut bufs.attn, n, s.head_dim, rope, pos0, true)?;
             be.matmul_grouped(&a.out_a, &bufs.attn, n, s.o_groups, &mut bufs.low)?;
             be.matmul(&a.out_b, &bufs.low, n, &mut bufs.sub)?;
-            be.hc_post(&bufs.sub, &bufs.post, &bufs.comb, n, s.hc_mult, &mut bufs.state)?;
+            be.hc_post(
+                &bufs.sub,
+                &bufs.post,
+                &bufs.comb,
+                n,
+                s.hc_mult,
+                &mut bufs.state,
+            )?;
             // ---- FFN sublayer
-            be.hc_pre(&lw.hc_ffn, &bufs.state, n, s, &mut bufs.y, &mut bufs.post, &mut bufs.comb)?;
+            be.hc_pre(
+                &lw.hc_ffn,
+                &bufs.state,
+                n,
+                s,
+                &mut bufs.y,
+                &mut bufs.post,
+                &mut bufs.comb,
+            )?;
             be.rms_norm(&mut bufs.y, Some(&lw.ffn.norm), n, s.n_embd, eps)?;
             be.moe(&lw.ffn, il, s, &bufs.y, tokens, n, &mut bufs.sub)?;
-            be.hc_post(&bufs.sub, &bufs.post, &bufs.comb, n, s.hc_mult, &mut bufs.state)?;
+            be.hc_post(
+                &bufs.sub,
+                &bufs.post,
+                &bufs.comb,
+                n,
+                s.hc_mult,
+                &mut bufs.state,
+            )?;
         }
         be.hc_head(&self.weights.hc_head, &bufs.state, n, s, &mut bufs.head)?;
-        be.rms_norm(&mut bufs.head, Some(&self.weights.output_norm), n, s.n_embd, eps)?;
+        be.rms_norm(
+            &mut bufs.head,
+            Some(&self.weights.output_norm),
+            n,
+            s.n_embd,
+            eps,
+        )?;
         be.matmul(&self.weights.output, &bufs.head, n, &mut bufs.logits)?;
         Ok(())
     }
@@ -196,7 +295,14 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
     pub fn new(model: &'m Model<'w, B>, ctx: usize, max_chunk: usize) -> Result<Self> {
         let kv = model.alloc_kv(ctx)?;
         let bufs = model.alloc_buffers(max_chunk.min(ctx.max(1)))?;
-        Ok(Self { model, kv, bufs, tokens: Vec::new(), ctx, last_logits: Vec::new() })
+        Ok(Self {
+            model,
+            kv,
+            bufs,
+            tokens: Vec::new(),
+            ctx,
+            last_logits: Vec::new(),
+        })
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -218,7 +324,12 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
 
     /// Feeds `tokens`, chunk by chunk (`chunk` ≤ the buffer capacity). When `all_logits`
     /// is given, the logits of every fed position are appended to it.
-    pub fn feed(&mut self, tokens: &[u32], chunk: usize, mut all_logits: Option<&mut Vec<f32>>) -> Result<()> {
+    pub fn feed(
+        &mut self,
+        tokens: &[u32],
+        chunk: usize,
+        mut all_logits: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
         if self.tokens.len() + tokens.len() > self.ctx {
             return Err(Error::ContextFull { ctx: self.ctx });
         }
@@ -226,18 +337,24 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
         let chunk = chunk.clamp(1, self.bufs.cap);
         for piece in tokens.chunks(chunk) {
             let pos0 = self.tokens.len();
-            self.model.forward_chunk(piece, pos0, &mut self.kv, &mut self.bufs)?;
+            self.model
+                .forward_chunk(piece, pos0, &mut self.kv, &mut self.bufs)?;
             let m = piece.len();
             if let Some(out) = all_logits.as_deref_mut() {
                 let start = out.len();
                 out.resize(start + m * vocab, 0.0);
-                self.model.backend.read_rows(&self.bufs.logits, m, &mut out[start..])?;
+                self.model
+                    .backend
+                    .read_rows(&self.bufs.logits, m, &mut out[start..])?;
                 self.last_logits.clear();
-                self.last_logits.extend_from_slice(&out[start + (m - 1) * vocab..]);
+                self.last_logits
+                    .extend_from_slice(&out[start + (m - 1) * vocab..]);
             } else {
                 // Only the last row is needed; read all rows into a reused buffer.
                 self.last_logits.resize(m * vocab, 0.0);
-                self.model.backend.read_rows(&self.bufs.logits, m, &mut self.last_logits)?;
+                self.model
+                    .backend
+                    .read_rows(&self.bufs.logits, m, &mut self.last_logits)?;
                 self.last_logits.drain(..(m - 1) * vocab);
             }
             self.tokens.extend_from_slice(piece);
@@ -256,7 +373,10 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
     /// compressor frontiers of earlier positions are already overwritten).
     pub fn rewind(&mut self, n: usize) -> Result<()> {
         if n > self.tokens.len() {
-            return Err(Error::Config(format!("cannot rewind to {n}: only {} tokens", self.tokens.len())));
+            return Err(Error::Config(format!(
+                "cannot rewind to {n}: only {} tokens",
+                self.tokens.len()
+            )));
         }
         if n == self.tokens.len() {
             return Ok(());
@@ -289,7 +409,11 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
     /// Restores a `snapshot`; a snapshot of another model or context is refused.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
         let err = |m: &str| Error::Snapshot(m.to_string());
-        let get = |at: usize, n: usize| bytes.get(at..at + n).ok_or_else(|| err("truncated session snapshot"));
+        let get = |at: usize, n: usize| {
+            bytes
+                .get(at..at + n)
+                .ok_or_else(|| err("truncated session snapshot"))
+        };
         if get(0, 4)? != SESSION_MAGIC {
             return Err(err("not a ds4 session snapshot (bad magic)"));
         }
@@ -308,7 +432,10 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
         }
         let n = u64_at(8)? as usize;
         if n > self.ctx {
-            return Err(Error::Snapshot(format!("snapshot holds {n} tokens, session context is {}", self.ctx)));
+            return Err(Error::Snapshot(format!(
+                "snapshot holds {n} tokens, session context is {}",
+                self.ctx
+            )));
         }
         let mut at = 16;
         let mut tokens = Vec::with_capacity(n);
@@ -326,7 +453,9 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
             logits.push(f32::from_bits(u32_at(at)?));
             at += 4;
         }
-        let kv_bytes = bytes.get(at..).ok_or_else(|| err("truncated session snapshot"))?;
+        let kv_bytes = bytes
+            .get(at..)
+            .ok_or_else(|| err("truncated session snapshot"))?;
         match self.kv.load(n, kv_bytes) {
             Ok(_) => {}
             Err(e) => {

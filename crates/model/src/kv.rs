@@ -19,7 +19,13 @@ pub struct Frontier {
 impl Frontier {
     fn new(ratio: usize, coff: usize, d_c: usize) -> Self {
         let n = coff * ratio * coff * d_c;
-        let mut f = Self { ratio, coff, d_c, kv: vec![0.0; n], score: vec![0.0; n] };
+        let mut f = Self {
+            ratio,
+            coff,
+            d_c,
+            kv: vec![0.0; n],
+            score: vec![0.0; n],
+        };
         f.reset();
         f
     }
@@ -43,7 +49,12 @@ pub struct RowCache {
 
 impl RowCache {
     fn new(dim: usize, cap: usize) -> Self {
-        Self { dim, cap, n: 0, data: vec![0.0; dim * cap] }
+        Self {
+            dim,
+            cap,
+            n: 0,
+            data: vec![0.0; dim * cap],
+        }
     }
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
@@ -107,10 +118,23 @@ impl HostKv {
                 } else {
                     (None, None)
                 };
-                LayerKv { kind, raw_cap, raw: vec![0.0; raw_cap * s.head_dim], comp, comp_state, index, index_state }
+                LayerKv {
+                    kind,
+                    raw_cap,
+                    raw: vec![0.0; raw_cap * s.head_dim],
+                    comp,
+                    comp_state,
+                    index,
+                    index_state,
+                }
             })
             .collect();
-        Self { ctx, head_dim: s.head_dim, fingerprint: shape_fingerprint(s), layers }
+        Self {
+            ctx,
+            head_dim: s.head_dim,
+            fingerprint: shape_fingerprint(s),
+            layers,
+        }
     }
 
     /// Bytes `new(s, ctx)` allocates, without allocating.
@@ -206,7 +230,10 @@ impl KvStore for HostKv {
             for c in [&mut l.comp, &mut l.index].into_iter().flatten() {
                 c.n = 0;
             }
-            for f in [&mut l.comp_state, &mut l.index_state].into_iter().flatten() {
+            for f in [&mut l.comp_state, &mut l.index_state]
+                .into_iter()
+                .flatten()
+            {
                 f.reset();
             }
         }
@@ -223,7 +250,10 @@ impl KvStore for HostKv {
             let live = n_pos.min(l.raw_cap);
             for p in n_pos - live..n_pos {
                 let slot = p % l.raw_cap;
-                put_f32s(out, &l.raw[slot * self.head_dim..(slot + 1) * self.head_dim]);
+                put_f32s(
+                    out,
+                    &l.raw[slot * self.head_dim..(slot + 1) * self.head_dim],
+                );
             }
             for (c, f) in [(&l.comp, &l.comp_state), (&l.index, &l.index_state)] {
                 if let (Some(c), Some(f)) = (c, f) {
@@ -244,18 +274,27 @@ impl KvStore for HostKv {
         }
         let v = r.u32()?;
         if v != KV_VERSION {
-            return Err(Error::Snapshot(format!("KV snapshot version {v}, expected {KV_VERSION}")));
+            return Err(Error::Snapshot(format!(
+                "KV snapshot version {v}, expected {KV_VERSION}"
+            )));
         }
         if r.u64()? != self.fingerprint {
-            return Err(Error::Snapshot("KV snapshot was made with a different model".into()));
+            return Err(Error::Snapshot(
+                "KV snapshot was made with a different model".into(),
+            ));
         }
         let ctx = r.u64()? as usize;
         if ctx != self.ctx {
-            return Err(Error::Snapshot(format!("KV snapshot context {ctx}, session context {}", self.ctx)));
+            return Err(Error::Snapshot(format!(
+                "KV snapshot context {ctx}, session context {}",
+                self.ctx
+            )));
         }
         let n = r.u64()? as usize;
         if n != n_pos || n > self.ctx {
-            return Err(Error::Snapshot(format!("KV snapshot holds {n} tokens, expected {n_pos}")));
+            return Err(Error::Snapshot(format!(
+                "KV snapshot holds {n} tokens, expected {n_pos}"
+            )));
         }
         self.reset();
         let hd = self.head_dim;
@@ -265,11 +304,17 @@ impl KvStore for HostKv {
                 let slot = p % l.raw_cap;
                 r.f32s(&mut l.raw[slot * hd..(slot + 1) * hd])?;
             }
-            for (c, f) in [(&mut l.comp, &mut l.comp_state), (&mut l.index, &mut l.index_state)] {
+            for (c, f) in [
+                (&mut l.comp, &mut l.comp_state),
+                (&mut l.index, &mut l.index_state),
+            ] {
                 if let (Some(c), Some(f)) = (c, f) {
                     let rows = r.u64()? as usize;
                     if rows > c.cap {
-                        return Err(Error::Snapshot(format!("{rows} compressed rows exceed capacity {}", c.cap)));
+                        return Err(Error::Snapshot(format!(
+                            "{rows} compressed rows exceed capacity {}",
+                            c.cap
+                        )));
                     }
                     c.n = rows;
                     r.f32s(&mut c.data[..rows * c.dim])?;

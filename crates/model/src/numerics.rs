@@ -369,7 +369,17 @@ mod tests {
         let mixes: Vec<f32> = (0..24).map(|i| i as f32 * 0.1 - 1.0).collect();
         let base: Vec<f32> = (0..24).map(|i| (i as f32).sin()).collect();
         let (mut pre, mut post, mut comb) = ([0f32; 4], [0f32; 4], [0f32; 16]);
-        hc_split(&mixes, &[0.9, 1.1, 0.7], &base, 4, 20, 1e-6, &mut pre, &mut post, &mut comb);
+        hc_split(
+            &mixes,
+            &[0.9, 1.1, 0.7],
+            &base,
+            4,
+            20,
+            1e-6,
+            &mut pre,
+            &mut post,
+            &mut comb,
+        );
         // Doubly stochastic within the eps slack.
         for a in 0..4 {
             let r: f32 = comb[a * 4..a * 4 + 4].iter().sum();

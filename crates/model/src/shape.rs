@@ -104,17 +104,40 @@ impl ModelShape {
     /// offending quantity.
     pub fn validate(&self) -> Result<(), String> {
         let chk = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_string()) };
-        chk(self.n_layer > 0 && self.layer_kinds.len() == self.n_layer, "layer_kinds length != n_layer")?;
-        chk(self.swiglu_clamp.len() >= self.n_layer, "swiglu_clamp shorter than n_layer")?;
-        chk(self.n_rot.is_multiple_of(2) && self.n_rot <= self.head_dim, "n_rot must be even and <= head_dim")?;
-        chk(self.n_nope().is_multiple_of(64), "head_dim - n_rot must be a multiple of 64 (FP8 blocks)")?;
-        chk(self.o_groups > 0 && self.n_head.is_multiple_of(self.o_groups), "n_head % o_groups != 0")?;
-        chk(self.hc_mult > 0 && self.hc_sinkhorn_iters > 0, "hc_mult / sinkhorn iterations")?;
-        chk(self.n_expert_used > 0 && self.n_expert_used <= self.n_expert, "expert_used_count")?;
+        chk(
+            self.n_layer > 0 && self.layer_kinds.len() == self.n_layer,
+            "layer_kinds length != n_layer",
+        )?;
+        chk(
+            self.swiglu_clamp.len() >= self.n_layer,
+            "swiglu_clamp shorter than n_layer",
+        )?;
+        chk(
+            self.n_rot.is_multiple_of(2) && self.n_rot <= self.head_dim,
+            "n_rot must be even and <= head_dim",
+        )?;
+        chk(
+            self.n_nope().is_multiple_of(64),
+            "head_dim - n_rot must be a multiple of 64 (FP8 blocks)",
+        )?;
+        chk(
+            self.o_groups > 0 && self.n_head.is_multiple_of(self.o_groups),
+            "n_head % o_groups != 0",
+        )?;
+        chk(
+            self.hc_mult > 0 && self.hc_sinkhorn_iters > 0,
+            "hc_mult / sinkhorn iterations",
+        )?;
+        chk(
+            self.n_expert_used > 0 && self.n_expert_used <= self.n_expert,
+            "expert_used_count",
+        )?;
         chk(self.sliding_window > 0, "sliding_window must be > 0")?;
         for (il, k) in self.layer_kinds.iter().enumerate() {
             if k.is_compressed() && (k.ratio() == 0 || k.ratio() > self.sliding_window) {
-                return Err(format!("layer {il}: compress ratio must be in 1..=sliding_window"));
+                return Err(format!(
+                    "layer {il}: compress ratio must be in 1..=sliding_window"
+                ));
             }
             if k.is_csa() && (self.indexer_dim != 128 || self.n_rot > self.indexer_dim) {
                 return Err(format!("layer {il}: indexer head dim must be 128"));

@@ -35,7 +35,12 @@ pub trait TensorSource {
 impl TensorSource for ds4_gguf::GgufFile {
     fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
         let info = ds4_gguf::GgufFile::tensor(self, name)?;
-        Some(TensorView { name: &info.name, ty: info.ggml_type, dims: &info.dims, data: self.tensor_data(info) })
+        Some(TensorView {
+            name: &info.name,
+            ty: info.ggml_type,
+            dims: &info.dims,
+            data: self.tensor_data(info),
+        })
     }
 }
 
@@ -137,14 +142,25 @@ impl<'a, S: TensorSource + ?Sized> Binder<'a, S> {
         Ok(t)
     }
 
-    fn opt(&self, name: &str, dims: &[usize], types: &[GgmlType]) -> Result<Option<TensorView<'a>>> {
+    fn opt(
+        &self,
+        name: &str,
+        dims: &[usize],
+        types: &[GgmlType],
+    ) -> Result<Option<TensorView<'a>>> {
         match self.src.tensor(name) {
             None => Ok(None),
             Some(t) => self.check(t, name, dims, types).map(|()| Some(t)),
         }
     }
 
-    fn check(&self, t: TensorView<'a>, name: &str, dims: &[usize], types: &[GgmlType]) -> Result<()> {
+    fn check(
+        &self,
+        t: TensorView<'a>,
+        name: &str,
+        dims: &[usize],
+        types: &[GgmlType],
+    ) -> Result<()> {
         let got: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         // Trailing 1-dims are equivalent ([n] == [n, 1]).
         let trim = |v: &[usize]| {
@@ -184,13 +200,14 @@ impl<'a> ModelWeights<TensorView<'a>> {
         s.validate().map_err(Error::Config)?;
         let b = Binder { src };
         let (e, hc, mix) = (s.n_embd, s.hc_dim(), s.hc_mix());
-        let hc_w = |prefix: &str, n_mix: usize, n_scale: usize| -> Result<HcWeights<TensorView<'a>>> {
-            Ok(HcWeights {
-                fn_: b.get(&format!("{prefix}_fn.weight"), &[hc, n_mix], FLOAT)?,
-                scale: b.get(&format!("{prefix}_scale.weight"), &[n_scale], F32_ONLY)?,
-                base: b.get(&format!("{prefix}_base.weight"), &[n_mix], F32_ONLY)?,
-            })
-        };
+        let hc_w =
+            |prefix: &str, n_mix: usize, n_scale: usize| -> Result<HcWeights<TensorView<'a>>> {
+                Ok(HcWeights {
+                    fn_: b.get(&format!("{prefix}_fn.weight"), &[hc, n_mix], FLOAT)?,
+                    scale: b.get(&format!("{prefix}_scale.weight"), &[n_scale], F32_ONLY)?,
+                    base: b.get(&format!("{prefix}_base.weight"), &[n_mix], F32_ONLY)?,
+                })
+            };
         let mut layers = Vec::with_capacity(s.n_layer);
         for (il, &kind) in s.layer_kinds.iter().enumerate() {
             let p = format!("blk.{il}.");
@@ -216,10 +233,18 @@ impl<'a> ModelWeights<TensorView<'a>> {
                     )?,
                     proj: b.get(&n("indexer.proj.weight"), &[e, s.indexer_heads], MATRIX)?,
                     compressor: CompressorWeights {
-                        ape: b.get(&n("indexer_compressor_ape.weight"), &[w, kind.ratio()], FLOAT)?,
+                        ape: b.get(
+                            &n("indexer_compressor_ape.weight"),
+                            &[w, kind.ratio()],
+                            FLOAT,
+                        )?,
                         kv: b.get(&n("indexer_compressor_kv.weight"), &[e, w], FLOAT)?,
                         gate: b.get(&n("indexer_compressor_gate.weight"), &[e, w], FLOAT)?,
-                        norm: b.get(&n("indexer_compressor_norm.weight"), &[s.indexer_dim], F32_ONLY)?,
+                        norm: b.get(
+                            &n("indexer_compressor_norm.weight"),
+                            &[s.indexer_dim],
+                            F32_ONLY,
+                        )?,
                     },
                 })
             } else {
@@ -301,8 +326,15 @@ impl<'a> ModelWeights<TensorView<'a>> {
 }
 
 impl<W> HcWeights<W> {
-    fn try_map<V, E>(&self, f: &mut impl FnMut(&W) -> std::result::Result<V, E>) -> std::result::Result<HcWeights<V>, E> {
-        Ok(HcWeights { fn_: f(&self.fn_)?, scale: f(&self.scale)?, base: f(&self.base)? })
+    fn try_map<V, E>(
+        &self,
+        f: &mut impl FnMut(&W) -> std::result::Result<V, E>,
+    ) -> std::result::Result<HcWeights<V>, E> {
+        Ok(HcWeights {
+            fn_: f(&self.fn_)?,
+            scale: f(&self.scale)?,
+            base: f(&self.base)?,
+        })
     }
 }
 
@@ -311,13 +343,21 @@ impl<W> CompressorWeights<W> {
         &self,
         f: &mut impl FnMut(&W) -> std::result::Result<V, E>,
     ) -> std::result::Result<CompressorWeights<V>, E> {
-        Ok(CompressorWeights { ape: f(&self.ape)?, kv: f(&self.kv)?, gate: f(&self.gate)?, norm: f(&self.norm)? })
+        Ok(CompressorWeights {
+            ape: f(&self.ape)?,
+            kv: f(&self.kv)?,
+            gate: f(&self.gate)?,
+            norm: f(&self.norm)?,
+        })
     }
 }
 
 impl<W> ModelWeights<W> {
     /// Maps every handle (e.g. host view → device buffer), keeping the structure.
-    pub fn try_map<V, E>(&self, mut f: impl FnMut(&W) -> std::result::Result<V, E>) -> std::result::Result<ModelWeights<V>, E> {
+    pub fn try_map<V, E>(
+        &self,
+        mut f: impl FnMut(&W) -> std::result::Result<V, E>,
+    ) -> std::result::Result<ModelWeights<V>, E> {
         let f = &mut f;
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {

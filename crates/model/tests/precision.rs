@@ -12,13 +12,23 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Fixture {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/precision").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/precision")
+        .join(name);
     let b = std::fs::read(path).unwrap();
     let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
     let (n, len, param) = (u(0), u(1), u(2));
-    let f: Vec<f32> = b[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let f: Vec<f32> = b[12..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(f.len(), 2 * n * len);
-    Fixture { row_len: len, param, input: f[..n * len].to_vec(), expected: f[n * len..].to_vec() }
+    Fixture {
+        row_len: len,
+        param,
+        input: f[..n * len].to_vec(),
+        expected: f[n * len..].to_vec(),
+    }
 }
 
 #[test]
@@ -28,7 +38,11 @@ fn fp8_kv_round_trip_is_bit_exact() {
     for row in got.chunks_mut(fx.row_len) {
         numerics::fp8_kv_round_row(row, fx.param);
     }
-    let bad = got.iter().zip(&fx.expected).filter(|(a, b)| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0)).count();
+    let bad = got
+        .iter()
+        .zip(&fx.expected)
+        .filter(|(a, b)| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0))
+        .count();
     assert_eq!(bad, 0, "{bad} of {} values differ", got.len());
     // The RoPE tail is untouched.
     assert_eq!(got[448..512], fx.input[448..512]);
@@ -41,7 +55,11 @@ fn fp4_round_trip_is_bit_exact() {
     for row in got.chunks_mut(fx.row_len) {
         numerics::fp4_round_row(row);
     }
-    let bad = got.iter().zip(&fx.expected).filter(|(a, b)| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0)).count();
+    let bad = got
+        .iter()
+        .zip(&fx.expected)
+        .filter(|(a, b)| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0))
+        .count();
     assert_eq!(bad, 0, "{bad} of {} values differ", got.len());
 }
 
