@@ -482,6 +482,46 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
     }
 }
 
+// F16 with short rows (K <= 2048, e.g. the indexer's q_b, K = 1024): one warp per
+// row, 4 rows per block, so a block is not idle on a 2 KB row.
+#define F16W_MAX_CHUNKS 8
+extern "C" __global__ void __launch_bounds__(128)
+    mv_f16_warp(const u16* __restrict__ W, const float* __restrict__ x, int K, int rows,
+                int ntok, float* __restrict__ y) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * 4 + warp;
+    if (r >= rows) return;
+    const int n8 = K >> 3;
+    const uint4* src = (const uint4*)(W + (long long)r * K);
+    uint4 w[F16W_MAX_CHUNKS];
+#pragma unroll
+    for (int i = 0; i < F16W_MAX_CHUNKS; i++) {
+        const int k = i * 32 + lane;
+        if (k < n8) w[i] = ld_stream16(src + k);
+    }
+    for (int t = 0; t < ntok; t++) {
+        const float4* xp = (const float4*)(x + (long long)t * K);
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < F16W_MAX_CHUNKS; i++) {
+            const int k = i * 32 + lane;
+            if (k < n8) {
+                const float4 xa = xp[2 * k], xb = xp[2 * k + 1];
+                acc = fmaf(h2f((u16)(w[i].x & 0xffff)), xa.x, acc);
+                acc = fmaf(h2f((u16)(w[i].x >> 16)), xa.y, acc);
+                acc = fmaf(h2f((u16)(w[i].y & 0xffff)), xa.z, acc);
+                acc = fmaf(h2f((u16)(w[i].y >> 16)), xa.w, acc);
+                acc = fmaf(h2f((u16)(w[i].z & 0xffff)), xb.x, acc);
+                acc = fmaf(h2f((u16)(w[i].z >> 16)), xb.y, acc);
+                acc = fmaf(h2f((u16)(w[i].w & 0xffff)), xb.z, acc);
+                acc = fmaf(h2f((u16)(w[i].w >> 16)), xb.w, acc);
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) y[(long long)t * rows + r] = acc;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Synthetic weights for `ds4 bench --synthetic`: generated on the device.
 // ---------------------------------------------------------------------------

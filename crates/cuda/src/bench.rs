@@ -286,7 +286,11 @@ pub fn copy_bandwidth(rt: &CudaRuntime, kern: &Kernels, bytes: usize) -> Result<
 /// Slots, activation grouping and activation rows of an op.
 fn op_layout(op: &Op) -> (usize, usize, usize) {
     if op.name.ends_with("_exps") {
-        if op.name == "ffn_down_exps" { (N_ACTIVE, 1, N_ACTIVE) } else { (N_ACTIVE, N_ACTIVE, 1) }
+        if op.name == "ffn_down_exps" {
+            (N_ACTIVE, 1, N_ACTIVE)
+        } else {
+            (N_ACTIVE, N_ACTIVE, 1)
+        }
     } else if op.mats > 1 {
         (op.mats, 1, op.mats)
     } else {
@@ -322,19 +326,22 @@ fn matvec_for(
         ActKind::F32 => MvInput::F32(s.x_f32.ptr),
         _ => MvInput::Quant(s.act(kind, op.k, act_rows)?),
     };
-    kern.matvec_on(stream, &Matvec {
-        ty: op.ty,
-        w: w.ptr,
-        k: op.k,
-        rows: op.rows,
-        ntok: 1,
-        slots,
-        w_slot_stride: matrix_bytes(op.ty, op.k, op.rows) as u64,
-        ids: if routed { ids.ptr } else { 0 },
-        x_group,
-        x: input,
-        y: s.out.ptr + (out_slot * OUT_SLOT_BYTES) as u64,
-    })
+    kern.matvec_on(
+        stream,
+        &Matvec {
+            ty: op.ty,
+            w: w.ptr,
+            k: op.k,
+            rows: op.rows,
+            ntok: 1,
+            slots,
+            w_slot_stride: matrix_bytes(op.ty, op.k, op.rows) as u64,
+            ids: if routed { ids.ptr } else { 0 },
+            x_group,
+            x: input,
+            y: s.out.ptr + (out_slot * OUT_SLOT_BYTES) as u64,
+        },
+    )
 }
 
 /// Bytes of each stream's region of the scratch output.
@@ -401,7 +408,12 @@ fn launch_layer(
     mv(m, "indexer.attn_q_b", 0)?;
     mv(b1, "attn_kv", 1)?;
     mv(b1, "indexer.proj", 1)?;
-    for name in ["attn_compressor_kv", "attn_compressor_gate", "indexer_compressor_kv", "indexer_compressor_gate"] {
+    for name in [
+        "attn_compressor_kv",
+        "attn_compressor_gate",
+        "indexer_compressor_kv",
+        "indexer_compressor_gate",
+    ] {
         mv(b2, name, 2)?;
     }
     join(&[b1, b2])?;
@@ -524,7 +536,11 @@ pub fn run(
         }
     }
 
-    let streams = [rt.stream.clone(), rt.ctx.new_stream()?, rt.ctx.new_stream()?];
+    let streams = [
+        rt.stream.clone(),
+        rt.ctx.new_stream()?,
+        rt.ctx.new_stream()?,
+    ];
 
     // Per-op figures for one CSA layer: 10 back-to-back copies of the op (its
     // quantisation included) in a graph, so launch gaps count as in the step.

@@ -17,6 +17,8 @@ use crate::{Error, Result};
 const MV_WARPS: usize = 4;
 /// Threads per block (one row) of the F16 matvec (`F16_THREADS`).
 const F16_THREADS: usize = 128;
+/// Largest K of the warp-per-row F16 kernel (`32 * 8 * F16W_MAX_CHUNKS`).
+const F16_WARP_MAX_K: usize = 2048;
 /// Largest K of the F16 kernel (`F16_THREADS * 8 * F16_MAX_CHUNKS`).
 const F16_MAX_K: usize = 16384;
 /// Dynamic shared memory the matvec kernels opt in to (two row buffers per
@@ -172,6 +174,7 @@ pub struct Kernels {
     mv_q4_k: CudaFunction,
     mv_iq2_xxs: CudaFunction,
     mv_f16: CudaFunction,
+    mv_f16_warp: CudaFunction,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -207,6 +210,7 @@ impl Kernels {
             mv_q4_k: mv("mv_q4_k")?,
             mv_iq2_xxs: mv("mv_iq2_xxs")?,
             mv_f16: f("mv_f16")?,
+            mv_f16_warp: f("mv_f16_warp")?,
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -275,12 +279,19 @@ impl Kernels {
                     m.k, m.slots
                 )));
             }
+            // Short rows: a warp per row (`mv_f16_warp`), else a block per row.
+            let short = m.k <= F16_WARP_MAX_K;
             let cfg = LaunchConfig {
-                grid_dim: (m.rows as u32, 1, 1),
+                grid_dim: (if short { m.rows.div_ceil(4) } else { m.rows } as u32, 1, 1),
                 block_dim: (F16_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&self.mv_f16);
+            let func = if short {
+                &self.mv_f16_warp
+            } else {
+                &self.mv_f16
+            };
+            let mut b = stream.launch_builder(func);
             b.arg(&m.w).arg(&x).arg(&k).arg(&rows).arg(&ntok).arg(&m.y);
             // SAFETY: matches `mv_f16`; shapes checked above.
             unsafe { b.launch(cfg) }?;

@@ -442,6 +442,13 @@ fn cases() -> Vec<Case> {
             256,
             5,
         ),
+        batched(
+            "indexer.q_b     F16     1024->8192 batched 3 tok",
+            F16,
+            1024,
+            8192,
+            3,
+        ),
     ]
 }
 
