@@ -11,7 +11,7 @@ use ds4_model::{ForwardOptions, Model, Session};
 
 fn bench(c: &mut Criterion) {
     for name in ["tiny-a", "tiny-b"] {
-        let (shape, tensors) = common::load_hf(name);
+        let (shape, tensors) = common::load_gguf(name);
         let (tokens, _) = common::load_seq(name, "text");
         let model = Model::new(
             CpuBackend::new(&shape),

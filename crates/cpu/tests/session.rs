@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use ds4_cpu::CpuBackend;
-use ds4_gguf::GgmlType;
+use ds4_gguf::{GgmlType, GgufFile, GgufWriter};
 use ds4_model::{ForwardOptions, HostKv, KvStore, Model, Session};
 
 fn tokens(n: usize) -> Vec<u32> {
@@ -16,8 +16,14 @@ fn tokens(n: usize) -> Vec<u32> {
 
 #[test]
 fn snapshot_restore_and_rewind_are_exact() {
-    let (shape, tensors) = load_hf("tiny-a");
-    let model = Model::new(CpuBackend::new(&shape), shape.clone(), &tensors, ForwardOptions::default()).unwrap();
+    let (shape, file) = load_gguf("tiny-a");
+    let model = Model::new(
+        CpuBackend::new(&shape),
+        shape.clone(),
+        &file,
+        ForwardOptions::default(),
+    )
+    .unwrap();
     let toks = tokens(90);
     let ctx = 128;
     // Reference: one session over everything, logits of every position.
@@ -52,8 +58,14 @@ fn snapshot_restore_and_rewind_are_exact() {
 
 #[test]
 fn bad_snapshots_are_refused() {
-    let (shape, tensors) = load_hf("tiny-a");
-    let model = Model::new(CpuBackend::new(&shape), shape.clone(), &tensors, ForwardOptions::default()).unwrap();
+    let (shape, file) = load_gguf("tiny-a");
+    let model = Model::new(
+        CpuBackend::new(&shape),
+        shape.clone(),
+        &file,
+        ForwardOptions::default(),
+    )
+    .unwrap();
     let mut s = Session::new(&model, 64, 8).unwrap();
     s.feed(&tokens(10), 8, None).unwrap();
     let snap = s.snapshot().unwrap();
@@ -67,27 +79,46 @@ fn bad_snapshots_are_refused() {
     bad[0] = b'X';
     assert!(same.restore(&bad).is_err());
     // Another model (tiny-b): refused by the fingerprint.
-    let (shape_b, tensors_b) = load_hf("tiny-b");
-    let model_b = Model::new(CpuBackend::new(&shape_b), shape_b, &tensors_b, ForwardOptions::default()).unwrap();
+    let (shape_b, file_b) = load_gguf("tiny-b");
+    let model_b = Model::new(
+        CpuBackend::new(&shape_b),
+        shape_b,
+        &file_b,
+        ForwardOptions::default(),
+    )
+    .unwrap();
     let mut sb = Session::new(&model_b, 64, 8).unwrap();
     let err = sb.restore(&snap).unwrap_err();
-    assert!(err.to_string().contains("model") || err.to_string().contains("vocab"), "{err}");
+    assert!(
+        err.to_string().contains("model") || err.to_string().contains("vocab"),
+        "{err}"
+    );
     assert!(same.restore(&snap).is_ok());
 }
 
 #[test]
 fn memory_estimate_matches_allocation() {
-    let (shape, _) = load_hf("tiny-a");
+    let (shape, _) = load_gguf("tiny-a");
     for ctx in [1, 7, 16, 100, 4096] {
         let kv = HostKv::new(&shape, ctx);
-        assert_eq!(kv.memory_bytes(), HostKv::estimate_bytes(&shape, ctx), "ctx {ctx}");
+        assert_eq!(
+            kv.memory_bytes(),
+            HostKv::estimate_bytes(&shape, ctx),
+            "ctx {ctx}"
+        );
     }
 }
 
 #[test]
 fn context_overflow_and_bad_tokens_are_errors() {
-    let (shape, tensors) = load_hf("tiny-a");
-    let model = Model::new(CpuBackend::new(&shape), shape.clone(), &tensors, ForwardOptions::default()).unwrap();
+    let (shape, file) = load_gguf("tiny-a");
+    let model = Model::new(
+        CpuBackend::new(&shape),
+        shape.clone(),
+        &file,
+        ForwardOptions::default(),
+    )
+    .unwrap();
     let mut s = Session::new(&model, 8, 4).unwrap();
     assert!(s.feed(&tokens(9), 4, None).is_err());
     assert!(s.feed(&[shape.vocab as u32], 1, None).is_err());
@@ -96,16 +127,29 @@ fn context_overflow_and_bad_tokens_are_errors() {
 }
 
 /// Quantises the published-Q8_0 tensors to Q8_0 and the experts to Q2_K, and builds the
-/// same model with those quantised weights dequantised to F32.
-fn quantised_pair(src: &MemTensors) -> (MemTensors, MemTensors) {
-    let (mut q, mut dq) = (MemTensors::default(), MemTensors::default());
-    for (name, t) in &src.map {
+/// same model with those quantised weights dequantised to F32 (both as GGUF files with the
+/// source's metadata).
+fn quantised_pair(src: &GgufFile) -> (GgufFile, GgufFile) {
+    let (mut q, mut dq) = (GgufWriter::new(), GgufWriter::new());
+    for (key, value) in src.metadata() {
+        q.add_kv(key, value.clone());
+        dq.add_kv(key, value.clone());
+    }
+    for t in src.tensors() {
+        let name = t.name.as_str();
+        let data = src.tensor_data(t);
         let target = if name.ends_with("_exps.weight") {
             Some(GgmlType::Q2_K)
-        } else if ["attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
-            "attn_output_b.weight", "shexp.weight"]
-            .iter()
-            .any(|s| name.ends_with(s))
+        } else if [
+            "attn_q_a.weight",
+            "attn_q_b.weight",
+            "attn_kv.weight",
+            "attn_output_a.weight",
+            "attn_output_b.weight",
+            "shexp.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
             || name == "output.weight"
         {
             Some(GgmlType::Q8_0)
@@ -114,13 +158,15 @@ fn quantised_pair(src: &MemTensors) -> (MemTensors, MemTensors) {
         };
         match target {
             None => {
-                q.insert(name, t.ty, t.dims.clone(), t.data.clone());
-                dq.insert(name, t.ty, t.dims.clone(), t.data.clone());
+                q.add_tensor(name, &t.dims, t.ggml_type, data.to_vec())
+                    .unwrap();
+                dq.add_tensor(name, &t.dims, t.ggml_type, data.to_vec())
+                    .unwrap();
             }
             Some(ty) => {
                 let n: usize = t.dims.iter().product::<u64>() as usize;
                 let mut f = vec![0.0f32; n];
-                ds4_quant::dequantize_row(t.ty, &t.data, &mut f).unwrap();
+                ds4_quant::dequantize_row(t.ggml_type, data, &mut f).unwrap();
                 let k = t.dims[0] as usize;
                 let mut qbytes = Vec::new();
                 let mut back = Vec::with_capacity(n * 4);
@@ -131,21 +177,28 @@ fn quantised_pair(src: &MemTensors) -> (MemTensors, MemTensors) {
                     back.extend(d.iter().flat_map(|v| v.to_le_bytes()));
                     qbytes.extend(qr);
                 }
-                q.insert(name, ty, t.dims.clone(), qbytes);
-                dq.insert(name, GgmlType::F32, t.dims.clone(), back);
+                q.add_tensor(name, &t.dims, ty, qbytes).unwrap();
+                dq.add_tensor(name, &t.dims, GgmlType::F32, back).unwrap();
             }
         }
     }
-    (q, dq)
+    let read = |w: GgufWriter| {
+        let mut bytes = Vec::new();
+        w.write_to(&mut bytes).unwrap();
+        GgufFile::from_bytes(bytes).unwrap()
+    };
+    (read(q), read(dq))
 }
 
 #[test]
 fn quantised_variant_vs_dequantised() {
-    let (shape, tensors) = load_hf("tiny-a");
-    let (q, dq) = quantised_pair(&tensors);
+    let (shape, file) = load_gguf("tiny-a");
+    let (q, dq) = quantised_pair(&file);
     let toks = tokens(64);
-    let opts = ForwardOptions { official_rounding: false };
-    let run = |src: &MemTensors| {
+    let opts = ForwardOptions {
+        official_rounding: false,
+    };
+    let run = |src: &GgufFile| {
         let m = Model::new(CpuBackend::new(&shape), shape.clone(), src, opts).unwrap();
         let mut s = Session::new(&m, 64, 64).unwrap();
         let mut out = Vec::new();
@@ -155,7 +208,9 @@ fn quantised_variant_vs_dequantised() {
     let lq = run(&q);
     let ldq = run(&dq);
     let (err, pos) = max_rel_err(&lq, &ldq, shape.vocab);
-    eprintln!("tiny-a Q8_0 + Q2_K experts vs same weights dequantised: max |Δ|/max|ref| = {err:.3e} (position {pos})");
+    eprintln!(
+        "tiny-a Q8_0 + Q2_K experts vs same weights dequantised: max |Δ|/max|ref| = {err:.3e} (position {pos})"
+    );
     // Only activation quantisation (Q8_0 per 32, Q8_K per 256) separates the two.
     // (Random tiny weights amplify it: logits of a 6-layer HC stack.)
     let mean: f32 = lq.iter().zip(&ldq).map(|(a, b)| (a - b).abs()).sum::<f32>() / lq.len() as f32;
@@ -164,17 +219,32 @@ fn quantised_variant_vs_dequantised() {
     assert!(err > 0.0 && err < 0.5, "{err}");
     // Same argmax at almost every position.
     let v = shape.vocab;
-    let argmax = |r: &[f32]| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
-    let agree = lq.chunks(v).zip(ldq.chunks(v)).filter(|(a, b)| argmax(a) == argmax(b)).count();
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .0
+    };
+    let agree = lq
+        .chunks(v)
+        .zip(ldq.chunks(v))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
     eprintln!("argmax agreement: {agree}/{}", toks.len());
     assert!(agree * 10 >= toks.len() * 8);
 }
 
 #[test]
 fn official_rounding_changes_little() {
-    let (shape, tensors) = load_hf("tiny-a");
+    let (shape, file) = load_gguf("tiny-a");
     let (toks, want) = load_seq("tiny-a", "text");
-    let m = Model::new(CpuBackend::new(&shape), shape.clone(), &tensors, ForwardOptions::default()).unwrap();
+    let m = Model::new(
+        CpuBackend::new(&shape),
+        shape.clone(),
+        &file,
+        ForwardOptions::default(),
+    )
+    .unwrap();
     let mut s = Session::new(&m, toks.len(), 64).unwrap();
     let mut got = Vec::new();
     s.feed(&toks, 64, Some(&mut got)).unwrap();
