@@ -317,6 +317,7 @@ async fn run(state: &Arc<AppState>, body: Body) -> ApiResult<Response> {
             next_output: 0,
             reasoning: None,
             message: None,
+            live_calls: Vec::new(),
             items: Vec::new(),
         };
         return Ok(sse::respond(state, API, generation, dialect).await);
@@ -452,7 +453,23 @@ struct ResponseStream {
     reasoning: Option<(String, usize, String, bool)>,
     /// (item id, output index, text so far)
     message: Option<(String, usize, String)>,
+    /// Function calls projected live from the DSML block, in block order.
+    live_calls: Vec<LiveCall>,
     items: Vec<(usize, Value)>,
+}
+
+/// A function call whose item was opened while its DSML was still being generated.
+struct LiveCall {
+    /// Position of the call within the DSML block (the parser's `index`).
+    block_index: usize,
+    output_index: usize,
+    item_id: String,
+    call_id: String,
+    name: String,
+    /// Concatenation of every arguments delta sent so far.
+    arguments: String,
+    /// `response.output_item.done` was sent (the invoke end tag was seen).
+    closed: bool,
 }
 
 impl ResponseStream {
@@ -514,6 +531,115 @@ impl ResponseStream {
         ));
         self.items.push((index, item));
     }
+
+    fn live_call(&mut self, block_index: usize) -> Option<&mut LiveCall> {
+        self.live_calls
+            .iter_mut()
+            .find(|c| c.block_index == block_index && !c.closed)
+    }
+
+    /// Opens a `function_call` item as soon as the invoke tag names the function. Text
+    /// and reasoning end at the DSML block, so their items are closed first to keep
+    /// output indexes in generation order. Custom (freeform) tools are not projected:
+    /// their `input` is only known from the final parse.
+    fn open_live_call(
+        &mut self,
+        out: &mut Vec<Event>,
+        block_index: usize,
+        call_id: String,
+        name: String,
+    ) {
+        if self.meta.custom_tools.contains(&name) {
+            return;
+        }
+        self.close_reasoning(out, true);
+        self.close_message(out, "completed");
+        let output_index = self.next_output;
+        self.next_output += 1;
+        let item_id = format!("fc_{}", random_hex(12));
+        out.push(self.ev(
+            "response.output_item.added",
+            json!({"output_index": output_index, "item": {"id": item_id, "type": "function_call",
+                "status": "in_progress", "name": name, "call_id": call_id, "arguments": ""}}),
+        ));
+        self.live_calls.push(LiveCall {
+            block_index,
+            output_index,
+            item_id,
+            call_id,
+            name,
+            arguments: String::new(),
+            closed: false,
+        });
+    }
+
+    fn live_args(&mut self, out: &mut Vec<Event>, block_index: usize, fragment: String) {
+        let Some(call) = self.live_call(block_index) else {
+            return;
+        };
+        call.arguments.push_str(&fragment);
+        let body =
+            json!({"item_id": call.item_id, "output_index": call.output_index, "delta": fragment});
+        out.push(self.ev("response.function_call_arguments.delta", body));
+    }
+
+    /// Sends `arguments.done` and `output_item.done` for a live call and records its item.
+    fn close_live_call(&mut self, out: &mut Vec<Event>, pos: usize, status: &str) {
+        let Some(call) = self.live_calls.get_mut(pos) else {
+            return;
+        };
+        call.closed = true;
+        let (item_id, output_index) = (call.item_id.clone(), call.output_index);
+        let item = json!({"id": item_id, "type": "function_call", "status": status,
+            "name": call.name, "call_id": call.call_id, "arguments": call.arguments});
+        let done = json!({"item_id": item_id, "output_index": output_index,
+            "name": call.name, "arguments": call.arguments});
+        out.push(self.ev("response.function_call_arguments.done", done));
+        out.push(self.ev(
+            "response.output_item.done",
+            json!({"output_index": output_index, "item": item.clone()}),
+        ));
+        self.items.push((output_index, item));
+    }
+
+    /// Calls whose invoke end never streamed (projection stopped, or generation ended
+    /// mid-call): the authoritative parse completes them where it extends what was sent.
+    fn finish_live_calls(
+        &mut self,
+        out: &mut Vec<Event>,
+        calls: &[crate::stream::ToolCall],
+        status: &str,
+    ) {
+        for pos in 0..self.live_calls.len() {
+            let Some(call) = self.live_calls.get(pos).filter(|c| !c.closed) else {
+                continue;
+            };
+            let parsed = calls.iter().find(|p| p.id == call.call_id);
+            let (item_id, output_index, sent) = (
+                call.item_id.clone(),
+                call.output_index,
+                call.arguments.clone(),
+            );
+            let status = match parsed {
+                Some(p) => {
+                    if let Some(rest) = p
+                        .arguments
+                        .strip_prefix(sent.as_str())
+                        .filter(|r| !r.is_empty())
+                    {
+                        out.push(self.ev("response.function_call_arguments.delta",
+                            json!({"item_id": item_id, "output_index": output_index, "delta": rest})));
+                    }
+                    if let Some(c) = self.live_calls.get_mut(pos) {
+                        c.arguments = p.arguments.clone();
+                    }
+                    status
+                }
+                None => "incomplete",
+            };
+            self.close_live_call(out, pos, status);
+        }
+    }
 }
 
 impl SseDialect for ResponseStream {
@@ -565,8 +691,20 @@ impl SseDialect for ResponseStream {
                         json!({"item_id": id, "output_index": index, "content_index": 0, "delta": s})));
                 }
             }
-            // Tool calls are sent complete at the end (from the authoritative parse).
-            _ => {}
+            OutEvent::ToolStart { index, id, name } => {
+                self.open_live_call(&mut out, index, id, name);
+            }
+            OutEvent::ToolArgs { index, fragment } => self.live_args(&mut out, index, fragment),
+            OutEvent::ToolEnd { index } => {
+                if let Some(pos) = self
+                    .live_calls
+                    .iter()
+                    .position(|c| c.block_index == index && !c.closed)
+                {
+                    self.close_live_call(&mut out, pos, "completed");
+                }
+            }
+            OutEvent::Reasoning(_) => {}
         }
         out
     }
@@ -581,7 +719,11 @@ impl SseDialect for ResponseStream {
         let mut out = Vec::new();
         self.close_reasoning(&mut out, c.reasoning_closed);
         self.close_message(&mut out, item_status);
+        self.finish_live_calls(&mut out, &c.calls, item_status);
         for call in &c.calls {
+            if self.live_calls.iter().any(|l| l.call_id == call.id) {
+                continue;
+            }
             let index = self.next_output;
             self.next_output += 1;
             let item = call_item(&self.meta, call, item_status);

@@ -27,6 +27,7 @@ pub fn script_json(context: u32) -> String {
         "context": context,
         "rules": [
             {"match": "list files", "output": tool},
+            {"match": "stream the tool slowly", "output": tool, "token_delay_ms": 4},
             {"match": "slow please", "output": "z".repeat(400), "token_delay_ms": 25},
             {"match": "long prefill", "output": "Thought.</think>Done.", "prefill_delay_ms": 900},
             {"match": "stop test", "output": "alpha beta STOP gamma"},
