@@ -22,12 +22,12 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Render a chat request (official DeepSeek V4 encoder) to the prompt text on stdout.
     RenderChat(cmd::render_chat::Args),
-    /// Show a GGUF file's header, metadata and tensors; validate deepseek4 files.
-    Inspect(cmd::inspect::Args),
     /// Token ids of a text as a JSON array (vocabulary from a GGUF file).
     Tokenize(cmd::tokenize::Args),
     /// Logits of every position of a token sequence (little-endian f32 [n × vocab]).
     Logits(cmd::logits::Args),
+    /// Show a GGUF file's header, metadata and tensors; validate deepseek4 files.
+    Inspect(cmd::inspect::Args),
     /// OpenAI- and Anthropic-compatible HTTP server.
     Serve(cmd::serve::Args),
     /// GPU-vs-CPU parity checks of every CUDA kernel (named tolerances).
@@ -50,9 +50,9 @@ fn main() -> anyhow::Result<()> {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::RenderChat(args) => cmd::render_chat::run(args),
-        Command::Inspect(args) => cmd::inspect::run(args),
         Command::Tokenize(args) => cmd::tokenize::run(args),
         Command::Logits(args) => cmd::logits::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
         Command::Bench(args) => cmd::bench::run(args),
