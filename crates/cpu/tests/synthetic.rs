@@ -5,24 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 use ds4_cpu::CpuBackend;
-use ds4_model::config::Config;
-use ds4_model::synthetic::{ExpertTypes, SyntheticWeights};
+use ds4_model::synthetic::{ExpertTypes, SyntheticWeights, reduced_config};
 use ds4_model::{ForwardOptions, Model, Session};
-
-/// Reduced dims, every layer kind: [SWA hash, CSA hash, HCA, CSA].
-fn small() -> Config {
-    Config {
-        compress_ratios: vec![0, 4, 16, 4],
-        n_layer: 4,
-        n_hash_layers: 2,
-        swiglu_clamp: vec![10.0; 4],
-        ..Config::tiny()
-    }
-}
 
 #[test]
 fn synthetic_forward_gives_finite_logits() {
-    let cfg = small();
+    let cfg = reduced_config();
     let shape = cfg.shape();
     let w = SyntheticWeights::generate(&cfg, ExpertTypes::Q2, 42).unwrap();
     let model = Model::new(
@@ -70,7 +58,7 @@ fn synthetic_forward_gives_finite_logits() {
 
 #[test]
 fn q4_experts_also_run() {
-    let cfg = small();
+    let cfg = reduced_config();
     let shape = cfg.shape();
     let w = SyntheticWeights::generate(&cfg, ExpertTypes::Q4, 43).unwrap();
     let model = Model::new(

@@ -664,27 +664,28 @@ impl Rng {
     }
 }
 
+/// Reduced dims with every layer kind ([SWA hash, CSA hash, HCA, CSA]): small enough
+/// for unit tests, with the published tensor types.
+pub fn reduced_config() -> Config {
+    Config {
+        compress_ratios: vec![0, 4, 16, 4],
+        n_layer: 4,
+        n_hash_layers: 2,
+        swiglu_clamp: vec![10.0; 4],
+        ..Config::tiny()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::weights::ModelWeights;
 
-    /// Reduced dims, every layer kind: [SWA hash, CSA hash, HCA, CSA].
-    fn small() -> Config {
-        Config {
-            compress_ratios: vec![0, 4, 16, 4],
-            n_layer: 4,
-            n_hash_layers: 2,
-            swiglu_clamp: vec![10.0; 4],
-            ..Config::tiny()
-        }
-    }
-
     #[test]
     fn binds_with_published_types() {
         for experts in [ExpertTypes::Q2, ExpertTypes::Q4] {
-            let cfg = small();
+            let cfg = reduced_config();
             let w = SyntheticWeights::generate(&cfg, experts, 7).unwrap();
             let mw = ModelWeights::bind(&w, &cfg.shape()).unwrap();
             assert_eq!(mw.token_embd.ty, GgmlType::F16);
@@ -710,7 +711,7 @@ mod tests {
 
     #[test]
     fn tid2eid_rows_are_distinct_and_in_range() {
-        let cfg = small();
+        let cfg = reduced_config();
         let w = SyntheticWeights::generate(&cfg, ExpertTypes::Q2, 3).unwrap();
         let t = w.tensor("blk.0.ffn_gate_tid2eid.weight").unwrap();
         let ids: Vec<i32> = t
@@ -732,7 +733,7 @@ mod tests {
     #[test]
     fn matrices_have_the_target_rms() {
         for experts in [ExpertTypes::Q2, ExpertTypes::Q4] {
-            let cfg = small();
+            let cfg = reduced_config();
             let w = SyntheticWeights::generate(&cfg, experts, 11).unwrap();
             let mut checked = 0;
             for t in w.tensors() {
@@ -764,7 +765,7 @@ mod tests {
 
     #[test]
     fn deterministic_in_the_seed() {
-        let cfg = small();
+        let cfg = reduced_config();
         let a = SyntheticWeights::generate(&cfg, ExpertTypes::Q2, 5).unwrap();
         let b = SyntheticWeights::generate(&cfg, ExpertTypes::Q2, 5).unwrap();
         let c = SyntheticWeights::generate(&cfg, ExpertTypes::Q2, 6).unwrap();
@@ -795,7 +796,7 @@ mod tests {
 
     #[test]
     fn inconsistent_config_is_an_error() {
-        let mut cfg = small();
+        let mut cfg = reduced_config();
         cfg.n_hash_layers = 9;
         let err = SyntheticWeights::generate(&cfg, ExpertTypes::Q2, 1).unwrap_err();
         assert!(err.to_string().contains("hash_layer_count"), "{err}");
