@@ -127,9 +127,11 @@ fn run_worker(
         } else {
             run_one(generator.as_mut(), &request, &mut sink)
         };
+        // The job is done before its terminal event goes out, so whoever sees that event
+        // also sees the queue without it.
+        queued.fetch_sub(1, Ordering::AcqRel);
         // A sink that panics must not take the worker down either.
         let _ = catch_unwind(AssertUnwindSafe(|| sink(terminal)));
-        queued.fetch_sub(1, Ordering::AcqRel);
     }
     tracing::debug!("inference worker exiting: all handles dropped");
 }
