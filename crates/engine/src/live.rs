@@ -2,8 +2,11 @@
 //! prefill with progress, sampling, and lazy feeding of sampled tokens.
 //!
 //! Prefix reuse: a new prompt that starts with the live session's tokens is served by
-//! feeding only the new suffix. A prompt that diverges rewinds the session to the common
-//! prefix first (exact; see `Session::rewind`).
+//! feeding only the new suffix. Before the last token of every prompt the session is
+//! checkpointed: the next prompt of a thinking-mode conversation re-renders that last
+//! token (`<think>` becomes `</think>` once the reasoning is dropped), so it restarts from
+//! the checkpoint instead of recomputing its history. Any other divergence rewinds the
+//! session (exact, but it recomputes the kept tokens; see `Session::rewind`).
 //!
 //! A sampled token is fed into the KV state only when generation continues past it, so
 //! the last token of a reply (stop sequence, end of a tool block) never has to be rewound
@@ -115,6 +118,9 @@ pub struct ModelGenerator {
     sampler: Sampler,
     chunk: usize,
     eos: u32,
+    /// Snapshot of the session just before the last token of the previous prompt:
+    /// (its token count, the snapshot bytes).
+    checkpoint: Option<(usize, Vec<u8>)>,
 }
 
 impl ModelGenerator {
@@ -128,6 +134,7 @@ impl ModelGenerator {
             sampler: Sampler::new(SamplerConfig::default()),
             chunk: chunk.max(1),
             eos: loaded.tokenizer.eos(),
+            checkpoint: None,
         })
     }
 
@@ -137,42 +144,70 @@ impl ModelGenerator {
     }
 
     /// Brings the live session to exactly `prompt`, reusing the longest common prefix.
-    /// Returns how many prompt tokens were already in the session.
+    /// Returns how many prompt tokens were served without being computed again, or
+    /// `None` when the request was cancelled or stopped during prefill.
     fn sync_prompt(
         &mut self,
         prompt: &[u32],
         req: &GenerationRequest,
         emit: &mut dyn FnMut(GenerationEvent) -> Directive,
     ) -> Result<Option<usize>, GenerateError> {
+        let err = |e: ds4_model::Error| GenerateError(e.to_string());
         let live = self.session.tokens();
+        let live_len = live.len();
         let mut common = live.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // The last prompt token must be fed to produce its logits; keep one back if the
         // session already holds the whole prompt but has no logits for it.
-        if common == prompt.len() && (common != live.len() || self.session.last_logits().is_empty())
-        {
+        if common == prompt.len() && (common != live_len || self.session.last_logits().is_empty()) {
             common = common.saturating_sub(1);
         }
-        if common < live.len() {
-            tracing::debug!(from = live.len(), to = common, "rewinding live session");
-            self.session
-                .rewind(common)
-                .map_err(|e| GenerateError(e.to_string()))?;
+        let mut reused = common;
+        if common < live_len {
+            match self.checkpoint.take() {
+                Some((pos, bytes)) if pos <= common => {
+                    tracing::debug!(from = live_len, to = pos, "restoring the prompt checkpoint");
+                    self.session.restore(&bytes).map_err(err)?;
+                    self.checkpoint = Some((pos, bytes));
+                    reused = pos;
+                }
+                stale => {
+                    tracing::debug!(
+                        from = live_len,
+                        to = common,
+                        "rewinding live session (recompute)"
+                    );
+                    self.checkpoint = stale.filter(|(pos, _)| *pos <= common);
+                    self.session.rewind(common).map_err(err)?;
+                    reused = 0;
+                }
+            }
         }
         let total = prompt.len() as u32;
-        let rest = &prompt[common..];
-        for piece in rest.chunks(self.chunk) {
+        let last = prompt.len() - 1;
+        while self.session.n_tokens() < prompt.len() {
             if req.cancel.is_cancelled() {
                 return Ok(None);
             }
+            let at = self.session.n_tokens();
+            if at == last {
+                let snapshot = self.session.snapshot().map_err(err)?;
+                self.checkpoint = Some((at, snapshot));
+            }
+            // Chunks stop just before the last token so the checkpoint can be taken there.
+            let end = if at < last {
+                (at + self.chunk).min(last)
+            } else {
+                prompt.len()
+            };
             self.session
-                .feed(piece, self.chunk, None)
-                .map_err(|e| GenerateError(e.to_string()))?;
+                .feed(&prompt[at..end], self.chunk, None)
+                .map_err(err)?;
             let done = self.session.n_tokens() as u32;
             if done < total && emit(GenerationEvent::Prefill { done, total }) == Directive::Stop {
                 return Ok(None);
             }
         }
-        Ok(Some(common))
+        Ok(Some(reused))
     }
 }
 

@@ -101,13 +101,32 @@ fn reuse_extend_and_rewind_match_fresh_sessions() {
     let mut third_prompt = prompt.clone();
     third_prompt.extend(&first[..4]);
     third_prompt.push(first[4] ^ 1);
+    // That point lies before the last checkpoint, so the kept tokens are recomputed.
     let (third, cached, _) = run(&mut live, &greedy(third_prompt.clone(), 10));
-    assert_eq!(cached as usize, prompt.len() + 4);
+    assert_eq!(cached, 0);
     let mut fresh = ModelGenerator::new(&loaded, 256, 8).expect("generator");
-    let (third_fresh, _, _) = run(&mut fresh, &greedy(third_prompt, 10));
+    let (third_fresh, _, _) = run(&mut fresh, &greedy(third_prompt.clone(), 10));
     assert_eq!(
         third, third_fresh,
         "rewinding the live session changed the output"
+    );
+
+    // Turn 4 re-renders the last prompt token differently (as thinking mode does with
+    // `<think>`): the session restarts from the checkpoint taken before that token.
+    let mut fourth_prompt = third_prompt.clone();
+    let last = fourth_prompt.len() - 1;
+    fourth_prompt[last] ^= 2;
+    fourth_prompt.extend([11, 12, 13]);
+    let (fourth, cached, _) = run(&mut live, &greedy(fourth_prompt.clone(), 10));
+    assert_eq!(
+        cached as usize, last,
+        "the checkpoint before the last prompt token was not used"
+    );
+    let mut fresh4 = ModelGenerator::new(&loaded, 256, 8).expect("generator");
+    let (fourth_fresh, _, _) = run(&mut fresh4, &greedy(fourth_prompt, 10));
+    assert_eq!(
+        fourth, fourth_fresh,
+        "restoring the checkpoint changed the output"
     );
 
     // The same prompt again: nothing new to prefill but its last token.

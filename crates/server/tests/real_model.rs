@@ -70,7 +70,9 @@ async fn tiny_model_answers_and_reuses_its_session() {
         "only {cached} of {prompt_tokens} prompt tokens reused: {v2}"
     );
 
-    // A follow-up turn extends the conversation: its history is not prefilled again.
+    // A follow-up turn extends the conversation: its history is not prefilled again (at
+    // least the first prompt up to its last token, where the prompt checkpoint sits; the
+    // sampled reply may tokenize differently when re-rendered as text).
     let follow = json!({"model": "deepseek-chat", "max_tokens": 4, "temperature": 0, "messages": [
         {"role": "user", "content": "Write a haiku about caches."},
         {"role": "assistant", "content": answer},
@@ -83,7 +85,7 @@ async fn tiny_model_answers_and_reuses_its_session() {
         .as_u64()
         .unwrap();
     assert!(
-        cached >= prompt_tokens as u64,
+        cached + 1 >= prompt_tokens as u64,
         "follow-up reused only {cached} tokens: {v3}"
     );
 
