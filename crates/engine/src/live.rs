@@ -189,7 +189,9 @@ impl ModelGenerator {
                 return Ok(None);
             }
             let at = self.session.n_tokens();
-            if at == last {
+            // The checkpoint always holds a prefix state of the live session, so one
+            // already taken at this position is the same state: don't copy it again.
+            if at == last && self.checkpoint.as_ref().map(|(pos, _)| *pos) != Some(at) {
                 let snapshot = self.session.snapshot().map_err(err)?;
                 self.checkpoint = Some((at, snapshot));
             }
