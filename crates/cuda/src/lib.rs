@@ -9,10 +9,12 @@
 //!   matrix-vector products (dense, batched, grouped, routed experts).
 //! * [`selftest`]: GPU-vs-CPU checks of every kernel at full Flash dims.
 //! * [`bench`]: the synthetic decode-step weight-streaming benchmark.
+//! * [`plan`]: the GPU memory planner (what goes where, does it fit).
 
 pub mod bench;
 pub mod compile;
 pub mod kernels;
+pub mod plan;
 pub mod runtime;
 pub mod selftest;
 
@@ -49,6 +51,8 @@ pub enum Error {
     Unsupported(ds4_gguf::GgmlType),
     #[error(transparent)]
     Quant(#[from] ds4_quant::Error),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
