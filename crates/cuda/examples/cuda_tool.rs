@@ -3,6 +3,7 @@
 //! binary can't be built.
 //!   cuda_tool selftest
 //!   cuda_tool bench q2|q4 LAYERS CTX[,CTX...] ITERS [CSV_PATH]
+//!   cuda_tool bench-gemm [ITERS]   (prefill GEMMs, `bench::bench_gemm`)
 
 use ds4_cuda::bench::{BenchOpts, Synthetic};
 
@@ -47,7 +48,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 std::fs::write(p, &csv)?;
             }
         }
-        _ => return Err("usage: cuda_tool selftest | bench q2|q4 LAYERS CTX ITERS [CSV]".into()),
+        Some("bench-gemm") => {
+            let iters = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+            ds4_cuda::bench::bench_gemm(&rt, &kernels, iters, |l| println!("{l}"))?;
+        }
+        _ => {
+            return Err(
+                "usage: cuda_tool selftest | bench q2|q4 LAYERS CTX ITERS [CSV] | bench-gemm [ITERS]"
+                    .into(),
+            );
+        }
     }
     Ok(())
 }

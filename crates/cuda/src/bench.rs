@@ -702,6 +702,238 @@ fn capture(rt: &CudaRuntime, f: impl FnOnce() -> Result<()>) -> Result<cudarc::d
     Ok(graph)
 }
 
+// ---------------------------------------------------------------------------
+// Prefill GEMM bench (`crate::gemm`).
+// ---------------------------------------------------------------------------
+
+/// One timed prefill GEMM.
+#[derive(Debug, Clone)]
+pub struct GemmBenchRow {
+    pub name: &'static str,
+    pub ty: GgmlType,
+    pub k: usize,
+    pub rows: usize,
+    /// Tokens (dense) or slots (routed: tokens × 6).
+    pub tokens: usize,
+    pub ms: f64,
+}
+
+impl GemmBenchRow {
+    /// Multiply-adds counted as 2 FLOP.
+    pub fn tflops(&self) -> f64 {
+        2.0 * (self.k * self.rows * self.tokens) as f64 / (self.ms * 1e-3) / 1e12
+    }
+}
+
+/// Full-model prefill tokens/s these rates imply: 43 layers of the quantized
+/// projections (the F16 ones, attention, norms, HC and the rest excluded; the
+/// output head is only needed for the last token of a chunk).
+pub fn gemm_prefill_estimate(rows: &[GemmBenchRow], routed: &[&str; 2]) -> Option<f64> {
+    let rate = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map(|r| r.tflops() * 1e12)
+    };
+    let q8 = |k: usize, n: usize, name: &str| rate(name).map(|r| 2.0 * (k * n) as f64 / r);
+    let per_layer = q8(D, Q_LORA, "q8_0 4096->1024")?
+        + q8(D, HEAD, "q8_0 4096->1024")?
+        + q8(Q_LORA, Q_DIM, "q8_0 1024->32768")?
+        + q8(D * O_GROUPS, Q_LORA, "q8_0 4096->1024")?
+        + q8(O_LOW, D, "q8_0 8192->4096")?
+        + 2.0 * q8(D, FFN, "q8_0 4096->2048")?
+        + q8(FFN, D, "q8_0 2048->4096")?
+        + 2.0 * q8(D * N_ACTIVE, FFN, routed[0])?
+        + q8(FFN * N_ACTIVE, D, routed[1])?;
+    Some(1.0 / (N_LAYERS as f64 * per_layer))
+}
+
+/// Times the prefill GEMMs at 2048 tokens (routed: 2048 × 6 slots over 256
+/// experts, ids uniformly random, distinct per token) on device-generated
+/// random weights; the median of `iters` runs after warm-up. The activation
+/// quantisation is not included (it runs once per input, not per product).
+pub fn bench_gemm(
+    rt: &CudaRuntime,
+    kern: &Kernels,
+    iters: usize,
+    mut report: impl FnMut(&str),
+) -> Result<Vec<GemmBenchRow>> {
+    use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
+    use GgmlType::*;
+    const T: usize = 2048;
+    let gk = GemmKernels::load(rt)?;
+    let stream = &rt.stream;
+    let mut out = Vec::new();
+    let x = DevBuf::zeros(stream, T * N_ACTIVE * FFN.max(D) * 4)?;
+    kern.synth_f32(x.ptr, (T * N_ACTIVE * FFN.max(D)) as u64, 1.0, 11)?;
+    let y = DevBuf::zeros(stream, T * N_ACTIVE * Q_DIM.max(D) * 4)?;
+    let weights = |ty: GgmlType, k: usize, rows: usize, mats: usize, seed| -> Result<DevBuf> {
+        let bytes = matrix_bytes(ty, k, rows) * mats;
+        let w = DevBuf::zeros(stream, bytes)?;
+        let n_blocks = if ty == F16 {
+            k * rows * mats
+        } else {
+            k * rows * mats / ty.block_elems() as usize
+        };
+        kern.synth_weights(ty, w.ptr, n_blocks as u64, seed)?;
+        Ok(w)
+    };
+    let dense: [(&'static str, GgmlType, usize, usize); 6] = [
+        ("q8_0 4096->1024", Q8_0, D, Q_LORA),
+        ("q8_0 1024->32768", Q8_0, Q_LORA, Q_DIM),
+        ("q8_0 8192->4096", Q8_0, O_LOW, D),
+        ("q8_0 4096->2048", Q8_0, D, FFN),
+        ("q8_0 2048->4096", Q8_0, FFN, D),
+        ("f16 4096->1024", F16, D, 1024),
+    ];
+    for (i, (name, ty, k, rows)) in dense.into_iter().enumerate() {
+        let w = weights(ty, k, rows, 1, 100 + i as u64)?;
+        let act;
+        let input = if ty == F16 {
+            MvInput::F32(x.ptr)
+        } else {
+            act = ActBuf::new(stream, ActKind::for_weight(ty)?, k, T)?;
+            kern.quantize(x.ptr, &act)?;
+            MvInput::Quant(&act)
+        };
+        let g = Gemm {
+            ty,
+            w: w.ptr,
+            k,
+            rows,
+            x: input,
+            x_col0: 0,
+            x_row_len: k,
+            ntok: T,
+            y: y.ptr,
+            y_row_stride: rows,
+            y_col0: 0,
+        };
+        let ms = time_ms(rt, iters, || gk.gemm(&g))?;
+        let row = GemmBenchRow {
+            name,
+            ty,
+            k,
+            rows,
+            tokens: T,
+            ms,
+        };
+        report(&format!(
+            "gemm {name:<28} {T} tok  {ms:8.3} ms  {:7.1} TFLOP/s",
+            row.tflops()
+        ));
+        out.push(row);
+    }
+    // Baseline: today's prefill fallback, the batched matvec, on the first shape.
+    {
+        let w = weights(Q8_0, D, Q_LORA, 1, 99)?;
+        let act = ActBuf::new(stream, ActKind::Q8_0, D, T)?;
+        kern.quantize(x.ptr, &act)?;
+        let m = Matvec {
+            ty: Q8_0,
+            w: w.ptr,
+            k: D,
+            rows: Q_LORA,
+            ntok: T,
+            slots: 1,
+            w_slot_stride: 0,
+            ids: 0,
+            x_group: 1,
+            x: MvInput::Quant(&act),
+            y: y.ptr,
+        };
+        let ms = time_ms(rt, iters.min(5), || kern.matvec(&m))?;
+        let row = GemmBenchRow {
+            name: "matvec batched q8_0 4096->1024 (baseline)",
+            ty: Q8_0,
+            k: D,
+            rows: Q_LORA,
+            tokens: T,
+            ms,
+        };
+        report(&format!(
+            "{:<33} {T} tok  {ms:8.3} ms  {:7.1} TFLOP/s",
+            row.name,
+            row.tflops()
+        ));
+        out.push(row);
+    }
+    // Routed experts.
+    let slots = T * N_ACTIVE;
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut ids: Vec<i32> = Vec::with_capacity(slots);
+    while ids.len() < slots {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let e = (rng % N_EXPERTS as u64) as i32;
+        let start = ids.len() / N_ACTIVE * N_ACTIVE;
+        if !ids[start..].contains(&e) {
+            ids.push(e);
+        }
+    }
+    let ids_dev = DevBuf::from_bytes(stream, bytemuck::cast_slice(&ids))?;
+    let scratch = GemmScratch::new(stream, slots, N_EXPERTS)?;
+    let routed: [(&'static str, GgmlType, usize, usize, usize); 4] = [
+        ("routed iq2_xxs gate 4096->2048", IQ2_XXS, D, FFN, N_ACTIVE),
+        ("routed q2_k down 2048->4096", Q2_K, FFN, D, 1),
+        ("routed q4_k gate 4096->2048", Q4_K, D, FFN, N_ACTIVE),
+        ("routed q4_k down 2048->4096", Q4_K, FFN, D, 1),
+    ];
+    for (i, (name, ty, k, rows, x_group)) in routed.into_iter().enumerate() {
+        let w = weights(ty, k, rows, N_EXPERTS, 200 + i as u64)?;
+        let act = ActBuf::new(stream, ActKind::for_weight(ty)?, k, slots / x_group)?;
+        kern.quantize(x.ptr, &act)?;
+        let g = RoutedGemm {
+            ty,
+            w: w.ptr,
+            w_expert_stride: matrix_bytes(ty, k, rows) as u64,
+            n_expert: N_EXPERTS,
+            k,
+            rows,
+            ids: ids_dev.ptr,
+            n_slots: slots,
+            x_group,
+            x: &act,
+            y: y.ptr,
+        };
+        let ms = time_ms(rt, iters, || gk.routed_gemm(&g, &scratch))?;
+        let row = GemmBenchRow {
+            name,
+            ty,
+            k,
+            rows,
+            tokens: slots,
+            ms,
+        };
+        report(&format!(
+            "gemm {name:<28} {slots} slots {ms:8.3} ms  {:7.1} TFLOP/s",
+            row.tflops()
+        ));
+        out.push(row);
+    }
+    for (label, names) in [
+        (
+            "q2",
+            [
+                "routed iq2_xxs gate 4096->2048",
+                "routed q2_k down 2048->4096",
+            ],
+        ),
+        (
+            "q4",
+            ["routed q4_k gate 4096->2048", "routed q4_k down 2048->4096"],
+        ),
+    ] {
+        if let Some(tps) = gemm_prefill_estimate(&out, &names) {
+            report(&format!(
+                "{label}: quantized projections of 43 layers at these rates -> {tps:.0} prefill tokens/s \
+                 (F16 projections, attention, norms, HC, routing excluded)"
+            ));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

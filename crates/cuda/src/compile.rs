@@ -25,6 +25,12 @@ pub const MATVEC: KernelSource = KernelSource {
     src: include_str!("../kernels/matvec.cu"),
 };
 
+/// Tensor-core prefill GEMMs (`crate::gemm`).
+pub const GEMM: KernelSource = KernelSource {
+    name: "gemm.cu",
+    src: include_str!("../kernels/gemm.cu"),
+};
+
 /// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.
 pub fn arch_for(sm: (i32, i32)) -> String {
     if sm.0 == 9 && sm.1 == 0 {

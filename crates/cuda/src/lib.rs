@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod compile;
+pub mod gemm;
 pub mod kernels;
 pub mod plan;
 pub mod runtime;

@@ -474,6 +474,518 @@ pub fn run_kernel_checks(
         report(&r);
         out.push(r);
     }
+    out.extend(run_gemm_checks(kern, &mut report)?);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Prefill GEMM checks (`crate::gemm`): the same CPU dots, many tokens.
+// ---------------------------------------------------------------------------
+
+/// F16/F32 GEMM: f16 MMA with the activation split into f16 hi + lo parts.
+pub const TOL_F16_GEMM_REL: f32 = 2e-3;
+
+/// One dense GEMM check: `groups` weight matrices of `rows`×`k`, each reading
+/// its own `k`-slice of the activation row (`x_col0 = g·k`) and writing its own
+/// `rows`-slice of the output row (`y_col0 = g·rows`), as attn_output_a does.
+struct GemmCase {
+    name: String,
+    ty: GgmlType,
+    k: usize,
+    rows: usize,
+    ntok: usize,
+    groups: usize,
+}
+
+fn gemm_case(name: &str, ty: GgmlType, k: usize, rows: usize, ntok: usize) -> GemmCase {
+    GemmCase {
+        name: name.to_string(),
+        ty,
+        k,
+        rows,
+        ntok,
+        groups: 1,
+    }
+}
+
+/// Runs `f(i)` for `i < n` on all host cores, collecting the results in order.
+fn par_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1)
+        .clamp(1, 32);
+    let per = n.div_ceil(threads).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| s.spawn(move || (start..(start + per).min(n)).map(f).collect::<Vec<T>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// Quantized activation of one row, as the CPU dots take it.
+fn cpu_act(kind: ActKind, x: &[f32]) -> (Vec<ActQ8_0>, Vec<BlockQ8K>) {
+    match kind {
+        ActKind::Q8_0 => (quantize_act_q8_0(x), Vec::new()),
+        ActKind::Q8K => (Vec::new(), quantize_act_q8_k(x)),
+        ActKind::F32 => (Vec::new(), Vec::new()),
+    }
+}
+
+/// CPU dot including F32 weights (f64 accumulation).
+fn cpu_dot_any(ty: GgmlType, row: &[u8], x: &[f32], q8_0: &[ActQ8_0], q8k: &[BlockQ8K]) -> f32 {
+    if ty == GgmlType::F32 {
+        let w: Vec<f32> = to_blocks::<f32>(row);
+        return w
+            .iter()
+            .zip(x)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum::<f64>() as f32;
+    }
+    cpu_dot(ty, row, x, q8_0, q8k)
+}
+
+fn random_weights_any(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    if ty == GgmlType::F32 {
+        return (0..n)
+            .flat_map(|_| (0.05 * rng.unit()).to_le_bytes())
+            .collect();
+    }
+    random_weights(rng, ty, n)
+}
+
+fn gemm_tol(ty: GgmlType) -> (f32, &'static str) {
+    if matches!(ty, GgmlType::F16 | GgmlType::F32) {
+        (TOL_F16_GEMM_REL, "TOL_F16_GEMM_REL")
+    } else {
+        (TOL_QUANT_DOT_REL, "TOL_QUANT_DOT_REL")
+    }
+}
+
+fn run_gemm_case(
+    kern: &Kernels,
+    gk: &crate::gemm::GemmKernels,
+    rng: &mut Rng,
+    c: &GemmCase,
+) -> Result<CheckResult> {
+    use crate::gemm::Gemm;
+    let stream = kern.stream();
+    let row_len = c.k * c.groups;
+    let out_len = c.rows * c.groups;
+    let rb = matrix_bytes(c.ty, c.k, 1);
+    let w = random_weights_any(rng, c.ty, c.groups * c.rows * c.k);
+    let x = random_act(rng, c.ntok * row_len);
+    let kind = if c.ty == GgmlType::F32 {
+        ActKind::F32
+    } else {
+        ActKind::for_weight(c.ty)?
+    };
+    // CPU: activation quantized per full row (the GPU quantizes the whole row too).
+    let acts: Vec<(Vec<ActQ8_0>, Vec<BlockQ8K>)> = par_map(c.ntok, |t| {
+        cpu_act(kind, &x[t * row_len..(t + 1) * row_len])
+    });
+    let (blk_q8_0, blk_q8k) = (32, 256);
+    let cpu: Vec<f32> = par_map(c.ntok, |t| {
+        let (q0, qk) = &acts[t];
+        let mut out = vec![0f32; out_len];
+        for g in 0..c.groups {
+            let col0 = g * c.k;
+            let xr = &x[t * row_len + col0..t * row_len + col0 + c.k];
+            let q0s = if q0.is_empty() {
+                q0.as_slice()
+            } else {
+                &q0[col0 / blk_q8_0..(col0 + c.k) / blk_q8_0]
+            };
+            let qks = if qk.is_empty() {
+                qk.as_slice()
+            } else {
+                &qk[col0 / blk_q8k..(col0 + c.k) / blk_q8k]
+            };
+            for r in 0..c.rows {
+                let off = (g * c.rows + r) * rb;
+                out[g * c.rows + r] = cpu_dot_any(c.ty, &w[off..off + rb], xr, q0s, qks);
+            }
+        }
+        out
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+
+    let w_dev = DevBuf::from_bytes(stream, &w)?;
+    let x_dev = DevBuf::from_f32(stream, &x)?;
+    let y_dev = DevBuf::from_bytes(stream, &vec![0xffu8; cpu.len() * 4])?;
+    let act;
+    let input = match kind {
+        ActKind::F32 => MvInput::F32(x_dev.ptr),
+        _ => {
+            act = ActBuf::new(stream, kind, row_len, c.ntok)?;
+            kern.quantize(x_dev.ptr, &act)?;
+            MvInput::Quant(&act)
+        }
+    };
+    for g in 0..c.groups {
+        gk.gemm(&Gemm {
+            ty: c.ty,
+            w: w_dev.ptr + (g * c.rows * rb) as u64,
+            k: c.k,
+            rows: c.rows,
+            x: input,
+            x_col0: g * c.k,
+            x_row_len: row_len,
+            ntok: c.ntok,
+            y: y_dev.ptr,
+            y_row_stride: out_len,
+            y_col0: g * c.rows,
+        })?;
+    }
+    stream.synchronize()?;
+    let gpu = y_dev.to_f32(stream)?;
+    let (tol, tol_name) = gemm_tol(c.ty);
+    Ok(compare(c.name.clone(), &gpu, &cpu, tol, tol_name))
+}
+
+/// One routed check: `n_tok` tokens × `top` experts of `n_expert`; `shared_act`:
+/// the `top` slots of a token share its activation row (gate/up), else each
+/// slot has its own (down). CPU reference on every `sample`-th slot; every
+/// output element must be written (finite).
+struct RoutedCase {
+    name: String,
+    ty: GgmlType,
+    k: usize,
+    rows: usize,
+    n_expert: usize,
+    n_tok: usize,
+    top: usize,
+    shared_act: bool,
+    sample: usize,
+}
+
+fn run_routed_case(
+    kern: &Kernels,
+    gk: &crate::gemm::GemmKernels,
+    rng: &mut Rng,
+    c: &RoutedCase,
+) -> Result<CheckResult> {
+    use crate::gemm::{GemmScratch, RoutedGemm};
+    let stream = kern.stream();
+    let n_slots = c.n_tok * c.top;
+    let x_group = if c.shared_act { c.top } else { 1 };
+    let act_rows = n_slots / x_group;
+    let mat = matrix_bytes(c.ty, c.k, c.rows);
+    let rb = mat / c.rows;
+    let w = random_weights(rng, c.ty, c.n_expert * c.rows * c.k);
+    let x = random_act(rng, act_rows * c.k);
+    let mut ids = Vec::with_capacity(n_slots);
+    while ids.len() < n_slots {
+        let e = (rng.next() % c.n_expert as u64) as i32;
+        let start = ids.len() / c.top * c.top;
+        if !ids[start..].contains(&e) {
+            ids.push(e);
+        }
+    }
+    let kind = ActKind::for_weight(c.ty)?;
+    let sampled: Vec<usize> = (0..n_slots).step_by(c.sample.max(1)).collect();
+    let cpu: Vec<f32> = par_map(sampled.len(), |i| {
+        let s = sampled[i];
+        let arow = s / x_group;
+        let xr = &x[arow * c.k..(arow + 1) * c.k];
+        let (q0, qk) = cpu_act(kind, xr);
+        let e = ids[s] as usize;
+        (0..c.rows)
+            .map(|r| {
+                let off = e * mat + r * rb;
+                cpu_dot(c.ty, &w[off..off + rb], xr, &q0, &qk)
+            })
+            .collect::<Vec<f32>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+
+    let w_dev = DevBuf::from_bytes(stream, &w)?;
+    drop(w);
+    let x_dev = DevBuf::from_f32(stream, &x)?;
+    let ids_dev = DevBuf::from_bytes(stream, bytemuck::cast_slice(&ids))?;
+    let y_dev = DevBuf::from_bytes(stream, &vec![0xffu8; n_slots * c.rows * 4])?;
+    let act = ActBuf::new(stream, kind, c.k, act_rows)?;
+    kern.quantize(x_dev.ptr, &act)?;
+    let scratch = GemmScratch::new(stream, n_slots, c.n_expert)?;
+    gk.routed_gemm(
+        &RoutedGemm {
+            ty: c.ty,
+            w: w_dev.ptr,
+            w_expert_stride: mat as u64,
+            n_expert: c.n_expert,
+            k: c.k,
+            rows: c.rows,
+            ids: ids_dev.ptr,
+            n_slots,
+            x_group,
+            x: &act,
+            y: y_dev.ptr,
+        },
+        &scratch,
+    )?;
+    stream.synchronize()?;
+    let all = y_dev.to_f32(stream)?;
+    let unwritten = all.iter().filter(|v| !v.is_finite()).count();
+    let gpu: Vec<f32> = sampled
+        .iter()
+        .flat_map(|&s| all[s * c.rows..(s + 1) * c.rows].iter().copied())
+        .collect();
+    let mut r = compare(
+        c.name.clone(),
+        &gpu,
+        &cpu,
+        TOL_QUANT_DOT_REL,
+        "TOL_QUANT_DOT_REL",
+    );
+    if unwritten > 0 {
+        r.pass = false;
+        r.name = format!("{} ({unwritten} outputs unwritten)", r.name);
+    }
+    Ok(r)
+}
+
+/// The GEMM checks: every type at Flash dims (37 and 512 tokens) and tiny
+/// shapes, the grouped attn_output_a, routed experts (2048 tokens × 6 of 256,
+/// and 4 experts).
+pub fn run_gemm_checks(
+    kern: &Kernels,
+    mut report: impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use GgmlType::*;
+    let gk = crate::gemm::GemmKernels::load_on(kern.stream())?;
+    let mut rng = Rng(0x9e44_0001);
+    let mut out = Vec::new();
+    let dense = vec![
+        gemm_case(
+            "gemm attn_q_a   Q8_0    4096->1024 x 37 tok",
+            Q8_0,
+            4096,
+            1024,
+            37,
+        ),
+        gemm_case(
+            "gemm attn_q_b   Q8_0    1024->32768 x 37 tok",
+            Q8_0,
+            1024,
+            32768,
+            37,
+        ),
+        gemm_case(
+            "gemm shexp_down Q8_0    2048->4096 x 512 tok",
+            Q8_0,
+            2048,
+            4096,
+            512,
+        ),
+        gemm_case(
+            "gemm exps_gate  IQ2_XXS 4096->2048 x 37 tok",
+            IQ2_XXS,
+            4096,
+            2048,
+            37,
+        ),
+        gemm_case(
+            "gemm exps_gate  IQ2_XXS 4096->2048 x 512 tok",
+            IQ2_XXS,
+            4096,
+            2048,
+            512,
+        ),
+        gemm_case(
+            "gemm exps_down  Q2_K    2048->4096 x 37 tok",
+            Q2_K,
+            2048,
+            4096,
+            37,
+        ),
+        gemm_case(
+            "gemm exps_down  Q2_K    2048->4096 x 512 tok",
+            Q2_K,
+            2048,
+            4096,
+            512,
+        ),
+        gemm_case(
+            "gemm exps_gate  Q4_K    4096->2048 x 37 tok",
+            Q4_K,
+            4096,
+            2048,
+            37,
+        ),
+        gemm_case(
+            "gemm exps_down  Q4_K    2048->4096 x 512 tok",
+            Q4_K,
+            2048,
+            4096,
+            512,
+        ),
+        gemm_case(
+            "gemm compr_kv   F16     4096->1024 x 37 tok",
+            F16,
+            4096,
+            1024,
+            37,
+        ),
+        gemm_case(
+            "gemm idx.q_b    F16     1024->8192 x 512 tok",
+            F16,
+            1024,
+            8192,
+            512,
+        ),
+        gemm_case(
+            "gemm hc_attn_fn F16     16384->24 x 512 tok",
+            F16,
+            16384,
+            24,
+            512,
+        ),
+        gemm_case(
+            "gemm tiny       Q8_0    128->200 x 5 tok",
+            Q8_0,
+            128,
+            200,
+            5,
+        ),
+        gemm_case(
+            "gemm tiny       Q8_0    160->64 x 70 tok",
+            Q8_0,
+            160,
+            64,
+            70,
+        ),
+        gemm_case(
+            "gemm tiny       Q2_K    256->72 x 37 tok",
+            Q2_K,
+            256,
+            72,
+            37,
+        ),
+        gemm_case(
+            "gemm tiny       Q4_K    256->130 x 3 tok",
+            Q4_K,
+            256,
+            130,
+            3,
+        ),
+        gemm_case(
+            "gemm tiny       IQ2_XXS 256->64 x 70 tok",
+            IQ2_XXS,
+            256,
+            64,
+            70,
+        ),
+        gemm_case("gemm tiny       F16     128->100 x 9 tok", F16, 128, 100, 9),
+        gemm_case("gemm tiny       F32     256->96 x 37 tok", F32, 256, 96, 37),
+        GemmCase {
+            groups: 8,
+            ..gemm_case(
+                "gemm attn_out_a Q8_0    grouped 8 x (4096->1024) x 37 tok",
+                Q8_0,
+                4096,
+                1024,
+                37,
+            )
+        },
+    ];
+    for c in &dense {
+        let r = run_gemm_case(kern, &gk, &mut rng, c)?;
+        report(&r);
+        out.push(r);
+    }
+    let routed = |name: &str, ty, k, rows, n_expert, n_tok, top, shared_act, sample| RoutedCase {
+        name: name.to_string(),
+        ty,
+        k,
+        rows,
+        n_expert,
+        n_tok,
+        top,
+        shared_act,
+        sample,
+    };
+    let routed_cases = vec![
+        routed(
+            "gemm routed IQ2_XXS 4096->2048 2048 tok x 6/256",
+            IQ2_XXS,
+            4096,
+            2048,
+            256,
+            2048,
+            6,
+            true,
+            97,
+        ),
+        routed(
+            "gemm routed Q2_K    2048->4096 2048 tok x 6/256",
+            Q2_K,
+            2048,
+            4096,
+            256,
+            2048,
+            6,
+            false,
+            97,
+        ),
+        routed(
+            "gemm routed Q4_K    4096->2048 512 tok x 6/256",
+            Q4_K,
+            4096,
+            2048,
+            256,
+            512,
+            6,
+            true,
+            31,
+        ),
+        routed(
+            "gemm routed Q8_0    4096->2048 300 tok x 6/256",
+            Q8_0,
+            4096,
+            2048,
+            256,
+            300,
+            6,
+            true,
+            13,
+        ),
+        routed(
+            "gemm routed tiny Q2_K 256->96 150 tok x 2/4",
+            Q2_K,
+            256,
+            96,
+            4,
+            150,
+            2,
+            true,
+            1,
+        ),
+        routed(
+            "gemm routed tiny IQ2_XXS 256->64 40 tok x 3/4",
+            IQ2_XXS,
+            256,
+            64,
+            4,
+            40,
+            3,
+            false,
+            1,
+        ),
+    ];
+    for c in &routed_cases {
+        let r = run_routed_case(kern, &gk, &mut rng, c)?;
+        report(&r);
+        out.push(r);
+    }
     Ok(out)
 }
 
