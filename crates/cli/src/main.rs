@@ -2,6 +2,9 @@
 //! `cmd/<name>.rs` with its own `Args` (clap) and `run(args)`.
 
 mod cmd;
+// Used by the bench command once it writes --plot (tests exercise it meanwhile).
+#[allow(dead_code)]
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +37,8 @@ enum Command {
     Selftest(cmd::selftest::Args),
     /// Decode-speed benchmark on the GPU (`--synthetic q2|q4`: no model file needed).
     Bench(cmd::bench::Args),
+    /// GPU memory plan for a model and context: what goes where, does it fit.
+    Plan(cmd::plan::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
     }
 }

@@ -4,6 +4,7 @@ pub mod chat;
 pub mod convert;
 pub mod inspect;
 pub mod logits;
+pub mod plan;
 pub mod render_chat;
 pub mod run;
 pub mod selftest;
