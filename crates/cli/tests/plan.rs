@@ -50,7 +50,21 @@ fn tiny_model_fits_and_counts_every_tensor_byte() {
         .find(|l| l.trim_start().starts_with("weights "))
         .unwrap();
     assert!(line.contains(&want), "{line} vs {want}");
-    // The reported largest context is the frontier: it fits, one more token does not.
+    // With 2 GiB even Flash's full context fits the tiny model.
+    assert!(
+        stdout.contains("largest context that fits: 1048576 tokens"),
+        "{stdout}"
+    );
+    let full = plan(&["-m", &tiny(), "--ctx", "1048576", "--free-gib", "2"]);
+    assert!(full.status.success(), "{}", text(&full.stderr));
+}
+
+/// With 1 GiB the reported largest context is the frontier: it fits, one more token
+/// does not, and the refusal names it.
+#[test]
+fn largest_context_is_the_frontier() {
+    let at = |ctx: usize| plan(&["-m", &tiny(), "--ctx", &ctx.to_string(), "--free-gib", "1"]);
+    let stdout = text(&at(4096).stdout);
     let max: usize = stdout
         .lines()
         .find_map(|l| l.strip_prefix("largest context that fits: "))
@@ -58,8 +72,7 @@ fn tiny_model_fits_and_counts_every_tensor_byte() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(max > 4096, "{max}");
-    let at = |ctx: usize| plan(&["-m", &tiny(), "--ctx", &ctx.to_string(), "--free-gib", "2"]);
+    assert!(max > 4096 && max < 1 << 20, "{max}");
     assert!(at(max).status.success());
     let over = at(max + 1);
     assert_eq!(over.status.code(), Some(1));

@@ -321,20 +321,47 @@ fn activation_columns(s: &ModelShape) -> u64 {
         + s.indexer_top_k.max(1))
 }
 
-/// Widest matvec input: the quantized activation copy must hold one row of it.
-fn max_input_width(s: &ModelShape) -> u64 {
-    u([
-        s.hc_dim(),
-        s.n_embd,
-        s.q_lora_rank,
-        s.q_dim(),
-        s.o_groups * s.o_lora_rank,
-        s.n_ff_exp,
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(0))
+/// Distinct matvec input widths: the backend keeps one quantized activation copy per
+/// width (its scratch is keyed by width).
+fn input_widths(s: &ModelShape) -> Vec<u64> {
+    let mut w = vec![
+        u(s.hc_dim()),
+        u(s.n_embd),
+        u(s.q_lora_rank),
+        u(s.q_dim()),
+        u(s.n_ff_exp),
+    ];
+    w.sort_unstable();
+    w.dedup();
+    w
 }
+
+/// Widest matvec input.
+fn max_input_width(s: &ModelShape) -> u64 {
+    input_widths(s).into_iter().max().unwrap_or(0)
+}
+
+/// f32 scratch columns per token that the CUDA backend grows on demand (backend.rs):
+/// router logits, chosen ids and weights, gate/up/mid and down of every chosen expert,
+/// the shared expert's gate/up/mid/out, the MoE input, the grouped-projection staging
+/// (in and out), the strided-input copy and the HC mixes.
+fn moe_gemm_columns(s: &ModelShape) -> u64 {
+    let (k, ff, e) = (s.n_expert_used, s.n_ff_exp, s.n_embd);
+    u(s.n_expert
+        + 2 * k
+        + 3 * k * ff
+        + k * e
+        + 3 * ff
+        + 2 * e
+        + s.q_dim()
+        + s.o_groups * s.o_lora_rank
+        + s.hc_mix())
+        + max_input_width(s)
+}
+
+/// Tokens whose indexer scores are materialised at once (`IDX_TOKENS_PER_PASS` of the
+/// CUDA backend): the score scratch is this many rows of every compressed row.
+pub const INDEXER_TOKENS_PER_PASS: usize = 64;
 
 /// Smallest CSA ratio (most compressed rows), if the model has CSA layers.
 fn min_csa_ratio(s: &ModelShape) -> Option<usize> {
@@ -383,15 +410,15 @@ impl MemoryPlan {
         let s = &shape;
         let rows = u(chunk.min(ctx));
         let kv = u(HostKv::estimate_bytes(s, ctx));
-        let k = max_input_width(s);
-        // f32 columns, then the int8 copy with its block scales (~1 + 4/32 + 2/16 B/elem).
+        let k: u64 = input_widths(s).iter().sum();
+        // f32 columns, then the int8 copies with their block scales (~1 + 4/32 + 2/16 B/elem).
         let activations =
             rows * activation_columns(s) * ACT_BYTES + rows * k + rows * k / 8 + rows * k / 8;
-        // Gate, up and down outputs of every (token, chosen expert) pair.
-        let moe = rows * u(s.n_expert_used) * u(2 * s.n_ff_exp + s.n_embd) * ACT_BYTES;
-        // Scores and masks of each chunk token against every compressed row of a CSA
-        // layer (model.md §12.1, the GPU prefill scratch: 2 × (ctx/4 + 2) × chunk × 4 B).
-        let indexer = min_csa_ratio(s).map_or(0, |r| 2 * (u(ctx / r) + 2) * rows * ACT_BYTES);
+        let moe = rows * moe_gemm_columns(s) * ACT_BYTES;
+        // f32 scores of up to INDEXER_TOKENS_PER_PASS chunk tokens against every
+        // compressed row of a CSA layer (capacity ctx/r + 1, as the KV rows).
+        let score_rows = rows.min(u(INDEXER_TOKENS_PER_PASS));
+        let indexer = min_csa_ratio(s).map_or(0, |r| (u(ctx / r) + 1) * score_rows * ACT_BYTES);
         let margin = device.total / 100 * SAFETY_MARGIN_PERCENT;
         let gpu = |class, bytes| PlanItem {
             class,
@@ -722,21 +749,32 @@ mod tests {
             plan.bytes(MemClass::KvState),
             u(HostKv::estimate_bytes(&s, 1000))
         );
-        let cols = activation_columns(&s);
-        let k = max_input_width(&s);
+        // Model::alloc_buffers columns, written out.
+        let (e, ff, kk) = (u(s.n_embd), u(s.n_ff_exp), u(s.n_expert_used));
+        let cols = u(s.hc_dim() + s.hc_mult + s.hc_mult * s.hc_mult + s.q_lora_rank)
+            + 2 * u(s.q_dim())
+            + u(s.head_dim * 5)
+            + u(s.indexer_heads * (s.indexer_dim + 1))
+            + u(s.o_groups * s.o_lora_rank)
+            + 3 * e
+            + u(s.vocab + s.indexer_top_k);
+        let mut widths = vec![u(s.hc_dim()), e, u(s.q_lora_rank), u(s.q_dim()), ff];
+        widths.sort_unstable();
+        widths.dedup();
+        let k: u64 = widths.iter().sum();
         assert_eq!(
             plan.bytes(MemClass::Activations),
             64 * cols * 4 + 64 * k + 2 * (64 * k / 8)
         );
+        let moe_cols = u(s.n_expert) + 2 * kk + 3 * kk * ff + kk * e + 3 * ff + 2 * e;
+        let staging =
+            u(s.q_dim() + s.o_groups * s.o_lora_rank + s.hc_mix()) + widths[widths.len() - 1];
         assert_eq!(
             plan.bytes(MemClass::MoeScratch),
-            64 * u(s.n_expert_used) * u(2 * s.n_ff_exp + s.n_embd) * 4
+            64 * (moe_cols + staging) * 4
         );
-        let r = min_csa_ratio(&s).unwrap();
-        assert_eq!(
-            plan.bytes(MemClass::IndexerScratch),
-            2 * (1000 / u(r) + 2) * 64 * 4
-        );
+        // CSA ratio 4: 1000/4 + 1 rows scored for 64 tokens at a time.
+        assert_eq!(plan.bytes(MemClass::IndexerScratch), 251 * 64 * 4);
         assert_eq!(plan.bytes(MemClass::SafetyMargin), 2 * GIB / 100 * 2);
         let sum: u64 = plan.items.iter().map(|i| i.bytes).sum();
         assert_eq!(plan.need_bytes(), sum);
@@ -749,7 +787,11 @@ mod tests {
         let clamped = MemoryPlan::new(&s, &tensors, 10, 4096, dev);
         assert_eq!(
             clamped.bytes(MemClass::MoeScratch),
-            10 * u(s.n_expert_used) * u(2 * s.n_ff_exp + s.n_embd) * 4
+            10 * (moe_cols + staging) * 4
+        );
+        assert_eq!(
+            clamped.bytes(MemClass::IndexerScratch),
+            (10 / 4 + 1) * 10 * 4
         );
     }
 
