@@ -99,6 +99,18 @@ __device__ __forceinline__ void ld_frag_b(int* b, const u8* p) {
     b[1] = *(const int*)(p + 16);
 }
 
+__device__ __forceinline__ void g_cp_async16(void* smem, const void* gmem) {
+    const u32 sa = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void g_cp_async4(void* smem, const void* gmem) {
+    const u32 sa = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void g_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void g_cp_wait_1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void g_cp_wait_0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
 __device__ __forceinline__ u32 sign_mask4_g(u32 bits4) {  // 4 sign bits -> 4 byte masks
     return ((bits4 * 0x00204081u) & 0x01010101u) * 0xffu;
 }
@@ -239,8 +251,17 @@ __device__ __forceinline__ bool token_tile(const int* __restrict__ tiles,
 #define SM_XD (SM_WS + GM_BM * 8)           // f32 [BN][8]
 #define SM_GRID (SM_XD + GM_BN * 8 * 4)     // u64 [256]
 #define SM_TOTAL (SM_GRID + 256 * 8)
+// Pipelined Q2_K: raw block bytes of the next chunk (IQ2_XXS uses the SM_M area).
+#define SM_RAW SM_TOTAL
+#define SM_TOTAL_RAW (SM_TOTAL + GM_BM * 84)
 
-template <int TY>
+// PIPE (Q2_K; IQ2_XXS when rows are 4-byte multiples): the raw weight bytes of
+// chunk c+1 stream into shared memory with coalesced 4-byte cp.async while
+// chunk c is multiplied, and the activation tile streams in while the weights
+// are decoded. Without PIPE each thread loads its half row straight from
+// global memory (any shape).
+
+template <int TY, bool PIPE>
 __device__ __forceinline__ void gemm_quant(
     const u8* __restrict__ W, long long w_expert_stride, int K, int rows,
     const i8* __restrict__ xq, const float* __restrict__ xd, int x_row_len, int x_col0,
@@ -270,6 +291,21 @@ __device__ __forceinline__ void gemm_quant(
     const int blk_bytes = TY == TY_Q8_0 ? 34 : TY == TY_Q2_K ? 84 : TY == TY_Q4_K ? 144 : 66;
     const long long row_bytes = (long long)(K / blk_elems) * blk_bytes;
     const int nchunks = (K + 255) / 256;
+    // PIPE: words of raw bytes copied per row and chunk (IQ2_XXS: 66 bytes from
+    // the 4-aligned word at or before the block, 17 words).
+    const int raw_words = TY == TY_Q2_K ? 21 : 17;
+    u8* sRaw = TY == TY_Q2_K ? smem + SM_RAW : sM;
+    const int nrows = min(GM_BM, rows - row0);
+    const u8* wblock = W + (long long)s_info[0] * w_expert_stride + (long long)row0 * row_bytes;
+    auto issue_raw = [&](int c) {
+        const u8* base = wblock + (long long)c * blk_bytes - (TY == TY_IQ2_XXS ? 2 * (c & 1) : 0);
+        for (int i = tid; i < GM_BM * raw_words; i += GM_THREADS) {
+            const int r = i / raw_words, w = i - r * raw_words;
+            if (r < nrows) g_cp_async4(sRaw + r * raw_words * 4 + 4 * w, base + r * row_bytes + 4 * w);
+        }
+        g_cp_commit();
+    };
+    if (PIPE) issue_raw(0);
 
     // Decode role: thread owns half a row (128 elements) of the weight tile.
     const int drow = tid >> 1, dh = tid & 1;
@@ -292,7 +328,17 @@ __device__ __forceinline__ void gemm_quant(
     for (int c = 0; c < nchunks; c++) {
         const int kvalid = min(256, K - c * 256);  // < 256 only for a Q8_0 tail
         // ---- activation codes and scales
-        {
+        if (PIPE) {
+            g_cp_wait_0();
+            __syncthreads();  // raw chunk c landed; the previous chunk's products are done
+            if (tok_ok) {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    g_cp_async16(sB + xj * GM_LD + 64 * xqq + 16 * i, xq + xrow + c * 256 + 64 * xqq + 16 * i);
+                if (xqq == 0) g_cp_async4(sXd + xj * 8, xd + xrow / 256 + c);
+            }
+            g_cp_commit();
+        } else {
             uint4* dst = (uint4*)(sB + xj * GM_LD + 64 * xqq);
             const uint4* src = (const uint4*)(xq + xrow + c * 256 + 64 * xqq);
 #pragma unroll
@@ -331,7 +377,7 @@ __device__ __forceinline__ void gemm_quant(
                     *(u32*)(arow_s + 32 * b + 4 * w) = ok ? ld_u32_a2(p + 2 + 4 * w) : 0u;
             }
         } else if (TY == TY_Q2_K) {
-            const u8* p = wrow + (long long)c * 84;
+            const u8* p = PIPE ? sRaw + drow * 84 : wrow + (long long)c * 84;
             u32 qw[8], scw[2];
             if (row_ok) {
 #pragma unroll
@@ -401,7 +447,7 @@ __device__ __forceinline__ void gemm_quant(
                 }
             }
         } else {  // IQ2_XXS
-            const u8* p = wrow + (long long)c * 66;
+            const u8* p = PIPE ? sRaw + drow * 68 + 2 * (c & 1) : wrow + (long long)c * 66;
             if (dh == 0) sWd[drow * 8] = row_ok ? g_h2f(*(const u16*)p) : 0.0f;
             if (c == 0) __syncthreads();  // grid table stored
 #pragma unroll
@@ -426,7 +472,13 @@ __device__ __forceinline__ void gemm_quant(
                 }
             }
         }
-        __syncthreads();
+        if (PIPE) {
+            g_cp_wait_0();  // activation tile landed
+            __syncthreads();  // ... for every thread; the raw buffer is free
+            if (c + 1 < nchunks) issue_raw(c + 1);
+        } else {
+            __syncthreads();
+        }
 
         // ---- tensor-core products
         const u8* a_base = sA + (wm * 32 + g) * GM_LD + 4 * t;
@@ -539,7 +591,7 @@ __device__ __forceinline__ void gemm_quant(
                         }
                 }
         }
-        __syncthreads();
+        if (!PIPE) __syncthreads();
     }
 
     // ---- store
@@ -556,21 +608,156 @@ __device__ __forceinline__ void gemm_quant(
             }
 }
 
-#define GEMM_Q_KERNEL(name, TY)                                                                  \
+#define GEMM_Q_KERNEL(name, TY, PIPE)                                                                \
     extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) name(                            \
         const u8* __restrict__ W, long long w_expert_stride, int K, int rows,                    \
         const i8* __restrict__ xq, const float* __restrict__ xd, int x_row_len, int x_col0,      \
         int ntok, float* __restrict__ y, long long y_row_stride, int y_col0,                     \
         const int* __restrict__ tiles, const int* __restrict__ sorted,                           \
         const int* __restrict__ n_tiles, int x_group) {                                          \
-        gemm_quant<TY>(W, w_expert_stride, K, rows, xq, xd, x_row_len, x_col0, ntok, y,          \
+        gemm_quant<TY, PIPE>(W, w_expert_stride, K, rows, xq, xd, x_row_len, x_col0, ntok, y,          \
                        y_row_stride, y_col0, tiles, sorted, n_tiles, x_group);                   \
     }
 
-GEMM_Q_KERNEL(gemm_q8_0, TY_Q8_0)
-GEMM_Q_KERNEL(gemm_q2_k, TY_Q2_K)
-GEMM_Q_KERNEL(gemm_q4_k, TY_Q4_K)
-GEMM_Q_KERNEL(gemm_iq2_xxs, TY_IQ2_XXS)
+GEMM_Q_KERNEL(gemm_q8_0, TY_Q8_0, false)
+GEMM_Q_KERNEL(gemm_q4_k, TY_Q4_K, false)
+GEMM_Q_KERNEL(gemm_iq2_xxs, TY_IQ2_XXS, false)
+GEMM_Q_KERNEL(gemm_q2_k_pipe, TY_Q2_K, true)
+GEMM_Q_KERNEL(gemm_iq2_xxs_pipe, TY_IQ2_XXS, true)
+
+// ---------------------------------------------------------------------------
+// Q8_0, aligned shapes (K % 256 == 0, row bytes % 16 == 0, activation rows and
+// x_col0 multiples of 256): no decode pass. The raw weight bytes of a chunk
+// (128 rows x 8 blocks x 34 bytes = 272 bytes per row, the smem pitch) and the
+// activation codes and scales stream into shared memory with cp.async, two
+// stages deep, and the MMA fragments are read straight from the raw blocks
+// (the 2-byte aligned codes as two 16-bit loads).
+// ---------------------------------------------------------------------------
+
+
+__device__ __forceinline__ int ld_s32_a2_smem(const u8* p) {
+    const u16* h = (const u16*)p;
+    return (int)((u32)h[0] | ((u32)h[1] << 16));
+}
+
+#define Q8F_A 0
+#define Q8F_B (Q8F_A + GM_BM * GM_LD)
+#define Q8F_XD (Q8F_B + GM_BN * GM_LD)
+#define Q8F_STAGE (Q8F_XD + GM_BN * 8 * 4)
+#define Q8F_TOTAL (2 * Q8F_STAGE)
+
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
+    const u8* __restrict__ W, long long w_expert_stride, int K, int rows,
+    const i8* __restrict__ xq, const float* __restrict__ xd, int x_row_len, int x_col0,
+    int ntok, float* __restrict__ y, long long y_row_stride, int y_col0,
+    const int* __restrict__ tiles, const int* __restrict__ sorted, const int* __restrict__ n_tiles,
+    int x_group) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ int s_arow[GM_BN], s_orow[GM_BN], s_info[3];
+    if (!token_tile(tiles, sorted, n_tiles, ntok, x_group, s_arow, s_orow, s_info)) return;
+    const int count = s_info[1];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = warp & 3, wn = warp >> 2;
+    const int row0 = blockIdx.y * GM_BM;
+    const long long row_bytes = (long long)(K / 32) * 34;
+    const u8* wbase = W + (long long)s_info[0] * w_expert_stride + (long long)row0 * row_bytes;
+    const int nchunks = K / 256;
+    const int nrows = min(GM_BM, rows - row0);
+
+    // Rows past `rows` and tokens past `count` keep stale bytes: they only feed
+    // outputs that are never stored (MMA rows / columns don't mix).
+    auto load = [&](int c, int stage) {
+        u8* st = smem + stage * Q8F_STAGE;
+        for (int i = tid; i < GM_BM * 17; i += GM_THREADS) {
+            const int r = i / 17, piece = i - r * 17;
+            if (r < nrows)
+                g_cp_async16(st + Q8F_A + r * GM_LD + 16 * piece,
+                             wbase + (long long)r * row_bytes + c * 272 + 16 * piece);
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int i = tid + q * GM_THREADS;
+            const int j = i >> 4, piece = i & 15;
+            if (j < count)
+                g_cp_async16(st + Q8F_B + j * GM_LD + 16 * piece,
+                             xq + (long long)s_arow[j] * x_row_len + x_col0 + c * 256 + 16 * piece);
+        }
+        if (tid < 2 * GM_BN) {
+            const int j = tid >> 1, piece = tid & 1;
+            if (j < count)
+                g_cp_async16(st + Q8F_XD + j * 32 + 16 * piece,
+                             xd + ((long long)s_arow[j] * x_row_len + x_col0) / 32 + c * 8 + 4 * piece);
+        }
+    };
+
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int l = 0; l < 4; l++) acc[i][j][l] = 0.0f;
+
+    load(0, 0);
+    g_cp_commit();
+    for (int c = 0; c < nchunks; c++) {
+        if (c + 1 < nchunks) load(c + 1, (c + 1) & 1);
+        g_cp_commit();
+        g_cp_wait_1();
+        __syncthreads();
+        const u8* st = smem + (c & 1) * Q8F_STAGE;
+        const u8* a_row = st + Q8F_A + (wm * 32 + g) * GM_LD;
+        const u8* b_base = st + Q8F_B + (wn * 32 + g) * GM_LD + 4 * t;
+        const float* sXd = (const float*)(st + Q8F_XD);
+        const int tl0 = wn * 32 + 2 * t;
+#pragma unroll 2
+        for (int ks = 0; ks < 8; ks++) {
+            int a[2][4], b[4][2];
+            float wd[2][2], xs[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const u8* p = a_row + mt * 16 * GM_LD + 34 * ks;
+                wd[mt][0] = g_h2f(*(const u16*)p);
+                wd[mt][1] = g_h2f(*(const u16*)(p + 8 * GM_LD));
+                const u8* q = p + 2 + 4 * t;
+                a[mt][0] = ld_s32_a2_smem(q);
+                a[mt][1] = ld_s32_a2_smem(q + 8 * GM_LD);
+                a[mt][2] = ld_s32_a2_smem(q + 16);
+                a[mt][3] = ld_s32_a2_smem(q + 8 * GM_LD + 16);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                ld_frag_b(b[nt], b_base + nt * 8 * GM_LD + 32 * ks);
+                xs[nt][0] = sXd[(tl0 + 8 * nt) * 8 + ks];
+                xs[nt][1] = sXd[(tl0 + 8 * nt + 1) * 8 + ks];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    int cc[4] = {0, 0, 0, 0};
+                    mma_s8(cc, a[mt], b[nt]);
+#pragma unroll
+                    for (int l = 0; l < 4; l++)
+                        acc[mt][nt][l] += (wd[mt][l >> 1] * xs[nt][l & 1]) * i2f_small(cc[l]);
+                }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int l = 0; l < 4; l++) {
+                const int r = row0 + wm * 32 + 16 * mt + g + 8 * (l >> 1);
+                const int j = wn * 32 + 8 * nt + 2 * t + (l & 1);
+                if (r < rows && j < count)
+                    y[(long long)s_orow[j] * y_row_stride + y_col0 + r] = acc[mt][nt][l];
+            }
+}
 
 // ---------------------------------------------------------------------------
 // F16 / F32 weights x f32 activations: f16 MMA with split operands.

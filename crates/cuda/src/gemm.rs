@@ -35,6 +35,10 @@ const SMEM_QUANT: usize = 2 * GEMM_BM * GEMM_LD
     + GEMM_BM * 8
     + GEMM_BN * 8 * 4
     + 256 * 8;
+/// Dynamic shared memory of the pipelined Q2_K kernel (`SM_TOTAL_RAW`).
+const SMEM_QUANT_RAW: usize = SMEM_QUANT + GEMM_BM * 84;
+/// Dynamic shared memory of the aligned Q8_0 kernel (`Q8F_TOTAL`: two stages).
+const SMEM_Q8_0_FAST: usize = 2 * (GEMM_BM * GEMM_LD + GEMM_BN * GEMM_LD + GEMM_BN * 8 * 4);
 /// Dynamic shared memory of the F16/F32 kernels (`SMF_TOTAL`).
 const SMEM_FLOAT: usize = 2 * GEMM_BM * GEMM_LD + 2 * GEMM_BN * GEMM_LD;
 /// Largest expert count of the grouping kernel (2 ints of shared memory each).
@@ -129,9 +133,11 @@ impl GemmScratch {
 pub struct GemmKernels {
     stream: Arc<CudaStream>,
     gemm_q8_0: CudaFunction,
-    gemm_q2_k: CudaFunction,
     gemm_q4_k: CudaFunction,
     gemm_iq2_xxs: CudaFunction,
+    gemm_q8_0_fast: CudaFunction,
+    gemm_q2_k_pipe: CudaFunction,
+    gemm_iq2_xxs_pipe: CudaFunction,
     gemm_f16: CudaFunction,
     gemm_f32: CudaFunction,
     gemm_group: CudaFunction,
@@ -152,6 +158,16 @@ fn weight_align(ty: GgmlType) -> u64 {
         GgmlType::F16 | GgmlType::F32 => 16,
         _ => 2,
     }
+}
+
+/// `v` with only the bits that matter for alignment up to 256 (0 counts as aligned).
+fn pow2_align(v: u64) -> u64 {
+    if v == 0 { 256 } else { v & 255 | 256 }
+}
+
+/// Largest power of two dividing every value OR-ed into `v` (capped at 256).
+fn lowest_bit(v: u64) -> u64 {
+    1 << v.trailing_zeros().min(8)
 }
 
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
@@ -191,9 +207,11 @@ impl GemmKernels {
         Ok(Self {
             stream: stream.clone(),
             gemm_q8_0: with_smem("gemm_q8_0", SMEM_QUANT)?,
-            gemm_q2_k: with_smem("gemm_q2_k", SMEM_QUANT)?,
             gemm_q4_k: with_smem("gemm_q4_k", SMEM_QUANT)?,
             gemm_iq2_xxs: with_smem("gemm_iq2_xxs", SMEM_QUANT)?,
+            gemm_q8_0_fast: with_smem("gemm_q8_0_fast", SMEM_Q8_0_FAST)?,
+            gemm_q2_k_pipe: with_smem("gemm_q2_k_pipe", SMEM_QUANT_RAW)?,
+            gemm_iq2_xxs_pipe: with_smem("gemm_iq2_xxs_pipe", SMEM_QUANT)?,
             gemm_f16: with_smem("gemm_f16", SMEM_FLOAT)?,
             gemm_f32: with_smem("gemm_f32", SMEM_FLOAT)?,
             gemm_group: with_smem("gemm_group", 2 * GEMM_MAX_EXPERTS * 4)?,
@@ -204,14 +222,32 @@ impl GemmKernels {
         &self.stream
     }
 
-    fn quant_func(&self, ty: GgmlType) -> Result<&CudaFunction> {
-        match ty {
-            GgmlType::Q8_0 => Ok(&self.gemm_q8_0),
-            GgmlType::Q2_K => Ok(&self.gemm_q2_k),
-            GgmlType::Q4_K => Ok(&self.gemm_q4_k),
-            GgmlType::IQ2_XXS => Ok(&self.gemm_iq2_xxs),
-            other => Err(Error::Unsupported(other)),
-        }
+    /// The kernel for a quantized product and its dynamic shared memory: the
+    /// streaming variants where the alignment allows, else the general ones.
+    /// `w_align`: the gcd-style alignment of every weight row start (base,
+    /// row bytes, expert stride); `x_align`: of x_row_len and x_col0 (elements).
+    fn quant_func(
+        &self,
+        ty: GgmlType,
+        k: usize,
+        w_align: u64,
+        x_align: usize,
+    ) -> Result<(&CudaFunction, usize)> {
+        Ok(match ty {
+            GgmlType::Q8_0
+                if k.is_multiple_of(256)
+                    && w_align.is_multiple_of(16)
+                    && x_align.is_multiple_of(256) =>
+            {
+                (&self.gemm_q8_0_fast, SMEM_Q8_0_FAST)
+            }
+            GgmlType::Q8_0 => (&self.gemm_q8_0, SMEM_QUANT),
+            GgmlType::Q2_K => (&self.gemm_q2_k_pipe, SMEM_QUANT_RAW),
+            GgmlType::Q4_K => (&self.gemm_q4_k, SMEM_QUANT),
+            GgmlType::IQ2_XXS if w_align.is_multiple_of(4) => (&self.gemm_iq2_xxs_pipe, SMEM_QUANT),
+            GgmlType::IQ2_XXS => (&self.gemm_iq2_xxs, SMEM_QUANT),
+            other => return Err(Error::Unsupported(other)),
+        })
     }
 
     /// Dense GEMM on the runtime's stream.
@@ -263,11 +299,13 @@ impl GemmKernels {
                 unsafe { b.launch(cfg) }?;
             }
             MvInput::Quant(act) => {
-                let func = self.quant_func(g.ty)?;
+                let w_align = pow2_align(g.w) | pow2_align(row_bytes(g.ty, g.k) as u64);
+                let x_align = g.x_row_len | g.x_col0;
+                let (func, smem) = self.quant_func(g.ty, g.k, lowest_bit(w_align), x_align)?;
                 let cfg = LaunchConfig {
                     grid_dim: grid,
                     block_dim: block,
-                    shared_mem_bytes: SMEM_QUANT as u32,
+                    shared_mem_bytes: smem as u32,
                 };
                 let zero_stride = 0i64;
                 let null = 0u64;
@@ -310,7 +348,10 @@ impl GemmKernels {
     ) -> Result<()> {
         const WHAT: &str = "routed gemm";
         check_routed(g, scratch)?;
-        let func = self.quant_func(g.ty)?;
+        let w_align = pow2_align(g.w)
+            | pow2_align(row_bytes(g.ty, g.k) as u64)
+            | pow2_align(g.w_expert_stride);
+        let (func, smem) = self.quant_func(g.ty, g.k, lowest_bit(w_align), g.k)?;
         let n_slots_i = to_i32(WHAT, "n_slots", g.n_slots)?;
         let n_expert_i = to_i32(WHAT, "n_expert", g.n_expert)?;
         let k_i = to_i32(WHAT, "k", g.k)?;
@@ -335,7 +376,7 @@ impl GemmKernels {
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, g.rows.div_ceil(GEMM_BM) as u32, 1),
             block_dim: (GEMM_THREADS, 1, 1),
-            shared_mem_bytes: SMEM_QUANT as u32,
+            shared_mem_bytes: smem as u32,
         };
         let stride = g.w_expert_stride as i64;
         let y_stride = g.rows as i64;
@@ -565,6 +606,10 @@ mod tests {
         // SM_TOTAL / SMF_TOTAL in gemm.cu; two blocks must fit an H100 SM (228 KB).
         assert_eq!(SMEM_QUANT, 96256);
         assert_eq!(SMEM_FLOAT, 104448);
+        assert_eq!(SMEM_QUANT_RAW, 107008);
+        assert_eq!(SMEM_Q8_0_FAST, 108544);
+        const { assert!(2 * (SMEM_Q8_0_FAST + 528 + 1024) <= 228 * 1024) };
+        const { assert!(2 * (SMEM_QUANT_RAW + 528 + 1024) <= 228 * 1024) };
         const { assert!(2 * (SMEM_FLOAT + 1024) <= 228 * 1024) };
         let src = compile::GEMM.src;
         assert!(src.contains(&format!("#define GM_BM {GEMM_BM}")));
@@ -594,6 +639,16 @@ mod tests {
                 .sum();
             assert!(need <= bound, "{n} slots / {e} experts: {need} > {bound}");
         }
+    }
+
+    #[test]
+    fn alignment_is_the_largest_common_power_of_two() {
+        let a = |vals: &[u64]| lowest_bit(vals.iter().fold(0, |acc, &v| acc | pow2_align(v)));
+        assert_eq!(a(&[0x7f00_0000_0000, 4352]), 256);
+        assert_eq!(a(&[0x7f00_0000_0000, 4352, 4352 * 1024]), 256);
+        assert_eq!(a(&[0x7f00_0000_0000, 170]), 2);
+        assert_eq!(a(&[0x7f00_0000_0004, 1056]), 4);
+        assert_eq!(a(&[0]), 256);
     }
 
     #[test]

@@ -884,6 +884,20 @@ pub fn run_gemm_checks(
             64,
             70,
         ),
+        gemm_case(
+            "gemm tiny       Q8_0    256->200 x 37 tok",
+            Q8_0,
+            256,
+            200,
+            37,
+        ),
+        gemm_case(
+            "gemm tiny       IQ2_XXS 512->80 x 19 tok",
+            IQ2_XXS,
+            512,
+            80,
+            19,
+        ),
         gemm_case("gemm tiny       F16     128->100 x 9 tok", F16, 128, 100, 9),
         gemm_case("gemm tiny       F32     256->96 x 37 tok", F32, 256, 96, 37),
         GemmCase {
