@@ -2,8 +2,7 @@
 //! `cmd/<name>.rs` with its own `Args` (clap) and `run(args)`.
 
 mod cmd;
-// Used by the bench command once it writes --plot (tests exercise it meanwhile).
-#[allow(dead_code)]
+mod parity;
 mod plot;
 
 use clap::{Parser, Subcommand};

@@ -13,7 +13,8 @@
 // Matvec layout: warps walk output rows; a warp copies a whole weight row into
 // shared memory with coalesced 16-byte cp.async pieces (double-buffered: the next
 // row streams in while the current one is decoded), then decodes blocks from
-// shared memory. Row bytes must be a multiple of 16 (true for every Flash tensor).
+// shared memory. Rows that are not a multiple of 16 bytes (tiny test models only)
+// are staged with byte copies instead.
 //
 // One kernel serves three shapes (blockIdx.y = slot s, token t < ntok):
 //   weights  = W + e * w_expert_stride,  e = ids ? ids[s] : s   (ids null: e = s)
@@ -348,7 +349,7 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
                                          const int* __restrict__ ids, const i8* __restrict__ xq,
                                          const float* __restrict__ xd, const i16* __restrict__ xbs,
                                          int K, int rows, int ntok, int x_group,
-                                         float* __restrict__ y) {
+                                         float* __restrict__ y, int ldy) {
     extern __shared__ uint4 smem[];
     __shared__ u64 grid_s[TY == TY_IQ2_XXS ? 256 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -367,15 +368,19 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
     else { blk_elems = 256; blk_bytes = 66; units_per_blk = 8; }
     const int nblk = K / blk_elems;
     const int row_bytes = nblk * blk_bytes;
-    const int n16 = row_bytes >> 4;
+    const int n16 = (row_bytes + 15) >> 4;
+    // Rows of tiny test models need not be 16-byte multiples: those are staged with
+    // plain byte copies (made visible by the __syncwarp before use).
+    const bool aligned = (row_bytes & 15) == 0;
     const u8* base = W + (long long)e * w_expert_stride;
     uint4* bufs = smem + warp * 2 * n16;
     const int rstep = gridDim.x * MV_WARPS;
     int r = blockIdx.x * MV_WARPS + warp;
 
     if (r < rows) {
-        const uint4* src = (const uint4*)(base + (long long)r * row_bytes);
-        for (int i = lane; i < n16; i += 32) cp_async16(bufs + i, src + i);
+        const u8* src = base + (long long)r * row_bytes;
+        if (aligned) for (int i = lane; i < n16; i += 32) cp_async16(bufs + i, (const uint4*)src + i);
+        else for (int i = lane; i < row_bytes; i += 32) ((u8*)bufs)[i] = src[i];
     }
     cp_async_commit();
     if (TY == TY_IQ2_XXS) {
@@ -388,9 +393,10 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
     for (; r < rows; r += rstep) {
         const int rn = r + rstep;
         if (rn < rows) {
-            const uint4* src = (const uint4*)(base + (long long)rn * row_bytes);
+            const u8* src = base + (long long)rn * row_bytes;
             uint4* dst = bufs + (cur ^ 1) * n16;
-            for (int i = lane; i < n16; i += 32) cp_async16(dst + i, src + i);
+            if (aligned) for (int i = lane; i < n16; i += 32) cp_async16(dst + i, (const uint4*)src + i);
+            else for (int i = lane; i < row_bytes; i += 32) ((u8*)dst)[i] = src[i];
         }
         cp_async_commit();
         cp_async_wait_1();  // this lane's pieces of row r have landed
@@ -410,7 +416,7 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
                 else acc += unit_iq2_xxs(row, u, a, grid_s);
             }
             acc = warp_sum(acc);
-            if (lane == 0) y[((long long)slot * ntok + t) * rows + r] = acc;
+            if (lane == 0) y[((long long)slot * ntok + t) * ldy + r] = acc;
         }
         __syncwarp();  // all lanes are done with this buffer before it is refilled
         cur ^= 1;
@@ -422,8 +428,8 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
         name(const u8* __restrict__ W, long long w_expert_stride, const int* __restrict__ ids,  \
              const i8* __restrict__ xq, const float* __restrict__ xd,                           \
              const i16* __restrict__ xbs, int K, int rows, int ntok, int x_group,               \
-             float* __restrict__ y) {                                                           \
-        mv_quant<TY>(W, w_expert_stride, ids, xq, xd, xbs, K, rows, ntok, x_group, y);          \
+             float* __restrict__ y, int ldy) {                                                  \
+        mv_quant<TY>(W, w_expert_stride, ids, xq, xd, xbs, K, rows, ntok, x_group, y, ldy);     \
     }
 
 MV_KERNEL(mv_q8_0, TY_Q8_0)
@@ -438,7 +444,7 @@ MV_KERNEL(mv_iq2_xxs, TY_IQ2_XXS)
 #define F16_MAX_CHUNKS 16
 extern "C" __global__ void __launch_bounds__(F16_THREADS)
     mv_f16(const u16* __restrict__ W, const float* __restrict__ x, int K, int rows, int ntok,
-           float* __restrict__ y) {
+           float* __restrict__ y, int ldy) {
     __shared__ float red[F16_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= rows) return;
@@ -476,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
             float s = 0.0f;
 #pragma unroll
             for (int i = 0; i < F16_THREADS / 32; i++) s += red[i];
-            y[(long long)t * rows + r] = s;
+            y[(long long)t * ldy + r] = s;
         }
         __syncthreads();
     }
@@ -487,7 +493,7 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
 #define F16W_MAX_CHUNKS 8
 extern "C" __global__ void __launch_bounds__(128)
     mv_f16_warp(const u16* __restrict__ W, const float* __restrict__ x, int K, int rows,
-                int ntok, float* __restrict__ y) {
+                int ntok, float* __restrict__ y, int ldy) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * 4 + warp;
     if (r >= rows) return;
@@ -518,7 +524,7 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
         acc = warp_sum(acc);
-        if (lane == 0) y[(long long)t * rows + r] = acc;
+        if (lane == 0) y[(long long)t * ldy + r] = acc;
     }
 }
 

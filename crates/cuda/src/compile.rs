@@ -31,6 +31,12 @@ pub const GEMM: KernelSource = KernelSource {
     src: include_str!("../kernels/gemm.cu"),
 };
 
+/// The forward-pass operations other than the weight matvecs.
+pub const OPS: KernelSource = KernelSource {
+    name: "ops.cu",
+    src: include_str!("../kernels/ops.cu"),
+};
+
 /// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.
 pub fn arch_for(sm: (i32, i32)) -> String {
     if sm.0 == 9 && sm.1 == 0 {

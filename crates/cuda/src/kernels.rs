@@ -56,6 +56,35 @@ impl DevBuf {
         self.buf.len()
     }
 
+    /// Copies `bytes` to offset `at` (stream-ordered).
+    pub fn write_at(&mut self, stream: &Arc<CudaStream>, at: usize, bytes: &[u8]) -> Result<()> {
+        let end = at.checked_add(bytes.len()).filter(|&e| e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(Error::Shape {
+                what: "device write",
+                detail: format!("{} bytes at {at} into {}", bytes.len(), self.buf.len()),
+            });
+        };
+        let mut view = self.buf.slice_mut(at..end);
+        stream.memcpy_htod(bytes, &mut view)?;
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from offset `at` to the host and waits for them.
+    pub fn read_at(&self, stream: &Arc<CudaStream>, at: usize, out: &mut [u8]) -> Result<()> {
+        let end = at.checked_add(out.len()).filter(|&e| e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(Error::Shape {
+                what: "device read",
+                detail: format!("{} bytes at {at} from {}", out.len(), self.buf.len()),
+            });
+        };
+        let view = self.buf.slice(at..end);
+        stream.memcpy_dtoh(&view, out)?;
+        stream.synchronize()?;
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.buf.len() == 0
     }
@@ -229,13 +258,33 @@ impl Kernels {
 
     /// [`Self::quantize`] on another stream (graph branches).
     pub fn quantize_on(&self, stream: &Arc<CudaStream>, x: u64, act: &ActBuf) -> Result<()> {
-        let n = (act.k * act.rows) as i32;
+        self.quantize_rows(stream, x, act, act.rows)
+    }
+
+    /// Quantizes the first `rows` rows (of `act.k` contiguous f32 each) at `x`.
+    pub fn quantize_rows(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: u64,
+        act: &ActBuf,
+        rows: usize,
+    ) -> Result<()> {
+        if rows > act.rows {
+            return Err(Error::Shape {
+                what: "activation quantisation",
+                detail: format!("{rows} rows into a buffer of {}", act.rows),
+            });
+        }
+        let n = (act.k * rows) as i32;
         let (func, blk) = match act.kind {
             ActKind::Q8_0 => (&self.quant_act_q8_0, 32),
             ActKind::Q8K => (&self.quant_act_q8_k, 256),
             ActKind::F32 => return Ok(()),
         };
-        let warps = (act.k * act.rows / blk) as u32;
+        let warps = (act.k * rows / blk) as u32;
+        if warps == 0 {
+            return Ok(());
+        }
         let cfg = LaunchConfig {
             grid_dim: (warps.div_ceil(8), 1, 1),
             block_dim: (256, 1, 1),
@@ -258,6 +307,11 @@ impl Kernels {
 
     /// [`Self::matvec`] on another stream (graph branches).
     pub fn matvec_on(&self, stream: &Arc<CudaStream>, m: &Matvec) -> Result<()> {
+        self.matvec_ld(stream, m, m.rows)
+    }
+
+    /// A matvec whose output rows are `ldy` floats apart (`ldy >= rows`).
+    pub fn matvec_ld(&self, stream: &Arc<CudaStream>, m: &Matvec, ldy: usize) -> Result<()> {
         let shape_err = |detail: String| Error::Shape {
             what: "matvec",
             detail,
@@ -268,7 +322,11 @@ impl Kernels {
                 m.rows, m.k, m.ntok, m.slots, m.x_group
             )));
         }
+        if ldy < m.rows {
+            return Err(shape_err(format!("ldy {ldy} < rows {}", m.rows)));
+        }
         let (k, rows, ntok) = (m.k as i32, m.rows as i32, m.ntok as i32);
+        let ldy_i = ldy as i32;
         if m.ty == GgmlType::F16 {
             let MvInput::F32(x) = m.x else {
                 return Err(shape_err("F16 weights take an f32 input".into()));
@@ -292,7 +350,13 @@ impl Kernels {
                 &self.mv_f16
             };
             let mut b = stream.launch_builder(func);
-            b.arg(&m.w).arg(&x).arg(&k).arg(&rows).arg(&ntok).arg(&m.y);
+            b.arg(&m.w)
+                .arg(&x)
+                .arg(&k)
+                .arg(&rows)
+                .arg(&ntok)
+                .arg(&m.y)
+                .arg(&ldy_i);
             // SAFETY: matches `mv_f16`; shapes checked above.
             unsafe { b.launch(cfg) }?;
             return Ok(());
@@ -329,14 +393,14 @@ impl Kernels {
         }
         let be = m.ty.block_elems() as usize;
         let rb = row_bytes(m.ty, m.k);
-        if !m.k.is_multiple_of(be) || !rb.is_multiple_of(16) {
+        if !m.k.is_multiple_of(be) {
             return Err(shape_err(format!(
-                "{} row of {} elements: must be whole blocks and a multiple of 16 bytes",
+                "{} row of {} elements: must be whole blocks of {be}",
                 m.ty.name(),
                 m.k
             )));
         }
-        let smem = MV_WARPS * 2 * rb;
+        let smem = MV_WARPS * 2 * rb.div_ceil(16) * 16;
         if smem > SMEM_LIMIT {
             return Err(shape_err(format!(
                 "{} row of {} elements needs {smem} bytes of shared memory",
@@ -371,7 +435,8 @@ impl Kernels {
             .arg(&rows)
             .arg(&ntok)
             .arg(&x_group)
-            .arg(&m.y);
+            .arg(&m.y)
+            .arg(&ldy_i);
         // SAFETY: matches the MV_KERNEL signature; shapes checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())

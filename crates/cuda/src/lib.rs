@@ -11,14 +11,17 @@
 //! * [`bench`]: the synthetic decode-step weight-streaming benchmark.
 //! * [`plan`]: the GPU memory planner (what goes where, does it fit).
 
+pub mod backend;
 pub mod bench;
 pub mod compile;
 pub mod gemm;
 pub mod kernels;
+pub mod model_bench;
 pub mod plan;
 pub mod runtime;
 pub mod selftest;
 
+pub use backend::{CudaBackend, CudaKv};
 pub use kernels::{ActBuf, DevBuf, Kernels, Matvec};
 pub use runtime::{CudaRuntime, DeviceInfo};
 

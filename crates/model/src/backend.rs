@@ -207,4 +207,24 @@ pub trait Backend<'w> {
     ) -> Result<()>;
     /// Copies the first n rows to the host (row-major).
     fn read_rows(&self, x: &Self::Act, n: usize, out: &mut [f32]) -> Result<()>;
+
+    /// Called before the layers of every chunk. A GPU backend uploads the chunk's token
+    /// ids and first position here, so that the launches of a step do not depend on them
+    /// and can be recorded once and replayed.
+    fn begin_chunk(&self, _tokens: &[u32], _pos0: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs `body` (every operation of one chunk of `n` tokens on `kv` and the buffers
+    /// identified by `bufs_id`). The default runs it; a GPU backend may record a decode
+    /// step once and replay the recording for later steps with the same key.
+    fn run_chunk(
+        &self,
+        _n: usize,
+        _bufs_id: u64,
+        kv: &mut Self::Kv,
+        body: &mut dyn FnMut(&mut Self::Kv) -> Result<()>,
+    ) -> Result<()> {
+        body(kv)
+    }
 }

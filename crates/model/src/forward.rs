@@ -34,6 +34,8 @@ pub struct Model<'w, B: Backend<'w>> {
 /// Per-session buffers: every activation the forward pass touches.
 pub struct Buffers<A, I> {
     pub cap: usize,
+    /// Unique per allocation: backends that record steps key the recordings on it.
+    pub id: u64,
     state: A,
     y: A,
     post: A,
@@ -77,8 +79,10 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         let b = &self.backend;
         let cap = cap.max(1);
         let max_comp_w = 2 * s.head_dim;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Buffers {
             cap,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             state: b.alloc_act(cap, s.hc_dim())?,
             y: b.alloc_act(cap, s.n_embd)?,
             post: b.alloc_act(cap, s.hc_mult)?,
@@ -128,6 +132,22 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 vocab: self.shape.vocab,
             });
         }
+        self.backend.begin_chunk(tokens, pos0)?;
+        let id = bufs.id;
+        self.backend.run_chunk(n, id, kv, &mut |kv: &mut B::Kv| {
+            self.forward_layers(tokens, pos0, kv, bufs)
+        })
+    }
+
+    /// Every operation of one chunk (see `forward_chunk`).
+    fn forward_layers(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        kv: &mut B::Kv,
+        bufs: &mut Buffers<B::Act, B::Idx>,
+    ) -> Result<()> {
+        let n = tokens.len();
         let s = &self.shape;
         let be = &self.backend;
         let official = self.options.official_rounding;

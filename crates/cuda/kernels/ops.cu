@@ -1,0 +1,846 @@
+// ds4 CUDA kernels: every forward-pass operation other than the weight matvecs
+// (matvec.cu): embedding, RMSNorm, hyper-connections, RoPE, the official FP8 /
+// Hadamard+FP4 / f16 roundings, compressors, the lightning indexer, attention
+// with sinks, the raw KV ring and the MoE routing glue.
+//
+// Every kernel that depends on the chunk's first position or token ids reads
+// them from device memory (`pos_p`, `tok`), never from a kernel argument: a
+// decode step captured once in a CUDA graph then replays at any position.
+// Numerics mirror the CPU reference (crates/cpu, crates/model/src/numerics.rs)
+// operation by operation; sums of squares accumulate in f64 as there.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Element j of a float row of type ty (0 f32, 1 f16, 2 bf16).
+__device__ __forceinline__ float ld_float(const u8* row, int ty, long long j) {
+    if (ty == 0) return ((const float*)row)[j];
+    if (ty == 1) return h2f(((const u16*)row)[j]);
+    return bf2f(((const u16*)row)[j]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide reductions (blockDim.x a multiple of 32, ≤ 1024). Every thread gets the result.
+__device__ double block_sum_d(double v) {
+    __shared__ double red_d[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) red_d[warp] = v;
+    __syncthreads();
+    double s = 0.0;
+    for (int i = 0; i < nw; i++) s += red_d[i];
+    return s;
+}
+__device__ float block_sum(float v) {
+    __shared__ float red_s[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red_s[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int i = 0; i < nw; i++) s += red_s[i];
+    return s;
+}
+__device__ float block_max(float v) {
+    __shared__ float red_m[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red_m[warp] = v;
+    __syncthreads();
+    float s = NEG_INF;
+    for (int i = 0; i < nw; i++) s = fmaxf(s, red_m[i]);
+    return s;
+}
+
+__device__ __forceinline__ float sigmoidf_stable(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    const float e = expf(x);
+    return e / (1.0f + e);
+}
+__device__ __forceinline__ float softplusf(float x) {
+    if (x > 20.0f) return x;
+    if (x < -20.0f) return expf(x);
+    return log1pf(expf(x));
+}
+__device__ __forceinline__ float siluf(float x) { return x * sigmoidf_stable(x); }
+
+// ---------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------
+
+extern "C" __global__ void fill_f32(float* p, long long n, float v) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        p[i] = v;
+}
+
+// Converts a float tensor (ty 0/1/2) to f32.
+extern "C" __global__ void to_f32(const u8* src, int ty, long long n, float* dst) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        dst[i] = ld_float(src, ty, i);
+}
+
+// Copies an f32 matrix block: dst[r*ldd + c] = src[r*lds + c] for r < rows, c < cols.
+extern "C" __global__ void copy_rows(const float* src, int lds, float* dst, int ldd, int rows,
+                                     int cols) {
+    const int r = blockIdx.y;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+        dst[(long long)r * ldd + c] = src[(long long)r * lds + c];
+}
+
+// Group-major <-> token-major for the grouped output projection with several tokens:
+// gm[(g*n + t)*k + c] <-> tm[t*ld + g*k + c].
+extern "C" __global__ void group_permute(const float* src, float* dst, int n, int groups, int k,
+                                         int ld, int to_group_major) {
+    const int t = blockIdx.y, g = blockIdx.z;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < k; c += gridDim.x * blockDim.x) {
+        const long long gm = ((long long)g * n + t) * k + c, tm = (long long)t * ld + g * k + c;
+        if (to_group_major) dst[gm] = src[tm];
+        else dst[tm] = src[gm];
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Float-weight matrix-vector products (F32 / F16 / BF16) with the routed/grouped
+// addressing of matvec.cu: slot s uses matrix ids ? ids[s] : s, activation row
+// (s / x_group) * ntok + t, output row s * ntok + t. One warp per output row.
+// Used for small / tiny-model float weights; the real model's F16 tensors use
+// matvec.cu's register-resident kernels.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(128)
+    mv_float(const u8* __restrict__ W, int ty, long long w_slot_stride, const int* __restrict__ ids,
+             const float* __restrict__ x, int ldx, int K, int rows, int ntok, int x_group,
+             float* __restrict__ y, int ldy) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * 4 + warp;
+    if (r >= rows) return;
+    const int slot = blockIdx.y;
+    const int e = ids ? ids[slot] : slot;
+    const int esz = ty == 0 ? 4 : 2;
+    const u8* row = W + (long long)e * w_slot_stride + (long long)r * K * esz;
+    for (int t = 0; t < ntok; t++) {
+        const float* xr = x + ((long long)(slot / x_group) * ntok + t) * ldx;
+        float acc = 0.0f;
+        for (int k = lane; k < K; k += 32) acc = fmaf(ld_float(row, ty, k), xr[k], acc);
+        acc = warp_sum(acc);
+        if (lane == 0) y[((long long)slot * ntok + t) * ldy + r] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Embedding: out[i][s*e + j] = table[tok[i]][j] for s < hc.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void embed_rows(const u8* table, int ty, int e, const int* tok, int hc,
+                                      float* out, int ld_out) {
+    const int i = blockIdx.y;
+    const int esz = ty == 0 ? 4 : 2;
+    const u8* row = table + (long long)tok[i] * e * esz;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < e; j += gridDim.x * blockDim.x) {
+        const float v = ld_float(row, ty, j);
+        for (int s = 0; s < hc; s++) out[(long long)i * ld_out + s * e + j] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// RMSNorm of each seg-wide piece of each row (grid: pieces per row, rows).
+// ---------------------------------------------------------------------------
+extern "C" __global__ void rms_norm_seg(float* x, int ld, const float* w, int seg, float eps) {
+    float* p = x + (long long)blockIdx.y * ld + (long long)blockIdx.x * seg;
+    double ss = 0.0;
+    for (int j = threadIdx.x; j < seg; j += blockDim.x) ss += (double)p[j] * (double)p[j];
+    ss = block_sum_d(ss);
+    const float r = (float)(1.0 / sqrt(ss / (double)seg + (double)eps));
+    for (int j = threadIdx.x; j < seg; j += blockDim.x) {
+        const float v = __fmul_rn(p[j], r);
+        p[j] = w ? __fmul_rn(w[j], v) : v;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hyper-connections (model.md §7). `mixes` = fn · state (un-normalised) from a matvec.
+// ---------------------------------------------------------------------------
+__device__ float row_rms_inv(const float* x, int n, float eps) {
+    double ss = 0.0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) ss += (double)x[j] * (double)x[j];
+    ss = block_sum_d(ss);
+    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+}
+
+// HC split + weighted collapse; one block per token.
+extern "C" __global__ void hc_pre_finish(const float* state, int ld_state, const float* mixes,
+                                         int ld_mix, const float* scale3, const float* base,
+                                         int hc, int e, int iters, float hc_eps, float rms_eps,
+                                         float* y, int ld_y, float* post, float* comb) {
+    __shared__ float pre_s[16];
+    const int i = blockIdx.x;
+    const float* x = state + (long long)i * ld_state;
+    const float r = row_rms_inv(x, hc * e, rms_eps);
+    if (threadIdx.x == 0) {
+        const float* m = mixes + (long long)i * ld_mix;
+        float* po = post + (long long)i * hc;
+        float* c = comb + (long long)i * hc * hc;
+        const float s0 = scale3[0], s1 = scale3[1], s2 = scale3[2];
+        for (int s = 0; s < hc; s++) {
+            pre_s[s] = sigmoidf_stable(__fadd_rn(__fmul_rn(s0, __fmul_rn(m[s], r)), base[s])) + hc_eps;
+            po[s] = 2.0f * sigmoidf_stable(__fadd_rn(__fmul_rn(s1, __fmul_rn(m[hc + s], r)), base[hc + s]));
+        }
+        for (int a = 0; a < hc; a++) {
+            float* row = c + a * hc;
+            float mx = NEG_INF;
+            for (int b = 0; b < hc; b++) {
+                const int k = 2 * hc + a * hc + b;
+                row[b] = __fadd_rn(__fmul_rn(s2, __fmul_rn(m[k], r)), base[k]);
+                mx = fmaxf(mx, row[b]);
+            }
+            float sum = 0.0f;
+            for (int b = 0; b < hc; b++) {
+                row[b] = expf(row[b] - mx);
+                sum += row[b];
+            }
+            for (int b = 0; b < hc; b++) row[b] = row[b] / sum + hc_eps;
+        }
+        for (int it = 0; it < (iters > 0 ? iters : 1); it++) {
+            if (it > 0) {
+                for (int a = 0; a < hc; a++) {
+                    float s = 0.0f;
+                    for (int b = 0; b < hc; b++) s += c[a * hc + b];
+                    s += hc_eps;
+                    for (int b = 0; b < hc; b++) c[a * hc + b] /= s;
+                }
+            }
+            for (int b = 0; b < hc; b++) {
+                float s = 0.0f;
+                for (int a = 0; a < hc; a++) s += c[a * hc + b];
+                s += hc_eps;
+                for (int a = 0; a < hc; a++) c[a * hc + b] /= s;
+            }
+        }
+    }
+    __syncthreads();
+    float* yr = y + (long long)i * ld_y;
+    for (int j = threadIdx.x; j < e; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < hc; s++) acc += pre_s[s] * x[s * e + j];
+        yr[j] = acc;
+    }
+}
+
+// HC merge: X'[d] = post_d·o + Σ_a comb[a][d]·X[a]. Grid (⌈e/256⌉, n).
+extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* post,
+                                   const float* comb, int hc, int e, float* state, int ld_state) {
+    const int i = blockIdx.y;
+    const float* p = post + (long long)i * hc;
+    const float* c = comb + (long long)i * hc * hc;
+    float* xr = state + (long long)i * ld_state;
+    float old[16];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < e; j += gridDim.x * blockDim.x) {
+        const float o = sub[(long long)i * ld_sub + j];
+        for (int a = 0; a < hc; a++) old[a] = xr[a * e + j];
+        for (int d = 0; d < hc; d++) {
+            float acc = p[d] * o;
+            for (int a = 0; a < hc; a++) acc += c[a * hc + d] * old[a];
+            xr[d * e + j] = acc;
+        }
+    }
+}
+
+// Final HC collapse; one block per token.
+extern "C" __global__ void hc_head_finish(const float* state, int ld_state, const float* mixes,
+                                          int ld_mix, const float* scale, const float* base,
+                                          int hc, int e, float hc_eps, float rms_eps, float* out,
+                                          int ld_out) {
+    __shared__ float pre_s[16];
+    const int i = blockIdx.x;
+    const float* x = state + (long long)i * ld_state;
+    const float r = row_rms_inv(x, hc * e, rms_eps);
+    if (threadIdx.x < hc) {
+        const float m = __fmul_rn(mixes[(long long)i * ld_mix + threadIdx.x], r);
+        pre_s[threadIdx.x] = sigmoidf_stable(m * scale[0] + base[threadIdx.x]) + hc_eps;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < e; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < hc; s++) acc += pre_s[s] * x[s * e + j];
+        out[(long long)i * ld_out + j] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// RoPE on the last n_rot dims of each head_dim head (interleaved pairs).
+// Grid (⌈heads·n_rot/2 / 128⌉, n).
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void rope_pair(float* pair, float freq, int pos, int inverse) {
+    const float theta = __fmul_rn((float)pos, freq);
+    const float c = (float)cos((double)theta);
+    float s = (float)sin((double)theta);
+    if (inverse) s = -s;
+    const float x0 = pair[0], x1 = pair[1];
+    pair[0] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    pair[1] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+}
+
+extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_rot,
+                                const float* freqs, const int* pos_p, int inverse) {
+    const int i = blockIdx.y;
+    const int half = n_rot / 2, heads = cols / head_dim;
+    const int pos = *pos_p + i;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < heads * half;
+         idx += gridDim.x * blockDim.x) {
+        const int h = idx / half, q = idx % half;
+        float* pair = x + (long long)i * ld + h * head_dim + (head_dim - n_rot) + 2 * q;
+        rope_pair(pair, freqs[q], pos, inverse);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Official precision round trips (model.md §6b–d), block-level on shared rows.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float round_e4m3(float v) {
+    const float a = fabsf(v);
+    if (a == 0.0f || !isfinite(a)) return v;
+    float spacing;
+    if (a < 0.015625f) spacing = 0.001953125f;  // 2^-6, 2^-9
+    else {
+        const int e = (int)((__float_as_uint(a) >> 23) & 0xff) - 127;
+        spacing = ldexpf(1.0f, e - 3);
+    }
+    const float q = fminf(rintf(a / spacing) * spacing, 448.0f);
+    return copysignf(q, v);
+}
+
+__device__ __forceinline__ float round_e2m1(float v) {
+    const float vals[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    const float a = fminf(fabsf(v), 6.0f);
+    int best = 0;
+    float best_d = __int_as_float(0x7f800000);
+    for (int i = 0; i < 8; i++) {
+        const float d = fabsf(a - vals[i]);
+        if (d < best_d || (d == best_d && (i % 2) == 0)) {
+            best = i;
+            best_d = d;
+        }
+    }
+    return copysignf(vals[best], v);
+}
+
+__device__ __forceinline__ float pow2_scale(float a, float mx) {
+    return (float)exp2((double)ceilf(log2f(a / mx)));
+}
+
+// FP8-E4M3 round trip of s[0..n_nope) in blocks of 64: one warp per block.
+__device__ void block_fp8_row(float* s, int n_nope) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b = warp; b * 64 < n_nope; b += nw) {
+        float* blk = s + b * 64;
+        const int n = min(64, n_nope - b * 64);
+        float amax = 0.0f;
+        for (int j = lane; j < n; j += 32) amax = fmaxf(amax, fabsf(blk[j]));
+        amax = fmaxf(warp_max(amax), 1e-4f);
+        const float sc = pow2_scale(amax, 448.0f);
+        for (int j = lane; j < n; j += 32) {
+            const float v = fminf(fmaxf(blk[j] / sc, -448.0f), 448.0f);
+            blk[j] = round_e4m3(v) * sc;
+        }
+    }
+    __syncthreads();
+}
+
+// Hadamard-128 (Sylvester order, same butterflies as the CPU) then FP4 in blocks of 32,
+// per 128-dim head of s[0..cols). blockDim.x must be 128.
+__device__ void block_indexer_qat(float* s, int cols) {
+    const int t = threadIdx.x;
+    for (int h0 = 0; h0 < cols; h0 += 128) {
+        float* hd = s + h0;
+        for (int h = 1; h < 128; h <<= 1) {
+            if ((t & h) == 0) {
+                const float a = hd[t], b = hd[t + h];
+                hd[t] = a + b;
+                hd[t + h] = a - b;
+            }
+            __syncthreads();
+        }
+        hd[t] *= 1.0f / sqrtf(128.0f);
+        __syncwarp();
+        // FP4: warp w rounds the 32-block w.
+        float amax = warp_max(fabsf(hd[t]));
+        amax = fmaxf(amax, 7.052966e-38f);
+        const float sc = pow2_scale(amax, 6.0f);
+        const float v = fminf(fmaxf(hd[t] / sc, -6.0f), 6.0f);
+        hd[t] = round_e2m1(v) * sc;
+        __syncthreads();
+    }
+}
+
+__device__ void block_f16_round(float* s, int cols) {
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) s[j] = h2f(f2h(s[j]));
+    __syncthreads();
+}
+
+// mode 0: KV row (FP8 of the first n_nope dims, then f16); 1: indexer QAT.
+// One block of 128 threads per row; dynamic smem = cols floats.
+extern "C" __global__ void __launch_bounds__(128)
+    round_rows(float* x, int ld, int cols, int mode, int n_nope) {
+    extern __shared__ float srow[];
+    float* row = x + (long long)blockIdx.x * ld;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) srow[j] = row[j];
+    __syncthreads();
+    if (mode == 0) {
+        block_fp8_row(srow, n_nope);
+        block_f16_round(srow, cols);
+    } else {
+        block_indexer_qat(srow, cols);
+    }
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) row[j] = srow[j];
+}
+
+// ---------------------------------------------------------------------------
+// Compressors (model.md §8).
+// comp_pool: one thread per output column j < dc walks the chunk's tokens in
+// order, keeping the frontier exactly as the CPU does (columns j and dc+j are
+// only ever touched by this thread), and writes un-normalised pooled rows.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void comp_pool(const float* kv, const float* score, int ld_proj, int n,
+                                     const int* pos_p, const float* ape, int r, int coff, int dc,
+                                     float* fr_kv, float* fr_score, float* rows_out) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dc) return;
+    const int wdt = coff * dc;
+    const int pos0 = *pos_p;
+    for (int i = 0; i < n; i++) {
+        const int p = pos0 + i;
+        const int phi = p % r;
+        const int rho = coff == 2 ? r + phi : phi;
+        for (int h = 0; h < coff; h++) {
+            const int c = j + h * dc;
+            fr_kv[(long long)rho * wdt + c] = kv[(long long)i * ld_proj + c];
+            fr_score[(long long)rho * wdt + c] =
+                score[(long long)i * ld_proj + c] + ape[(long long)phi * wdt + c];
+        }
+        if ((p + 1) % r != 0) continue;
+        const int nc = coff * r;
+        float m = NEG_INF;
+        for (int c = 0; c < nc; c++) {
+            const int col = (coff == 2 && c >= r) ? dc + j : j;
+            m = fmaxf(m, fr_score[(long long)c * wdt + col]);
+        }
+        float out = 0.0f;
+        if (m != NEG_INF) {
+            float den = 0.0f, num = 0.0f;
+            for (int c = 0; c < nc; c++) {
+                const int col = (coff == 2 && c >= r) ? dc + j : j;
+                const float e = expf(fr_score[(long long)c * wdt + col] - m);
+                den += e;
+                num += e * fr_kv[(long long)c * wdt + col];
+            }
+            out = num / den;
+        }
+        rows_out[(long long)((p + 1) / r - 1) * dc + j] = out;
+        if (coff == 2) {
+            for (int c = 0; c < r; c++)
+                for (int h = 0; h < 2; h++) {
+                    const int col = j + h * dc;
+                    fr_kv[(long long)c * wdt + col] = fr_kv[(long long)(r + c) * wdt + col];
+                    fr_score[(long long)c * wdt + col] = fr_score[(long long)(r + c) * wdt + col];
+                }
+        }
+    }
+}
+
+// Normalises, rotates and rounds the rows comp_pool emitted for this chunk.
+// Block b handles row q = pos0/r + b when q < (pos0+n)/r. 128 threads, smem dc floats.
+// mode: 0 plain, 1 KV (FP8 + f16), 2 indexer (QAT + f16).
+extern "C" __global__ void __launch_bounds__(128)
+    comp_finish(float* rows, int dc, int n, const int* pos_p, int r, const float* norm_w,
+                const float* freqs, int n_rot, float eps, int mode) {
+    extern __shared__ float srow[];
+    const int pos0 = *pos_p;
+    const int q = pos0 / r + blockIdx.x;
+    if (q >= (pos0 + n) / r) return;
+    float* row = rows + (long long)q * dc;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) srow[j] = row[j];
+    __syncthreads();
+    double ss = 0.0;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) ss += (double)srow[j] * (double)srow[j];
+    ss = block_sum_d(ss);
+    const float rinv = (float)(1.0 / sqrt(ss / (double)dc + (double)eps));
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) srow[j] = __fmul_rn(norm_w[j], __fmul_rn(srow[j], rinv));
+    __syncthreads();
+    const int half = n_rot / 2;
+    for (int k = threadIdx.x; k < half; k += blockDim.x)
+        rope_pair(srow + (dc - n_rot) + 2 * k, freqs[k], q * r, 0);
+    __syncthreads();
+    if (mode == 1) {
+        block_fp8_row(srow, dc - n_rot);
+        block_f16_round(srow, dc);
+    } else if (mode == 2) {
+        block_indexer_qat(srow, dc);
+        block_f16_round(srow, dc);
+    }
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) row[j] = srow[j];
+}
+
+// ---------------------------------------------------------------------------
+// Lightning indexer (model.md §9).
+// idx_scores: block (token t, tile of IDX_TILE rows), one thread per row. The sums run
+// in the CPU's order without fused multiply-adds, so scores are bit-identical to the
+// reference: with the official FP4 rounding many scores tie exactly, and the top-k
+// must break those ties the same way (lower index first).
+// Tokens whose visible rows all fit in top_k are skipped (nothing to choose).
+#define IDX_TILE 128
+#define IDX_KPAD 129
+extern "C" __global__ void __launch_bounds__(IDX_TILE)
+    idx_scores(const float* q, int ld_q, const float* w, int ld_w, int heads,
+               const float* rows, const int* pos_p, int r, int top_k, float* scores, int ld_s) {
+    extern __shared__ float sm[];  // q: heads*128, keys: IDX_TILE*IDX_KPAD
+    const int t = blockIdx.y;
+    const int p = *pos_p + t;
+    const int visible = (p + 1) / r;
+    const int c0 = blockIdx.x * IDX_TILE;
+    if (visible <= top_k || c0 >= visible) return;
+    float* qs = sm;
+    float* ks = sm + heads * 128;
+    for (int j = threadIdx.x; j < heads * 128; j += blockDim.x) qs[j] = q[(long long)t * ld_q + j];
+    const int nrow = min(IDX_TILE, visible - c0);
+    for (int j = threadIdx.x; j < nrow * 128; j += blockDim.x)
+        ks[(j >> 7) * IDX_KPAD + (j & 127)] = rows[(long long)c0 * 128 + j];
+    __syncthreads();
+    const int c = threadIdx.x;
+    if (c >= nrow) return;
+    const float qscale = 1.0f / sqrtf(128.0f);
+    const float wscale = 1.0f / sqrtf((float)heads);
+    const float* key = ks + c * IDX_KPAD;
+    const float* wt = w + (long long)t * ld_w;
+    float acc = 0.0f;
+    for (int h = 0; h < heads; h++) {
+        const float* qh = qs + h * 128;
+        float d = 0.0f;
+        for (int k = 0; k < 128; k++) d = __fadd_rn(d, __fmul_rn(qh[k], key[k]));
+        acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(wt[h], wscale), __fmul_rn(fmaxf(d, 0.0f), qscale)));
+    }
+    scores[(long long)t * ld_s + c0 + c] = acc;
+}
+
+__device__ __forceinline__ u32 order_key(float f) {
+    const u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// idx_topk: one block (1024 threads) per token. The k-th largest key is found by a
+// bitwise search over the order-preserving integer keys; rows above it are taken, then
+// rows equal to it in index order until k; the picks are sorted by (score desc, index
+// asc) — the CPU's repeated-selection order. sel[t][0..k) = picks, −1 after.
+#define TOPK_THREADS 1024
+#define TOPK_MAX 1024
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    idx_topk(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
+             int sel_k) {
+    __shared__ u32 s_key[TOPK_MAX];
+    __shared__ int s_idx[TOPK_MAX];
+    __shared__ int s_count;
+    __shared__ int s_scan[TOPK_THREADS / 32];
+    const int t = blockIdx.x;
+    const int p = *pos_p + t;
+    const int visible = (p + 1) / r;
+    int* out = sel + (long long)t * sel_k;
+    if (visible <= top_k) {
+        for (int j = threadIdx.x; j < sel_k; j += blockDim.x) out[j] = j < visible ? j : -1;
+        return;
+    }
+    const float* sc = scores + (long long)t * ld_s;
+    // Largest threshold T with count(key >= T) >= top_k.
+    u32 T = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        const u32 cand = T | (1u << bit);
+        int cnt = 0;
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
+        cnt = (int)block_sum((float)cnt);
+        if (cnt >= top_k) T = cand;
+    }
+    if (threadIdx.x == 0) s_count = 0;
+    __syncthreads();
+    for (int c = threadIdx.x; c < visible; c += blockDim.x) {
+        const u32 k = order_key(sc[c]);
+        if (k > T) {
+            const int at = atomicAdd(&s_count, 1);
+            s_key[at] = k;
+            s_idx[at] = c;
+        }
+    }
+    __syncthreads();
+    // Rows equal to T, lowest indices first, until top_k.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int base = 0; base < visible; base += blockDim.x) {
+        const int need = top_k - s_count;
+        __syncthreads();
+        if (need <= 0) break;
+        const int c = base + threadIdx.x;
+        const bool eq = c < visible && order_key(sc[c]) == T;
+        const u32 ballot = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) s_scan[warp] = __popc(ballot);
+        __syncthreads();
+        int before = 0;
+        for (int i = 0; i < warp; i++) before += s_scan[i];
+        before += __popc(ballot & ((1u << lane) - 1u));
+        int total = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) total += s_scan[i];
+        const int start = s_count;
+        __syncthreads();
+        if (eq && before < need) {
+            s_key[start + before] = T;
+            s_idx[start + before] = c;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) s_count = start + min(total, need);
+        __syncthreads();
+    }
+    // Pad to a power of two and bitonic-sort by (key desc, index asc).
+    int n2 = 1;
+    while (n2 < top_k) n2 <<= 1;
+    for (int j = top_k + threadIdx.x; j < n2; j += blockDim.x) {
+        s_key[j] = 0;
+        s_idx[j] = 0x7fffffff;
+    }
+    __syncthreads();
+    for (int size = 2; size <= n2; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+                const int jx = i ^ stride;
+                if (jx > i) {
+                    const bool desc = (i & size) == 0;
+                    const u32 ka = s_key[i], kb = s_key[jx];
+                    const int ia = s_idx[i], ib = s_idx[jx];
+                    // "a before b" in (key desc, index asc) order.
+                    const bool a_first = ka > kb || (ka == kb && ia < ib);
+                    if (a_first != desc) {
+                        s_key[i] = kb; s_key[jx] = ka;
+                        s_idx[i] = ib; s_idx[jx] = ia;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int j = threadIdx.x; j < sel_k; j += blockDim.x) out[j] = j < top_k ? s_idx[j] : -1;
+}
+
+// ---------------------------------------------------------------------------
+// Attention with sinks (model.md §10), one KV head shared by every query head.
+// Block (head h, token i), 128 threads; dynamic smem = max_keys floats.
+// Keys: the raw window (ring for positions < pos0, this chunk's rows otherwise),
+// then the visible compressed rows (the indexer's picks when sel is given).
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(128)
+    attention(const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,
+              int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
+              const float* sinks, int hd, int window, const int* pos_p, float* out, int ld_out) {
+    extern __shared__ float lg[];
+    __shared__ int s_ncomp;
+    const int h = blockIdx.x, i = blockIdx.y;
+    const int pos0 = *pos_p;
+    const int p = pos0 + i;
+    const int first = max(0, p + 1 - window);
+    const int n_raw = p + 1 - first;
+    const int n_vis = ratio > 0 ? (p + 1) / ratio : 0;
+    const int* srow = sel ? sel + (long long)i * sel_k : 0;
+    if (threadIdx.x == 0) {
+        int nc = n_vis;
+        if (srow) {
+            nc = 0;
+            while (nc < sel_k && srow[nc] >= 0 && srow[nc] < n_vis) nc++;
+        }
+        s_ncomp = nc;
+    }
+    __syncthreads();
+    const int total = n_raw + s_ncomp;
+    const float* qh = q + (long long)i * ld_q + (long long)h * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j = warp; j < total; j += 4) {
+        const float* key;
+        if (j < n_raw) {
+            const int tp = first + j;
+            key = tp >= pos0 ? rows + (long long)(tp - pos0) * ld_rows
+                             : ring + (long long)(tp % ring_cap) * hd;
+        } else {
+            const int c = srow ? srow[j - n_raw] : j - n_raw;
+            key = comp + (long long)c * hd;
+        }
+        float d = 0.0f;
+        for (int k = lane; k < hd; k += 32) d += qh[k] * key[k];
+        d = warp_sum(d);
+        if (lane == 0) lg[j] = d * scale;
+    }
+    __syncthreads();
+    const float sink = sinks[h];
+    float m = sink;
+    for (int j = threadIdx.x; j < total; j += blockDim.x) m = fmaxf(m, lg[j]);
+    m = block_max(m);
+    float den = 0.0f;
+    for (int j = threadIdx.x; j < total; j += blockDim.x) {
+        const float e = expf(lg[j] - m);
+        lg[j] = e;
+        den += e;
+    }
+    den = block_sum(den) + expf(sink - m);
+    __syncthreads();
+    float* o = out + (long long)i * ld_out + (long long)h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < total; j++) {
+            const float* val;
+            if (j < n_raw) {
+                const int tp = first + j;
+                val = tp >= pos0 ? rows + (long long)(tp - pos0) * ld_rows
+                                 : ring + (long long)(tp % ring_cap) * hd;
+            } else {
+                const int c = srow ? srow[j - n_raw] : j - n_raw;
+                val = comp + (long long)c * hd;
+            }
+            acc += (lg[j] / den) * val[d];
+        }
+        o[d] = acc;
+    }
+}
+
+// Appends the chunk's raw rows to the ring (only the last ring_cap of them matter).
+extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, const int* pos_p,
+                                     float* ring, int ring_cap, int hd) {
+    const int i = blockIdx.y;
+    if (i < n - ring_cap) return;
+    const int slot = (*pos_p + i) % ring_cap;
+    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < hd; d += gridDim.x * blockDim.x)
+        ring[(long long)slot * hd + d] = rows[(long long)i * ld_rows + d];
+}
+
+// ---------------------------------------------------------------------------
+// MoE glue (model.md §7.4).
+// ---------------------------------------------------------------------------
+
+// One warp per token: router scores sqrt(softplus(l)), expert choice (hash table or
+// biased top-k, lower index on ties), routing weights.
+#define MAX_EXPERTS_PER_LANE 8
+extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int k,
+                                     const float* bias, const int* tid2eid, const int* tok,
+                                     int norm, float wscale, int* ids, float* wts) {
+    const int t = blockIdx.x, lane = threadIdx.x;
+    float sc[MAX_EXPERTS_PER_LANE], bi[MAX_EXPERTS_PER_LANE];
+    for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
+        const int ex = q * 32 + lane;
+        if (ex < ne) {
+            sc[q] = sqrtf(softplusf(logits[(long long)t * ld_l + ex]));
+            bi[q] = sc[q] + (bias ? bias[ex] : 0.0f);
+        } else {
+            sc[q] = 0.0f;
+            bi[q] = NEG_INF;
+        }
+    }
+    __shared__ int s_ids[64];
+    __shared__ float s_sc[64];
+    for (int j = 0; j < k; j++) {
+        int e;
+        if (tid2eid) {
+            e = tid2eid[(long long)tok[t] * k + j];
+            e = min(max(e, 0), ne - 1);
+        } else {
+            float bv = NEG_INF;
+            int be = 0x7fffffff;
+            for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
+                const int ex = q * 32 + lane;
+                if (ex < ne && (bi[q] > bv || (bi[q] == bv && ex < be))) {
+                    bv = bi[q];
+                    be = ex;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+                if (ov > bv || (ov == bv && oe < be)) {
+                    bv = ov;
+                    be = oe;
+                }
+            }
+            e = be == 0x7fffffff ? 0 : be;
+            if ((e & 31) == lane) bi[e >> 5] = NEG_INF;
+        }
+        // The chosen expert's unbiased score, from its owner lane.
+        float mine = 0.0f;
+        for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
+            if (q * 32 + lane == e) mine = sc[q];
+        const float s = __shfl_sync(0xffffffffu, mine, e & 31);
+        if (lane == 0) {
+            s_ids[j] = e;
+            s_sc[j] = s;
+        }
+    }
+    __syncwarp();
+    if (lane == 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < k; j++) sum += s_sc[j];
+        for (int j = 0; j < k; j++) {
+            ids[(long long)t * k + j] = s_ids[j];
+            wts[(long long)t * k + j] =
+                norm ? wscale * s_sc[j] / fmaxf(sum, 6.1035156e-5f) : wscale * s_sc[j];
+        }
+    }
+}
+
+// mid = w · silu(min(g, clamp)) · clamp(u, −clamp, clamp); wts null → w = 1.
+extern "C" __global__ void swiglu(const float* g, const float* u, int ff, long long rows,
+                                  const float* wts, float clamp, float* out) {
+    const long long n = rows * ff;
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const float wt = wts ? wts[idx / ff] : 1.0f;
+        const float gc = fminf(g[idx], clamp);
+        const float uc = fminf(fmaxf(u[idx], -clamp), clamp);
+        out[idx] = wt * siluf(gc) * uc;
+    }
+}
+
+// out[t][j] = (Σ_s routed[t·k + s][j]) + shared[t][j], summed in the CPU's order.
+extern "C" __global__ void moe_sum(const float* routed, const float* shared, int k, int e,
+                                   float* out, int ld_out) {
+    const int t = blockIdx.y;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < e; j += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < k; s++) acc += routed[((long long)t * k + s) * e + j];
+        acc += shared[(long long)t * e + j];
+        out[(long long)t * ld_out + j] = acc;
+    }
+}

@@ -1,0 +1,1824 @@
+//! The CUDA implementation of `ds4_model::Backend`: weights uploaded once, activations and
+//! the KV state resident on the device, every operation a kernel on one stream
+//! (`kernels/matvec.cu` for weight products, `kernels/ops.cu` for the rest).
+//!
+//! Decode steps are recorded once into a CUDA graph per session and replayed: kernels read
+//! the chunk's first position and token ids from device memory (`begin_chunk` uploads
+//! them), so nothing in a step depends on host values, nothing allocates and nothing
+//! synchronises until the logits are read.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg};
+use ds4_gguf::GgmlType;
+use ds4_model::backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
+use ds4_model::kv::HostKv;
+use ds4_model::shape::{LayerKind, ModelShape};
+use ds4_model::weights::{CompressorWeights, FfnWeights, HcWeights, TensorView};
+use ds4_model::{Error as MError, Result as MResult};
+
+use crate::compile;
+use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
+use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput};
+use crate::runtime::CudaRuntime;
+
+/// Small float tensors (norms, sinks, biases, HC scale/base, ape) also get an f32 copy.
+const DENSE_MAX_ELEMS: u64 = 1 << 17;
+/// Threads of the per-row kernels (must be 128: the Hadamard butterflies use one per dim).
+const ROW_THREADS: u32 = 128;
+/// Dynamic shared memory the attention / indexer kernels may use.
+const BIG_SMEM: usize = 200 * 1024;
+/// Chunks of at least this many tokens use the tensor-core GEMMs (gemm.cu) instead of
+/// the batched matvec, which decodes every weight unit once per token.
+const GEMM_MIN_TOKENS: usize = 16;
+/// Routed products with at least this many (token, expert) slots group tokens by expert.
+const ROUTED_GEMM_MIN_SLOTS: usize = 64;
+/// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
+const IDX_TILE: usize = 128;
+/// Tokens whose indexer scores are materialised at once (bounds the score scratch).
+const IDX_TOKENS_PER_PASS: usize = 64;
+
+fn be<E: std::fmt::Display>(e: E) -> MError {
+    MError::Backend(e.to_string())
+}
+
+fn check(ok: bool, msg: impl FnOnce() -> String) -> MResult<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(MError::Backend(msg()))
+    }
+}
+
+fn grid1(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).clamp(1, 65535 * 16), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A weight on the device. Identical host bytes are uploaded once and shared (synthetic
+/// benchmark models reuse one layer's tensors for every layer of a kind).
+pub struct CudaWeight {
+    pub name: String,
+    pub ty: GgmlType,
+    pub k: usize,
+    pub rows: usize,
+    pub data: Arc<DevBuf>,
+    pub dense: Option<Arc<DevBuf>>,
+}
+
+impl CudaWeight {
+    fn dense_ptr(&self) -> MResult<u64> {
+        self.dense
+            .as_ref()
+            .map(|d| d.ptr)
+            .ok_or_else(|| MError::Backend(format!("{} is not a small float tensor", self.name)))
+    }
+    fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.k as u64).unwrap_or(0) as usize
+    }
+}
+
+/// A row-major f32 matrix on the device.
+pub struct CudaAct {
+    pub buf: DevBuf,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Per-token selected compressed-row indices (i32, −1 = none).
+pub struct CudaIdx {
+    pub buf: DevBuf,
+    pub rows: usize,
+    pub k: usize,
+}
+
+struct DevFrontier {
+    ratio: usize,
+    coff: usize,
+    d_c: usize,
+    kv: DevBuf,
+    score: DevBuf,
+}
+
+struct DevRows {
+    dim: usize,
+    cap: usize,
+    buf: DevBuf,
+}
+
+struct DevLayer {
+    kind: LayerKind,
+    raw_cap: usize,
+    raw: DevBuf,
+    comp: Option<(DevRows, DevFrontier)>,
+    index: Option<(DevRows, DevFrontier)>,
+}
+
+/// A recorded decode step and what it was recorded for.
+struct StepGraph {
+    key: (u64, u64),
+    graph: CudaGraph,
+}
+
+/// The KV state on the device, same layout as `HostKv` (f32 rows, frontiers).
+pub struct CudaKv {
+    stream: Arc<CudaStream>,
+    fill: CudaFunction,
+    shape: ModelShape,
+    ctx: usize,
+    layers: Vec<DevLayer>,
+    graph: Option<StepGraph>,
+    /// Key of the last unrecorded decode step (the first step allocates scratch, so it
+    /// runs directly; the second is recorded).
+    warm: Option<(u64, u64)>,
+}
+
+// SAFETY: the graph and buffers are only used through `&mut CudaKv` / the backend's one
+// stream; CUDA handles may be used from any thread of the process.
+unsafe impl Send for CudaKv {}
+
+fn fill_f32(stream: &Arc<CudaStream>, f: &CudaFunction, p: u64, n: usize, v: f32) -> MResult<()> {
+    let n64 = n as i64;
+    let mut b = stream.launch_builder(f);
+    b.arg(&p).arg(&n64).arg(&v);
+    // SAFETY: matches `fill_f32`.
+    unsafe { b.launch(grid1(n, 256)) }.map_err(be)?;
+    Ok(())
+}
+
+impl CudaKv {
+    fn frontiers(&self) -> impl Iterator<Item = &DevFrontier> {
+        self.layers.iter().flat_map(|l| {
+            [l.comp.as_ref(), l.index.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|(_, f)| f)
+        })
+    }
+
+    /// Downloads the state valid after `n_pos` tokens into a `HostKv`.
+    fn to_host(&self, n_pos: usize) -> MResult<HostKv> {
+        let mut h = HostKv::new(&self.shape, self.ctx);
+        for (hl, dl) in h.layers.iter_mut().zip(&self.layers) {
+            dl_rows(&self.stream, &dl.raw, &mut hl.raw)?;
+            for (d, hc, hf) in [
+                (dl.comp.as_ref(), &mut hl.comp, &mut hl.comp_state),
+                (dl.index.as_ref(), &mut hl.index, &mut hl.index_state),
+            ] {
+                let (Some((rows, fr)), Some(hc), Some(hf)) = (d, hc.as_mut(), hf.as_mut()) else {
+                    continue;
+                };
+                hc.n = (n_pos / fr.ratio).min(hc.cap).min(rows.cap);
+                let n = hc.n * hc.dim;
+                dl_rows(&self.stream, &rows.buf, &mut hc.data[..n])?;
+                dl_rows(&self.stream, &fr.kv, &mut hf.kv)?;
+                dl_rows(&self.stream, &fr.score, &mut hf.score)?;
+            }
+        }
+        Ok(h)
+    }
+
+    fn upload_host(&mut self, h: &HostKv, n_pos: usize) -> MResult<()> {
+        let stream = self.stream.clone();
+        let ul = |b: &mut DevBuf, v: &[f32]| -> MResult<()> {
+            b.write_at(&stream, 0, bytemuck::cast_slice(v)).map_err(be)
+        };
+        for (dl_, hl) in self.layers.iter_mut().zip(&h.layers) {
+            ul(&mut dl_.raw, &hl.raw)?;
+            for (d, hc, hf) in [
+                (dl_.comp.as_mut(), &hl.comp, &hl.comp_state),
+                (dl_.index.as_mut(), &hl.index, &hl.index_state),
+            ] {
+                if let (Some((rows, fr)), Some(hc), Some(hf)) = (d, hc, hf) {
+                    let n = (n_pos / fr.ratio).min(hc.n).min(rows.cap) * rows.dim;
+                    ul(&mut rows.buf, &hc.data[..n])?;
+                    ul(&mut fr.kv, &hf.kv)?;
+                    ul(&mut fr.score, &hf.score)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dl_rows(stream: &Arc<CudaStream>, b: &DevBuf, out: &mut [f32]) -> MResult<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    b.read_at(stream, 0, bytemuck::cast_slice_mut(out))
+        .map_err(be)
+}
+
+impl KvStore for CudaKv {
+    fn memory_bytes(&self) -> usize {
+        HostKv::estimate_bytes(&self.shape, self.ctx)
+    }
+
+    fn reset(&mut self) {
+        // Errors here can only be a failed device (reported by the next real operation).
+        for l in &self.layers {
+            let _ = fill_f32(&self.stream, &self.fill, l.raw.ptr, l.raw.len() / 4, 0.0);
+        }
+        for f in self.frontiers() {
+            let _ = fill_f32(&self.stream, &self.fill, f.kv.ptr, f.kv.len() / 4, 0.0);
+            let _ = fill_f32(
+                &self.stream,
+                &self.fill,
+                f.score.ptr,
+                f.score.len() / 4,
+                f32::NEG_INFINITY,
+            );
+        }
+    }
+
+    fn save(&self, n_pos: usize, out: &mut Vec<u8>) -> MResult<()> {
+        self.to_host(n_pos)?.save(n_pos, out)
+    }
+
+    fn load(&mut self, n_pos: usize, bytes: &[u8]) -> MResult<usize> {
+        let mut h = HostKv::new(&self.shape, self.ctx);
+        let used = h.load(n_pos, bytes)?;
+        self.upload_host(&h, n_pos)?;
+        Ok(used)
+    }
+}
+
+/// Kernels of ops.cu.
+struct Ops {
+    fill_f32: CudaFunction,
+    to_f32: CudaFunction,
+    copy_rows: CudaFunction,
+    group_permute: CudaFunction,
+    mv_float: CudaFunction,
+    embed_rows: CudaFunction,
+    rms_norm_seg: CudaFunction,
+    hc_pre_finish: CudaFunction,
+    hc_post: CudaFunction,
+    hc_head_finish: CudaFunction,
+    rope: CudaFunction,
+    round_rows: CudaFunction,
+    comp_pool: CudaFunction,
+    comp_finish: CudaFunction,
+    idx_scores: CudaFunction,
+    idx_topk: CudaFunction,
+    attention: CudaFunction,
+    kv_append: CudaFunction,
+    moe_route: CudaFunction,
+    swiglu: CudaFunction,
+    moe_sum: CudaFunction,
+}
+
+impl Ops {
+    fn load(rt: &CudaRuntime) -> crate::Result<Self> {
+        let arch = compile::arch_for(rt.device.sm);
+        let m = compile::load_module(&rt.ctx, &compile::OPS, &arch, rt.nvrtc_version)?;
+        let f = |name: &str| m.load_function(name);
+        let big = |name: &str| -> crate::Result<CudaFunction> {
+            let func = m.load_function(name)?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                BIG_SMEM as i32,
+            )?;
+            Ok(func)
+        };
+        Ok(Self {
+            fill_f32: f("fill_f32")?,
+            to_f32: f("to_f32")?,
+            copy_rows: f("copy_rows")?,
+            group_permute: f("group_permute")?,
+            mv_float: f("mv_float")?,
+            embed_rows: f("embed_rows")?,
+            rms_norm_seg: f("rms_norm_seg")?,
+            hc_pre_finish: f("hc_pre_finish")?,
+            hc_post: f("hc_post")?,
+            hc_head_finish: f("hc_head_finish")?,
+            rope: f("rope")?,
+            round_rows: big("round_rows")?,
+            comp_pool: f("comp_pool")?,
+            comp_finish: big("comp_finish")?,
+            idx_scores: big("idx_scores")?,
+            idx_topk: f("idx_topk")?,
+            attention: big("attention")?,
+            kv_append: f("kv_append")?,
+            moe_route: f("moe_route")?,
+            swiglu: f("swiglu")?,
+            moe_sum: f("moe_sum")?,
+        })
+    }
+}
+
+/// Device scratch that grows on demand. Growing bumps `epoch`, which invalidates
+/// recorded steps (they hold the old addresses).
+#[derive(Default)]
+struct Scratch {
+    epoch: u64,
+    f32s: HashMap<&'static str, DevBuf>,
+    acts: HashMap<(u8, usize), ActBuf>,
+}
+
+fn kind_tag(k: ActKind) -> u8 {
+    match k {
+        ActKind::Q8_0 => 0,
+        ActKind::Q8K => 1,
+        ActKind::F32 => 2,
+    }
+}
+
+impl Scratch {
+    fn f32(&mut self, stream: &Arc<CudaStream>, name: &'static str, n: usize) -> MResult<u64> {
+        let bytes = n.max(1) * 4;
+        if let Some(b) = self.f32s.get(name)
+            && b.len() >= bytes
+        {
+            return Ok(b.ptr);
+        }
+        let b = DevBuf::zeros(stream, bytes).map_err(be)?;
+        let p = b.ptr;
+        self.f32s.insert(name, b);
+        self.epoch += 1;
+        Ok(p)
+    }
+
+    fn act(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kind: ActKind,
+        k: usize,
+        rows: usize,
+    ) -> MResult<&ActBuf> {
+        let key = (kind_tag(kind), k);
+        let grow = self.acts.get(&key).is_none_or(|a| a.rows < rows);
+        if grow {
+            let a = ActBuf::new(stream, kind, k, rows.max(1)).map_err(be)?;
+            self.acts.insert(key, a);
+            self.epoch += 1;
+        }
+        self.acts
+            .get(&key)
+            .ok_or_else(|| MError::Backend("activation scratch missing".into()))
+    }
+}
+
+/// A tensor's bytes on the device, and its f32 copy for small float tensors.
+type Uploaded = (Arc<DevBuf>, Option<Arc<DevBuf>>);
+
+/// Token ids and positions of the current chunk on the device.
+struct ChunkBufs {
+    tokens: DevBuf,
+    pos: DevBuf,
+}
+
+/// Statistics of recorded-step use (for benchmarks and logs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GraphStats {
+    pub recorded: u64,
+    pub replayed: u64,
+}
+
+pub struct CudaBackend {
+    rt: Arc<CudaRuntime>,
+    kernels: Kernels,
+    gemm: GemmKernels,
+    /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
+    gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
+    ops: Ops,
+    shape: ModelShape,
+    rope_plain: DevBuf,
+    rope_comp: DevBuf,
+    /// The chunk's token ids and positions (i32 each) read by the kernels.
+    chunk: Mutex<ChunkBufs>,
+    scratch: Mutex<Scratch>,
+    uploads: Mutex<HashMap<(usize, usize), Uploaded>>,
+    /// Record decode steps into CUDA graphs (on by default).
+    pub use_graphs: bool,
+    recorded: AtomicU64,
+    replayed: AtomicU64,
+}
+
+impl CudaBackend {
+    /// Compiles/loads the kernels and prepares the constant tables for `shape`.
+    pub fn new(rt: Arc<CudaRuntime>, shape: &ModelShape) -> crate::Result<Self> {
+        let kernels = Kernels::load(&rt)?;
+        let gemm = GemmKernels::load(&rt)?;
+        let ops = Ops::load(&rt)?;
+        let s = &rt.stream;
+        let rope_plain = DevBuf::from_f32(s, &shape.rope_plain().freqs)?;
+        let rope_comp = DevBuf::from_f32(s, &shape.rope_compress().freqs)?;
+        let chunk = Mutex::new(ChunkBufs {
+            tokens: DevBuf::zeros(s, 4 * 64)?,
+            pos: DevBuf::zeros(s, 4 * 64)?,
+        });
+        Ok(Self {
+            kernels,
+            gemm,
+            gemm_scratch: Mutex::new(None),
+            ops,
+            shape: shape.clone(),
+            rope_plain,
+            rope_comp,
+            chunk,
+            scratch: Mutex::new(Scratch::default()),
+            uploads: Mutex::new(HashMap::new()),
+            use_graphs: true,
+            recorded: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            rt,
+        })
+    }
+
+    pub fn runtime(&self) -> &Arc<CudaRuntime> {
+        &self.rt
+    }
+
+    pub fn graph_stats(&self) -> GraphStats {
+        GraphStats {
+            recorded: self.recorded.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes of distinct weight data uploaded so far.
+    pub fn uploaded_bytes(&self) -> usize {
+        self.uploads
+            .lock()
+            .map(|u| {
+                u.values()
+                    .map(|(d, f)| d.len() + f.as_ref().map_or(0, |f| f.len()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.rt.stream
+    }
+
+    fn scratch(&self) -> MResult<MutexGuard<'_, Scratch>> {
+        self.scratch
+            .lock()
+            .map_err(|_| MError::Backend("scratch poisoned".into()))
+    }
+
+    fn launch<'a>(
+        &'a self,
+        f: &'a CudaFunction,
+        cfg: LaunchConfig,
+        args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
+    ) -> MResult<()> {
+        let mut b = self.stream().launch_builder(f);
+        args(&mut b);
+        // SAFETY: every call site passes the argument list of the named kernel in ops.cu,
+        // with pointers to buffers sized for the launch (checked by the callers).
+        unsafe { b.launch(cfg) }.map_err(be)?;
+        Ok(())
+    }
+
+    fn freqs(&self, kind: RopeKind) -> u64 {
+        match kind {
+            RopeKind::Plain => self.rope_plain.ptr,
+            RopeKind::Compress => self.rope_comp.ptr,
+        }
+    }
+
+    /// y[t·ldy + r] = W[r]·x[t] for t < n (x rows `ldx` floats apart).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_raw(
+        &self,
+        w: &CudaWeight,
+        row0: usize,
+        rows: usize,
+        x: u64,
+        ldx: usize,
+        n: usize,
+        y: u64,
+        ldy: usize,
+    ) -> MResult<()> {
+        let k = w.k;
+        let wptr = w.data.ptr + (row0 * w.row_bytes()) as u64;
+        match w.ty {
+            GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => {
+                let kind = ActKind::for_weight(w.ty).map_err(be)?;
+                let mut sc = self.scratch()?;
+                let xin = if ldx != k {
+                    let tmp = sc.f32(self.stream(), "mm_in", n * k)?;
+                    self.copy_rows(x, ldx, tmp, k, n, k)?;
+                    tmp
+                } else {
+                    x
+                };
+                let act = sc.act(self.stream(), kind, k, n)?;
+                self.kernels
+                    .quantize_rows(self.stream(), xin, act, n)
+                    .map_err(be)?;
+                if n >= GEMM_MIN_TOKENS
+                    && self.try_gemm(&Gemm {
+                        ty: w.ty,
+                        w: wptr,
+                        k,
+                        rows,
+                        x: MvInput::Quant(act),
+                        x_col0: 0,
+                        x_row_len: k,
+                        ntok: n,
+                        y,
+                        y_row_stride: ldy,
+                        y_col0: 0,
+                    })?
+                {
+                    return Ok(());
+                }
+                let m = Matvec {
+                    ty: w.ty,
+                    w: wptr,
+                    k,
+                    rows,
+                    ntok: n,
+                    slots: 1,
+                    w_slot_stride: 0,
+                    ids: 0,
+                    x_group: 1,
+                    x: MvInput::Quant(act),
+                    y,
+                };
+                self.kernels.matvec_ld(self.stream(), &m, ldy).map_err(be)
+            }
+            GgmlType::F16 | GgmlType::F32
+                if n >= GEMM_MIN_TOKENS
+                    && self.try_gemm(&Gemm {
+                        ty: w.ty,
+                        w: wptr,
+                        k,
+                        rows,
+                        x: MvInput::F32(x),
+                        x_col0: 0,
+                        x_row_len: ldx,
+                        ntok: n,
+                        y,
+                        y_row_stride: ldy,
+                        y_col0: 0,
+                    })? =>
+            {
+                Ok(())
+            }
+            GgmlType::F16 if k.is_multiple_of(8) && k <= 16384 && ldx == k => {
+                let m = Matvec {
+                    ty: w.ty,
+                    w: wptr,
+                    k,
+                    rows,
+                    ntok: n,
+                    slots: 1,
+                    w_slot_stride: 0,
+                    ids: 0,
+                    x_group: 1,
+                    x: MvInput::F32(x),
+                    y,
+                };
+                self.kernels.matvec_ld(self.stream(), &m, ldy).map_err(be)
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                self.mv_float(w, wptr, 0, 0, x, ldx, rows, n, 1, 1, y, ldy)
+            }
+            other => Err(MError::Backend(format!(
+                "{}: {} weights are not supported on the GPU",
+                w.name,
+                other.name()
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mv_float(
+        &self,
+        w: &CudaWeight,
+        wptr: u64,
+        slot_stride: u64,
+        ids: u64,
+        x: u64,
+        ldx: usize,
+        rows: usize,
+        ntok: usize,
+        slots: usize,
+        x_group: usize,
+        y: u64,
+        ldy: usize,
+    ) -> MResult<()> {
+        let ty: i32 = match w.ty {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::BF16 => 2,
+            other => {
+                return Err(MError::Backend(format!(
+                    "mv_float: {} is not a float type",
+                    other.name()
+                )));
+            }
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, slots as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (stride, ldx, k, rows, ntok, xg, ldy) = (
+            slot_stride as i64,
+            ldx as i32,
+            w.k as i32,
+            rows as i32,
+            ntok as i32,
+            x_group as i32,
+            ldy as i32,
+        );
+        self.launch(&self.ops.mv_float, cfg, |b| {
+            b.arg(&wptr)
+                .arg(&ty)
+                .arg(&stride)
+                .arg(&ids)
+                .arg(&x)
+                .arg(&ldx)
+                .arg(&k)
+                .arg(&rows)
+                .arg(&ntok)
+                .arg(&xg)
+                .arg(&y)
+                .arg(&ldy);
+        })
+    }
+
+    fn copy_rows(
+        &self,
+        src: u64,
+        lds: usize,
+        dst: u64,
+        ldd: usize,
+        rows: usize,
+        cols: usize,
+    ) -> MResult<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((cols as u32).div_ceil(256).max(1), rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (lds, ldd, r, c) = (lds as i32, ldd as i32, rows as i32, cols as i32);
+        self.launch(&self.ops.copy_rows, cfg, |b| {
+            b.arg(&src).arg(&lds).arg(&dst).arg(&ldd).arg(&r).arg(&c);
+        })
+    }
+
+    /// Routed / grouped products: slot s uses matrix `ids[s]` (or s), activation row
+    /// s / x_group, output row s (ntok = 1).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_slots(
+        &self,
+        w: &CudaWeight,
+        rows: usize,
+        ids: u64,
+        slots: usize,
+        x_group: usize,
+        x: u64,
+        y: u64,
+    ) -> MResult<()> {
+        let k = w.k;
+        let stride = (w.row_bytes() * rows) as u64;
+        match w.ty {
+            GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => {
+                let kind = ActKind::for_weight(w.ty).map_err(be)?;
+                let n_act = slots.div_ceil(x_group);
+                let mut sc = self.scratch()?;
+                let routed = slots >= ROUTED_GEMM_MIN_SLOTS && ids != 0;
+                let n_expert = w.rows / rows.max(1);
+                let mut gs = self
+                    .gemm_scratch
+                    .lock()
+                    .map_err(|_| MError::Backend("gemm scratch poisoned".into()))?;
+                if routed && gs.as_ref().is_none_or(|g| g.1 < slots || g.2 < n_expert) {
+                    let cap = slots.next_power_of_two();
+                    *gs = Some((
+                        GemmScratch::new(self.stream(), cap, n_expert).map_err(be)?,
+                        cap,
+                        n_expert,
+                    ));
+                    sc.epoch += 1;
+                }
+                let act = sc.act(self.stream(), kind, k, n_act)?;
+                self.kernels
+                    .quantize_rows(self.stream(), x, act, n_act)
+                    .map_err(be)?;
+                if routed {
+                    let scratch = gs
+                        .as_ref()
+                        .map(|g| &g.0)
+                        .ok_or_else(|| MError::Backend("gemm scratch missing".into()))?;
+                    let g = RoutedGemm {
+                        ty: w.ty,
+                        w: w.data.ptr,
+                        w_expert_stride: stride,
+                        n_expert,
+                        k,
+                        rows,
+                        ids,
+                        n_slots: slots,
+                        x_group,
+                        x: act,
+                        y,
+                    };
+                    match self.gemm.routed_gemm(&g, scratch) {
+                        Ok(()) => return Ok(()),
+                        Err(crate::Error::Shape { .. }) => {}
+                        Err(e) => return Err(be(e)),
+                    }
+                }
+                let m = Matvec {
+                    ty: w.ty,
+                    w: w.data.ptr,
+                    k,
+                    rows,
+                    ntok: 1,
+                    slots,
+                    w_slot_stride: stride,
+                    ids,
+                    x_group,
+                    x: MvInput::Quant(act),
+                    y,
+                };
+                self.kernels.matvec_ld(self.stream(), &m, rows).map_err(be)
+            }
+            _ => self.mv_float(
+                w, w.data.ptr, stride, ids, x, k, rows, 1, slots, x_group, y, rows,
+            ),
+        }
+    }
+
+    /// Runs `g` on the tensor cores; false when the GEMM kernels do not take this shape
+    /// (the caller then uses the matvec).
+    fn try_gemm(&self, g: &Gemm) -> MResult<bool> {
+        match self.gemm.gemm(g) {
+            Ok(()) => Ok(true),
+            Err(crate::Error::Shape { .. }) => Ok(false),
+            Err(e) => Err(be(e)),
+        }
+    }
+
+    fn hc_mixes(&self, fn_: &CudaWeight, state: &CudaAct, n: usize, rows: usize) -> MResult<u64> {
+        let mixes = self.scratch()?.f32(self.stream(), "hc_mix", n * rows)?;
+        self.matmul_raw(fn_, 0, rows, state.buf.ptr, state.cols, n, mixes, rows)?;
+        Ok(mixes)
+    }
+}
+
+fn as_i32(v: usize, what: &str) -> MResult<i32> {
+    i32::try_from(v).map_err(|_| MError::Backend(format!("{what} = {v} exceeds i32")))
+}
+
+impl<'w> Backend<'w> for CudaBackend {
+    type Weight = CudaWeight;
+    type Act = CudaAct;
+    type Idx = CudaIdx;
+    type Kv = CudaKv;
+
+    fn upload(&self, t: &TensorView<'w>) -> MResult<CudaWeight> {
+        let key = (t.data.as_ptr() as usize, t.data.len());
+        let n_elems: u64 = t.dims.iter().product();
+        if t.name.ends_with("tid2eid") {
+            // The routing kernel trusts the table: check it here, once.
+            let ne = self.shape.n_expert;
+            for c in t.data.chunks_exact(4) {
+                let v = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                if v < 0 || v as usize >= ne {
+                    return Err(MError::Backend(format!(
+                        "{}: expert id {v} out of range (n_expert {ne})",
+                        t.name
+                    )));
+                }
+            }
+        }
+        let mut up = self
+            .uploads
+            .lock()
+            .map_err(|_| MError::Backend("upload table poisoned".into()))?;
+        let (data, dense) = match up.get(&key) {
+            Some((d, f)) => (d.clone(), f.clone()),
+            None => {
+                let data = Arc::new(DevBuf::from_bytes(self.stream(), t.data).map_err(be)?);
+                let dense = match t.ty {
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
+                        if n_elems <= DENSE_MAX_ELEMS =>
+                    {
+                        if t.ty == GgmlType::F32 {
+                            Some(data.clone())
+                        } else {
+                            let out =
+                                DevBuf::zeros(self.stream(), n_elems as usize * 4).map_err(be)?;
+                            let ty: i32 = if t.ty == GgmlType::F16 { 1 } else { 2 };
+                            let n = n_elems as i64;
+                            let (src, dst) = (data.ptr, out.ptr);
+                            self.launch(&self.ops.to_f32, grid1(n_elems as usize, 256), |b| {
+                                b.arg(&src).arg(&ty).arg(&n).arg(&dst);
+                            })?;
+                            Some(Arc::new(out))
+                        }
+                    }
+                    _ => None,
+                };
+                up.insert(key, (data.clone(), dense.clone()));
+                (data, dense)
+            }
+        };
+        Ok(CudaWeight {
+            name: t.name.to_string(),
+            ty: t.ty,
+            k: t.row_len(),
+            rows: t.n_rows(),
+            data,
+            dense,
+        })
+    }
+
+    fn alloc_act(&self, rows: usize, cols: usize) -> MResult<CudaAct> {
+        Ok(CudaAct {
+            buf: DevBuf::zeros(self.stream(), rows.max(1) * cols.max(1) * 4).map_err(be)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn alloc_idx(&self, rows: usize, k: usize) -> MResult<CudaIdx> {
+        Ok(CudaIdx {
+            buf: DevBuf::zeros(self.stream(), rows.max(1) * k.max(1) * 4).map_err(be)?,
+            rows,
+            k,
+        })
+    }
+
+    fn alloc_kv(&self, s: &ModelShape, ctx: usize) -> MResult<CudaKv> {
+        let st = self.stream();
+        let raw_cap = s.sliding_window.min(ctx.max(1));
+        let z = |floats: usize| DevBuf::zeros(st, floats.max(1) * 4).map_err(be);
+        let frontier = |ratio: usize, coff: usize, d_c: usize| -> MResult<DevFrontier> {
+            let n = coff * ratio * coff * d_c;
+            Ok(DevFrontier {
+                ratio,
+                coff,
+                d_c,
+                kv: z(n)?,
+                score: z(n)?,
+            })
+        };
+        let mut layers = Vec::with_capacity(s.n_layer);
+        for &kind in &s.layer_kinds {
+            let r = kind.ratio();
+            let cap = ctx.checked_div(r).map_or(0, |c| c + 1);
+            let comp = if kind.is_compressed() {
+                Some((
+                    DevRows {
+                        dim: s.head_dim,
+                        cap,
+                        buf: z(cap * s.head_dim)?,
+                    },
+                    frontier(r, kind.coff(), s.head_dim)?,
+                ))
+            } else {
+                None
+            };
+            let index = if kind.is_csa() {
+                Some((
+                    DevRows {
+                        dim: s.indexer_dim,
+                        cap,
+                        buf: z(cap * s.indexer_dim)?,
+                    },
+                    frontier(r, 2, s.indexer_dim)?,
+                ))
+            } else {
+                None
+            };
+            layers.push(DevLayer {
+                kind,
+                raw_cap,
+                raw: z(raw_cap * s.head_dim)?,
+                comp,
+                index,
+            });
+        }
+        let mut kv = CudaKv {
+            stream: st.clone(),
+            fill: self.ops.fill_f32.clone(),
+            shape: s.clone(),
+            ctx,
+            layers,
+            graph: None,
+            warm: None,
+        };
+        kv.reset();
+        Ok(kv)
+    }
+
+    fn embed(
+        &self,
+        table: &CudaWeight,
+        tokens: &[u32],
+        hc_mult: usize,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        let e = table.k;
+        let ty: i32 = match table.ty {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::BF16 => 2,
+            other => {
+                return Err(MError::Backend(format!(
+                    "token embedding of type {} is not supported on the GPU",
+                    other.name()
+                )));
+            }
+        };
+        let n = tokens.len();
+        check(out.cols == e * hc_mult && out.rows >= n, || {
+            "embed: bad output shape".into()
+        })?;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(MError::Token {
+                token: t,
+                vocab: table.rows,
+            });
+        }
+        let tok = self.chunk_ptrs()?.0;
+        let cfg = LaunchConfig {
+            grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (tp, e32, hc, op, ld) = (
+            table.data.ptr,
+            e as i32,
+            hc_mult as i32,
+            out.buf.ptr,
+            out.cols as i32,
+        );
+        self.launch(&self.ops.embed_rows, cfg, |b| {
+            b.arg(&tp)
+                .arg(&ty)
+                .arg(&e32)
+                .arg(&tok)
+                .arg(&hc)
+                .arg(&op)
+                .arg(&ld);
+        })
+    }
+
+    fn matmul(&self, w: &CudaWeight, x: &CudaAct, n: usize, out: &mut CudaAct) -> MResult<()> {
+        check(
+            x.cols >= w.k && out.cols >= w.rows && n <= x.rows.min(out.rows),
+            || {
+                format!(
+                    "matmul {}: x {} cols, out {} cols, weight [{}, {}]",
+                    w.name, x.cols, out.cols, w.k, w.rows
+                )
+            },
+        )?;
+        self.matmul_raw(w, 0, w.rows, x.buf.ptr, x.cols, n, out.buf.ptr, out.cols)
+    }
+
+    fn matmul_grouped(
+        &self,
+        w: &CudaWeight,
+        x: &CudaAct,
+        n: usize,
+        groups: usize,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        let (k, rows) = (w.k, w.rows);
+        check(
+            groups > 0 && rows.is_multiple_of(groups) && x.cols == k * groups,
+            || format!("grouped matmul {}: bad shapes", w.name),
+        )?;
+        let per = rows / groups;
+        if n == 1 {
+            // One token: the input row already is group-major.
+            return self.matmul_slots(w, per, 0, groups, 1, x.buf.ptr, out.buf.ptr);
+        }
+        let (gin, gout) = {
+            let mut sc = self.scratch()?;
+            (
+                sc.f32(self.stream(), "grp_in", n * groups * k)?,
+                sc.f32(self.stream(), "grp_out", n * rows)?,
+            )
+        };
+        let permute = |src: u64, dst: u64, width: usize, ld: usize, to_gm: i32| {
+            let cfg = LaunchConfig {
+                grid_dim: ((width as u32).div_ceil(256), n as u32, groups as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n32, g32, w32, ld32) = (n as i32, groups as i32, width as i32, ld as i32);
+            self.launch(&self.ops.group_permute, cfg, |b| {
+                b.arg(&src)
+                    .arg(&dst)
+                    .arg(&n32)
+                    .arg(&g32)
+                    .arg(&w32)
+                    .arg(&ld32)
+                    .arg(&to_gm);
+            })
+        };
+        permute(x.buf.ptr, gin, k, x.cols, 1)?;
+        // Group g: its matrix slice times its n rows, as one batched product per group.
+        for g in 0..groups {
+            self.matmul_raw(
+                w,
+                g * per,
+                per,
+                gin + (g * n * k * 4) as u64,
+                k,
+                n,
+                gout + (g * n * per * 4) as u64,
+                per,
+            )?;
+        }
+        permute(gout, out.buf.ptr, per, out.cols, 0)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &mut CudaAct,
+        w: Option<&CudaWeight>,
+        n: usize,
+        seg: usize,
+        eps: f32,
+    ) -> MResult<()> {
+        check(seg > 0 && x.cols.is_multiple_of(seg), || {
+            "rms_norm: bad shapes".into()
+        })?;
+        let wp = match w {
+            Some(w) => {
+                check(w.k * w.rows == seg, || "rms_norm: weight length".into())?;
+                w.dense_ptr()?
+            }
+            None => 0,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((x.cols / seg) as u32, n as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, ld, seg32) = (x.buf.ptr, x.cols as i32, seg as i32);
+        self.launch(&self.ops.rms_norm_seg, cfg, |b| {
+            b.arg(&xp).arg(&ld).arg(&wp).arg(&seg32).arg(&eps);
+        })
+    }
+
+    fn hc_pre(
+        &self,
+        w: &HcWeights<CudaWeight>,
+        state: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+        check(
+            hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
+            || "hc_pre: bad weights".into(),
+        )?;
+        let mixes = self.hc_mixes(&w.fn_, state, n, nm)?;
+        let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (sp, lds, ldm, hc32, e32, it, he, re) = (
+            state.buf.ptr,
+            state.cols as i32,
+            nm as i32,
+            hc as i32,
+            e as i32,
+            s.hc_sinkhorn_iters as i32,
+            s.hc_eps,
+            s.rms_eps,
+        );
+        let (yp, ldy, pp, cp) = (y.buf.ptr, y.cols as i32, post.buf.ptr, comb.buf.ptr);
+        self.launch(&self.ops.hc_pre_finish, cfg, |b| {
+            b.arg(&sp)
+                .arg(&lds)
+                .arg(&mixes)
+                .arg(&ldm)
+                .arg(&sc)
+                .arg(&bs)
+                .arg(&hc32)
+                .arg(&e32)
+                .arg(&it)
+                .arg(&he)
+                .arg(&re)
+                .arg(&yp)
+                .arg(&ldy)
+                .arg(&pp)
+                .arg(&cp);
+        })
+    }
+
+    fn hc_post(
+        &self,
+        sub: &CudaAct,
+        post: &CudaAct,
+        comb: &CudaAct,
+        n: usize,
+        hc: usize,
+        state: &mut CudaAct,
+    ) -> MResult<()> {
+        let e = sub.cols;
+        check(hc <= 16 && state.cols == hc * e, || {
+            "hc_post: bad shapes".into()
+        })?;
+        let cfg = LaunchConfig {
+            grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (sp, lds, pp, cp, hc32, e32, xp, ldx) = (
+            sub.buf.ptr,
+            sub.cols as i32,
+            post.buf.ptr,
+            comb.buf.ptr,
+            hc as i32,
+            e as i32,
+            state.buf.ptr,
+            state.cols as i32,
+        );
+        self.launch(&self.ops.hc_post, cfg, |b| {
+            b.arg(&sp)
+                .arg(&lds)
+                .arg(&pp)
+                .arg(&cp)
+                .arg(&hc32)
+                .arg(&e32)
+                .arg(&xp)
+                .arg(&ldx);
+        })
+    }
+
+    fn hc_head(
+        &self,
+        w: &HcWeights<CudaWeight>,
+        state: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        let (hc, e) = (s.hc_mult, s.n_embd);
+        check(hc <= 16 && w.fn_.rows == hc && w.fn_.k == hc * e, || {
+            "hc_head: bad weights".into()
+        })?;
+        let mixes = self.hc_mixes(&w.fn_, state, n, hc)?;
+        let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (sp, lds, ldm, hc32, e32, he, re, op, ldo) = (
+            state.buf.ptr,
+            state.cols as i32,
+            hc as i32,
+            hc as i32,
+            e as i32,
+            s.hc_eps,
+            s.rms_eps,
+            out.buf.ptr,
+            out.cols as i32,
+        );
+        self.launch(&self.ops.hc_head_finish, cfg, |b| {
+            b.arg(&sp)
+                .arg(&lds)
+                .arg(&mixes)
+                .arg(&ldm)
+                .arg(&sc)
+                .arg(&bs)
+                .arg(&hc32)
+                .arg(&e32)
+                .arg(&he)
+                .arg(&re)
+                .arg(&op)
+                .arg(&ldo);
+        })
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaAct,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        _pos0: usize,
+        inverse: bool,
+    ) -> MResult<()> {
+        check(head_dim > 0 && x.cols.is_multiple_of(head_dim), || {
+            "rope: bad head dim".into()
+        })?;
+        let n_rot = self.shape.n_rot;
+        let pairs = x.cols / head_dim * n_rot / 2;
+        if n == 0 || pairs == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((pairs as u32).div_ceil(128), n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, ld, cols, hd, nr, fr, pp, inv) = (
+            x.buf.ptr,
+            x.cols as i32,
+            x.cols as i32,
+            head_dim as i32,
+            n_rot as i32,
+            self.freqs(kind),
+            self.chunk_ptrs()?.1,
+            inverse as i32,
+        );
+        self.launch(&self.ops.rope, cfg, |b| {
+            b.arg(&xp)
+                .arg(&ld)
+                .arg(&cols)
+                .arg(&hd)
+                .arg(&nr)
+                .arg(&fr)
+                .arg(&pp)
+                .arg(&inv);
+        })
+    }
+
+    fn round_rows(&self, x: &mut CudaAct, n: usize, mode: RowRounding) -> MResult<()> {
+        let cols = x.cols;
+        let m: i32 = match mode {
+            RowRounding::KvRow => 0,
+            RowRounding::IndexerQat => {
+                check(cols.is_multiple_of(128), || {
+                    "indexer rounding: cols not a multiple of 128".into()
+                })?;
+                1
+            }
+        };
+        check(cols * 4 <= BIG_SMEM, || "round_rows: row too wide".into())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (cols * 4) as u32,
+        };
+        let (xp, ld, c32, nn) = (
+            x.buf.ptr,
+            x.cols as i32,
+            cols as i32,
+            self.shape.n_nope() as i32,
+        );
+        self.launch(&self.ops.round_rows, cfg, |b| {
+            b.arg(&xp).arg(&ld).arg(&c32).arg(&m).arg(&nn);
+        })
+    }
+
+    fn compressor_update(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        which: CompKind,
+        w: &CompressorWeights<CudaWeight>,
+        proj_kv: &CudaAct,
+        proj_score: &CudaAct,
+        n: usize,
+        pos0: usize,
+        official: bool,
+    ) -> MResult<()> {
+        let l = kv
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
+        let slot = match which {
+            CompKind::Attn => l.comp.as_mut(),
+            CompKind::Indexer => l.index.as_mut(),
+        };
+        let Some((rows, fr)) = slot else {
+            return Err(MError::Backend(format!(
+                "layer {layer} has no {which:?} compressor state"
+            )));
+        };
+        let (r, coff, dc) = (fr.ratio, fr.coff, fr.d_c);
+        let wdt = coff * dc;
+        check(
+            proj_kv.cols >= wdt && proj_kv.cols == proj_score.cols,
+            || format!("compressor layer {layer}: bad shapes"),
+        )?;
+        check((pos0 + n) / r <= rows.cap, || {
+            format!("compressor layer {layer}: context full")
+        })?;
+        let (ape, norm) = (w.ape.dense_ptr()?, w.norm.dense_ptr()?);
+        check(w.ape.k * w.ape.rows == r * wdt, || {
+            format!("compressor layer {layer}: ape shape")
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((dc as u32).div_ceil(128), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (kp, sp, ld, n32, pp, r32, c32, dc32, fk, fs, rp) = (
+            proj_kv.buf.ptr,
+            proj_score.buf.ptr,
+            proj_kv.cols as i32,
+            n as i32,
+            self.chunk_ptrs()?.1,
+            r as i32,
+            coff as i32,
+            dc as i32,
+            fr.kv.ptr,
+            fr.score.ptr,
+            rows.buf.ptr,
+        );
+        self.launch(&self.ops.comp_pool, cfg, |b| {
+            b.arg(&kp)
+                .arg(&sp)
+                .arg(&ld)
+                .arg(&n32)
+                .arg(&pp)
+                .arg(&ape)
+                .arg(&r32)
+                .arg(&c32)
+                .arg(&dc32)
+                .arg(&fk)
+                .arg(&fs)
+                .arg(&rp);
+        })?;
+        let mode: i32 = match (official, which) {
+            (false, _) => 0,
+            (true, CompKind::Attn) => 1,
+            (true, CompKind::Indexer) => 2,
+        };
+        check(mode != 2 || dc.is_multiple_of(128), || {
+            "indexer rows must be multiples of 128".into()
+        })?;
+        // At most n/r + 1 rows close in a chunk of n; surplus blocks exit.
+        let cfg = LaunchConfig {
+            grid_dim: ((n / r + 1) as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (dc * 4) as u32,
+        };
+        let (fq, nr, eps) = (
+            self.rope_comp.ptr,
+            self.shape.n_rot.min(dc) as i32,
+            self.shape.rms_eps,
+        );
+        self.launch(&self.ops.comp_finish, cfg, |b| {
+            b.arg(&rp)
+                .arg(&dc32)
+                .arg(&n32)
+                .arg(&pp)
+                .arg(&r32)
+                .arg(&norm)
+                .arg(&fq)
+                .arg(&nr)
+                .arg(&eps)
+                .arg(&mode);
+        })
+    }
+
+    fn indexer_topk(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        q: &CudaAct,
+        weights: &CudaAct,
+        n: usize,
+        _pos0: usize,
+        top_k: usize,
+        sel: &mut CudaIdx,
+    ) -> MResult<()> {
+        let l = kv
+            .layers
+            .get(layer)
+            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
+        let Some((rows, fr)) = l.index.as_ref() else {
+            return Err(MError::Backend(format!(
+                "layer {layer} has no indexer state"
+            )));
+        };
+        let heads = weights.cols;
+        check(
+            rows.dim == 128 && q.cols == heads * 128 && sel.k >= top_k && top_k <= 1024,
+            || "indexer: bad shapes".into(),
+        )?;
+        let idx_smem = (heads * 128 + IDX_TILE * (128 + 1)) * 4;
+        check(idx_smem <= BIG_SMEM, || "indexer: too many heads".into())?;
+        let cap = rows.cap;
+        let tok_per_pass = n.clamp(1, IDX_TOKENS_PER_PASS);
+        let scores = self
+            .scratch()?
+            .f32(self.stream(), "idx_scores", tok_per_pass * cap)?;
+        // Passes of up to IDX_TOKENS_PER_PASS tokens share the score scratch. Each pass
+        // reads the position of its first token relative to the chunk's.
+        let mut t0 = 0;
+        while t0 < n {
+            let m = (n - t0).min(tok_per_pass);
+            let pos_p = self.pass_pos(t0)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
+                block_dim: (IDX_TILE as u32, 1, 1),
+                shared_mem_bytes: idx_smem as u32,
+            };
+            let (qp, ldq, wp, ldw, h32, rp, r32, tk, ldsc) = (
+                q.buf.ptr + (t0 * q.cols * 4) as u64,
+                q.cols as i32,
+                weights.buf.ptr + (t0 * heads * 4) as u64,
+                heads as i32,
+                heads as i32,
+                rows.buf.ptr,
+                fr.ratio as i32,
+                top_k as i32,
+                as_i32(cap, "indexer rows")?,
+            );
+            self.launch(&self.ops.idx_scores, cfg, |b| {
+                b.arg(&qp)
+                    .arg(&ldq)
+                    .arg(&wp)
+                    .arg(&ldw)
+                    .arg(&h32)
+                    .arg(&rp)
+                    .arg(&pos_p)
+                    .arg(&r32)
+                    .arg(&tk)
+                    .arg(&scores)
+                    .arg(&ldsc);
+            })?;
+            let cfg = LaunchConfig {
+                grid_dim: (m as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (selp, sk) = (sel.buf.ptr + (t0 * sel.k * 4) as u64, sel.k as i32);
+            self.launch(&self.ops.idx_topk, cfg, |b| {
+                b.arg(&scores)
+                    .arg(&ldsc)
+                    .arg(&pos_p)
+                    .arg(&r32)
+                    .arg(&tk)
+                    .arg(&selp)
+                    .arg(&sk);
+            })?;
+            t0 += m;
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        q: &CudaAct,
+        rows: &CudaAct,
+        sinks: &CudaWeight,
+        sel: Option<&CudaIdx>,
+        n: usize,
+        _pos0: usize,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        let s = &self.shape;
+        let l = kv
+            .layers
+            .get(layer)
+            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
+        let (hd, nh) = (s.head_dim, s.n_head);
+        check(
+            q.cols == nh * hd && rows.cols == hd && sinks.k * sinks.rows == nh,
+            || "attention: bad shapes".into(),
+        )?;
+        let ratio = l.kind.ratio();
+        let (comp_ptr, comp_cap) = match &l.comp {
+            Some((c, _)) => (c.buf.ptr, c.cap),
+            None => (0, 0),
+        };
+        let max_comp = match sel {
+            Some(sl) => sl.k.min(comp_cap),
+            None => comp_cap,
+        };
+        let max_keys = s.sliding_window + max_comp;
+        check(max_keys * 4 <= BIG_SMEM, || {
+            format!("attention: {max_keys} keys exceed the kernel's shared memory")
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (nh as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (max_keys * 4) as u32,
+        };
+        let (selp, sk) = match sel {
+            Some(sl) => (sl.buf.ptr, sl.k as i32),
+            None => (0u64, 0i32),
+        };
+        let (qp, ldq, rp, ldr, ring, rc, cp, r32, sp, hd32, win, pp, op, ldo) = (
+            q.buf.ptr,
+            q.cols as i32,
+            rows.buf.ptr,
+            rows.cols as i32,
+            l.raw.ptr,
+            l.raw_cap as i32,
+            comp_ptr,
+            ratio as i32,
+            sinks.dense_ptr()?,
+            hd as i32,
+            s.sliding_window as i32,
+            self.chunk_ptrs()?.1,
+            out.buf.ptr,
+            out.cols as i32,
+        );
+        self.launch(&self.ops.attention, cfg, |b| {
+            b.arg(&qp)
+                .arg(&ldq)
+                .arg(&rp)
+                .arg(&ldr)
+                .arg(&ring)
+                .arg(&rc)
+                .arg(&cp)
+                .arg(&r32)
+                .arg(&selp)
+                .arg(&sk)
+                .arg(&sp)
+                .arg(&hd32)
+                .arg(&win)
+                .arg(&pp)
+                .arg(&op)
+                .arg(&ldo);
+        })
+    }
+
+    fn kv_append_raw(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        rows: &CudaAct,
+        n: usize,
+        _pos0: usize,
+    ) -> MResult<()> {
+        let hd = self.shape.head_dim;
+        let l = kv
+            .layers
+            .get(layer)
+            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((hd as u32).div_ceil(128), n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rp, ldr, n32, pp, ring, rc, hd32) = (
+            rows.buf.ptr,
+            rows.cols as i32,
+            n as i32,
+            self.chunk_ptrs()?.1,
+            l.raw.ptr,
+            l.raw_cap as i32,
+            hd as i32,
+        );
+        self.launch(&self.ops.kv_append, cfg, |b| {
+            b.arg(&rp)
+                .arg(&ldr)
+                .arg(&n32)
+                .arg(&pp)
+                .arg(&ring)
+                .arg(&rc)
+                .arg(&hd32);
+        })
+    }
+
+    fn moe(
+        &self,
+        w: &FfnWeights<CudaWeight>,
+        layer: usize,
+        s: &ModelShape,
+        x: &CudaAct,
+        tokens: &[u32],
+        n: usize,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        let (e, ff, ne, k) = (s.n_embd, s.n_ff_exp, s.n_expert, s.n_expert_used);
+        check(
+            k <= 64 && ne <= 256 && x.cols >= e && out.cols >= e && tokens.len() >= n,
+            || "moe: bad shapes".into(),
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let clamp = s.swiglu_clamp.get(layer).copied().unwrap_or(f32::INFINITY);
+        let st = self.stream().clone();
+        let (logits, ids, wts, g, u, mid, down, sg, su, smid, sout, xin) = {
+            let mut sc = self.scratch()?;
+            (
+                sc.f32(&st, "moe_logits", n * ne)?,
+                sc.f32(&st, "moe_ids", n * k)?,
+                sc.f32(&st, "moe_wts", n * k)?,
+                sc.f32(&st, "moe_g", n * k * ff)?,
+                sc.f32(&st, "moe_u", n * k * ff)?,
+                sc.f32(&st, "moe_mid", n * k * ff)?,
+                sc.f32(&st, "moe_down", n * k * e)?,
+                sc.f32(&st, "sh_g", n * ff)?,
+                sc.f32(&st, "sh_u", n * ff)?,
+                sc.f32(&st, "sh_mid", n * ff)?,
+                sc.f32(&st, "sh_out", n * e)?,
+                sc.f32(&st, "moe_x", n * e)?,
+            )
+        };
+        // Contiguous input rows (x may be wider than n_embd).
+        let xp = if x.cols == e {
+            x.buf.ptr
+        } else {
+            self.copy_rows(x.buf.ptr, x.cols, xin, e, n, e)?;
+            xin
+        };
+        // Router and expert choice.
+        self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
+        let bias = match &w.bias {
+            Some(b) => b.dense_ptr()?,
+            None => 0,
+        };
+        let t2e = w.tid2eid.as_ref().map_or(0, |t| t.data.ptr);
+        let tok = self.chunk_ptrs()?.0;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ldl, ne32, k32, norm, wscale) = (
+            ne as i32,
+            ne as i32,
+            k as i32,
+            s.expert_weights_norm as i32,
+            s.expert_weights_scale,
+        );
+        self.launch(&self.ops.moe_route, cfg, |b| {
+            b.arg(&logits)
+                .arg(&ldl)
+                .arg(&ne32)
+                .arg(&k32)
+                .arg(&bias)
+                .arg(&t2e)
+                .arg(&tok)
+                .arg(&norm)
+                .arg(&wscale)
+                .arg(&ids)
+                .arg(&wts);
+        })?;
+        let swiglu = |gp: u64, up: u64, rows: usize, wp: u64, outp: u64| {
+            let cfg = grid1(rows * ff, 256);
+            let (ff32, rows64) = (ff as i32, rows as i64);
+            self.launch(&self.ops.swiglu, cfg, |b| {
+                b.arg(&gp)
+                    .arg(&up)
+                    .arg(&ff32)
+                    .arg(&rows64)
+                    .arg(&wp)
+                    .arg(&clamp)
+                    .arg(&outp);
+            })
+        };
+        // Routed experts: 6 slots per token, gate/up share the token's input row.
+        self.matmul_slots(&w.gate_exps, ff, ids, n * k, k, xp, g)?;
+        self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u)?;
+        swiglu(g, u, n * k, wts, mid)?;
+        self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down)?;
+        // Shared expert.
+        self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
+        self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff)?;
+        swiglu(sg, su, n, 0, smid)?;
+        self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (k32, e32, op, ldo) = (k as i32, e as i32, out.buf.ptr, out.cols as i32);
+        self.launch(&self.ops.moe_sum, cfg, |b| {
+            b.arg(&down)
+                .arg(&sout)
+                .arg(&k32)
+                .arg(&e32)
+                .arg(&op)
+                .arg(&ldo);
+        })
+    }
+
+    fn read_rows(&self, x: &CudaAct, n: usize, out: &mut [f32]) -> MResult<()> {
+        let len = n * x.cols;
+        check(out.len() >= len && n <= x.rows, || {
+            "read_rows: output too small".into()
+        })?;
+        x.buf
+            .read_at(self.stream(), 0, bytemuck::cast_slice_mut(&mut out[..len]))
+            .map_err(be)
+    }
+
+    fn begin_chunk(&self, tokens: &[u32], pos0: usize) -> MResult<()> {
+        let st = self.stream();
+        let mut cb = self
+            .chunk
+            .lock()
+            .map_err(|_| MError::Backend("chunk buffer poisoned".into()))?;
+        let n = tokens.len();
+        if cb.tokens.len() < n * 4 {
+            let cap = n.next_power_of_two() * 4;
+            cb.tokens = DevBuf::zeros(st, cap).map_err(be)?;
+            cb.pos = DevBuf::zeros(st, cap).map_err(be)?;
+            self.scratch()?.epoch += 1;
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let first = as_i32(pos0, "position")?;
+        as_i32(pos0 + n, "position")?;
+        let pos: Vec<i32> = (0..n as i32).map(|t| first + t).collect();
+        cb.tokens
+            .write_at(st, 0, bytemuck::cast_slice(&ids))
+            .map_err(be)?;
+        cb.pos
+            .write_at(st, 0, bytemuck::cast_slice(&pos))
+            .map_err(be)?;
+        Ok(())
+    }
+
+    fn run_chunk(
+        &self,
+        n: usize,
+        bufs_id: u64,
+        kv: &mut CudaKv,
+        body: &mut dyn FnMut(&mut CudaKv) -> MResult<()>,
+    ) -> MResult<()> {
+        if n != 1 || !self.use_graphs {
+            return body(kv);
+        }
+        let epoch = self.scratch()?.epoch;
+        let key = (bufs_id, epoch);
+        if let Some(g) = &kv.graph
+            && g.key == key
+        {
+            g.graph.launch().map_err(be)?;
+            self.replayed.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if kv.warm != Some(key) {
+            // First step with these buffers: run it directly (it may size scratch).
+            kv.warm = Some(key);
+            return body(kv);
+        }
+        kv.graph = None;
+        let st = self.stream().clone();
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(be)?;
+        let ran = body(kv);
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
+        ran?;
+        let graph = graph.map_err(be)?;
+        let epoch_after = self.scratch()?.epoch;
+        match graph {
+            Some(graph) if epoch_after == epoch => {
+                graph.launch().map_err(be)?;
+                self.recorded.fetch_add(1, Ordering::Relaxed);
+                kv.graph = Some(StepGraph { key, graph });
+                Ok(())
+            }
+            // Scratch moved while recording: the recording is stale; run the step.
+            _ => body(kv),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// (token ids, positions) device pointers of the current chunk.
+    fn chunk_ptrs(&self) -> MResult<(u64, u64)> {
+        let cb = self
+            .chunk
+            .lock()
+            .map_err(|_| MError::Backend("chunk buffer poisoned".into()))?;
+        Ok((cb.tokens.ptr, cb.pos.ptr))
+    }
+
+    /// Device pointer to the position of token `t0` of the chunk: kernels that work on
+    /// a part of a chunk read their first position there.
+    fn pass_pos(&self, t0: usize) -> MResult<u64> {
+        Ok(self.chunk_ptrs()?.1 + (t0 * 4) as u64)
+    }
+}
