@@ -76,6 +76,15 @@ __device__ __forceinline__ void mma_s8(int* c, const int* a, const int* b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// m16n8k16 s8: A {row g, row g+8} x 4 bytes at k 4t; B 4 bytes at k 4t, column g.
+__device__ __forceinline__ void mma_s8_k16(int* c, const int* a, int b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b));
+}
+
 __device__ __forceinline__ void mma_f16(float* c, const u32* a, const u32* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -251,9 +260,13 @@ __device__ __forceinline__ bool token_tile(const int* __restrict__ tiles,
 #define SM_XD (SM_WS + GM_BM * 8)           // f32 [BN][8]
 #define SM_GRID (SM_XD + GM_BN * 8 * 4)     // u64 [256]
 #define SM_TOTAL (SM_GRID + 256 * 8)
-// Pipelined Q2_K: raw block bytes of the next chunk (IQ2_XXS uses the SM_M area).
-#define SM_RAW SM_TOTAL
-#define SM_TOTAL_RAW (SM_TOTAL + GM_BM * 84)
+// K-quants reuse the SM_M area (the expanded Q8_0-less layout does not need it):
+// raw block bytes of the next chunk, the per-16 mins of each row, and each
+// token's per-16 activation sums split as bsum = lo + 128·hi (lo in [0,128),
+// hi in [-16,16)), so the min term Σ_k m_k·bsum_k is two m16n8k16 s8 MMAs.
+#define SMK_RAW 0
+#define SMK_MIN (GM_BM * 144)
+#define SMK_BS (SMK_MIN + GM_BM * 16)
 
 // PIPE (Q2_K; IQ2_XXS when rows are 4-byte multiples): the raw weight bytes of
 // chunk c+1 stream into shared memory with coalesced 4-byte cp.async while
@@ -264,7 +277,8 @@ __device__ __forceinline__ bool token_tile(const int* __restrict__ tiles,
 template <int TY, bool PIPE>
 __device__ __forceinline__ void gemm_quant(
     const u8* __restrict__ W, long long w_expert_stride, int K, int rows,
-    const i8* __restrict__ xq, const float* __restrict__ xd, int x_row_len, int x_col0,
+    const i8* __restrict__ xq, const float* __restrict__ xd, const i16* __restrict__ xbs,
+    int x_row_len, int x_col0,
     int ntok, float* __restrict__ y, long long y_row_stride, int y_col0,
     const int* __restrict__ tiles, const int* __restrict__ sorted, const int* __restrict__ n_tiles,
     int x_group) {
@@ -293,8 +307,10 @@ __device__ __forceinline__ void gemm_quant(
     const int nchunks = (K + 255) / 256;
     // PIPE: words of raw bytes copied per row and chunk (IQ2_XXS: 66 bytes from
     // the 4-aligned word at or before the block, 17 words).
-    const int raw_words = TY == TY_Q2_K ? 21 : 17;
-    u8* sRaw = TY == TY_Q2_K ? smem + SM_RAW : sM;
+    const int raw_words = TY == TY_Q2_K ? 21 : TY == TY_Q4_K ? 36 : 17;
+    u8* sRaw = sM + SMK_RAW;
+    u8* sMin = sM + SMK_MIN;
+    u8* sBs = sM + SMK_BS;
     const int nrows = min(GM_BM, rows - row0);
     const u8* wblock = W + (long long)s_info[0] * w_expert_stride + (long long)row0 * row_bytes;
     auto issue_raw = [&](int c) {
@@ -359,9 +375,25 @@ __device__ __forceinline__ void gemm_quant(
                 sXd[xj * 8] = tok_ok ? xd[xrow / 256 + c] : 0.0f;
             }
         }
+        if ((TY == TY_Q2_K || TY == TY_Q4_K) && xqq == 1 && tok_ok) {
+            const uint4* bp = (const uint4*)(xbs + xrow / 16 + c * 16);
+            const uint4 v0 = bp[0], v1 = bp[1];
+            const u32 h[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+            u32 lo[4], hi[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int s0 = (int)(short)(h[2 * i] & 0xffffu), s1 = (int)(short)(h[2 * i] >> 16);
+                const int s2 = (int)(short)(h[2 * i + 1] & 0xffffu), s3 = (int)(short)(h[2 * i + 1] >> 16);
+                lo[i] = (u32)(s0 & 127) | ((u32)(s1 & 127) << 8) | ((u32)(s2 & 127) << 16) |
+                        ((u32)(s3 & 127) << 24);
+                hi[i] = (u32)((s0 >> 7) & 255) | ((u32)((s1 >> 7) & 255) << 8) |
+                        ((u32)((s2 >> 7) & 255) << 16) | ((u32)((s3 >> 7) & 255) << 24);
+            }
+            *(uint4*)(sBs + xj * 32) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+            *(uint4*)(sBs + xj * 32 + 16) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        }
         // ---- weights
         u8* arow_s = sA + drow * GM_LD;
-        u8* mrow_s = sM + drow * GM_LD;
         if (TY == TY_Q8_0) {
             const int nbk = kvalid / 32;
 #pragma unroll
@@ -404,11 +436,12 @@ __device__ __forceinline__ void gemm_quant(
                     const u32 q4 = (qw[w] >> (2 * j)) & 0x03030303u;
                     const int off = 128 * dh + 32 * j + 4 * w;
                     *(u32*)(arow_s + off) = q4 * (sc & 15u);
-                    *(u32*)(mrow_s + off) = (sc >> 4) * 0x01010101u;
                 }
             }
+            *(u32*)(sMin + drow * 16 + 8 * dh) = (scw[0] >> 4) & 0x0f0f0f0fu;
+            *(u32*)(sMin + drow * 16 + 8 * dh + 4) = (scw[1] >> 4) & 0x0f0f0f0fu;
         } else if (TY == TY_Q4_K) {
-            const u8* p = wrow + (long long)c * 144;
+            const u8* p = PIPE ? sRaw + drow * 144 : wrow + (long long)c * 144;
             u32 qw[16];
             if (row_ok) {
 #pragma unroll
@@ -422,7 +455,7 @@ __device__ __forceinline__ void gemm_quant(
                 for (int w = 0; w < 16; w++) qw[w] = 0;
                 if (dh == 0) { sWd[drow * 8] = 0.0f; sWd[drow * 8 + 1] = 0.0f; }
             }
-            const u8* sc = p + 4;  // 12 packed 6-bit scales / mins (L1-resident bytes)
+            const u8* sc = p + 4;  // 12 packed 6-bit scales / mins
 #pragma unroll
             for (int uu = 0; uu < 4; uu++) {
                 const int u = 4 * dh + uu;
@@ -436,14 +469,14 @@ __device__ __forceinline__ void gemm_quant(
                     mn = (sc[u + 4] >> 4) | ((sc[u] >> 6) << 4);
                 }
                 sWs[drow * 8 + u] = (u8)scale;
-                const u32 mw = (u32)mn * 0x01010101u;
+                sMin[drow * 16 + 2 * u] = (u8)mn;  // the unit's two 16-element halves
+                sMin[drow * 16 + 2 * u + 1] = (u8)mn;
                 // unit u = 32 elements: qs bytes 32·(u/2).., nibble (u & 1)
                 const int cw = 8 * (uu >> 1);  // word base in this half's qs
                 const int sh = 4 * (uu & 1);
 #pragma unroll
                 for (int w = 0; w < 8; w++) {
                     *(u32*)(arow_s + 32 * u + 4 * w) = (qw[cw + w] >> sh) & 0x0f0f0f0fu;
-                    *(u32*)(mrow_s + 32 * u + 4 * w) = mw;
                 }
             }
         } else {  // IQ2_XXS
@@ -482,7 +515,6 @@ __device__ __forceinline__ void gemm_quant(
 
         // ---- tensor-core products
         const u8* a_base = sA + (wm * 32 + g) * GM_LD + 4 * t;
-        const u8* m_base = sM + (wm * 32 + g) * GM_LD + 4 * t;
         const u8* b_base = sB + (wn * 32 + g) * GM_LD + 4 * t;
         const int rl0 = wm * 32 + g;  // local rows rl0 + 16·mt + 8·half
         const int tl0 = wn * 32 + 2 * t;  // local tokens tl0 + 8·nt + {0,1}
@@ -517,13 +549,13 @@ __device__ __forceinline__ void gemm_quant(
                     }
             }
         } else {
-            int ci[2][4][4], cm[2][4][4];
+            int ci[2][4][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
                 for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-                    for (int l = 0; l < 4; l++) { ci[mt][nt][l] = 0; cm[mt][nt][l] = 0; }
+                    for (int l = 0; l < 4; l++) ci[mt][nt][l] = 0;
 #pragma unroll 2
             for (int ks = 0; ks < 8; ks++) {
                 int a[2][4], b[4][2];
@@ -553,13 +585,29 @@ __device__ __forceinline__ void gemm_quant(
                             for (int l = 0; l < 4; l++) ci[mt][nt][l] += us[mt][l >> 1] * cc[l];
                         }
                 }
-                if (TY == TY_Q2_K || TY == TY_Q4_K) {
+            }
+            // min term: Σ_k m_k·bsum_k = Σ m·lo + 128·Σ m·hi over the 16 sub-blocks
+            int cm[2][4][4];
 #pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
-                        int am[4];
-                        ld_frag_a(am, m_base + mt * 16 * GM_LD + 32 * ks);
+            for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                        for (int nt = 0; nt < 4; nt++) mma_s8(cm[mt][nt], am, b[nt]);
+                for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                    for (int l = 0; l < 4; l++) cm[mt][nt][l] = 0;
+            if (TY == TY_Q2_K || TY == TY_Q4_K) {
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    int am[2];
+                    am[0] = *(const int*)(sMin + (rl0 + 16 * mt) * 16 + 4 * t);
+                    am[1] = *(const int*)(sMin + (rl0 + 16 * mt + 8) * 16 + 4 * t);
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) {
+                        const u8* bp = sBs + (wn * 32 + 8 * nt + g) * 32 + 4 * t;
+                        int c1[4] = {0, 0, 0, 0}, c2[4] = {0, 0, 0, 0};
+                        mma_s8_k16(c1, am, *(const int*)bp);
+                        mma_s8_k16(c2, am, *(const int*)(bp + 16));
+#pragma unroll
+                        for (int l = 0; l < 4; l++) cm[mt][nt][l] = c1[l] + 128 * c2[l];
                     }
                 }
             }
@@ -611,18 +659,20 @@ __device__ __forceinline__ void gemm_quant(
 #define GEMM_Q_KERNEL(name, TY, PIPE)                                                                \
     extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) name(                            \
         const u8* __restrict__ W, long long w_expert_stride, int K, int rows,                    \
-        const i8* __restrict__ xq, const float* __restrict__ xd, int x_row_len, int x_col0,      \
+        const i8* __restrict__ xq, const float* __restrict__ xd, const i16* __restrict__ xbs,     \
+        int x_row_len, int x_col0,                                                               \
         int ntok, float* __restrict__ y, long long y_row_stride, int y_col0,                     \
         const int* __restrict__ tiles, const int* __restrict__ sorted,                           \
         const int* __restrict__ n_tiles, int x_group) {                                          \
-        gemm_quant<TY, PIPE>(W, w_expert_stride, K, rows, xq, xd, x_row_len, x_col0, ntok, y,          \
+        gemm_quant<TY, PIPE>(W, w_expert_stride, K, rows, xq, xd, xbs, x_row_len, x_col0, ntok, y,          \
                        y_row_stride, y_col0, tiles, sorted, n_tiles, x_group);                   \
     }
 
+// Q2_K / Q4_K rows are always whole 4-byte words: only the streaming form.
 GEMM_Q_KERNEL(gemm_q8_0, TY_Q8_0, false)
-GEMM_Q_KERNEL(gemm_q4_k, TY_Q4_K, false)
 GEMM_Q_KERNEL(gemm_iq2_xxs, TY_IQ2_XXS, false)
 GEMM_Q_KERNEL(gemm_q2_k_pipe, TY_Q2_K, true)
+GEMM_Q_KERNEL(gemm_q4_k_pipe, TY_Q4_K, true)
 GEMM_Q_KERNEL(gemm_iq2_xxs_pipe, TY_IQ2_XXS, true)
 
 // ---------------------------------------------------------------------------
@@ -648,7 +698,8 @@ __device__ __forceinline__ int ld_s32_a2_smem(const u8* p) {
 
 extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
     const u8* __restrict__ W, long long w_expert_stride, int K, int rows,
-    const i8* __restrict__ xq, const float* __restrict__ xd, int x_row_len, int x_col0,
+    const i8* __restrict__ xq, const float* __restrict__ xd, const i16* __restrict__ xbs_unused,
+    int x_row_len, int x_col0,
     int ntok, float* __restrict__ y, long long y_row_stride, int y_col0,
     const int* __restrict__ tiles, const int* __restrict__ sorted, const int* __restrict__ n_tiles,
     int x_group) {

@@ -35,8 +35,6 @@ const SMEM_QUANT: usize = 2 * GEMM_BM * GEMM_LD
     + GEMM_BM * 8
     + GEMM_BN * 8 * 4
     + 256 * 8;
-/// Dynamic shared memory of the pipelined Q2_K kernel (`SM_TOTAL_RAW`).
-const SMEM_QUANT_RAW: usize = SMEM_QUANT + GEMM_BM * 84;
 /// Dynamic shared memory of the aligned Q8_0 kernel (`Q8F_TOTAL`: two stages).
 const SMEM_Q8_0_FAST: usize = 2 * (GEMM_BM * GEMM_LD + GEMM_BN * GEMM_LD + GEMM_BN * 8 * 4);
 /// Dynamic shared memory of the F16/F32 kernels (`SMF_TOTAL`).
@@ -133,10 +131,10 @@ impl GemmScratch {
 pub struct GemmKernels {
     stream: Arc<CudaStream>,
     gemm_q8_0: CudaFunction,
-    gemm_q4_k: CudaFunction,
     gemm_iq2_xxs: CudaFunction,
     gemm_q8_0_fast: CudaFunction,
     gemm_q2_k_pipe: CudaFunction,
+    gemm_q4_k_pipe: CudaFunction,
     gemm_iq2_xxs_pipe: CudaFunction,
     gemm_f16: CudaFunction,
     gemm_f32: CudaFunction,
@@ -207,10 +205,10 @@ impl GemmKernels {
         Ok(Self {
             stream: stream.clone(),
             gemm_q8_0: with_smem("gemm_q8_0", SMEM_QUANT)?,
-            gemm_q4_k: with_smem("gemm_q4_k", SMEM_QUANT)?,
             gemm_iq2_xxs: with_smem("gemm_iq2_xxs", SMEM_QUANT)?,
             gemm_q8_0_fast: with_smem("gemm_q8_0_fast", SMEM_Q8_0_FAST)?,
-            gemm_q2_k_pipe: with_smem("gemm_q2_k_pipe", SMEM_QUANT_RAW)?,
+            gemm_q2_k_pipe: with_smem("gemm_q2_k_pipe", SMEM_QUANT)?,
+            gemm_q4_k_pipe: with_smem("gemm_q4_k_pipe", SMEM_QUANT)?,
             gemm_iq2_xxs_pipe: with_smem("gemm_iq2_xxs_pipe", SMEM_QUANT)?,
             gemm_f16: with_smem("gemm_f16", SMEM_FLOAT)?,
             gemm_f32: with_smem("gemm_f32", SMEM_FLOAT)?,
@@ -242,8 +240,8 @@ impl GemmKernels {
                 (&self.gemm_q8_0_fast, SMEM_Q8_0_FAST)
             }
             GgmlType::Q8_0 => (&self.gemm_q8_0, SMEM_QUANT),
-            GgmlType::Q2_K => (&self.gemm_q2_k_pipe, SMEM_QUANT_RAW),
-            GgmlType::Q4_K => (&self.gemm_q4_k, SMEM_QUANT),
+            GgmlType::Q2_K => (&self.gemm_q2_k_pipe, SMEM_QUANT),
+            GgmlType::Q4_K => (&self.gemm_q4_k_pipe, SMEM_QUANT),
             GgmlType::IQ2_XXS if w_align.is_multiple_of(4) => (&self.gemm_iq2_xxs_pipe, SMEM_QUANT),
             GgmlType::IQ2_XXS => (&self.gemm_iq2_xxs, SMEM_QUANT),
             other => return Err(Error::Unsupported(other)),
@@ -317,6 +315,7 @@ impl GemmKernels {
                     .arg(&rows_i)
                     .arg(&act.qs.ptr)
                     .arg(&act.d.ptr)
+                    .arg(&act.bsums.ptr)
                     .arg(&xrl_i)
                     .arg(&xc0_i)
                     .arg(&ntok_i)
@@ -388,6 +387,7 @@ impl GemmKernels {
             .arg(&rows_i)
             .arg(&g.x.qs.ptr)
             .arg(&g.x.d.ptr)
+            .arg(&g.x.bsums.ptr)
             .arg(&k_i)
             .arg(&zero)
             .arg(&n_slots_i)
@@ -606,10 +606,8 @@ mod tests {
         // SM_TOTAL / SMF_TOTAL in gemm.cu; two blocks must fit an H100 SM (228 KB).
         assert_eq!(SMEM_QUANT, 96256);
         assert_eq!(SMEM_FLOAT, 104448);
-        assert_eq!(SMEM_QUANT_RAW, 107008);
         assert_eq!(SMEM_Q8_0_FAST, 108544);
         const { assert!(2 * (SMEM_Q8_0_FAST + 528 + 1024) <= 228 * 1024) };
-        const { assert!(2 * (SMEM_QUANT_RAW + 528 + 1024) <= 228 * 1024) };
         const { assert!(2 * (SMEM_FLOAT + 1024) <= 228 * 1024) };
         let src = compile::GEMM.src;
         assert!(src.contains(&format!("#define GM_BM {GEMM_BM}")));

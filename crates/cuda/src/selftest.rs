@@ -885,6 +885,13 @@ pub fn run_gemm_checks(
             70,
         ),
         gemm_case(
+            "gemm attn_out_b Q8_0    8192->4096 x 37 tok",
+            Q8_0,
+            8192,
+            4096,
+            37,
+        ),
+        gemm_case(
             "gemm tiny       Q8_0    256->200 x 37 tok",
             Q8_0,
             256,
