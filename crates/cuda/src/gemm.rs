@@ -649,6 +649,76 @@ mod tests {
         assert_eq!(a(&[0]), 256);
     }
 
+    fn f16_gemm(x: u64) -> Gemm<'static> {
+        Gemm {
+            ty: GgmlType::F16,
+            w: 0x1000,
+            k: 4096,
+            rows: 256,
+            x: MvInput::F32(x),
+            x_col0: 0,
+            x_row_len: 4096,
+            ntok: 37,
+            y: 0x2000,
+            y_row_stride: 256,
+            y_col0: 0,
+        }
+    }
+
+    #[test]
+    fn dense_checks_accept_flash_shapes_and_name_bad_ones() {
+        assert!(check_dense(&f16_gemm(0x3000)).is_ok());
+        let bad = |g: Gemm, want: &str| {
+            let e = check_dense(&g).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        };
+        bad(f16_gemm(0x3004), "16-byte alignment");
+        bad(
+            Gemm {
+                x_col0: 8,
+                ..f16_gemm(0x3000)
+            },
+            "exceed the activation row",
+        );
+        bad(
+            Gemm {
+                y_col0: 8,
+                ..f16_gemm(0x3000)
+            },
+            "row stride",
+        );
+        bad(
+            Gemm {
+                ntok: 0,
+                ..f16_gemm(0x3000)
+            },
+            "ntok = 0",
+        );
+        bad(
+            Gemm {
+                ty: GgmlType::Q8_0,
+                ..f16_gemm(0x3000)
+            },
+            "Q8_0 activation",
+        );
+        bad(
+            Gemm {
+                ty: GgmlType::Q5_0,
+                ..f16_gemm(0x3000)
+            },
+            "not supported",
+        );
+        // One token: the output stride is irrelevant.
+        assert!(
+            check_dense(&Gemm {
+                ntok: 1,
+                y_row_stride: 0,
+                ..f16_gemm(0x3000)
+            })
+            .is_ok()
+        );
+    }
+
     #[test]
     fn weight_checks_name_the_problem() {
         let e = check_weights("gemm", GgmlType::Q2_K, 0, 100, 64).unwrap_err();
