@@ -703,7 +703,7 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
     int ntok, float* __restrict__ y, long long y_row_stride, int y_col0,
     const int* __restrict__ tiles, const int* __restrict__ sorted, const int* __restrict__ n_tiles,
     int x_group) {
-    extern __shared__ __align__(16) u8 smem[];
+    extern __shared__ __align__(16) u8 q8_smem[];
     __shared__ int s_arow[GM_BN], s_orow[GM_BN], s_info[3];
     if (!token_tile(tiles, sorted, n_tiles, ntok, x_group, s_arow, s_orow, s_info)) return;
     const int count = s_info[1];
@@ -719,7 +719,7 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
     // Rows past `rows` and tokens past `count` keep stale bytes: they only feed
     // outputs that are never stored (MMA rows / columns don't mix).
     auto load = [&](int c, int stage) {
-        u8* st = smem + stage * Q8F_STAGE;
+        u8* st = q8_smem + stage * Q8F_STAGE;
         for (int i = tid; i < GM_BM * 17; i += GM_THREADS) {
             const int r = i / 17, piece = i - r * 17;
             if (r < nrows)
@@ -757,7 +757,7 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
         g_cp_commit();
         g_cp_wait_1();
         __syncthreads();
-        const u8* st = smem + (c & 1) * Q8F_STAGE;
+        const u8* st = q8_smem + (c & 1) * Q8F_STAGE;
         const u8* a_row = st + Q8F_A + (wm * 32 + g) * GM_LD;
         const u8* b_base = st + Q8F_B + (wn * 32 + g) * GM_LD + 4 * t;
         const float* sXd = (const float*)(st + Q8F_XD);
