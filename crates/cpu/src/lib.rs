@@ -792,6 +792,17 @@ impl<'w> Backend<'w> for CpuBackend {
             })
     }
 
+    fn copy_row(&self, src: &Mat, src_row: usize, dst: &mut Mat, dst_row: usize) -> Result<()> {
+        let c = src.cols;
+        check(
+            dst.cols == c && src_row < src.cap() && dst_row < dst.cap(),
+            || "copy_row: bad shapes".into(),
+        )?;
+        dst.data[dst_row * c..(dst_row + 1) * c]
+            .copy_from_slice(&src.data[src_row * c..(src_row + 1) * c]);
+        Ok(())
+    }
+
     fn read_rows(&self, x: &Mat, n: usize, out: &mut [f32]) -> Result<()> {
         let src = x.rows(n);
         check(out.len() >= src.len(), || {

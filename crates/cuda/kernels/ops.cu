@@ -202,6 +202,43 @@ __device__ float row_rms_inv(const float* x, int n, float eps) {
     return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
 }
 
+// Sinkhorn split of model.md §7.1 on one warp: lane a*hc + b owns comb[a][b]
+// (hc*hc <= 32). Row and column sums read the elements in the CPU's order.
+__device__ void hc_split_warp(const float* m, float r, const float* scale3, const float* base,
+                              int hc, int iters, float eps, float* pre_s, float* post,
+                              float* comb) {
+    const int lane = threadIdx.x & 31;
+    const int nn = hc * hc;
+    const int a = lane / hc, b = lane % hc;
+    const bool own = lane < nn;
+    const float s0 = scale3[0], s1 = scale3[1], s2 = scale3[2];
+    if (lane < hc) {
+        pre_s[lane] = sigmoidf_stable(__fadd_rn(__fmul_rn(s0, __fmul_rn(m[lane], r)), base[lane])) + eps;
+        post[lane] = 2.0f * sigmoidf_stable(__fadd_rn(__fmul_rn(s1, __fmul_rn(m[hc + lane], r)), base[hc + lane]));
+    }
+    const int k = 2 * hc + lane;
+    float v = own ? __fadd_rn(__fmul_rn(s2, __fmul_rn(m[k], r)), base[k]) : 0.0f;
+    auto row_get = [&](int bb) { return __shfl_sync(0xffffffffu, v, (a * hc + bb) & 31); };
+    auto col_get = [&](int aa) { return __shfl_sync(0xffffffffu, v, (aa * hc + b) & 31); };
+    float mx = NEG_INF;
+    for (int bb = 0; bb < hc; bb++) mx = fmaxf(mx, row_get(bb));
+    v = expf(v - mx);
+    float sum = 0.0f;
+    for (int bb = 0; bb < hc; bb++) sum += row_get(bb);
+    v = v / sum + eps;
+    for (int it = 0; it < (iters > 0 ? iters : 1); it++) {
+        if (it > 0) {
+            float rs = 0.0f;
+            for (int bb = 0; bb < hc; bb++) rs += row_get(bb);
+            v /= rs + eps;
+        }
+        float cs = 0.0f;
+        for (int aa = 0; aa < hc; aa++) cs += col_get(aa);
+        v /= cs + eps;
+    }
+    if (own) comb[lane] = v;
+}
+
 // HC split + weighted collapse; one block per token.
 extern "C" __global__ void hc_pre_finish(const float* state, int ld_state, const float* mixes,
                                          int ld_mix, const float* scale3, const float* base,
@@ -211,7 +248,11 @@ extern "C" __global__ void hc_pre_finish(const float* state, int ld_state, const
     const int i = blockIdx.x;
     const float* x = state + (long long)i * ld_state;
     const float r = row_rms_inv(x, hc * e, rms_eps);
-    if (threadIdx.x == 0) {
+    if (hc * hc <= 32) {
+        if (threadIdx.x < 32)
+            hc_split_warp(mixes + (long long)i * ld_mix, r, scale3, base, hc, iters, hc_eps,
+                          pre_s, post + (long long)i * hc, comb + (long long)i * hc * hc);
+    } else if (threadIdx.x == 0) {
         const float* m = mixes + (long long)i * ld_mix;
         float* po = post + (long long)i * hc;
         float* c = comb + (long long)i * hc * hc;
@@ -413,11 +454,12 @@ __device__ void block_f16_round(float* s, int cols) {
 }
 
 // mode 0: KV row (FP8 of the first n_nope dims, then f16); 1: indexer QAT.
-// One block of 128 threads per row; dynamic smem = cols floats.
+// Block (piece, row) of 128 threads; a piece is the whole row (mode 0) or one
+// 128-dim head (mode 1, `cols` = 128). Dynamic smem = cols floats.
 extern "C" __global__ void __launch_bounds__(128)
     round_rows(float* x, int ld, int cols, int mode, int n_nope) {
     extern __shared__ float srow[];
-    float* row = x + (long long)blockIdx.x * ld;
+    float* row = x + (long long)blockIdx.y * ld + (long long)blockIdx.x * cols;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) srow[j] = row[j];
     __syncthreads();
     if (mode == 0) {
@@ -482,6 +524,122 @@ extern "C" __global__ void comp_pool(const float* kv, const float* score, int ld
     }
 }
 
+// Chunk form of comp_pool: every row that closes in the chunk is pooled in parallel
+// (grid: column tiles × rows), reading each candidate position from the chunk's
+// projections (positions >= pos0) or from the frontier as it was before the chunk;
+// comp_frontier then leaves the frontier exactly as the sequential walk would.
+// Candidate order and arithmetic are those of comp_pool.
+__device__ __forceinline__ void comp_cand(const float* kv, const float* score, int ld_proj,
+                                          const float* ape, const float* fr_kv,
+                                          const float* fr_score, int pos0, int r, int coff,
+                                          int dc, int t, int col, int fr_row, float* s,
+                                          float* v) {
+    const int wdt = coff * dc;
+    if (t < 0) {
+        *s = NEG_INF;
+        *v = 0.0f;
+    } else if (t >= pos0) {
+        const long long o = (long long)(t - pos0) * ld_proj + col;
+        *s = score[o] + ape[(long long)(t % r) * wdt + col];
+        *v = kv[o];
+    } else {
+        *s = fr_score[(long long)fr_row * wdt + col];
+        *v = fr_kv[(long long)fr_row * wdt + col];
+    }
+}
+
+extern "C" __global__ void comp_pool_chunk(const float* kv, const float* score, int ld_proj,
+                                           int n, const int* pos_p, const float* ape, int r,
+                                           int coff, int dc, const float* fr_kv,
+                                           const float* fr_score, float* rows_out) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int pos0 = *pos_p;
+    const int q = pos0 / r + blockIdx.y;
+    if (j >= dc || q >= (pos0 + n) / r) return;
+    const int b = q * r;          // first position of the closing block
+    const int b0 = (pos0 / r) * r; // first position of the block open before the chunk
+    const int nc = coff * r;
+    float sc[2], vv[2];
+    float m = NEG_INF;
+    // Pass 1: max; pass 2: weighted sum (as comp_pool).
+    for (int pass = 0; pass < 2; pass++) {
+        float den = 0.0f, num = 0.0f;
+        for (int c = 0; c < nc; c++) {
+            int t, col, fr_row;
+            if (coff == 2 && c < r) {  // previous block, first half of the width
+                t = b - r + c;
+                col = j;
+                // Before the chunk: the previous half when it is the block that closed
+                // last before pos0, otherwise the current half.
+                fr_row = (b == b0) ? c : r + c;
+            } else {
+                const int cc = coff == 2 ? c - r : c;
+                t = b + cc;
+                col = coff == 2 ? dc + j : j;
+                fr_row = coff == 2 ? r + cc : cc;
+            }
+            comp_cand(kv, score, ld_proj, ape, fr_kv, fr_score, pos0, r, coff, dc, t, col,
+                      fr_row, &sc[0], &vv[0]);
+            if (pass == 0) {
+                m = fmaxf(m, sc[0]);
+            } else {
+                const float e = expf(sc[0] - m);
+                den += e;
+                num += e * vv[0];
+            }
+        }
+        if (pass == 0 && m == NEG_INF) {
+            rows_out[(long long)q * dc + j] = 0.0f;
+            return;
+        }
+        if (pass == 1) rows_out[(long long)q * dc + j] = num / den;
+    }
+}
+
+// The frontier after a chunk (see comp_pool_chunk). One thread per column j < dc
+// (and dc + j for coff 2), so the reads of the old state precede its writes.
+extern "C" __global__ void comp_frontier(const float* kv, const float* score, int ld_proj, int n,
+                                         const int* pos_p, const float* ape, int r, int coff,
+                                         int dc, float* fr_kv, float* fr_score) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dc) return;
+    const int wdt = coff * dc;
+    const int pos0 = *pos_p, P = pos0 + n;
+    const int b0 = (pos0 / r) * r, B = (P / r) * r;
+    if (coff == 2 && B != b0) {
+        // Previous half := the block [B - r, B), from the chunk or the old current half.
+        for (int phi = 0; phi < r; phi++) {
+            const int t = B - r + phi;
+            for (int h = 0; h < 2; h++) {
+                const int col = j + h * dc;
+                float s, v;
+                if (t >= pos0) {
+                    const long long o = (long long)(t - pos0) * ld_proj + col;
+                    s = score[o] + ape[(long long)phi * wdt + col];
+                    v = kv[o];
+                } else {
+                    s = fr_score[(long long)(r + phi) * wdt + col];
+                    v = fr_kv[(long long)(r + phi) * wdt + col];
+                }
+                fr_score[(long long)phi * wdt + col] = s;
+                fr_kv[(long long)phi * wdt + col] = v;
+            }
+        }
+    }
+    // Current half (coff 2) / the rows (coff 1) := the latest position of each phase.
+    for (int phi = 0; phi < r; phi++) {
+        const int t = P - 1 - ((P - 1 - phi) % r + r) % r;  // latest t < P with t % r == phi
+        if (t < pos0) continue;
+        const int row = coff == 2 ? r + phi : phi;
+        for (int h = 0; h < coff; h++) {
+            const int col = j + h * dc;
+            const long long o = (long long)(t - pos0) * ld_proj + col;
+            fr_score[(long long)row * wdt + col] = score[o] + ape[(long long)phi * wdt + col];
+            fr_kv[(long long)row * wdt + col] = kv[o];
+        }
+    }
+}
+
 // Normalises, rotates and rounds the rows comp_pool emitted for this chunk.
 // Block b handles row q = pos0/r + b when q < (pos0+n)/r. 128 threads, smem dc floats.
 // mode: 0 plain, 1 KV (FP8 + f16), 2 indexer (QAT + f16).
@@ -522,20 +680,17 @@ extern "C" __global__ void __launch_bounds__(128)
 // reference: with the official FP4 rounding many scores tie exactly, and the top-k
 // must break those ties the same way (lower index first).
 // Tokens whose visible rows all fit in top_k are skipped (nothing to choose).
-#define IDX_TILE 128
+#define IDX_TILE 32
 #define IDX_KPAD 129
 extern "C" __global__ void __launch_bounds__(IDX_TILE)
     idx_scores(const float* q, int ld_q, const float* w, int ld_w, int heads,
                const float* rows, const int* pos_p, int r, int top_k, float* scores, int ld_s) {
-    extern __shared__ float sm[];  // q: heads*128, keys: IDX_TILE*IDX_KPAD
+    __shared__ float ks[IDX_TILE * IDX_KPAD];
     const int t = blockIdx.y;
     const int p = *pos_p + t;
     const int visible = (p + 1) / r;
     const int c0 = blockIdx.x * IDX_TILE;
     if (visible <= top_k || c0 >= visible) return;
-    float* qs = sm;
-    float* ks = sm + heads * 128;
-    for (int j = threadIdx.x; j < heads * 128; j += blockDim.x) qs[j] = q[(long long)t * ld_q + j];
     const int nrow = min(IDX_TILE, visible - c0);
     for (int j = threadIdx.x; j < nrow * 128; j += blockDim.x)
         ks[(j >> 7) * IDX_KPAD + (j & 127)] = rows[(long long)c0 * 128 + j];
@@ -545,10 +700,11 @@ extern "C" __global__ void __launch_bounds__(IDX_TILE)
     const float qscale = 1.0f / sqrtf(128.0f);
     const float wscale = 1.0f / sqrtf((float)heads);
     const float* key = ks + c * IDX_KPAD;
+    const float* qt = q + (long long)t * ld_q;  // every lane reads the same q element
     const float* wt = w + (long long)t * ld_w;
     float acc = 0.0f;
     for (int h = 0; h < heads; h++) {
-        const float* qh = qs + h * 128;
+        const float* qh = qt + h * 128;
         float d = 0.0f;
         for (int k = 0; k < 128; k++) d = __fadd_rn(d, __fmul_rn(qh[k], key[k]));
         acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(wt[h], wscale), __fmul_rn(fmaxf(d, 0.0f), qscale)));
@@ -661,82 +817,264 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 
 // ---------------------------------------------------------------------------
 // Attention with sinks (model.md §10), one KV head shared by every query head.
-// Block (head h, token i), 128 threads; dynamic smem = max_keys floats.
-// Keys: the raw window (ring for positions < pos0, this chunk's rows otherwise),
-// then the visible compressed rows (the indexer's picks when sel is given).
+// Keys of token i (position p): the raw window (ring for positions < pos0, this
+// chunk's rows otherwise), then the visible compressed rows (the indexer's picks
+// when sel is given). Softmax runs online (running max / sum per warp), then the
+// warps' partial results are merged with the sink. head_dim must be a multiple of
+// 128 and at most 512: lane L owns dims 4L + 128c (c < head_dim/128).
 // ---------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(128)
-    attention(const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,
-              int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
-              const float* sinks, int hd, int window, const int* pos_p, float* out, int ld_out) {
-    extern __shared__ float lg[];
+#define ATT_WARPS 8
+#define ATT_MAXC 4
+
+struct AttKeys {
+    const float* rows; int ld_rows; const float* ring; int ring_cap; const float* comp;
+    const int* srow; int first; int n_raw; int pos0; int hd;
+    __device__ __forceinline__ const float* key(int j) const {
+        if (j < n_raw) {
+            const int tp = first + j;
+            return tp >= pos0 ? rows + (long long)(tp - pos0) * ld_rows
+                              : ring + (long long)(tp % ring_cap) * hd;
+        }
+        const int c = srow ? srow[j - n_raw] : j - n_raw;
+        return comp + (long long)c * hd;
+    }
+};
+
+// Sets up the key list of token i; returns the number of keys.
+__device__ int att_setup(AttKeys& K, const float* rows, int ld_rows, const float* ring,
+                         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
+                         int hd, int window, int pos0, int i) {
     __shared__ int s_ncomp;
-    const int h = blockIdx.x, i = blockIdx.y;
-    const int pos0 = *pos_p;
     const int p = pos0 + i;
-    const int first = max(0, p + 1 - window);
-    const int n_raw = p + 1 - first;
+    K.rows = rows; K.ld_rows = ld_rows; K.ring = ring; K.ring_cap = ring_cap; K.comp = comp;
+    K.srow = sel ? sel + (long long)i * sel_k : 0;
+    K.first = max(0, p + 1 - window);
+    K.n_raw = p + 1 - K.first;
+    K.pos0 = pos0; K.hd = hd;
     const int n_vis = ratio > 0 ? (p + 1) / ratio : 0;
-    const int* srow = sel ? sel + (long long)i * sel_k : 0;
     if (threadIdx.x == 0) {
         int nc = n_vis;
-        if (srow) {
+        if (K.srow) {
             nc = 0;
-            while (nc < sel_k && srow[nc] >= 0 && srow[nc] < n_vis) nc++;
+            while (nc < sel_k && K.srow[nc] >= 0 && K.srow[nc] < n_vis) nc++;
         }
         s_ncomp = nc;
     }
     __syncthreads();
-    const int total = n_raw + s_ncomp;
-    const float* qh = q + (long long)i * ld_q + (long long)h * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int j = warp; j < total; j += 4) {
-        const float* key;
-        if (j < n_raw) {
-            const int tp = first + j;
-            key = tp >= pos0 ? rows + (long long)(tp - pos0) * ld_rows
-                             : ring + (long long)(tp % ring_cap) * hd;
-        } else {
-            const int c = srow ? srow[j - n_raw] : j - n_raw;
-            key = comp + (long long)c * hd;
-        }
-        float d = 0.0f;
-        for (int k = lane; k < hd; k += 32) d += qh[k] * key[k];
-        d = warp_sum(d);
-        if (lane == 0) lg[j] = d * scale;
+    return K.n_raw + s_ncomp;
+}
+
+// Online-softmax state of one warp: running max, sum, and the lane's dims.
+// Keys are scored 32 at a time, one per lane (a full dot per lane, no shuffles in the
+// chain), then the lane's dims accumulate the 32 weighted value rows (K = V here).
+template <int NC>
+struct AttAcc {
+    float m, den, acc[4 * NC];
+    __device__ void init() {
+        m = NEG_INF; den = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4 * NC; i++) acc[i] = 0.0f;
     }
-    __syncthreads();
-    const float sink = sinks[h];
-    float m = sink;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) m = fmaxf(m, lg[j]);
-    m = block_max(m);
-    float den = 0.0f;
-    for (int j = threadIdx.x; j < total; j += blockDim.x) {
-        const float e = expf(lg[j] - m);
-        lg[j] = e;
-        den += e;
-    }
-    den = block_sum(den) + expf(sink - m);
-    __syncthreads();
-    float* o = out + (long long)i * ld_out + (long long)h * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < total; j++) {
-            const float* val;
-            if (j < n_raw) {
-                const int tp = first + j;
-                val = tp >= pos0 ? rows + (long long)(tp - pos0) * ld_rows
-                                 : ring + (long long)(tp % ring_cap) * hd;
-            } else {
-                const int c = srow ? srow[j - n_raw] : j - n_raw;
-                val = comp + (long long)c * hd;
+    // logit: this lane's key score (NEG_INF when the lane has no key); val(r): row r.
+    template <typename RowFn>
+    __device__ __forceinline__ void add32(float logit, int nk, RowFn val, int lane) {
+        const float tmax = warp_max(logit);
+        const float mn = fmaxf(m, tmax);
+        if (mn == NEG_INF) return;
+        const float corr = expf(m - mn);
+        const float pj = lane < nk ? expf(logit - mn) : 0.0f;
+        den = den * corr + warp_sum(pj);
+#pragma unroll
+        for (int i = 0; i < 4 * NC; i++) acc[i] *= corr;
+#pragma unroll 4
+        for (int r = 0; r < nk; r++) {
+            const float pr = __shfl_sync(0xffffffffu, pj, r);
+            const float* v = val(r);
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                const float4 x = *(const float4*)(v + 4 * lane + 128 * c);
+                acc[4 * c + 0] += pr * x.x;
+                acc[4 * c + 1] += pr * x.y;
+                acc[4 * c + 2] += pr * x.z;
+                acc[4 * c + 3] += pr * x.w;
             }
-            acc += (lg[j] / den) * val[d];
         }
-        o[d] = acc;
+        m = mn;
+    }
+};
+
+// Full dot of a (pre-scaled) query in shared memory with one key row, 4 chains.
+__device__ __forceinline__ float att_dot_row(const float* qs, const float* key, int hd) {
+    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+    for (int k = 0; k < hd; k += 16) {
+        const float4 a0 = *(const float4*)(qs + k), b0 = *(const float4*)(key + k);
+        const float4 a1 = *(const float4*)(qs + k + 4), b1 = *(const float4*)(key + k + 4);
+        const float4 a2 = *(const float4*)(qs + k + 8), b2 = *(const float4*)(key + k + 8);
+        const float4 a3 = *(const float4*)(qs + k + 12), b3 = *(const float4*)(key + k + 12);
+        d0 += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
+        d1 += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
+        d2 += a2.x * b2.x + a2.y * b2.y + a2.z * b2.z + a2.w * b2.w;
+        d3 += a3.x * b3.x + a3.y * b3.y + a3.z * b3.z + a3.w * b3.w;
+    }
+    return (d0 + d1) + (d2 + d3);
+}
+
+// Merges the per-warp states of each head with the sink and writes the outputs.
+// Warp w holds head (w mod hb); heads are finished by warps 0..hb-1.
+// scratch: ATT_WARPS * (2 + head_dim) floats.
+template <int NC>
+__device__ void att_merge(const AttAcc<NC>& a, float* scratch, int hd, int lane, int warp,
+                          int hb, const float* sinks, int h0, float* out_row) {
+    float* sm_m = scratch;
+    float* sm_d = scratch + ATT_WARPS;
+    float* sm_acc = scratch + 2 * ATT_WARPS;
+    if (lane == 0) { sm_m[warp] = a.m; sm_d[warp] = a.den; }
+#pragma unroll
+    for (int c = 0; c < NC; c++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) sm_acc[warp * hd + 4 * lane + 128 * c + e] = a.acc[4 * c + e];
+    __syncthreads();
+    if (warp < hb) {
+        const int h = warp;
+        const float sink = sinks[h0 + h];
+        float M = sink;
+        for (int w = h; w < ATT_WARPS; w += hb) M = fmaxf(M, sm_m[w]);
+        float den = expf(sink - M);
+        for (int w = h; w < ATT_WARPS; w += hb)
+            if (sm_m[w] != NEG_INF) den += sm_d[w] * expf(sm_m[w] - M);
+        float* o = out_row + (long long)(h0 + h) * hd;
+        for (int c = 0; c < NC; c++)
+            for (int e = 0; e < 4; e++) {
+                const int d = 4 * lane + 128 * c + e;
+                float acc = 0.0f;
+                for (int w = h; w < ATT_WARPS; w += hb)
+                    if (sm_m[w] != NEG_INF) acc += sm_acc[w * hd + d] * expf(sm_m[w] - M);
+                o[d] = acc / den;
+            }
     }
 }
+
+// Block (group of hb heads, token i), 8 warps. Warp w serves head w mod hb and every
+// (8/hb)-th group of 32 keys. tiled = 1: the block stages each group of 32 keys in
+// shared memory once for its hb heads (prefill); tiled = 0: warps read their keys
+// from global memory (decode: one head per block, warps split the keys).
+// Dynamic smem: hb*hd (queries) + (tiled ? 32*(hd+4) : 0), at least the merge scratch.
+template <int NC>
+__device__ void attention_impl(const float* q, int ld_q, const float* rows, int ld_rows,
+                               const float* ring, int ring_cap, const float* comp, int ratio,
+                               const int* sel, int sel_k, const float* sinks, int window,
+                               const int* pos_p, int hb, int tiled, float* out, int ld_out) {
+    extern __shared__ float smem[];
+    __shared__ const float* s_rowp[32];
+    const int hd = NC * 128;
+    const int i = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int hw = warp % hb, ks = ATT_WARPS / hb, sub = warp / hb;
+    const int h0 = blockIdx.x * hb;
+    AttKeys K;
+    const int total = att_setup(K, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k, hd,
+                                window, *pos_p, i);
+    const int ldt = hd + 4;
+    float* qs = smem;
+    float* tile = smem + hb * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int j = threadIdx.x; j < hb * hd; j += blockDim.x)
+        qs[j] = q[(long long)i * ld_q + (long long)h0 * hd + j] * scale;
+    __syncthreads();
+    const float* qh = qs + hw * hd;
+    AttAcc<NC> a;
+    a.init();
+    if (tiled) {
+        for (int g = 0; g * 32 < total; g++) {
+            const int t0 = g * 32, nt = min(32, total - t0);
+            __syncthreads();
+            // Row addresses first (the indexer's picks are a dependent load), then the
+            // rows, all loads independent.
+            if (threadIdx.x < nt) s_rowp[threadIdx.x] = K.key(t0 + threadIdx.x);
+            __syncthreads();
+            const int hd4 = hd >> 2;
+            for (int idx = threadIdx.x; idx < nt * hd4; idx += blockDim.x) {
+                const int r = idx / hd4, c4 = idx - r * hd4;
+                *(float4*)(tile + r * ldt + 4 * c4) = ((const float4*)s_rowp[r])[c4];
+            }
+            __syncthreads();
+            if (g % ks != sub) continue;
+            const float logit = lane < nt ? att_dot_row(qh, tile + lane * ldt, hd) : NEG_INF;
+            a.add32(logit, nt, [&](int r) { return tile + r * ldt; }, lane);
+        }
+    } else {
+        // Warps take 4 keys at a time, lanes split the dims: every load is coalesced and
+        // the 4 keys' loads are in flight together; the rows stay in registers for the
+        // value pass (K = V).
+        float4 qr[NC];
+#pragma unroll
+        for (int c = 0; c < NC; c++) qr[c] = *(const float4*)(qh + 4 * lane + 128 * c);
+        for (int j0 = sub * 4; j0 < total; j0 += ks * 4) {
+            const int nk = min(4, total - j0);
+            float4 kv[4][NC];
+            float d[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const float* kp = K.key(j0 + (u < nk ? u : 0));
+#pragma unroll
+                for (int c = 0; c < NC; c++) kv[u][c] = *(const float4*)(kp + 4 * lane + 128 * c);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                float x = 0.0f;
+#pragma unroll
+                for (int c = 0; c < NC; c++)
+                    x += qr[c].x * kv[u][c].x + qr[c].y * kv[u][c].y + qr[c].z * kv[u][c].z +
+                         qr[c].w * kv[u][c].w;
+                d[u] = warp_sum(x);
+            }
+            float mx = a.m;
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (u < nk) mx = fmaxf(mx, d[u]);
+            const float corr = expf(a.m - mx);
+            float pj[4], psum = 0.0f;
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                pj[u] = u < nk ? expf(d[u] - mx) : 0.0f;
+                psum += pj[u];
+            }
+            a.den = a.den * corr + psum;
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                float4 o = make_float4(a.acc[4 * c] * corr, a.acc[4 * c + 1] * corr,
+                                       a.acc[4 * c + 2] * corr, a.acc[4 * c + 3] * corr);
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    o.x += pj[u] * kv[u][c].x;
+                    o.y += pj[u] * kv[u][c].y;
+                    o.z += pj[u] * kv[u][c].z;
+                    o.w += pj[u] * kv[u][c].w;
+                }
+                a.acc[4 * c] = o.x; a.acc[4 * c + 1] = o.y;
+                a.acc[4 * c + 2] = o.z; a.acc[4 * c + 3] = o.w;
+            }
+            a.m = mx;
+        }
+    }
+    __syncthreads();
+    att_merge<NC>(a, smem, hd, lane, warp, hb, sinks, h0, out + (long long)i * ld_out);
+}
+
+// One kernel per head_dim / 128 (the per-lane accumulators must be registers).
+#define ATT_KERNEL(NC)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_##NC(             \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,          \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                \
+        const float* sinks, int window, const int* pos_p, int hb, int tiled, float* out,      \
+        int ld_out) {                                                                         \
+        attention_impl<NC>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,   \
+                           sinks, window, pos_p, hb, tiled, out, ld_out);                     \
+    }
+ATT_KERNEL(1)
+ATT_KERNEL(2)
+ATT_KERNEL(3)
+ATT_KERNEL(4)
 
 // Appends the chunk's raw rows to the ring (only the last ring_cap of them matter).
 extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, const int* pos_p,

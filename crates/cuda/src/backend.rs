@@ -36,8 +36,11 @@ const BIG_SMEM: usize = 200 * 1024;
 const GEMM_MIN_TOKENS: usize = 16;
 /// Routed products with at least this many (token, expert) slots group tokens by expert.
 const ROUTED_GEMM_MIN_SLOTS: usize = 64;
+/// Chunks up to this many tokens use the per-head attention kernel (keys split over
+/// warps); longer ones the tiled kernel that shares key tiles between heads.
+const ATT_DECODE_MAX_TOKENS: usize = 8;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
-const IDX_TILE: usize = 128;
+const IDX_TILE: usize = 32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
@@ -264,10 +267,13 @@ struct Ops {
     rope: CudaFunction,
     round_rows: CudaFunction,
     comp_pool: CudaFunction,
+    comp_pool_chunk: CudaFunction,
+    comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
     idx_scores: CudaFunction,
     idx_topk: CudaFunction,
-    attention: CudaFunction,
+    /// `attention_N` for head_dim = 128·N (N = 1..4).
+    attention: [CudaFunction; 4],
     kv_append: CudaFunction,
     moe_route: CudaFunction,
     swiglu: CudaFunction,
@@ -301,10 +307,17 @@ impl Ops {
             rope: f("rope")?,
             round_rows: big("round_rows")?,
             comp_pool: f("comp_pool")?,
+            comp_pool_chunk: f("comp_pool_chunk")?,
+            comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
-            idx_scores: big("idx_scores")?,
+            idx_scores: f("idx_scores")?,
             idx_topk: f("idx_topk")?,
-            attention: big("attention")?,
+            attention: [
+                big("attention_1")?,
+                big("attention_2")?,
+                big("attention_3")?,
+                big("attention_4")?,
+            ],
             kv_append: f("kv_append")?,
             moe_route: f("moe_route")?,
             swiglu: f("swiglu")?,
@@ -374,6 +387,30 @@ struct ChunkBufs {
     pos: DevBuf,
 }
 
+/// Seconds and calls per (operation, decode step?).
+type OpProfile = HashMap<(&'static str, bool), (f64, u64)>;
+
+/// Times one operation when profiling (see `CudaBackend::profile`).
+struct ProfGuard<'a> {
+    be: &'a CudaBackend,
+    name: &'static str,
+    decode: bool,
+    start: std::time::Instant,
+}
+
+impl Drop for ProfGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = &self.be.profile {
+            let _ = self.be.rt.stream.synchronize();
+            if let Ok(mut m) = p.lock() {
+                let e = m.entry((self.name, self.decode)).or_insert((0.0, 0));
+                e.0 += self.start.elapsed().as_secs_f64();
+                e.1 += 1;
+            }
+        }
+    }
+}
+
 /// Statistics of recorded-step use (for benchmarks and logs).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GraphStats {
@@ -395,8 +432,11 @@ pub struct CudaBackend {
     chunk: Mutex<ChunkBufs>,
     scratch: Mutex<Scratch>,
     uploads: Mutex<HashMap<(usize, usize), Uploaded>>,
-    /// Record decode steps into CUDA graphs (on by default).
+    /// Record decode steps into CUDA graphs (on by default; off while profiling).
     pub use_graphs: bool,
+    /// `DS4_CUDA_PROFILE=1`: per-operation wall time (the stream is synchronised after
+    /// every operation, so totals are slower than unprofiled runs).
+    profile: Option<Mutex<OpProfile>>,
     recorded: AtomicU64,
     replayed: AtomicU64,
 }
@@ -407,6 +447,7 @@ impl CudaBackend {
         let kernels = Kernels::load(&rt)?;
         let gemm = GemmKernels::load(&rt)?;
         let ops = Ops::load(&rt)?;
+        let profiling = std::env::var("DS4_CUDA_PROFILE").is_ok_and(|v| v == "1");
         let s = &rt.stream;
         let rope_plain = DevBuf::from_f32(s, &shape.rope_plain().freqs)?;
         let rope_comp = DevBuf::from_f32(s, &shape.rope_compress().freqs)?;
@@ -425,7 +466,8 @@ impl CudaBackend {
             chunk,
             scratch: Mutex::new(Scratch::default()),
             uploads: Mutex::new(HashMap::new()),
-            use_graphs: true,
+            use_graphs: !profiling,
+            profile: profiling.then(|| Mutex::new(HashMap::new())),
             recorded: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             rt,
@@ -434,6 +476,44 @@ impl CudaBackend {
 
     pub fn runtime(&self) -> &Arc<CudaRuntime> {
         &self.rt
+    }
+
+    fn prof(&self, name: &'static str, n: usize) -> Option<ProfGuard<'_>> {
+        self.profile.as_ref()?;
+        let _ = self.rt.stream.synchronize();
+        Some(ProfGuard {
+            be: self,
+            name,
+            decode: n == 1,
+            start: std::time::Instant::now(),
+        })
+    }
+
+    /// Per-operation totals when `DS4_CUDA_PROFILE=1`, largest first.
+    pub fn profile_report(&self) -> Option<String> {
+        let p = self.profile.as_ref()?.lock().ok()?;
+        let mut v: Vec<_> = p
+            .iter()
+            .map(|(&(k, dec), &(t, n))| {
+                (
+                    format!("{k} [{}]", if dec { "decode" } else { "chunk" }),
+                    t,
+                    n,
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = v.iter().map(|x| x.1).sum();
+        let mut out = format!("operation profile (synchronised; total {:.3} s)\n", total);
+        for (k, t, n) in v {
+            out.push_str(&format!(
+                "  {k:<28} {:>9.3} ms {:>5.1}%  {n:>7} calls  {:>8.1} us/call\n",
+                t * 1e3,
+                100.0 * t / total.max(1e-12),
+                t * 1e6 / n.max(1) as f64
+            ));
+        }
+        Some(out)
     }
 
     pub fn graph_stats(&self) -> GraphStats {
@@ -928,6 +1008,7 @@ impl<'w> Backend<'w> for CudaBackend {
         hc_mult: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("embed", tokens.len());
         let e = table.k;
         let ty: i32 = match table.ty {
             GgmlType::F32 => 0,
@@ -975,6 +1056,14 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 
     fn matmul(&self, w: &CudaWeight, x: &CudaAct, n: usize, out: &mut CudaAct) -> MResult<()> {
+        let _prof = self.prof(
+            match w.ty {
+                GgmlType::Q8_0 => "matmul Q8_0",
+                GgmlType::F16 => "matmul F16",
+                _ => "matmul other",
+            },
+            n,
+        );
         check(
             x.cols >= w.k && out.cols >= w.rows && n <= x.rows.min(out.rows),
             || {
@@ -995,6 +1084,7 @@ impl<'w> Backend<'w> for CudaBackend {
         groups: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("matmul_grouped", n);
         let (k, rows) = (w.k, w.rows);
         check(
             groups > 0 && rows.is_multiple_of(groups) && x.cols == k * groups,
@@ -1054,6 +1144,7 @@ impl<'w> Backend<'w> for CudaBackend {
         seg: usize,
         eps: f32,
     ) -> MResult<()> {
+        let _prof = self.prof("rms_norm", n);
         check(seg > 0 && x.cols.is_multiple_of(seg), || {
             "rms_norm: bad shapes".into()
         })?;
@@ -1067,9 +1158,11 @@ impl<'w> Backend<'w> for CudaBackend {
         if n == 0 {
             return Ok(());
         }
+        // About four elements per thread: the loops are latency-bound, not arithmetic.
+        let threads = (seg / 4).next_multiple_of(32).clamp(128, 1024) as u32;
         let cfg = LaunchConfig {
             grid_dim: ((x.cols / seg) as u32, n as u32, 1),
-            block_dim: (ROW_THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let (xp, ld, seg32) = (x.buf.ptr, x.cols as i32, seg as i32);
@@ -1088,6 +1181,7 @@ impl<'w> Backend<'w> for CudaBackend {
         post: &mut CudaAct,
         comb: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("hc_pre", n);
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
         check(
             hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
@@ -1097,7 +1191,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let (sp, lds, ldm, hc32, e32, it, he, re) = (
@@ -1139,6 +1233,7 @@ impl<'w> Backend<'w> for CudaBackend {
         hc: usize,
         state: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("hc_post", n);
         let e = sub.cols;
         check(hc <= 16 && state.cols == hc * e, || {
             "hc_post: bad shapes".into()
@@ -1178,6 +1273,7 @@ impl<'w> Backend<'w> for CudaBackend {
         s: &ModelShape,
         out: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("hc_head", n);
         let (hc, e) = (s.hc_mult, s.n_embd);
         check(hc <= 16 && w.fn_.rows == hc && w.fn_.k == hc * e, || {
             "hc_head: bad weights".into()
@@ -1186,7 +1282,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let (sp, lds, ldm, hc32, e32, he, re, op, ldo) = (
@@ -1225,6 +1321,7 @@ impl<'w> Backend<'w> for CudaBackend {
         _pos0: usize,
         inverse: bool,
     ) -> MResult<()> {
+        let _prof = self.prof("rope", n);
         check(head_dim > 0 && x.cols.is_multiple_of(head_dim), || {
             "rope: bad head dim".into()
         })?;
@@ -1261,29 +1358,31 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 
     fn round_rows(&self, x: &mut CudaAct, n: usize, mode: RowRounding) -> MResult<()> {
+        let _prof = self.prof("round_rows", n);
         let cols = x.cols;
-        let m: i32 = match mode {
-            RowRounding::KvRow => 0,
+        // KV rows round as a whole; indexer rows head by head (128 dims each).
+        let (m, piece): (i32, usize) = match mode {
+            RowRounding::KvRow => (0, cols),
             RowRounding::IndexerQat => {
                 check(cols.is_multiple_of(128), || {
                     "indexer rounding: cols not a multiple of 128".into()
                 })?;
-                1
+                (1, 128)
             }
         };
-        check(cols * 4 <= BIG_SMEM, || "round_rows: row too wide".into())?;
+        check(piece * 4 <= BIG_SMEM, || "round_rows: row too wide".into())?;
         if n == 0 {
             return Ok(());
         }
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
+            grid_dim: ((cols / piece) as u32, n as u32, 1),
             block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (cols * 4) as u32,
+            shared_mem_bytes: (piece * 4) as u32,
         };
         let (xp, ld, c32, nn) = (
             x.buf.ptr,
             x.cols as i32,
-            cols as i32,
+            piece as i32,
             self.shape.n_nope() as i32,
         );
         self.launch(&self.ops.round_rows, cfg, |b| {
@@ -1303,6 +1402,7 @@ impl<'w> Backend<'w> for CudaBackend {
         pos0: usize,
         official: bool,
     ) -> MResult<()> {
+        let _prof = self.prof("compressor_update", n);
         let l = kv
             .layers
             .get_mut(layer)
@@ -1332,11 +1432,6 @@ impl<'w> Backend<'w> for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: ((dc as u32).div_ceil(128), 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (kp, sp, ld, n32, pp, r32, c32, dc32, fk, fs, rp) = (
             proj_kv.buf.ptr,
             proj_score.buf.ptr,
@@ -1350,20 +1445,68 @@ impl<'w> Backend<'w> for CudaBackend {
             fr.score.ptr,
             rows.buf.ptr,
         );
-        self.launch(&self.ops.comp_pool, cfg, |b| {
-            b.arg(&kp)
-                .arg(&sp)
-                .arg(&ld)
-                .arg(&n32)
-                .arg(&pp)
-                .arg(&ape)
-                .arg(&r32)
-                .arg(&c32)
-                .arg(&dc32)
-                .arg(&fk)
-                .arg(&fs)
-                .arg(&rp);
-        })?;
+        let tiles = (dc as u32).div_ceil(128);
+        if n == 1 {
+            // One token: the sequential walk is a single step.
+            let cfg = LaunchConfig {
+                grid_dim: (tiles, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(&self.ops.comp_pool, cfg, |b| {
+                b.arg(&kp)
+                    .arg(&sp)
+                    .arg(&ld)
+                    .arg(&n32)
+                    .arg(&pp)
+                    .arg(&ape)
+                    .arg(&r32)
+                    .arg(&c32)
+                    .arg(&dc32)
+                    .arg(&fk)
+                    .arg(&fs)
+                    .arg(&rp);
+            })?;
+        } else {
+            // Every closing row in parallel from the old frontier, then the new frontier.
+            let cfg = LaunchConfig {
+                grid_dim: (tiles, (n / r + 1) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(&self.ops.comp_pool_chunk, cfg, |b| {
+                b.arg(&kp)
+                    .arg(&sp)
+                    .arg(&ld)
+                    .arg(&n32)
+                    .arg(&pp)
+                    .arg(&ape)
+                    .arg(&r32)
+                    .arg(&c32)
+                    .arg(&dc32)
+                    .arg(&fk)
+                    .arg(&fs)
+                    .arg(&rp);
+            })?;
+            let cfg = LaunchConfig {
+                grid_dim: (tiles, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(&self.ops.comp_frontier, cfg, |b| {
+                b.arg(&kp)
+                    .arg(&sp)
+                    .arg(&ld)
+                    .arg(&n32)
+                    .arg(&pp)
+                    .arg(&ape)
+                    .arg(&r32)
+                    .arg(&c32)
+                    .arg(&dc32)
+                    .arg(&fk)
+                    .arg(&fs);
+            })?;
+        }
         let mode: i32 = match (official, which) {
             (false, _) => 0,
             (true, CompKind::Attn) => 1,
@@ -1408,6 +1551,7 @@ impl<'w> Backend<'w> for CudaBackend {
         top_k: usize,
         sel: &mut CudaIdx,
     ) -> MResult<()> {
+        let _prof = self.prof("indexer_topk", n);
         let l = kv
             .layers
             .get(layer)
@@ -1422,8 +1566,7 @@ impl<'w> Backend<'w> for CudaBackend {
             rows.dim == 128 && q.cols == heads * 128 && sel.k >= top_k && top_k <= 1024,
             || "indexer: bad shapes".into(),
         )?;
-        let idx_smem = (heads * 128 + IDX_TILE * (128 + 1)) * 4;
-        check(idx_smem <= BIG_SMEM, || "indexer: too many heads".into())?;
+
         let cap = rows.cap;
         let tok_per_pass = n.clamp(1, IDX_TOKENS_PER_PASS);
         let scores = self
@@ -1438,7 +1581,7 @@ impl<'w> Backend<'w> for CudaBackend {
             let cfg = LaunchConfig {
                 grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
                 block_dim: (IDX_TILE as u32, 1, 1),
-                shared_mem_bytes: idx_smem as u32,
+                shared_mem_bytes: 0,
             };
             let (qp, ldq, wp, ldw, h32, rp, r32, tk, ldsc) = (
                 q.buf.ptr + (t0 * q.cols * 4) as u64,
@@ -1496,6 +1639,7 @@ impl<'w> Backend<'w> for CudaBackend {
         _pos0: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("attention", n);
         let s = &self.shape;
         let l = kv
             .layers
@@ -1507,31 +1651,32 @@ impl<'w> Backend<'w> for CudaBackend {
             || "attention: bad shapes".into(),
         )?;
         let ratio = l.kind.ratio();
-        let (comp_ptr, comp_cap) = match &l.comp {
-            Some((c, _)) => (c.buf.ptr, c.cap),
-            None => (0, 0),
-        };
-        let max_comp = match sel {
-            Some(sl) => sl.k.min(comp_cap),
-            None => comp_cap,
-        };
-        let max_keys = s.sliding_window + max_comp;
-        check(max_keys * 4 <= BIG_SMEM, || {
-            format!("attention: {max_keys} keys exceed the kernel's shared memory")
+        let comp_ptr = l.comp.as_ref().map_or(0, |(c, _)| c.buf.ptr);
+        check(hd.is_multiple_of(128) && hd <= 512, || {
+            format!("attention: head_dim {hd} must be a multiple of 128, at most 512")
         })?;
         if n == 0 {
             return Ok(());
         }
+        // Heads per block of the tiled kernel: as many as share one key tile, up to 8.
+        let hb = [8usize, 4, 2, 1]
+            .into_iter()
+            .find(|&h| nh.is_multiple_of(h))
+            .unwrap_or(1);
+        let decode = n <= ATT_DECODE_MAX_TOKENS;
+        let hb = if decode { 1 } else { hb };
+        let merge_smem = 8 * (2 + hd) * 4;
+        let tile_smem = if decode { 0 } else { 32 * (hd + 4) * 4 };
         let cfg = LaunchConfig {
-            grid_dim: (nh as u32, n as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: (max_keys * 4) as u32,
+            grid_dim: ((nh / hb) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: merge_smem.max(hb * hd * 4 + tile_smem) as u32,
         };
         let (selp, sk) = match sel {
             Some(sl) => (sl.buf.ptr, sl.k as i32),
             None => (0u64, 0i32),
         };
-        let (qp, ldq, rp, ldr, ring, rc, cp, r32, sp, hd32, win, pp, op, ldo) = (
+        let (qp, ldq, rp, ldr, ring, rc, cp, r32, sp, win, pp, op, ldo, hb32) = (
             q.buf.ptr,
             q.cols as i32,
             rows.buf.ptr,
@@ -1541,13 +1686,15 @@ impl<'w> Backend<'w> for CudaBackend {
             comp_ptr,
             ratio as i32,
             sinks.dense_ptr()?,
-            hd as i32,
             s.sliding_window as i32,
             self.chunk_ptrs()?.1,
             out.buf.ptr,
             out.cols as i32,
+            hb as i32,
         );
-        self.launch(&self.ops.attention, cfg, |b| {
+        let tiled = (!decode) as i32;
+        let f = &self.ops.attention[hd / 128 - 1];
+        self.launch(f, cfg, |b| {
             b.arg(&qp)
                 .arg(&ldq)
                 .arg(&rp)
@@ -1559,9 +1706,10 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&selp)
                 .arg(&sk)
                 .arg(&sp)
-                .arg(&hd32)
                 .arg(&win)
                 .arg(&pp)
+                .arg(&hb32)
+                .arg(&tiled)
                 .arg(&op)
                 .arg(&ldo);
         })
@@ -1575,6 +1723,7 @@ impl<'w> Backend<'w> for CudaBackend {
         n: usize,
         _pos0: usize,
     ) -> MResult<()> {
+        let _prof = self.prof("kv_append_raw", n);
         let hd = self.shape.head_dim;
         let l = kv
             .layers
@@ -1618,6 +1767,7 @@ impl<'w> Backend<'w> for CudaBackend {
         n: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
+        let _prof = self.prof("moe", n);
         let (e, ff, ne, k) = (s.n_embd, s.n_ff_exp, s.n_expert, s.n_expert_used);
         check(
             k <= 64 && ne <= 256 && x.cols >= e && out.cols >= e && tokens.len() >= n,
@@ -1722,6 +1872,28 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&op)
                 .arg(&ldo);
         })
+    }
+
+    fn copy_row(
+        &self,
+        src: &CudaAct,
+        src_row: usize,
+        dst: &mut CudaAct,
+        dst_row: usize,
+    ) -> MResult<()> {
+        check(
+            dst.cols == src.cols && src_row < src.rows && dst_row < dst.rows,
+            || "copy_row: bad shapes".into(),
+        )?;
+        let c = src.cols;
+        self.copy_rows(
+            src.buf.ptr + (src_row * c * 4) as u64,
+            c,
+            dst.buf.ptr + (dst_row * c * 4) as u64,
+            c,
+            1,
+            c,
+        )
     }
 
     fn read_rows(&self, x: &CudaAct, n: usize, out: &mut [f32]) -> MResult<()> {

@@ -265,6 +265,9 @@ pub fn run(
         ));
         rows.push(row);
     }
+    if let Some(p) = model.backend.profile_report() {
+        log(&p);
+    }
     let stats = model.backend.graph_stats();
     log(&format!(
         "decode steps: {} recorded, {} replayed",

@@ -207,6 +207,14 @@ pub trait Backend<'w> {
     ) -> Result<()>;
     /// Copies the first n rows to the host (row-major).
     fn read_rows(&self, x: &Self::Act, n: usize, out: &mut [f32]) -> Result<()>;
+    /// dst[dst_row] = src[src_row] (same width).
+    fn copy_row(
+        &self,
+        src: &Self::Act,
+        src_row: usize,
+        dst: &mut Self::Act,
+        dst_row: usize,
+    ) -> Result<()>;
 
     /// Called before the layers of every chunk. A GPU backend uploads the chunk's token
     /// ids and first position here, so that the launches of a step do not depend on them

@@ -31,6 +31,15 @@ pub struct Model<'w, B: Backend<'w>> {
     pub options: ForwardOptions,
 }
 
+/// Which positions of a chunk get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Every position (rows 0..n of `Buffers::logits`).
+    All,
+    /// The last position only (row 0).
+    Last,
+}
+
 /// Per-session buffers: every activation the forward pass touches.
 pub struct Buffers<A, I> {
     pub cap: usize,
@@ -51,6 +60,8 @@ pub struct Buffers<A, I> {
     low: A,
     sub: A,
     head: A,
+    /// The last token's HC state, when only its logits are wanted.
+    last_state: A,
     pub logits: A,
     sel: I,
 }
@@ -98,6 +109,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             low: b.alloc_act(cap, s.o_groups * s.o_lora_rank)?,
             sub: b.alloc_act(cap, s.n_embd)?,
             head: b.alloc_act(cap, s.n_embd)?,
+            last_state: b.alloc_act(1, s.hc_dim())?,
             logits: b.alloc_act(cap, s.vocab)?,
             sel: b.alloc_idx(cap, s.indexer_top_k.max(1))?,
         })
@@ -115,6 +127,20 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         pos0: usize,
         kv: &mut B::Kv,
         bufs: &mut Buffers<B::Act, B::Idx>,
+    ) -> Result<()> {
+        self.forward_chunk_with(tokens, pos0, kv, bufs, LogitRows::All)
+    }
+
+    /// `forward_chunk` computing the logits of every position or of the last only (row 0
+    /// of `bufs.logits`): prefill that only samples after the chunk skips the output head
+    /// for the other rows (for a 2K chunk, 1 GB of logits).
+    pub fn forward_chunk_with(
+        &self,
+        tokens: &[u32],
+        pos0: usize,
+        kv: &mut B::Kv,
+        bufs: &mut Buffers<B::Act, B::Idx>,
+        rows: LogitRows,
     ) -> Result<()> {
         let n = tokens.len();
         if n == 0 {
@@ -135,7 +161,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         self.backend.begin_chunk(tokens, pos0)?;
         let id = bufs.id;
         self.backend.run_chunk(n, id, kv, &mut |kv: &mut B::Kv| {
-            self.forward_layers(tokens, pos0, kv, bufs)
+            self.forward_layers(tokens, pos0, kv, bufs, rows)
         })
     }
 
@@ -146,6 +172,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         pos0: usize,
         kv: &mut B::Kv,
         bufs: &mut Buffers<B::Act, B::Idx>,
+        rows: LogitRows,
     ) -> Result<()> {
         let n = tokens.len();
         let s = &self.shape;
@@ -284,15 +311,23 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 &mut bufs.state,
             )?;
         }
-        be.hc_head(&self.weights.hc_head, &bufs.state, n, s, &mut bufs.head)?;
+        let (state, m) = match rows {
+            LogitRows::All => (&bufs.state, n),
+            LogitRows::Last if n == 1 => (&bufs.state, 1),
+            LogitRows::Last => {
+                be.copy_row(&bufs.state, n - 1, &mut bufs.last_state, 0)?;
+                (&bufs.last_state, 1)
+            }
+        };
+        be.hc_head(&self.weights.hc_head, state, m, s, &mut bufs.head)?;
         be.rms_norm(
             &mut bufs.head,
             Some(&self.weights.output_norm),
-            n,
+            m,
             s.n_embd,
             eps,
         )?;
-        be.matmul(&self.weights.output, &bufs.head, n, &mut bufs.logits)?;
+        be.matmul(&self.weights.output, &bufs.head, m, &mut bufs.logits)?;
         Ok(())
     }
 }
@@ -357,8 +392,13 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
         let chunk = chunk.clamp(1, self.bufs.cap);
         for piece in tokens.chunks(chunk) {
             let pos0 = self.tokens.len();
+            let rows = if all_logits.is_some() {
+                LogitRows::All
+            } else {
+                LogitRows::Last
+            };
             self.model
-                .forward_chunk(piece, pos0, &mut self.kv, &mut self.bufs)?;
+                .forward_chunk_with(piece, pos0, &mut self.kv, &mut self.bufs, rows)?;
             let m = piece.len();
             if let Some(out) = all_logits.as_deref_mut() {
                 let start = out.len();
@@ -370,12 +410,11 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
                 self.last_logits
                     .extend_from_slice(&out[start + (m - 1) * vocab..]);
             } else {
-                // Only the last row is needed; read all rows into a reused buffer.
-                self.last_logits.resize(m * vocab, 0.0);
+                // Only the last position's logits were computed (row 0).
+                self.last_logits.resize(vocab, 0.0);
                 self.model
                     .backend
-                    .read_rows(&self.bufs.logits, m, &mut self.last_logits)?;
-                self.last_logits.drain(..(m - 1) * vocab);
+                    .read_rows(&self.bufs.logits, 1, &mut self.last_logits)?;
             }
             self.tokens.extend_from_slice(piece);
         }

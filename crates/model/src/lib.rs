@@ -13,7 +13,7 @@ pub mod synthetic;
 pub mod weights;
 
 pub use backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
-pub use forward::{Buffers, ForwardOptions, Model, Session};
+pub use forward::{Buffers, ForwardOptions, LogitRows, Model, Session};
 pub use kv::HostKv;
 pub use shape::{LayerKind, ModelShape};
 pub use weights::{ModelWeights, TensorSource, TensorView};
