@@ -852,14 +852,15 @@ __device__ int att_setup(AttKeys& K, const float* rows, int ld_rows, const float
     K.n_raw = p + 1 - K.first;
     K.pos0 = pos0; K.hd = hd;
     const int n_vis = ratio > 0 ? (p + 1) / ratio : 0;
-    if (threadIdx.x == 0) {
-        int nc = n_vis;
-        if (K.srow) {
-            nc = 0;
-            while (nc < sel_k && K.srow[nc] >= 0 && K.srow[nc] < n_vis) nc++;
+    // Picks come first, then -1 padding: the usable count is the first index that is
+    // not a visible row (found in parallel; a serial scan costs one load latency each).
+    if (threadIdx.x == 0) s_ncomp = K.srow ? sel_k : n_vis;
+    __syncthreads();
+    if (K.srow)
+        for (int j = threadIdx.x; j < sel_k; j += blockDim.x) {
+            const int c = K.srow[j];
+            if (c < 0 || c >= n_vis) atomicMin(&s_ncomp, j);
         }
-        s_ncomp = nc;
-    }
     __syncthreads();
     return K.n_raw + s_ncomp;
 }

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ds4_cpu::CpuBackend;
+use ds4_cuda::{CudaBackend, CudaRuntime};
 use ds4_gguf::GgufFile;
 use ds4_model::config::Config;
 use ds4_model::sampler::{Sampler, SamplerConfig, argmax, time_seed};
@@ -43,13 +44,112 @@ pub enum LoadError {
     Weights(String),
     #[error("session: {0}")]
     Session(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+/// Where the forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendPref {
+    /// The GPU when one is usable and the model fits it (memory plan), else the CPU.
+    Auto,
+    Cpu,
+    /// The GPU or an error saying why not.
+    Cuda,
+}
+
+/// How to load: backend, device, and the session size the memory plan must hold.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub backend: BackendPref,
+    pub device: usize,
+    pub ctx: usize,
+    pub chunk: usize,
+}
+
+/// The model bound to the backend it runs on.
+pub enum AnyModel {
+    Cpu(&'static Model<'static, CpuBackend>),
+    Cuda(&'static Model<'static, CudaBackend>),
+}
+
+impl AnyModel {
+    pub fn shape(&self) -> &ds4_model::ModelShape {
+        match self {
+            AnyModel::Cpu(m) => &m.shape,
+            AnyModel::Cuda(m) => &m.shape,
+        }
+    }
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            AnyModel::Cpu(_) => "CPU",
+            AnyModel::Cuda(_) => "CUDA",
+        }
+    }
+}
+
+/// A session on either backend; every method delegates.
+pub enum AnySession {
+    // Boxed: sessions are large and one lives per generator.
+    Cpu(Box<Session<'static, 'static, CpuBackend>>),
+    Cuda(Box<Session<'static, 'static, CudaBackend>>),
+}
+
+macro_rules! each {
+    ($s:expr, $v:ident => $e:expr) => {
+        match $s {
+            AnySession::Cpu($v) => $e,
+            AnySession::Cuda($v) => $e,
+        }
+    };
+}
+
+impl AnySession {
+    fn new(model: &AnyModel, ctx: usize, chunk: usize) -> ds4_model::Result<Self> {
+        Ok(match model {
+            AnyModel::Cpu(m) => AnySession::Cpu(Box::new(Session::new(m, ctx, chunk)?)),
+            AnyModel::Cuda(m) => AnySession::Cuda(Box::new(Session::new(m, ctx, chunk)?)),
+        })
+    }
+    pub fn tokens(&self) -> &[u32] {
+        each!(self, s => s.tokens())
+    }
+    pub fn n_tokens(&self) -> usize {
+        each!(self, s => s.n_tokens())
+    }
+    pub fn ctx(&self) -> usize {
+        each!(self, s => s.ctx())
+    }
+    pub fn last_logits(&self) -> &[f32] {
+        each!(self, s => s.last_logits())
+    }
+    pub fn feed(
+        &mut self,
+        tokens: &[u32],
+        chunk: usize,
+        all_logits: Option<&mut Vec<f32>>,
+    ) -> ds4_model::Result<()> {
+        each!(self, s => s.feed(tokens, chunk, all_logits))
+    }
+    pub fn rewind(&mut self, n: usize) -> ds4_model::Result<()> {
+        each!(self, s => s.rewind(n))
+    }
+    pub fn decode(&mut self, token: u32) -> ds4_model::Result<&[f32]> {
+        each!(self, s => s.decode(token))
+    }
+    pub fn snapshot(&self) -> ds4_model::Result<Vec<u8>> {
+        each!(self, s => s.snapshot())
+    }
+    pub fn restore(&mut self, bytes: &[u8]) -> ds4_model::Result<()> {
+        each!(self, s => s.restore(bytes))
+    }
 }
 
 /// A model file loaded for the whole life of the process: mapping, config, the model
 /// bound to its backend, and the tokenizer.
 pub struct LoadedModel {
     pub config: Config,
-    pub model: &'static Model<'static, CpuBackend>,
+    pub model: AnyModel,
     pub tokenizer: Arc<Tokenizer>,
     pub file_bytes: u64,
 }
@@ -60,6 +160,26 @@ impl LoadedModel {
     /// The mapping and the bound model are leaked on purpose: they live as long as the
     /// process, and a `'static` borrow lets sessions be stored next to them in a worker.
     pub fn load(path: &Path, options: ForwardOptions) -> Result<Self, LoadError> {
+        Self::load_with(
+            path,
+            options,
+            &LoadOptions {
+                backend: BackendPref::Cpu,
+                device: 0,
+                ctx: 1,
+                chunk: 1,
+            },
+        )
+    }
+
+    /// [`Self::load`] on the backend `load` asks for. On CUDA the memory plan for
+    /// `load.ctx` / `load.chunk` is checked first: `Cuda` refuses with the plan's numbers,
+    /// `Auto` says why and falls back to the CPU.
+    pub fn load_with(
+        path: &Path,
+        options: ForwardOptions,
+        load: &LoadOptions,
+    ) -> Result<Self, LoadError> {
         let file = GgufFile::open(path).map_err(|source| LoadError::Open {
             path: path.display().to_string(),
             source,
@@ -77,9 +197,25 @@ impl LoadedModel {
                 shape.vocab
             )));
         }
-        let model = Model::new(CpuBackend::new(&shape), shape, file, options)
-            .map_err(|e| LoadError::Weights(e.to_string()))?;
-        let model: &'static Model<'static, CpuBackend> = Box::leak(Box::new(model));
+        let model = match load.backend {
+            BackendPref::Cpu => None,
+            BackendPref::Cuda => Some(cuda_model(file, &shape, options, load)?),
+            BackendPref::Auto => match cuda_model(file, &shape, options, load) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!("{e}; running on the CPU");
+                    None
+                }
+            },
+        };
+        let model = match model {
+            Some(m) => AnyModel::Cuda(m),
+            None => {
+                let model = Model::new(CpuBackend::new(&shape), shape, file, options)
+                    .map_err(|e| LoadError::Weights(e.to_string()))?;
+                AnyModel::Cpu(Box::leak(Box::new(model)))
+            }
+        };
         Ok(Self {
             config,
             model,
@@ -90,8 +226,34 @@ impl LoadedModel {
 
     /// Bytes a session of `ctx` tokens allocates for its KV state.
     pub fn kv_bytes(&self, ctx: usize) -> usize {
-        ds4_model::HostKv::estimate_bytes(&self.model.shape, ctx)
+        ds4_model::HostKv::estimate_bytes(self.model.shape(), ctx)
     }
+}
+
+/// Probes the GPU, checks the memory plan and uploads the weights.
+fn cuda_model(
+    file: &'static GgufFile,
+    shape: &ds4_model::ModelShape,
+    options: ForwardOptions,
+    load: &LoadOptions,
+) -> Result<&'static Model<'static, CudaBackend>, LoadError> {
+    let cuda = |e: String| LoadError::Cuda(e);
+    let rt = CudaRuntime::probe(load.device).map_err(|e| cuda(format!("no usable GPU: {e}")))?;
+    tracing::info!("{}", rt.summary().replace('\n', "; "));
+    let mem = ds4_cuda::plan::DeviceMemory {
+        free: rt.device.free_mem as u64,
+        total: rt.device.total_mem as u64,
+    };
+    let tensors = ds4_cuda::plan::gguf_tensor_list(file);
+    let plan = ds4_cuda::plan::MemoryPlan::new(shape, &tensors, load.ctx, load.chunk, mem);
+    for line in plan.to_string().lines() {
+        tracing::info!("{line}");
+    }
+    plan.check().map_err(|e| cuda(e.to_string()))?;
+    let backend = CudaBackend::new(Arc::new(rt), shape).map_err(|e| cuda(e.to_string()))?;
+    let model = Model::new(backend, shape.clone(), file, options)
+        .map_err(|e| LoadError::Weights(e.to_string()))?;
+    Ok(Box::leak(Box::new(model)))
 }
 
 /// [`TextCodec`] over the real tokenizer: rendered chat text recognises special tokens.
@@ -113,7 +275,7 @@ impl TextCodec for TokenizerCodec {
 
 /// Serves generation requests from one live session.
 pub struct ModelGenerator {
-    session: Session<'static, 'static, CpuBackend>,
+    session: AnySession,
     tokenizer: Arc<Tokenizer>,
     sampler: Sampler,
     chunk: usize,
@@ -126,7 +288,7 @@ pub struct ModelGenerator {
 impl ModelGenerator {
     /// A generator with a session of `ctx` tokens, prefilling `chunk` tokens at a time.
     pub fn new(loaded: &LoadedModel, ctx: usize, chunk: usize) -> Result<Self, LoadError> {
-        let session = Session::new(loaded.model, ctx.max(1), chunk.max(1))
+        let session = AnySession::new(&loaded.model, ctx.max(1), chunk.max(1))
             .map_err(|e| LoadError::Session(e.to_string()))?;
         Ok(Self {
             session,

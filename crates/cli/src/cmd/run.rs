@@ -54,6 +54,13 @@ pub struct ModelArgs {
     /// The official FP8 KV / FP4 indexer activation rounding.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub official_rounding: String,
+    /// Where the model runs: auto (the GPU when usable and the model fits, else the CPU),
+    /// cpu, or cuda (fail with the reason when the GPU cannot take it).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub backend: String,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,10 +88,16 @@ impl Chat {
             official_rounding: args.official_rounding == "on",
         };
         let t0 = Instant::now();
-        let loaded = LoadedModel::load(&args.model, options)
+        let load = ds4_engine::live::LoadOptions {
+            backend: crate::cmd::backend_pref(&args.backend),
+            device: args.device,
+            ctx: args.ctx,
+            chunk: args.chunk,
+        };
+        let loaded = LoadedModel::load_with(&args.model, options, &load)
             .with_context(|| format!("loading {}", args.model.display()))?;
         eprintln!(
-            "ds4: {} ({} layers, vocab {}, {:.1} MiB) loaded in {:.2} s; context {} tokens, KV state {:.1} MiB (CPU)",
+            "ds4: {} ({} layers, vocab {}, {:.1} MiB) loaded in {:.2} s; context {} tokens, KV state {:.1} MiB ({})",
             args.model.display(),
             loaded.config.n_layer,
             loaded.config.vocab,
@@ -92,6 +105,7 @@ impl Chat {
             t0.elapsed().as_secs_f64(),
             args.ctx,
             loaded.kv_bytes(args.ctx) as f64 / (1 << 20) as f64,
+            loaded.model.backend_name(),
         );
         let generator = ModelGenerator::new(&loaded, args.ctx, args.chunk)?;
         let mut messages = Vec::new();

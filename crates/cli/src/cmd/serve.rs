@@ -36,6 +36,13 @@ pub struct Args {
     /// The official FP8 KV / FP4 indexer activation rounding.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub official_rounding: String,
+    /// Where the model runs: auto (the GPU when usable and the model fits, else the CPU),
+    /// cpu, or cuda (fail with the reason when the GPU cannot take it).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    pub backend: String,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
     /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`
     /// (default: the DS4_API_KEY environment variable, if set).
     #[arg(long)]
@@ -86,15 +93,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let options = ds4_model::ForwardOptions {
                     official_rounding: args.official_rounding == "on",
                 };
-                let loaded = LoadedModel::load(model, options)
-                    .with_context(|| format!("loading {}", model.display()))?;
                 let ctx = args.ctx.map_or(DEFAULT_CTX, |c| c.max(2) as usize);
+                let load = ds4_engine::live::LoadOptions {
+                    backend: crate::cmd::backend_pref(&args.backend),
+                    device: args.device,
+                    ctx,
+                    chunk: args.chunk,
+                };
+                let loaded = LoadedModel::load_with(model, options, &load)
+                    .with_context(|| format!("loading {}", model.display()))?;
                 tracing::info!(
                     model = %model.display(),
                     layers = loaded.config.n_layer,
                     ctx,
                     kv_mib = loaded.kv_bytes(ctx) as f64 / f64::from(1 << 20),
-                    "model loaded (CPU backend)"
+                    backend = loaded.model.backend_name(),
+                    "model loaded"
                 );
                 let generator = ModelGenerator::new(&loaded, ctx, args.chunk)?;
                 let codec: Arc<dyn TextCodec> =
