@@ -1099,6 +1099,7 @@ extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int 
                                      int norm, float wscale, int* ids, float* wts) {
     const int t = blockIdx.x, lane = threadIdx.x;
     float sc[MAX_EXPERTS_PER_LANE], bi[MAX_EXPERTS_PER_LANE];
+#pragma unroll
     for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
         const int ex = q * 32 + lane;
         if (ex < ne) {
@@ -1119,6 +1120,7 @@ extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int 
         } else {
             float bv = NEG_INF;
             int be = 0x7fffffff;
+#pragma unroll
             for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
                 const int ex = q * 32 + lane;
                 if (ex < ne && (bi[q] > bv || (bi[q] == bv && ex < be))) {
@@ -1135,10 +1137,14 @@ extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int 
                 }
             }
             e = be == 0x7fffffff ? 0 : be;
-            if ((e & 31) == lane) bi[e >> 5] = NEG_INF;
+            // Constant indices only, so the per-lane arrays stay in registers.
+#pragma unroll
+            for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
+                if (q * 32 + lane == e) bi[q] = NEG_INF;
         }
         // The chosen expert's unbiased score, from its owner lane.
         float mine = 0.0f;
+#pragma unroll
         for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
             if (q * 32 + lane == e) mine = sc[q];
         const float s = __shfl_sync(0xffffffffu, mine, e & 31);
