@@ -204,9 +204,13 @@ __device__ float row_rms_inv(const float* x, int n, float eps) {
 
 // Sinkhorn split of model.md §7.1 on one warp: lane a*hc + b owns comb[a][b]
 // (hc*hc <= 32). Row and column sums read the elements in the CPU's order.
-__device__ void hc_split_warp(const float* m, float r, const float* scale3, const float* base,
-                              int hc, int iters, float eps, float* pre_s, float* post,
-                              float* comb) {
+// HC is the compile-time hc_mult (0: read `hc_rt`): with it known, the row/column
+// shuffles of an iteration are independent and issue together.
+template <int HC>
+__device__ void hc_split_warp_t(const float* m, float r, const float* scale3, const float* base,
+                                int hc_rt, int iters, float eps, float* pre_s, float* post,
+                                float* comb) {
+    const int hc = HC > 0 ? HC : hc_rt;
     const int lane = threadIdx.x & 31;
     const int nn = hc * hc;
     const int a = lane / hc, b = lane % hc;
@@ -221,22 +225,49 @@ __device__ void hc_split_warp(const float* m, float r, const float* scale3, cons
     auto row_get = [&](int bb) { return __shfl_sync(0xffffffffu, v, (a * hc + bb) & 31); };
     auto col_get = [&](int aa) { return __shfl_sync(0xffffffffu, v, (aa * hc + b) & 31); };
     float mx = NEG_INF;
-    for (int bb = 0; bb < hc; bb++) mx = fmaxf(mx, row_get(bb));
+#pragma unroll
+    for (int bb = 0; bb < (HC > 0 ? HC : 32); bb++)
+        if (HC > 0 || bb < hc) mx = fmaxf(mx, row_get(bb));
     v = expf(v - mx);
     float sum = 0.0f;
-    for (int bb = 0; bb < hc; bb++) sum += row_get(bb);
+#pragma unroll
+    for (int bb = 0; bb < (HC > 0 ? HC : 32); bb++)
+        if (HC > 0 || bb < hc) sum += row_get(bb);
     v = v / sum + eps;
     for (int it = 0; it < (iters > 0 ? iters : 1); it++) {
         if (it > 0) {
+            float g[HC > 0 ? HC : 1];
             float rs = 0.0f;
-            for (int bb = 0; bb < hc; bb++) rs += row_get(bb);
+            if (HC > 0) {
+#pragma unroll
+                for (int bb = 0; bb < (HC > 0 ? HC : 1); bb++) g[bb] = row_get(bb);
+#pragma unroll
+                for (int bb = 0; bb < (HC > 0 ? HC : 1); bb++) rs += g[bb];
+            } else {
+                for (int bb = 0; bb < hc; bb++) rs += row_get(bb);
+            }
             v /= rs + eps;
         }
+        float g[HC > 0 ? HC : 1];
         float cs = 0.0f;
-        for (int aa = 0; aa < hc; aa++) cs += col_get(aa);
+        if (HC > 0) {
+#pragma unroll
+            for (int aa = 0; aa < (HC > 0 ? HC : 1); aa++) g[aa] = col_get(aa);
+#pragma unroll
+            for (int aa = 0; aa < (HC > 0 ? HC : 1); aa++) cs += g[aa];
+        } else {
+            for (int aa = 0; aa < hc; aa++) cs += col_get(aa);
+        }
         v /= cs + eps;
     }
     if (own) comb[lane] = v;
+}
+
+__device__ void hc_split_warp(const float* m, float r, const float* scale3, const float* base,
+                              int hc, int iters, float eps, float* pre_s, float* post,
+                              float* comb) {
+    if (hc == 4) hc_split_warp_t<4>(m, r, scale3, base, hc, iters, eps, pre_s, post, comb);
+    else hc_split_warp_t<0>(m, r, scale3, base, hc, iters, eps, pre_s, post, comb);
 }
 
 // HC split + weighted collapse; one block per token.

@@ -837,6 +837,54 @@ impl CudaBackend {
         }
     }
 
+    /// Grouped projection of a chunk on the tensor cores, straight from the token-major
+    /// input (each group reads its column slice); false when the shape is not taken.
+    fn grouped_gemm(
+        &self,
+        w: &CudaWeight,
+        x: &CudaAct,
+        n: usize,
+        groups: usize,
+        out: &mut CudaAct,
+    ) -> MResult<bool> {
+        let (k, per) = (w.k, w.rows / groups);
+        let kind = match ActKind::for_weight(w.ty) {
+            Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => k,
+            _ => return Ok(false),
+        };
+        let mut sc = self.scratch()?;
+        let act = sc.act(self.stream(), kind, k * groups, n)?;
+        self.kernels
+            .quantize_rows(self.stream(), x.buf.ptr, act, n)
+            .map_err(be)?;
+        for g in 0..groups {
+            let ok = self.try_gemm(&Gemm {
+                ty: w.ty,
+                w: w.data.ptr + (g * per * w.row_bytes()) as u64,
+                k,
+                rows: per,
+                x: MvInput::Quant(act),
+                x_col0: g * k,
+                x_row_len: k * groups,
+                ntok: n,
+                y: out.buf.ptr,
+                y_row_stride: out.cols,
+                y_col0: g * per,
+            })?;
+            if !ok {
+                // All groups share one shape: only the first can be refused.
+                if g == 0 {
+                    return Ok(false);
+                }
+                return Err(MError::Backend(format!(
+                    "{}: tensor-core GEMM refused group {g} after accepting group 0",
+                    w.name
+                )));
+            }
+        }
+        Ok(true)
+    }
+
     /// Runs `g` on the tensor cores; false when the GEMM kernels do not take this shape
     /// (the caller then uses the matvec).
     fn try_gemm(&self, g: &Gemm) -> MResult<bool> {
@@ -1095,6 +1143,9 @@ impl<'w> Backend<'w> for CudaBackend {
             // One token: the input row already is group-major.
             return self.matmul_slots(w, per, 0, groups, 1, x.buf.ptr, out.buf.ptr);
         }
+        if n >= GEMM_MIN_TOKENS && self.grouped_gemm(w, x, n, groups, out)? {
+            return Ok(());
+        }
         let (gin, gout) = {
             let mut sc = self.scratch()?;
             (
@@ -1191,7 +1242,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (if n == 1 { 1024 } else { 256 }, 1, 1),
             shared_mem_bytes: 0,
         };
         let (sp, lds, ldm, hc32, e32, it, he, re) = (
@@ -1282,7 +1333,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (if n == 1 { 1024 } else { 256 }, 1, 1),
             shared_mem_bytes: 0,
         };
         let (sp, lds, ldm, hc32, e32, he, re, op, ldo) = (
