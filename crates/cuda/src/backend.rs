@@ -1497,48 +1497,33 @@ impl<'w> Backend<'w> for CudaBackend {
             rows.buf.ptr,
         );
         let tiles = (dc as u32).div_ceil(128);
-        if n == 1 {
-            // One token: the sequential walk is a single step.
-            let cfg = LaunchConfig {
-                grid_dim: (tiles, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(&self.ops.comp_pool, cfg, |b| {
-                b.arg(&kp)
-                    .arg(&sp)
-                    .arg(&ld)
-                    .arg(&n32)
-                    .arg(&pp)
-                    .arg(&ape)
-                    .arg(&r32)
-                    .arg(&c32)
-                    .arg(&dc32)
-                    .arg(&fk)
-                    .arg(&fs)
-                    .arg(&rp);
-            })?;
+        // One token: the sequential walk is a single step. A chunk: every closing row in
+        // parallel from the old frontier, then the new frontier (comp_frontier).
+        let (pool, rows_y) = if n == 1 {
+            (&self.ops.comp_pool, 1)
         } else {
-            // Every closing row in parallel from the old frontier, then the new frontier.
-            let cfg = LaunchConfig {
-                grid_dim: (tiles, (n / r + 1) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(&self.ops.comp_pool_chunk, cfg, |b| {
-                b.arg(&kp)
-                    .arg(&sp)
-                    .arg(&ld)
-                    .arg(&n32)
-                    .arg(&pp)
-                    .arg(&ape)
-                    .arg(&r32)
-                    .arg(&c32)
-                    .arg(&dc32)
-                    .arg(&fk)
-                    .arg(&fs)
-                    .arg(&rp);
-            })?;
+            (&self.ops.comp_pool_chunk, (n / r + 1) as u32)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, rows_y, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(pool, cfg, |b| {
+            b.arg(&kp)
+                .arg(&sp)
+                .arg(&ld)
+                .arg(&n32)
+                .arg(&pp)
+                .arg(&ape)
+                .arg(&r32)
+                .arg(&c32)
+                .arg(&dc32)
+                .arg(&fk)
+                .arg(&fs)
+                .arg(&rp);
+        })?;
+        if n > 1 {
             let cfg = LaunchConfig {
                 grid_dim: (tiles, 1, 1),
                 block_dim: (128, 1, 1),
