@@ -2,13 +2,18 @@
 //! [`CudaRuntime::probe`] says why the GPU can't be used so the caller can fall
 //! back to the CPU).
 //!
+//! * [`backend`]: [`CudaBackend`], the model's `Backend` on the GPU (every operation
+//!   of the forward pass; decode steps recorded once as CUDA graphs and replayed).
 //! * [`runtime`]: driver / device / NVRTC / cuBLAS detection and versions.
 //! * [`compile`]: NVRTC compilation of `kernels/*.cu` for the device's arch, with
 //!   an on-disk cubin cache.
 //! * [`kernels`]: device buffers, activation quantisation and the quantized
 //!   matrix-vector products (dense, batched, grouped, routed experts).
+//! * [`gemm`]: tensor-core matrix products for prefill chunks (dense and routed
+//!   experts grouped by expert).
 //! * [`selftest`]: GPU-vs-CPU checks of every kernel at full Flash dims.
-//! * [`bench`]: the synthetic decode-step weight-streaming benchmark.
+//! * [`model_bench`]: `ds4 bench --synthetic`: the whole model with random weights.
+//! * [`bench`]: the weight-streaming microbenchmark (`ds4 bench --streaming`).
 //! * [`plan`]: the GPU memory planner (what goes where, does it fit).
 
 pub mod backend;
