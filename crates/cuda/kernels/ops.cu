@@ -897,8 +897,6 @@ __device__ int att_setup(AttKeys& K, const float* rows, int ld_rows, const float
 }
 
 // Online-softmax state of one warp: running max, sum, and the lane's dims.
-// Keys are scored 32 at a time, one per lane (a full dot per lane, no shuffles in the
-// chain), then the lane's dims accumulate the 32 weighted value rows (K = V here).
 template <int NC>
 struct AttAcc {
     float m, den, acc[4 * NC];
@@ -907,48 +905,58 @@ struct AttAcc {
 #pragma unroll
         for (int i = 0; i < 4 * NC; i++) acc[i] = 0.0f;
     }
-    // logit: this lane's key score (NEG_INF when the lane has no key); val(r): row r.
-    template <typename RowFn>
-    __device__ __forceinline__ void add32(float logit, int nk, RowFn val, int lane) {
-        const float tmax = warp_max(logit);
-        const float mn = fmaxf(m, tmax);
-        if (mn == NEG_INF) return;
-        const float corr = expf(m - mn);
-        const float pj = lane < nk ? expf(logit - mn) : 0.0f;
-        den = den * corr + warp_sum(pj);
-#pragma unroll
-        for (int i = 0; i < 4 * NC; i++) acc[i] *= corr;
-#pragma unroll 4
-        for (int r = 0; r < nk; r++) {
-            const float pr = __shfl_sync(0xffffffffu, pj, r);
-            const float* v = val(r);
-#pragma unroll
-            for (int c = 0; c < NC; c++) {
-                const float4 x = *(const float4*)(v + 4 * lane + 128 * c);
-                acc[4 * c + 0] += pr * x.x;
-                acc[4 * c + 1] += pr * x.y;
-                acc[4 * c + 2] += pr * x.z;
-                acc[4 * c + 3] += pr * x.w;
-            }
-        }
-        m = mn;
-    }
 };
 
-// Full dot of a (pre-scaled) query in shared memory with one key row, 4 chains.
-__device__ __forceinline__ float att_dot_row(const float* qs, const float* key, int hd) {
-    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-    for (int k = 0; k < hd; k += 16) {
-        const float4 a0 = *(const float4*)(qs + k), b0 = *(const float4*)(key + k);
-        const float4 a1 = *(const float4*)(qs + k + 4), b1 = *(const float4*)(key + k + 4);
-        const float4 a2 = *(const float4*)(qs + k + 8), b2 = *(const float4*)(key + k + 8);
-        const float4 a3 = *(const float4*)(qs + k + 12), b3 = *(const float4*)(key + k + 12);
-        d0 += a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w;
-        d1 += a1.x * b1.x + a1.y * b1.y + a1.z * b1.z + a1.w * b1.w;
-        d2 += a2.x * b2.x + a2.y * b2.y + a2.z * b2.z + a2.w * b2.w;
-        d3 += a3.x * b3.x + a3.y * b3.y + a3.z * b3.z + a3.w * b3.w;
+// One step of a warp over 4 keys (row(u) for u < nk): lanes split the dims, so every
+// load is coalesced and the 4 rows' loads are in flight together; the rows stay in
+// registers for the value pass (K = V).
+template <int NC, typename RowFn>
+__device__ __forceinline__ void att_step4(AttAcc<NC>& a, const float4* qr, int nk, RowFn row,
+                                          int lane) {
+    float4 kv[4][NC];
+    float d[4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        const float* kp = row(u < nk ? u : 0);
+#pragma unroll
+        for (int c = 0; c < NC; c++) kv[u][c] = *(const float4*)(kp + 4 * lane + 128 * c);
     }
-    return (d0 + d1) + (d2 + d3);
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        float x = 0.0f;
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+            x += qr[c].x * kv[u][c].x + qr[c].y * kv[u][c].y + qr[c].z * kv[u][c].z +
+                 qr[c].w * kv[u][c].w;
+        d[u] = warp_sum(x);
+    }
+    float mx = a.m;
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+        if (u < nk) mx = fmaxf(mx, d[u]);
+    const float corr = expf(a.m - mx);
+    float pj[4], psum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        pj[u] = u < nk ? expf(d[u] - mx) : 0.0f;
+        psum += pj[u];
+    }
+    a.den = a.den * corr + psum;
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        float4 o = make_float4(a.acc[4 * c] * corr, a.acc[4 * c + 1] * corr,
+                               a.acc[4 * c + 2] * corr, a.acc[4 * c + 3] * corr);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            o.x += pj[u] * kv[u][c].x;
+            o.y += pj[u] * kv[u][c].y;
+            o.z += pj[u] * kv[u][c].z;
+            o.w += pj[u] * kv[u][c].w;
+        }
+        a.acc[4 * c] = o.x; a.acc[4 * c + 1] = o.y;
+        a.acc[4 * c + 2] = o.z; a.acc[4 * c + 3] = o.w;
+    }
+    a.m = mx;
 }
 
 // Merges the per-warp states of each head with the sink and writes the outputs.
@@ -1014,6 +1022,10 @@ __device__ void attention_impl(const float* q, int ld_q, const float* rows, int 
         qs[j] = q[(long long)i * ld_q + (long long)h0 * hd + j] * scale;
     __syncthreads();
     const float* qh = qs + hw * hd;
+    // The lane's dims of this warp's (scaled) query.
+    float4 qr[NC];
+#pragma unroll
+    for (int c = 0; c < NC; c++) qr[c] = *(const float4*)(qh + 4 * lane + 128 * c);
     AttAcc<NC> a;
     a.init();
     if (tiled) {
@@ -1030,64 +1042,13 @@ __device__ void attention_impl(const float* q, int ld_q, const float* rows, int 
                 *(float4*)(tile + r * ldt + 4 * c4) = ((const float4*)s_rowp[r])[c4];
             }
             __syncthreads();
-            if (g % ks != sub) continue;
-            const float logit = lane < nt ? att_dot_row(qh, tile + lane * ldt, hd) : NEG_INF;
-            a.add32(logit, nt, [&](int r) { return tile + r * ldt; }, lane);
+            for (int r0 = sub * 4; r0 < nt; r0 += ks * 4)
+                att_step4<NC>(a, qr, min(4, nt - r0),
+                              [&](int u) { return tile + (r0 + u) * ldt; }, lane);
         }
     } else {
-        // Warps take 4 keys at a time, lanes split the dims: every load is coalesced and
-        // the 4 keys' loads are in flight together; the rows stay in registers for the
-        // value pass (K = V).
-        float4 qr[NC];
-#pragma unroll
-        for (int c = 0; c < NC; c++) qr[c] = *(const float4*)(qh + 4 * lane + 128 * c);
-        for (int j0 = sub * 4; j0 < total; j0 += ks * 4) {
-            const int nk = min(4, total - j0);
-            float4 kv[4][NC];
-            float d[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const float* kp = K.key(j0 + (u < nk ? u : 0));
-#pragma unroll
-                for (int c = 0; c < NC; c++) kv[u][c] = *(const float4*)(kp + 4 * lane + 128 * c);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                float x = 0.0f;
-#pragma unroll
-                for (int c = 0; c < NC; c++)
-                    x += qr[c].x * kv[u][c].x + qr[c].y * kv[u][c].y + qr[c].z * kv[u][c].z +
-                         qr[c].w * kv[u][c].w;
-                d[u] = warp_sum(x);
-            }
-            float mx = a.m;
-#pragma unroll
-            for (int u = 0; u < 4; u++)
-                if (u < nk) mx = fmaxf(mx, d[u]);
-            const float corr = expf(a.m - mx);
-            float pj[4], psum = 0.0f;
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                pj[u] = u < nk ? expf(d[u] - mx) : 0.0f;
-                psum += pj[u];
-            }
-            a.den = a.den * corr + psum;
-#pragma unroll
-            for (int c = 0; c < NC; c++) {
-                float4 o = make_float4(a.acc[4 * c] * corr, a.acc[4 * c + 1] * corr,
-                                       a.acc[4 * c + 2] * corr, a.acc[4 * c + 3] * corr);
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    o.x += pj[u] * kv[u][c].x;
-                    o.y += pj[u] * kv[u][c].y;
-                    o.z += pj[u] * kv[u][c].z;
-                    o.w += pj[u] * kv[u][c].w;
-                }
-                a.acc[4 * c] = o.x; a.acc[4 * c + 1] = o.y;
-                a.acc[4 * c + 2] = o.z; a.acc[4 * c + 3] = o.w;
-            }
-            a.m = mx;
-        }
+        for (int j0 = sub * 4; j0 < total; j0 += ks * 4)
+            att_step4<NC>(a, qr, min(4, total - j0), [&](int u) { return K.key(j0 + u); }, lane);
     }
     __syncthreads();
     att_merge<NC>(a, smem, hd, lane, warp, hb, sinks, h0, out + (long long)i * ld_out);

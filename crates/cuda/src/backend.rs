@@ -331,6 +331,9 @@ impl Ops {
 #[derive(Default)]
 struct Scratch {
     epoch: u64,
+    /// (input pointer, activation kind, width, rows) whose quantized copy the next
+    /// product may reuse: set by `moe` between two products of the same input.
+    reuse: Option<(u64, u8, usize, usize)>,
     f32s: HashMap<&'static str, DevBuf>,
     acts: HashMap<(u8, usize), ActBuf>,
 }
@@ -592,10 +595,13 @@ impl CudaBackend {
                 } else {
                     x
                 };
+                let reuse = ldx == k && sc.reuse == Some((x, kind_tag(kind), k, n));
                 let act = sc.act(self.stream(), kind, k, n)?;
-                self.kernels
-                    .quantize_rows(self.stream(), xin, act, n)
-                    .map_err(be)?;
+                if !reuse {
+                    self.kernels
+                        .quantize_rows(self.stream(), xin, act, n)
+                        .map_err(be)?;
+                }
                 if n >= GEMM_MIN_TOKENS
                     && self.try_gemm(&Gemm {
                         ty: w.ty,
@@ -788,10 +794,13 @@ impl CudaBackend {
                     ));
                     sc.epoch += 1;
                 }
+                let reuse = sc.reuse == Some((x, kind_tag(kind), k, n_act));
                 let act = sc.act(self.stream(), kind, k, n_act)?;
-                self.kernels
-                    .quantize_rows(self.stream(), x, act, n_act)
-                    .map_err(be)?;
+                if !reuse {
+                    self.kernels
+                        .quantize_rows(self.stream(), x, act, n_act)
+                        .map_err(be)?;
+                }
                 if routed {
                     let scratch = gs
                         .as_ref()
@@ -883,6 +892,17 @@ impl CudaBackend {
             }
         }
         Ok(true)
+    }
+
+    /// Lets the next product of `x` (rows × k) with weights of `w`'s type reuse the
+    /// quantized copy the previous product made.
+    fn allow_reuse(&self, x: u64, w: &CudaWeight, k: usize, rows: usize) -> MResult<()> {
+        if let Ok(kind) = ActKind::for_weight(w.ty)
+            && kind != ActKind::F32
+        {
+            self.scratch()?.reuse = Some((x, kind_tag(kind), k, rows));
+        }
+        Ok(())
     }
 
     /// Runs `g` on the tensor cores; false when the GEMM kernels do not take this shape
@@ -1885,13 +1905,28 @@ impl<'w> Backend<'w> for CudaBackend {
             })
         };
         // Routed experts: 6 slots per token, gate/up share the token's input row.
+        // Gate and up read the same input: quantize it once when their types agree.
+        let same = |a: &CudaWeight, b: &CudaWeight| {
+            ActKind::for_weight(a.ty).ok().map(kind_tag)
+                == ActKind::for_weight(b.ty).ok().map(kind_tag)
+        };
         self.matmul_slots(&w.gate_exps, ff, ids, n * k, k, xp, g)?;
-        self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u)?;
+        if same(&w.gate_exps, &w.up_exps) {
+            self.allow_reuse(xp, &w.up_exps, e, n)?;
+        }
+        let up = self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u);
+        self.scratch()?.reuse = None;
+        up?;
         swiglu(g, u, n * k, wts, mid)?;
         self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down)?;
         // Shared expert.
         self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
-        self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff)?;
+        if same(&w.gate_sh, &w.up_sh) {
+            self.allow_reuse(xp, &w.up_sh, e, n)?;
+        }
+        let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
+        self.scratch()?.reuse = None;
+        up?;
         swiglu(sg, su, n, 0, smid)?;
         self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e)?;
         let cfg = LaunchConfig {
