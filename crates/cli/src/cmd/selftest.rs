@@ -74,6 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         res.extend(crate::parity::run(&rt, &args.fixtures, |r| {
             println!("{r}")
         })?);
+        res.extend(crate::parity::wide_heads(&rt, |r| println!("{r}"))?);
         model_failed = res.iter().filter(|r| !r.pass).count();
         println!(
             "model parity: {} comparisons, {} passed, {} failed",
