@@ -602,71 +602,25 @@ impl CudaBackend {
                         .quantize_rows(self.stream(), xin, act, n)
                         .map_err(be)?;
                 }
-                if n >= GEMM_MIN_TOKENS
-                    && self.try_gemm(&Gemm {
-                        ty: w.ty,
-                        w: wptr,
-                        k,
-                        rows,
-                        x: MvInput::Quant(act),
-                        x_col0: 0,
-                        x_row_len: k,
-                        ntok: n,
-                        y,
-                        y_row_stride: ldy,
-                        y_col0: 0,
-                    })?
-                {
-                    return Ok(());
-                }
-                let m = Matvec {
-                    ty: w.ty,
-                    w: wptr,
-                    k,
-                    rows,
-                    ntok: n,
-                    slots: 1,
-                    w_slot_stride: 0,
-                    ids: 0,
-                    x_group: 1,
-                    x: MvInput::Quant(act),
-                    y,
-                };
-                self.kernels.matvec_ld(self.stream(), &m, ldy).map_err(be)
-            }
-            GgmlType::F16 | GgmlType::F32
-                if n >= GEMM_MIN_TOKENS
-                    && self.try_gemm(&Gemm {
-                        ty: w.ty,
-                        w: wptr,
-                        k,
-                        rows,
-                        x: MvInput::F32(x),
-                        x_col0: 0,
-                        x_row_len: ldx,
-                        ntok: n,
-                        y,
-                        y_row_stride: ldy,
-                        y_col0: 0,
-                    })? =>
-            {
-                Ok(())
+                self.dense_product(w, wptr, rows, MvInput::Quant(act), k, n, y, ldy)
             }
             GgmlType::F16 if k.is_multiple_of(8) && k <= 16384 && ldx == k => {
-                let m = Matvec {
-                    ty: w.ty,
-                    w: wptr,
-                    k,
-                    rows,
-                    ntok: n,
-                    slots: 1,
-                    w_slot_stride: 0,
-                    ids: 0,
-                    x_group: 1,
-                    x: MvInput::F32(x),
-                    y,
-                };
-                self.kernels.matvec_ld(self.stream(), &m, ldy).map_err(be)
+                self.dense_product(w, wptr, rows, MvInput::F32(x), ldx, n, y, ldy)
+            }
+            GgmlType::F32
+                if n >= GEMM_MIN_TOKENS
+                    && self.try_gemm(&dense_gemm(
+                        w,
+                        wptr,
+                        rows,
+                        MvInput::F32(x),
+                        ldx,
+                        n,
+                        y,
+                        ldy,
+                    ))? =>
+            {
+                Ok(())
             }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 self.mv_float(w, wptr, 0, 0, x, ldx, rows, n, 1, 1, y, ldy)
@@ -677,6 +631,41 @@ impl CudaBackend {
                 other.name()
             ))),
         }
+    }
+
+    /// A dense product on the tensor cores for chunks (when the GEMM takes the shape),
+    /// else the (batched) matvec.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_product(
+        &self,
+        w: &CudaWeight,
+        wptr: u64,
+        rows: usize,
+        x: MvInput<'_>,
+        x_row_len: usize,
+        n: usize,
+        y: u64,
+        ldy: usize,
+    ) -> MResult<()> {
+        if n >= GEMM_MIN_TOKENS
+            && self.try_gemm(&dense_gemm(w, wptr, rows, x, x_row_len, n, y, ldy))?
+        {
+            return Ok(());
+        }
+        let m = Matvec {
+            ty: w.ty,
+            w: wptr,
+            k: w.k,
+            rows,
+            ntok: n,
+            slots: 1,
+            w_slot_stride: 0,
+            ids: 0,
+            x_group: 1,
+            x,
+            y,
+        };
+        self.kernels.matvec_ld(self.stream(), &m, ldy).map_err(be)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -919,6 +908,33 @@ impl CudaBackend {
         let mixes = self.scratch()?.f32(self.stream(), "hc_mix", n * rows)?;
         self.matmul_raw(fn_, 0, rows, state.buf.ptr, state.cols, n, mixes, rows)?;
         Ok(mixes)
+    }
+}
+
+/// `y[t·ldy + r] = W[r] · x[t]` as a tensor-core product description.
+#[allow(clippy::too_many_arguments)]
+fn dense_gemm<'a>(
+    w: &CudaWeight,
+    wptr: u64,
+    rows: usize,
+    x: MvInput<'a>,
+    x_row_len: usize,
+    n: usize,
+    y: u64,
+    ldy: usize,
+) -> Gemm<'a> {
+    Gemm {
+        ty: w.ty,
+        w: wptr,
+        k: w.k,
+        rows,
+        x,
+        x_col0: 0,
+        x_row_len,
+        ntok: n,
+        y,
+        y_row_stride: ldy,
+        y_col0: 0,
     }
 }
 
