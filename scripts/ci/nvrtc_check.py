@@ -52,12 +52,19 @@ def main():
     if not files:
         print("nvrtc_check: FAIL: no kernels found in", kdir)
         return 1
+    # Headers (kernels/*.cuh) go to every program by name, as crates/cuda does.
+    hdr_paths = sorted(glob.glob(os.path.join(kdir, "*.cuh")))
+    hdr_srcs = (ctypes.c_char_p * max(len(hdr_paths), 1))(
+        *[open(h, "rb").read() for h in hdr_paths])
+    hdr_names = (ctypes.c_char_p * max(len(hdr_paths), 1))(
+        *[os.path.basename(h).encode() for h in hdr_paths])
     failed = 0
     for path in files:
         name = os.path.basename(path)
         src = open(path, "rb").read()
         prog = ctypes.c_void_p()
-        rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None)
+        rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(),
+                                      len(hdr_paths), hdr_srcs, hdr_names)
         if rc != 0:
             print(f"  {name}: FAIL create: {nvrtc.nvrtcGetErrorString(rc).decode()}")
             failed += 1

@@ -255,74 +255,7 @@ __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActQ& 
     return 0.125f * (h2f(*(const u16*)b) * a.d[blk]) * (float)(s * (2 * ls + 1));
 }
 
-// ggml iq2xxs_grid (a fact of the format, transcribed). In global memory, not
-// __constant__: lanes index it divergently, which the constant cache serialises.
-__device__ const u64 IQ2XXS_GRID[256] = {
-    0x0808080808080808ull, 0x080808080808082bull, 0x0808080808081919ull, 0x0808080808082b08ull,
-    0x0808080808082b2bull, 0x0808080808190819ull, 0x0808080808191908ull, 0x08080808082b0808ull,
-    0x08080808082b082bull, 0x08080808082b2b08ull, 0x08080808082b2b2bull, 0x0808080819080819ull,
-    0x0808080819081908ull, 0x0808080819190808ull, 0x0808080819192b08ull, 0x08080808192b0819ull,
-    0x08080808192b1908ull, 0x080808082b080808ull, 0x080808082b08082bull, 0x080808082b082b2bull,
-    0x080808082b2b082bull, 0x0808081908080819ull, 0x0808081908081908ull, 0x0808081908190808ull,
-    0x0808081908191919ull, 0x0808081919080808ull, 0x080808192b081908ull, 0x080808192b192b08ull,
-    0x0808082b08080808ull, 0x0808082b0808082bull, 0x0808082b082b082bull, 0x0808082b2b08082bull,
-    0x0808190808080819ull, 0x0808190808081908ull, 0x0808190808190808ull, 0x08081908082b0819ull,
-    0x08081908082b1908ull, 0x0808190819080808ull, 0x080819081908082bull, 0x0808190819082b08ull,
-    0x08081908192b0808ull, 0x080819082b080819ull, 0x080819082b081908ull, 0x080819082b190808ull,
-    0x080819082b2b1908ull, 0x0808191908080808ull, 0x080819190808082bull, 0x0808191908082b08ull,
-    0x08081919082b0808ull, 0x080819191908192bull, 0x08081919192b2b19ull, 0x080819192b080808ull,
-    0x080819192b190819ull, 0x0808192b08082b19ull, 0x0808192b08190808ull, 0x0808192b19080808ull,
-    0x0808192b2b081908ull, 0x0808192b2b2b1908ull, 0x08082b0808080808ull, 0x08082b0808081919ull,
-    0x08082b0808082b08ull, 0x08082b0808191908ull, 0x08082b08082b2b08ull, 0x08082b0819080819ull,
-    0x08082b0819081908ull, 0x08082b0819190808ull, 0x08082b081919082bull, 0x08082b082b082b08ull,
-    0x08082b1908081908ull, 0x08082b1919080808ull, 0x08082b2b0808082bull, 0x08082b2b08191908ull,
-    0x0819080808080819ull, 0x0819080808081908ull, 0x0819080808190808ull, 0x08190808082b0819ull,
-    0x0819080819080808ull, 0x08190808192b0808ull, 0x081908082b081908ull, 0x081908082b190808ull,
-    0x081908082b191919ull, 0x0819081908080808ull, 0x0819081908082b08ull, 0x08190819082b0808ull,
-    0x0819081919190808ull, 0x0819081919192b2bull, 0x081908192b080808ull, 0x0819082b082b1908ull,
-    0x0819082b19081919ull, 0x0819190808080808ull, 0x0819190808082b08ull, 0x08191908082b0808ull,
-    0x08191908082b1919ull, 0x0819190819082b19ull, 0x081919082b080808ull, 0x0819191908192b08ull,
-    0x08191919192b082bull, 0x0819192b08080808ull, 0x0819192b0819192bull, 0x08192b0808080819ull,
-    0x08192b0808081908ull, 0x08192b0808190808ull, 0x08192b0819080808ull, 0x08192b082b080819ull,
-    0x08192b1908080808ull, 0x08192b1908081919ull, 0x08192b192b2b0808ull, 0x08192b2b19190819ull,
-    0x082b080808080808ull, 0x082b08080808082bull, 0x082b080808082b2bull, 0x082b080819081908ull,
-    0x082b0808192b0819ull, 0x082b08082b080808ull, 0x082b08082b08082bull, 0x082b0819082b2b19ull,
-    0x082b081919082b08ull, 0x082b082b08080808ull, 0x082b082b0808082bull, 0x082b190808080819ull,
-    0x082b190808081908ull, 0x082b190808190808ull, 0x082b190819080808ull, 0x082b19081919192bull,
-    0x082b191908080808ull, 0x082b191919080819ull, 0x082b1919192b1908ull, 0x082b192b2b190808ull,
-    0x082b2b0808082b08ull, 0x082b2b08082b0808ull, 0x082b2b082b191908ull, 0x082b2b2b19081908ull,
-    0x1908080808080819ull, 0x1908080808081908ull, 0x1908080808190808ull, 0x1908080808192b08ull,
-    0x19080808082b0819ull, 0x19080808082b1908ull, 0x1908080819080808ull, 0x1908080819082b08ull,
-    0x190808081919192bull, 0x19080808192b0808ull, 0x190808082b080819ull, 0x190808082b081908ull,
-    0x190808082b190808ull, 0x1908081908080808ull, 0x19080819082b0808ull, 0x19080819192b0819ull,
-    0x190808192b080808ull, 0x190808192b081919ull, 0x1908082b08080819ull, 0x1908082b08190808ull,
-    0x1908082b19082b08ull, 0x1908082b1919192bull, 0x1908082b192b2b08ull, 0x1908190808080808ull,
-    0x1908190808082b08ull, 0x19081908082b0808ull, 0x190819082b080808ull, 0x190819082b192b19ull,
-    0x190819190819082bull, 0x19081919082b1908ull, 0x1908192b08080808ull, 0x19082b0808080819ull,
-    0x19082b0808081908ull, 0x19082b0808190808ull, 0x19082b0819080808ull, 0x19082b0819081919ull,
-    0x19082b1908080808ull, 0x19082b1919192b08ull, 0x19082b19192b0819ull, 0x19082b192b08082bull,
-    0x19082b2b19081919ull, 0x19082b2b2b190808ull, 0x1919080808080808ull, 0x1919080808082b08ull,
-    0x1919080808190819ull, 0x1919080808192b19ull, 0x19190808082b0808ull, 0x191908082b080808ull,
-    0x191908082b082b08ull, 0x1919081908081908ull, 0x191908191908082bull, 0x191908192b2b1908ull,
-    0x1919082b2b190819ull, 0x191919082b190808ull, 0x191919082b19082bull, 0x1919191908082b2bull,
-    0x1919192b08080819ull, 0x1919192b19191908ull, 0x19192b0808080808ull, 0x19192b0808190819ull,
-    0x19192b0808192b19ull, 0x19192b08192b1908ull, 0x19192b1919080808ull, 0x19192b2b08082b08ull,
-    0x192b080808081908ull, 0x192b080808190808ull, 0x192b080819080808ull, 0x192b0808192b2b08ull,
-    0x192b081908080808ull, 0x192b081919191919ull, 0x192b082b08192b08ull, 0x192b082b192b0808ull,
-    0x192b190808080808ull, 0x192b190808081919ull, 0x192b191908190808ull, 0x192b19190819082bull,
-    0x192b19192b081908ull, 0x192b2b081908082bull, 0x2b08080808080808ull, 0x2b0808080808082bull,
-    0x2b08080808082b2bull, 0x2b08080819080819ull, 0x2b0808082b08082bull, 0x2b08081908081908ull,
-    0x2b08081908192b08ull, 0x2b08081919080808ull, 0x2b08082b08190819ull, 0x2b08190808080819ull,
-    0x2b08190808081908ull, 0x2b08190808190808ull, 0x2b08190808191919ull, 0x2b08190819080808ull,
-    0x2b081908192b0808ull, 0x2b08191908080808ull, 0x2b0819191908192bull, 0x2b0819192b191908ull,
-    0x2b08192b08082b19ull, 0x2b08192b19080808ull, 0x2b08192b192b0808ull, 0x2b082b080808082bull,
-    0x2b082b1908081908ull, 0x2b082b2b08190819ull, 0x2b19080808081908ull, 0x2b19080808190808ull,
-    0x2b190808082b1908ull, 0x2b19080819080808ull, 0x2b1908082b2b0819ull, 0x2b1908190819192bull,
-    0x2b1908192b080808ull, 0x2b19082b19081919ull, 0x2b19190808080808ull, 0x2b191908082b082bull,
-    0x2b19190819081908ull, 0x2b19191919190819ull, 0x2b192b082b080819ull, 0x2b192b19082b0808ull,
-    0x2b2b08080808082bull, 0x2b2b080819190808ull, 0x2b2b08082b081919ull, 0x2b2b081908082b19ull,
-    0x2b2b082b08080808ull, 0x2b2b190808192b08ull, 0x2b2b2b0819190808ull, 0x2b2b2b1908081908ull,
-};
+#include "iq2xxs_grid.cuh"
 
 // ---------------------------------------------------------------------------
 // Matvec driver: stage a row in shared memory, then each lane takes units.
@@ -437,6 +370,19 @@ MV_KERNEL(mv_q2_k, TY_Q2_K)
 MV_KERNEL(mv_q4_k, TY_Q4_K)
 MV_KERNEL(mv_iq2_xxs, TY_IQ2_XXS)
 
+// acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
+__device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {
+    acc = fmaf(h2f((u16)(w.x & 0xffff)), xa.x, acc);
+    acc = fmaf(h2f((u16)(w.x >> 16)), xa.y, acc);
+    acc = fmaf(h2f((u16)(w.y & 0xffff)), xa.z, acc);
+    acc = fmaf(h2f((u16)(w.y >> 16)), xa.w, acc);
+    acc = fmaf(h2f((u16)(w.z & 0xffff)), xb.x, acc);
+    acc = fmaf(h2f((u16)(w.z >> 16)), xb.y, acc);
+    acc = fmaf(h2f((u16)(w.w & 0xffff)), xb.z, acc);
+    acc = fmaf(h2f((u16)(w.w >> 16)), xb.w, acc);
+    return acc;
+}
+
 // F16 weights x f32 activations: one block of 128 threads per row; each thread
 // keeps its 16-byte pieces of the row in registers and reuses them for every
 // token. K/8 <= 128 * F16_MAX_CHUNKS (K <= 16384).
@@ -464,15 +410,7 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
         for (int i = 0; i < F16_MAX_CHUNKS; i++) {
             const int k = i * F16_THREADS + threadIdx.x;
             if (k < n8) {
-                const float4 xa = xp[2 * k], xb = xp[2 * k + 1];
-                acc = fmaf(h2f((u16)(w[i].x & 0xffff)), xa.x, acc);
-                acc = fmaf(h2f((u16)(w[i].x >> 16)), xa.y, acc);
-                acc = fmaf(h2f((u16)(w[i].y & 0xffff)), xa.z, acc);
-                acc = fmaf(h2f((u16)(w[i].y >> 16)), xa.w, acc);
-                acc = fmaf(h2f((u16)(w[i].z & 0xffff)), xb.x, acc);
-                acc = fmaf(h2f((u16)(w[i].z >> 16)), xb.y, acc);
-                acc = fmaf(h2f((u16)(w[i].w & 0xffff)), xb.z, acc);
-                acc = fmaf(h2f((u16)(w[i].w >> 16)), xb.w, acc);
+                acc = fma8_f16(w[i], xp[2 * k], xp[2 * k + 1], acc);
             }
         }
         acc = warp_sum(acc);
@@ -512,15 +450,7 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int i = 0; i < F16W_MAX_CHUNKS; i++) {
             const int k = i * 32 + lane;
             if (k < n8) {
-                const float4 xa = xp[2 * k], xb = xp[2 * k + 1];
-                acc = fmaf(h2f((u16)(w[i].x & 0xffff)), xa.x, acc);
-                acc = fmaf(h2f((u16)(w[i].x >> 16)), xa.y, acc);
-                acc = fmaf(h2f((u16)(w[i].y & 0xffff)), xa.z, acc);
-                acc = fmaf(h2f((u16)(w[i].y >> 16)), xa.w, acc);
-                acc = fmaf(h2f((u16)(w[i].z & 0xffff)), xb.x, acc);
-                acc = fmaf(h2f((u16)(w[i].z >> 16)), xb.y, acc);
-                acc = fmaf(h2f((u16)(w[i].w & 0xffff)), xb.z, acc);
-                acc = fmaf(h2f((u16)(w[i].w >> 16)), xb.w, acc);
+                acc = fma8_f16(w[i], xp[2 * k], xp[2 * k + 1], acc);
             }
         }
         acc = warp_sum(acc);

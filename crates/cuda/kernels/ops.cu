@@ -855,7 +855,6 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 // 128 and at most 512: lane L owns dims 4L + 128c (c < head_dim/128).
 // ---------------------------------------------------------------------------
 #define ATT_WARPS 8
-#define ATT_MAXC 4
 
 struct AttKeys {
     const float* rows; int ld_rows; const float* ring; int ring_cap; const float* comp;

@@ -37,6 +37,13 @@ pub const OPS: KernelSource = KernelSource {
     src: include_str!("../kernels/ops.cu"),
 };
 
+/// Headers every kernel file may `#include "…"` (handed to NVRTC by name; the CI
+/// check does the same from `kernels/*.cuh`).
+pub const HEADERS: &[(&str, &str)] = &[(
+    "iq2xxs_grid.cuh",
+    include_str!("../kernels/iq2xxs_grid.cuh"),
+)];
+
 /// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.
 pub fn arch_for(sm: (i32, i32)) -> String {
     if sm.0 == 9 && sm.1 == 0 {
@@ -99,7 +106,37 @@ pub fn compile_cubin(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
         arch: arch.to_string(),
         log: "bad file name".to_string(),
     })?;
-    let prog = nvrtc::create_program(&code, Some(&name))?;
+    let cstr = |s: &str| {
+        CString::new(s).map_err(|_| Error::Compile {
+            file: src.name.to_string(),
+            arch: arch.to_string(),
+            log: "header contains a NUL byte".to_string(),
+        })
+    };
+    let header_src = HEADERS
+        .iter()
+        .map(|(_, text)| cstr(text))
+        .collect::<Result<Vec<_>>>()?;
+    let header_name = HEADERS
+        .iter()
+        .map(|(n, _)| cstr(n))
+        .collect::<Result<Vec<_>>>()?;
+    let src_ptrs: Vec<*const c_char> = header_src.iter().map(|c| c.as_ptr()).collect();
+    let name_ptrs: Vec<*const c_char> = header_name.iter().map(|c| c.as_ptr()).collect();
+    let mut prog = std::ptr::null_mut();
+    // SAFETY: every pointer refers to a NUL-terminated string alive until this call
+    // returns; NVRTC copies them.
+    unsafe {
+        nvrtc_sys::nvrtcCreateProgram(
+            &mut prog,
+            code.as_ptr(),
+            name.as_ptr(),
+            HEADERS.len() as i32,
+            src_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+        )
+    }
+    .result()?;
     let opts = nvrtc_options(arch);
     // SAFETY: `prog` is a live program until destroy_program below.
     unsafe {
@@ -141,12 +178,18 @@ pub fn load_module(
 ) -> Result<Arc<CudaModule>> {
     let opts = nvrtc_options(arch).join(" ");
     let ver = format!("{}.{}", nvrtc_version.0, nvrtc_version.1);
-    let key = fnv1a(&[
+    // The headers are part of every program, so they are part of the key.
+    let mut parts: Vec<&[u8]> = vec![
         src.src.as_bytes(),
         opts.as_bytes(),
         arch.as_bytes(),
         ver.as_bytes(),
-    ]);
+    ];
+    for (name, text) in HEADERS {
+        parts.push(name.as_bytes());
+        parts.push(text.as_bytes());
+    }
+    let key = fnv1a(&parts);
     let file = format!(
         "{}-{arch}-{key:016x}.cubin",
         src.name.trim_end_matches(".cu")
