@@ -51,6 +51,30 @@ pub struct ParityResult {
     pub pass: bool,
 }
 
+impl ParityResult {
+    /// Compares `got` with the reference `want`, rows of `width` values, against `tol`.
+    fn compare(
+        name: String,
+        got: &[f32],
+        want: &[f32],
+        width: usize,
+        tol: f32,
+        sensitivity: Option<f32>,
+    ) -> Self {
+        let (max_rel, worst_pos, argmax_diff) = max_rel_err(got, want, width);
+        Self {
+            name,
+            max_rel,
+            worst_pos,
+            argmax_diff,
+            positions: want.len() / width.max(1),
+            tol,
+            sensitivity,
+            pass: got.len() == want.len() && max_rel <= tol,
+        }
+    }
+}
+
 impl std::fmt::Display for ParityResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let sens = match self.sensitivity {
@@ -198,20 +222,17 @@ pub fn run(
                 let gpu = Model::new(gpu_backend, shape.clone(), &file, opts)?;
                 for (mode, chunk) in [("prefill", tokens.len()), ("chunk7", 7), ("decode", 1)] {
                     let got = feed_all(&gpu, &tokens, chunk)?;
-                    let (max_rel, worst_pos, argmax_diff) = max_rel_err(&got, &want, vocab);
-                    let r = ParityResult {
-                        name: format!(
+                    let r = ParityResult::compare(
+                        format!(
                             "{name} {ty_name} rounding {} {mode}",
                             if official { "on " } else { "off" }
                         ),
-                        max_rel,
-                        worst_pos,
-                        argmax_diff,
-                        positions: tokens.len(),
+                        &got,
+                        &want,
+                        vocab,
                         tol,
                         sensitivity,
-                        pass: got.len() == want.len() && max_rel <= tol,
-                    };
+                    );
                     emit(&r);
                     results.push(r);
                 }
@@ -348,18 +369,14 @@ pub fn op_checks(
                     }
                     let mut got = vec![0.0f32; n * rows];
                     gpu.backend.read_rows(&go, n, &mut got)?;
-                    let (max_rel, worst_pos, argmax_diff) = max_rel_err(&got, &co.data, rows);
-                    let tol = TOL_OP;
-                    let r = ParityResult {
-                        name: format!("op {name} {ty_name} L{il} {op} n={n}"),
-                        max_rel,
-                        worst_pos,
-                        argmax_diff,
-                        positions: n,
-                        tol,
-                        sensitivity: None,
-                        pass: max_rel <= tol,
-                    };
+                    let r = ParityResult::compare(
+                        format!("op {name} {ty_name} L{il} {op} n={n}"),
+                        &got,
+                        &co.data,
+                        rows,
+                        TOL_OP,
+                        None,
+                    );
                     emit(&r);
                     results.push(r);
                 }
@@ -452,17 +469,14 @@ pub fn wide_heads(
     let mut results = Vec::new();
     for (mode, chunk) in [("prefill", tokens.len()), ("chunk64", 64), ("decode", 1)] {
         let got = feed_all(&gpu, &tokens, chunk)?;
-        let (max_rel, worst_pos, argmax_diff) = max_rel_err(&got, &want, shape.vocab);
-        let r = ParityResult {
-            name: format!("synthetic f32 16 heads {mode}"),
-            max_rel,
-            worst_pos,
-            argmax_diff,
-            positions: tokens.len(),
-            tol: TOL_FLOAT,
-            sensitivity: None,
-            pass: got.len() == want.len() && max_rel <= TOL_FLOAT,
-        };
+        let r = ParityResult::compare(
+            format!("synthetic f32 16 heads {mode}"),
+            &got,
+            &want,
+            shape.vocab,
+            TOL_FLOAT,
+            None,
+        );
         emit(&r);
         results.push(r);
     }

@@ -481,6 +481,11 @@ impl CudaBackend {
         &self.rt
     }
 
+    /// The weight-product kernels (matvec.cu), e.g. for bandwidth measurements.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
     fn prof(&self, name: &'static str, n: usize) -> Option<ProfGuard<'_>> {
         self.profile.as_ref()?;
         let _ = self.rt.stream.synchronize();

@@ -20,7 +20,7 @@ use ds4_model::{ForwardOptions, Model, Session};
 
 use crate::backend::{CudaBackend, CudaWeight};
 use crate::runtime::CudaRuntime;
-use crate::{Error, Kernels, Result};
+use crate::{Error, Result};
 
 /// Options of the model benchmark.
 #[derive(Debug, Clone)]
@@ -157,10 +157,9 @@ pub fn run(
     let chunk = opts.chunk.max(1);
     let gen_steps = opts.gen_steps.max(1);
 
-    let copy_gbps = {
-        let k = Kernels::load(&rt)?;
-        crate::bench::copy_bandwidth(&rt, &k, 1 << 30)?
-    };
+    // The backend's kernels also measure the copy bandwidth (loaded once).
+    let backend = CudaBackend::new(rt.clone(), &shape)?;
+    let copy_gbps = crate::bench::copy_bandwidth(&rt, backend.kernels(), 1 << 30)?;
     log(&format!(
         "device-to-device copy: {copy_gbps:.0} GB/s (bytes read + written)"
     ));
@@ -179,7 +178,6 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
     let src = SharedLayers { proto: &proto, map };
     let t0 = Instant::now();
-    let backend = CudaBackend::new(rt.clone(), &shape)?;
     let model =
         Model::new(backend, shape.clone(), &src, ForwardOptions::default()).map_err(model_err)?;
     let uploaded_bytes = model.backend.uploaded_bytes();
