@@ -425,6 +425,8 @@ pub struct CudaBackend {
     rt: Arc<CudaRuntime>,
     kernels: Kernels,
     gemm: GemmKernels,
+    /// Tensor-core attention (head_dim 256/512; else the SIMT kernels of `ops`).
+    attn: crate::attention::AttentionKernels,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -449,6 +451,7 @@ impl CudaBackend {
     pub fn new(rt: Arc<CudaRuntime>, shape: &ModelShape) -> crate::Result<Self> {
         let kernels = Kernels::load(&rt)?;
         let gemm = GemmKernels::load(&rt)?;
+        let attn = crate::attention::AttentionKernels::load(&rt)?;
         let ops = Ops::load(&rt)?;
         let profiling = std::env::var("DS4_CUDA_PROFILE").is_ok_and(|v| v == "1");
         let s = &rt.stream;
@@ -461,6 +464,7 @@ impl CudaBackend {
         Ok(Self {
             kernels,
             gemm,
+            attn,
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -1734,6 +1738,40 @@ impl<'w> Backend<'w> for CudaBackend {
         })?;
         if n == 0 {
             return Ok(());
+        }
+        if self.attn.handles(nh, hd) {
+            let mut a = crate::attention::AttnLaunch {
+                q: q.buf.ptr,
+                ld_q: q.cols,
+                rows: rows.buf.ptr,
+                ld_rows: rows.cols,
+                ring: l.raw.ptr,
+                ring_cap: l.raw_cap,
+                comp: comp_ptr,
+                comp_cap: l.comp.as_ref().map_or(0, |(c, _)| c.cap),
+                ratio,
+                sel: sel.map_or(0, |sl| sl.buf.ptr),
+                sel_k: sel.map_or(0, |sl| sl.k),
+                sinks: sinks.dense_ptr()?,
+                window: s.sliding_window,
+                pos: self.chunk_ptrs()?.1,
+                n_head: nh,
+                head_dim: hd,
+                n_tokens: n,
+                out: out.buf.ptr,
+                ld_out: out.cols,
+                scratch: 0,
+                scratch_bytes: 0,
+            };
+            a.scratch_bytes = crate::attention::scratch_bytes(nh, hd, n, a.max_keys());
+            if a.scratch_bytes > 0 {
+                a.scratch = self.scratch()?.f32(
+                    self.stream(),
+                    "attn_split",
+                    a.scratch_bytes.div_ceil(4),
+                )?;
+            }
+            return self.attn.launch(self.stream(), &a).map_err(be);
         }
         // Heads per block of the tiled kernel: as many as share one key tile, up to 8.
         let hb = [8usize, 4, 2, 1]

@@ -37,6 +37,12 @@ pub const OPS: KernelSource = KernelSource {
     src: include_str!("../kernels/ops.cu"),
 };
 
+/// Tensor-core attention with sinks (`crate::attention`).
+pub const ATTENTION: KernelSource = KernelSource {
+    name: "attention.cu",
+    src: include_str!("../kernels/attention.cu"),
+};
+
 /// Headers every kernel file may `#include "…"` (handed to NVRTC by name; the CI
 /// check does the same from `kernels/*.cuh`).
 pub const HEADERS: &[(&str, &str)] = &[(

@@ -9,6 +9,7 @@
 //!   an on-disk cubin cache.
 //! * [`kernels`]: device buffers, activation quantisation and the quantized
 //!   matrix-vector products (dense, batched, grouped, routed experts).
+//! * [`attention`]: tensor-core attention with sinks (chunks and split-key decode).
 //! * [`gemm`]: tensor-core matrix products for prefill chunks (dense and routed
 //!   experts grouped by expert).
 //! * [`selftest`]: GPU-vs-CPU checks of every kernel at full Flash dims.
@@ -16,6 +17,7 @@
 //! * [`bench`]: the weight-streaming microbenchmark (`ds4 bench --streaming`).
 //! * [`plan`]: the GPU memory planner (what goes where, does it fit).
 
+pub mod attention;
 pub mod backend;
 pub mod bench;
 pub mod compile;

@@ -475,6 +475,7 @@ pub fn run_kernel_checks(
         out.push(r);
     }
     out.extend(run_gemm_checks(kern, &mut report)?);
+    out.extend(run_attention_checks(kern, &mut report)?);
     Ok(out)
 }
 
@@ -1004,6 +1005,431 @@ pub fn run_gemm_checks(
     ];
     for c in &routed_cases {
         let r = run_routed_case(kern, &gk, &mut rng, c)?;
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Attention checks (`crate::attention`): the tensor-core kernels against the
+// SIMT kernels of ops.cu (every output) and a CPU reference in f64 (every
+// token of small cases, a sample of long chunks).
+// ---------------------------------------------------------------------------
+
+/// Tensor-core attention (f16 hi/lo splits, f32 softmax) vs f32/f64 references:
+/// max |diff| / max |reference|.
+pub const TOL_ATTENTION_REL: f32 = 1e-5;
+
+/// One attention shape: `n` tokens from position `pos0`.
+struct AttCase {
+    name: &'static str,
+    n_head: usize,
+    hd: usize,
+    window: usize,
+    ratio: usize,
+    sel_k: Option<usize>,
+    n: usize,
+    pos0: usize,
+}
+
+/// Random inputs of one case, laid out as the backend's buffers.
+struct AttData {
+    q: Vec<f32>,
+    rows: Vec<f32>,
+    ring: Vec<f32>,
+    ring_cap: usize,
+    comp: Vec<f32>,
+    comp_cap: usize,
+    /// `[n][sel_k]`, picks then −1 padding (some rows end in a not-yet-visible row).
+    sel: Vec<i32>,
+    sinks: Vec<f32>,
+}
+
+fn att_data(rng: &mut Rng, c: &AttCase) -> AttData {
+    let (nh, hd) = (c.n_head, c.hd);
+    let mut rand =
+        |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| scale * rng.unit()).collect() };
+    // Queries ×3: scores of unit spread, so the softmax is neither flat nor one-hot.
+    let q = rand(c.n * nh * hd, 3.0);
+    let rows = rand(c.n * hd, 1.0);
+    let ring_cap = c.window;
+    let ring = rand(ring_cap * hd, 1.0);
+    let comp_cap = (c.pos0 + c.n).checked_div(c.ratio).map_or(0, |v| v + 1);
+    let comp = rand(comp_cap.max(1) * hd, 1.0);
+    let sinks = rand(nh, 2.0);
+    let mut sel = Vec::new();
+    if let Some(k) = c.sel_k {
+        sel.reserve(c.n * k);
+        for i in 0..c.n {
+            let n_vis = (c.pos0 + i + 1) / c.ratio;
+            let count = n_vis.min(k.saturating_sub(1 + (rng.next() % 8) as usize));
+            let mut pool: Vec<i32> = (0..n_vis as i32).collect();
+            for j in 0..count {
+                let r = j + (rng.next() % (n_vis - j) as u64) as usize;
+                pool.swap(j, r);
+                sel.push(pool[j]);
+            }
+            // Every third row: a future row right after the picks (must end the list).
+            let mut rest = k - count;
+            if i % 3 == 1 && rest > 0 {
+                sel.push((n_vis + 1) as i32);
+                rest -= 1;
+            }
+            sel.extend(std::iter::repeat_n(-1, rest));
+        }
+    }
+    AttData {
+        q,
+        rows,
+        ring,
+        ring_cap,
+        comp,
+        comp_cap,
+        sel,
+        sinks,
+    }
+}
+
+/// Attention of token `i` in f64 (model.md §10): raw window, then the usable
+/// compressed rows, softmax with the sink.
+fn cpu_attention_token(c: &AttCase, d: &AttData, i: usize) -> Vec<f32> {
+    let (nh, hd) = (c.n_head, c.hd);
+    let p = c.pos0 + i;
+    let first = (p + 1).saturating_sub(c.window);
+    let mut keys: Vec<&[f32]> = (first..=p)
+        .map(|t| {
+            if t >= c.pos0 {
+                &d.rows[(t - c.pos0) * hd..(t - c.pos0 + 1) * hd]
+            } else {
+                let s = t % d.ring_cap;
+                &d.ring[s * hd..(s + 1) * hd]
+            }
+        })
+        .collect();
+    let n_vis = p
+        .checked_add(1)
+        .and_then(|v| v.checked_div(c.ratio))
+        .unwrap_or(0);
+    let comp_rows: Vec<usize> = match c.sel_k {
+        Some(k) => d.sel[i * k..(i + 1) * k]
+            .iter()
+            .take_while(|&&v| v >= 0 && (v as usize) < n_vis)
+            .map(|&v| v as usize)
+            .collect(),
+        None => (0..n_vis).collect(),
+    };
+    keys.extend(comp_rows.iter().map(|&r| &d.comp[r * hd..(r + 1) * hd]));
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = vec![0f32; nh * hd];
+    for h in 0..nh {
+        let qh = &d.q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|k| {
+                qh.iter()
+                    .zip(*k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let sink = d.sinks[h] as f64;
+        let m = s.iter().copied().fold(sink, f64::max);
+        let den = (sink - m).exp() + s.iter().map(|v| (v - m).exp()).sum::<f64>();
+        let mut o = vec![0f64; hd];
+        for (k, v) in keys.iter().zip(&s) {
+            let w = (v - m).exp() / den;
+            for (oo, &kk) in o.iter_mut().zip(*k) {
+                *oo += w * kk as f64;
+            }
+        }
+        for (dst, v) in out[h * hd..(h + 1) * hd].iter_mut().zip(o) {
+            *dst = v as f32;
+        }
+    }
+    out
+}
+
+/// `compare` plus, on failure, where the worst element is (token / head / dim).
+fn compare_att(
+    name: String,
+    got: &[f32],
+    want: &[f32],
+    tokens: &[usize],
+    nh: usize,
+    hd: usize,
+) -> CheckResult {
+    let mut r = compare(name, got, want, TOL_ATTENTION_REL, "TOL_ATTENTION_REL");
+    if !r.pass {
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| {
+                if (g - w).is_finite() {
+                    (g - w).abs()
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .enumerate()
+            .fold((0, -1f32), |a, (j, e)| if e > a.1 { (j, e) } else { a });
+        let (row, col) = (worst.0 / (nh * hd), worst.0 % (nh * hd));
+        r.name = format!(
+            "{} [worst: token {} head {} dim {}: {} vs {}]",
+            r.name,
+            tokens.get(row).copied().unwrap_or(row),
+            col / hd,
+            col % hd,
+            got.get(worst.0).copied().unwrap_or(f32::NAN),
+            want.get(worst.0).copied().unwrap_or(f32::NAN)
+        );
+    }
+    r
+}
+
+/// The attention checks: Flash dims (64 heads, hd 512, window 128) for the CSA
+/// (ratio 4, 512 picks), HCA (ratio 128) and window-only layers, decode (1 and 5
+/// tokens at pos ~2000, ring in use) and chunks of 64 / 2048 tokens; 16 heads;
+/// the tiny models' 4 heads of dim 256.
+pub fn run_attention_checks(
+    kern: &Kernels,
+    mut report: impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use crate::attention::{AttentionKernels, AttnLaunch, scratch_bytes};
+    let stream = kern.stream();
+    let ak = AttentionKernels::load_on(stream)?;
+    let sm = stream.context().compute_capability()?;
+    let (mut maj, mut min) = (0i32, 0i32);
+    // SAFETY: out-parameters; NVRTC is loaded (the kernels above were compiled).
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) }.result()?;
+    let ops = crate::compile::load_module(
+        stream.context(),
+        &crate::compile::OPS,
+        &crate::compile::arch_for(sm),
+        (maj, min),
+    )?;
+    let flash = |name, ratio, sel_k, n, pos0| AttCase {
+        name,
+        n_head: 64,
+        hd: 512,
+        window: 128,
+        ratio,
+        sel_k,
+        n,
+        pos0,
+    };
+    let cases = [
+        flash("flash csa  ratio 4 sel 512   decode", 4, Some(512), 1, 2001),
+        flash("flash csa  ratio 4 sel 512   5 tok ", 4, Some(512), 5, 1998),
+        flash(
+            "flash csa  ratio 4 sel 512   64 tok",
+            4,
+            Some(512),
+            64,
+            1000,
+        ),
+        flash(
+            "flash csa  ratio 4 sel 512 2048 tok",
+            4,
+            Some(512),
+            2048,
+            2048,
+        ),
+        flash("flash hca  ratio 128         decode", 128, None, 1, 2003),
+        flash("flash hca  ratio 128         64 tok", 128, None, 64, 0),
+        flash("flash hca  ratio 128       2048 tok", 128, None, 2048, 2048),
+        flash("flash swa  ratio 0           decode", 0, None, 1, 1999),
+        flash("flash swa  ratio 0         2048 tok", 0, None, 2048, 0),
+        AttCase {
+            n_head: 16,
+            ..flash("16 heads   ratio 128         20 tok", 128, None, 20, 300)
+        },
+        AttCase {
+            n_head: 16,
+            ..flash("16 heads   ratio 4 sel 64   decode", 4, Some(64), 1, 300)
+        },
+        AttCase {
+            name: "tiny 4x256 ratio 4 sel 16    decode",
+            n_head: 4,
+            hd: 256,
+            window: 32,
+            ratio: 4,
+            sel_k: Some(16),
+            n: 1,
+            pos0: 100,
+        },
+        AttCase {
+            name: "tiny 4x256 ratio 4 sel 16    37 tok",
+            n_head: 4,
+            hd: 256,
+            window: 32,
+            ratio: 4,
+            sel_k: Some(16),
+            n: 37,
+            pos0: 50,
+        },
+        AttCase {
+            name: "tiny 4x256 ratio 0           37 tok",
+            n_head: 4,
+            hd: 256,
+            window: 32,
+            ratio: 0,
+            sel_k: None,
+            n: 37,
+            pos0: 0,
+        },
+    ];
+    let mut rng = Rng(0xa77e_5000);
+    let mut out = Vec::new();
+    for c in &cases {
+        let d = att_data(&mut rng, c);
+        let (nh, hd, n) = (c.n_head, c.hd, c.n);
+        let w = nh * hd;
+        let dq = DevBuf::from_f32(stream, &d.q)?;
+        let drows = DevBuf::from_f32(stream, &d.rows)?;
+        let dring = DevBuf::from_f32(stream, &d.ring)?;
+        let dcomp = DevBuf::from_f32(stream, &d.comp)?;
+        let dsel = DevBuf::from_bytes(stream, bytemuck::cast_slice(&d.sel))?;
+        let dsinks = DevBuf::from_f32(stream, &d.sinks)?;
+        let dpos = DevBuf::from_bytes(stream, &(c.pos0 as i32).to_le_bytes())?;
+        let mut a = AttnLaunch {
+            q: dq.ptr,
+            ld_q: w,
+            rows: drows.ptr,
+            ld_rows: hd,
+            ring: dring.ptr,
+            ring_cap: d.ring_cap,
+            comp: if c.ratio > 0 { dcomp.ptr } else { 0 },
+            comp_cap: d.comp_cap,
+            ratio: c.ratio,
+            sel: if c.sel_k.is_some() { dsel.ptr } else { 0 },
+            sel_k: c.sel_k.unwrap_or(0),
+            sinks: dsinks.ptr,
+            window: c.window,
+            pos: dpos.ptr,
+            n_head: nh,
+            head_dim: hd,
+            n_tokens: n,
+            out: 0,
+            ld_out: w,
+            scratch: 0,
+            scratch_bytes: 0,
+        };
+        let sb = scratch_bytes(nh, hd, n, a.max_keys());
+        let dscratch = DevBuf::zeros(stream, sb.max(4))?;
+        let dout = DevBuf::from_bytes(stream, &vec![0xffu8; n * w * 4])?;
+        a.out = dout.ptr;
+        a.scratch = dscratch.ptr;
+        a.scratch_bytes = sb;
+        ak.launch(stream, &a)?;
+        // The SIMT kernel, launched as the backend did before the tensor-core path.
+        let dold = DevBuf::from_bytes(stream, &vec![0xffu8; n * w * 4])?;
+        {
+            let f = ops.load_function(&format!("attention_{}", hd / 128))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                200 * 1024,
+            )?;
+            let decode = n <= 8;
+            let hb = if decode {
+                1
+            } else {
+                [8usize, 4, 2, 1]
+                    .into_iter()
+                    .find(|&h| nh.is_multiple_of(h))
+                    .unwrap_or(1)
+            };
+            let tile_smem = if decode { 0 } else { 32 * (hd + 4) * 4 };
+            let smem = (8 * (2 + hd) * 4).max(hb * hd * 4 + tile_smem);
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: ((nh / hb) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let i = |v: usize| v as i32;
+            let (ldq, ldr, rc, ratio, sk, win, hb32, tiled, ldo) = (
+                i(w),
+                i(hd),
+                i(d.ring_cap),
+                i(c.ratio),
+                i(a.sel_k),
+                i(c.window),
+                i(hb),
+                i(usize::from(!decode)),
+                i(w),
+            );
+            use cudarc::driver::PushKernelArg;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&a.q)
+                .arg(&ldq)
+                .arg(&a.rows)
+                .arg(&ldr)
+                .arg(&a.ring)
+                .arg(&rc)
+                .arg(&a.comp)
+                .arg(&ratio)
+                .arg(&a.sel)
+                .arg(&sk)
+                .arg(&a.sinks)
+                .arg(&win)
+                .arg(&a.pos)
+                .arg(&hb32)
+                .arg(&tiled)
+                .arg(&dold.ptr)
+                .arg(&ldo);
+            // SAFETY: the argument list of ATT_KERNEL in ops.cu; buffers sized above.
+            unsafe { b.launch(cfg) }?;
+        }
+        stream.synchronize()?;
+        let got = dout.to_f32(stream)?;
+        let old = dold.to_f32(stream)?;
+        let all: Vec<usize> = (0..n).collect();
+        let r = compare_att(
+            format!("attention tc vs simt {} {}h x {}", c.name, nh, hd),
+            &got,
+            &old,
+            &all,
+            nh,
+            hd,
+        );
+        report(&r);
+        out.push(r);
+        // CPU: every token of small cases, a spread of positions in long chunks.
+        let tokens: Vec<usize> = if n <= 64 {
+            all
+        } else {
+            let mut t: Vec<usize> = [0, 1, 2, 127, 128, 129, 511, 512, 1023, 1024, n - 2, n - 1]
+                .into_iter()
+                .chain((0..n).step_by(173))
+                .filter(|&t| t < n)
+                .collect();
+            t.sort_unstable();
+            t.dedup();
+            t
+        };
+        let cpu: Vec<f32> = par_map(tokens.len(), |j| cpu_attention_token(c, &d, tokens[j]))
+            .into_iter()
+            .flatten()
+            .collect();
+        let gpu: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| got[t * w..(t + 1) * w].iter().copied())
+            .collect();
+        let r = compare_att(
+            format!(
+                "attention tc vs cpu  {} {}h x {} ({} tok)",
+                c.name,
+                nh,
+                hd,
+                tokens.len()
+            ),
+            &gpu,
+            &cpu,
+            &tokens,
+            nh,
+            hd,
+        );
         report(&r);
         out.push(r);
     }

@@ -1,0 +1,469 @@
+// ds4 attention with sinks on the tensor cores (model.md §10; the SIMT kernels
+// attention_N in ops.cu are the reference and the fallback).
+//
+// One KV head serves every query head (MQA, K = V), so a CTA takes a group of
+// 16·MT heads of one token and reads each key tile once for all of them:
+//   S = (q/√hd)·Kᵀ   [16·MT heads × 32 keys]  (mma m16n8k16, f32 accumulate)
+//   online softmax per head in f32 (running max m, sum l)
+//   O += P·K         [16·MT heads × hd dims]
+// Each f32 operand is split into f16 hi + lo (x = hi + lo, ~22 bits) and every
+// product is hi·hi + hi·lo + lo·hi, so results are close to f32 dots (inputs
+// must stay inside the f16 range, |x| < 65504, as the model's normalised rows do).
+//
+// Keys of token i (position p = pos0 + i, pos0 read from the device): the raw
+// window (positions max(0, p+1-window)..p; this chunk's rows from pos0 on, the
+// ring before), then the visible compressed rows (the indexer's picks, -1
+// padded, or all c < (p+1)/ratio). Grid (split, head group, token): a split
+// covers keys [split·kps, split·kps + kps). With part == 0 the CTA owns all the
+// token's keys and writes the output with the sink; otherwise it writes its
+// partial (m, l, acc) to part and att_combine merges the splits (decode:
+// flash-decoding over many CTAs). Surplus splits write m = -inf and exit.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define NEG_INF (__int_as_float(0xff800000))
+#define AT_THREADS 512
+#define AT_WARPS 16
+#define AT_KT 32  // keys per tile
+// P enters the MMA as p·2^12 (exact), so the lo parts of small weights stay
+// normal f16 numbers; the output is scaled back by 2^-12.
+#define AT_PSCALE 4096.0f
+#define AT_PUNSCALE (1.0f / 4096.0f)
+
+__device__ __forceinline__ u16 at_f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float at_h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// x = hi + lo with both parts f16.
+__device__ __forceinline__ void at_split(float x, u16& hi, u16& lo) {
+    hi = at_f2h(x);
+    lo = at_f2h(x - at_h2f(hi));
+}
+__device__ __forceinline__ u32 at_pack(u16 a, u16 b) { return (u32)a | ((u32)b << 16); }
+
+__device__ __forceinline__ u32 at_smem(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+// ldmatrix from shared-space byte addresses: callers add compile-time offsets to a
+// few per-thread bases, so the unrolled loops need no register per address.
+__device__ __forceinline__ void at_ldm_x4(u32* r, u32 a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void at_ldm_x2_t(u32* r, u32 a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+}
+__device__ __forceinline__ void at_mma(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// c += ah·bh + ah·bl + al·bh (the small terms first).
+__device__ __forceinline__ void at_mma3(float* c, const u32* ah, const u32* al, u32 bh0, u32 bh1,
+                                        u32 bl0, u32 bl1) {
+    at_mma(c, al, bh0, bh1);
+    at_mma(c, ah, bl0, bl1);
+    at_mma(c, ah, bh0, bh1);
+}
+
+// Shared-memory layout of att_tc<MT, HD> in bytes (mirrored by crates/cuda/src/attention.rs).
+// Rows of f16 are padded by 8 halves so ldmatrix rows fall in distinct banks.
+#define AT_LDH(HD) ((HD) + 8)
+#define AT_LDS (AT_KT + 4)
+#define AT_LDP (AT_KT + 8)
+#define AT_SM_Q(MT, HD) (16 * (MT) * AT_LDH(HD) * 2)
+#define AT_SM_K(HD) (AT_KT * AT_LDH(HD) * 2)
+#define AT_KSPLIT(MT) (AT_WARPS / ((MT) * (AT_KT / 8)))
+#define AT_SM_S(MT) (AT_KSPLIT(MT) * 16 * (MT) * AT_LDS * 4)
+#define AT_SM_P(MT) (16 * (MT) * AT_LDP * 2)
+#define AT_SMEM(MT, HD) \
+    (2 * AT_SM_Q(MT, HD) + 2 * AT_SM_K(HD) + AT_SM_S(MT) + 2 * AT_SM_P(MT) + 3 * 16 * (MT) * 4)
+
+struct AtKeys {
+    const float* rows; int ld_rows; const float* ring; int ring_cap; const float* comp;
+    const int* srow; int sel_k; int first; int n_raw; int n_vis; int pos0; int hd;
+    // Row of key j: raw window keys first, then compressed rows; null when j names
+    // no visible row (past the picks or the visible rows), so a key list read
+    // ahead of its length stays in bounds.
+    __device__ __forceinline__ const float* key_or_null(int j) const {
+        if (j < n_raw) {
+            const int tp = first + j;
+            return tp >= pos0 ? rows + (long long)(tp - pos0) * ld_rows
+                              : ring + (long long)(tp % ring_cap) * hd;
+        }
+        int c = j - n_raw;
+        if (srow) c = c < sel_k ? srow[c] : -1;
+        return c >= 0 && c < n_vis ? comp + (long long)c * hd : 0;
+    }
+};
+
+template <int MT, int HD>
+__device__ __forceinline__ void att_tc_impl(
+    const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
+    int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
+    const float* __restrict__ sinks, int window, const int* pos_p, int n_head, int kps,
+    float* out, int ld_out, float* part) {
+    constexpr int LDH = AT_LDH(HD);
+    constexpr int R = 16 * MT;                    // head rows of the CTA
+    constexpr int NT8 = AT_KT / 8;                // key n-tiles of S
+    constexpr int KSPLIT = AT_KSPLIT(MT);         // warps sharing one S tile (split dims)
+    constexpr int KD = HD / KSPLIT;               // dims per S partial
+    constexpr int NB = HD / AT_WARPS / 8;         // output n-tiles per warp
+    constexpr int PF = AT_KT * HD / 4 / AT_THREADS;  // float4 per thread per key tile
+    constexpr int TPR = AT_THREADS / R;           // softmax threads per head row
+    constexpr int CPT = AT_KT / TPR;              // softmax columns per thread
+    static_assert(KSPLIT >= 1 && KD % 32 == 0 && NB % 2 == 0 && PF >= 1 && CPT >= 1, "shape");
+
+    extern __shared__ __align__(16) unsigned char at_sm[];
+    u16* qh = (u16*)at_sm;
+    u16* ql = qh + R * LDH;
+    u16* kh = ql + R * LDH;
+    u16* kl = kh + AT_KT * LDH;
+    float* sS = (float*)(kl + AT_KT * LDH);
+    u16* ph = (u16*)(sS + KSPLIT * R * AT_LDS);
+    u16* pl = ph + R * AT_LDP;
+    float* sm_m = (float*)(pl + R * AT_LDP);
+    float* sm_l = sm_m + R;
+    float* sm_c = sm_l + R;
+    __shared__ int s_ncomp;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int split = blockIdx.x, n_splits = gridDim.x;
+    const int h0 = blockIdx.y * R;
+    const int i = blockIdx.z;
+    const int n_rows_valid = min(R, n_head - h0);
+    const int mt_valid = (n_rows_valid + 15) >> 4;
+
+    // Independent loads first, so their latencies overlap: the position, this
+    // thread's indexer pick (for the usable count), the queries; then the first
+    // key tile (its addresses need only the position and the picks).
+    const int pos0 = *pos_p;
+    const int* srow = sel ? sel + (long long)i * sel_k : 0;
+    const int my_pick = srow && tid < sel_k ? srow[tid] : 0;
+
+    // Queries split into hi/lo unscaled (1/√hd is applied to the f32 scores, so
+    // the lo parts keep clear of f16 subnormals); rows of absent heads are zero.
+    const float scale = 1.0f / sqrtf((float)HD);
+#pragma unroll
+    for (int e0 = 0; e0 < R * HD / 4; e0 += AT_THREADS) {
+        const int e = e0 + tid;
+        const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < n_rows_valid) v = *(const float4*)(q + (long long)i * ld_q + (long long)(h0 + r) * HD + c);
+        u16 a0, a1, a2, a3, b0, b1, b2, b3;
+        at_split(v.x, a0, b0);
+        at_split(v.y, a1, b1);
+        at_split(v.z, a2, b2);
+        at_split(v.w, a3, b3);
+        *(uint2*)(qh + r * LDH + c) = make_uint2(at_pack(a0, a1), at_pack(a2, a3));
+        *(uint2*)(ql + r * LDH + c) = make_uint2(at_pack(b0, b1), at_pack(b2, b3));
+    }
+    if (tid < R) { sm_m[tid] = NEG_INF; sm_l[tid] = 0.0f; sm_c[tid] = 0.0f; }
+
+    // The token's key list (same rules as att_setup in ops.cu).
+    const int p = pos0 + i;
+    AtKeys K;
+    K.rows = rows; K.ld_rows = ld_rows; K.ring = ring; K.ring_cap = ring_cap; K.comp = comp;
+    K.srow = srow; K.sel_k = sel_k;
+    K.first = max(0, p + 1 - window);
+    K.n_raw = p + 1 - K.first;
+    K.pos0 = pos0; K.hd = HD;
+    K.n_vis = ratio > 0 ? (p + 1) / ratio : 0;
+    const int kb = split * kps;
+
+    // Key tile loads: float4 u of this thread is key (tid + 512u) / (HD/4), column
+    // 4·(… % (HD/4)); keys at or past `lim` and keys that are no row read as zero.
+    float4 pf[PF];
+    auto load_tile = [&](int t0, int lim) {
+#pragma unroll
+        for (int u = 0; u < PF; u++) {
+            const int e = tid + AT_THREADS * u;
+            const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
+            const float* kp = t0 + r < lim ? K.key_or_null(t0 + r) : 0;
+            pf[u] = kp ? *(const float4*)(kp + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    // Before the usable count is known: keys past it are masked in the softmax.
+    load_tile(kb, kb + min(kps, AT_KT));
+
+    // Picks come first, then -1 padding: the usable count is the first index that
+    // is not a visible row.
+    if (tid == 0) s_ncomp = srow ? sel_k : K.n_vis;
+    __syncthreads();
+    if (srow) {
+        if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
+        for (int j = tid + AT_THREADS; j < sel_k; j += AT_THREADS) {
+            const int c = srow[j];
+            if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
+        }
+    }
+    __syncthreads();
+    const int total = K.n_raw + s_ncomp;
+    const int ke = min(total, kb + kps);
+    float* prow = part ? part + ((long long)i * n_splits + split) * n_head * (HD + 2) : 0;
+    if (kb >= ke) {  // surplus split (host-sized grid): an empty partial
+        if (part && tid < n_rows_valid) {
+            prow[(long long)(h0 + tid) * (HD + 2)] = NEG_INF;
+            prow[(long long)(h0 + tid) * (HD + 2) + 1] = 0.0f;
+        }
+        return;
+    }
+
+    float acc[MT][NB][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][nb][e] = 0.0f;
+
+    for (int t0 = kb; t0 < ke; t0 += AT_KT) {
+        const int nt = min(AT_KT, ke - t0);
+        __syncthreads();  // the previous tile's P·V is done with kh/kl/ph/pl
+#pragma unroll
+        for (int u = 0; u < PF; u++) {
+            const int e = tid + AT_THREADS * u;
+            const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
+            u16 a0, a1, a2, a3, b0, b1, b2, b3;
+            at_split(pf[u].x, a0, b0);
+            at_split(pf[u].y, a1, b1);
+            at_split(pf[u].z, a2, b2);
+            at_split(pf[u].w, a3, b3);
+            *(uint2*)(kh + r * LDH + c) = make_uint2(at_pack(a0, a1), at_pack(a2, a3));
+            *(uint2*)(kl + r * LDH + c) = make_uint2(at_pack(b0, b1), at_pack(b2, b3));
+        }
+        __syncthreads();
+        // The next tile's loads fly while this one is multiplied.
+        if (t0 + AT_KT < ke) load_tile(t0 + AT_KT, ke);
+
+        // S partials: warp → (m-tile, key n-tile, dim slice).
+        {
+            const int tile = warp % (MT * NT8), ks = warp / (MT * NT8);
+            const int mt = tile / NT8, n8 = tile % NT8;
+            if (mt < mt_valid) {
+                float s[4] = {0.f, 0.f, 0.f, 0.f};
+                // Byte addresses; the lo halves sit a fixed distance after the hi.
+                const u32 qa = at_smem(qh + (mt * 16 + (lane & 15)) * LDH + (lane >> 4) * 8);
+                const u32 ka = at_smem(kh + (n8 * 8 + (lane & 7)) * LDH + (lane >> 3) * 8);
+                constexpr u32 QLO = R * LDH * 2, KLO = AT_KT * LDH * 2;
+                // Each 32 dims go to a fresh accumulator, added to s in f32: the MMA
+                // adder truncates, so long accumulations would drift.
+#pragma unroll 2
+                for (int d = ks * KD; d < (ks + 1) * KD; d += 32) {
+                    u32 ah[4], al[4], bh[4], bl[4];
+                    float t[4] = {0.f, 0.f, 0.f, 0.f};
+                    at_ldm_x4(bh, ka + 2 * d);
+                    at_ldm_x4(bl, ka + KLO + 2 * d);
+                    at_ldm_x4(ah, qa + 2 * d);
+                    at_ldm_x4(al, qa + QLO + 2 * d);
+                    at_mma3(t, ah, al, bh[0], bh[1], bl[0], bl[1]);
+                    at_ldm_x4(ah, qa + 2 * (d + 16));
+                    at_ldm_x4(al, qa + QLO + 2 * (d + 16));
+                    at_mma3(t, ah, al, bh[2], bh[3], bl[2], bl[3]);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[e] += t[e];
+                }
+                float* so = sS + (ks * R + mt * 16 + g) * AT_LDS + n8 * 8 + 2 * t4;
+                *(float2*)so = make_float2(s[0], s[1]);
+                *(float2*)(so + 8 * AT_LDS) = make_float2(s[2], s[3]);
+            }
+        }
+        __syncthreads();
+
+        // Online softmax: TPR threads per head row, CPT keys each.
+        {
+            const int r = tid / TPR, sub = tid % TPR;
+            if (r < 16 * mt_valid) {
+                float sv[CPT];
+                float mx = NEG_INF;
+#pragma unroll
+                for (int u = 0; u < CPT; u++) {
+                    const int c = sub * CPT + u;
+                    float x = 0.0f;
+#pragma unroll
+                    for (int ks = 0; ks < KSPLIT; ks++) x += sS[(ks * R + r) * AT_LDS + c];
+                    sv[u] = c < nt ? x * scale : NEG_INF;
+                    mx = fmaxf(mx, sv[u]);
+                }
+#pragma unroll
+                for (int o = TPR / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                const float m_old = sm_m[r];
+                const float m_new = fmaxf(m_old, mx);
+                float sum = 0.0f;
+#pragma unroll
+                for (int u = 0; u < CPT; u++) {
+                    const int c = sub * CPT + u;
+                    const float pj = sub * CPT + u < nt ? expf(sv[u] - m_new) : 0.0f;
+                    sum += pj;
+                    u16 a, b;
+                    at_split(pj * AT_PSCALE, a, b);
+                    ph[r * AT_LDP + c] = a;
+                    pl[r * AT_LDP + c] = b;
+                }
+#pragma unroll
+                for (int o = TPR / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                if (sub == 0) {
+                    const float corr = expf(m_old - m_new);
+                    sm_l[r] = sm_l[r] * corr + sum;
+                    sm_m[r] = m_new;
+                    sm_c[r] = corr;
+                }
+            }
+        }
+        __syncthreads();
+
+        // O = O·corr + P·K over this warp's dims.
+        {
+            const int d0 = warp * (NB * 8);
+            // Per-thread bases; (m-tile, key step, n-tile) offsets are immediates.
+            const u32 pa = at_smem(ph + (lane & 15) * AT_LDP + (lane >> 4) * 8);
+            const u32 kt = at_smem(kh + (lane & 15) * LDH + d0);
+            constexpr u32 PLO = R * AT_LDP * 2, KLO = AT_KT * LDH * 2;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                if (mt < mt_valid) {
+                    // The tile's products in a fresh accumulator (see the scores),
+                    // then O = O·corr + tile in f32; one n-tile at a time (registers).
+                    const float c_lo = sm_c[mt * 16 + g], c_hi = sm_c[mt * 16 + g + 8];
+#pragma unroll
+                    for (int nb = 0; nb < NB; nb++) {
+                        float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                        for (int kk = 0; kk < AT_KT / 16; kk++) {
+                            u32 ah[4], al[4], bh[2], bl[2];
+                            const u32 po = 2 * (mt * 16 * AT_LDP + kk * 16);
+                            at_ldm_x4(ah, pa + po);
+                            at_ldm_x4(al, pa + PLO + po);
+                            // Lanes 0-15 address keys kk·16 + 0..15 of dims d0 + nb·8.
+                            const u32 ko = 2 * (kk * 16 * LDH + nb * 8);
+                            at_ldm_x2_t(bh, kt + ko);
+                            at_ldm_x2_t(bl, kt + KLO + ko);
+                            at_mma3(t, ah, al, bh[0], bh[1], bl[0], bl[1]);
+                        }
+                        acc[mt][nb][0] = fmaf(acc[mt][nb][0], c_lo, t[0]);
+                        acc[mt][nb][1] = fmaf(acc[mt][nb][1], c_lo, t[1]);
+                        acc[mt][nb][2] = fmaf(acc[mt][nb][2], c_hi, t[2]);
+                        acc[mt][nb][3] = fmaf(acc[mt][nb][3], c_hi, t[3]);
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+
+    // Rows g and g+8 of each m-tile; columns 2·t4, 2·t4+1 of each n-tile.
+    const int d0 = warp * (NB * 8);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int r = mt * 16 + g + 8 * half;
+            if (r >= n_rows_valid) continue;
+            const int h = h0 + r;
+            const float m = sm_m[r], l = sm_l[r];
+            const float us = AT_PUNSCALE;
+            if (part) {
+                float* pr = prow + (long long)h * (HD + 2);
+                if (warp == 0 && t4 == 0) { pr[0] = m; pr[1] = l; }
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++)
+                    *(float2*)(pr + 2 + d0 + nb * 8 + 2 * t4) =
+                        make_float2(acc[mt][nb][2 * half] * us, acc[mt][nb][2 * half + 1] * us);
+            } else {
+                const float sink = sinks[h];
+                const float M = fmaxf(m, sink);
+                const float em = expf(m - M);
+                const float f = em / (l * em + expf(sink - M)) * us;
+                float* o = out + (long long)i * ld_out + (long long)h * HD + d0;
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++)
+                    *(float2*)(o + nb * 8 + 2 * t4) =
+                        make_float2(acc[mt][nb][2 * half] * f, acc[mt][nb][2 * half + 1] * f);
+            }
+        }
+    }
+}
+
+#define AT_KERNEL(MT, HD)                                                                        \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) att_tc_##MT##_##HD(             \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
+        const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
+        int ld_out, float* part) {                                                               \
+        att_tc_impl<MT, HD>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,     \
+                            sinks, window, pos_p, n_head, kps, out, ld_out, part);               \
+    }
+AT_KERNEL(4, 512)
+AT_KERNEL(1, 512)
+AT_KERNEL(4, 256)
+AT_KERNEL(1, 256)
+
+// Merges the splits' partials of (head blockIdx.x, token blockIdx.y) with the sink:
+// out = Σ_s acc_s·e^(m_s−M) / (e^(sink−M) + Σ_s l_s·e^(m_s−M)), M = max(sink, m_s).
+// hd/4 threads, a float4 of dims each; 8 splits' loads in flight per step.
+#define AT_MAX_SPLITS 1024
+extern "C" __global__ void att_combine(const float* part, int n_splits, int n_head, int hd,
+                                       const float* sinks, float* out, int ld_out) {
+    const int h = blockIdx.x, i = blockIdx.y;
+    const long long stride = (long long)n_head * (hd + 2);
+    const float* base = part + (long long)i * n_splits * stride + (long long)h * (hd + 2);
+    __shared__ float s_w[AT_MAX_SPLITS];
+    __shared__ float s_den;
+    const int ns = min(n_splits, AT_MAX_SPLITS);
+    const float sink = sinks[h];
+    // Split weights e^(m_s − M) (0 for empty splits), computed once per block.
+    if (threadIdx.x < 32) {
+        float M = sink;
+        for (int s = threadIdx.x; s < ns; s += 32) M = fmaxf(M, base[s * stride]);
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        float den = 0.0f;
+        for (int s = threadIdx.x; s < ns; s += 32) {
+            const float m = base[s * stride];
+            const float w = m == NEG_INF ? 0.0f : expf(m - M);
+            s_w[s] = w;
+            if (w > 0.0f) den += w * base[s * stride + 1];
+        }
+        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+        if (threadIdx.x == 0) s_den = den + expf(sink - M);
+    }
+    __syncthreads();
+    const float inv = 1.0f / s_den;
+    float* o = out + (long long)i * ld_out + (long long)h * hd;
+    for (int d = 4 * threadIdx.x; d < hd; d += 4 * blockDim.x) {
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s0 = 0; s0 < ns; s0 += 8) {
+            float2 v[8][2];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                // Partials are float2-aligned (hd + 2 floats per head).
+                const float2* src = (const float2*)(base + (s0 + u) * stride + 2 + d);
+                v[u][0] = s0 + u < ns ? src[0] : make_float2(0.f, 0.f);
+                v[u][1] = s0 + u < ns ? src[1] : make_float2(0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                // Empty splits left their values unwritten: select, never multiply.
+                const float w = s0 + u < ns ? s_w[s0 + u] : 0.0f;
+                if (w > 0.0f) {
+                    a.x += w * v[u][0].x; a.y += w * v[u][0].y;
+                    a.z += w * v[u][1].x; a.w += w * v[u][1].y;
+                }
+            }
+        }
+        *(float2*)(o + d) = make_float2(a.x * inv, a.y * inv);
+        *(float2*)(o + d + 2) = make_float2(a.z * inv, a.w * inv);
+    }
+}

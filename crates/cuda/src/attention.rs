@@ -1,0 +1,368 @@
+//! Attention with sinks on the tensor cores (`kernels/attention.cu`).
+//!
+//! One CTA takes 16·MT query heads of one token and reads each 32-key tile once
+//! for all of them (MQA: one KV head, K = V). Scores and the weighted sum run as
+//! f16 `mma.sync` with every f32 operand split into hi + lo halves (three
+//! products), the softmax in f32, so results stay within f32 rounding of the
+//! SIMT kernels in `ops.cu` (which remain the fallback for other shapes).
+//!
+//! * Chunks (more than [`SPLIT_MAX_TOKENS`] tokens): one CTA per token (and head
+//!   group), the output written directly.
+//! * Decode (few tokens): the token's keys are split over many CTAs of 32 keys
+//!   (flash-decoding); each writes a partial (max, sum, unnormalised output) to
+//!   the caller's scratch and `att_combine` merges them with the sink.
+//!
+//! The first position is read on the device (`pos`), so grids are sized from
+//! host-known upper bounds ([`max_keys`]) and surplus CTAs exit: launches never
+//! allocate or synchronise, and can be captured in a CUDA graph.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::compile;
+use crate::runtime::CudaRuntime;
+use crate::{Error, Result};
+
+/// Token counts up to this use the split-keys (decode) path.
+pub const SPLIT_MAX_TOKENS: usize = 8;
+/// Keys per tile (`AT_KT`) and per decode split.
+const KEY_TILE: usize = 32;
+/// Threads per CTA (`AT_THREADS`).
+const THREADS: u32 = 512;
+/// Warps per CTA (`AT_WARPS`).
+const WARPS: usize = 16;
+/// Most splits `att_combine` merges (its shared weight array).
+const MAX_SPLITS: usize = 1024;
+/// Largest grid dimension y / z.
+const MAX_GRID_YZ: usize = 65535;
+
+/// Dynamic shared memory of `att_tc_<MT>_<HD>` (`AT_SMEM` in attention.cu).
+pub const fn smem_bytes(mt: usize, hd: usize) -> usize {
+    let ldh = hd + 8;
+    let rows = 16 * mt;
+    let q = rows * ldh * 2;
+    let k = KEY_TILE * ldh * 2;
+    let ksplit = WARPS / (mt * (KEY_TILE / 8));
+    let s = ksplit * rows * (KEY_TILE + 4) * 4;
+    let p = rows * (KEY_TILE + 8) * 2;
+    2 * q + 2 * k + s + 2 * p + 3 * rows * 4
+}
+
+/// Whether the tensor-core kernels handle this shape (else use the SIMT kernels).
+pub fn supports(n_head: usize, head_dim: usize) -> bool {
+    n_head > 0 && (head_dim == 256 || head_dim == 512)
+}
+
+/// Upper bound of the keys one token attends to: the raw window plus the
+/// compressed rows it may use (the indexer's `sel_k` picks, else every row of
+/// the `comp_cap`-row cache; none when `ratio` is 0).
+pub fn max_keys(window: usize, ratio: usize, comp_cap: usize, sel_k: Option<usize>) -> usize {
+    let comp = if ratio == 0 {
+        0
+    } else {
+        sel_k.unwrap_or(comp_cap)
+    };
+    window + comp
+}
+
+/// Keys per split and split count of the decode path (at most `MAX_SPLITS`).
+fn split_plan(max_keys: usize) -> (usize, usize) {
+    let tiles = max_keys.div_ceil(KEY_TILE).max(1);
+    let kps = KEY_TILE * tiles.div_ceil(MAX_SPLITS);
+    (kps, max_keys.max(1).div_ceil(kps))
+}
+
+/// Device scratch bytes a launch needs for its split partials (0 for chunks).
+pub fn scratch_bytes(n_head: usize, head_dim: usize, n_tokens: usize, max_keys: usize) -> usize {
+    if n_tokens == 0 || n_tokens > SPLIT_MAX_TOKENS {
+        return 0;
+    }
+    let (_, n_splits) = split_plan(max_keys);
+    n_tokens * n_splits * n_head * (head_dim + 2) * 4
+}
+
+/// Everything one attention launch reads and writes (device pointers, f32 rows
+/// unless noted). Token `i` has position `pos0 + i`, `pos0` = the i32 at `pos`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnLaunch {
+    /// Queries: `n_tokens` rows of `n_head·head_dim`, `ld_q` floats apart.
+    pub q: u64,
+    pub ld_q: usize,
+    /// This chunk's raw KV rows (`head_dim` used), `ld_rows` floats apart.
+    pub rows: u64,
+    pub ld_rows: usize,
+    /// Raw KV ring: position t in slot `t % ring_cap`.
+    pub ring: u64,
+    pub ring_cap: usize,
+    /// Compressed rows (`comp_cap` rows of `head_dim`; 0 when `ratio` is 0).
+    pub comp: u64,
+    pub comp_cap: usize,
+    pub ratio: usize,
+    /// Indexer picks: i32 `[n_tokens][sel_k]`, −1 padded; 0 = use every visible row.
+    pub sel: u64,
+    pub sel_k: usize,
+    /// One sink logit per head.
+    pub sinks: u64,
+    pub window: usize,
+    /// i32 position of the first token, on the device.
+    pub pos: u64,
+    pub n_head: usize,
+    pub head_dim: usize,
+    pub n_tokens: usize,
+    /// Output: `n_tokens` rows of `n_head·head_dim`, `ld_out` floats apart.
+    pub out: u64,
+    pub ld_out: usize,
+    /// Split partials ([`scratch_bytes`] of them at least; unused for chunks).
+    pub scratch: u64,
+    pub scratch_bytes: usize,
+}
+
+impl AttnLaunch {
+    /// [`max_keys`] of this launch.
+    pub fn max_keys(&self) -> usize {
+        max_keys(
+            self.window,
+            self.ratio,
+            self.comp_cap,
+            (self.sel != 0).then_some(self.sel_k),
+        )
+    }
+}
+
+/// Loaded tensor-core attention kernels (a module of their own: `compile::ATTENTION`).
+pub struct AttentionKernels {
+    /// `att_tc_<MT>_<HD>`: [MT 4, MT 1] × [HD 512, HD 256].
+    tc: [[CudaFunction; 2]; 2],
+    combine: CudaFunction,
+    /// False when `DS4_CUDA_ATTN=simt` asks for the SIMT kernels (A/B timing).
+    enabled: bool,
+}
+
+fn shape_err(detail: String) -> Error {
+    Error::Shape {
+        what: "attention",
+        detail,
+    }
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| shape_err(format!("{name} = {v} exceeds i32")))
+}
+
+impl AttentionKernels {
+    /// Compiles (or loads from the cubin cache) and binds the kernels.
+    pub fn load(rt: &CudaRuntime) -> Result<Self> {
+        Self::load_with(&rt.stream, rt.device.sm, rt.nvrtc_version)
+    }
+
+    /// [`Self::load`] from a stream alone (its context's device and the loaded NVRTC).
+    pub fn load_on(stream: &Arc<CudaStream>) -> Result<Self> {
+        let sm = stream.context().compute_capability()?;
+        let (mut maj, mut min) = (0i32, 0i32);
+        // SAFETY: out-parameters; NVRTC is loaded (a runtime was probed to get a stream).
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) }.result()?;
+        Self::load_with(stream, sm, (maj, min))
+    }
+
+    fn load_with(
+        stream: &Arc<CudaStream>,
+        sm: (i32, i32),
+        nvrtc_version: (i32, i32),
+    ) -> Result<Self> {
+        let arch = compile::arch_for(sm);
+        let m = compile::load_module(stream.context(), &compile::ATTENTION, &arch, nvrtc_version)?;
+        let tc = |mt: usize, hd: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&format!("att_tc_{mt}_{hd}"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes(mt, hd) as i32,
+            )?;
+            Ok(f)
+        };
+        let enabled = !matches!(std::env::var("DS4_CUDA_ATTN").as_deref(), Ok("simt"));
+        if !enabled {
+            tracing::info!("DS4_CUDA_ATTN=simt: attention on the SIMT kernels");
+        }
+        Ok(Self {
+            tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
+            combine: m.load_function("att_combine")?,
+            enabled,
+        })
+    }
+
+    /// Whether the backend should launch these kernels for this shape
+    /// ([`supports`], unless `DS4_CUDA_ATTN=simt`).
+    pub fn handles(&self, n_head: usize, head_dim: usize) -> bool {
+        self.enabled && supports(n_head, head_dim)
+    }
+
+    /// Launches the attention of `a.n_tokens` tokens on `stream` (one or two
+    /// kernels; no allocation, no host synchronisation).
+    pub fn launch(&self, stream: &Arc<CudaStream>, a: &AttnLaunch) -> Result<()> {
+        let (nh, hd, n) = (a.n_head, a.head_dim, a.n_tokens);
+        if n == 0 {
+            return Ok(());
+        }
+        if !supports(nh, hd) {
+            return Err(shape_err(format!(
+                "{nh} heads of dim {hd} (need head_dim 256 or 512)"
+            )));
+        }
+        // float4 loads of q and the key rows, float2 stores of the output.
+        let aligned16 = [a.q, a.rows, a.ring, a.comp]
+            .iter()
+            .all(|p| p.is_multiple_of(16));
+        if !a.ld_q.is_multiple_of(4)
+            || !a.ld_rows.is_multiple_of(4)
+            || !a.ld_out.is_multiple_of(2)
+            || !aligned16
+            || !a.out.is_multiple_of(8)
+        {
+            return Err(shape_err(format!(
+                "row strides q {} / rows {} must be multiples of 4, out {} even, \
+                 q/rows/ring/comp 16-byte and out 8-byte aligned",
+                a.ld_q, a.ld_rows, a.ld_out
+            )));
+        }
+        if a.ld_q < nh * hd || a.ld_out < nh * hd || a.ld_rows < hd {
+            return Err(shape_err(format!(
+                "row strides q {} / out {} / rows {} below the row widths",
+                a.ld_q, a.ld_out, a.ld_rows
+            )));
+        }
+        if a.window == 0 || a.ring_cap == 0 || (a.ratio > 0 && a.comp == 0) {
+            return Err(shape_err(format!(
+                "window {}, ring_cap {}, ratio {} with comp {:#x}",
+                a.window, a.ring_cap, a.ratio, a.comp
+            )));
+        }
+        if n > MAX_GRID_YZ {
+            return Err(shape_err(format!("{n} tokens exceed the grid")));
+        }
+        let max_keys = a.max_keys();
+        let split = n <= SPLIT_MAX_TOKENS;
+        let mt = if split || nh <= 16 { 1 } else { 4 };
+        let hgroups = nh.div_ceil(16 * mt);
+        let (kps, n_splits) = if split {
+            split_plan(max_keys)
+        } else {
+            // One CTA owns all of a token's keys.
+            (i32::MAX as usize, 1)
+        };
+        if split {
+            let need = scratch_bytes(nh, hd, n, max_keys);
+            if a.scratch == 0 || a.scratch_bytes < need {
+                return Err(shape_err(format!(
+                    "split scratch of {} bytes, need {need}",
+                    a.scratch_bytes
+                )));
+            }
+        }
+        let func = &self.tc[usize::from(mt == 1)][usize::from(hd == 256)];
+        let cfg = LaunchConfig {
+            grid_dim: (n_splits as u32, hgroups as u32, n as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem_bytes(mt, hd) as u32,
+        };
+        let ld_q = to_i32("ld_q", a.ld_q)?;
+        let ld_rows = to_i32("ld_rows", a.ld_rows)?;
+        let ring_cap = to_i32("ring_cap", a.ring_cap)?;
+        let ratio = to_i32("ratio", a.ratio)?;
+        let sel_k = to_i32("sel_k", if a.sel != 0 { a.sel_k } else { 0 })?;
+        let window = to_i32("window", a.window)?;
+        let nh_i = to_i32("n_head", nh)?;
+        let kps_i = to_i32("keys per split", kps)?;
+        let ld_out = to_i32("ld_out", a.ld_out)?;
+        let part = if split { a.scratch } else { 0u64 };
+        let mut b = stream.launch_builder(func);
+        b.arg(&a.q)
+            .arg(&ld_q)
+            .arg(&a.rows)
+            .arg(&ld_rows)
+            .arg(&a.ring)
+            .arg(&ring_cap)
+            .arg(&a.comp)
+            .arg(&ratio)
+            .arg(&a.sel)
+            .arg(&sel_k)
+            .arg(&a.sinks)
+            .arg(&window)
+            .arg(&a.pos)
+            .arg(&nh_i)
+            .arg(&kps_i)
+            .arg(&a.out)
+            .arg(&ld_out)
+            .arg(&part);
+        // SAFETY: matches AT_KERNEL in attention.cu; strides and scratch checked above,
+        // the buffers are the caller's (sized for n_tokens rows and the KV caches).
+        unsafe { b.launch(cfg) }?;
+        if split {
+            let ns = to_i32("splits", n_splits)?;
+            let hd_i = to_i32("head_dim", hd)?;
+            let cfg = LaunchConfig {
+                grid_dim: (nh as u32, n as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&self.combine);
+            b.arg(&a.scratch)
+                .arg(&ns)
+                .arg(&nh_i)
+                .arg(&hd_i)
+                .arg(&a.sinks)
+                .arg(&a.out)
+                .arg(&ld_out);
+            // SAFETY: matches att_combine; the partials were written by the launch above.
+            unsafe { b.launch(cfg) }?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_fits_a_hopper_cta() {
+        // AT_SMEM(4, 512) worked out by hand: Q 2·66560, K 2·33280, S 9216, P 2·5120, state 768.
+        assert_eq!(smem_bytes(4, 512), 219_904);
+        for (mt, hd) in [(4, 512), (1, 512), (4, 256), (1, 256)] {
+            assert!(smem_bytes(mt, hd) <= 227 * 1024, "{mt} {hd}");
+        }
+    }
+
+    #[test]
+    fn split_plan_covers_every_key_with_at_most_1024_splits() {
+        for keys in [1, 31, 32, 33, 640, 385, 32 * 1024, 32 * 1024 + 1, 1_000_000] {
+            let (kps, ns) = split_plan(keys);
+            assert_eq!(kps % KEY_TILE, 0);
+            assert!(ns <= MAX_SPLITS, "{keys}: {ns}");
+            assert!(
+                kps * ns >= keys && kps * (ns - 1) < keys,
+                "{keys}: {kps} x {ns}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_keys_counts_window_and_usable_compressed_rows() {
+        assert_eq!(max_keys(128, 4, 8193, Some(512)), 640);
+        assert_eq!(max_keys(128, 128, 257, None), 385);
+        assert_eq!(max_keys(128, 0, 0, None), 128);
+    }
+
+    #[test]
+    fn scratch_only_for_the_split_path() {
+        assert_eq!(scratch_bytes(64, 512, 1, 640), 20 * 64 * 514 * 4);
+        assert_eq!(scratch_bytes(64, 512, SPLIT_MAX_TOKENS + 1, 640), 0);
+        assert_eq!(scratch_bytes(64, 512, 0, 640), 0);
+    }
+
+    #[test]
+    fn supported_shapes() {
+        assert!(supports(64, 512) && supports(4, 256) && supports(16, 512));
+        assert!(!supports(64, 128) && !supports(0, 512) && !supports(8, 384));
+    }
+}
