@@ -72,6 +72,8 @@ def main():
         opts = [f"--gpu-architecture={ARCH}", "--std=c++17", "-default-device", "-lineinfo"]
         if os.path.isdir(inc):
             opts.append(f"-I{inc}")
+        # e.g. DS4_NVRTC_EXTRA=--ptxas-options=-v prints registers and spills per kernel.
+        opts += os.environ.get("DS4_NVRTC_EXTRA", "").split()
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
         log_size = ctypes.c_size_t()

@@ -34,6 +34,26 @@ typedef unsigned long long u64;
 #define MV_WARPS 4
 #define MAX_TOK 16
 
+// Several weight matrices applied to the same input in one launch (e.g. q_a and kv of
+// the normed layer input): rows are numbered across the segments, segment s covering
+// rows [start[s], start[s+1]) of matrix w[s], written to y[s] (rows ldy[s] apart).
+// A plain product is one segment. Layout shared with kernels.rs (`MvSegs`).
+#define MV_MAX_SEGS 6
+struct MvSegs {
+    u64 w[MV_MAX_SEGS];
+    u64 y[MV_MAX_SEGS];
+    int start[MV_MAX_SEGS + 1];
+    int ldy[MV_MAX_SEGS];
+    int n;
+};
+
+__device__ __forceinline__ int mv_seg(const MvSegs& sg, int r) {
+    int s = 0;
+#pragma unroll
+    for (int i = 1; i < MV_MAX_SEGS; i++) s += (i < sg.n && r >= sg.start[i]);
+    return s;
+}
+
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -147,26 +167,32 @@ struct ActQ {
     const i16* bsums;  // Q8_K only
 };
 
-__device__ __forceinline__ int ld_s32_2(const u8* p) {  // 4 bytes at a 2-aligned address
-    const u16* h = (const u16*)p;
-    return (int)((u32)h[0] | ((u32)h[1] << 16));
+// (hi:lo) >> sh, low word; sh clamped to 32 (= hi).
+__device__ __forceinline__ u32 funnel_r(u32 lo, u32 hi, u32 sh) {
+    u32 r;
+    asm("shf.r.clamp.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(lo), "r"(hi), "r"(sh));
+    return r;
 }
 
-// Q8_0: 34-byte block {f16 d, i8 qs[32]}; unit = one block.
+// Q8_0: 34-byte block {f16 d, i8 qs[32]}; unit = one block. The block starts 2 bytes
+// past a word boundary when u is odd, on one when even: nine aligned 32-bit shared loads
+// cover it and a funnel shift (by 16, or 32 = the high word) realigns the quants. (Sixteen
+// 16-bit loads did the same with twice the shared-memory wavefronts.) Rows are staged
+// 16-byte aligned, and the ninth word never leaves the staged row buffer.
 __device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActQ& a) {
-    const u8* b = row + u * 34;
-    const float dw = h2f(*(const u16*)b);
+    const int odd = u & 1;
+    const u32* w = (const u32*)(row + u * 34 - 2 * odd);
+    u32 wv[9];
+#pragma unroll
+    for (int j = 0; j < 9; j++) wv[j] = w[j];
+    const u32 sh = odd ? 32u : 16u;
+    const float dw = h2f((u16)(wv[0] >> (16 * odd)));
     const int4* xq = (const int4*)(a.qs + u * 32);
     const int4 x0 = xq[0], x1 = xq[1];
+    const int xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
     int s = 0;
-    s = dp4a(ld_s32_2(b + 2), x0.x, s);
-    s = dp4a(ld_s32_2(b + 6), x0.y, s);
-    s = dp4a(ld_s32_2(b + 10), x0.z, s);
-    s = dp4a(ld_s32_2(b + 14), x0.w, s);
-    s = dp4a(ld_s32_2(b + 18), x1.x, s);
-    s = dp4a(ld_s32_2(b + 22), x1.y, s);
-    s = dp4a(ld_s32_2(b + 26), x1.z, s);
-    s = dp4a(ld_s32_2(b + 30), x1.w, s);
+#pragma unroll
+    for (int j = 0; j < 8; j++) s = dp4a((int)funnel_r(wv[j], wv[j + 1], sh), xv[j], s);
     return (dw * a.d[u]) * (float)s;
 }
 
@@ -225,10 +251,16 @@ __device__ __forceinline__ float unit_q4_k(const u8* row, int u, const ActQ& a) 
 }
 
 // IQ2_XXS: 66-byte block {f16 d, u16 qs[32]}; unit = 32-element group.
-// Signs: ksigns[i] = i with bit 7 set when popcount(i) is odd (model.md §5).
+// Signs: ksigns[i] = i with bit 7 set when popcount(i) is odd (model.md §5). The sign
+// masks are computed, not looked up: the grid lookups already make this kernel bound
+// by shared-memory bank conflicts (random indices), a second table doubled them.
 __device__ __forceinline__ u32 sign_mask4(u32 bits4) {  // 4 sign bits -> 4 byte masks
     return ((bits4 * 0x00204081u) & 0x01010101u) * 0xffu;
 }
+
+// A grid byte g (8..43) with mask byte m (0 or 0xff) becomes ±g as (g ^ m) + (m & 1) on
+// the whole word: ~g + 1 = 256 - g stays inside its byte, so no carry crosses bytes.
+__device__ __forceinline__ int apply_sign4(u32 g, u32 m) { return (int)((g ^ m) + (m & 0x01010101u)); }
 
 __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActQ& a,
                                               const u64* __restrict__ grid) {
@@ -246,10 +278,8 @@ __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActQ& 
         const u64 gv = grid[(a0 >> (8 * l)) & 255u];
         u32 sg = (a1 >> (7 * l)) & 127u;
         sg |= (__popc(sg) & 1u) << 7;
-        const u32 glo = (u32)gv, ghi = (u32)(gv >> 32);
-        const u32 mlo = sign_mask4(sg & 15u), mhi = sign_mask4(sg >> 4);
-        s = dp4a((int)glo, xw[2 * l], s) - 2 * dp4a((int)(glo & mlo), xw[2 * l], 0);
-        s = dp4a((int)ghi, xw[2 * l + 1], s) - 2 * dp4a((int)(ghi & mhi), xw[2 * l + 1], 0);
+        s = dp4a(apply_sign4((u32)gv, sign_mask4(sg & 15u)), xw[2 * l], s);
+        s = dp4a(apply_sign4((u32)(gv >> 32), sign_mask4(sg >> 4)), xw[2 * l + 1], s);
     }
     const int ls = (int)(a1 >> 28);
     return 0.125f * (h2f(*(const u16*)b) * a.d[blk]) * (float)(s * (2 * ls + 1));
@@ -278,11 +308,10 @@ __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_
 // the next row streams in (cp.async, 16-byte pieces, no registers) while the
 // current one is decoded, so the warp's memory pipe never idles on compute.
 template <int TY>
-__device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_expert_stride,
+__device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_stride,
                                          const int* __restrict__ ids, const i8* __restrict__ xq,
                                          const float* __restrict__ xd, const i16* __restrict__ xbs,
-                                         int K, int rows, int ntok, int x_group,
-                                         float* __restrict__ y, int ldy) {
+                                         int K, int ntok, int x_group, int rpw) {
     extern __shared__ uint4 smem[];
     __shared__ u64 grid_s[TY == TY_IQ2_XXS ? 256 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -301,19 +330,28 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
     else { blk_elems = 256; blk_bytes = 66; units_per_blk = 8; }
     const int nblk = K / blk_elems;
     const int row_bytes = nblk * blk_bytes;
-    const int n16 = (row_bytes + 15) >> 4;
+    // A warp stages and reduces `rpw` consecutive rows at a time (1, 2 or 4; the host
+    // picks it so a group is ~4 KB): short rows otherwise pay the per-row overhead
+    // (staging loop, reduction, barriers) for a few hundred bytes each.
+    const int n16 = (rpw * row_bytes + 15) >> 4;
     // Rows of tiny test models need not be 16-byte multiples: those are staged with
     // plain byte copies (made visible by the __syncwarp before use).
     const bool aligned = (row_bytes & 15) == 0;
-    const u8* base = W + (long long)e * w_expert_stride;
+    const long long e_off = (long long)e * w_expert_stride;
+    const int rows = sg.start[sg.n] / rpw;  // row groups
+    auto row_src = [&](int row) {
+        const int sgi = mv_seg(sg, row);
+        return (const u8*)sg.w[sgi] + e_off + (long long)(row - sg.start[sgi]) * row_bytes;
+    };
+    const int group_bytes = rpw * row_bytes;
     uint4* bufs = smem + warp * 2 * n16;
     const int rstep = gridDim.x * MV_WARPS;
     int r = blockIdx.x * MV_WARPS + warp;
 
     if (r < rows) {
-        const u8* src = base + (long long)r * row_bytes;
+        const u8* src = row_src(r * rpw);
         if (aligned) for (int i = lane; i < n16; i += 32) cp_async16(bufs + i, (const uint4*)src + i);
-        else for (int i = lane; i < row_bytes; i += 32) ((u8*)bufs)[i] = src[i];
+        else for (int i = lane; i < group_bytes; i += 32) ((u8*)bufs)[i] = src[i];
     }
     cp_async_commit();
     if (TY == TY_IQ2_XXS) {
@@ -326,30 +364,44 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
     for (; r < rows; r += rstep) {
         const int rn = r + rstep;
         if (rn < rows) {
-            const u8* src = base + (long long)rn * row_bytes;
+            const u8* src = row_src(rn * rpw);
             uint4* dst = bufs + (cur ^ 1) * n16;
             if (aligned) for (int i = lane; i < n16; i += 32) cp_async16(dst + i, (const uint4*)src + i);
-            else for (int i = lane; i < row_bytes; i += 32) ((u8*)dst)[i] = src[i];
+            else for (int i = lane; i < group_bytes; i += 32) ((u8*)dst)[i] = src[i];
         }
         cp_async_commit();
         cp_async_wait_1();  // this lane's pieces of row r have landed
         __syncwarp();       // ... and every other lane's
-        const u8* row = (const u8*)(bufs + cur * n16);
+        const u8* grp = (const u8*)(bufs + cur * n16);
+        const int sgi = mv_seg(sg, r * rpw);
+        float* ys = (float*)sg.y[sgi];
+        const int ldy = sg.ldy[sgi], ry = r * rpw - sg.start[sgi];
         for (int t = 0; t < ntok; t++) {
             const long long arow = (long long)(slot / x_group) * ntok + t;
             ActQ a;
             a.qs = xq + arow * K;
             a.d = xd + arow * sblk;
             a.bsums = xbs ? xbs + arow * (K / 16) : 0;
-            float acc = 0.0f;
-            for (int u = lane; u < nunits; u += 32) {
-                if (TY == TY_Q8_0) acc += unit_q8_0(row, u, a);
-                else if (TY == TY_Q2_K) acc += unit_q2_k(row, u, a);
-                else if (TY == TY_Q4_K) acc += unit_q4_k(row, u, a);
-                else acc += unit_iq2_xxs(row, u, a, grid_s);
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                if (q < rpw) {
+                    const u8* row = grp + q * row_bytes;
+                    for (int u = lane; u < nunits; u += 32) {
+                        if (TY == TY_Q8_0) acc[q] += unit_q8_0(row, u, a);
+                        else if (TY == TY_Q2_K) acc[q] += unit_q2_k(row, u, a);
+                        else if (TY == TY_Q4_K) acc[q] += unit_q4_k(row, u, a);
+                        else acc[q] += unit_iq2_xxs(row, u, a, grid_s);
+                    }
+                }
             }
-            acc = warp_sum(acc);
-            if (lane == 0) y[((long long)slot * ntok + t) * ldy + r] = acc;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                if (q < rpw) {
+                    const float v = warp_sum(acc[q]);
+                    if (lane == 0) ys[((long long)slot * ntok + t) * ldy + ry + q] = v;
+                }
+            }
         }
         __syncwarp();  // all lanes are done with this buffer before it is refilled
         cur ^= 1;
@@ -358,11 +410,10 @@ __device__ __forceinline__ void mv_quant(const u8* __restrict__ W, long long w_e
 
 #define MV_KERNEL(name, TY)                                                                     \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                                 \
-        name(const u8* __restrict__ W, long long w_expert_stride, const int* __restrict__ ids,  \
+        name(MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                 \
              const i8* __restrict__ xq, const float* __restrict__ xd,                           \
-             const i16* __restrict__ xbs, int K, int rows, int ntok, int x_group,               \
-             float* __restrict__ y, int ldy) {                                                  \
-        mv_quant<TY>(W, w_expert_stride, ids, xq, xd, xbs, K, rows, ntok, x_group, y, ldy);     \
+             const i16* __restrict__ xbs, int K, int ntok, int x_group, int rpw) {              \
+        mv_quant<TY>(sg, w_expert_stride, ids, xq, xd, xbs, K, ntok, x_group, rpw);            \
     }
 
 MV_KERNEL(mv_q8_0, TY_Q8_0)
@@ -389,13 +440,15 @@ __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float a
 #define F16_THREADS 128
 #define F16_MAX_CHUNKS 16
 extern "C" __global__ void __launch_bounds__(F16_THREADS)
-    mv_f16(const u16* __restrict__ W, const float* __restrict__ x, int K, int rows, int ntok,
-           float* __restrict__ y, int ldy) {
+    mv_f16(MvSegs sg, const float* __restrict__ x, int K, int ntok) {
     __shared__ float red[F16_THREADS / 32];
     const int r = blockIdx.x;
-    if (r >= rows) return;
+    if (r >= sg.start[sg.n]) return;
+    const int sgi = mv_seg(sg, r);
+    float* y = (float*)sg.y[sgi];
+    const int ldy = sg.ldy[sgi], ry = r - sg.start[sgi];
     const int n8 = K >> 3;
-    const uint4* src = (const uint4*)(W + (long long)r * K);
+    const uint4* src = (const uint4*)((const u16*)sg.w[sgi] + (long long)ry * K);
     uint4 w[F16_MAX_CHUNKS];
 #pragma unroll
     for (int i = 0; i < F16_MAX_CHUNKS; i++) {
@@ -420,7 +473,7 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
             float s = 0.0f;
 #pragma unroll
             for (int i = 0; i < F16_THREADS / 32; i++) s += red[i];
-            y[(long long)t * ldy + r] = s;
+            y[(long long)t * ldy + ry] = s;
         }
         __syncthreads();
     }
@@ -430,13 +483,15 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
 // row, 4 rows per block, so a block is not idle on a 2 KB row.
 #define F16W_MAX_CHUNKS 8
 extern "C" __global__ void __launch_bounds__(128)
-    mv_f16_warp(const u16* __restrict__ W, const float* __restrict__ x, int K, int rows,
-                int ntok, float* __restrict__ y, int ldy) {
+    mv_f16_warp(MvSegs sg, const float* __restrict__ x, int K, int ntok) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * 4 + warp;
-    if (r >= rows) return;
+    if (r >= sg.start[sg.n]) return;
+    const int sgi = mv_seg(sg, r);
+    float* y = (float*)sg.y[sgi];
+    const int ldy = sg.ldy[sgi], ry = r - sg.start[sgi];
     const int n8 = K >> 3;
-    const uint4* src = (const uint4*)(W + (long long)r * K);
+    const uint4* src = (const uint4*)((const u16*)sg.w[sgi] + (long long)ry * K);
     uint4 w[F16W_MAX_CHUNKS];
 #pragma unroll
     for (int i = 0; i < F16W_MAX_CHUNKS; i++) {
@@ -454,7 +509,7 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
         acc = warp_sum(acc);
-        if (lane == 0) y[(long long)t * ldy + r] = acc;
+        if (lane == 0) y[(long long)t * ldy + ry] = acc;
     }
 }
 

@@ -333,23 +333,208 @@ extern "C" __global__ void hc_pre_finish(const float* state, int ld_state, const
     }
 }
 
-// HC merge: X'[d] = post_d·o + Σ_a comb[a][d]·X[a]. Grid (⌈e/256⌉, n).
-extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* post,
-                                   const float* comb, int hc, int e, float* state, int ld_state) {
+// Partial HC mixes over K slices, so that a token's 24 dot products (and the sum of
+// squares its RMS needs) spread over many blocks instead of one row per block:
+//   part[(p·n + t)·(nm + 1) + r] = Σ_{k in slice p} fn[r][k]·state[t][k]  (r < nm)
+//   part[(p·n + t)·(nm + 1) + nm] = Σ_{k in slice p} state[t][k]²
+// Grid (K / kslice, ⌈n / tt⌉), 256 threads. tt = 8: warp w takes token 8·by + w;
+// tt = 1 (few tokens): warp 0 alone. fn slices are staged in shared memory (F16).
+#define HCM_ROWS 24
+#define HCM_PIECE 512
+extern "C" __global__ void __launch_bounds__(256)
+    hc_mix_part(const u16* __restrict__ fn, int nm, const float* __restrict__ state,
+                int ld_state, int K, int n, int kslice, int tt, float* __restrict__ part) {
+    __shared__ __align__(16) u16 wsm[HCM_ROWS * HCM_PIECE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int t = blockIdx.y * tt + (tt == 1 ? 0 : warp);
+    const bool active = t < n && (tt != 1 || warp == 0);
+    const int k0 = blockIdx.x * kslice;
+    const float* x = state + (long long)(active ? t : 0) * ld_state;
+    float acc[HCM_ROWS];
+#pragma unroll
+    for (int r = 0; r < HCM_ROWS; r++) acc[r] = 0.0f;
+    double ss = 0.0;
+    for (int p0 = k0; p0 < k0 + kslice; p0 += HCM_PIECE) {
+        const int plen = min(HCM_PIECE, k0 + kslice - p0);
+        const int c8 = plen >> 3;
+        __syncthreads();
+        for (int i = threadIdx.x; i < nm * c8; i += blockDim.x) {
+            const int r = i / c8, c = i - r * c8;
+            *(uint4*)(wsm + r * HCM_PIECE + 8 * c) = *(const uint4*)(fn + (long long)r * K + p0 + 8 * c);
+        }
+        __syncthreads();
+        if (active) {
+            for (int k = 4 * lane; k < plen; k += 128) {
+                const float4 xv = *(const float4*)(x + p0 + k);
+                ss += (double)xv.x * xv.x + (double)xv.y * xv.y + (double)xv.z * xv.z +
+                      (double)xv.w * xv.w;
+#pragma unroll
+                for (int r = 0; r < HCM_ROWS; r++) {
+                    if (r < nm) {
+                        const uint2 w = *(const uint2*)(wsm + r * HCM_PIECE + k);
+                        float a = acc[r];
+                        a = fmaf(h2f((u16)(w.x & 0xffff)), xv.x, a);
+                        a = fmaf(h2f((u16)(w.x >> 16)), xv.y, a);
+                        a = fmaf(h2f((u16)(w.y & 0xffff)), xv.z, a);
+                        a = fmaf(h2f((u16)(w.y >> 16)), xv.w, a);
+                        acc[r] = a;
+                    }
+                }
+            }
+        }
+    }
+    if (!active) return;
+    float* out = part + ((long long)blockIdx.x * n + t) * (nm + 1);
+#pragma unroll
+    for (int r = 0; r < HCM_ROWS; r++) {
+        if (r < nm) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) out[r] = v;
+        }
+    }
+    ss = warp_sum_d(ss);
+    if (lane == 0) out[nm] = (float)ss;
+}
+
+// HC split + weighted collapse from the partial mixes (hc_mix_part, `np` slices), and
+// optionally the RMSNorm of the result with `norm_w` (the sublayer's input norm): one
+// block per token. Thread t owns the float4 columns 4t + 4·blockDim·c (c < HCF_MAX4) and
+// issues all their loads before using any: this kernel is one block, bound by latency.
+#define HCF_MAX4 4
+template <int HC>
+__device__ __forceinline__ void hc_collapse4(const float* x, int e, const float* pre_s,
+                                             int hc_rt, int j, float4& out,
+                                             const float4* pre_v = 0) {
+    const int hc = HC > 0 ? HC : hc_rt;
+    float4 v[HC > 0 ? HC : 1];
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (HC > 0) {
+#pragma unroll
+        for (int s = 0; s < (HC > 0 ? HC : 1); s++)
+            v[s] = pre_v ? pre_v[s] : *(const float4*)(x + s * e + j);
+#pragma unroll
+        for (int s = 0; s < (HC > 0 ? HC : 1); s++) {
+            const float p = pre_s[s];
+            acc.x += p * v[s].x; acc.y += p * v[s].y; acc.z += p * v[s].z; acc.w += p * v[s].w;
+        }
+    } else {
+        for (int s = 0; s < hc; s++) {
+            const float4 w = *(const float4*)(x + s * e + j);
+            const float p = pre_s[s];
+            acc.x += p * w.x; acc.y += p * w.y; acc.z += p * w.z; acc.w += p * w.w;
+        }
+    }
+    out = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb) {
+    __shared__ float pre_s[16];
+    __shared__ float mix_s[HCM_ROWS + 1];
+    const int i = blockIdx.x;
+    const int nm = (2 + hc) * hc;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float* x = state + (long long)i * ld_state;
+    // The first columns' state loads do not depend on the split: start them now
+    // (hc = 4), so their latency hides behind the mixes' reduction and Sinkhorn.
+    float4 x0[4];
+    const int j00 = 4 * threadIdx.x;
+    if (hc == 4 && j00 < e) {
+#pragma unroll
+        for (int s = 0; s < 4; s++) x0[s] = *(const float4*)(x + s * e + j00);
+    }
+    // Row r of the mixes (r = nm: the sum of squares) = Σ over the slices; warp w sums
+    // rows w, w + nw, ... (all of a lane's loads in flight together).
+    for (int r = warp; r <= nm; r += nw) {
+        float pv[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int p = lane + 32 * c;
+            pv[c] = p < np ? part[((long long)p * n + i) * (nm + 1) + r] : 0.0f;
+        }
+        float v = (pv[0] + pv[1]) + (pv[2] + pv[3]);
+        for (int p = lane + 128; p < np; p += 32) v += part[((long long)p * n + i) * (nm + 1) + r];
+        v = warp_sum(v);
+        if (lane == 0) mix_s[r] = v;
+    }
+    __syncthreads();
+    const float r_inv = (float)(1.0 / sqrt((double)mix_s[nm] / (double)(hc * e) + (double)rms_eps));
+    if (threadIdx.x < 32)
+        hc_split_warp(mix_s, r_inv, scale3, base, hc, iters, hc_eps, pre_s,
+                      post + (long long)i * hc, comb + (long long)i * hc * hc);
+    __syncthreads();
+    float4 yv[HCF_MAX4];
+    double ss = 0.0;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        yv[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < e) {
+            if (hc == 4) hc_collapse4<4>(x, e, pre_s, hc, j, yv[c], c == 0 ? x0 : 0);
+            else hc_collapse4<0>(x, e, pre_s, hc, j, yv[c]);
+            ss += (double)yv[c].x * yv[c].x + (double)yv[c].y * yv[c].y +
+                  (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
+        }
+    }
+    float scale = 1.0f;
+    if (norm_w) {
+        ss = block_sum_d(ss);
+        scale = (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
+    }
+    float* yr = y + (long long)i * ld_y;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (j < e) {
+            float4 o = yv[c];
+            if (norm_w) {
+                const float4 w = *(const float4*)(norm_w + j);
+                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
+                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
+                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
+                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
+            }
+            *(float4*)(yr + j) = o;
+        }
+    }
+}
+
+// HC merge: X'[d] = post_d·o + Σ_a comb[a][d]·X[a]. Grid (⌈e/256⌉, n). With hc = 4
+// known at compile time the four old values stay in registers and load together.
+template <int HC>
+__device__ __forceinline__ void hc_post_t(const float* sub, int ld_sub, const float* post,
+                                          const float* comb, int hc_rt, int e, float* state,
+                                          int ld_state) {
+    const int hc = HC > 0 ? HC : hc_rt;
     const int i = blockIdx.y;
     const float* p = post + (long long)i * hc;
     const float* c = comb + (long long)i * hc * hc;
     float* xr = state + (long long)i * ld_state;
-    float old[16];
+    float old[HC > 0 ? HC : 16];
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < e; j += gridDim.x * blockDim.x) {
         const float o = sub[(long long)i * ld_sub + j];
-        for (int a = 0; a < hc; a++) old[a] = xr[a * e + j];
-        for (int d = 0; d < hc; d++) {
-            float acc = p[d] * o;
-            for (int a = 0; a < hc; a++) acc += c[a * hc + d] * old[a];
-            xr[d * e + j] = acc;
+#pragma unroll
+        for (int a = 0; a < (HC > 0 ? HC : 16); a++)
+            if (HC > 0 || a < hc) old[a] = xr[a * e + j];
+#pragma unroll
+        for (int d = 0; d < (HC > 0 ? HC : 16); d++) {
+            if (HC > 0 || d < hc) {
+                float acc = p[d] * o;
+#pragma unroll
+                for (int a = 0; a < (HC > 0 ? HC : 16); a++)
+                    if (HC > 0 || a < hc) acc += c[a * hc + d] * old[a];
+                xr[d * e + j] = acc;
+            }
         }
     }
+}
+
+extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* post,
+                                   const float* comb, int hc, int e, float* state, int ld_state) {
+    if (hc == 4) hc_post_t<4>(sub, ld_sub, post, comb, hc, e, state, ld_state);
+    else hc_post_t<0>(sub, ld_sub, post, comb, hc, e, state, ld_state);
 }
 
 // Final HC collapse; one block per token.
@@ -398,6 +583,36 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
         float* pair = x + (long long)i * ld + h * head_dim + (head_dim - n_rot) + 2 * q;
         rope_pair(pair, freqs[q], pos, inverse);
     }
+}
+
+// RMSNorm of each head_dim head (optional weight w), then RoPE on its last n_rot dims
+// (rms_norm_seg + rope in one pass). Grid (heads, n); thread t owns dims 4t..4t+3 (two
+// RoPE pairs), so blockDim = head_dim / 4 rounded up to whole warps; head_dim and n_rot
+// multiples of 4.
+extern "C" __global__ void norm_rope(float* x, int ld, const float* w, int head_dim, float eps,
+                                     int n_rot, const float* freqs, const int* pos_p) {
+    const int i = blockIdx.y;
+    float* p = x + (long long)i * ld + (long long)blockIdx.x * head_dim;
+    const int j0 = 4 * threadIdx.x;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (j0 < head_dim) v = *(const float4*)(p + j0);
+    double ss = (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+    ss = block_sum_d(ss);
+    if (j0 >= head_dim) return;
+    const float r = (float)(1.0 / sqrt(ss / (double)head_dim + (double)eps));
+    float o[4] = {__fmul_rn(v.x, r), __fmul_rn(v.y, r), __fmul_rn(v.z, r), __fmul_rn(v.w, r)};
+    if (w) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) o[c] = __fmul_rn(w[j0 + c], o[c]);
+    }
+    const int r0 = head_dim - n_rot;
+    if (j0 >= r0) {
+        const int pos = *pos_p + i;
+        const int q = (j0 - r0) / 2;
+        rope_pair(o, freqs[q], pos, 0);
+        rope_pair(o + 2, freqs[q + 1], pos, 0);
+    }
+    *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
 }
 
 // ---------------------------------------------------------------------------

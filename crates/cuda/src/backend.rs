@@ -22,7 +22,7 @@ use ds4_model::{Error as MError, Result as MResult};
 
 use crate::compile;
 use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
-use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput};
+use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvSeg};
 use crate::runtime::CudaRuntime;
 
 /// Small float tensors (norms, sinks, biases, HC scale/base, ape) also get an f32 copy.
@@ -39,6 +39,10 @@ const ROUTED_GEMM_MIN_SLOTS: usize = 64;
 /// Chunks up to this many tokens use the per-head attention kernel (keys split over
 /// warps); longer ones the tiled kernel that shares key tiles between heads.
 const ATT_DECODE_MAX_TOKENS: usize = 8;
+/// Most HC mix rows `hc_mix_part` keeps in registers (HCM_ROWS in ops.cu).
+const HC_MIX_MAX_ROWS: usize = 24;
+/// Outputs per thread of `hc_pre_finish_norm` (HCF_MAX in ops.cu).
+const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
 const IDX_TILE: usize = 32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
@@ -262,6 +266,9 @@ struct Ops {
     embed_rows: CudaFunction,
     rms_norm_seg: CudaFunction,
     hc_pre_finish: CudaFunction,
+    hc_mix_part: CudaFunction,
+    norm_rope: CudaFunction,
+    hc_pre_finish_norm: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
@@ -302,6 +309,9 @@ impl Ops {
             embed_rows: f("embed_rows")?,
             rms_norm_seg: f("rms_norm_seg")?,
             hc_pre_finish: f("hc_pre_finish")?,
+            hc_mix_part: f("hc_mix_part")?,
+            norm_rope: f("norm_rope")?,
+            hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
@@ -892,6 +902,63 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// Small-batch products of several matrices of `w`'s type and width over one input,
+    /// as one quantisation and one matvec launch: part j is (weights, rows, output).
+    /// Slots as in `matmul_slots` (ids 0: dense, `slots` 1, ntok = act_rows).
+    /// False (nothing launched) when `w`'s type has no quantized matvec.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_matvec(
+        &self,
+        w: &CudaWeight,
+        parts: &[(u64, usize, u64)],
+        x: u64,
+        act_rows: usize,
+        ntok: usize,
+        slots: usize,
+        ids: u64,
+        x_group: usize,
+    ) -> MResult<bool> {
+        let kind = match ActKind::for_weight(w.ty) {
+            Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => k,
+            _ => return Ok(false),
+        };
+        let Some(&(w0, rows0, y0)) = parts.first() else {
+            return Ok(true);
+        };
+        let k = w.k;
+        let extra: Vec<MvSeg> = parts[1..]
+            .iter()
+            .map(|&(w, rows, y)| MvSeg {
+                w,
+                rows,
+                y,
+                ldy: rows,
+            })
+            .collect();
+        let mut sc = self.scratch()?;
+        let act = sc.act(self.stream(), kind, k, act_rows)?;
+        self.kernels
+            .quantize_rows(self.stream(), x, act, act_rows)
+            .map_err(be)?;
+        let m = Matvec {
+            ty: w.ty,
+            w: w0,
+            k,
+            rows: rows0,
+            ntok,
+            slots,
+            w_slot_stride: (w.row_bytes() * rows0) as u64,
+            ids,
+            x_group,
+            x: MvInput::Quant(act),
+            y: y0,
+        };
+        self.kernels
+            .matvec_segs(self.stream(), &m, rows0, &extra)
+            .map_err(be)?;
+        Ok(true)
+    }
+
     /// Lets the next product of `x` (rows × k) with weights of `w`'s type reuse the
     /// quantized copy the previous product made.
     fn allow_reuse(&self, x: u64, w: &CudaWeight, k: usize, rows: usize) -> MResult<()> {
@@ -911,6 +978,122 @@ impl CudaBackend {
             Err(crate::Error::Shape { .. }) => Ok(false),
             Err(e) => Err(be(e)),
         }
+    }
+
+    /// HC split + collapse (+ the sublayer's input RMSNorm) from mixes computed over K
+    /// slices by many blocks (`hc_mix_part`); false when the shape is not taken
+    /// (F16 `fn` of at most 24 rows, K a multiple of 128, n_embd ≤ 16 per thread).
+    #[allow(clippy::too_many_arguments)]
+    fn hc_pre_split(
+        &self,
+        w: &HcWeights<CudaWeight>,
+        state: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        norm: Option<&CudaWeight>,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<bool> {
+        let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+        let k = hc * e;
+        let threads = if n == 1 { 1024 } else { 256 };
+        if w.fn_.ty != GgmlType::F16
+            || nm > HC_MIX_MAX_ROWS
+            || !k.is_multiple_of(128)
+            || e > HC_FINISH_MAX_PER_THREAD * threads
+            || !e.is_multiple_of(4)
+            || !y.cols.is_multiple_of(4)
+            || state.cols != k
+        {
+            return Ok(false);
+        }
+        let norm_ptr = match norm {
+            Some(nw) => {
+                check(nw.k * nw.rows == e, || "hc_pre: norm weight length".into())?;
+                nw.dense_ptr()?
+            }
+            None => 0,
+        };
+        // Few tokens: one warp per (token, 128-wide slice); chunks: 8 tokens per block
+        // and as many slices as fill about two waves.
+        let tt = if n >= 8 { 8 } else { 1 };
+        let np = if tt == 1 {
+            k / 128
+        } else {
+            let tiles = n.div_ceil(8);
+            let mut p = 1usize;
+            while p * 2 <= (264 / tiles).max(1) && (k / 128).is_multiple_of(p * 2) {
+                p *= 2;
+            }
+            p
+        };
+        let kslice = k / np;
+        let part = self
+            .scratch()?
+            .f32(self.stream(), "hc_part", np * n * (nm + 1))?;
+        let cfg = LaunchConfig {
+            grid_dim: (np as u32, n.div_ceil(tt) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (fnp, nm32, sp, lds, k32, n32, ks32, tt32) = (
+            w.fn_.data.ptr,
+            nm as i32,
+            state.buf.ptr,
+            state.cols as i32,
+            k as i32,
+            n as i32,
+            kslice as i32,
+            tt as i32,
+        );
+        self.launch(&self.ops.hc_mix_part, cfg, |b| {
+            b.arg(&fnp)
+                .arg(&nm32)
+                .arg(&sp)
+                .arg(&lds)
+                .arg(&k32)
+                .arg(&n32)
+                .arg(&ks32)
+                .arg(&tt32)
+                .arg(&part);
+        })?;
+        let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (np32, hc32, e32, it, he, re) = (
+            np as i32,
+            hc as i32,
+            e as i32,
+            s.hc_sinkhorn_iters as i32,
+            s.hc_eps,
+            s.rms_eps,
+        );
+        let (yp, ldy, pp, cp) = (y.buf.ptr, y.cols as i32, post.buf.ptr, comb.buf.ptr);
+        self.launch(&self.ops.hc_pre_finish_norm, cfg, |b| {
+            b.arg(&sp)
+                .arg(&lds)
+                .arg(&part)
+                .arg(&np32)
+                .arg(&n32)
+                .arg(&sc)
+                .arg(&bs)
+                .arg(&hc32)
+                .arg(&e32)
+                .arg(&it)
+                .arg(&he)
+                .arg(&re)
+                .arg(&norm_ptr)
+                .arg(&re)
+                .arg(&yp)
+                .arg(&ldy)
+                .arg(&pp)
+                .arg(&cp);
+        })?;
+        Ok(true)
     }
 
     fn hc_mixes(&self, fn_: &CudaWeight, state: &CudaAct, n: usize, rows: usize) -> MResult<u64> {
@@ -1169,6 +1352,97 @@ impl<'w> Backend<'w> for CudaBackend {
         self.matmul_raw(w, 0, w.rows, x.buf.ptr, x.cols, n, out.buf.ptr, out.cols)
     }
 
+    fn matmul_multi(
+        &self,
+        ws: &[&CudaWeight],
+        x: &CudaAct,
+        n: usize,
+        outs: &mut [&mut CudaAct],
+    ) -> MResult<()> {
+        let Some(first) = ws.first() else {
+            return Ok(());
+        };
+        check(ws.len() == outs.len(), || {
+            format!("matmul_multi: {} weights, {} outputs", ws.len(), outs.len())
+        })?;
+        for (w, out) in ws.iter().zip(outs.iter()) {
+            check(
+                x.cols >= w.k && out.cols >= w.rows && n <= x.rows.min(out.rows),
+                || {
+                    format!(
+                        "matmul {}: x {} cols, out {} cols, weight [{}, {}]",
+                        w.name, x.cols, out.cols, w.k, w.rows
+                    )
+                },
+            )?;
+        }
+        let same = ws.iter().all(|w| w.ty == first.ty && w.k == first.k);
+        let quant = matches!(
+            first.ty,
+            GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS
+        );
+        let f16 = first.ty == GgmlType::F16 && first.k.is_multiple_of(8) && first.k <= 16384;
+        // Decode-sized inputs: one launch over every matrix (one quantisation).
+        if same
+            && (quant || f16)
+            && n < GEMM_MIN_TOKENS
+            && ws.len() <= MV_MAX_SEGS
+            && x.cols == first.k
+        {
+            let _prof = self.prof("matmul multi", n);
+            let k = first.k;
+            let extra: Vec<MvSeg> = ws[1..]
+                .iter()
+                .zip(outs[1..].iter())
+                .map(|(w, o)| MvSeg {
+                    w: w.data.ptr,
+                    rows: w.rows,
+                    y: o.buf.ptr,
+                    ldy: o.cols,
+                })
+                .collect();
+            // The scratch stays locked while its quantized input is in use.
+            let mut sc = self.scratch()?;
+            let xin = if quant {
+                let kind = ActKind::for_weight(first.ty).map_err(be)?;
+                let act = sc.act(self.stream(), kind, k, n)?;
+                self.kernels
+                    .quantize_rows(self.stream(), x.buf.ptr, act, n)
+                    .map_err(be)?;
+                MvInput::Quant(act)
+            } else {
+                MvInput::F32(x.buf.ptr)
+            };
+            let m = Matvec {
+                ty: first.ty,
+                w: first.data.ptr,
+                k,
+                rows: first.rows,
+                ntok: n,
+                slots: 1,
+                w_slot_stride: 0,
+                ids: 0,
+                x_group: 1,
+                x: xin,
+                y: outs[0].buf.ptr,
+            };
+            return self
+                .kernels
+                .matvec_segs(self.stream(), &m, outs[0].cols, &extra)
+                .map_err(be);
+        }
+        // Chunks: one product each, sharing the quantized input when the types agree.
+        for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+            if i > 0 && w.ty == ws[i - 1].ty && w.k == ws[i - 1].k && x.cols == w.k {
+                self.allow_reuse(x.buf.ptr, w, w.k, n)?;
+            }
+            let r = self.matmul(w, x, n, out);
+            self.scratch()?.reuse = None;
+            r?;
+        }
+        Ok(())
+    }
+
     fn matmul_grouped(
         &self,
         w: &CudaWeight,
@@ -1283,6 +1557,9 @@ impl<'w> Backend<'w> for CudaBackend {
             hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
             || "hc_pre: bad weights".into(),
         )?;
+        if n == 0 || self.hc_pre_split(w, state, n, s, None, y, post, comb)? {
+            return Ok(());
+        }
         let mixes = self.hc_mixes(&w.fn_, state, n, nm)?;
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
@@ -1318,6 +1595,32 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&pp)
                 .arg(&cp);
         })
+    }
+
+    fn hc_pre_norm(
+        &self,
+        w: &HcWeights<CudaWeight>,
+        state: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        norm: &CudaWeight,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        {
+            let _prof = self.prof("hc_pre", n);
+            let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+            check(
+                hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
+                || "hc_pre: bad weights".into(),
+            )?;
+            if n == 0 || self.hc_pre_split(w, state, n, s, Some(norm), y, post, comb)? {
+                return Ok(());
+            }
+        }
+        self.hc_pre(w, state, n, s, y, post, comb)?;
+        self.rms_norm(y, Some(norm), n, s.n_embd, s.rms_eps)
     }
 
     fn hc_post(
@@ -1450,6 +1753,64 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&fr)
                 .arg(&pp)
                 .arg(&inv);
+        })
+    }
+
+    fn rms_norm_rope(
+        &self,
+        x: &mut CudaAct,
+        w: Option<&CudaWeight>,
+        n: usize,
+        head_dim: usize,
+        eps: f32,
+        kind: RopeKind,
+        pos0: usize,
+    ) -> MResult<()> {
+        let n_rot = self.shape.n_rot;
+        let fused = head_dim.is_multiple_of(4)
+            && n_rot.is_multiple_of(4)
+            && n_rot <= head_dim
+            && head_dim <= 4096
+            && x.cols.is_multiple_of(head_dim);
+        if !fused {
+            self.rms_norm(x, w, n, head_dim, eps)?;
+            return self.rope(x, n, head_dim, kind, pos0, false);
+        }
+        let _prof = self.prof("norm_rope", n);
+        let wp = match w {
+            Some(w) => {
+                check(w.k * w.rows == head_dim, || {
+                    "rms_norm: weight length".into()
+                })?;
+                w.dense_ptr()?
+            }
+            None => 0,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((x.cols / head_dim) as u32, n as u32, 1),
+            block_dim: ((head_dim / 4).next_multiple_of(32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, ld, hd, nr, fr, pp) = (
+            x.buf.ptr,
+            x.cols as i32,
+            head_dim as i32,
+            n_rot as i32,
+            self.freqs(kind),
+            self.chunk_ptrs()?.1,
+        );
+        self.launch(&self.ops.norm_rope, cfg, |b| {
+            b.arg(&xp)
+                .arg(&ld)
+                .arg(&wp)
+                .arg(&hd)
+                .arg(&eps)
+                .arg(&nr)
+                .arg(&fr)
+                .arg(&pp);
         })
     }
 
@@ -1969,23 +2330,55 @@ impl<'w> Backend<'w> for CudaBackend {
             ActKind::for_weight(a.ty).ok().map(kind_tag)
                 == ActKind::for_weight(b.ty).ok().map(kind_tag)
         };
-        self.matmul_slots(&w.gate_exps, ff, ids, n * k, k, xp, g)?;
-        if same(&w.gate_exps, &w.up_exps) {
-            self.allow_reuse(xp, &w.up_exps, e, n)?;
+        // Decode: gate and up of every slot in one launch.
+        let pair = |a: &CudaWeight, b: &CudaWeight| {
+            n < GEMM_MIN_TOKENS && a.ty == b.ty && a.k == b.k && a.rows == b.rows
+        };
+        let fused = pair(&w.gate_exps, &w.up_exps)
+            && n * k < ROUTED_GEMM_MIN_SLOTS
+            && self.fused_matvec(
+                &w.gate_exps,
+                &[(w.gate_exps.data.ptr, ff, g), (w.up_exps.data.ptr, ff, u)],
+                xp,
+                n,
+                1,
+                n * k,
+                ids,
+                k,
+            )?;
+        if !fused {
+            self.matmul_slots(&w.gate_exps, ff, ids, n * k, k, xp, g)?;
+            if same(&w.gate_exps, &w.up_exps) {
+                self.allow_reuse(xp, &w.up_exps, e, n)?;
+            }
+            let up = self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u);
+            self.scratch()?.reuse = None;
+            up?;
         }
-        let up = self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u);
-        self.scratch()?.reuse = None;
-        up?;
         swiglu(g, u, n * k, wts, mid)?;
         self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down)?;
         // Shared expert.
-        self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
-        if same(&w.gate_sh, &w.up_sh) {
-            self.allow_reuse(xp, &w.up_sh, e, n)?;
+        let fused = pair(&w.gate_sh, &w.up_sh)
+            && w.gate_sh.rows == ff
+            && self.fused_matvec(
+                &w.gate_sh,
+                &[(w.gate_sh.data.ptr, ff, sg), (w.up_sh.data.ptr, ff, su)],
+                xp,
+                n,
+                n,
+                1,
+                0,
+                1,
+            )?;
+        if !fused {
+            self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
+            if same(&w.gate_sh, &w.up_sh) {
+                self.allow_reuse(xp, &w.up_sh, e, n)?;
+            }
+            let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
+            self.scratch()?.reuse = None;
+            up?;
         }
-        let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
-        self.scratch()?.reuse = None;
-        up?;
         swiglu(sg, su, n, 0, smid)?;
         self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e)?;
         let cfg = LaunchConfig {

@@ -192,10 +192,42 @@ pub struct Matvec<'a> {
     pub y: u64,
 }
 
+/// A further weight matrix of a multi-segment matvec (same type, k, input and slots as
+/// the first): `rows` rows at `w`, output rows `ldy` floats apart at `y`.
+#[derive(Clone, Copy, Debug)]
+pub struct MvSeg {
+    pub w: u64,
+    pub rows: usize,
+    pub y: u64,
+    pub ldy: usize,
+}
+
+/// Bytes of weights a warp stages per step at most when it groups short rows.
+const MV_GROUP_BYTES: usize = 4608;
+
+/// Most matrices one matvec launch takes (`MV_MAX_SEGS` in matvec.cu).
+pub const MV_MAX_SEGS: usize = 6;
+
+/// The kernels' segment table (layout of `MvSegs` in matvec.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MvSegsArg {
+    w: [u64; MV_MAX_SEGS],
+    y: [u64; MV_MAX_SEGS],
+    start: [i32; MV_MAX_SEGS + 1],
+    ldy: [i32; MV_MAX_SEGS],
+    n: i32,
+}
+
+// SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.
+unsafe impl cudarc::driver::DeviceRepr for MvSegsArg {}
+
 /// Loaded kernel functions.
 pub struct Kernels {
     stream: Arc<CudaStream>,
     sm_count: usize,
+    /// Most rows a matvec warp takes per step (1, 2 or 4; `DS4_MV_MAX_RPW` for A/B runs).
+    max_rpw: usize,
     quant_act_q8_0: CudaFunction,
     quant_act_q8_k: CudaFunction,
     mv_q8_0: CudaFunction,
@@ -232,6 +264,11 @@ impl Kernels {
         Ok(Self {
             stream: rt.stream.clone(),
             sm_count: rt.device.multiprocessors.max(1) as usize,
+            max_rpw: match std::env::var("DS4_MV_MAX_RPW").ok().as_deref() {
+                Some("1") => 1,
+                Some("2") => 2,
+                _ => 4,
+            },
             quant_act_q8_0: f("quant_act_q8_0")?,
             quant_act_q8_k: f("quant_act_q8_k")?,
             mv_q8_0: mv("mv_q8_0")?,
@@ -312,21 +349,59 @@ impl Kernels {
 
     /// A matvec whose output rows are `ldy` floats apart (`ldy >= rows`).
     pub fn matvec_ld(&self, stream: &Arc<CudaStream>, m: &Matvec, ldy: usize) -> Result<()> {
+        self.matvec_segs(stream, m, ldy, &[])
+    }
+
+    /// `m` (output rows `ldy` apart) and the further matrices `extra` of the same type,
+    /// width, input and slots, as one launch.
+    pub fn matvec_segs(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        ldy: usize,
+        extra: &[MvSeg],
+    ) -> Result<()> {
         let shape_err = |detail: String| Error::Shape {
             what: "matvec",
             detail,
         };
+        if extra.len() >= MV_MAX_SEGS {
+            return Err(shape_err(format!(
+                "{} matrices in one launch, at most {MV_MAX_SEGS}",
+                extra.len() + 1
+            )));
+        }
+        let mut sg = MvSegsArg::default();
+        let mut total = 0usize;
+        let first = MvSeg {
+            w: m.w,
+            rows: m.rows,
+            y: m.y,
+            ldy,
+        };
+        for (i, seg) in std::iter::once(&first).chain(extra).enumerate() {
+            if seg.rows == 0 || seg.ldy < seg.rows {
+                return Err(shape_err(format!(
+                    "segment {i}: rows {}, ldy {}",
+                    seg.rows, seg.ldy
+                )));
+            }
+            sg.w[i] = seg.w;
+            sg.y[i] = seg.y;
+            sg.start[i] = i32::try_from(total).map_err(|_| shape_err("too many rows".into()))?;
+            sg.ldy[i] = i32::try_from(seg.ldy).map_err(|_| shape_err("ldy too large".into()))?;
+            total += seg.rows;
+        }
+        let n_segs = extra.len() + 1;
+        sg.start[n_segs] = i32::try_from(total).map_err(|_| shape_err("too many rows".into()))?;
+        sg.n = n_segs as i32;
         if m.rows == 0 || m.k == 0 || m.ntok == 0 || m.slots == 0 || m.x_group == 0 {
             return Err(shape_err(format!(
                 "empty dimension (rows {}, k {}, ntok {}, slots {}, x_group {})",
                 m.rows, m.k, m.ntok, m.slots, m.x_group
             )));
         }
-        if ldy < m.rows {
-            return Err(shape_err(format!("ldy {ldy} < rows {}", m.rows)));
-        }
-        let (k, rows, ntok) = (m.k as i32, m.rows as i32, m.ntok as i32);
-        let ldy_i = ldy as i32;
+        let (k, ntok) = (m.k as i32, m.ntok as i32);
         if m.ty == GgmlType::F16 {
             let MvInput::F32(x) = m.x else {
                 return Err(shape_err("F16 weights take an f32 input".into()));
@@ -340,7 +415,7 @@ impl Kernels {
             // Short rows: a warp per row (`mv_f16_warp`), else a block per row.
             let short = m.k <= F16_WARP_MAX_K;
             let cfg = LaunchConfig {
-                grid_dim: (if short { m.rows.div_ceil(4) } else { m.rows } as u32, 1, 1),
+                grid_dim: (if short { total.div_ceil(4) } else { total } as u32, 1, 1),
                 block_dim: (F16_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -350,13 +425,7 @@ impl Kernels {
                 &self.mv_f16
             };
             let mut b = stream.launch_builder(func);
-            b.arg(&m.w)
-                .arg(&x)
-                .arg(&k)
-                .arg(&rows)
-                .arg(&ntok)
-                .arg(&m.y)
-                .arg(&ldy_i);
+            b.arg(&sg).arg(&x).arg(&k).arg(&ntok);
             // SAFETY: matches `mv_f16`; shapes checked above.
             unsafe { b.launch(cfg) }?;
             return Ok(());
@@ -400,7 +469,19 @@ impl Kernels {
                 m.k
             )));
         }
-        let smem = MV_WARPS * 2 * rb.div_ceil(16) * 16;
+        // Rows per warp step: short rows go in groups of up to 4 (~4 KB staged at a time);
+        // every matrix's row count must divide into whole groups.
+        let mut rpw = 1usize;
+        while rpw < self.max_rpw
+            && rb.is_multiple_of(16)
+            && rb * rpw * 2 <= MV_GROUP_BYTES
+            && std::iter::once(m.rows)
+                .chain(extra.iter().map(|s| s.rows))
+                .all(|r| r.is_multiple_of(rpw * 2))
+        {
+            rpw *= 2;
+        }
+        let smem = MV_WARPS * 2 * (rb * rpw).div_ceil(16) * 16;
         if smem > SMEM_LIMIT {
             return Err(shape_err(format!(
                 "{} row of {} elements needs {smem} bytes of shared memory",
@@ -408,10 +489,16 @@ impl Kernels {
                 m.k
             )));
         }
-        // Enough blocks to fill the GPU once; warps then walk the remaining rows.
-        let per_sm = (SMEM_PER_SM / smem).clamp(1, MAX_BLOCKS_PER_SM);
+        // Exactly one wave of resident blocks; warps then walk the remaining rows. (A
+        // grid past the resident count leaves a partial second wave running at a
+        // fraction of the GPU: 1.33 waves cost ~2 waves of time.)
+        let per_sm = func
+            .occupancy_max_active_blocks_per_multiprocessor((MV_WARPS * 32) as u32, smem, None)
+            .map(|b| b as usize)
+            .unwrap_or(SMEM_PER_SM / smem)
+            .clamp(1, MAX_BLOCKS_PER_SM);
         let fill = (self.sm_count * per_sm).div_ceil(m.slots);
-        let blocks_x = m.rows.div_ceil(MV_WARPS).min(fill.max(1));
+        let blocks_x = (total / rpw).div_ceil(MV_WARPS).min(fill.max(1));
         let cfg = LaunchConfig {
             grid_dim: (blocks_x as u32, m.slots as u32, 1),
             block_dim: ((MV_WARPS * 32) as u32, 1, 1),
@@ -419,24 +506,23 @@ impl Kernels {
         };
         let stride = m.w_slot_stride as i64;
         let x_group = m.x_group as i32;
+        let rpw_i = rpw as i32;
         let bsums = if act.kind == ActKind::Q8K {
             act.bsums.ptr
         } else {
             0u64
         };
         let mut b = stream.launch_builder(func);
-        b.arg(&m.w)
+        b.arg(&sg)
             .arg(&stride)
             .arg(&m.ids)
             .arg(&act.qs.ptr)
             .arg(&act.d.ptr)
             .arg(&bsums)
             .arg(&k)
-            .arg(&rows)
             .arg(&ntok)
             .arg(&x_group)
-            .arg(&m.y)
-            .arg(&ldy_i);
+            .arg(&rpw_i);
         // SAFETY: matches the MV_KERNEL signature; shapes checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())

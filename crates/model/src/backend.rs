@@ -79,6 +79,27 @@ pub trait Backend<'w> {
     ) -> Result<()>;
     /// out[i] = W · x[i] for i < n.
     fn matmul(&self, w: &Self::Weight, x: &Self::Act, n: usize, out: &mut Self::Act) -> Result<()>;
+    /// outs[j] = ws[j] · x for every j: several weights applied to the same input, which a
+    /// backend may quantize once and run as one launch.
+    fn matmul_multi(
+        &self,
+        ws: &[&Self::Weight],
+        x: &Self::Act,
+        n: usize,
+        outs: &mut [&mut Self::Act],
+    ) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(crate::Error::Backend(format!(
+                "matmul_multi: {} weights, {} outputs",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(w, x, n, out)?;
+        }
+        Ok(())
+    }
     /// Grouped projection: output rows are split in `groups` equal parts; part g reads the
     /// g-th equal slice of x.
     fn matmul_grouped(
@@ -110,6 +131,39 @@ pub trait Backend<'w> {
         post: &mut Self::Act,
         comb: &mut Self::Act,
     ) -> Result<()>;
+    /// RMSNorm of each `head_dim` head (optional weight), then RoPE on its last n_rot dims
+    /// (row i at pos0 + i): one step where the backend can fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_rope(
+        &self,
+        x: &mut Self::Act,
+        w: Option<&Self::Weight>,
+        n: usize,
+        head_dim: usize,
+        eps: f32,
+        kind: RopeKind,
+        pos0: usize,
+    ) -> Result<()> {
+        self.rms_norm(x, w, n, head_dim, eps)?;
+        self.rope(x, n, head_dim, kind, pos0, false)
+    }
+    /// `hc_pre`, then the RMSNorm of y with `norm` (n_embd wide): one step where the
+    /// backend can fuse them.
+    #[allow(clippy::too_many_arguments)]
+    fn hc_pre_norm(
+        &self,
+        w: &HcWeights<Self::Weight>,
+        state: &Self::Act,
+        n: usize,
+        shape: &ModelShape,
+        norm: &Self::Weight,
+        y: &mut Self::Act,
+        post: &mut Self::Act,
+        comb: &mut Self::Act,
+    ) -> Result<()> {
+        self.hc_pre(w, state, n, shape, y, post, comb)?;
+        self.rms_norm(y, Some(norm), n, shape.n_embd, shape.rms_eps)
+    }
     /// HC merge (§7.2): X'[d] = post_d·o + Σ_a comb[a][d]·X[a], in place on `state`.
     fn hc_post(
         &self,

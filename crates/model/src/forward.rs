@@ -54,6 +54,10 @@ pub struct Buffers<A, I> {
     kvr: A,
     comp_kv: A,
     comp_score: A,
+    /// The indexer compressor's inputs (separate from the attention compressor's, so that
+    /// every projection of the normed input can run as one `matmul_multi`).
+    icomp_kv: A,
+    icomp_score: A,
     iq: A,
     iw: A,
     attn: A,
@@ -103,6 +107,8 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             kvr: b.alloc_act(cap, s.head_dim)?,
             comp_kv: b.alloc_act(cap, max_comp_w)?,
             comp_score: b.alloc_act(cap, max_comp_w)?,
+            icomp_kv: b.alloc_act(cap, max_comp_w)?,
+            icomp_score: b.alloc_act(cap, max_comp_w)?,
             iq: b.alloc_act(cap, s.indexer_heads * s.indexer_dim)?,
             iw: b.alloc_act(cap, s.indexer_heads)?,
             attn: b.alloc_act(cap, s.q_dim())?,
@@ -188,32 +194,56 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 RopeKind::Plain
             };
             // ---- attention sublayer
-            be.hc_pre(
+            let a = &lw.attn;
+            be.hc_pre_norm(
                 &lw.hc_attn,
                 &bufs.state,
                 n,
                 s,
+                &a.norm,
                 &mut bufs.y,
                 &mut bufs.post,
                 &mut bufs.comb,
             )?;
-            let a = &lw.attn;
-            be.rms_norm(&mut bufs.y, Some(&a.norm), n, s.n_embd, eps)?;
-            be.matmul(&a.q_a, &bufs.y, n, &mut bufs.qr)?;
+            // Every projection of the normed input y at once (one quantisation, few launches).
+            be.matmul_multi(
+                &[&a.q_a, &a.kv],
+                &bufs.y,
+                n,
+                &mut [&mut bufs.qr, &mut bufs.kvr],
+            )?;
+            {
+                let mut ws: Vec<&B::Weight> = Vec::with_capacity(5);
+                let mut outs: Vec<&mut B::Act> = Vec::with_capacity(5);
+                if let Some(cw) = &a.compressor {
+                    ws.extend([&cw.kv, &cw.gate]);
+                    outs.extend([&mut bufs.comp_kv, &mut bufs.comp_score]);
+                }
+                if let Some(ix) = &a.indexer {
+                    ws.extend([&ix.compressor.kv, &ix.compressor.gate, &ix.proj]);
+                    outs.extend([&mut bufs.icomp_kv, &mut bufs.icomp_score, &mut bufs.iw]);
+                }
+                if !ws.is_empty() {
+                    be.matmul_multi(&ws, &bufs.y, n, &mut outs)?;
+                }
+            }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
             be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
-            be.rms_norm(&mut bufs.q, None, n, s.head_dim, eps)?;
-            be.matmul(&a.kv, &bufs.y, n, &mut bufs.kvr)?;
-            be.rms_norm(&mut bufs.kvr, Some(&a.kv_norm), n, s.head_dim, eps)?;
-            be.rope(&mut bufs.q, n, s.head_dim, rope, pos0, false)?;
-            be.rope(&mut bufs.kvr, n, s.head_dim, rope, pos0, false)?;
+            be.rms_norm_rope(&mut bufs.q, None, n, s.head_dim, eps, rope, pos0)?;
+            be.rms_norm_rope(
+                &mut bufs.kvr,
+                Some(&a.kv_norm),
+                n,
+                s.head_dim,
+                eps,
+                rope,
+                pos0,
+            )?;
             if official {
                 be.round_rows(&mut bufs.kvr, n, RowRounding::KvRow)?;
             }
             let mut use_sel = false;
             if let Some(cw) = &a.compressor {
-                be.matmul(&cw.kv, &bufs.y, n, &mut bufs.comp_kv)?;
-                be.matmul(&cw.gate, &bufs.y, n, &mut bufs.comp_score)?;
                 be.compressor_update(
                     kv,
                     il,
@@ -227,16 +257,13 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 )?;
             }
             if let Some(ix) = &a.indexer {
-                let icw = &ix.compressor;
-                be.matmul(&icw.kv, &bufs.y, n, &mut bufs.comp_kv)?;
-                be.matmul(&icw.gate, &bufs.y, n, &mut bufs.comp_score)?;
                 be.compressor_update(
                     kv,
                     il,
                     CompKind::Indexer,
-                    icw,
-                    &bufs.comp_kv,
-                    &bufs.comp_score,
+                    &ix.compressor,
+                    &bufs.icomp_kv,
+                    &bufs.icomp_score,
                     n,
                     pos0,
                     official,
@@ -253,7 +280,6 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 if official {
                     be.round_rows(&mut bufs.iq, n, RowRounding::IndexerQat)?;
                 }
-                be.matmul(&ix.proj, &bufs.y, n, &mut bufs.iw)?;
                 be.indexer_topk(
                     kv,
                     il,
@@ -291,16 +317,16 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 &mut bufs.state,
             )?;
             // ---- FFN sublayer
-            be.hc_pre(
+            be.hc_pre_norm(
                 &lw.hc_ffn,
                 &bufs.state,
                 n,
                 s,
+                &lw.ffn.norm,
                 &mut bufs.y,
                 &mut bufs.post,
                 &mut bufs.comb,
             )?;
-            be.rms_norm(&mut bufs.y, Some(&lw.ffn.norm), n, s.n_embd, eps)?;
             be.moe(&lw.ffn, il, s, &bufs.y, tokens, n, &mut bufs.sub)?;
             be.hc_post(
                 &bufs.sub,
