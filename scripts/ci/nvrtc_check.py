@@ -85,6 +85,12 @@ def main():
         if rc == 0:
             nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
             print(f"  {name}: OK ({size.value} bytes of cubin)")
+            dump = os.environ.get("DS4_NVRTC_DUMP")  # a folder: keep the cubins (nvdisasm)
+            if dump:
+                cubin = ctypes.create_string_buffer(size.value)
+                nvrtc.nvrtcGetCUBIN(prog, cubin)
+                with open(os.path.join(dump, name + ".cubin"), "wb") as f:
+                    f.write(cubin.raw)
             if text:
                 print("    " + text.replace("\n", "\n    "))
         else:

@@ -31,6 +31,23 @@ typedef short i16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (launch.rs): a kernel may be placed while its
+// predecessor still runs; it lets its own dependents be placed at once and waits for
+// its predecessors to complete (and their writes to be visible) before anything else.
+// Weight loads (never written by a kernel) may go between PDL_TRIGGER and PDL_WAIT.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define PDL_TRIGGER()
+#define PDL_WAIT()
+#endif
+#define PDL_START() \
+    do {            \
+        PDL_TRIGGER(); \
+        PDL_WAIT();    \
+    } while (0)
+
 #define MV_WARPS 4
 #define MAX_TOK 16
 
@@ -92,7 +109,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // One warp per 32-block: d = amax/127, q = rint(x/d) (ties to even).
 extern "C" __global__ void quant_act_q8_0(const float* __restrict__ x, int n,
-                                          i8* __restrict__ qs, float* __restrict__ d) {
+                                          i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (blk >= n / 32) return;
@@ -112,7 +129,7 @@ extern "C" __global__ void quant_act_q8_0(const float* __restrict__ x, int n,
 // max = the signed element of largest |x| (first one on ties), iscale = -127/max.
 extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
                                           i8* __restrict__ qs, float* __restrict__ d,
-                                          i16* __restrict__ bsums) {
+                                          i16* __restrict__ bsums) { PDL_START();
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (blk >= n / 256) return;
@@ -314,6 +331,7 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
                                          int K, int ntok, int x_group, int rpw) {
     extern __shared__ uint4 smem[];
     __shared__ u64 grid_s[TY == TY_IQ2_XXS ? 256 : 1];
+    PDL_TRIGGER();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     u64 g0 = 0, g1 = 0;
     if (TY == TY_IQ2_XXS) {  // in flight together with the first row
@@ -321,6 +339,9 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
         g1 = IQ2XXS_GRID[(threadIdx.x + 128) & 255];
     }
     const int slot = blockIdx.y;
+    // Routed slots learn their expert from the previous kernel: wait first. Dense
+    // products start streaming their first rows while the previous kernel finishes.
+    if (ids) PDL_WAIT();
     const int e = ids ? ids[slot] : slot;
 
     int blk_elems, blk_bytes, units_per_blk;
@@ -354,6 +375,7 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
         else for (int i = lane; i < group_bytes; i += 32) ((u8*)bufs)[i] = src[i];
     }
     cp_async_commit();
+    if (!ids) PDL_WAIT();
     if (TY == TY_IQ2_XXS) {
         if (threadIdx.x < 128) { grid_s[threadIdx.x] = g0; grid_s[threadIdx.x + 128] = g1; }
         __syncthreads();
@@ -412,7 +434,7 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                                 \
         name(MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                 \
              const i8* __restrict__ xq, const float* __restrict__ xd,                           \
-             const i16* __restrict__ xbs, int K, int ntok, int x_group, int rpw) {              \
+             const i16* __restrict__ xbs, int K, int ntok, int x_group, int rpw) {                           \
         mv_quant<TY>(sg, w_expert_stride, ids, xq, xd, xbs, K, ntok, x_group, rpw);            \
     }
 
@@ -440,7 +462,7 @@ __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float a
 #define F16_THREADS 128
 #define F16_MAX_CHUNKS 16
 extern "C" __global__ void __launch_bounds__(F16_THREADS)
-    mv_f16(MvSegs sg, const float* __restrict__ x, int K, int ntok) {
+    mv_f16(MvSegs sg, const float* __restrict__ x, int K, int ntok) { PDL_TRIGGER();
     __shared__ float red[F16_THREADS / 32];
     const int r = blockIdx.x;
     if (r >= sg.start[sg.n]) return;
@@ -455,6 +477,7 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
         const int k = i * F16_THREADS + threadIdx.x;
         if (k < n8) w[i] = ld_stream16(src + k);
     }
+    PDL_WAIT();  // the weights above stream in while the previous kernel finishes
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int t = 0; t < ntok; t++) {
         const float4* xp = (const float4*)(x + (long long)t * K);
@@ -483,7 +506,7 @@ extern "C" __global__ void __launch_bounds__(F16_THREADS)
 // row, 4 rows per block, so a block is not idle on a 2 KB row.
 #define F16W_MAX_CHUNKS 8
 extern "C" __global__ void __launch_bounds__(128)
-    mv_f16_warp(MvSegs sg, const float* __restrict__ x, int K, int ntok) {
+    mv_f16_warp(MvSegs sg, const float* __restrict__ x, int K, int ntok) { PDL_TRIGGER();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * 4 + warp;
     if (r >= sg.start[sg.n]) return;
@@ -498,6 +521,7 @@ extern "C" __global__ void __launch_bounds__(128)
         const int k = i * 32 + lane;
         if (k < n8) w[i] = ld_stream16(src + k);
     }
+    PDL_WAIT();
     for (int t = 0; t < ntok; t++) {
         const float4* xp = (const float4*)(x + (long long)t * K);
         float acc = 0.0f;
@@ -514,7 +538,9 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // ---------------------------------------------------------------------------
-// Synthetic weights for `ds4 bench --synthetic`: generated on the device.
+// Synthetic weights for `ds4 bench --synthetic`: generated on the device. No PDL
+// trigger here: matvecs read weights before their PDL_WAIT, so a kernel that writes
+// weights must only let its dependents start when it has finished.
 // ---------------------------------------------------------------------------
 
 __device__ __forceinline__ u32 hash32(u64 x) {

@@ -15,6 +15,23 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (launch.rs): a kernel may be placed while its
+// predecessor still runs; it lets its own dependents be placed at once and waits for
+// its predecessors to complete (and their writes to be visible) before anything else.
+// Weight loads (never written by a kernel) may go between PDL_TRIGGER and PDL_WAIT.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define PDL_TRIGGER()
+#define PDL_WAIT()
+#endif
+#define PDL_START() \
+    do {            \
+        PDL_TRIGGER(); \
+        PDL_WAIT();    \
+    } while (0)
+
 #define NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float h2f(u16 h) {
@@ -103,14 +120,14 @@ __device__ __forceinline__ float siluf(float x) { return x * sigmoidf_stable(x);
 // Small utilities
 // ---------------------------------------------------------------------------
 
-extern "C" __global__ void fill_f32(float* p, long long n, float v) {
+extern "C" __global__ void fill_f32(float* p, long long n, float v) { PDL_START();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
         p[i] = v;
 }
 
 // Converts a float tensor (ty 0/1/2) to f32.
-extern "C" __global__ void to_f32(const u8* src, int ty, long long n, float* dst) {
+extern "C" __global__ void to_f32(const u8* src, int ty, long long n, float* dst) { PDL_START();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
         dst[i] = ld_float(src, ty, i);
@@ -118,7 +135,7 @@ extern "C" __global__ void to_f32(const u8* src, int ty, long long n, float* dst
 
 // Copies an f32 matrix block: dst[r*ldd + c] = src[r*lds + c] for r < rows, c < cols.
 extern "C" __global__ void copy_rows(const float* src, int lds, float* dst, int ldd, int rows,
-                                     int cols) {
+                                     int cols) { PDL_START();
     const int r = blockIdx.y;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
         dst[(long long)r * ldd + c] = src[(long long)r * lds + c];
@@ -127,7 +144,7 @@ extern "C" __global__ void copy_rows(const float* src, int lds, float* dst, int 
 // Group-major <-> token-major for the grouped output projection with several tokens:
 // gm[(g*n + t)*k + c] <-> tm[t*ld + g*k + c].
 extern "C" __global__ void group_permute(const float* src, float* dst, int n, int groups, int k,
-                                         int ld, int to_group_major) {
+                                         int ld, int to_group_major) { PDL_START();
     const int t = blockIdx.y, g = blockIdx.z;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < k; c += gridDim.x * blockDim.x) {
         const long long gm = ((long long)g * n + t) * k + c, tm = (long long)t * ld + g * k + c;
@@ -146,7 +163,7 @@ extern "C" __global__ void group_permute(const float* src, float* dst, int n, in
 extern "C" __global__ void __launch_bounds__(128)
     mv_float(const u8* __restrict__ W, int ty, long long w_slot_stride, const int* __restrict__ ids,
              const float* __restrict__ x, int ldx, int K, int rows, int ntok, int x_group,
-             float* __restrict__ y, int ldy) {
+             float* __restrict__ y, int ldy) { PDL_START();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * 4 + warp;
     if (r >= rows) return;
@@ -167,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // Embedding: out[i][s*e + j] = table[tok[i]][j] for s < hc.
 // ---------------------------------------------------------------------------
 extern "C" __global__ void embed_rows(const u8* table, int ty, int e, const int* tok, int hc,
-                                      float* out, int ld_out) {
+                                      float* out, int ld_out) { PDL_START();
     const int i = blockIdx.y;
     const int esz = ty == 0 ? 4 : 2;
     const u8* row = table + (long long)tok[i] * e * esz;
@@ -180,7 +197,7 @@ extern "C" __global__ void embed_rows(const u8* table, int ty, int e, const int*
 // ---------------------------------------------------------------------------
 // RMSNorm of each seg-wide piece of each row (grid: pieces per row, rows).
 // ---------------------------------------------------------------------------
-extern "C" __global__ void rms_norm_seg(float* x, int ld, const float* w, int seg, float eps) {
+extern "C" __global__ void rms_norm_seg(float* x, int ld, const float* w, int seg, float eps) { PDL_START();
     float* p = x + (long long)blockIdx.y * ld + (long long)blockIdx.x * seg;
     double ss = 0.0;
     for (int j = threadIdx.x; j < seg; j += blockDim.x) ss += (double)p[j] * (double)p[j];
@@ -274,7 +291,7 @@ __device__ void hc_split_warp(const float* m, float r, const float* scale3, cons
 extern "C" __global__ void hc_pre_finish(const float* state, int ld_state, const float* mixes,
                                          int ld_mix, const float* scale3, const float* base,
                                          int hc, int e, int iters, float hc_eps, float rms_eps,
-                                         float* y, int ld_y, float* post, float* comb) {
+                                         float* y, int ld_y, float* post, float* comb) { PDL_START();
     __shared__ float pre_s[16];
     const int i = blockIdx.x;
     const float* x = state + (long long)i * ld_state;
@@ -343,7 +360,7 @@ extern "C" __global__ void hc_pre_finish(const float* state, int ld_state, const
 #define HCM_PIECE 512
 extern "C" __global__ void __launch_bounds__(256)
     hc_mix_part(const u16* __restrict__ fn, int nm, const float* __restrict__ state,
-                int ld_state, int K, int n, int kslice, int tt, float* __restrict__ part) {
+                int ld_state, int K, int n, int kslice, int tt, float* __restrict__ part) { PDL_START();
     __shared__ __align__(16) u16 wsm[HCM_ROWS * HCM_PIECE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int t = blockIdx.y * tt + (tt == 1 ? 0 : warp);
@@ -430,7 +447,7 @@ __device__ __forceinline__ void hc_collapse4(const float* x, int e, const float*
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
     const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
     const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
-    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb) {
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb) { PDL_START();
     __shared__ float pre_s[16];
     __shared__ float mix_s[HCM_ROWS + 1];
     const int i = blockIdx.x;
@@ -532,7 +549,7 @@ __device__ __forceinline__ void hc_post_t(const float* sub, int ld_sub, const fl
 }
 
 extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* post,
-                                   const float* comb, int hc, int e, float* state, int ld_state) {
+                                   const float* comb, int hc, int e, float* state, int ld_state) { PDL_START();
     if (hc == 4) hc_post_t<4>(sub, ld_sub, post, comb, hc, e, state, ld_state);
     else hc_post_t<0>(sub, ld_sub, post, comb, hc, e, state, ld_state);
 }
@@ -541,7 +558,7 @@ extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* po
 extern "C" __global__ void hc_head_finish(const float* state, int ld_state, const float* mixes,
                                           int ld_mix, const float* scale, const float* base,
                                           int hc, int e, float hc_eps, float rms_eps, float* out,
-                                          int ld_out) {
+                                          int ld_out) { PDL_START();
     __shared__ float pre_s[16];
     const int i = blockIdx.x;
     const float* x = state + (long long)i * ld_state;
@@ -573,7 +590,7 @@ __device__ __forceinline__ void rope_pair(float* pair, float freq, int pos, int 
 }
 
 extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_rot,
-                                const float* freqs, const int* pos_p, int inverse) {
+                                const float* freqs, const int* pos_p, int inverse) { PDL_START();
     const int i = blockIdx.y;
     const int half = n_rot / 2, heads = cols / head_dim;
     const int pos = *pos_p + i;
@@ -590,7 +607,7 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
 // RoPE pairs), so blockDim = head_dim / 4 rounded up to whole warps; head_dim and n_rot
 // multiples of 4.
 extern "C" __global__ void norm_rope(float* x, int ld, const float* w, int head_dim, float eps,
-                                     int n_rot, const float* freqs, const int* pos_p) {
+                                     int n_rot, const float* freqs, const int* pos_p) { PDL_START();
     const int i = blockIdx.y;
     float* p = x + (long long)i * ld + (long long)blockIdx.x * head_dim;
     const int j0 = 4 * threadIdx.x;
@@ -703,7 +720,7 @@ __device__ void block_f16_round(float* s, int cols) {
 // Block (piece, row) of 128 threads; a piece is the whole row (mode 0) or one
 // 128-dim head (mode 1, `cols` = 128). Dynamic smem = cols floats.
 extern "C" __global__ void __launch_bounds__(128)
-    round_rows(float* x, int ld, int cols, int mode, int n_nope) {
+    round_rows(float* x, int ld, int cols, int mode, int n_nope) { PDL_START();
     extern __shared__ float srow[];
     float* row = x + (long long)blockIdx.y * ld + (long long)blockIdx.x * cols;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) srow[j] = row[j];
@@ -725,7 +742,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // ---------------------------------------------------------------------------
 extern "C" __global__ void comp_pool(const float* kv, const float* score, int ld_proj, int n,
                                      const int* pos_p, const float* ape, int r, int coff, int dc,
-                                     float* fr_kv, float* fr_score, float* rows_out) {
+                                     float* fr_kv, float* fr_score, float* rows_out) { PDL_START();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= dc) return;
     const int wdt = coff * dc;
@@ -797,7 +814,7 @@ __device__ __forceinline__ void comp_cand(const float* kv, const float* score, i
 extern "C" __global__ void comp_pool_chunk(const float* kv, const float* score, int ld_proj,
                                            int n, const int* pos_p, const float* ape, int r,
                                            int coff, int dc, const float* fr_kv,
-                                           const float* fr_score, float* rows_out) {
+                                           const float* fr_score, float* rows_out) { PDL_START();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int pos0 = *pos_p;
     const int q = pos0 / r + blockIdx.y;
@@ -846,7 +863,7 @@ extern "C" __global__ void comp_pool_chunk(const float* kv, const float* score, 
 // (and dc + j for coff 2), so the reads of the old state precede its writes.
 extern "C" __global__ void comp_frontier(const float* kv, const float* score, int ld_proj, int n,
                                          const int* pos_p, const float* ape, int r, int coff,
-                                         int dc, float* fr_kv, float* fr_score) {
+                                         int dc, float* fr_kv, float* fr_score) { PDL_START();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= dc) return;
     const int wdt = coff * dc;
@@ -891,7 +908,7 @@ extern "C" __global__ void comp_frontier(const float* kv, const float* score, in
 // mode: 0 plain, 1 KV (FP8 + f16), 2 indexer (QAT + f16).
 extern "C" __global__ void __launch_bounds__(128)
     comp_finish(float* rows, int dc, int n, const int* pos_p, int r, const float* norm_w,
-                const float* freqs, int n_rot, float eps, int mode) {
+                const float* freqs, int n_rot, float eps, int mode) { PDL_START();
     extern __shared__ float srow[];
     const int pos0 = *pos_p;
     const int q = pos0 / r + blockIdx.x;
@@ -930,7 +947,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #define IDX_KPAD 129
 extern "C" __global__ void __launch_bounds__(IDX_TILE)
     idx_scores(const float* q, int ld_q, const float* w, int ld_w, int heads,
-               const float* rows, const int* pos_p, int r, int top_k, float* scores, int ld_s) {
+               const float* rows, const int* pos_p, int r, int top_k, float* scores, int ld_s) { PDL_START();
     __shared__ float ks[IDX_TILE * IDX_KPAD];
     const int t = blockIdx.y;
     const int p = *pos_p + t;
@@ -971,7 +988,7 @@ __device__ __forceinline__ u32 order_key(float f) {
 #define TOPK_MAX 1024
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     idx_topk(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
-             int sel_k) {
+             int sel_k) { PDL_START();
     __shared__ u32 s_key[TOPK_MAX];
     __shared__ int s_idx[TOPK_MAX];
     __shared__ int s_count;
@@ -1274,7 +1291,7 @@ __device__ void attention_impl(const float* q, int ld_q, const float* rows, int 
         const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,          \
         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                \
         const float* sinks, int window, const int* pos_p, int hb, int tiled, float* out,      \
-        int ld_out) {                                                                         \
+        int ld_out) { PDL_START();                                                                         \
         attention_impl<NC>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,   \
                            sinks, window, pos_p, hb, tiled, out, ld_out);                     \
     }
@@ -1285,7 +1302,7 @@ ATT_KERNEL(4)
 
 // Appends the chunk's raw rows to the ring (only the last ring_cap of them matter).
 extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, const int* pos_p,
-                                     float* ring, int ring_cap, int hd) {
+                                     float* ring, int ring_cap, int hd) { PDL_START();
     const int i = blockIdx.y;
     if (i < n - ring_cap) return;
     const int slot = (*pos_p + i) % ring_cap;
@@ -1302,7 +1319,7 @@ extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, cons
 #define MAX_EXPERTS_PER_LANE 8
 extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int k,
                                      const float* bias, const int* tid2eid, const int* tok,
-                                     int norm, float wscale, int* ids, float* wts) {
+                                     int norm, float wscale, int* ids, float* wts) { PDL_START();
     const int t = blockIdx.x, lane = threadIdx.x;
     float sc[MAX_EXPERTS_PER_LANE], bi[MAX_EXPERTS_PER_LANE];
 #pragma unroll
@@ -1373,7 +1390,7 @@ extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int 
 
 // mid = w · silu(min(g, clamp)) · clamp(u, −clamp, clamp); wts null → w = 1.
 extern "C" __global__ void swiglu(const float* g, const float* u, int ff, long long rows,
-                                  const float* wts, float clamp, float* out) {
+                                  const float* wts, float clamp, float* out) { PDL_START();
     const long long n = rows * ff;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
          idx += (long long)gridDim.x * blockDim.x) {
@@ -1386,7 +1403,7 @@ extern "C" __global__ void swiglu(const float* g, const float* u, int ff, long l
 
 // out[t][j] = (Σ_s routed[t·k + s][j]) + shared[t][j], summed in the CPU's order.
 extern "C" __global__ void moe_sum(const float* routed, const float* shared, int k, int e,
-                                   float* out, int ld_out) {
+                                   float* out, int ld_out) { PDL_START();
     const int t = blockIdx.y;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < e; j += gridDim.x * blockDim.x) {
         float acc = 0.0f;

@@ -23,6 +23,7 @@ use ds4_model::{Error as MError, Result as MResult};
 use crate::compile;
 use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
 use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvSeg};
+use crate::launch::KernelArgs;
 use crate::runtime::CudaRuntime;
 
 /// Small float tensors (norms, sinks, biases, HC scale/base, ape) also get an f32 copy.
@@ -568,16 +569,18 @@ impl CudaBackend {
     }
 
     fn launch<'a>(
-        &'a self,
-        f: &'a CudaFunction,
+        &self,
+        f: &CudaFunction,
         cfg: LaunchConfig,
-        args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
+        args: impl FnOnce(&mut KernelArgs<'a>),
     ) -> MResult<()> {
-        let mut b = self.stream().launch_builder(f);
+        let mut b = KernelArgs::new();
         args(&mut b);
         // SAFETY: every call site passes the argument list of the named kernel in ops.cu,
-        // with pointers to buffers sized for the launch (checked by the callers).
-        unsafe { b.launch(cfg) }.map_err(be)?;
+        // with pointers to buffers sized for the launch (checked by the callers); every
+        // ops.cu kernel starts with PDL_START (waits for its predecessors).
+        unsafe { crate::launch::launch(self.stream(), f, cfg, &mut b, self.kernels.pdl()) }
+            .map_err(be)?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfi
 use ds4_gguf::GgmlType;
 
 use crate::compile::{self, KernelSource};
+use crate::launch::KernelArgs;
 use crate::runtime::CudaRuntime;
 use crate::{Error, Result};
 
@@ -226,6 +227,8 @@ unsafe impl cudarc::driver::DeviceRepr for MvSegsArg {}
 pub struct Kernels {
     stream: Arc<CudaStream>,
     sm_count: usize,
+    /// Launches as programmatic dependents (`launch.rs`).
+    pdl: bool,
     /// Most rows a matvec warp takes per step (1, 2 or 4; `DS4_MV_MAX_RPW` for A/B runs).
     max_rpw: usize,
     quant_act_q8_0: CudaFunction,
@@ -264,6 +267,7 @@ impl Kernels {
         Ok(Self {
             stream: rt.stream.clone(),
             sm_count: rt.device.multiprocessors.max(1) as usize,
+            pdl: crate::launch::pdl_enabled(rt.device.sm.0),
             max_rpw: match std::env::var("DS4_MV_MAX_RPW").ok().as_deref() {
                 Some("1") => 1,
                 Some("2") => 2,
@@ -286,6 +290,11 @@ impl Kernels {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Whether this device's launches use programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
     }
 
     /// Quantizes `act.rows × act.k` f32 values at `x` into `act`.
@@ -327,13 +336,14 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = stream.launch_builder(func);
+        let mut b = KernelArgs::new();
         b.arg(&x).arg(&n).arg(&act.qs.ptr).arg(&act.d.ptr);
         if act.kind == ActKind::Q8K {
             b.arg(&act.bsums.ptr);
         }
-        // SAFETY: argument list matches the kernel signature; buffers sized by ActBuf.
-        unsafe { b.launch(cfg) }?;
+        // SAFETY: argument list matches the kernel signature; buffers sized by ActBuf;
+        // the kernel starts with PDL_WAIT.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
 
@@ -424,10 +434,10 @@ impl Kernels {
             } else {
                 &self.mv_f16
             };
-            let mut b = stream.launch_builder(func);
+            let mut b = KernelArgs::new();
             b.arg(&sg).arg(&x).arg(&k).arg(&ntok);
-            // SAFETY: matches `mv_f16`; shapes checked above.
-            unsafe { b.launch(cfg) }?;
+            // SAFETY: matches `mv_f16`; shapes checked above; the kernel starts with PDL_WAIT.
+            unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
             return Ok(());
         }
         let func = match m.ty {
@@ -512,7 +522,7 @@ impl Kernels {
         } else {
             0u64
         };
-        let mut b = stream.launch_builder(func);
+        let mut b = KernelArgs::new();
         b.arg(&sg)
             .arg(&stride)
             .arg(&m.ids)
@@ -523,8 +533,8 @@ impl Kernels {
             .arg(&ntok)
             .arg(&x_group)
             .arg(&rpw_i);
-        // SAFETY: matches the MV_KERNEL signature; shapes checked above.
-        unsafe { b.launch(cfg) }?;
+        // SAFETY: matches the MV_KERNEL signature; shapes checked above; PDL_WAIT first.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
 

@@ -23,6 +23,7 @@ pub mod bench;
 pub mod compile;
 pub mod gemm;
 pub mod kernels;
+pub mod launch;
 pub mod model_bench;
 pub mod plan;
 pub mod runtime;

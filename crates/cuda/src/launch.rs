@@ -1,0 +1,96 @@
+//! Kernel launches with programmatic dependent launch (PDL, Hopper and newer).
+//!
+//! A decode step is ~1,800 small kernels in a row; with PDL a kernel is launched while
+//! its predecessor still runs, its blocks are placed and wait in `griddepcontrol.wait`
+//! (the `PDL_WAIT` of the kernel files) until the predecessor has completed and its
+//! writes are visible. That hides the launch gap and block ramp-up of each boundary.
+//! Every kernel launched here must wait before it reads what an earlier kernel wrote:
+//! the kernels of ops.cu and matvec.cu start with `PDL_WAIT()`. Kernels launched the
+//! ordinary way (cudarc's builder) keep full stream order in both directions.
+//! `DS4_CUDA_PDL=0` turns it off (A/B runs).
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::OnceLock;
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig};
+
+/// Arguments of one launch: addresses of values that outlive the launch call.
+pub struct KernelArgs<'a> {
+    ptrs: Vec<*mut c_void>,
+    _values: PhantomData<&'a ()>,
+}
+
+impl<'a> KernelArgs<'a> {
+    pub fn new() -> Self {
+        Self {
+            ptrs: Vec::with_capacity(20),
+            _values: PhantomData,
+        }
+    }
+
+    /// Appends one by-value kernel argument.
+    pub fn arg<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.ptrs.push(v as *const T as *mut c_void);
+        self
+    }
+}
+
+impl Default for KernelArgs<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether launches use PDL: on unless `DS4_CUDA_PDL=0`, and only where the device has
+/// compute capability 9.0 or newer (`sm_major`).
+pub fn pdl_enabled(sm_major: i32) -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    let env_on = *ENV.get_or_init(|| std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0"));
+    env_on && sm_major >= 9
+}
+
+/// Launches `f` on `stream`, as a programmatic dependent of the previous kernel when `pdl`.
+///
+/// # Safety
+/// `args` must match the kernel's parameter list and every pointer argument must be valid
+/// for what the kernel does with it; with `pdl`, the kernel must execute
+/// `griddepcontrol.wait` before reading anything an earlier kernel wrote.
+pub unsafe fn launch(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut KernelArgs<'_>,
+    pdl: bool,
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: a zeroed attribute is a valid "ignore" value; the id and the one union
+    // field used are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    // SAFETY: the caller guarantees the argument list; `config` and `attr` live until
+    // the call returns (the driver copies them).
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            args.ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+    }
+}
