@@ -18,6 +18,11 @@
 // token's keys and writes the output with the sink; otherwise it writes its
 // partial (m, l, acc) to part and att_combine merges the splits (decode:
 // flash-decoding over many CTAs). Surplus splits write m = -inf and exit.
+// att_dc_<HD> (sm_90+) is the decode variant on a thread-block cluster of AT_CL
+// CTAs per head group: rank r takes key tiles r, r + AT_CL, ..., and the
+// cluster merges its partials through distributed shared memory, each rank
+// writing a slice of the dims, so decode needs neither scratch nor a second
+// kernel.
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -91,9 +96,13 @@ __device__ __forceinline__ void at_mma3(float* c, const u32* ah, const u32* al, 
 #define AT_SMEM(MT, HD) \
     (2 * AT_SM_Q(MT, HD) + 2 * AT_SM_K(HD) + AT_SM_S(MT) + 2 * AT_SM_P(MT) + 3 * 16 * (MT) * 4)
 
+// Indexer picks a CTA keeps in shared memory (more go on being read from global).
+#define AT_PICKS 1024
+
 struct AtKeys {
     const float* rows; int ld_rows; const float* ring; int ring_cap; const float* comp;
     const int* srow; int sel_k; int first; int n_raw; int n_vis; int pos0; int hd;
+    const int* spick;  // shared copy of srow once it is complete, else null
     // Row of key j: raw window keys first, then compressed rows; null when j names
     // no visible row (past the picks or the visible rows), so a key list read
     // ahead of its length stays in bounds.
@@ -104,12 +113,37 @@ struct AtKeys {
                               : ring + (long long)(tp % ring_cap) * hd;
         }
         int c = j - n_raw;
-        if (srow) c = c < sel_k ? srow[c] : -1;
+        if (srow) c = c < sel_k ? (spick ? spick[c] : srow[c]) : -1;
         return c >= 0 && c < n_vis ? comp + (long long)c * hd : 0;
     }
 };
 
-template <int MT, int HD>
+// Thread-block cluster helpers (sm_90+): this CTA's rank, a shared address of
+// this CTA mapped to the same offset in CTA `rank`, loads from such addresses,
+// and a barrier over every thread of the cluster (release / acquire).
+__device__ __forceinline__ u32 at_cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ u32 at_mapa(u32 addr, u32 rank) {
+    u32 r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ float at_ld_cluster(u32 addr) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ void at_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+// CL = 0: grid (split, head group, token) as described above. CL > 0: a
+// cluster of CL CTAs per (head group, token) shares the keys tile by tile and
+// merges in shared memory (kps and part unused).
+template <int MT, int HD, int CL>
 __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
@@ -138,10 +172,11 @@ __device__ __forceinline__ void att_tc_impl(
     float* sm_l = sm_m + R;
     float* sm_c = sm_l + R;
     __shared__ int s_ncomp;
+    __shared__ int s_pick[AT_PICKS];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
-    const int split = blockIdx.x, n_splits = gridDim.x;
+    const int split = CL > 0 ? (int)at_cluster_rank() : blockIdx.x, n_splits = gridDim.x;
     const int h0 = blockIdx.y * R;
     const int i = blockIdx.z;
     const int n_rows_valid = min(R, n_head - h0);
@@ -177,12 +212,13 @@ __device__ __forceinline__ void att_tc_impl(
     const int p = pos0 + i;
     AtKeys K;
     K.rows = rows; K.ld_rows = ld_rows; K.ring = ring; K.ring_cap = ring_cap; K.comp = comp;
-    K.srow = srow; K.sel_k = sel_k;
+    K.srow = srow; K.sel_k = sel_k; K.spick = 0;
     K.first = max(0, p + 1 - window);
     K.n_raw = p + 1 - K.first;
     K.pos0 = pos0; K.hd = HD;
     K.n_vis = ratio > 0 ? (p + 1) / ratio : 0;
-    const int kb = split * kps;
+    const int kb = CL > 0 ? split * AT_KT : split * kps;
+    constexpr int TSTEP = CL > 0 ? CL * AT_KT : AT_KT;  // from one tile of a CTA to its next
 
     // Key tile loads: float4 u of this thread is key (tid + 512u) / (HD/4), column
     // 4·(… % (HD/4)); keys at or past `lim` and keys that are no row read as zero.
@@ -197,29 +233,47 @@ __device__ __forceinline__ void att_tc_impl(
         }
     };
     // Before the usable count is known: keys past it are masked in the softmax.
-    load_tile(kb, kb + min(kps, AT_KT));
+    load_tile(kb, kb + (CL > 0 ? AT_KT : min(kps, AT_KT)));
 
     // Picks come first, then -1 padding: the usable count is the first index that
-    // is not a visible row.
+    // is not a visible row. The picks also go to shared memory, so later tiles
+    // find their rows without a global round trip first.
     if (tid == 0) s_ncomp = srow ? sel_k : K.n_vis;
+    if (srow && tid < sel_k) s_pick[tid] = my_pick;
     __syncthreads();
     if (srow) {
         if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
         for (int j = tid + AT_THREADS; j < sel_k; j += AT_THREADS) {
             const int c = srow[j];
+            if (j < AT_PICKS) s_pick[j] = c;
             if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
         }
     }
     __syncthreads();
+    if (srow && sel_k <= AT_PICKS) K.spick = s_pick;
     const int total = K.n_raw + s_ncomp;
-    const int ke = min(total, kb + kps);
+    const int ke = CL > 0 ? total : min(total, kb + kps);
     float* prow = part ? part + ((long long)i * n_splits + split) * n_head * (HD + 2) : 0;
-    if (kb >= ke) {  // surplus split (host-sized grid): an empty partial
+    // A cluster rank without keys stays: its empty partial (m = -inf, l = 0) is
+    // merged like the others, and the cluster barriers need every CTA.
+    if (CL == 0 && kb >= ke) {  // surplus split (host-sized grid): an empty partial
         if (part && tid < n_rows_valid) {
             prow[(long long)(h0 + tid) * (HD + 2)] = NEG_INF;
             prow[(long long)(h0 + tid) * (HD + 2) + 1] = 0.0f;
         }
         return;
+    }
+
+    if constexpr (CL > 0) {
+        // A rank walks its tiles in sequence: ask L2 now for every tile after the
+        // first (one 128-byte line per thread and step), so each later tile's
+        // loads find their rows there instead of in DRAM.
+        for (int t = kb + TSTEP; t < ke; t += TSTEP)
+            for (int e = tid; e < AT_KT * (HD / 32); e += AT_THREADS) {
+                const int j = t + e / (HD / 32);
+                const float* kp = j < ke ? K.key_or_null(j) : 0;
+                if (kp) asm volatile("prefetch.global.L2 [%0];" ::"l"(kp + 32 * (e % (HD / 32))));
+            }
     }
 
     float acc[MT][NB][4];
@@ -230,7 +284,7 @@ __device__ __forceinline__ void att_tc_impl(
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[mt][nb][e] = 0.0f;
 
-    for (int t0 = kb; t0 < ke; t0 += AT_KT) {
+    for (int t0 = kb; t0 < ke; t0 += TSTEP) {
         const int nt = min(AT_KT, ke - t0);
         __syncthreads();  // the previous tile's P·V is done with kh/kl/ph/pl
 #pragma unroll
@@ -247,7 +301,7 @@ __device__ __forceinline__ void att_tc_impl(
         }
         __syncthreads();
         // The next tile's loads fly while this one is multiplied.
-        if (t0 + AT_KT < ke) load_tile(t0 + AT_KT, ke);
+        if (t0 + TSTEP < ke) load_tile(t0 + TSTEP, ke);
 
         // S partials: warp → (m-tile, key n-tile, dim slice).
         {
@@ -366,32 +420,85 @@ __device__ __forceinline__ void att_tc_impl(
 
     // Rows g and g+8 of each m-tile; columns 2·t4, 2·t4+1 of each n-tile.
     const int d0 = warp * (NB * 8);
+    if constexpr (CL > 0) {
+        // The sink's load flies across the barrier.
+        const int mr = tid >> 5;  // merge: 32 threads per head row
+        const float sink = mr < n_rows_valid ? sinks[h0 + mr] : 0.0f;
+        // This CTA's unnormalised output, [R][HD] f32 over the (now unused) queries.
+        float* so = (float*)at_sm;
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int r = mt * 16 + g + 8 * half;
-            if (r >= n_rows_valid) continue;
-            const int h = h0 + r;
-            const float m = sm_m[r], l = sm_l[r];
-            const float us = AT_PUNSCALE;
-            if (part) {
-                float* pr = prow + (long long)h * (HD + 2);
-                if (warp == 0 && t4 == 0) { pr[0] = m; pr[1] = l; }
+            for (int half = 0; half < 2; half++)
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++)
-                    *(float2*)(pr + 2 + d0 + nb * 8 + 2 * t4) =
-                        make_float2(acc[mt][nb][2 * half] * us, acc[mt][nb][2 * half + 1] * us);
-            } else {
-                const float sink = sinks[h];
-                const float M = fmaxf(m, sink);
-                const float em = expf(m - M);
-                const float f = em / (l * em + expf(sink - M)) * us;
-                float* o = out + (long long)i * ld_out + (long long)h * HD + d0;
+                    *(float2*)(so + (mt * 16 + g + 8 * half) * HD + d0 + nb * 8 + 2 * t4) =
+                        make_float2(acc[mt][nb][2 * half] * AT_PUNSCALE,
+                                    acc[mt][nb][2 * half + 1] * AT_PUNSCALE);
+        at_cluster_sync();
+        // Rank `split` writes dims [split·HD/CL, (split+1)·HD/CL) of every head:
+        // out = Σ_c o_c·e^(m_c−M) / (e^(sink−M) + Σ_c l_c·e^(m_c−M)), M = max(sink, m_c).
+        static_assert(R * 32 == AT_THREADS && (HD / CL) % 32 == 0, "merge shape");
+        if (mr < n_rows_valid) {
+            float w[CL];
+            float M = sink;
 #pragma unroll
-                for (int nb = 0; nb < NB; nb++)
-                    *(float2*)(o + nb * 8 + 2 * t4) =
-                        make_float2(acc[mt][nb][2 * half] * f, acc[mt][nb][2 * half + 1] * f);
+            for (int c = 0; c < CL; c++) {
+                w[c] = at_ld_cluster(at_mapa(at_smem(sm_m + mr), c));
+                M = fmaxf(M, w[c]);
+            }
+            float den = expf(sink - M);
+#pragma unroll
+            for (int c = 0; c < CL; c++) {
+                const float l = at_ld_cluster(at_mapa(at_smem(sm_l + mr), c));
+                w[c] = w[c] == NEG_INF ? 0.0f : expf(w[c] - M);
+                den += w[c] * l;
+            }
+            const float inv = 1.0f / den;
+            float* o = out + (long long)i * ld_out + (long long)(h0 + mr) * HD;
+#pragma unroll
+            for (int dd = lane; dd < HD / CL; dd += 32) {
+                const int d = split * (HD / CL) + dd;
+                const u32 src = at_smem(so + mr * HD + d);
+                float v[CL];
+#pragma unroll
+                for (int c = 0; c < CL; c++) v[c] = at_ld_cluster(at_mapa(src, c));
+                float a = 0.0f;
+#pragma unroll
+                for (int c = 0; c < CL; c++) a += w[c] * v[c];
+                o[d] = a * inv;
+            }
+        }
+        // No CTA leaves while another may still read its shared memory.
+        at_cluster_sync();
+    } else {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int r = mt * 16 + g + 8 * half;
+                if (r >= n_rows_valid) continue;
+                const int h = h0 + r;
+                const float m = sm_m[r], l = sm_l[r];
+                const float us = AT_PUNSCALE;
+                if (part) {
+                    float* pr = prow + (long long)h * (HD + 2);
+                    if (warp == 0 && t4 == 0) { pr[0] = m; pr[1] = l; }
+#pragma unroll
+                    for (int nb = 0; nb < NB; nb++)
+                        *(float2*)(pr + 2 + d0 + nb * 8 + 2 * t4) =
+                            make_float2(acc[mt][nb][2 * half] * us, acc[mt][nb][2 * half + 1] * us);
+                } else {
+                    const float sink = sinks[h];
+                    const float M = fmaxf(m, sink);
+                    const float em = expf(m - M);
+                    const float f = em / (l * em + expf(sink - M)) * us;
+                    float* o = out + (long long)i * ld_out + (long long)h * HD + d0;
+#pragma unroll
+                    for (int nb = 0; nb < NB; nb++)
+                        *(float2*)(o + nb * 8 + 2 * t4) =
+                            make_float2(acc[mt][nb][2 * half] * f, acc[mt][nb][2 * half + 1] * f);
+                }
             }
         }
     }
@@ -403,13 +510,30 @@ __device__ __forceinline__ void att_tc_impl(
         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
         const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
         int ld_out, float* part) {                                                               \
-        att_tc_impl<MT, HD>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,     \
-                            sinks, window, pos_p, n_head, kps, out, ld_out, part);               \
+        att_tc_impl<MT, HD, 0>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,  \
+                               sinks, window, pos_p, n_head, kps, out, ld_out, part);            \
     }
 AT_KERNEL(4, 512)
 AT_KERNEL(1, 512)
 AT_KERNEL(4, 256)
 AT_KERNEL(1, 256)
+
+// Decode on a cluster of AT_CL CTAs per 16 heads (grid (AT_CL, head groups,
+// tokens)); Hopper and later only (the host loads them when the arch has them).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define AT_CL 8
+#define AT_DC_KERNEL(HD)                                                                         \
+    extern "C" __global__ void __cluster_dims__(AT_CL, 1, 1) __launch_bounds__(AT_THREADS, 1)   \
+        att_dc_##HD(const float* q, int ld_q, const float* rows, int ld_rows, const float* ring, \
+                    int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,       \
+                    const float* sinks, int window, const int* pos_p, int n_head, float* out,    \
+                    int ld_out) {                                                                \
+        att_tc_impl<1, HD, AT_CL>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel,      \
+                                  sel_k, sinks, window, pos_p, n_head, 0, out, ld_out, 0);       \
+    }
+AT_DC_KERNEL(512)
+AT_DC_KERNEL(256)
+#endif
 
 // Merges the splits' partials of (head blockIdx.x, token blockIdx.y) with the sink:
 // out = Σ_s acc_s·e^(m_s−M) / (e^(sink−M) + Σ_s l_s·e^(m_s−M)), M = max(sink, m_s).

@@ -10,7 +10,12 @@
 //!   group), the output written directly.
 //! * Decode (few tokens): the token's keys are split over many CTAs of 32 keys
 //!   (flash-decoding); each writes a partial (max, sum, unnormalised output) to
-//!   the caller's scratch and `att_combine` merges them with the sink.
+//!   the caller's scratch and `att_combine` merges them with the sink. On sm_90+
+//!   (up to [`CLUSTER_MAX_KEYS`] keys: one tile per CTA) the decode kernel runs
+//!   instead as a thread-block cluster of [`CLUSTER`] CTAs per 16 heads that
+//!   merges its partials in distributed shared memory: one launch, no scratch.
+//!   `DS4_CUDA_ATTN=split` keeps the split + combine path (A/B timing);
+//!   `DS4_CUDA_ATTN_CLUSTER_KEYS=N` moves the key bound.
 //!
 //! The first position is read on the device (`pos`), so grids are sized from
 //! host-known upper bounds ([`max_keys`]) and surplus CTAs exit: launches never
@@ -34,6 +39,13 @@ const THREADS: u32 = 512;
 const WARPS: usize = 16;
 /// Most splits `att_combine` merges (its shared weight array).
 const MAX_SPLITS: usize = 1024;
+/// CTAs per cluster of the sm_90 decode kernels (`AT_CL`).
+pub const CLUSTER: usize = 8;
+/// Decode launches with more keys than this use split + combine. A cluster's
+/// CTAs walk their tiles in sequence, and each further tile cost ~3.9 µs (H100,
+/// ncu), more than the combine kernel (~5 µs) saves once a CTA has two; the
+/// split path spreads long key lists over up to 1024 CTAs of one tile.
+pub const CLUSTER_MAX_KEYS: usize = CLUSTER * KEY_TILE;
 /// Largest grid dimension y / z.
 const MAX_GRID_YZ: usize = 65535;
 
@@ -130,13 +142,30 @@ impl AttnLaunch {
     }
 }
 
+/// How a decode launch (at most [`SPLIT_MAX_TOKENS`] tokens) is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodePath {
+    /// The cluster kernel when the device has it and the keys fit
+    /// [`CLUSTER_MAX_KEYS`], else split + combine (what [`AttentionKernels::launch`] does).
+    Auto,
+    /// Flash-decoding over split CTAs plus `att_combine` (needs scratch).
+    Split,
+    /// The cluster kernel whatever the key count (an error where the device has none).
+    Cluster,
+}
+
 /// Loaded tensor-core attention kernels (a module of their own: `compile::ATTENTION`).
 pub struct AttentionKernels {
     /// `att_tc_<MT>_<HD>`: [MT 4, MT 1] × [HD 512, HD 256].
     tc: [[CudaFunction; 2]; 2],
     combine: CudaFunction,
+    /// `att_dc_<HD>` [HD 512, HD 256]: the cluster decode kernels (sm_90+ only).
+    cluster: Option<[CudaFunction; 2]>,
     /// False when `DS4_CUDA_ATTN=simt` asks for the SIMT kernels (A/B timing).
     enabled: bool,
+    /// Most keys for which [`DecodePath::Auto`] takes the cluster kernel (0 when
+    /// `DS4_CUDA_ATTN=split` keeps decode on split + combine).
+    cluster_max_keys: usize,
 }
 
 fn shape_err(detail: String) -> Error {
@@ -172,22 +201,44 @@ impl AttentionKernels {
     ) -> Result<Self> {
         let arch = compile::arch_for(sm);
         let m = compile::load_module(stream.context(), &compile::ATTENTION, &arch, nvrtc_version)?;
-        let tc = |mt: usize, hd: usize| -> Result<CudaFunction> {
-            let f = m.load_function(&format!("att_tc_{mt}_{hd}"))?;
+        let bind = |name: String, mt: usize, hd: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&name)?;
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_bytes(mt, hd) as i32,
             )?;
             Ok(f)
         };
-        let enabled = !matches!(std::env::var("DS4_CUDA_ATTN").as_deref(), Ok("simt"));
+        let tc = |mt: usize, hd: usize| bind(format!("att_tc_{mt}_{hd}"), mt, hd);
+        let mode = std::env::var("DS4_CUDA_ATTN");
+        let enabled = !matches!(mode.as_deref(), Ok("simt"));
         if !enabled {
             tracing::info!("DS4_CUDA_ATTN=simt: attention on the SIMT kernels");
         }
+        let cluster_max_keys = if matches!(mode.as_deref(), Ok("split")) {
+            tracing::info!("DS4_CUDA_ATTN=split: decode attention on split + combine");
+            0
+        } else {
+            std::env::var("DS4_CUDA_ATTN_CLUSTER_KEYS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(CLUSTER_MAX_KEYS)
+        };
+        // Thread-block clusters and distributed shared memory need sm_90.
+        let cluster = if sm.0 >= 9 {
+            Some([
+                bind("att_dc_512".to_string(), 1, 512)?,
+                bind("att_dc_256".to_string(), 1, 256)?,
+            ])
+        } else {
+            None
+        };
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
             combine: m.load_function("att_combine")?,
+            cluster,
             enabled,
+            cluster_max_keys,
         })
     }
 
@@ -197,9 +248,30 @@ impl AttentionKernels {
         self.enabled && supports(n_head, head_dim)
     }
 
+    /// Whether decode launches of `max_keys` keys take the cluster kernel.
+    pub fn uses_cluster_decode(&self, max_keys: usize) -> bool {
+        self.has_cluster_decode() && max_keys <= self.cluster_max_keys
+    }
+
+    /// Whether the device has the cluster decode kernels (sm_90+).
+    pub fn has_cluster_decode(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     /// Launches the attention of `a.n_tokens` tokens on `stream` (one or two
     /// kernels; no allocation, no host synchronisation).
     pub fn launch(&self, stream: &Arc<CudaStream>, a: &AttnLaunch) -> Result<()> {
+        self.launch_path(stream, a, DecodePath::Auto)
+    }
+
+    /// [`Self::launch`] with the decode path chosen by the caller (the checks run
+    /// both); chunks ignore `path`.
+    pub fn launch_path(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: &AttnLaunch,
+        path: DecodePath,
+    ) -> Result<()> {
         let (nh, hd, n) = (a.n_head, a.head_dim, a.n_tokens);
         if n == 0 {
             return Ok(());
@@ -242,6 +314,14 @@ impl AttentionKernels {
         }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
+        let cluster = match path {
+            DecodePath::Auto => self.uses_cluster_decode(max_keys),
+            DecodePath::Split => false,
+            DecodePath::Cluster => true,
+        };
+        if split && cluster {
+            return self.launch_cluster(stream, a);
+        }
         let mt = if split || nh <= 16 { 1 } else { 4 };
         let hgroups = nh.div_ceil(16 * mt);
         let (kps, n_splits) = if split {
@@ -318,6 +398,54 @@ impl AttentionKernels {
         }
         Ok(())
     }
+
+    /// The sm_90 decode kernel: grid (CLUSTER, head groups of 16, tokens), the
+    /// compile-time cluster spans x. Arguments already checked by the caller.
+    fn launch_cluster(&self, stream: &Arc<CudaStream>, a: &AttnLaunch) -> Result<()> {
+        let Some(funcs) = &self.cluster else {
+            return Err(shape_err("no cluster decode kernels on this device".into()));
+        };
+        let hd = a.head_dim;
+        let func = &funcs[usize::from(hd == 256)];
+        let cfg = LaunchConfig {
+            grid_dim: (
+                CLUSTER as u32,
+                a.n_head.div_ceil(16) as u32,
+                a.n_tokens as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem_bytes(1, hd) as u32,
+        };
+        let ld_q = to_i32("ld_q", a.ld_q)?;
+        let ld_rows = to_i32("ld_rows", a.ld_rows)?;
+        let ring_cap = to_i32("ring_cap", a.ring_cap)?;
+        let ratio = to_i32("ratio", a.ratio)?;
+        let sel_k = to_i32("sel_k", if a.sel != 0 { a.sel_k } else { 0 })?;
+        let window = to_i32("window", a.window)?;
+        let nh_i = to_i32("n_head", a.n_head)?;
+        let ld_out = to_i32("ld_out", a.ld_out)?;
+        let mut b = stream.launch_builder(func);
+        b.arg(&a.q)
+            .arg(&ld_q)
+            .arg(&a.rows)
+            .arg(&ld_rows)
+            .arg(&a.ring)
+            .arg(&ring_cap)
+            .arg(&a.comp)
+            .arg(&ratio)
+            .arg(&a.sel)
+            .arg(&sel_k)
+            .arg(&a.sinks)
+            .arg(&window)
+            .arg(&a.pos)
+            .arg(&nh_i)
+            .arg(&a.out)
+            .arg(&ld_out);
+        // SAFETY: matches AT_DC_KERNEL in attention.cu (grid x = its cluster size);
+        // strides checked by `launch_path`, buffers the caller's as for `launch`.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -328,8 +456,9 @@ mod tests {
     fn shared_memory_fits_a_hopper_cta() {
         // AT_SMEM(4, 512) worked out by hand: Q 2·66560, K 2·33280, S 9216, P 2·5120, state 768.
         assert_eq!(smem_bytes(4, 512), 219_904);
+        // Static shared memory beside it: s_ncomp and AT_PICKS picks (ptxas: 4112 bytes).
         for (mt, hd) in [(4, 512), (1, 512), (4, 256), (1, 256)] {
-            assert!(smem_bytes(mt, hd) <= 227 * 1024, "{mt} {hd}");
+            assert!(smem_bytes(mt, hd) + 4112 <= 227 * 1024, "{mt} {hd}");
         }
     }
 
@@ -351,6 +480,17 @@ mod tests {
         assert_eq!(max_keys(128, 4, 8193, Some(512)), 640);
         assert_eq!(max_keys(128, 128, 257, None), 385);
         assert_eq!(max_keys(128, 0, 0, None), 128);
+    }
+
+    #[test]
+    fn cluster_decode_bound_is_one_tile_per_rank() {
+        assert_eq!(CLUSTER_MAX_KEYS, 256);
+        // Flash: window-only layers, ratio 128 up to 8K context (65 rows) take the
+        // cluster kernel; ratio 4 (window + 512 picks) and ratio 128 at 32K split.
+        assert!(max_keys(128, 0, 0, None) <= CLUSTER_MAX_KEYS);
+        assert!(max_keys(128, 128, 65, None) <= CLUSTER_MAX_KEYS);
+        assert!(max_keys(128, 128, 257, None) > CLUSTER_MAX_KEYS);
+        assert!(max_keys(128, 4, 8193, Some(512)) > CLUSTER_MAX_KEYS);
     }
 
     #[test]

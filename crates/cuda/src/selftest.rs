@@ -1196,7 +1196,9 @@ pub fn run_attention_checks(
     kern: &Kernels,
     mut report: impl FnMut(&CheckResult),
 ) -> Result<Vec<CheckResult>> {
-    use crate::attention::{AttentionKernels, AttnLaunch, scratch_bytes};
+    use crate::attention::{
+        AttentionKernels, AttnLaunch, DecodePath, SPLIT_MAX_TOKENS, scratch_bytes,
+    };
     let stream = kern.stream();
     let ak = AttentionKernels::load_on(stream)?;
     let sm = stream.context().compute_capability()?;
@@ -1237,6 +1239,8 @@ pub fn run_attention_checks(
             2048,
         ),
         flash("flash hca  ratio 128         decode", 128, None, 1, 2003),
+        // 1222 keys: past the cluster kernel's bound, so decode takes split + combine.
+        flash("flash hca  ratio 128 decode at 140K", 128, None, 1, 140_001),
         flash("flash hca  ratio 128         64 tok", 128, None, 64, 0),
         flash("flash hca  ratio 128       2048 tok", 128, None, 2048, 2048),
         flash("flash swa  ratio 0           decode", 0, None, 1, 1999),
@@ -1432,6 +1436,43 @@ pub fn run_attention_checks(
         );
         report(&r);
         out.push(r);
+        // Decode on sm_90+: the path the backend did not take (cluster kernel or
+        // split + combine) against the CPU too.
+        if n <= SPLIT_MAX_TOKENS && ak.has_cluster_decode() {
+            let (other, other_name) = if ak.uses_cluster_decode(a.max_keys()) {
+                (DecodePath::Split, "split  ")
+            } else {
+                (DecodePath::Cluster, "cluster")
+            };
+            let dsplit = DevBuf::from_bytes(stream, &vec![0xffu8; n * w * 4])?;
+            let b = AttnLaunch {
+                out: dsplit.ptr,
+                ..a
+            };
+            ak.launch_path(stream, &b, other)?;
+            stream.synchronize()?;
+            let split = dsplit.to_f32(stream)?;
+            let gpu: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| split[t * w..(t + 1) * w].iter().copied())
+                .collect();
+            let r = compare_att(
+                format!(
+                    "attention {other_name} vs cpu {} {}h x {} ({} tok)",
+                    c.name,
+                    nh,
+                    hd,
+                    tokens.len()
+                ),
+                &gpu,
+                &cpu,
+                &tokens,
+                nh,
+                hd,
+            );
+            report(&r);
+            out.push(r);
+        }
     }
     Ok(out)
 }
