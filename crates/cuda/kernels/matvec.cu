@@ -107,13 +107,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Activation quantisation (bit-identical to ds4-quant's quantize_act_*).
 // ---------------------------------------------------------------------------
 
-// One warp per 32-block: d = amax/127, q = rint(x/d) (ties to even).
-extern "C" __global__ void quant_act_q8_0(const float* __restrict__ x, int n,
-                                          i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
-    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (blk >= n / 32) return;
-    const float v = x[blk * 32 + lane];
+// One warp per 32-block, lane = element: d = amax/127, q = rint(x/d) (ties to even).
+__device__ __forceinline__ void q8_0_block(float v, int blk, int lane, i8* __restrict__ qs,
+                                           float* __restrict__ d) {
     float a = fabsf(v);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
@@ -125,17 +121,11 @@ extern "C" __global__ void quant_act_q8_0(const float* __restrict__ x, int n,
     if (lane == 0) d[blk] = dd;
 }
 
-// One warp per 256-block; lane owns elements 8·lane .. 8·lane+7.
+// One warp per 256-block; lane owns elements 8·lane .. 8·lane+7 (v).
 // max = the signed element of largest |x| (first one on ties), iscale = -127/max.
-extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
-                                          i8* __restrict__ qs, float* __restrict__ d,
-                                          i16* __restrict__ bsums) { PDL_START();
-    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (blk >= n / 256) return;
-    const float4* xp = (const float4*)(x + blk * 256 + lane * 8);
-    const float4 v0 = xp[0], v1 = xp[1];
-    const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+__device__ __forceinline__ void q8_k_block(const float v[8], int blk, int lane,
+                                           i8* __restrict__ qs, float* __restrict__ d,
+                                           i16* __restrict__ bsums) {
     float amax = 0.0f, mx = 0.0f;
     int idx = 0x7fffffff;
 #pragma unroll
@@ -171,6 +161,56 @@ extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     if ((lane & 1) == 0) bsums[blk * 16 + lane / 2] = (i16)s;
     if (lane == 0) d[blk] = amax == 0.0f ? 0.0f : 1.0f / (-127.0f / mx);
+}
+
+extern "C" __global__ void quant_act_q8_0(const float* __restrict__ x, int n,
+                                          i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= n / 32) return;
+    q8_0_block(x[blk * 32 + lane], blk, lane, qs, d);
+}
+
+extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
+                                          i8* __restrict__ qs, float* __restrict__ d,
+                                          i16* __restrict__ bsums) { PDL_START();
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= n / 256) return;
+    const float4* xp = (const float4*)(x + blk * 256 + lane * 8);
+    const float4 v0 = xp[0], v1 = xp[1];
+    const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    q8_k_block(v, blk, lane, qs, d, bsums);
+}
+
+#include "swiglu.cuh"
+
+// SwiGLU of `rows` rows of ff (gate g, up u; row weight wts[row] or 1) quantized
+// straight to the down projection's input (the f32 product is never stored):
+// Q8_K (q8k = 1, one warp per 256-block) or Q8_0 (one warp per 32-block).
+extern "C" __global__ void swiglu_quant(const float* __restrict__ g, const float* __restrict__ u,
+                                        int ff, int rows, const float* __restrict__ wts,
+                                        float clamp, int q8k, i8* __restrict__ qs,
+                                        float* __restrict__ d, i16* __restrict__ bsums) {
+    PDL_START();
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int bw = q8k ? 256 : 32;
+    if (blk >= rows * ff / bw) return;
+    const long long e0 = (long long)blk * bw;
+    const float wt = wts ? wts[e0 / ff] : 1.0f;
+    if (q8k) {
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const long long idx = e0 + lane * 8 + j;
+            v[j] = swiglu1(g[idx], u[idx], wt, clamp);
+        }
+        q8_k_block(v, blk, lane, qs, d, bsums);
+    } else {
+        const long long idx = e0 + lane;
+        q8_0_block(swiglu1(g[idx], u[idx], wt, clamp), blk, lane, qs, d);
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -104,17 +104,14 @@ __device__ float block_max(float v) {
     return s;
 }
 
-__device__ __forceinline__ float sigmoidf_stable(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    const float e = expf(x);
-    return e / (1.0f + e);
-}
+#include "swiglu.cuh"
+
 __device__ __forceinline__ float softplusf(float x) {
     if (x > 20.0f) return x;
     if (x < -20.0f) return expf(x);
     return log1pf(expf(x));
 }
-__device__ __forceinline__ float siluf(float x) { return x * sigmoidf_stable(x); }
+
 
 // ---------------------------------------------------------------------------
 // Small utilities
@@ -552,6 +549,85 @@ extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* po
                                    const float* comb, int hc, int e, float* state, int ld_state) { PDL_START();
     if (hc == 4) hc_post_t<4>(sub, ld_sub, post, comb, hc, e, state, ld_state);
     else hc_post_t<0>(sub, ld_sub, post, comb, hc, e, state, ld_state);
+}
+
+// HC merge (hc = 4) fused with the next sublayer's partial mixes, for a few tokens:
+// block b owns columns 64b..64b+63 of every stream. Its 256 threads form 4 groups of 64
+// (one column each); every group merges its column (group 0 writes X') and sums the
+// dot products of rows g, g+4, ... of the next HC fn over the block's columns, plus
+// Σ X'^2 (group 0), into part[(b·n + t)·(nm + 1) + r] (the layout of hc_mix_part,
+// np = gridDim.x slices). Grid (⌈e/64⌉, n).
+#define HCPM_COLS 64
+extern "C" __global__ void __launch_bounds__(256)
+    hc_post_mix(const float* sub, int ld_sub, const float* post, const float* comb, int e,
+                float* state, int ld_state, const u16* __restrict__ fn, int nm,
+                float* __restrict__ part) {
+    PDL_START();
+    __shared__ float red[2 * 4][HCM_ROWS + 1];
+    const int i = blockIdx.y, n = gridDim.y;
+    const int g = threadIdx.x / HCPM_COLS;            // row group
+    const int j = blockIdx.x * HCPM_COLS + (threadIdx.x % HCPM_COLS);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;  // 2 warps per group
+    float acc[HCM_ROWS / 4];
+#pragma unroll
+    for (int q = 0; q < HCM_ROWS / 4; q++) acc[q] = 0.0f;
+    double ss = 0.0;
+    if (j < e) {
+        const float* p = post + (long long)i * 4;
+        const float* c = comb + (long long)i * 16;
+        float* xr = state + (long long)i * ld_state;
+        const long long K = 4LL * e;
+        // Weights first (independent of the previous kernels' outputs... but after the
+        // wait above, all loads of this thread are issued together).
+        u16 wv[HCM_ROWS / 4][4];
+#pragma unroll
+        for (int q = 0; q < HCM_ROWS / 4; q++) {
+            const int r = g + 4 * q;
+#pragma unroll
+            for (int d = 0; d < 4; d++) wv[q][d] = r < nm ? fn[r * K + d * e + j] : (u16)0;
+        }
+        const float o = sub[(long long)i * ld_sub + j];
+        float old[4], nw[4];
+#pragma unroll
+        for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
+#pragma unroll
+        for (int d = 0; d < 4; d++) {
+            float v = p[d] * o;
+#pragma unroll
+            for (int a = 0; a < 4; a++) v += c[a * 4 + d] * old[a];
+            nw[d] = v;
+            ss += (double)v * (double)v;
+        }
+        __syncthreads();  // every group has read the old state before group 0 overwrites it
+        if (g == 0) {
+#pragma unroll
+            for (int d = 0; d < 4; d++) xr[d * e + j] = nw[d];
+        }
+#pragma unroll
+        for (int q = 0; q < HCM_ROWS / 4; q++) {
+            float v = 0.0f;
+#pragma unroll
+            for (int d = 0; d < 4; d++) v = fmaf(h2f(wv[q][d]), nw[d], v);
+            acc[q] = v;
+        }
+    } else {
+        __syncthreads();
+    }
+#pragma unroll
+    for (int q = 0; q < HCM_ROWS / 4; q++) {
+        const float v = warp_sum(acc[q]);
+        if (lane == 0) red[warp][g + 4 * q] = v;  // warp = 2g or 2g + 1
+    }
+    ss = warp_sum_d(ss);
+    __syncthreads();
+    if ((int)threadIdx.x < nm) {
+        const int r = threadIdx.x, gg = r & 3;
+        part[((long long)blockIdx.x * n + i) * (nm + 1) + r] = red[2 * gg][r] + red[2 * gg + 1][r];
+    }
+    if (warp < 2 && lane == 0) red[warp][HCM_ROWS] = (float)ss;
+    __syncthreads();
+    if (threadIdx.x == 0)
+        part[((long long)blockIdx.x * n + i) * (nm + 1) + nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
 }
 
 // Final HC collapse; one block per token.
@@ -1394,10 +1470,7 @@ extern "C" __global__ void swiglu(const float* g, const float* u, int ff, long l
     const long long n = rows * ff;
     for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n;
          idx += (long long)gridDim.x * blockDim.x) {
-        const float wt = wts ? wts[idx / ff] : 1.0f;
-        const float gc = fminf(g[idx], clamp);
-        const float uc = fminf(fmaxf(u[idx], -clamp), clamp);
-        out[idx] = wt * siluf(gc) * uc;
+        out[idx] = swiglu1(g[idx], u[idx], wts ? wts[idx / ff] : 1.0f, clamp);
     }
 }
 

@@ -42,6 +42,8 @@ const ROUTED_GEMM_MIN_SLOTS: usize = 64;
 const ATT_DECODE_MAX_TOKENS: usize = 8;
 /// Most HC mix rows `hc_mix_part` keeps in registers (HCM_ROWS in ops.cu).
 const HC_MIX_MAX_ROWS: usize = 24;
+/// Most tokens whose HC merge runs fused with the next mixes (`hc_post_mix`).
+const HC_FUSE_MAX_TOKENS: usize = 8;
 /// Outputs per thread of `hc_pre_finish_norm` (HCF_MAX in ops.cu).
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
@@ -269,6 +271,7 @@ struct Ops {
     hc_pre_finish: CudaFunction,
     hc_mix_part: CudaFunction,
     norm_rope: CudaFunction,
+    hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
@@ -312,6 +315,7 @@ impl Ops {
             hc_pre_finish: f("hc_pre_finish")?,
             hc_mix_part: f("hc_mix_part")?,
             norm_rope: f("norm_rope")?,
+            hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
@@ -962,6 +966,38 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// Decode: SwiGLU of `rows` rows (gate `g`, up `u`) quantized straight into the
+    /// activation buffer the next product with `down` reads, marked for reuse (the f32
+    /// result at `mid` is not written). False when the product would not read it there.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_into_act(
+        &self,
+        down: &CudaWeight,
+        g: u64,
+        u: u64,
+        rows: usize,
+        wts: u64,
+        clamp: f32,
+        mid: u64,
+    ) -> MResult<bool> {
+        let kind = match ActKind::for_weight(down.ty) {
+            Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => k,
+            _ => return Ok(false),
+        };
+        let ff = down.k;
+        let bw = if kind == ActKind::Q8K { 256 } else { 32 };
+        if rows >= GEMM_MIN_TOKENS || !ff.is_multiple_of(bw) {
+            return Ok(false);
+        }
+        let mut sc = self.scratch()?;
+        let act = sc.act(self.stream(), kind, ff, rows)?;
+        self.kernels
+            .swiglu_quant(self.stream(), g, u, rows, wts, clamp, act)
+            .map_err(be)?;
+        sc.reuse = Some((mid, kind_tag(kind), ff, rows));
+        Ok(true)
+    }
+
     /// Lets the next product of `x` (rows × k) with weights of `w`'s type reuse the
     /// quantized copy the previous product made.
     fn allow_reuse(&self, x: u64, w: &CudaWeight, k: usize, rows: usize) -> MResult<()> {
@@ -1061,12 +1097,35 @@ impl CudaBackend {
                 .arg(&tt32)
                 .arg(&part);
         })?;
+        self.hc_finish(w, state, n, s, norm_ptr, part, np, y, post, comb)?;
+        Ok(true)
+    }
+
+    /// The HC split, collapse and optional input norm (`norm_ptr`, 0 for none) of
+    /// `hc_pre_finish_norm`, from `np` partial mixes at `part`.
+    #[allow(clippy::too_many_arguments)]
+    fn hc_finish(
+        &self,
+        w: &HcWeights<CudaWeight>,
+        state: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        norm_ptr: u64,
+        part: u64,
+        np: usize,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        let (hc, e) = (s.hc_mult, s.n_embd);
+        let threads: u32 = if n == 1 { 1024 } else { 256 };
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (sp, lds, n32) = (state.buf.ptr, state.cols as i32, n as i32);
         let (np32, hc32, e32, it, he, re) = (
             np as i32,
             hc as i32,
@@ -1095,8 +1154,7 @@ impl CudaBackend {
                 .arg(&ldy)
                 .arg(&pp)
                 .arg(&cp);
-        })?;
-        Ok(true)
+        })
     }
 
     fn hc_mixes(&self, fn_: &CudaWeight, state: &CudaAct, n: usize, rows: usize) -> MResult<u64> {
@@ -1624,6 +1682,80 @@ impl<'w> Backend<'w> for CudaBackend {
         }
         self.hc_pre(w, state, n, s, y, post, comb)?;
         self.rms_norm(y, Some(norm), n, s.n_embd, s.rms_eps)
+    }
+
+    fn hc_post_pre_norm(
+        &self,
+        sub: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        state: &mut CudaAct,
+        next: &HcWeights<CudaWeight>,
+        norm: &CudaWeight,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+        // Decode: one pass over the state merges and sums the next mixes per column
+        // block. Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
+        static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let fuse_on = *FUSE.get_or_init(|| std::env::var("DS4_HC_FUSE").map_or(true, |v| v != "0"));
+        let fused = fuse_on
+            && n > 0
+            && n <= HC_FUSE_MAX_TOKENS
+            && hc == 4
+            && next.fn_.ty == GgmlType::F16
+            && nm <= HC_MIX_MAX_ROWS
+            && next.fn_.rows == nm
+            && next.fn_.k == hc * e
+            && state.cols == hc * e
+            && sub.cols >= e
+            && e.is_multiple_of(4)
+            && y.cols.is_multiple_of(4)
+            && e <= HC_FINISH_MAX_PER_THREAD * 256;
+        if !fused {
+            self.hc_post(sub, post, comb, n, hc, state)?;
+            return self.hc_pre_norm(next, state, n, s, norm, y, post, comb);
+        }
+        let _prof = self.prof("hc_post+pre", n);
+        check(norm.k * norm.rows == e, || {
+            "hc_pre: norm weight length".into()
+        })?;
+        let norm_ptr = norm.dense_ptr()?;
+        let np = e.div_ceil(64);
+        let part = self
+            .scratch()?
+            .f32(self.stream(), "hc_part", np * n * (nm + 1))?;
+        let cfg = LaunchConfig {
+            grid_dim: (np as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (sbp, lds_sub, pp, cp, e32, xp, ldx, fnp, nm32) = (
+            sub.buf.ptr,
+            sub.cols as i32,
+            post.buf.ptr,
+            comb.buf.ptr,
+            e as i32,
+            state.buf.ptr,
+            state.cols as i32,
+            next.fn_.data.ptr,
+            nm as i32,
+        );
+        self.launch(&self.ops.hc_post_mix, cfg, |b| {
+            b.arg(&sbp)
+                .arg(&lds_sub)
+                .arg(&pp)
+                .arg(&cp)
+                .arg(&e32)
+                .arg(&xp)
+                .arg(&ldx)
+                .arg(&fnp)
+                .arg(&nm32)
+                .arg(&part);
+        })?;
+        self.hc_finish(next, state, n, s, norm_ptr, part, np, y, post, comb)
     }
 
     fn hc_post(
@@ -2358,8 +2490,12 @@ impl<'w> Backend<'w> for CudaBackend {
             self.scratch()?.reuse = None;
             up?;
         }
-        swiglu(g, u, n * k, wts, mid)?;
-        self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down)?;
+        if !self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid)? {
+            swiglu(g, u, n * k, wts, mid)?;
+        }
+        let r = self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down);
+        self.scratch()?.reuse = None;
+        r?;
         // Shared expert.
         let fused = pair(&w.gate_sh, &w.up_sh)
             && w.gate_sh.rows == ff
@@ -2382,8 +2518,12 @@ impl<'w> Backend<'w> for CudaBackend {
             self.scratch()?.reuse = None;
             up?;
         }
-        swiglu(sg, su, n, 0, smid)?;
-        self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e)?;
+        if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid)? {
+            swiglu(sg, su, n, 0, smid)?;
+        }
+        let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
+        self.scratch()?.reuse = None;
+        r?;
         let cfg = LaunchConfig {
             grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
             block_dim: (256, 1, 1),

@@ -45,10 +45,13 @@ pub const ATTENTION: KernelSource = KernelSource {
 
 /// Headers every kernel file may `#include "…"` (handed to NVRTC by name; the CI
 /// check does the same from `kernels/*.cuh`).
-pub const HEADERS: &[(&str, &str)] = &[(
-    "iq2xxs_grid.cuh",
-    include_str!("../kernels/iq2xxs_grid.cuh"),
-)];
+pub const HEADERS: &[(&str, &str)] = &[
+    (
+        "iq2xxs_grid.cuh",
+        include_str!("../kernels/iq2xxs_grid.cuh"),
+    ),
+    ("swiglu.cuh", include_str!("../kernels/swiglu.cuh")),
+];
 
 /// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.
 pub fn arch_for(sm: (i32, i32)) -> String {

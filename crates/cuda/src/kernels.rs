@@ -233,6 +233,7 @@ pub struct Kernels {
     max_rpw: usize,
     quant_act_q8_0: CudaFunction,
     quant_act_q8_k: CudaFunction,
+    swiglu_quant: CudaFunction,
     mv_q8_0: CudaFunction,
     mv_q2_k: CudaFunction,
     mv_q4_k: CudaFunction,
@@ -275,6 +276,7 @@ impl Kernels {
             },
             quant_act_q8_0: f("quant_act_q8_0")?,
             quant_act_q8_k: f("quant_act_q8_k")?,
+            swiglu_quant: f("swiglu_quant")?,
             mv_q8_0: mv("mv_q8_0")?,
             mv_q2_k: mv("mv_q2_k")?,
             mv_q4_k: mv("mv_q4_k")?,
@@ -344,6 +346,64 @@ impl Kernels {
         // SAFETY: argument list matches the kernel signature; buffers sized by ActBuf;
         // the kernel starts with PDL_WAIT.
         unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+        Ok(())
+    }
+
+    /// SwiGLU of `rows` rows of `act.k` (gate `g`, up `u`, f32; row weights `wts` or 0
+    /// for 1) quantized straight into `act` (Q8_0 or Q8_K).
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_quant(
+        &self,
+        stream: &Arc<CudaStream>,
+        g: u64,
+        u: u64,
+        rows: usize,
+        wts: u64,
+        clamp: f32,
+        act: &ActBuf,
+    ) -> Result<()> {
+        let (q8k, bw) = match act.kind {
+            ActKind::Q8_0 => (0i32, 32usize),
+            ActKind::Q8K => (1, 256),
+            ActKind::F32 => {
+                return Err(Error::Shape {
+                    what: "swiglu quantisation",
+                    detail: "f32 activation buffer".into(),
+                });
+            }
+        };
+        if rows > act.rows || !act.k.is_multiple_of(bw) {
+            return Err(Error::Shape {
+                what: "swiglu quantisation",
+                detail: format!(
+                    "{rows} rows of {} into {} rows (block {bw})",
+                    act.k, act.rows
+                ),
+            });
+        }
+        let warps = (rows * act.k / bw) as u32;
+        if warps == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ff, rows32) = (act.k as i32, rows as i32);
+        let mut b = KernelArgs::new();
+        b.arg(&g)
+            .arg(&u)
+            .arg(&ff)
+            .arg(&rows32)
+            .arg(&wts)
+            .arg(&clamp)
+            .arg(&q8k)
+            .arg(&act.qs.ptr)
+            .arg(&act.d.ptr)
+            .arg(&act.bsums.ptr);
+        // SAFETY: matches `swiglu_quant`; sizes checked above; PDL_START first.
+        unsafe { crate::launch::launch(stream, &self.swiglu_quant, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
 

@@ -164,6 +164,25 @@ pub trait Backend<'w> {
         self.hc_pre(w, state, n, shape, y, post, comb)?;
         self.rms_norm(y, Some(norm), n, shape.n_embd, shape.rms_eps)
     }
+    /// `hc_post` of a sublayer's output, then `hc_pre_norm` of the next sublayer (weights
+    /// `next`, input norm `norm`) on the updated state: the merge and the next mixes read
+    /// the same state, so a backend can do both in one pass over it.
+    #[allow(clippy::too_many_arguments)]
+    fn hc_post_pre_norm(
+        &self,
+        sub: &Self::Act,
+        n: usize,
+        shape: &ModelShape,
+        state: &mut Self::Act,
+        next: &HcWeights<Self::Weight>,
+        norm: &Self::Weight,
+        y: &mut Self::Act,
+        post: &mut Self::Act,
+        comb: &mut Self::Act,
+    ) -> Result<()> {
+        self.hc_post(sub, post, comb, n, shape.hc_mult, state)?;
+        self.hc_pre_norm(next, state, n, shape, norm, y, post, comb)
+    }
     /// HC merge (§7.2): X'[d] = post_d·o + Σ_a comb[a][d]·X[a], in place on `state`.
     fn hc_post(
         &self,

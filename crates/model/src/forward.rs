@@ -186,7 +186,22 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         let official = self.options.official_rounding;
         let eps = s.rms_eps;
         be.embed(&self.weights.token_embd, tokens, s.hc_mult, &mut bufs.state)?;
-        for (il, lw) in self.weights.layers.iter().enumerate() {
+        let layers = &self.weights.layers;
+        // Each sublayer's HC merge is fused with the next sublayer's HC split; the first
+        // split stands alone.
+        if let Some(first) = layers.first() {
+            be.hc_pre_norm(
+                &first.hc_attn,
+                &bufs.state,
+                n,
+                s,
+                &first.attn.norm,
+                &mut bufs.y,
+                &mut bufs.post,
+                &mut bufs.comb,
+            )?;
+        }
+        for (il, lw) in layers.iter().enumerate() {
             let kind = lw.kind;
             let rope = if kind.is_compressed() {
                 RopeKind::Compress
@@ -195,16 +210,6 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             };
             // ---- attention sublayer
             let a = &lw.attn;
-            be.hc_pre_norm(
-                &lw.hc_attn,
-                &bufs.state,
-                n,
-                s,
-                &a.norm,
-                &mut bufs.y,
-                &mut bufs.post,
-                &mut bufs.comb,
-            )?;
             // Every projection of the normed input y at once (one quantisation, few launches).
             be.matmul_multi(
                 &[&a.q_a, &a.kv],
@@ -308,34 +313,40 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             be.rope(&mut bufs.attn, n, s.head_dim, rope, pos0, true)?;
             be.matmul_grouped(&a.out_a, &bufs.attn, n, s.o_groups, &mut bufs.low)?;
             be.matmul(&a.out_b, &bufs.low, n, &mut bufs.sub)?;
-            be.hc_post(
-                &bufs.sub,
-                &bufs.post,
-                &bufs.comb,
-                n,
-                s.hc_mult,
-                &mut bufs.state,
-            )?;
             // ---- FFN sublayer
-            be.hc_pre_norm(
-                &lw.hc_ffn,
-                &bufs.state,
+            be.hc_post_pre_norm(
+                &bufs.sub,
                 n,
                 s,
+                &mut bufs.state,
+                &lw.hc_ffn,
                 &lw.ffn.norm,
                 &mut bufs.y,
                 &mut bufs.post,
                 &mut bufs.comb,
             )?;
             be.moe(&lw.ffn, il, s, &bufs.y, tokens, n, &mut bufs.sub)?;
-            be.hc_post(
-                &bufs.sub,
-                &bufs.post,
-                &bufs.comb,
-                n,
-                s.hc_mult,
-                &mut bufs.state,
-            )?;
+            match layers.get(il + 1) {
+                Some(next) => be.hc_post_pre_norm(
+                    &bufs.sub,
+                    n,
+                    s,
+                    &mut bufs.state,
+                    &next.hc_attn,
+                    &next.attn.norm,
+                    &mut bufs.y,
+                    &mut bufs.post,
+                    &mut bufs.comb,
+                )?,
+                None => be.hc_post(
+                    &bufs.sub,
+                    &bufs.post,
+                    &bufs.comb,
+                    n,
+                    s.hc_mult,
+                    &mut bufs.state,
+                )?,
+            }
         }
         let (state, m) = match rows {
             LogitRows::All => (&bufs.state, n),
