@@ -231,12 +231,59 @@ __device__ __forceinline__ u32 funnel_r(u32 lo, u32 hi, u32 sh) {
     return r;
 }
 
+// A unit's share of one token's quantized activation, loaded once and used for every
+// row a warp has staged (the rows of a group share the token).
+struct ActU {
+    int4 x0, x1;  // codes (x1 unused by Q2_K's 16-element units)
+    float d;      // block scale
+    int bs;       // Q2_K / Q4_K: the unit's bsums
+};
+
+__device__ __forceinline__ ActU act_q8_0(const ActQ& a, int u) {
+    const int4* xq = (const int4*)(a.qs + u * 32);
+    ActU r;
+    r.x0 = xq[0];
+    r.x1 = xq[1];
+    r.d = a.d[u];
+    r.bs = 0;
+    return r;
+}
+__device__ __forceinline__ ActU act_q2_k(const ActQ& a, int u) {
+    const int blk = u >> 4, k = u & 15;
+    ActU r;
+    r.x0 = *(const int4*)(a.qs + blk * 256 + 16 * k);
+    r.x1 = r.x0;
+    r.d = a.d[blk];
+    r.bs = a.bsums[blk * 16 + k];
+    return r;
+}
+__device__ __forceinline__ ActU act_q4_k(const ActQ& a, int u) {
+    const int blk = u >> 3, k = u & 7;
+    const int4* xp = (const int4*)(a.qs + blk * 256 + 32 * k);
+    ActU r;
+    r.x0 = xp[0];
+    r.x1 = xp[1];
+    r.d = a.d[blk];
+    r.bs = (int)a.bsums[blk * 16 + 2 * k] + (int)a.bsums[blk * 16 + 2 * k + 1];
+    return r;
+}
+__device__ __forceinline__ ActU act_iq2_xxs(const ActQ& a, int u) {
+    const int blk = u >> 3, g = u & 7;
+    const int4* xp = (const int4*)(a.qs + blk * 256 + 32 * g);
+    ActU r;
+    r.x0 = xp[0];
+    r.x1 = xp[1];
+    r.d = a.d[blk];
+    r.bs = 0;
+    return r;
+}
+
 // Q8_0: 34-byte block {f16 d, i8 qs[32]}; unit = one block. The block starts 2 bytes
 // past a word boundary when u is odd, on one when even: nine aligned 32-bit shared loads
 // cover it and a funnel shift (by 16, or 32 = the high word) realigns the quants. (Sixteen
 // 16-bit loads did the same with twice the shared-memory wavefronts.) Rows are staged
 // 16-byte aligned, and the ninth word never leaves the staged row buffer.
-__device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActQ& a) {
+__device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActU& a) {
     const int odd = u & 1;
     const u32* w = (const u32*)(row + u * 34 - 2 * odd);
     u32 wv[9];
@@ -244,22 +291,20 @@ __device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActQ& a) 
     for (int j = 0; j < 9; j++) wv[j] = w[j];
     const u32 sh = odd ? 32u : 16u;
     const float dw = h2f((u16)(wv[0] >> (16 * odd)));
-    const int4* xq = (const int4*)(a.qs + u * 32);
-    const int4 x0 = xq[0], x1 = xq[1];
-    const int xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+    const int xv[8] = {a.x0.x, a.x0.y, a.x0.z, a.x0.w, a.x1.x, a.x1.y, a.x1.z, a.x1.w};
     int s = 0;
 #pragma unroll
     for (int j = 0; j < 8; j++) s = dp4a((int)funnel_r(wv[j], wv[j + 1], sh), xv[j], s);
-    return (dw * a.d[u]) * (float)s;
+    return (dw * a.d) * (float)s;
 }
 
 // Q2_K: 84-byte block {scales[16], qs[64], f16 d, f16 dmin}; unit = 16-element sub-block.
-__device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActQ& a) {
+__device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActU& a) {
     const int blk = u >> 4, k = u & 15;
     const u8* b = row + blk * 84;
     const int n = k >> 3, j = (k & 7) >> 1, l0 = (k & 1) * 16;
     const u32* q = (const u32*)(b + 16 + 32 * n + l0);
-    const int4 xv = *(const int4*)(a.qs + blk * 256 + 16 * k);
+    const int4 xv = a.x0;
     const int sh = 2 * j;
     int s = 0;
     s = dp4a((int)((q[0] >> sh) & 0x03030303u), xv.x, s);
@@ -267,14 +312,14 @@ __device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActQ& a) 
     s = dp4a((int)((q[2] >> sh) & 0x03030303u), xv.z, s);
     s = dp4a((int)((q[3] >> sh) & 0x03030303u), xv.w, s);
     const int sc = b[k];
-    const float xd = a.d[blk];
+    const float xd = a.d;
     const float dall = xd * h2f(*(const u16*)(b + 80));
     const float dmin = xd * h2f(*(const u16*)(b + 82));
-    return dall * (float)((sc & 15) * s) - dmin * (float)((sc >> 4) * (int)a.bsums[blk * 16 + k]);
+    return dall * (float)((sc & 15) * s) - dmin * (float)((sc >> 4) * a.bs);
 }
 
 // Q4_K: 144-byte block {f16 d, f16 dmin, scales[12], qs[128]}; unit = 32-element sub-block.
-__device__ __forceinline__ float unit_q4_k(const u8* row, int u, const ActQ& a) {
+__device__ __forceinline__ float unit_q4_k(const u8* row, int u, const ActU& a) {
     const int blk = u >> 3, k = u & 7;
     const u8* b = row + blk * 144;
     const u8* sc = b + 4;
@@ -289,8 +334,7 @@ __device__ __forceinline__ float unit_q4_k(const u8* row, int u, const ActQ& a) 
     const int c = k >> 1, sh = 4 * (k & 1);
     const uint4* qp = (const uint4*)(b + 16 + 32 * c);
     const uint4 q0 = qp[0], q1 = qp[1];
-    const int4* xp = (const int4*)(a.qs + blk * 256 + 32 * k);
-    const int4 x0 = xp[0], x1 = xp[1];
+    const int4 x0 = a.x0, x1 = a.x1;
     int s = 0;
     s = dp4a((int)((q0.x >> sh) & 0x0f0f0f0fu), x0.x, s);
     s = dp4a((int)((q0.y >> sh) & 0x0f0f0f0fu), x0.y, s);
@@ -300,8 +344,8 @@ __device__ __forceinline__ float unit_q4_k(const u8* row, int u, const ActQ& a) 
     s = dp4a((int)((q1.y >> sh) & 0x0f0f0f0fu), x1.y, s);
     s = dp4a((int)((q1.z >> sh) & 0x0f0f0f0fu), x1.z, s);
     s = dp4a((int)((q1.w >> sh) & 0x0f0f0f0fu), x1.w, s);
-    const int bs = (int)a.bsums[blk * 16 + 2 * k] + (int)a.bsums[blk * 16 + 2 * k + 1];
-    const float xd = a.d[blk];
+    const int bs = a.bs;
+    const float xd = a.d;
     const float dall = xd * h2f(*(const u16*)b);
     const float dmin = xd * h2f(*(const u16*)(b + 2));
     return dall * (float)(scale * s) - dmin * (float)(mn * bs);
@@ -319,16 +363,14 @@ __device__ __forceinline__ u32 sign_mask4(u32 bits4) {  // 4 sign bits -> 4 byte
 // the whole word: ~g + 1 = 256 - g stays inside its byte, so no carry crosses bytes.
 __device__ __forceinline__ int apply_sign4(u32 g, u32 m) { return (int)((g ^ m) + (m & 0x01010101u)); }
 
-__device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActQ& a,
+__device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActU& a,
                                               const u64* __restrict__ grid) {
     const int blk = u >> 3, g = u & 7;
     const u8* b = row + blk * 66;
     const u16* q = (const u16*)(b + 2 + 8 * g);
     const u32 a0 = (u32)q[0] | ((u32)q[1] << 16);
     const u32 a1 = (u32)q[2] | ((u32)q[3] << 16);
-    const int4* xp = (const int4*)(a.qs + blk * 256 + 32 * g);
-    const int4 x0 = xp[0], x1 = xp[1];
-    const int xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+    const int xw[8] = {a.x0.x, a.x0.y, a.x0.z, a.x0.w, a.x1.x, a.x1.y, a.x1.z, a.x1.w};
     int s = 0;
 #pragma unroll
     for (int l = 0; l < 4; l++) {
@@ -339,7 +381,7 @@ __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActQ& 
         s = dp4a(apply_sign4((u32)(gv >> 32), sign_mask4(sg >> 4)), xw[2 * l + 1], s);
     }
     const int ls = (int)(a1 >> 28);
-    return 0.125f * (h2f(*(const u16*)b) * a.d[blk]) * (float)(s * (2 * ls + 1));
+    return 0.125f * (h2f(*(const u16*)b) * a.d) * (float)(s * (2 * ls + 1));
 }
 
 #include "iq2xxs_grid.cuh"
@@ -445,15 +487,20 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
             a.d = xd + arow * sblk;
             a.bsums = xbs ? xbs + arow * (K / 16) : 0;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int u = lane; u < nunits; u += 32) {
+                ActU x;
+                if (TY == TY_Q8_0) x = act_q8_0(a, u);
+                else if (TY == TY_Q2_K) x = act_q2_k(a, u);
+                else if (TY == TY_Q4_K) x = act_q4_k(a, u);
+                else x = act_iq2_xxs(a, u);
 #pragma unroll
-            for (int q = 0; q < 4; q++) {
-                if (q < rpw) {
-                    const u8* row = grp + q * row_bytes;
-                    for (int u = lane; u < nunits; u += 32) {
-                        if (TY == TY_Q8_0) acc[q] += unit_q8_0(row, u, a);
-                        else if (TY == TY_Q2_K) acc[q] += unit_q2_k(row, u, a);
-                        else if (TY == TY_Q4_K) acc[q] += unit_q4_k(row, u, a);
-                        else acc[q] += unit_iq2_xxs(row, u, a, grid_s);
+                for (int q = 0; q < 4; q++) {
+                    if (q < rpw) {
+                        const u8* row = grp + q * row_bytes;
+                        if (TY == TY_Q8_0) acc[q] += unit_q8_0(row, u, x);
+                        else if (TY == TY_Q2_K) acc[q] += unit_q2_k(row, u, x);
+                        else if (TY == TY_Q4_K) acc[q] += unit_q4_k(row, u, x);
+                        else acc[q] += unit_iq2_xxs(row, u, x, grid_s);
                     }
                 }
             }
