@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no Rust there): the ds4 binary is built on the dev
-# machine and carried in devbin/. Writes logs, CSVs and plots under $OUT (or ./gpu-out).
+# machine and carried in devbin/ (as ds4, or ds4.xz: the tree that travels is capped).
+# Writes logs, CSVs and plots under $OUT (or ./gpu-out); at most 8 files come back.
 #   usage: scripts/gpu/device_run.sh [selftest] [bench-q2] [bench-q4] [stream-q2] [serve] [plan]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 ds4=devbin/ds4
+# The carried binary may be xz-compressed (the working tree that travels is capped).
+if [ -f devbin/ds4.xz ]; then xz -dc devbin/ds4.xz > devbin/ds4 && chmod +x devbin/ds4; fi
 export DS4_CUBIN_CACHE="$out/cubin-cache"
 # NVRTC / cuBLAS from the toolkit, or from the pip wheels of the image's python.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
          $(python3 -c 'import nvidia,os;[print(os.path.join(p,"cu13","lib")) for p in nvidia.__path__]' 2>/dev/null); do
   [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 ctxs="${CTX:-2048,32768}"
 bench() { # quant
   $ds4 bench --synthetic "$1" --ctx "$ctxs" --gen "${GEN:-64}" \

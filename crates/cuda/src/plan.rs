@@ -73,6 +73,8 @@ pub enum MemClass {
     MoeScratch,
     /// Prefill indexer scores and masks against every compressed row.
     IndexerScratch,
+    /// Decode attention split partials (`attention::scratch_bytes`) at the planned context.
+    AttentionScratch,
     /// [`CUDA_RESERVE_BYTES`].
     CudaReserve,
     /// [`SAFETY_MARGIN_PERCENT`] of total memory.
@@ -80,7 +82,7 @@ pub enum MemClass {
 }
 
 impl MemClass {
-    pub const ALL: [MemClass; 13] = [
+    pub const ALL: [MemClass; 14] = [
         MemClass::RoutedExperts,
         MemClass::Attention,
         MemClass::SharedExperts,
@@ -92,6 +94,7 @@ impl MemClass {
         MemClass::Activations,
         MemClass::MoeScratch,
         MemClass::IndexerScratch,
+        MemClass::AttentionScratch,
         MemClass::CudaReserve,
         MemClass::SafetyMargin,
     ];
@@ -109,6 +112,7 @@ impl MemClass {
             MemClass::Activations => "activations (chunk)",
             MemClass::MoeScratch => "MoE/GEMM scratch (chunk)",
             MemClass::IndexerScratch => "indexer prefill scores",
+            MemClass::AttentionScratch => "attention decode partials",
             MemClass::CudaReserve => "CUDA context/cuBLAS/kernels",
             MemClass::SafetyMargin => "safety margin",
         }
@@ -419,6 +423,26 @@ impl MemoryPlan {
         // compressed row of a CSA layer (capacity ctx/r + 1, as the KV rows).
         let score_rows = rows.min(u(INDEXER_TOKENS_PER_PASS));
         let indexer = min_csa_ratio(s).map_or(0, |r| (u(ctx / r) + 1) * score_rows * ACT_BYTES);
+        // Decode attention keeps per-split partials for up to SPLIT_MAX_TOKENS tokens; the
+        // layer with the most keys (window + picks, or every compressed row) sets the size.
+        let split_tokens = chunk.min(ctx).min(crate::attention::SPLIT_MAX_TOKENS);
+        let attention = s
+            .layer_kinds
+            .iter()
+            .map(|k| {
+                let ratio = k.ratio();
+                let comp_cap = if ratio > 0 { ctx / ratio + 1 } else { 0 };
+                let sel = k.is_csa().then_some(s.indexer_top_k);
+                let keys = crate::attention::max_keys(s.sliding_window, ratio, comp_cap, sel);
+                u(crate::attention::scratch_bytes(
+                    s.n_head,
+                    s.head_dim,
+                    split_tokens,
+                    keys,
+                ))
+            })
+            .max()
+            .unwrap_or(0);
         let margin = device.total / 100 * SAFETY_MARGIN_PERCENT;
         let gpu = |class, bytes| PlanItem {
             class,
@@ -431,6 +455,7 @@ impl MemoryPlan {
             gpu(MemClass::Activations, activations),
             gpu(MemClass::MoeScratch, moe),
             gpu(MemClass::IndexerScratch, indexer),
+            gpu(MemClass::AttentionScratch, attention),
             gpu(MemClass::CudaReserve, CUDA_RESERVE_BYTES),
             gpu(MemClass::SafetyMargin, margin),
         ]);
@@ -685,6 +710,22 @@ mod tests {
         let kv = big.bytes(MemClass::KvState) as f64;
         let per_token = (kv - plan.bytes(MemClass::KvState) as f64) / (MAX_CONTEXT - 32768) as f64;
         assert!((per_token - 13760.0).abs() < 20.0, "{per_token}");
+    }
+
+    /// Decode attention partials: 8 tokens x the splits of the layer with the most keys
+    /// (ratio 4 at 32K: 128 raw + 512 picks; ratio 128 at 1M: 128 + 8193 rows).
+    #[test]
+    fn attention_partials_follow_the_widest_layer() {
+        let s = Config::flash().shape();
+        let small = flash_q2(32768, 139.0, 139.8).bytes(MemClass::AttentionScratch);
+        let want = crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + 512)
+            .max(crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + 32768 / 128 + 1));
+        assert_eq!(small, want as u64);
+        let big = flash_q2(MAX_CONTEXT, 139.0, 139.8).bytes(MemClass::AttentionScratch);
+        let want_big =
+            crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + MAX_CONTEXT / 128 + 1);
+        assert_eq!(big, want_big as u64);
+        assert!(big > small);
     }
 
     /// With the weights leaving ~10 GiB, only part of the 1M context fits, and the
