@@ -718,8 +718,9 @@ mod tests {
     fn attention_partials_follow_the_widest_layer() {
         let s = Config::flash().shape();
         let small = flash_q2(32768, 139.0, 139.8).bytes(MemClass::AttentionScratch);
-        let want = crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + 512)
-            .max(crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + 32768 / 128 + 1));
+        let want = crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + 512).max(
+            crate::attention::scratch_bytes(s.n_head, s.head_dim, 8, 128 + 32768 / 128 + 1),
+        );
         assert_eq!(small, want as u64);
         let big = flash_q2(MAX_CONTEXT, 139.0, 139.8).bytes(MemClass::AttentionScratch);
         let want_big =
