@@ -431,7 +431,7 @@ impl MemoryPlan {
             .iter()
             .map(|k| {
                 let ratio = k.ratio();
-                let comp_cap = if ratio > 0 { ctx / ratio + 1 } else { 0 };
+                let comp_cap = ctx.checked_div(ratio).map_or(0, |c| c + 1);
                 let sel = k.is_csa().then_some(s.indexer_top_k);
                 let keys = crate::attention::max_keys(s.sliding_window, ratio, comp_cap, sel);
                 u(crate::attention::scratch_bytes(
