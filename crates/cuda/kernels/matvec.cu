@@ -183,6 +183,50 @@ extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
     q8_k_block(v, blk, lane, qs, d, bsums);
 }
 
+// RMSNorm of one row of k (k / 4 threads, 4 consecutive elements each; w optional) in
+// place, as ops.cu's rms_norm_seg computes it (sum of squares in f64), and its Q8_0
+// quantisation: a 32-block is 8 threads, reduced with shuffles inside the warp.
+extern "C" __global__ void __launch_bounds__(1024)
+    norm_quant_q8_0(float* __restrict__ x, const float* __restrict__ w, int k, float eps,
+                    i8* __restrict__ qs, float* __restrict__ d) {
+    PDL_START();
+    __shared__ double red[32];
+    float* p = x + (long long)blockIdx.x * k;
+    const int j0 = 4 * threadIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float4 v = *(const float4*)(p + j0);
+    double ss = (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    double tot = 0.0;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) tot += red[i];
+    const float r = (float)(1.0 / sqrt(tot / (double)k + (double)eps));
+    float o[4] = {__fmul_rn(v.x, r), __fmul_rn(v.y, r), __fmul_rn(v.z, r), __fmul_rn(v.w, r)};
+    if (w) {
+        const float4 wv = *(const float4*)(w + j0);
+        o[0] = __fmul_rn(wv.x, o[0]);
+        o[1] = __fmul_rn(wv.y, o[1]);
+        o[2] = __fmul_rn(wv.z, o[2]);
+        o[3] = __fmul_rn(wv.w, o[3]);
+    }
+    *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
+    float a = fmaxf(fmaxf(fabsf(o[0]), fabsf(o[1])), fmaxf(fabsf(o[2]), fabsf(o[3])));
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
+    const float dd = a / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    char4 q;
+    q.x = (signed char)max(-127, min(127, __float2int_rn(o[0] * id)));
+    q.y = (signed char)max(-127, min(127, __float2int_rn(o[1] * id)));
+    q.z = (signed char)max(-127, min(127, __float2int_rn(o[2] * id)));
+    q.w = (signed char)max(-127, min(127, __float2int_rn(o[3] * id)));
+    const long long e0 = (long long)blockIdx.x * k + j0;
+    *(char4*)(qs + e0) = q;
+    if ((threadIdx.x & 7) == 0) d[e0 / 32] = dd;
+}
+
 #include "swiglu.cuh"
 
 // SwiGLU of `rows` rows of ff (gate g, up u; row weight wts[row] or 1) quantized

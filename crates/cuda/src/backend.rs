@@ -347,7 +347,8 @@ impl Ops {
 struct Scratch {
     epoch: u64,
     /// (input pointer, activation kind, width, rows) whose quantized copy the next
-    /// product may reuse: set by `moe` between two products of the same input.
+    /// product may reuse: set right before that product (two products of one input, a
+    /// norm or SwiGLU that quantized its output); every quantized product clears it.
     reuse: Option<(u64, u8, usize, usize)>,
     f32s: HashMap<&'static str, DevBuf>,
     acts: HashMap<(u8, usize), ActBuf>,
@@ -621,7 +622,9 @@ impl CudaBackend {
                 } else {
                     x
                 };
-                let reuse = ldx == k && sc.reuse == Some((x, kind_tag(kind), k, n));
+                // A pending reuse is for the very next quantized product: taken either way.
+                let pending = sc.reuse.take();
+                let reuse = ldx == k && pending == Some((x, kind_tag(kind), k, n));
                 let act = sc.act(self.stream(), kind, k, n)?;
                 if !reuse {
                     self.kernels
@@ -809,7 +812,7 @@ impl CudaBackend {
                     ));
                     sc.epoch += 1;
                 }
-                let reuse = sc.reuse == Some((x, kind_tag(kind), k, n_act));
+                let reuse = sc.reuse.take() == Some((x, kind_tag(kind), k, n_act));
                 let act = sc.act(self.stream(), kind, k, n_act)?;
                 if !reuse {
                     self.kernels
@@ -943,6 +946,7 @@ impl CudaBackend {
             })
             .collect();
         let mut sc = self.scratch()?;
+        sc.reuse = None;
         let act = sc.act(self.stream(), kind, k, act_rows)?;
         self.kernels
             .quantize_rows(self.stream(), x, act, act_rows)
@@ -1462,8 +1466,10 @@ impl<'w> Backend<'w> for CudaBackend {
                     ldy: o.cols,
                 })
                 .collect();
-            // The scratch stays locked while its quantized input is in use.
+            // The scratch stays locked while its quantized input is in use. Every quantized
+            // product ends a pending reuse (it was meant for the product right after it).
             let mut sc = self.scratch()?;
+            sc.reuse = None;
             let xin = if quant {
                 let kind = ActKind::for_weight(first.ty).map_err(be)?;
                 let act = sc.act(self.stream(), kind, k, n)?;
@@ -1587,6 +1593,20 @@ impl<'w> Backend<'w> for CudaBackend {
             None => 0,
         };
         if n == 0 {
+            return Ok(());
+        }
+        // Decode, whole-row norm: also write the Q8_0 copy the next Q8_0 product of this
+        // row reads (q_a_norm → q_b), marked for reuse; the f32 row is still written.
+        static NORM_QUANT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let fuse =
+            *NORM_QUANT.get_or_init(|| std::env::var("DS4_NORM_QUANT").map_or(true, |v| v != "0"));
+        if fuse && seg == x.cols && n < GEMM_MIN_TOKENS && seg.is_multiple_of(128) && seg <= 4096 {
+            let mut sc = self.scratch()?;
+            let act = sc.act(self.stream(), ActKind::Q8_0, seg, n)?;
+            self.kernels
+                .norm_quant_q8_0(self.stream(), x.buf.ptr, wp, seg, n, eps, act)
+                .map_err(be)?;
+            sc.reuse = Some((x.buf.ptr, kind_tag(ActKind::Q8_0), seg, n));
             return Ok(());
         }
         // About four elements per thread: the loops are latency-bound, not arithmetic.

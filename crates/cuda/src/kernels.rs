@@ -234,6 +234,7 @@ pub struct Kernels {
     quant_act_q8_0: CudaFunction,
     quant_act_q8_k: CudaFunction,
     swiglu_quant: CudaFunction,
+    norm_quant_q8_0: CudaFunction,
     mv_q8_0: CudaFunction,
     mv_q2_k: CudaFunction,
     mv_q4_k: CudaFunction,
@@ -277,6 +278,7 @@ impl Kernels {
             quant_act_q8_0: f("quant_act_q8_0")?,
             quant_act_q8_k: f("quant_act_q8_k")?,
             swiglu_quant: f("swiglu_quant")?,
+            norm_quant_q8_0: f("norm_quant_q8_0")?,
             mv_q8_0: mv("mv_q8_0")?,
             mv_q2_k: mv("mv_q2_k")?,
             mv_q4_k: mv("mv_q4_k")?,
@@ -404,6 +406,54 @@ impl Kernels {
             .arg(&act.bsums.ptr);
         // SAFETY: matches `swiglu_quant`; sizes checked above; PDL_START first.
         unsafe { crate::launch::launch(stream, &self.swiglu_quant, cfg, &mut b, self.pdl) }?;
+        Ok(())
+    }
+
+    /// RMSNorm of `rows` rows of `k` f32 at `x` in place (weight `w`, or 0 for none),
+    /// and their Q8_0 quantisation into `act`. `k` a multiple of 128, at most 4096.
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_quant_q8_0(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: u64,
+        w: u64,
+        k: usize,
+        rows: usize,
+        eps: f32,
+        act: &ActBuf,
+    ) -> Result<()> {
+        if act.kind != ActKind::Q8_0
+            || act.k != k
+            || rows > act.rows
+            || !k.is_multiple_of(128)
+            || k > 4096
+        {
+            return Err(Error::Shape {
+                what: "norm + Q8_0 quantisation",
+                detail: format!(
+                    "{rows} rows of {k} into {:?} rows {} of {}",
+                    act.kind, act.rows, act.k
+                ),
+            });
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: ((k / 4) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let k32 = k as i32;
+        let mut b = KernelArgs::new();
+        b.arg(&x)
+            .arg(&w)
+            .arg(&k32)
+            .arg(&eps)
+            .arg(&act.qs.ptr)
+            .arg(&act.d.ptr);
+        // SAFETY: matches `norm_quant_q8_0`; sizes checked above; PDL_START first.
+        unsafe { crate::launch::launch(stream, &self.norm_quant_q8_0, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
 
