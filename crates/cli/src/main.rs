@@ -34,7 +34,7 @@ enum Command {
     Serve(cmd::serve::Args),
     /// GPU-vs-CPU parity checks of every CUDA kernel (named tolerances).
     Selftest(cmd::selftest::Args),
-    /// Decode-speed benchmark on the GPU (`--synthetic q2|q4`: no model file needed).
+    /// Prefill/decode tokens/s: a model file (`-m`, GPU or CPU) or the synthetic Flash model on the GPU.
     Bench(cmd::bench::Args),
     /// GPU memory plan for a model and context: what goes where, does it fit.
     Plan(cmd::plan::Args),

@@ -120,6 +120,10 @@ impl AnySession {
     pub fn ctx(&self) -> usize {
         each!(self, s => s.ctx())
     }
+    /// Bytes of the session's KV state.
+    pub fn kv_bytes(&self) -> usize {
+        each!(self, s => s.kv_bytes())
+    }
     pub fn last_logits(&self) -> &[f32] {
         each!(self, s => s.last_logits())
     }
@@ -222,6 +226,12 @@ impl LoadedModel {
             tokenizer: Arc::new(tokenizer),
             file_bytes,
         })
+    }
+
+    /// A fresh session of `ctx` tokens, prefilling `chunk` tokens at a time.
+    pub fn new_session(&self, ctx: usize, chunk: usize) -> Result<AnySession, LoadError> {
+        AnySession::new(&self.model, ctx.max(1), chunk.max(1))
+            .map_err(|e| LoadError::Session(e.to_string()))
     }
 
     /// Bytes a session of `ctx` tokens allocates for its KV state.
