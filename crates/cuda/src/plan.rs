@@ -304,8 +304,8 @@ fn u(x: usize) -> u64 {
 }
 
 /// f32 activation columns per token row, as `Model::alloc_buffers` allocates them
-/// (state, y, post, comb, qr, q, kvr, comp_kv, comp_score, iq, iw, attn, low, sub, head,
-/// logits, and the u32 top-k selection).
+/// (state, y, post, comb, qr, q, kvr, comp_kv, comp_score, icomp_kv, icomp_score, iq, iw,
+/// attn, low, sub, head, logits, and the u32 top-k selection).
 fn activation_columns(s: &ModelShape) -> u64 {
     let max_comp_w = 2 * s.head_dim;
     u(s.hc_dim()
@@ -315,7 +315,7 @@ fn activation_columns(s: &ModelShape) -> u64 {
         + s.q_lora_rank
         + s.q_dim()
         + s.head_dim
-        + 2 * max_comp_w
+        + 4 * max_comp_w
         + s.indexer_heads * s.indexer_dim
         + s.indexer_heads
         + s.q_dim()
@@ -795,7 +795,8 @@ mod tests {
         let (e, ff, kk) = (u(s.n_embd), u(s.n_ff_exp), u(s.n_expert_used));
         let cols = u(s.hc_dim() + s.hc_mult + s.hc_mult * s.hc_mult + s.q_lora_rank)
             + 2 * u(s.q_dim())
-            + u(s.head_dim * 5)
+            // kvr, then comp_kv / comp_score / icomp_kv / icomp_score (2·head_dim each)
+            + u(s.head_dim * 9)
             + u(s.indexer_heads * (s.indexer_dim + 1))
             + u(s.o_groups * s.o_lora_rank)
             + 3 * e
