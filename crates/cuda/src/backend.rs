@@ -460,6 +460,9 @@ pub struct CudaBackend {
     profile: Option<Mutex<OpProfile>>,
     recorded: AtomicU64,
     replayed: AtomicU64,
+    /// Fused decode steps, on unless `DS4_HC_FUSE=0` / `DS4_NORM_QUANT=0` (A/B runs).
+    fuse_hc_post: bool,
+    fuse_norm_quant: bool,
 }
 
 impl CudaBackend {
@@ -490,6 +493,8 @@ impl CudaBackend {
             scratch: Mutex::new(Scratch::default()),
             uploads: Mutex::new(HashMap::new()),
             use_graphs: !profiling,
+            fuse_hc_post: crate::launch::env_switch("DS4_HC_FUSE"),
+            fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
             profile: profiling.then(|| Mutex::new(HashMap::new())),
             recorded: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -913,14 +918,15 @@ impl CudaBackend {
     }
 
     /// Small-batch products of several matrices of `w`'s type and width over one input,
-    /// as one quantisation and one matvec launch: part j is (weights, rows, output).
-    /// Slots as in `matmul_slots` (ids 0: dense, `slots` 1, ntok = act_rows).
-    /// False (nothing launched) when `w`'s type has no quantized matvec.
+    /// as one quantisation (none for F16) and one matvec launch: `parts` are the
+    /// matrices (weights, rows, output, output row stride). Slots as in `matmul_slots`
+    /// (ids 0: dense, `slots` 1, ntok = act_rows). False (nothing launched) when `w`'s
+    /// type has no such matvec.
     #[allow(clippy::too_many_arguments)]
     fn fused_matvec(
         &self,
         w: &CudaWeight,
-        parts: &[(u64, usize, u64)],
+        parts: &[MvSeg],
         x: u64,
         act_rows: usize,
         ntok: usize,
@@ -929,43 +935,50 @@ impl CudaBackend {
         x_group: usize,
     ) -> MResult<bool> {
         let kind = match ActKind::for_weight(w.ty) {
-            Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => k,
+            Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => Some(k),
+            _ if w.ty == GgmlType::F16
+                && w.k.is_multiple_of(8)
+                && w.k <= 16384
+                && slots == 1
+                && ids == 0 =>
+            {
+                None
+            }
             _ => return Ok(false),
         };
-        let Some(&(w0, rows0, y0)) = parts.first() else {
+        let Some((first, extra)) = parts.split_first() else {
             return Ok(true);
         };
         let k = w.k;
-        let extra: Vec<MvSeg> = parts[1..]
-            .iter()
-            .map(|&(w, rows, y)| MvSeg {
-                w,
-                rows,
-                y,
-                ldy: rows,
-            })
-            .collect();
+        // The scratch stays locked while its quantized input is in use. Every quantized
+        // product ends a pending reuse (it was meant for the product right after it).
         let mut sc = self.scratch()?;
         sc.reuse = None;
-        let act = sc.act(self.stream(), kind, k, act_rows)?;
-        self.kernels
-            .quantize_rows(self.stream(), x, act, act_rows)
-            .map_err(be)?;
+        let xin = match kind {
+            Some(kind) => {
+                let act = sc.act(self.stream(), kind, k, act_rows)?;
+                self.kernels
+                    .quantize_rows(self.stream(), x, act, act_rows)
+                    .map_err(be)?;
+                MvInput::Quant(act)
+            }
+            None => MvInput::F32(x),
+        };
         let m = Matvec {
             ty: w.ty,
-            w: w0,
+            w: first.w,
             k,
-            rows: rows0,
+            rows: first.rows,
             ntok,
             slots,
-            w_slot_stride: (w.row_bytes() * rows0) as u64,
+            w_slot_stride: (w.row_bytes() * first.rows) as u64,
             ids,
             x_group,
-            x: MvInput::Quant(act),
-            y: y0,
+            x: xin,
+            y: first.y,
         };
         self.kernels
-            .matvec_segs(self.stream(), &m, rows0, &extra)
+            .matvec_segs(self.stream(), &m, first.ldy, extra)
             .map_err(be)?;
         Ok(true)
     }
@@ -1441,24 +1454,16 @@ impl<'w> Backend<'w> for CudaBackend {
                 },
             )?;
         }
-        let same = ws.iter().all(|w| w.ty == first.ty && w.k == first.k);
-        let quant = matches!(
-            first.ty,
-            GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS
-        );
-        let f16 = first.ty == GgmlType::F16 && first.k.is_multiple_of(8) && first.k <= 16384;
         // Decode-sized inputs: one launch over every matrix (one quantisation).
-        if same
-            && (quant || f16)
+        if ws.iter().all(|w| w.ty == first.ty && w.k == first.k)
             && n < GEMM_MIN_TOKENS
             && ws.len() <= MV_MAX_SEGS
             && x.cols == first.k
         {
             let _prof = self.prof("matmul multi", n);
-            let k = first.k;
-            let extra: Vec<MvSeg> = ws[1..]
+            let parts: Vec<MvSeg> = ws
                 .iter()
-                .zip(outs[1..].iter())
+                .zip(outs.iter())
                 .map(|(w, o)| MvSeg {
                     w: w.data.ptr,
                     rows: w.rows,
@@ -1466,37 +1471,9 @@ impl<'w> Backend<'w> for CudaBackend {
                     ldy: o.cols,
                 })
                 .collect();
-            // The scratch stays locked while its quantized input is in use. Every quantized
-            // product ends a pending reuse (it was meant for the product right after it).
-            let mut sc = self.scratch()?;
-            sc.reuse = None;
-            let xin = if quant {
-                let kind = ActKind::for_weight(first.ty).map_err(be)?;
-                let act = sc.act(self.stream(), kind, k, n)?;
-                self.kernels
-                    .quantize_rows(self.stream(), x.buf.ptr, act, n)
-                    .map_err(be)?;
-                MvInput::Quant(act)
-            } else {
-                MvInput::F32(x.buf.ptr)
-            };
-            let m = Matvec {
-                ty: first.ty,
-                w: first.data.ptr,
-                k,
-                rows: first.rows,
-                ntok: n,
-                slots: 1,
-                w_slot_stride: 0,
-                ids: 0,
-                x_group: 1,
-                x: xin,
-                y: outs[0].buf.ptr,
-            };
-            return self
-                .kernels
-                .matvec_segs(self.stream(), &m, outs[0].cols, &extra)
-                .map_err(be);
+            if self.fused_matvec(first, &parts, x.buf.ptr, n, n, 1, 0, 1)? {
+                return Ok(());
+            }
         }
         // Chunks: one product each, sharing the quantized input when the types agree.
         for (i, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
@@ -1597,10 +1574,12 @@ impl<'w> Backend<'w> for CudaBackend {
         }
         // Decode, whole-row norm: also write the Q8_0 copy the next Q8_0 product of this
         // row reads (q_a_norm → q_b), marked for reuse; the f32 row is still written.
-        static NORM_QUANT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let fuse =
-            *NORM_QUANT.get_or_init(|| std::env::var("DS4_NORM_QUANT").map_or(true, |v| v != "0"));
-        if fuse && seg == x.cols && n < GEMM_MIN_TOKENS && seg.is_multiple_of(128) && seg <= 4096 {
+        if self.fuse_norm_quant
+            && seg == x.cols
+            && n < GEMM_MIN_TOKENS
+            && seg.is_multiple_of(128)
+            && seg <= 4096
+        {
             let mut sc = self.scratch()?;
             let act = sc.act(self.stream(), ActKind::Q8_0, seg, n)?;
             self.kernels
@@ -1719,9 +1698,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
         // Decode: one pass over the state merges and sums the next mixes per column
         // block. Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
-        static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let fuse_on = *FUSE.get_or_init(|| std::env::var("DS4_HC_FUSE").map_or(true, |v| v != "0"));
-        let fused = fuse_on
+        let fused = self.fuse_hc_post
             && n > 0
             && n <= HC_FUSE_MAX_TOKENS
             && hc == 4
@@ -2493,7 +2470,20 @@ impl<'w> Backend<'w> for CudaBackend {
             && n * k < ROUTED_GEMM_MIN_SLOTS
             && self.fused_matvec(
                 &w.gate_exps,
-                &[(w.gate_exps.data.ptr, ff, g), (w.up_exps.data.ptr, ff, u)],
+                &[
+                    MvSeg {
+                        w: w.gate_exps.data.ptr,
+                        rows: ff,
+                        y: g,
+                        ldy: ff,
+                    },
+                    MvSeg {
+                        w: w.up_exps.data.ptr,
+                        rows: ff,
+                        y: u,
+                        ldy: ff,
+                    },
+                ],
                 xp,
                 n,
                 1,
@@ -2521,7 +2511,20 @@ impl<'w> Backend<'w> for CudaBackend {
             && w.gate_sh.rows == ff
             && self.fused_matvec(
                 &w.gate_sh,
-                &[(w.gate_sh.data.ptr, ff, sg), (w.up_sh.data.ptr, ff, su)],
+                &[
+                    MvSeg {
+                        w: w.gate_sh.data.ptr,
+                        rows: ff,
+                        y: sg,
+                        ldy: ff,
+                    },
+                    MvSeg {
+                        w: w.up_sh.data.ptr,
+                        rows: ff,
+                        y: su,
+                        ldy: ff,
+                    },
+                ],
                 xp,
                 n,
                 n,

@@ -51,6 +51,7 @@ pub const HEADERS: &[(&str, &str)] = &[
         include_str!("../kernels/iq2xxs_grid.cuh"),
     ),
     ("swiglu.cuh", include_str!("../kernels/swiglu.cuh")),
+    ("pdl.cuh", include_str!("../kernels/pdl.cuh")),
 ];
 
 /// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.

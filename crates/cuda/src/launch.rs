@@ -11,7 +11,6 @@
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
-use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig};
@@ -43,12 +42,15 @@ impl Default for KernelArgs<'_> {
     }
 }
 
+/// An A/B switch of the CUDA backend: on unless the variable is set to `0`.
+pub fn env_switch(var: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v != "0")
+}
+
 /// Whether launches use PDL: on unless `DS4_CUDA_PDL=0`, and only where the device has
 /// compute capability 9.0 or newer (`sm_major`).
 pub fn pdl_enabled(sm_major: i32) -> bool {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    let env_on = *ENV.get_or_init(|| std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0"));
-    env_on && sm_major >= 9
+    env_switch("DS4_CUDA_PDL") && sm_major >= 9
 }
 
 /// Launches `f` on `stream`, as a programmatic dependent of the previous kernel when `pdl`.
