@@ -334,13 +334,15 @@ __device__ __forceinline__ void gemm_quant(
             for (int jb = 0; jb < 4; jb++) {
                 const int b = 4 * dh + jb;
                 const bool ok = row_ok && b < nbk;
-                const u8* p = wrow + (long long)(c * 8 + b) * 34;
+                // GPU layout (layout.rs): the row's K codes, then its K/32 f16 scales.
+                const int blk = c * 8 + b;
+                const u8* p = wrow + 32 * blk;
                 float d = 0.0f;
-                if (ok) d = g_h2f(*(const u16*)p);
+                if (ok) d = g_h2f(*(const u16*)(wrow + K + 2 * blk));
                 sWd[drow * 8 + b] = d;
 #pragma unroll
                 for (int w = 0; w < 8; w++)
-                    *(u32*)(arow_s + 32 * b + 4 * w) = ok ? ld_u32_a2(p + 2 + 4 * w) : 0u;
+                    *(u32*)(arow_s + 32 * b + 4 * w) = ok ? ld_u32_a2(p + 4 * w) : 0u;
             }
         } else if (TY == TY_Q2_K) {
             const u8* p = PIPE ? sRaw + drow * 84 : wrow + (long long)c * 84;
@@ -611,18 +613,14 @@ GEMM_Q_KERNEL(gemm_iq2_xxs_pipe, TY_IQ2_XXS, true)
 
 // ---------------------------------------------------------------------------
 // Q8_0, aligned shapes (K % 256 == 0, row bytes % 16 == 0, activation rows and
-// x_col0 multiples of 256): no decode pass. The raw weight bytes of a chunk
-// (128 rows x 8 blocks x 34 bytes = 272 bytes per row, the smem pitch) and the
-// activation codes and scales stream into shared memory with cp.async, two
-// stages deep, and the MMA fragments are read straight from the raw blocks
-// (the 2-byte aligned codes as two 16-bit loads).
+// x_col0 multiples of 256): no decode pass. A chunk of a weight row in the GPU
+// layout (layout.rs) is 256 code bytes plus the 8 f16 scales of its blocks (16 bytes
+// past the row's codes); both land side by side in one 272-byte smem row (codes at
+// 0, scales at 256) with cp.async, as do the activation codes and scales, two
+// stages deep, and the MMA fragments are read straight from there.
 // ---------------------------------------------------------------------------
 
 
-__device__ __forceinline__ int ld_s32_a2_smem(const u8* p) {
-    const u16* h = (const u16*)p;
-    return (int)((u32)h[0] | ((u32)h[1] << 16));
-}
 
 #define Q8F_A 0
 #define Q8F_B (Q8F_A + GM_BM * GM_LD)
@@ -656,9 +654,9 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
         u8* st = q8_smem + stage * Q8F_STAGE;
         for (int i = tid; i < GM_BM * 17; i += GM_THREADS) {
             const int r = i / 17, piece = i - r * 17;
-            if (r < nrows)
-                g_cp_async16(st + Q8F_A + r * GM_LD + 16 * piece,
-                             wbase + (long long)r * row_bytes + c * 272 + 16 * piece);
+            const u8* src = wbase + (long long)r * row_bytes +
+                            (piece < 16 ? c * 256 + 16 * piece : K + 16 * c);
+            if (r < nrows) g_cp_async16(st + Q8F_A + r * GM_LD + 16 * piece, src);
         }
 #pragma unroll
         for (int q = 0; q < 4; q++) {
@@ -702,14 +700,14 @@ extern "C" __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q8_0_fast(
             float wd[2][2], xs[4][2];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
-                const u8* p = a_row + mt * 16 * GM_LD + 34 * ks;
-                wd[mt][0] = g_h2f(*(const u16*)p);
-                wd[mt][1] = g_h2f(*(const u16*)(p + 8 * GM_LD));
-                const u8* q = p + 2 + 4 * t;
-                a[mt][0] = ld_s32_a2_smem(q);
-                a[mt][1] = ld_s32_a2_smem(q + 8 * GM_LD);
-                a[mt][2] = ld_s32_a2_smem(q + 16);
-                a[mt][3] = ld_s32_a2_smem(q + 8 * GM_LD + 16);
+                const u8* p = a_row + mt * 16 * GM_LD;
+                wd[mt][0] = g_h2f(*(const u16*)(p + 256 + 2 * ks));
+                wd[mt][1] = g_h2f(*(const u16*)(p + 8 * GM_LD + 256 + 2 * ks));
+                const u8* q = p + 32 * ks + 4 * t;
+                a[mt][0] = *(const int*)q;
+                a[mt][1] = *(const int*)(q + 8 * GM_LD);
+                a[mt][2] = *(const int*)(q + 16);
+                a[mt][3] = *(const int*)(q + 8 * GM_LD + 16);
             }
 #pragma unroll
             for (int nt = 0; nt < 4; nt++) {

@@ -307,23 +307,27 @@ __device__ __forceinline__ ActU act_iq2_xxs(const ActQ& a, int u) {
     return r;
 }
 
-// Q8_0: 34-byte block {f16 d, i8 qs[32]}; unit = one block. The block starts 2 bytes
-// past a word boundary when u is odd, on one when even: nine aligned 32-bit shared loads
-// cover it and a funnel shift (by 16, or 32 = the high word) realigns the quants. (Sixteen
-// 16-bit loads did the same with twice the shared-memory wavefronts.) Rows are staged
-// 16-byte aligned, and the ninth word never leaves the staged row buffer.
-__device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActU& a) {
-    const int odd = u & 1;
-    const u32* w = (const u32*)(row + u * 34 - 2 * odd);
-    u32 wv[9];
+// Q8_0 in the GPU layout (layout.rs): a row holds its K codes, then its K/32 f16
+// scales; unit = one 32-element block. Staged rows that are 16-byte multiples give
+// 16-byte aligned codes (two vector loads); tiny test rows are only 2-byte aligned.
+__device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActU& a, int K,
+                                           bool aligned) {
+    const u8* q = row + 32 * u;
+    int wv[8];
+    if (aligned) {
+        const int4 v0 = ((const int4*)q)[0], v1 = ((const int4*)q)[1];
+        wv[0] = v0.x; wv[1] = v0.y; wv[2] = v0.z; wv[3] = v0.w;
+        wv[4] = v1.x; wv[5] = v1.y; wv[6] = v1.z; wv[7] = v1.w;
+    } else {
+        const u16* h = (const u16*)q;
 #pragma unroll
-    for (int j = 0; j < 9; j++) wv[j] = w[j];
-    const u32 sh = odd ? 32u : 16u;
-    const float dw = h2f((u16)(wv[0] >> (16 * odd)));
+        for (int j = 0; j < 8; j++) wv[j] = (int)((u32)h[2 * j] | ((u32)h[2 * j + 1] << 16));
+    }
+    const float dw = h2f(*(const u16*)(row + K + 2 * u));
     const int xv[8] = {a.x0.x, a.x0.y, a.x0.z, a.x0.w, a.x1.x, a.x1.y, a.x1.z, a.x1.w};
     int s = 0;
 #pragma unroll
-    for (int j = 0; j < 8; j++) s = dp4a((int)funnel_r(wv[j], wv[j + 1], sh), xv[j], s);
+    for (int j = 0; j < 8; j++) s = dp4a(wv[j], xv[j], s);
     return (dw * a.d) * (float)s;
 }
 
@@ -526,7 +530,7 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
                 for (int q = 0; q < 4; q++) {
                     if (q < rpw) {
                         const u8* row = grp + q * row_bytes;
-                        if (TY == TY_Q8_0) acc[q] += unit_q8_0(row, u, x);
+                        if (TY == TY_Q8_0) acc[q] += unit_q8_0(row, u, x, K, aligned);
                         else if (TY == TY_Q2_K) acc[q] += unit_q2_k(row, u, x);
                         else if (TY == TY_Q4_K) acc[q] += unit_q4_k(row, u, x);
                         else acc[q] += unit_iq2_xxs(row, u, x, grid_s);
@@ -558,6 +562,104 @@ MV_KERNEL(mv_q8_0, TY_Q8_0)
 MV_KERNEL(mv_q2_k, TY_Q2_K)
 MV_KERNEL(mv_q4_k, TY_Q4_K)
 MV_KERNEL(mv_iq2_xxs, TY_IQ2_XXS)
+
+// ---------------------------------------------------------------------------
+// Q8_0 (GPU layout) straight into registers, for rows of K = 512·PPL elements:
+// lane l of a warp loads the 16-byte code pieces l, l + 32, ... of R = NL / PPL
+// consecutive rows at once (NL loads in flight per lane, no shared memory), with
+// the f16 scale of each piece's block. A block is MV_WARPS warps; the grid covers
+// every row once (blockIdx.y = slot, as in mv_quant). A piece is half a block: its
+// integer sum is scaled on its own (the CPU sums whole blocks first; the two
+// differ by f32 rounding only).
+// ---------------------------------------------------------------------------
+template <int PPL, int NL>
+__device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_expert_stride,
+                                             const int* __restrict__ ids,
+                                             const i8* __restrict__ xq,
+                                             const float* __restrict__ xd, int ntok,
+                                             int x_group) {
+    constexpr int R = NL / PPL;
+    constexpr int K = 512 * PPL;
+    constexpr int ROW_BYTES = K / 32 * 34;
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int slot = blockIdx.y;
+    if (ids) PDL_WAIT();
+    const int e = ids ? ids[slot] : slot;
+    const long long e_off = (long long)e * w_expert_stride;
+    const int total = sg.start[sg.n];
+    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    uint4 w[R][PPL];
+    u16 wd[R][PPL];
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const int r = r0 + q;
+        if (r < total) {
+            const int sgi = mv_seg(sg, r);
+            const u8* row = (const u8*)sg.w[sgi] + e_off + (long long)(r - sg.start[sgi]) * ROW_BYTES;
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = ld_stream16(row + 16 * (lane + 32 * i));
+#pragma unroll
+            for (int i = 0; i < PPL; i++) wd[q][i] = *(const u16*)(row + K + 2 * ((lane + 32 * i) >> 1));
+        } else {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) { w[q][i] = make_uint4(0, 0, 0, 0); wd[q][i] = 0; }
+        }
+    }
+    if (!ids) PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    if (r0 >= total) return;
+    for (int t = 0; t < ntok; t++) {
+        const long long arow = (long long)(slot / x_group) * ntok + t;
+        const i8* xa = xq + arow * K;
+        const float* xs = xd + arow * (K / 32);
+        float acc[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const int p = lane + 32 * i;
+            const int4 xv = *(const int4*)(xa + 16 * p);
+            const float xsc = xs[p >> 1];
+#pragma unroll
+            for (int q = 0; q < R; q++) {
+                int sum = dp4a((int)w[q][i].x, xv.x, 0);
+                sum = dp4a((int)w[q][i].y, xv.y, sum);
+                sum = dp4a((int)w[q][i].z, xv.z, sum);
+                sum = dp4a((int)w[q][i].w, xv.w, sum);
+                acc[q] += (h2f(wd[q][i]) * xsc) * (float)sum;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const float v = warp_sum(acc[q]);
+            const int r = r0 + q;
+            if (lane == 0 && r < total) {
+                const int sgi = mv_seg(sg, r);
+                float* ys = (float*)sg.y[sgi];
+                ys[((long long)slot * ntok + t) * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
+            }
+        }
+    }
+}
+
+#define MV_Q8_REGS(PPL, NL)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32) mv_q8_0_p##PPL##_l##NL(         \
+        MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
+        const i8* __restrict__ xq, const float* __restrict__ xd, int ntok, int x_group) {       \
+        mv_q8_0_regs<PPL, NL>(sg, w_expert_stride, ids, xq, xd, ntok, x_group);                 \
+    }
+MV_Q8_REGS(1, 4)
+MV_Q8_REGS(1, 8)
+MV_Q8_REGS(1, 16)
+MV_Q8_REGS(2, 4)
+MV_Q8_REGS(2, 8)
+MV_Q8_REGS(2, 16)
+MV_Q8_REGS(4, 4)
+MV_Q8_REGS(4, 8)
+MV_Q8_REGS(4, 16)
+MV_Q8_REGS(8, 8)
+MV_Q8_REGS(8, 16)
+MV_Q8_REGS(16, 16)
 
 // acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
 __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {
@@ -676,12 +778,18 @@ extern "C" __global__ void synth_blocks(u8* __restrict__ p, long long n_blocks, 
         ((u32*)p)[i] = hash32(seed ^ (u64)i * 0x9e3779b97f4a7c15ull);
 }
 
+// q8_k > 0: Q8_0 in the GPU layout with rows of q8_k elements (scales after the codes).
 extern "C" __global__ void synth_scales(u8* __restrict__ p, long long n_blocks, int blk_bytes,
-                                        int f0, int f1, u64 seed) {
+                                        int f0, int f1, u64 seed, int q8_k) {
     for (long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x; b < n_blocks;
          b += (long long)gridDim.x * blockDim.x) {
         const u32 h = hash32(seed + 0x5bd1e995ull * (u64)b);
         const float s = 1e-3f * (1.0f + (float)(h & 0xffff) / 65536.0f);
+        if (q8_k > 0) {
+            const long long per_row = q8_k / 32, row = b / per_row;
+            *(u16*)(p + row * per_row * blk_bytes + q8_k + 2 * (b - row * per_row)) = f2h(s);
+            continue;
+        }
         *(u16*)(p + b * blk_bytes + f0) = f2h(s);
         if (f1 >= 0) *(u16*)(p + b * blk_bytes + f1) = f2h(0.5f * s);
     }

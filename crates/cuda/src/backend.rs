@@ -1241,7 +1241,8 @@ impl<'w> Backend<'w> for CudaBackend {
         let (data, dense) = match up.get(&key) {
             Some((d, f)) => (d.clone(), f.clone()),
             None => {
-                let data = Arc::new(DevBuf::from_bytes(self.stream(), t.data).map_err(be)?);
+                let bytes = crate::layout::to_gpu(t.ty, t.data, t.row_len()).map_err(be)?;
+                let data = Arc::new(DevBuf::from_bytes(self.stream(), &bytes).map_err(be)?);
                 let dense = match t.ty {
                     GgmlType::F32 | GgmlType::F16 | GgmlType::BF16
                         if n_elems <= DENSE_MAX_ELEMS =>

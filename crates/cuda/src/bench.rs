@@ -478,7 +478,7 @@ pub fn run(
             } else {
                 blocks
             };
-            kern.synth_weights(op.ty, buf.ptr, n, seed)?;
+            kern.synth_weights(op.ty, buf.ptr, n, op.k, seed)?;
             seed += 1;
             ops.push((op, buf));
         }
@@ -490,7 +490,7 @@ pub fn run(
         weights.push(LayerWeights { il, ops, ids });
     }
     let head = DevBuf::zeros(stream, matrix_bytes(GgmlType::Q8_0, D, VOCAB))?;
-    kern.synth_weights(GgmlType::Q8_0, head.ptr, (D / 32 * VOCAB) as u64, 999)?;
+    kern.synth_weights(GgmlType::Q8_0, head.ptr, (D / 32 * VOCAB) as u64, D, 999)?;
 
     // Scratch: one f32 input big enough for every op, one output, activations.
     let x_f32 = DevBuf::zeros(stream, Q_DIM.max(HC).max(N_ACTIVE * FFN) * 4)?;
@@ -774,7 +774,7 @@ pub fn bench_gemm(
         } else {
             k * rows * mats / ty.block_elems() as usize
         };
-        kern.synth_weights(ty, w.ptr, n_blocks as u64, seed)?;
+        kern.synth_weights(ty, w.ptr, n_blocks as u64, k, seed)?;
         Ok(w)
     };
     let dense: [(&'static str, GgmlType, usize, usize); 6] = [

@@ -236,6 +236,9 @@ pub struct Kernels {
     swiglu_quant: CudaFunction,
     norm_quant_q8_0: CudaFunction,
     mv_q8_0: CudaFunction,
+    /// Register-streaming Q8_0 matvecs for K = 512·PPL, by (PPL, loads per lane)
+    /// (`Q8_REGS_VARIANTS`); empty when `DS4_MV_Q8_REGS=0` (A/B runs).
+    mv_q8_0_regs: Vec<((usize, usize), CudaFunction)>,
     mv_q2_k: CudaFunction,
     mv_q4_k: CudaFunction,
     mv_iq2_xxs: CudaFunction,
@@ -246,6 +249,23 @@ pub struct Kernels {
     pub(crate) synth_f16: CudaFunction,
     pub(crate) synth_f32: CudaFunction,
 }
+
+/// The compiled `mv_q8_0_p{PPL}_l{NL}` kernels (matvec.cu `MV_Q8_REGS`): 16-byte code
+/// pieces per lane and row (K = 512·PPL), loads in flight per lane (NL ≥ PPL).
+const Q8_REGS_VARIANTS: [(usize, usize); 12] = [
+    (1, 4),
+    (1, 8),
+    (1, 16),
+    (2, 4),
+    (2, 8),
+    (2, 16),
+    (4, 4),
+    (4, 8),
+    (4, 16),
+    (8, 8),
+    (8, 16),
+    (16, 16),
+];
 
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
     k / ty.block_elems() as usize * ty.block_bytes() as usize
@@ -280,6 +300,14 @@ impl Kernels {
             swiglu_quant: f("swiglu_quant")?,
             norm_quant_q8_0: f("norm_quant_q8_0")?,
             mv_q8_0: mv("mv_q8_0")?,
+            mv_q8_0_regs: if crate::launch::env_switch("DS4_MV_Q8_REGS") {
+                Q8_REGS_VARIANTS
+                    .iter()
+                    .map(|&(ppl, nl)| Ok(((ppl, nl), f(&format!("mv_q8_0_p{ppl}_l{nl}"))?)))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            },
             mv_q2_k: mv("mv_q2_k")?,
             mv_q4_k: mv("mv_q4_k")?,
             mv_iq2_xxs: mv("mv_iq2_xxs")?,
@@ -582,6 +610,34 @@ impl Kernels {
         }
         let be = m.ty.block_elems() as usize;
         let rb = row_bytes(m.ty, m.k);
+        if m.ty == GgmlType::Q8_0
+            && m.k.is_multiple_of(512)
+            && let Some((func, rows_per_warp)) = self.q8_0_regs_kernel(m.k / 512, total, m.slots)
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    total.div_ceil(MV_WARPS * rows_per_warp) as u32,
+                    m.slots as u32,
+                    1,
+                ),
+                block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let stride = m.w_slot_stride as i64;
+            let x_group = m.x_group as i32;
+            let mut b = KernelArgs::new();
+            b.arg(&sg)
+                .arg(&stride)
+                .arg(&m.ids)
+                .arg(&act.qs.ptr)
+                .arg(&act.d.ptr)
+                .arg(&ntok)
+                .arg(&x_group);
+            // SAFETY: matches `MV_Q8_REGS`; shapes checked above (K = 512·PPL, so rows
+            // and activation rows are 16-byte multiples); routed slots PDL_WAIT first.
+            unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+            return Ok(());
+        }
         if !m.k.is_multiple_of(be) {
             return Err(shape_err(format!(
                 "{} row of {} elements: must be whole blocks of {be}",
@@ -648,8 +704,39 @@ impl Kernels {
         Ok(())
     }
 
-    /// Fills `n_blocks` blocks of `ty` at `p` with random codes and small positive scales.
-    pub fn synth_weights(&self, ty: GgmlType, p: u64, n_blocks: u64, seed: u64) -> Result<()> {
+    /// The register-streaming Q8_0 kernel for rows of 512·`ppl` elements and the rows
+    /// each warp takes: the most loads in flight per lane that still leave ≥ 2 blocks
+    /// per multiprocessor (small matrices spread over every SM instead).
+    fn q8_0_regs_kernel(
+        &self,
+        ppl: usize,
+        total_rows: usize,
+        slots: usize,
+    ) -> Option<(&CudaFunction, usize)> {
+        let mut pick = None;
+        for nl in [4usize, 8, 16] {
+            let Some((_, f)) = self.mv_q8_0_regs.iter().find(|(v, _)| *v == (ppl, nl)) else {
+                continue;
+            };
+            let rows_per_warp = nl / ppl;
+            let blocks = total_rows.div_ceil(MV_WARPS * rows_per_warp) * slots;
+            if pick.is_none() || blocks >= 2 * self.sm_count {
+                pick = Some((f, rows_per_warp));
+            }
+        }
+        pick
+    }
+
+    /// Fills `n_blocks` blocks of `ty` at `p` (rows of `k` elements) with random codes and
+    /// small positive scales, in the layout the kernels read (`crate::layout`).
+    pub fn synth_weights(
+        &self,
+        ty: GgmlType,
+        p: u64,
+        n_blocks: u64,
+        k: usize,
+        seed: u64,
+    ) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (132 * 8, 1, 1),
             block_dim: (256, 1, 1),
@@ -672,9 +759,29 @@ impl Kernels {
         };
         let nb = n_blocks as i64;
         let bb = ty.block_bytes() as i32;
+        let q8_k: i32 = if crate::layout::is_rearranged(ty) {
+            if k == 0 || !k.is_multiple_of(32) || !n_blocks.is_multiple_of((k / 32) as u64) {
+                return Err(Error::Shape {
+                    what: "synthetic Q8_0 weights",
+                    detail: format!("{n_blocks} blocks are not whole rows of {k} elements"),
+                });
+            }
+            i32::try_from(k).map_err(|_| Error::Shape {
+                what: "synthetic Q8_0 weights",
+                detail: format!("row of {k} elements"),
+            })?
+        } else {
+            0
+        };
         for func in [&self.synth_blocks, &self.synth_scales] {
             let mut b = self.stream.launch_builder(func);
-            b.arg(&p).arg(&nb).arg(&bb).arg(&f0).arg(&f1).arg(&seed);
+            b.arg(&p)
+                .arg(&nb)
+                .arg(&bb)
+                .arg(&f0)
+                .arg(&f1)
+                .arg(&seed)
+                .arg(&q8_k);
             // SAFETY: matches `synth_blocks` / `synth_scales`.
             unsafe { b.launch(cfg) }?;
         }

@@ -16,6 +16,7 @@
 //! * [`model_bench`]: `ds4 bench --synthetic`: the whole model with random weights.
 //! * [`bench`]: the weight-streaming microbenchmark (`ds4 bench --streaming`).
 //! * [`plan`]: the GPU memory planner (what goes where, does it fit).
+//! * [`layout`]: weights rearranged at upload for the kernels (Q8_0: codes, then scales).
 
 pub mod attention;
 pub mod backend;
@@ -24,6 +25,7 @@ pub mod compile;
 pub mod gemm;
 pub mod kernels;
 pub mod launch;
+pub mod layout;
 pub mod model_bench;
 pub mod plan;
 pub mod runtime;

@@ -241,7 +241,8 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
     }
 
     // GPU.
-    let w_dev = DevBuf::from_bytes(stream, &w)?;
+    // The kernels read Q8_0 rearranged (codes, then scales), as the upload stores it.
+    let w_dev = DevBuf::from_bytes(stream, &crate::layout::to_gpu(c.ty, &w, c.k)?)?;
     let x_dev = DevBuf::from_f32(stream, &x)?;
     let ids_dev = DevBuf::from_bytes(stream, bytemuck::cast_slice(&ids))?;
     let y_dev = DevBuf::from_bytes(stream, &vec![0xffu8; cpu.len() * 4])?;
@@ -618,7 +619,8 @@ fn run_gemm_case(
     .flatten()
     .collect();
 
-    let w_dev = DevBuf::from_bytes(stream, &w)?;
+    // The kernels read Q8_0 rearranged (codes, then scales), as the upload stores it.
+    let w_dev = DevBuf::from_bytes(stream, &crate::layout::to_gpu(c.ty, &w, c.k)?)?;
     let x_dev = DevBuf::from_f32(stream, &x)?;
     let y_dev = DevBuf::from_bytes(stream, &vec![0xffu8; cpu.len() * 4])?;
     let act;
@@ -709,7 +711,8 @@ fn run_routed_case(
     .flatten()
     .collect();
 
-    let w_dev = DevBuf::from_bytes(stream, &w)?;
+    // The kernels read Q8_0 rearranged (codes, then scales), as the upload stores it.
+    let w_dev = DevBuf::from_bytes(stream, &crate::layout::to_gpu(c.ty, &w, c.k)?)?;
     drop(w);
     let x_dev = DevBuf::from_f32(stream, &x)?;
     let ids_dev = DevBuf::from_bytes(stream, bytemuck::cast_slice(&ids))?;
