@@ -463,6 +463,12 @@ pub struct CudaBackend {
     /// Fused decode steps, on unless `DS4_HC_FUSE=0` / `DS4_NORM_QUANT=0` (A/B runs).
     fuse_hc_post: bool,
     fuse_norm_quant: bool,
+    /// Decode: the shared expert runs on `side`, a branch beside the router and the
+    /// routed experts (`DS4_MOE_BRANCH=0`: one chain, for A/B runs). While `on_side` is
+    /// set, `stream()` is the side stream.
+    moe_branch: bool,
+    side: Arc<CudaStream>,
+    on_side: std::sync::atomic::AtomicBool,
 }
 
 impl CudaBackend {
@@ -495,6 +501,9 @@ impl CudaBackend {
             use_graphs: !profiling,
             fuse_hc_post: crate::launch::env_switch("DS4_HC_FUSE"),
             fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
+            moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
+            side: rt.ctx.new_stream()?,
+            on_side: std::sync::atomic::AtomicBool::new(false),
             profile: profiling.then(|| Mutex::new(HashMap::new())),
             recorded: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -569,7 +578,27 @@ impl CudaBackend {
     }
 
     fn stream(&self) -> &Arc<CudaStream> {
-        &self.rt.stream
+        if self.on_side.load(Ordering::Relaxed) {
+            &self.side
+        } else {
+            &self.rt.stream
+        }
+    }
+
+    /// Issues `f`'s work on the side stream, which starts where the main stream is now.
+    /// The caller joins it back ([`Self::join_side`]) before anything reads its results.
+    fn on_side_branch(&self, f: impl FnOnce() -> MResult<()>) -> MResult<()> {
+        let forked = self.rt.stream.record_event(None).map_err(be)?;
+        self.side.wait(&forked).map_err(be)?;
+        self.on_side.store(true, Ordering::Relaxed);
+        let ran = f();
+        self.on_side.store(false, Ordering::Relaxed);
+        ran
+    }
+
+    /// Makes the main stream wait for everything issued on the side stream.
+    fn join_side(&self) -> MResult<()> {
+        self.rt.stream.join(&self.side).map_err(be)
     }
 
     fn scratch(&self) -> MResult<MutexGuard<'_, Scratch>> {
@@ -2411,6 +2440,85 @@ impl<'w> Backend<'w> for CudaBackend {
             self.copy_rows(x.buf.ptr, x.cols, xin, e, n, e)?;
             xin
         };
+        let swiglu = |gp: u64, up: u64, rows: usize, wp: u64, outp: u64| {
+            let cfg = grid1(rows * ff, 256);
+            let (ff32, rows64) = (ff as i32, rows as i64);
+            self.launch(&self.ops.swiglu, cfg, |b| {
+                b.arg(&gp)
+                    .arg(&up)
+                    .arg(&ff32)
+                    .arg(&rows64)
+                    .arg(&wp)
+                    .arg(&clamp)
+                    .arg(&outp);
+            })
+        };
+        // Gate and up read the same input: quantize it once when their types agree.
+        let same = |a: &CudaWeight, b: &CudaWeight| {
+            ActKind::for_weight(a.ty).ok().map(kind_tag)
+                == ActKind::for_weight(b.ty).ok().map(kind_tag)
+        };
+        // Decode: gate and up of every slot in one launch.
+        let pair = |a: &CudaWeight, b: &CudaWeight| {
+            n < GEMM_MIN_TOKENS && a.ty == b.ty && a.k == b.k && a.rows == b.rows
+        };
+        // Shared expert: on a side branch beside the router and the routed experts in
+        // decode, when the two chains' quantized inputs live in different scratch buffers.
+        let shared_expert = || -> MResult<()> {
+            let fused = pair(&w.gate_sh, &w.up_sh)
+                && w.gate_sh.rows == ff
+                && self.fused_matvec(
+                    &w.gate_sh,
+                    &[
+                        MvSeg {
+                            w: w.gate_sh.data.ptr,
+                            rows: ff,
+                            y: sg,
+                            ldy: ff,
+                        },
+                        MvSeg {
+                            w: w.up_sh.data.ptr,
+                            rows: ff,
+                            y: su,
+                            ldy: ff,
+                        },
+                    ],
+                    xp,
+                    n,
+                    n,
+                    1,
+                    0,
+                    1,
+                )?;
+            if !fused {
+                self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
+                if same(&w.gate_sh, &w.up_sh) {
+                    self.allow_reuse(xp, &w.up_sh, e, n)?;
+                }
+                let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
+                self.scratch()?.reuse = None;
+                up?;
+            }
+            if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid)? {
+                swiglu(sg, su, n, 0, smid)?;
+            }
+            let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
+            self.scratch()?.reuse = None;
+            r?;
+            Ok(())
+        };
+        let act_key =
+            |wt: &CudaWeight| ActKind::for_weight(wt.ty).ok().map(|a| (kind_tag(a), wt.k));
+        let branch = self.moe_branch
+            && n == 1
+            && [act_key(&w.gate_sh), act_key(&w.down_sh)]
+                .iter()
+                .all(|key| {
+                    key.is_some() && *key != act_key(&w.gate_exps) && *key != act_key(&w.down_exps)
+                });
+        if branch {
+            self.on_side_branch(shared_expert)?;
+        }
         // Router and expert choice.
         self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
         let bias = match &w.bias {
@@ -2444,29 +2552,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&ids)
                 .arg(&wts);
         })?;
-        let swiglu = |gp: u64, up: u64, rows: usize, wp: u64, outp: u64| {
-            let cfg = grid1(rows * ff, 256);
-            let (ff32, rows64) = (ff as i32, rows as i64);
-            self.launch(&self.ops.swiglu, cfg, |b| {
-                b.arg(&gp)
-                    .arg(&up)
-                    .arg(&ff32)
-                    .arg(&rows64)
-                    .arg(&wp)
-                    .arg(&clamp)
-                    .arg(&outp);
-            })
-        };
         // Routed experts: 6 slots per token, gate/up share the token's input row.
-        // Gate and up read the same input: quantize it once when their types agree.
-        let same = |a: &CudaWeight, b: &CudaWeight| {
-            ActKind::for_weight(a.ty).ok().map(kind_tag)
-                == ActKind::for_weight(b.ty).ok().map(kind_tag)
-        };
-        // Decode: gate and up of every slot in one launch.
-        let pair = |a: &CudaWeight, b: &CudaWeight| {
-            n < GEMM_MIN_TOKENS && a.ty == b.ty && a.k == b.k && a.rows == b.rows
-        };
         let fused = pair(&w.gate_exps, &w.up_exps)
             && n * k < ROUTED_GEMM_MIN_SLOTS
             && self.fused_matvec(
@@ -2507,47 +2593,11 @@ impl<'w> Backend<'w> for CudaBackend {
         let r = self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down);
         self.scratch()?.reuse = None;
         r?;
-        // Shared expert.
-        let fused = pair(&w.gate_sh, &w.up_sh)
-            && w.gate_sh.rows == ff
-            && self.fused_matvec(
-                &w.gate_sh,
-                &[
-                    MvSeg {
-                        w: w.gate_sh.data.ptr,
-                        rows: ff,
-                        y: sg,
-                        ldy: ff,
-                    },
-                    MvSeg {
-                        w: w.up_sh.data.ptr,
-                        rows: ff,
-                        y: su,
-                        ldy: ff,
-                    },
-                ],
-                xp,
-                n,
-                n,
-                1,
-                0,
-                1,
-            )?;
-        if !fused {
-            self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
-            if same(&w.gate_sh, &w.up_sh) {
-                self.allow_reuse(xp, &w.up_sh, e, n)?;
-            }
-            let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
-            self.scratch()?.reuse = None;
-            up?;
+        if branch {
+            self.join_side()?;
+        } else {
+            shared_expert()?;
         }
-        if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid)? {
-            swiglu(sg, su, n, 0, smid)?;
-        }
-        let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
-        self.scratch()?.reuse = None;
-        r?;
         let cfg = LaunchConfig {
             grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
             block_dim: (256, 1, 1),
