@@ -467,6 +467,11 @@ pub struct CudaBackend {
     /// routed experts (`DS4_MOE_BRANCH=0`: one chain, for A/B runs). While `on_side` is
     /// set, `stream()` is the side stream.
     moe_branch: bool,
+    /// Decode: the compressors run on the side branch forward.rs marks
+    /// (`Backend::branch_begin`; `DS4_ATTN_BRANCH=0`: one chain).
+    attn_branch: bool,
+    /// Whether the side stream has work the main stream has not joined yet.
+    side_pending: std::sync::atomic::AtomicBool,
     side: Arc<CudaStream>,
     on_side: std::sync::atomic::AtomicBool,
 }
@@ -502,6 +507,8 @@ impl CudaBackend {
             fuse_hc_post: crate::launch::env_switch("DS4_HC_FUSE"),
             fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
+            attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
+            side_pending: std::sync::atomic::AtomicBool::new(false),
             side: rt.ctx.new_stream()?,
             on_side: std::sync::atomic::AtomicBool::new(false),
             profile: profiling.then(|| Mutex::new(HashMap::new())),
@@ -588,17 +595,36 @@ impl CudaBackend {
     /// Issues `f`'s work on the side stream, which starts where the main stream is now.
     /// The caller joins it back ([`Self::join_side`]) before anything reads its results.
     fn on_side_branch(&self, f: impl FnOnce() -> MResult<()>) -> MResult<()> {
-        let forked = self.rt.stream.record_event(None).map_err(be)?;
-        self.side.wait(&forked).map_err(be)?;
-        self.on_side.store(true, Ordering::Relaxed);
+        self.fork_side()?;
         let ran = f();
         self.on_side.store(false, Ordering::Relaxed);
         ran
     }
 
+    /// From here on `stream()` is the side stream, which starts where the main one is.
+    fn fork_side(&self) -> MResult<()> {
+        if self.on_side.load(Ordering::Relaxed) {
+            return Err(MError::Backend("side branches do not nest".into()));
+        }
+        let forked = self.rt.stream.record_event(None).map_err(be)?;
+        self.side.wait(&forked).map_err(be)?;
+        self.on_side.store(true, Ordering::Relaxed);
+        self.side_pending.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Back on the main stream, which waits for any side work (end of a step).
+    fn end_branches(&self) -> MResult<()> {
+        self.on_side.store(false, Ordering::Relaxed);
+        self.join_side()
+    }
+
     /// Makes the main stream wait for everything issued on the side stream.
     fn join_side(&self) -> MResult<()> {
-        self.rt.stream.join(&self.side).map_err(be)
+        if self.side_pending.swap(false, Ordering::Relaxed) {
+            self.rt.stream.join(&self.side).map_err(be)?;
+        }
+        Ok(())
     }
 
     fn scratch(&self) -> MResult<MutexGuard<'_, Scratch>> {
@@ -1304,6 +1330,23 @@ impl<'w> Backend<'w> for CudaBackend {
             data,
             dense,
         })
+    }
+
+    fn branch_begin(&self, n: usize) -> MResult<()> {
+        // Decode steps only: a chunk's GEMMs fill the GPU on their own.
+        if n == 1 && self.attn_branch && self.profile.is_none() {
+            self.fork_side()?;
+        }
+        Ok(())
+    }
+
+    fn branch_end(&self) -> MResult<()> {
+        self.on_side.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn branch_join(&self) -> MResult<()> {
+        self.join_side()
     }
 
     fn alloc_act(&self, rows: usize, cols: usize) -> MResult<CudaAct> {
@@ -2680,7 +2723,9 @@ impl<'w> Backend<'w> for CudaBackend {
         body: &mut dyn FnMut(&mut CudaKv) -> MResult<()>,
     ) -> MResult<()> {
         if n != 1 || !self.use_graphs {
-            return body(kv);
+            let ran = body(kv);
+            self.end_branches()?;
+            return ran;
         }
         let epoch = self.scratch()?.epoch;
         let key = (bufs_id, epoch);
@@ -2694,15 +2739,20 @@ impl<'w> Backend<'w> for CudaBackend {
         if kv.warm != Some(key) {
             // First step with these buffers: run it directly (it may size scratch).
             kv.warm = Some(key);
-            return body(kv);
+            let ran = body(kv);
+            self.end_branches()?;
+            return ran;
         }
         kv.graph = None;
         let st = self.stream().clone();
         st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(be)?;
         let ran = body(kv);
+        // A side branch left open by a failed step must still rejoin inside the capture.
+        let ended = self.end_branches();
         let graph = st.end_capture(CUgraphInstantiate_flags(0));
         ran?;
+        ended?;
         let graph = graph.map_err(be)?;
         let epoch_after = self.scratch()?.epoch;
         match graph {
@@ -2713,7 +2763,11 @@ impl<'w> Backend<'w> for CudaBackend {
                 Ok(())
             }
             // Scratch moved while recording: the recording is stale; run the step.
-            _ => body(kv),
+            _ => {
+                let ran = body(kv);
+                self.end_branches()?;
+                ran
+            }
         }
     }
 }

@@ -79,6 +79,21 @@ pub trait Backend<'w> {
     ) -> Result<()>;
     /// out[i] = W · x[i] for i < n.
     fn matmul(&self, w: &Self::Weight, x: &Self::Act, n: usize, out: &mut Self::Act) -> Result<()>;
+    /// Operations issued from here to [`Self::branch_end`] form a side branch: they may
+    /// run beside the ones issued after `branch_end`, until [`Self::branch_join`]. The
+    /// caller keeps the two sets independent (neither reads what the other writes).
+    /// Running everything in issue order, as the defaults do, is always correct.
+    fn branch_begin(&self, _n: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Ends the side branch begun by [`Self::branch_begin`].
+    fn branch_end(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Operations issued after this wait for the side branch.
+    fn branch_join(&self) -> Result<()> {
+        Ok(())
+    }
     /// outs[j] = ws[j] · x for every j: several weights applied to the same input, which a
     /// backend may quantize once and run as one launch.
     fn matmul_multi(

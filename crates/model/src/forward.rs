@@ -217,7 +217,11 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 n,
                 &mut [&mut bufs.qr, &mut bufs.kvr],
             )?;
-            {
+            // The compressors (and the indexer's projections) only read y: a side branch
+            // beside the query and KV-row chain, joined before the indexer and attention.
+            let branched = a.compressor.is_some() || a.indexer.is_some();
+            if branched {
+                be.branch_begin(n)?;
                 let mut ws: Vec<&B::Weight> = Vec::with_capacity(5);
                 let mut outs: Vec<&mut B::Act> = Vec::with_capacity(5);
                 if let Some(cw) = &a.compressor {
@@ -228,9 +232,34 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                     ws.extend([&ix.compressor.kv, &ix.compressor.gate, &ix.proj]);
                     outs.extend([&mut bufs.icomp_kv, &mut bufs.icomp_score, &mut bufs.iw]);
                 }
-                if !ws.is_empty() {
-                    be.matmul_multi(&ws, &bufs.y, n, &mut outs)?;
+                be.matmul_multi(&ws, &bufs.y, n, &mut outs)?;
+                if let Some(cw) = &a.compressor {
+                    be.compressor_update(
+                        kv,
+                        il,
+                        CompKind::Attn,
+                        cw,
+                        &bufs.comp_kv,
+                        &bufs.comp_score,
+                        n,
+                        pos0,
+                        official,
+                    )?;
                 }
+                if let Some(ix) = &a.indexer {
+                    be.compressor_update(
+                        kv,
+                        il,
+                        CompKind::Indexer,
+                        &ix.compressor,
+                        &bufs.icomp_kv,
+                        &bufs.icomp_score,
+                        n,
+                        pos0,
+                        official,
+                    )?;
+                }
+                be.branch_end()?;
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
             be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
@@ -247,32 +276,11 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             if official {
                 be.round_rows(&mut bufs.kvr, n, RowRounding::KvRow)?;
             }
-            let mut use_sel = false;
-            if let Some(cw) = &a.compressor {
-                be.compressor_update(
-                    kv,
-                    il,
-                    CompKind::Attn,
-                    cw,
-                    &bufs.comp_kv,
-                    &bufs.comp_score,
-                    n,
-                    pos0,
-                    official,
-                )?;
+            if branched {
+                be.branch_join()?;
             }
+            let mut use_sel = false;
             if let Some(ix) = &a.indexer {
-                be.compressor_update(
-                    kv,
-                    il,
-                    CompKind::Indexer,
-                    &ix.compressor,
-                    &bufs.icomp_kv,
-                    &bufs.icomp_score,
-                    n,
-                    pos0,
-                    official,
-                )?;
                 be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
                 be.rope(
                     &mut bufs.iq,
