@@ -341,15 +341,64 @@ impl Ops {
     }
 }
 
+/// A quantized copy of an activation that the next products of that activation may
+/// read instead of quantizing it again: (input pointer, activation kind, width, rows).
+/// The copy lives in the scratch buffer `Scratch::act(kind, width, rows)`.
+type ReuseKey = (u64, u8, usize, usize);
+
+/// Pending quantized copies: at most one per activation kind (Q8_0 and Q8_K), all of
+/// the same input. Set by the operation that just wrote the input (a norm, the HC split,
+/// SwiGLU, a product that quantized it for a second product of the same input):
+/// setting replaces every older entry. A quantized product of a pending input uses and
+/// drops its entry; a quantized product of any other input drops them all, so a copy
+/// is only ever read by the products that directly follow its producer, before anything
+/// can rewrite the input or the scratch buffer holding the copy. F16/F32 products
+/// (the router between the FFN split and the experts) neither read nor drop them.
+#[derive(Default)]
+struct Pending([Option<ReuseKey>; 2]);
+
+impl Pending {
+    fn set(&mut self, key: ReuseKey) {
+        self.0 = [Some(key), None];
+    }
+    fn set2(&mut self, a: ReuseKey, b: ReuseKey) {
+        self.0 = [Some(a), Some(b)];
+    }
+    fn clear(&mut self) {
+        self.0 = [None, None];
+    }
+    /// A quantized product is about to read `key`: true when its copy is pending (the
+    /// entry is used up); otherwise every entry is dropped unless it belongs to the
+    /// same input (the product's own quantisation overwrites only its kind's buffer).
+    fn claim(&mut self, key: ReuseKey) -> bool {
+        if let Some(slot) = self.0.iter_mut().find(|e| **e == Some(key)) {
+            *slot = None;
+            return true;
+        }
+        for e in &mut self.0 {
+            if e.is_some_and(|(x, kind, _, _)| x != key.0 || kind == key.1) {
+                *e = None;
+            }
+        }
+        false
+    }
+    /// Something other than a product rewrote the activation at `x`.
+    fn forget(&mut self, x: u64) {
+        for e in &mut self.0 {
+            if e.is_some_and(|(p, ..)| p == x) {
+                *e = None;
+            }
+        }
+    }
+}
+
 /// Device scratch that grows on demand. Growing bumps `epoch`, which invalidates
 /// recorded steps (they hold the old addresses).
 #[derive(Default)]
 struct Scratch {
     epoch: u64,
-    /// (input pointer, activation kind, width, rows) whose quantized copy the next
-    /// product may reuse: set right before that product (two products of one input, a
-    /// norm or SwiGLU that quantized its output); every quantized product clears it.
-    reuse: Option<(u64, u8, usize, usize)>,
+    /// Quantized copies the next products may reuse (see `Pending`).
+    reuse: Pending,
     f32s: HashMap<&'static str, DevBuf>,
     acts: HashMap<(u8, usize), ActBuf>,
 }
@@ -395,6 +444,22 @@ impl Scratch {
             .get(&key)
             .ok_or_else(|| MError::Backend("activation scratch missing".into()))
     }
+}
+
+/// Device pointers of y's quantized copies written by `hc_pre_finish_norm` (0: none)
+/// and the pending entries they become.
+#[derive(Default, Clone, Copy)]
+struct YQuant {
+    q0: (u64, u64),
+    qk: (u64, u64, u64),
+    keys: [Option<ReuseKey>; 2],
+}
+
+/// The FFN input norm (GGUF `blk.N.ffn_norm.weight`): its normed output feeds the
+/// routed experts (Q8_K) as well as the shared expert (Q8_0). Any other norm's output
+/// gets the Q8_0 copy only; a wrong guess costs a quantisation kernel, never a result.
+fn is_ffn_norm(norm: &CudaWeight) -> bool {
+    norm.name.ends_with("ffn_norm.weight")
 }
 
 /// A tensor's bytes on the device, and its f32 copy for small float tensors.
@@ -627,9 +692,7 @@ impl CudaBackend {
                 } else {
                     x
                 };
-                // A pending reuse is for the very next quantized product: taken either way.
-                let pending = sc.reuse.take();
-                let reuse = ldx == k && pending == Some((x, kind_tag(kind), k, n));
+                let reuse = sc.reuse.claim((x, kind_tag(kind), k, n)) && ldx == k;
                 let act = sc.act(self.stream(), kind, k, n)?;
                 if !reuse {
                     self.kernels
@@ -817,7 +880,7 @@ impl CudaBackend {
                     ));
                     sc.epoch += 1;
                 }
-                let reuse = sc.reuse.take() == Some((x, kind_tag(kind), k, n_act));
+                let reuse = sc.reuse.claim((x, kind_tag(kind), k, n_act));
                 let act = sc.act(self.stream(), kind, k, n_act)?;
                 if !reuse {
                     self.kernels
@@ -885,10 +948,13 @@ impl CudaBackend {
             _ => return Ok(false),
         };
         let mut sc = self.scratch()?;
+        let reuse = sc.reuse.claim((x.buf.ptr, kind_tag(kind), k * groups, n));
         let act = sc.act(self.stream(), kind, k * groups, n)?;
-        self.kernels
-            .quantize_rows(self.stream(), x.buf.ptr, act, n)
-            .map_err(be)?;
+        if !reuse {
+            self.kernels
+                .quantize_rows(self.stream(), x.buf.ptr, act, n)
+                .map_err(be)?;
+        }
         for g in 0..groups {
             let ok = self.try_gemm(&Gemm {
                 ty: w.ty,
@@ -950,16 +1016,17 @@ impl CudaBackend {
             return Ok(true);
         };
         let k = w.k;
-        // The scratch stays locked while its quantized input is in use. Every quantized
-        // product ends a pending reuse (it was meant for the product right after it).
+        // The scratch stays locked while its quantized input is in use.
         let mut sc = self.scratch()?;
-        sc.reuse = None;
         let xin = match kind {
             Some(kind) => {
+                let reuse = sc.reuse.claim((x, kind_tag(kind), k, act_rows));
                 let act = sc.act(self.stream(), kind, k, act_rows)?;
-                self.kernels
-                    .quantize_rows(self.stream(), x, act, act_rows)
-                    .map_err(be)?;
+                if !reuse {
+                    self.kernels
+                        .quantize_rows(self.stream(), x, act, act_rows)
+                        .map_err(be)?;
+                }
                 MvInput::Quant(act)
             }
             None => MvInput::F32(x),
@@ -1011,7 +1078,7 @@ impl CudaBackend {
         self.kernels
             .swiglu_quant(self.stream(), g, u, rows, wts, clamp, act)
             .map_err(be)?;
-        sc.reuse = Some((mid, kind_tag(kind), ff, rows));
+        sc.reuse.set((mid, kind_tag(kind), ff, rows));
         Ok(true)
     }
 
@@ -1021,7 +1088,7 @@ impl CudaBackend {
         if let Ok(kind) = ActKind::for_weight(w.ty)
             && kind != ActKind::F32
         {
-            self.scratch()?.reuse = Some((x, kind_tag(kind), k, rows));
+            self.scratch()?.reuse.set((x, kind_tag(kind), k, rows));
         }
         Ok(())
     }
@@ -1114,12 +1181,44 @@ impl CudaBackend {
                 .arg(&tt32)
                 .arg(&part);
         })?;
-        self.hc_finish(w, state, n, s, norm_ptr, part, np, y, post, comb)?;
+        let quant = self.y_quant(norm, y, n, s.n_embd)?;
+        self.hc_finish(w, state, n, s, norm_ptr, quant, part, np, y, post, comb)?;
         Ok(true)
     }
 
+    /// The quantized copies of the normed HC output y (n rows of n_embd) that
+    /// `hc_pre_finish_norm` writes for the next products: Q8_0 for the attention
+    /// projections and the shared expert, and Q8_K for the routed experts after the FFN
+    /// norm. Small batches only (chunks quantize in the products), y rows contiguous.
+    fn y_quant(
+        &self,
+        norm: Option<&CudaWeight>,
+        y: &CudaAct,
+        n: usize,
+        e: usize,
+    ) -> MResult<YQuant> {
+        let mut q = YQuant::default();
+        let Some(norm) = norm else {
+            return Ok(q);
+        };
+        if !self.fuse_norm_quant || n >= GEMM_MIN_TOKENS || y.cols != e || !e.is_multiple_of(128) {
+            return Ok(q);
+        }
+        let mut sc = self.scratch()?;
+        let a = sc.act(self.stream(), ActKind::Q8_0, e, n)?;
+        q.q0 = (a.qs.ptr, a.d.ptr);
+        q.keys[0] = Some((y.buf.ptr, kind_tag(ActKind::Q8_0), e, n));
+        if is_ffn_norm(norm) && e.is_multiple_of(256) {
+            let a = sc.act(self.stream(), ActKind::Q8K, e, n)?;
+            q.qk = (a.qs.ptr, a.d.ptr, a.bsums.ptr);
+            q.keys[1] = Some((y.buf.ptr, kind_tag(ActKind::Q8K), e, n));
+        }
+        Ok(q)
+    }
+
     /// The HC split, collapse and optional input norm (`norm_ptr`, 0 for none) of
-    /// `hc_pre_finish_norm`, from `np` partial mixes at `part`.
+    /// `hc_pre_finish_norm`, from `np` partial mixes at `part`; with `quant`, y's
+    /// quantized copies too, pending for the next products.
     #[allow(clippy::too_many_arguments)]
     fn hc_finish(
         &self,
@@ -1128,6 +1227,7 @@ impl CudaBackend {
         n: usize,
         s: &ModelShape,
         norm_ptr: u64,
+        quant: YQuant,
         part: u64,
         np: usize,
         y: &mut CudaAct,
@@ -1170,8 +1270,27 @@ impl CudaBackend {
                 .arg(&yp)
                 .arg(&ldy)
                 .arg(&pp)
-                .arg(&cp);
-        })
+                .arg(&cp)
+                .arg(&quant.q0.0)
+                .arg(&quant.q0.1)
+                .arg(&quant.qk.0)
+                .arg(&quant.qk.1)
+                .arg(&quant.qk.2);
+        })?;
+        let mut sc = self.scratch()?;
+        match quant.keys {
+            [Some(a), Some(b)] => sc.reuse.set2(a, b),
+            [Some(a), None] | [None, Some(a)] => sc.reuse.set(a),
+            [None, None] => sc.reuse.forget(y.buf.ptr),
+        }
+        Ok(())
+    }
+
+    /// An operation other than a product rewrote `x`: no quantized copy of it stays
+    /// pending.
+    fn wrote(&self, x: &CudaAct) -> MResult<()> {
+        self.scratch()?.reuse.forget(x.buf.ptr);
+        Ok(())
     }
 
     fn hc_mixes(&self, fn_: &CudaWeight, state: &CudaAct, n: usize, rows: usize) -> MResult<u64> {
@@ -1481,7 +1600,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 self.allow_reuse(x.buf.ptr, w, w.k, n)?;
             }
             let r = self.matmul(w, x, n, out);
-            self.scratch()?.reuse = None;
+            self.scratch()?.reuse.clear();
             r?;
         }
         Ok(())
@@ -1585,9 +1704,10 @@ impl<'w> Backend<'w> for CudaBackend {
             self.kernels
                 .norm_quant_q8_0(self.stream(), x.buf.ptr, wp, seg, n, eps, act)
                 .map_err(be)?;
-            sc.reuse = Some((x.buf.ptr, kind_tag(ActKind::Q8_0), seg, n));
+            sc.reuse.set((x.buf.ptr, kind_tag(ActKind::Q8_0), seg, n));
             return Ok(());
         }
+        self.wrote(x)?;
         // About four elements per thread: the loops are latency-bound, not arithmetic.
         let threads = (seg / 4).next_multiple_of(32).clamp(128, 1024) as u32;
         let cfg = LaunchConfig {
@@ -1621,6 +1741,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return Ok(());
         }
         let mixes = self.hc_mixes(&w.fn_, state, n, nm)?;
+        self.wrote(y)?;
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
@@ -1752,7 +1873,8 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&nm32)
                 .arg(&part);
         })?;
-        self.hc_finish(next, state, n, s, norm_ptr, part, np, y, post, comb)
+        let quant = self.y_quant(Some(norm), y, n, e)?;
+        self.hc_finish(next, state, n, s, norm_ptr, quant, part, np, y, post, comb)
     }
 
     fn hc_post(
@@ -1861,6 +1983,7 @@ impl<'w> Backend<'w> for CudaBackend {
         if n == 0 || pairs == 0 {
             return Ok(());
         }
+        self.wrote(x)?;
         let cfg = LaunchConfig {
             grid_dim: ((pairs as u32).div_ceil(128), n as u32, 1),
             block_dim: (128, 1, 1),
@@ -1909,6 +2032,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return self.rope(x, n, head_dim, kind, pos0, false);
         }
         let _prof = self.prof("norm_rope", n);
+        self.wrote(x)?;
         let wp = match w {
             Some(w) => {
                 check(w.k * w.rows == head_dim, || {
@@ -1948,6 +2072,7 @@ impl<'w> Backend<'w> for CudaBackend {
 
     fn round_rows(&self, x: &mut CudaAct, n: usize, mode: RowRounding) -> MResult<()> {
         let _prof = self.prof("round_rows", n);
+        self.wrote(x)?;
         let cols = x.cols;
         // KV rows round as a whole; indexer rows head by head (128 dims each).
         let (m, piece): (i32, usize) = match mode {
@@ -2456,6 +2581,9 @@ impl<'w> Backend<'w> for CudaBackend {
                     .arg(&outp);
             })
         };
+        // Both experts' gate/up products first, routed then shared: they read the same
+        // input x, whose quantized copies (Q8_K routed, Q8_0 shared) the HC split may
+        // have left pending; the SwiGLU + down products, which read other inputs, follow.
         // Routed experts: 6 slots per token, gate/up share the token's input row.
         // Gate and up read the same input: quantize it once when their types agree.
         let same = |a: &CudaWeight, b: &CudaWeight| {
@@ -2497,15 +2625,9 @@ impl<'w> Backend<'w> for CudaBackend {
                 self.allow_reuse(xp, &w.up_exps, e, n)?;
             }
             let up = self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u);
-            self.scratch()?.reuse = None;
+            self.scratch()?.reuse.clear();
             up?;
         }
-        if !self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid)? {
-            swiglu(g, u, n * k, wts, mid)?;
-        }
-        let r = self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down);
-        self.scratch()?.reuse = None;
-        r?;
         // Shared expert.
         let fused = pair(&w.gate_sh, &w.up_sh)
             && w.gate_sh.rows == ff
@@ -2538,14 +2660,22 @@ impl<'w> Backend<'w> for CudaBackend {
                 self.allow_reuse(xp, &w.up_sh, e, n)?;
             }
             let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
-            self.scratch()?.reuse = None;
+            self.scratch()?.reuse.clear();
             up?;
         }
+        // Nothing of x stays pending past its products.
+        self.scratch()?.reuse.clear();
+        if !self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid)? {
+            swiglu(g, u, n * k, wts, mid)?;
+        }
+        let r = self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down);
+        self.scratch()?.reuse.clear();
+        r?;
         if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid)? {
             swiglu(sg, su, n, 0, smid)?;
         }
         let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
-        self.scratch()?.reuse = None;
+        self.scratch()?.reuse.clear();
         r?;
         let cfg = LaunchConfig {
             grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
@@ -2667,7 +2797,52 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 }
 
+/// A pending quantized copy as the products would read it (selftest): codes, scales,
+/// and for Q8_K the 16-element sums.
+pub(crate) struct PendingCopy {
+    pub qs: Vec<u8>,
+    pub d: Vec<f32>,
+    pub bsums: Vec<i16>,
+}
+
 impl CudaBackend {
+    /// The quantized copy of the first `rows` rows of `x` (width `k`) that the next
+    /// product with `kind` activations would reuse, if one is pending (selftest).
+    pub(crate) fn pending_copy(
+        &self,
+        x: &CudaAct,
+        kind: ActKind,
+        k: usize,
+        rows: usize,
+    ) -> MResult<Option<PendingCopy>> {
+        let sc = self.scratch()?;
+        let key = (x.buf.ptr, kind_tag(kind), k, rows);
+        if !sc.reuse.0.contains(&Some(key)) {
+            return Ok(None);
+        }
+        let a = sc
+            .acts
+            .get(&(kind_tag(kind), k))
+            .ok_or_else(|| MError::Backend("pending copy without its buffer".into()))?;
+        let st = self.stream();
+        st.synchronize().map_err(be)?;
+        let blk = if kind == ActKind::Q8K { 256 } else { 32 };
+        let mut qs = a.qs.to_bytes(st).map_err(be)?;
+        qs.truncate(k * rows);
+        let mut d = a.d.to_f32(st).map_err(be)?;
+        d.truncate(k * rows / blk);
+        let bsums = if kind == ActKind::Q8K {
+            let b = a.bsums.to_bytes(st).map_err(be)?;
+            b.chunks_exact(2)
+                .take(k * rows / 16)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Some(PendingCopy { qs, d, bsums }))
+    }
+
     /// (token ids, positions) device pointers of the current chunk.
     fn chunk_ptrs(&self) -> MResult<(u64, u64)> {
         let cb = self
