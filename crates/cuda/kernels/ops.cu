@@ -763,6 +763,43 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
     }
 }
 
+// RoPE (as `rope`) of n rows of `cols` (contiguous), quantized to Q8_0 as it is written
+// (bit-identical to quant_act_q8_0 of the rotated rows): one warp per 32-block, lane =
+// element; a RoPE pair is two neighbouring lanes (pairs start at even offsets).
+// Grid (⌈cols/32 / 8⌉, n), 256 threads.
+extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
+                                           const float* freqs, const int* pos_p, int inverse,
+                                           i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    float* p = x + (long long)i * cols + col;
+    const float v = *p;
+    const float w = __shfl_xor_sync(0xffffffffu, v, 1);
+    const int r0 = head_dim - n_rot;
+    const int hc = col % head_dim;
+    float o = v;
+    if (hc >= r0) {
+        const int pos = *pos_p + i;
+        const float theta = __fmul_rn((float)pos, freqs[(hc - r0) >> 1]);
+        const float c = (float)cos((double)theta);
+        float s = (float)sin((double)theta);
+        if (inverse) s = -s;
+        // Even lane: x0 = v, x1 = w; odd lane: x0 = w, x1 = v (rope_pair's formulas).
+        o = (lane & 1) == 0 ? __fsub_rn(__fmul_rn(v, c), __fmul_rn(w, s))
+                            : __fadd_rn(__fmul_rn(w, s), __fmul_rn(v, c));
+        *p = o;
+    }
+    const float a = warp_max(fabsf(o));
+    const float dd = a / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    const long long e0 = (long long)i * cols + col;
+    qs[e0] = (i8)max(-127, min(127, __float2int_rn(o * id)));
+    if (lane == 0) d[e0 >> 5] = dd;
+}
+
 // RMSNorm of each head_dim head (optional weight w), then RoPE on its last n_rot dims
 // (rms_norm_seg + rope in one pass). Grid (heads, n); thread t owns dims 4t..4t+3 (two
 // RoPE pairs), so blockDim = head_dim / 4 rounded up to whole warps; head_dim and n_rot

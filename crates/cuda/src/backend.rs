@@ -276,6 +276,7 @@ struct Ops {
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
+    rope_quant_q8_0: CudaFunction,
     round_rows: CudaFunction,
     comp_pool: CudaFunction,
     comp_pool_chunk: CudaFunction,
@@ -320,6 +321,7 @@ impl Ops {
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
+            rope_quant_q8_0: f("rope_quant_q8_0")?,
             round_rows: big("round_rows")?,
             comp_pool: f("comp_pool")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
@@ -2068,6 +2070,71 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&fr)
                 .arg(&pp);
         })
+    }
+
+    fn rope_inverse_grouped(
+        &self,
+        x: &mut CudaAct,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        w: &CudaWeight,
+        groups: usize,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        // Decode with Q8_0 weights: the grouped product (one token: slots over the
+        // groups of the row) reads the Q8_0 copy that the RoPE kernel writes.
+        let n_rot = self.shape.n_rot;
+        let fused = self.fuse_norm_quant
+            && n == 1
+            && ActKind::for_weight(w.ty).ok() == Some(ActKind::Q8_0)
+            && groups > 0
+            && x.cols == w.k * groups
+            && w.k.is_multiple_of(32)
+            && head_dim > 0
+            && x.cols.is_multiple_of(head_dim)
+            && n_rot <= head_dim
+            && (head_dim - n_rot).is_multiple_of(2);
+        if !fused {
+            self.rope(x, n, head_dim, kind, pos0, true)?;
+            return self.matmul_grouped(w, x, n, groups, out);
+        }
+        {
+            let _prof = self.prof("rope+quant", n);
+            let mut sc = self.scratch()?;
+            let act = sc.act(self.stream(), ActKind::Q8_0, w.k, groups)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((x.cols / 32).div_ceil(8) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, cols, hd, nr, fr, pp, inv, qs, d) = (
+                x.buf.ptr,
+                x.cols as i32,
+                head_dim as i32,
+                n_rot as i32,
+                self.freqs(kind),
+                self.chunk_ptrs()?.1,
+                1i32,
+                act.qs.ptr,
+                act.d.ptr,
+            );
+            self.launch(&self.ops.rope_quant_q8_0, cfg, |b| {
+                b.arg(&xp)
+                    .arg(&cols)
+                    .arg(&hd)
+                    .arg(&nr)
+                    .arg(&fr)
+                    .arg(&pp)
+                    .arg(&inv)
+                    .arg(&qs)
+                    .arg(&d);
+            })?;
+            sc.reuse
+                .set((x.buf.ptr, kind_tag(ActKind::Q8_0), w.k, groups));
+        }
+        self.matmul_grouped(w, x, n, groups, out)
     }
 
     fn round_rows(&self, x: &mut CudaAct, n: usize, mode: RowRounding) -> MResult<()> {

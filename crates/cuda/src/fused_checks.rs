@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use ds4_gguf::GgmlType;
-use ds4_model::backend::Backend;
+use ds4_model::backend::{Backend, RopeKind};
 use ds4_model::config::Config;
 use ds4_model::numerics;
 use ds4_model::shape::ModelShape;
@@ -31,6 +31,9 @@ pub const TOL_FUSED_QUANT_MISMATCHES: usize = 0;
 /// Products reading a pending copy vs the same products quantizing afresh: mismatching
 /// outputs allowed (same codes, same kernel, so bit-identical).
 pub const TOL_REUSE_MISMATCHES: usize = 0;
+/// RoPE / per-head RMSNorm: the same f32 operations as the CPU (cos/sin in f64, sums of
+/// squares in f64), so only a rare last-bit difference of a library cos/sin remains.
+pub const TOL_ROPE_REL: f32 = 1e-6;
 
 /// Host bytes of the uploaded test weights, alive as long as the backend: it shares
 /// uploads by host address, so a freed buffer's address must not come back.
@@ -454,6 +457,76 @@ fn hc_quant_checks(
     Ok(out)
 }
 
+/// CPU RoPE of every `head_dim` head of each `width`-wide row (row i at pos0 + i).
+fn cpu_rope(
+    s: &ModelShape,
+    kind: RopeKind,
+    x: &mut [f32],
+    width: usize,
+    pos0: usize,
+    inverse: bool,
+) {
+    let f = match kind {
+        RopeKind::Plain => s.rope_plain(),
+        RopeKind::Compress => s.rope_compress(),
+    };
+    for (i, row) in x.chunks_exact_mut(width).enumerate() {
+        for head in row.chunks_exact_mut(s.head_dim) {
+            f.apply(head, (pos0 + i) as u32, inverse);
+        }
+    }
+}
+
+/// Task 2: inverse RoPE of the attention output writes the Q8_0 copy that the grouped
+/// output projection reads.
+fn rope_quant_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (qd, groups) = (s.q_dim(), s.o_groups);
+    let (k, rows) = (qd / groups, groups * 64);
+    let w = upload(
+        be,
+        keep,
+        "fused_check_out_a",
+        GgmlType::Q8_0,
+        &[k as u64, rows as u64],
+        random_weights(rng, GgmlType::Q8_0, k * rows),
+    )?;
+    for (kind, pos) in [(RopeKind::Plain, 7usize), (RopeKind::Compress, 70_001)] {
+        be.begin_chunk(&[0], pos)?;
+        let x_v = random_act(rng, qd);
+        let mut x = act(be, 1, qd, &x_v)?;
+        let mut o1 = act(be, 1, rows, &[])?;
+        let mut o2 = act(be, 1, rows, &[])?;
+        be.rope_inverse_grouped(&mut x, 1, s.head_dim, kind, pos, &w, groups, &mut o1)?;
+        let x_gpu = read(be, &x)?;
+        be.matmul_grouped(&w, &x, 1, groups, &mut o2)?;
+        let (a1, a2) = (read(be, &o1)?, read(be, &o2)?);
+        let mut want = x_v.clone();
+        cpu_rope(s, kind, &mut want, qd, pos, true);
+        let tag = format!("fused rope_inverse+out_a {kind:?} pos {pos}");
+        for r in [
+            compare(
+                format!("{tag} rows"),
+                &x_gpu,
+                &want,
+                TOL_ROPE_REL,
+                "TOL_ROPE_REL",
+            ),
+            check_same(format!("{tag} product: pending = fresh"), &a1, &a2),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
 /// Every fused-step check on a backend built for the Flash shape.
 pub fn run_fused_checks(
     rt: &Arc<CudaRuntime>,
@@ -465,6 +538,7 @@ pub fn run_fused_checks(
     let mut rng = Rng(0xf05e_d0c4_5eed);
     let mut out = Vec::new();
     out.extend(hc_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }

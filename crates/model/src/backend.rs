@@ -212,6 +212,24 @@ pub trait Backend<'w> {
         pos0: usize,
         inverse: bool,
     ) -> Result<()>;
+    /// Inverse RoPE of the attention output (`rope` with `inverse`), then the grouped
+    /// output projection `matmul_grouped(w, x, n, groups, out)`: one step where a backend
+    /// can quantize the rotated rows as it writes them.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_inverse_grouped(
+        &self,
+        x: &mut Self::Act,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        w: &Self::Weight,
+        groups: usize,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.rope(x, n, head_dim, kind, pos0, true)?;
+        self.matmul_grouped(w, x, n, groups, out)
+    }
     fn round_rows(&self, x: &mut Self::Act, n: usize, mode: RowRounding) -> Result<()>;
     /// Compressor step for a chunk (§8): adds ape, writes the frontier, emits pooled rows
     /// (norm, RoPE, rounding when `official`) into the layer's compressed cache.

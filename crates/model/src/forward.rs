@@ -310,8 +310,16 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 &mut bufs.attn,
             )?;
             be.kv_append_raw(kv, il, &bufs.kvr, n, pos0)?;
-            be.rope(&mut bufs.attn, n, s.head_dim, rope, pos0, true)?;
-            be.matmul_grouped(&a.out_a, &bufs.attn, n, s.o_groups, &mut bufs.low)?;
+            be.rope_inverse_grouped(
+                &mut bufs.attn,
+                n,
+                s.head_dim,
+                rope,
+                pos0,
+                &a.out_a,
+                s.o_groups,
+                &mut bufs.low,
+            )?;
             be.matmul(&a.out_b, &bufs.low, n, &mut bufs.sub)?;
             // ---- FFN sublayer
             be.hc_post_pre_norm(
