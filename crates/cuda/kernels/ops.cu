@@ -932,6 +932,54 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int j = threadIdx.x; j < cols; j += blockDim.x) row[j] = srow[j];
 }
 
+// The attention inputs' per-head norms in one launch (decode): blocks x < q_heads do
+// norm_rope of query head x (no weight); block x = q_heads does norm_rope of the KV row
+// (weight kv_w, one head of head_dim) and, when `round_kv`, its official rounding
+// (round_rows mode 0: FP8 of the first n_nope dims, then f16), on a shared copy of the
+// row. Grid (q_heads + 1, n); blockDim = head_dim / 4 rounded up to whole warps; dynamic
+// smem head_dim floats. Same arithmetic as norm_rope + norm_rope + round_rows.
+extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_kv,
+                                         const float* kv_w, int head_dim, float eps, int n_rot,
+                                         const float* freqs, const int* pos_p, int round_kv,
+                                         int n_nope) { PDL_START();
+    extern __shared__ float srow[];
+    const int i = blockIdx.y;
+    const bool is_kv = blockIdx.x == gridDim.x - 1;
+    float* p = is_kv ? kv + (long long)i * ld_kv
+                     : q + (long long)i * ld_q + (long long)blockIdx.x * head_dim;
+    const float* w = is_kv ? kv_w : 0;
+    const int j0 = 4 * threadIdx.x;
+    const bool own = j0 < head_dim;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (own) v = *(const float4*)(p + j0);
+    double ss = (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+    ss = block_sum_d(ss);
+    const float r = (float)(1.0 / sqrt(ss / (double)head_dim + (double)eps));
+    float o[4] = {__fmul_rn(v.x, r), __fmul_rn(v.y, r), __fmul_rn(v.z, r), __fmul_rn(v.w, r)};
+    if (own) {
+        if (w) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) o[c] = __fmul_rn(w[j0 + c], o[c]);
+        }
+        const int r0 = head_dim - n_rot;
+        if (j0 >= r0) {
+            const int pos = *pos_p + i;
+            const int qq = (j0 - r0) / 2;
+            rope_pair(o, freqs[qq], pos, 0);
+            rope_pair(o + 2, freqs[qq + 1], pos, 0);
+        }
+    }
+    if (!(is_kv && round_kv)) {  // uniform over the block
+        if (own) *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
+        return;
+    }
+    if (own) *(float4*)(srow + j0) = make_float4(o[0], o[1], o[2], o[3]);
+    __syncthreads();
+    block_fp8_row(srow, n_nope);
+    block_f16_round(srow, head_dim);
+    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) p[j] = srow[j];
+}
+
 // ---------------------------------------------------------------------------
 // Compressors (model.md §8).
 // comp_pool: one thread per output column j < dc walks the chunk's tokens in

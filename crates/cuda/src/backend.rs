@@ -271,6 +271,7 @@ struct Ops {
     hc_pre_finish: CudaFunction,
     hc_mix_part: CudaFunction,
     norm_rope: CudaFunction,
+    qkv_norm_rope: CudaFunction,
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
     hc_post: CudaFunction,
@@ -316,6 +317,7 @@ impl Ops {
             hc_pre_finish: f("hc_pre_finish")?,
             hc_mix_part: f("hc_mix_part")?,
             norm_rope: f("norm_rope")?,
+            qkv_norm_rope: f("qkv_norm_rope")?,
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_post: f("hc_post")?,
@@ -2135,6 +2137,80 @@ impl<'w> Backend<'w> for CudaBackend {
                 .set((x.buf.ptr, kind_tag(ActKind::Q8_0), w.k, groups));
         }
         self.matmul_grouped(w, x, n, groups, out)
+    }
+
+    fn qkv_norm_rope(
+        &self,
+        q: &mut CudaAct,
+        kv: &mut CudaAct,
+        kv_norm: &CudaWeight,
+        n: usize,
+        head_dim: usize,
+        eps: f32,
+        kind: RopeKind,
+        pos0: usize,
+        round_kv: bool,
+    ) -> MResult<()> {
+        let n_rot = self.shape.n_rot;
+        // One launch: a block per query head plus one for the KV row (norm, RoPE and
+        // rounding on a shared copy of it).
+        let fused = self.fuse_norm_quant
+            && head_dim.is_multiple_of(4)
+            && n_rot.is_multiple_of(4)
+            && n_rot <= head_dim
+            && head_dim <= 4096
+            && q.cols.is_multiple_of(head_dim)
+            && kv.cols == head_dim
+            && n <= q.rows.min(kv.rows);
+        if !fused {
+            self.rms_norm_rope(q, None, n, head_dim, eps, kind, pos0)?;
+            self.rms_norm_rope(kv, Some(kv_norm), n, head_dim, eps, kind, pos0)?;
+            if round_kv {
+                self.round_rows(kv, n, RowRounding::KvRow)?;
+            }
+            return Ok(());
+        }
+        let _prof = self.prof("qkv_norm_rope", n);
+        check(kv_norm.k * kv_norm.rows == head_dim, || {
+            "rms_norm: weight length".into()
+        })?;
+        let wp = kv_norm.dense_ptr()?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.wrote(q)?;
+        self.wrote(kv)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((q.cols / head_dim + 1) as u32, n as u32, 1),
+            block_dim: ((head_dim / 4).next_multiple_of(32) as u32, 1, 1),
+            shared_mem_bytes: (head_dim * 4) as u32,
+        };
+        let (qp, ldq, kp, ldk, hd, nr, fr, pp, rk, nn) = (
+            q.buf.ptr,
+            q.cols as i32,
+            kv.buf.ptr,
+            kv.cols as i32,
+            head_dim as i32,
+            n_rot as i32,
+            self.freqs(kind),
+            self.chunk_ptrs()?.1,
+            round_kv as i32,
+            self.shape.n_nope() as i32,
+        );
+        self.launch(&self.ops.qkv_norm_rope, cfg, |b| {
+            b.arg(&qp)
+                .arg(&ldq)
+                .arg(&kp)
+                .arg(&ldk)
+                .arg(&wp)
+                .arg(&hd)
+                .arg(&eps)
+                .arg(&nr)
+                .arg(&fr)
+                .arg(&pp)
+                .arg(&rk)
+                .arg(&nn);
+        })
     }
 
     fn round_rows(&self, x: &mut CudaAct, n: usize, mode: RowRounding) -> MResult<()> {

@@ -527,6 +527,77 @@ fn rope_quant_checks(
     Ok(out)
 }
 
+/// Task 3: query and KV per-head norm + RoPE and the KV rounding in one launch.
+fn qkv_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (qd, hd) = (s.q_dim(), s.head_dim);
+    let w_v: Vec<f32> = (0..hd).map(|_| 1.0 + 0.3 * rng.unit()).collect();
+    let w = upload(
+        be,
+        keep,
+        "blk.0.attn_kv_a_norm.weight",
+        GgmlType::F32,
+        &[hd as u64],
+        f32_bytes(&w_v),
+    )?;
+    for (n, kind, pos, round) in [
+        (1usize, RopeKind::Plain, 5usize, true),
+        (1, RopeKind::Compress, 70_001, true),
+        (3, RopeKind::Compress, 129, false),
+        (3, RopeKind::Plain, 2, true),
+    ] {
+        be.begin_chunk(&vec![0u32; n], pos)?;
+        let (q_v, kv_v) = (random_act(rng, n * qd), random_act(rng, n * hd));
+        let mut q = act(be, n, qd, &q_v)?;
+        let mut kv = act(be, n, hd, &kv_v)?;
+        be.qkv_norm_rope(&mut q, &mut kv, &w, n, hd, s.rms_eps, kind, pos, round)?;
+        let (q_gpu, kv_gpu) = (read(be, &q)?, read(be, &kv)?);
+        let mut q_want = vec![0f32; n * qd];
+        for (o, x) in q_want.chunks_exact_mut(hd).zip(q_v.chunks_exact(hd)) {
+            numerics::rms_norm_into(x, None, s.rms_eps, o);
+        }
+        cpu_rope(s, kind, &mut q_want, qd, pos, false);
+        let mut kv_want = vec![0f32; n * hd];
+        for (o, x) in kv_want.chunks_exact_mut(hd).zip(kv_v.chunks_exact(hd)) {
+            numerics::rms_norm_into(x, Some(&w_v), s.rms_eps, o);
+        }
+        cpu_rope(s, kind, &mut kv_want, hd, pos, false);
+        if round {
+            for row in kv_want.chunks_exact_mut(hd) {
+                numerics::fp8_kv_round_row(row, s.n_nope());
+                numerics::round_f16_inplace(row);
+            }
+        }
+        let tag = format!("fused qkv_norm_rope {kind:?} n={n} pos {pos} round {round}");
+        for r in [
+            compare(
+                format!("{tag} q"),
+                &q_gpu,
+                &q_want,
+                TOL_ROPE_REL,
+                "TOL_ROPE_REL",
+            ),
+            compare(
+                format!("{tag} kv"),
+                &kv_gpu,
+                &kv_want,
+                TOL_ROPE_REL,
+                "TOL_ROPE_REL",
+            ),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
 /// Every fused-step check on a backend built for the Flash shape.
 pub fn run_fused_checks(
     rt: &Arc<CudaRuntime>,
@@ -539,6 +610,7 @@ pub fn run_fused_checks(
     let mut out = Vec::new();
     out.extend(hc_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }

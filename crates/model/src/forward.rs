@@ -234,19 +234,17 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
             be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
-            be.rms_norm_rope(&mut bufs.q, None, n, s.head_dim, eps, rope, pos0)?;
-            be.rms_norm_rope(
+            be.qkv_norm_rope(
+                &mut bufs.q,
                 &mut bufs.kvr,
-                Some(&a.kv_norm),
+                &a.kv_norm,
                 n,
                 s.head_dim,
                 eps,
                 rope,
                 pos0,
+                official,
             )?;
-            if official {
-                be.round_rows(&mut bufs.kvr, n, RowRounding::KvRow)?;
-            }
             let mut use_sel = false;
             if let Some(cw) = &a.compressor {
                 be.compressor_update(
