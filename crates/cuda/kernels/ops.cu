@@ -516,14 +516,27 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
     const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
     const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
     const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
-    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs) { PDL_START();
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs) {
     __shared__ float pre_s[16];
     __shared__ Q8kRed qred;
     __shared__ float mix_s[HCM_ROWS + 1];
+    __shared__ float scale_s[3], base_s[HCM_ROWS];
     const int i = blockIdx.x;
     const int nm = (2 + hc) * hc;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* x = state + (long long)i * ld_state;
+    // Weights (never written by a kernel) load before the wait for the previous kernel,
+    // so that no global round trip of theirs is left on the serial path: the split's
+    // scale/base go to shared memory (read after the mixes' barrier), the norm weight of
+    // the first columns stays in registers.
+    PDL_TRIGGER();
+    if (threadIdx.x < 32) {
+        if (lane < 3) scale_s[lane] = scale3[lane];
+        if (lane < nm) base_s[lane] = base[lane];
+    }
+    float4 nw0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+    if (norm_w && 4 * (int)threadIdx.x < e) nw0 = *(const float4*)(norm_w + 4 * threadIdx.x);
+    PDL_WAIT();
     // The first columns' state loads do not depend on the split: start them now
     // (hc = 4), so their latency hides behind the mixes' reduction and Sinkhorn.
     float4 x0[4];
@@ -549,7 +562,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
     __syncthreads();
     const float r_inv = (float)(1.0 / sqrt((double)mix_s[nm] / (double)(hc * e) + (double)rms_eps));
     if (threadIdx.x < 32)
-        hc_split_warp(mix_s, r_inv, scale3, base, hc, iters, hc_eps, pre_s,
+        hc_split_warp(mix_s, r_inv, scale_s, base_s, hc, iters, hc_eps, pre_s,
                       post + (long long)i * hc, comb + (long long)i * hc * hc);
     __syncthreads();
     float4 yv[HCF_MAX4];
@@ -577,7 +590,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
         if (j < e) {
             float4 o = yv[c];
             if (norm_w) {
-                const float4 w = *(const float4*)(norm_w + j);
+                const float4 w = c == 0 ? nw0 : *(const float4*)(norm_w + j);
                 o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
                 o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
                 o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
@@ -647,12 +660,26 @@ extern "C" __global__ void __launch_bounds__(256)
     hc_post_mix(const float* sub, int ld_sub, const float* post, const float* comb, int e,
                 float* state, int ld_state, const u16* __restrict__ fn, int nm,
                 float* __restrict__ part) {
-    PDL_START();
     __shared__ float red[2 * 4][HCM_ROWS + 1];
     const int i = blockIdx.y, n = gridDim.y;
     const int g = threadIdx.x / HCPM_COLS;            // row group
     const int j = blockIdx.x * HCPM_COLS + (threadIdx.x % HCPM_COLS);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;  // 2 warps per group
+    // The fn weights (never written by a kernel) load before the wait for the previous
+    // kernel: their latency overlaps its tail instead of following it.
+    PDL_TRIGGER();
+    u16 wv[HCM_ROWS / 4][4];
+    {
+        const long long K = 4LL * e;
+#pragma unroll
+        for (int q = 0; q < HCM_ROWS / 4; q++) {
+            const int r = g + 4 * q;
+#pragma unroll
+            for (int d = 0; d < 4; d++)
+                wv[q][d] = (j < e && r < nm) ? fn[r * K + d * e + j] : (u16)0;
+        }
+    }
+    PDL_WAIT();
     float acc[HCM_ROWS / 4];
 #pragma unroll
     for (int q = 0; q < HCM_ROWS / 4; q++) acc[q] = 0.0f;
@@ -661,16 +688,6 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* p = post + (long long)i * 4;
         const float* c = comb + (long long)i * 16;
         float* xr = state + (long long)i * ld_state;
-        const long long K = 4LL * e;
-        // Weights first (independent of the previous kernels' outputs... but after the
-        // wait above, all loads of this thread are issued together).
-        u16 wv[HCM_ROWS / 4][4];
-#pragma unroll
-        for (int q = 0; q < HCM_ROWS / 4; q++) {
-            const int r = g + 4 * q;
-#pragma unroll
-            for (int d = 0; d < 4; d++) wv[q][d] = r < nm ? fn[r * K + d * e + j] : (u16)0;
-        }
         const float o = sub[(long long)i * ld_sub + j];
         float old[4], nw[4];
 #pragma unroll
