@@ -1577,77 +1577,63 @@ extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, cons
 // MoE glue (model.md §7.4).
 // ---------------------------------------------------------------------------
 
-// One warp per token: router scores sqrt(softplus(l)), expert choice (hash table or
-// biased top-k, lower index on ties), routing weights.
-#define MAX_EXPERTS_PER_LANE 8
-extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int k,
-                                     const float* bias, const int* tid2eid, const int* tok,
-                                     int norm, float wscale, int* ids, float* wts) { PDL_START();
-    const int t = blockIdx.x, lane = threadIdx.x;
-    float sc[MAX_EXPERTS_PER_LANE], bi[MAX_EXPERTS_PER_LANE];
-#pragma unroll
-    for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
-        const int ex = q * 32 + lane;
-        if (ex < ne) {
-            sc[q] = sqrtf(softplusf(logits[(long long)t * ld_l + ex]));
-            bi[q] = sc[q] + (bias ? bias[ex] : 0.0f);
-        } else {
-            sc[q] = 0.0f;
-            bi[q] = NEG_INF;
-        }
-    }
+// One block of 256 threads per token, thread = expert: router score sqrt(softplus(l)),
+// expert choice (hash table or biased top-k) and routing weights. The top-k is a rank:
+// an expert's place in the order of biased scores, higher first and the lower index
+// on ties, counted against every other expert at once (no k serial arg-max rounds);
+// experts placed below k are the choice, in that order. ne ≤ 256, k ≤ 64.
+#define ROUTE_THREADS 256
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    moe_route(const float* logits, int ld_l, int ne, int k, const float* bias,
+              const int* tid2eid, const int* tok, int norm, float wscale, int* ids,
+              float* wts) {
+    __shared__ __align__(16) float s_b[ROUTE_THREADS];
+    __shared__ float s_s[ROUTE_THREADS];
     __shared__ int s_ids[64];
     __shared__ float s_sc[64];
-    for (int j = 0; j < k; j++) {
-        int e;
-        if (tid2eid) {
-            e = tid2eid[(long long)tok[t] * k + j];
-            e = min(max(e, 0), ne - 1);
-        } else {
-            float bv = NEG_INF;
-            int be = 0x7fffffff;
-#pragma unroll
-            for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
-                const int ex = q * 32 + lane;
-                if (ex < ne && (bi[q] > bv || (bi[q] == bv && ex < be))) {
-                    bv = bi[q];
-                    be = ex;
-                }
-            }
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-                if (ov > bv || (ov == bv && oe < be)) {
-                    bv = ov;
-                    be = oe;
-                }
-            }
-            e = be == 0x7fffffff ? 0 : be;
-            // Constant indices only, so the per-lane arrays stay in registers.
-#pragma unroll
-            for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
-                if (q * 32 + lane == e) bi[q] = NEG_INF;
+    const int t = blockIdx.x, ex = threadIdx.x;
+    // The bias is a weight (never written by a kernel): load it before the wait.
+    PDL_TRIGGER();
+    const float bex = (bias && ex < ne) ? bias[ex] : 0.0f;
+    PDL_WAIT();
+    float sc = 0.0f, b = NEG_INF;
+    if (ex < ne) {
+        sc = sqrtf(softplusf(logits[(long long)t * ld_l + ex]));
+        b = sc + bex;
+    }
+    s_s[ex] = sc;
+    s_b[ex] = b;
+    int hashed = -1;
+    if (tid2eid && ex < k) hashed = min(max(tid2eid[(long long)tok[t] * k + ex], 0), ne - 1);
+    __syncthreads();
+    if (tid2eid) {
+        if (ex < k) {
+            s_ids[ex] = hashed;
+            s_sc[ex] = s_s[hashed];
         }
-        // The chosen expert's unbiased score, from its owner lane.
-        float mine = 0.0f;
-#pragma unroll
-        for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
-            if (q * 32 + lane == e) mine = sc[q];
-        const float s = __shfl_sync(0xffffffffu, mine, e & 31);
-        if (lane == 0) {
-            s_ids[j] = e;
-            s_sc[j] = s;
+    } else if (ex < ne) {
+        // Padding (j ≥ ne) holds −inf and lies past every ex < ne: it never outranks.
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < ROUTE_THREADS; j += 4) {
+            const float4 o = *(const float4*)(s_b + j);
+            rank += (o.x > b) || (o.x == b && j < ex);
+            rank += (o.y > b) || (o.y == b && j + 1 < ex);
+            rank += (o.z > b) || (o.z == b && j + 2 < ex);
+            rank += (o.w > b) || (o.w == b && j + 3 < ex);
+        }
+        if (rank < k) {
+            s_ids[rank] = ex;
+            s_sc[rank] = sc;
         }
     }
-    __syncwarp();
-    if (lane == 0) {
+    __syncthreads();
+    if (ex < k) {
         float sum = 0.0f;
         for (int j = 0; j < k; j++) sum += s_sc[j];
-        for (int j = 0; j < k; j++) {
-            ids[(long long)t * k + j] = s_ids[j];
-            wts[(long long)t * k + j] =
-                norm ? wscale * s_sc[j] / fmaxf(sum, 6.1035156e-5f) : wscale * s_sc[j];
-        }
+        const float s = s_sc[ex];
+        ids[(long long)t * k + ex] = s_ids[ex];
+        wts[(long long)t * k + ex] = norm ? wscale * s / fmaxf(sum, 6.1035156e-5f) : wscale * s;
     }
 }
 

@@ -2685,32 +2685,7 @@ impl<'w> Backend<'w> for CudaBackend {
             None => 0,
         };
         let t2e = w.tid2eid.as_ref().map_or(0, |t| t.data.ptr);
-        let tok = self.chunk_ptrs()?.0;
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (ldl, ne32, k32, norm, wscale) = (
-            ne as i32,
-            ne as i32,
-            k as i32,
-            s.expert_weights_norm as i32,
-            s.expert_weights_scale,
-        );
-        self.launch(&self.ops.moe_route, cfg, |b| {
-            b.arg(&logits)
-                .arg(&ldl)
-                .arg(&ne32)
-                .arg(&k32)
-                .arg(&bias)
-                .arg(&t2e)
-                .arg(&tok)
-                .arg(&norm)
-                .arg(&wscale)
-                .arg(&ids)
-                .arg(&wts);
-        })?;
+        self.route(s, logits, n, bias, t2e, ids, wts)?;
         let swiglu = |gp: u64, up: u64, rows: usize, wp: u64, outp: u64| {
             let cfg = grid1(rows * ff, 256);
             let (ff32, rows64) = (ff as i32, rows as i64);
@@ -2949,6 +2924,83 @@ pub(crate) struct PendingCopy {
 }
 
 impl CudaBackend {
+    /// Expert choice and routing weights of `n` tokens from the router logits (n × ne
+    /// at `logits`): `moe_route`, one block per token (ne ≤ 256, k ≤ 64 checked by the
+    /// caller). `bias` / `t2e`: device pointers or 0.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        s: &ModelShape,
+        logits: u64,
+        n: usize,
+        bias: u64,
+        t2e: u64,
+        ids: u64,
+        wts: u64,
+    ) -> MResult<()> {
+        let (ne, k) = (s.n_expert, s.n_expert_used);
+        check(ne <= 256 && k <= 64 && k <= ne, || {
+            "moe_route: bad shapes".into()
+        })?;
+        let tok = self.chunk_ptrs()?.0;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ldl, ne32, k32, norm, wscale) = (
+            ne as i32,
+            ne as i32,
+            k as i32,
+            s.expert_weights_norm as i32,
+            s.expert_weights_scale,
+        );
+        self.launch(&self.ops.moe_route, cfg, |b| {
+            b.arg(&logits)
+                .arg(&ldl)
+                .arg(&ne32)
+                .arg(&k32)
+                .arg(&bias)
+                .arg(&t2e)
+                .arg(&tok)
+                .arg(&norm)
+                .arg(&wscale)
+                .arg(&ids)
+                .arg(&wts);
+        })
+    }
+
+    /// `route` on host logits (selftest): the chosen expert ids and weights of every
+    /// token of the current chunk (`begin_chunk`).
+    pub(crate) fn route_host(
+        &self,
+        s: &ModelShape,
+        logits: &[f32],
+        n: usize,
+        bias: Option<&CudaWeight>,
+        t2e: Option<&CudaWeight>,
+    ) -> MResult<(Vec<i32>, Vec<f32>)> {
+        let k = s.n_expert_used;
+        check(logits.len() == n * s.n_expert, || {
+            "route: logits length".into()
+        })?;
+        let st = self.stream();
+        let lg = DevBuf::from_f32(st, logits).map_err(be)?;
+        let nan = vec![f32::NAN; n * k];
+        let ids = DevBuf::from_f32(st, &nan).map_err(be)?;
+        let wts = DevBuf::from_f32(st, &nan).map_err(be)?;
+        let bias = bias.map(|b| b.dense_ptr()).transpose()?.unwrap_or(0);
+        let t2e = t2e.map_or(0, |t| t.data.ptr);
+        self.route(s, lg.ptr, n, bias, t2e, ids.ptr, wts.ptr)?;
+        st.synchronize().map_err(be)?;
+        let id_bytes = ids.to_bytes(st).map_err(be)?;
+        let ids = id_bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((ids, wts.to_f32(st).map_err(be)?))
+    }
+
     /// The quantized copy of the first `rows` rows of `x` (width `k`) that the next
     /// product with `kind` activations would reuse, if one is pending (selftest).
     pub(crate) fn pending_copy(

@@ -34,6 +34,11 @@ pub const TOL_REUSE_MISMATCHES: usize = 0;
 /// RoPE / per-head RMSNorm: the same f32 operations as the CPU (cos/sin in f64, sums of
 /// squares in f64), so only a rare last-bit difference of a library cos/sin remains.
 pub const TOL_ROPE_REL: f32 = 1e-6;
+/// Routing: chosen experts must match exactly (random logits keep the k-th and k+1-th
+/// scores far apart; ties are exact on both sides).
+pub const TOL_ROUTE_ID_MISMATCHES: usize = 0;
+/// Routing weights: expf/log1pf vs the CPU's exp/ln_1p differ by a few ulps.
+pub const TOL_ROUTE_WEIGHT_REL: f32 = 1e-5;
 
 /// Host bytes of the uploaded test weights, alive as long as the backend: it shares
 /// uploads by host address, so a freed buffer's address must not come back.
@@ -598,6 +603,163 @@ fn qkv_checks(
     Ok(out)
 }
 
+/// CPU routing of one token (as the CPU backend's MoE): scores sqrt(softplus(l)),
+/// hash table or biased top-k (highest first, lower index on ties), weights.
+fn cpu_route(
+    s: &ModelShape,
+    logits: &[f32],
+    bias: &[f32],
+    hashed: Option<&[i32]>,
+) -> (Vec<i32>, Vec<f32>) {
+    let k = s.n_expert_used;
+    let score: Vec<f32> = logits
+        .iter()
+        .map(|&l| numerics::softplus(l).sqrt())
+        .collect();
+    let ids: Vec<usize> = match hashed {
+        Some(h) => h.iter().map(|&e| e as usize).collect(),
+        None => {
+            let mut biased: Vec<f32> = score.iter().zip(bias).map(|(s, b)| s + b).collect();
+            (0..k)
+                .map(|_| {
+                    let (mut best, mut best_v) = (0usize, f32::NEG_INFINITY);
+                    for (ex, &v) in biased.iter().enumerate() {
+                        if v > best_v {
+                            best = ex;
+                            best_v = v;
+                        }
+                    }
+                    biased[best] = f32::NEG_INFINITY;
+                    best
+                })
+                .collect()
+        }
+    };
+    let sum: f32 = ids.iter().map(|&id| score[id]).sum();
+    let wts = ids
+        .iter()
+        .map(|&id| {
+            if s.expert_weights_norm {
+                s.expert_weights_scale * score[id] / sum.max(6.103_515_6e-5)
+            } else {
+                s.expert_weights_scale * score[id]
+            }
+        })
+        .collect();
+    (ids.iter().map(|&e| e as i32).collect(), wts)
+}
+
+/// Task 4: expert choice and weights of `moe_route` (one block per token, ranks instead
+/// of serial arg-max rounds) against the CPU's routing, with exact ties in the logits.
+fn route_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (ne, k) = (s.n_expert, s.n_expert_used);
+    let mut bias_v: Vec<f32> = (0..ne).map(|_| 0.1 * rng.unit()).collect();
+    // Equal biases where the logits tie below, so the biased scores tie too.
+    for (a, b) in [(10, 200), (30, 31), (50, 51)] {
+        bias_v[b] = bias_v[a];
+    }
+    let bias = upload(
+        be,
+        keep,
+        "fused_check_exp_probs_b",
+        GgmlType::F32,
+        &[ne as u64],
+        f32_bytes(&bias_v),
+    )?;
+    // A hash table for 8 tokens: k distinct experts each.
+    let vocab = 8usize;
+    let mut table = Vec::with_capacity(vocab * k);
+    for _ in 0..vocab {
+        let mut row: Vec<i32> = Vec::with_capacity(k);
+        while row.len() < k {
+            let e = (rng.next() % ne as u64) as i32;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        table.extend(row);
+    }
+    let t2e = upload(
+        be,
+        keep,
+        "fused_check.tid2eid",
+        GgmlType::I32,
+        &[k as u64, vocab as u64],
+        table.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )?;
+    for (n, hashed) in [(1usize, false), (5, false), (3, true)] {
+        let tokens: Vec<u32> = (0..n as u32).map(|t| (t * 3 + 1) % vocab as u32).collect();
+        be.begin_chunk(&tokens, 0)?;
+        let mut logits: Vec<f32> = (0..n * ne).map(|_| 3.0 * rng.unit()).collect();
+        // Exact ties at the top (lower index first) and across the k-th place (k = 6:
+        // 10, 200, 30, 31, 60, then 50 before 51).
+        for (i, v) in [
+            (10, 6.0),
+            (200, 6.0),
+            (30, 5.5),
+            (31, 5.5),
+            (60, 5.0),
+            (50, 4.5),
+            (51, 4.5),
+        ] {
+            logits[i] = v;
+        }
+        let (ids, wts) = be.route_host(
+            s,
+            &logits,
+            n,
+            (!hashed).then_some(&bias),
+            hashed.then_some(&t2e),
+        )?;
+        let (mut want_ids, mut want_wts) = (Vec::new(), Vec::new());
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = tok as usize * k;
+            let (i, w) = cpu_route(
+                s,
+                &logits[t * ne..(t + 1) * ne],
+                if hashed { &[] } else { &bias_v },
+                hashed.then(|| &table[row..row + k]),
+            );
+            want_ids.extend(i);
+            want_wts.extend(w);
+        }
+        let mismatches = ids.iter().zip(&want_ids).filter(|(a, b)| a != b).count()
+            + usize::from(ids.len() != want_ids.len());
+        let tag = format!(
+            "fused moe_route {} n={n}",
+            if hashed { "hash" } else { "top-k" }
+        );
+        for r in [
+            CheckResult {
+                name: format!("{tag} expert ids (exact)"),
+                max_abs: 0.0,
+                max_rel: mismatches as f32,
+                tol: TOL_ROUTE_ID_MISMATCHES as f32,
+                tol_name: "TOL_ROUTE_ID_MISMATCHES",
+                pass: mismatches == TOL_ROUTE_ID_MISMATCHES,
+            },
+            compare(
+                format!("{tag} weights"),
+                &wts,
+                &want_wts,
+                TOL_ROUTE_WEIGHT_REL,
+                "TOL_ROUTE_WEIGHT_REL",
+            ),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
 /// Every fused-step check on a backend built for the Flash shape.
 pub fn run_fused_checks(
     rt: &Arc<CudaRuntime>,
@@ -611,6 +773,7 @@ pub fn run_fused_checks(
     out.extend(hc_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }
