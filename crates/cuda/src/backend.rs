@@ -1486,6 +1486,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("embed", tokens.len());
+        self.wrote(out)?;
         let e = table.k;
         let ty: i32 = match table.ty {
             GgmlType::F32 => 0,
@@ -1841,6 +1842,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return self.hc_pre_norm(next, state, n, s, norm, y, post, comb);
         }
         let _prof = self.prof("hc_post+pre", n);
+        self.wrote(state)?;
         check(norm.k * norm.rows == e, || {
             "hc_pre: norm weight length".into()
         })?;
@@ -1891,6 +1893,7 @@ impl<'w> Backend<'w> for CudaBackend {
         state: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("hc_post", n);
+        self.wrote(state)?;
         let e = sub.cols;
         check(hc <= 16 && state.cols == hc * e, || {
             "hc_post: bad shapes".into()
@@ -1931,6 +1934,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("hc_head", n);
+        self.wrote(out)?;
         let (hc, e) = (s.hc_mult, s.n_embd);
         check(hc <= 16 && w.fn_.rows == hc && w.fn_.k == hc * e, || {
             "hc_head: bad weights".into()
@@ -2097,7 +2101,8 @@ impl<'w> Backend<'w> for CudaBackend {
             && head_dim > 0
             && x.cols.is_multiple_of(head_dim)
             && n_rot <= head_dim
-            && (head_dim - n_rot).is_multiple_of(2);
+            && n_rot.is_multiple_of(2)
+            && head_dim.is_multiple_of(2);
         if !fused {
             self.rope(x, n, head_dim, kind, pos0, true)?;
             return self.matmul_grouped(w, x, n, groups, out);
@@ -2482,6 +2487,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("attention", n);
+        self.wrote(out)?;
         let s = &self.shape;
         let l = kv
             .layers
@@ -2644,6 +2650,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("moe", n);
+        self.wrote(out)?;
         let (e, ff, ne, k) = (s.n_embd, s.n_ff_exp, s.n_expert, s.n_expert_used);
         check(
             k <= 64 && ne <= 256 && x.cols >= e && out.cols >= e && tokens.len() >= n,
@@ -2822,6 +2829,7 @@ impl<'w> Backend<'w> for CudaBackend {
             dst.cols == src.cols && src_row < src.rows && dst_row < dst.rows,
             || "copy_row: bad shapes".into(),
         )?;
+        self.wrote(dst)?;
         let c = src.cols;
         self.copy_rows(
             src.buf.ptr + (src_row * c * 4) as u64,
@@ -3051,5 +3059,79 @@ impl CudaBackend {
     /// a part of a chunk read their first position there.
     fn pass_pos(&self, t0: usize) -> MResult<u64> {
         Ok(self.chunk_ptrs()?.1 + (t0 * 4) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Y: u64 = 0x1000;
+    const MID: u64 = 0x2000;
+
+    fn key(x: u64, kind: ActKind, k: usize, rows: usize) -> ReuseKey {
+        (x, kind_tag(kind), k, rows)
+    }
+
+    #[test]
+    fn ffn_split_copies_serve_the_routed_then_the_shared_product() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        // Routed gate/up (Q8_K) first: the shared expert's Q8_0 copy stays pending.
+        assert!(p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+        assert!(p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        // Each copy serves one product only.
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        assert!(!p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+    }
+
+    #[test]
+    fn a_product_of_another_input_drops_every_copy() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        assert!(!p.claim(key(MID, ActKind::Q8K, 2048, 6)));
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        assert!(!p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+    }
+
+    #[test]
+    fn a_fresh_quantisation_of_the_same_input_drops_only_its_kind() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        // Same input and kind, other rows: that kind's buffer is overwritten.
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 2)));
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        assert!(p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+    }
+
+    #[test]
+    fn rewriting_the_input_or_setting_a_new_copy_drops_the_old_ones() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        p.forget(MID);
+        assert!(p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        p.forget(Y);
+        assert!(!p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        p.set(key(MID, ActKind::Q8K, 2048, 6));
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        p.set(key(MID, ActKind::Q8K, 2048, 6));
+        p.clear();
+        assert!(!p.claim(key(MID, ActKind::Q8K, 2048, 6)));
     }
 }
