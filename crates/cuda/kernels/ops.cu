@@ -1578,20 +1578,26 @@ extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, cons
 // ---------------------------------------------------------------------------
 
 // One block of 256 threads per token, thread = expert: router score sqrt(softplus(l)),
-// expert choice (hash table or biased top-k) and routing weights. The top-k is a rank:
-// an expert's place in the order of biased scores, higher first and the lower index
-// on ties, counted against every other expert at once (no k serial arg-max rounds);
-// experts placed below k are the choice, in that order. ne ≤ 256, k ≤ 64.
+// expert choice (hash table or biased top-k, higher first and the lower index on ties)
+// and routing weights. The top-k has no serial arg-max rounds: the k-th largest of the
+// 8 warps' maxima is a threshold that every expert of the top k reaches (k warp maxima
+// are k experts at or above it), so each expert at or above it counts the ones that
+// outrank it among those candidates only (typically a handful; all of them when k > 8
+// or under massive ties) and that count is its place. ne ≤ 256, k ≤ 64.
 #define ROUTE_THREADS 256
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     moe_route(const float* logits, int ld_l, int ne, int k, const float* bias,
               const int* tid2eid, const int* tok, int norm, float wscale, int* ids,
               float* wts) {
-    __shared__ __align__(16) float s_b[ROUTE_THREADS];
     __shared__ float s_s[ROUTE_THREADS];
+    __shared__ float s_cb[ROUTE_THREADS];
+    __shared__ int s_ci[ROUTE_THREADS];
+    __shared__ float s_wmax[ROUTE_THREADS / 32];
+    __shared__ float s_thr;
+    __shared__ int s_nc;
     __shared__ int s_ids[64];
     __shared__ float s_sc[64];
-    const int t = blockIdx.x, ex = threadIdx.x;
+    const int t = blockIdx.x, ex = threadIdx.x, lane = ex & 31, warp = ex >> 5;
     // The bias is a weight (never written by a kernel): load it before the wait.
     PDL_TRIGGER();
     const float bex = (bias && ex < ne) ? bias[ex] : 0.0f;
@@ -1602,29 +1608,49 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         b = sc + bex;
     }
     s_s[ex] = sc;
-    s_b[ex] = b;
-    int hashed = -1;
-    if (tid2eid && ex < k) hashed = min(max(tid2eid[(long long)tok[t] * k + ex], 0), ne - 1);
-    __syncthreads();
     if (tid2eid) {
+        int hashed = 0;
+        if (ex < k) hashed = min(max(tid2eid[(long long)tok[t] * k + ex], 0), ne - 1);
+        __syncthreads();
         if (ex < k) {
             s_ids[ex] = hashed;
             s_sc[ex] = s_s[hashed];
         }
-    } else if (ex < ne) {
-        // Padding (j ≥ ne) holds −inf and lies past every ex < ne: it never outranks.
-        int rank = 0;
-#pragma unroll 8
-        for (int j = 0; j < ROUTE_THREADS; j += 4) {
-            const float4 o = *(const float4*)(s_b + j);
-            rank += (o.x > b) || (o.x == b && j < ex);
-            rank += (o.y > b) || (o.y == b && j + 1 < ex);
-            rank += (o.z > b) || (o.z == b && j + 2 < ex);
-            rank += (o.w > b) || (o.w == b && j + 3 < ex);
+    } else {
+        const float wm = warp_max(b);
+        if (lane == 0) s_wmax[warp] = wm;
+        if (ex == 0) s_nc = 0;
+        __syncthreads();
+        if (warp == 0) {
+            // The threshold: the largest warp maximum that at least k maxima reach.
+            const int nwp = ROUTE_THREADS / 32;
+            const float m = lane < nwp ? s_wmax[lane] : NEG_INF;
+            int ge = 0;
+#pragma unroll
+            for (int v = 0; v < ROUTE_THREADS / 32; v++) ge += s_wmax[v] >= m;
+            const float thr = warp_max(lane < nwp && ge >= k ? m : NEG_INF);
+            if (lane == 0) s_thr = thr;
         }
-        if (rank < k) {
-            s_ids[rank] = ex;
-            s_sc[rank] = sc;
+        __syncthreads();
+        const bool cand = ex < ne && b >= s_thr;
+        if (cand) {
+            const int slot = atomicAdd(&s_nc, 1);
+            s_cb[slot] = b;
+            s_ci[slot] = ex;
+        }
+        __syncthreads();
+        if (cand) {
+            // The list's order is arbitrary; the count is not.
+            const int nc = s_nc;
+            int rank = 0;
+            for (int c = 0; c < nc; c++) {
+                const float o = s_cb[c];
+                rank += (o > b) || (o == b && s_ci[c] < ex);
+            }
+            if (rank < k) {
+                s_ids[rank] = ex;
+                s_sc[rank] = sc;
+            }
         }
     }
     __syncthreads();

@@ -673,6 +673,7 @@ fn route_checks(
         &[ne as u64],
         f32_bytes(&bias_v),
     )?;
+    let no_bias = vec![0f32; ne];
     // A hash table for 8 tokens: k distinct experts each.
     let vocab = 8usize;
     let mut table = Vec::with_capacity(vocab * k);
@@ -694,7 +695,14 @@ fn route_checks(
         &[k as u64, vocab as u64],
         table.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )?;
-    for (n, hashed) in [(1usize, false), (5, false), (3, true)] {
+    // flat: no bias and token 0's logits all equal (every expert ties: the threshold
+    // admits all 256 and the lowest indices win).
+    for (n, hashed, flat) in [
+        (1usize, false, false),
+        (5, false, false),
+        (2, false, true),
+        (3, true, false),
+    ] {
         let tokens: Vec<u32> = (0..n as u32).map(|t| (t * 3 + 1) % vocab as u32).collect();
         be.begin_chunk(&tokens, 0)?;
         let mut logits: Vec<f32> = (0..n * ne).map(|_| 3.0 * rng.unit()).collect();
@@ -711,11 +719,14 @@ fn route_checks(
         ] {
             logits[i] = v;
         }
+        if flat {
+            logits[..ne].fill(1.25);
+        }
         let (ids, wts) = be.route_host(
             s,
             &logits,
             n,
-            (!hashed).then_some(&bias),
+            (!hashed && !flat).then_some(&bias),
             hashed.then_some(&t2e),
         )?;
         let (mut want_ids, mut want_wts) = (Vec::new(), Vec::new());
@@ -724,7 +735,7 @@ fn route_checks(
             let (i, w) = cpu_route(
                 s,
                 &logits[t * ne..(t + 1) * ne],
-                if hashed { &[] } else { &bias_v },
+                if hashed || flat { &no_bias } else { &bias_v },
                 hashed.then(|| &table[row..row + k]),
             );
             want_ids.extend(i);
@@ -734,7 +745,13 @@ fn route_checks(
             + usize::from(ids.len() != want_ids.len());
         let tag = format!(
             "fused moe_route {} n={n}",
-            if hashed { "hash" } else { "top-k" }
+            if hashed {
+                "hash"
+            } else if flat {
+                "top-k all-tied"
+            } else {
+                "top-k"
+            }
         );
         for r in [
             CheckResult {
