@@ -12,6 +12,7 @@
 typedef unsigned char u8;
 typedef signed char i8;
 typedef unsigned short u16;
+typedef short i16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
@@ -90,6 +91,87 @@ __device__ float block_max(float v) {
 }
 
 #include "swiglu.cuh"
+
+// ---------------------------------------------------------------------------
+// Activation quantisation of rows held four consecutive values per thread (thread t
+// owns elements 4t..4t+3 of its run), bit-identical to ds4-quant's quantize_act_q8_0 /
+// quantize_act_q8_k (and matvec.cu's quant_act_*), so that a kernel that produces a
+// row can also write the copy the next quantized product reads (SoA layout of
+// kernels.rs ActBuf: qs int8[n], d f32[n/blk], bsums int16[n/16]). `e0` is the
+// element index of o[0] in that layout.
+// ---------------------------------------------------------------------------
+
+// Q8_0: a 32-block is 8 consecutive lanes. Called by whole warps (all lanes active).
+__device__ __forceinline__ void q8_0_quad(const float o[4], long long e0, i8* __restrict__ qs,
+                                          float* __restrict__ d) {
+    float a = fmaxf(fmaxf(fabsf(o[0]), fabsf(o[1])), fmaxf(fabsf(o[2]), fabsf(o[3])));
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, m));
+    const float dd = a / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    char4 q;
+    q.x = (signed char)max(-127, min(127, __float2int_rn(o[0] * id)));
+    q.y = (signed char)max(-127, min(127, __float2int_rn(o[1] * id)));
+    q.z = (signed char)max(-127, min(127, __float2int_rn(o[2] * id)));
+    q.w = (signed char)max(-127, min(127, __float2int_rn(o[3] * id)));
+    *(char4*)(qs + e0) = q;
+    if ((e0 & 31) == 0) d[e0 >> 5] = dd;
+}
+
+// Q8_K: a 256-block is 64 consecutive threads (warps 2w and 2w + 1; blockDim a multiple
+// of 64 and the block's rows 256-aligned). Called by every thread of the block (it
+// synchronises); inactive threads (past the row) only take part in the reductions.
+// The block maximum is the signed element of largest |x|, the first one on ties.
+struct Q8kRed {
+    float amax[32];
+    float mx[32];
+    int idx[32];
+};
+__device__ void q8_k_quad(const float o[4], bool active, long long e0, Q8kRed& red,
+                          i8* __restrict__ qs, float* __restrict__ d, i16* __restrict__ bsums) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float amax = 0.0f, mx = 0.0f;
+    int idx = 0x7fffffff;
+    const int loc = (int)(e0 & 255);
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (fabsf(o[j]) > amax) { amax = fabsf(o[j]); mx = o[j]; idx = loc + j; }
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) {
+        const float oa = __shfl_xor_sync(0xffffffffu, amax, m);
+        const float om = __shfl_xor_sync(0xffffffffu, mx, m);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, m);
+        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; idx = oi; }
+    }
+    __syncthreads();  // an earlier call's readers are done with `red`
+    if (lane == 0) {
+        red.amax[warp] = amax;
+        red.mx[warp] = mx;
+        red.idx[warp] = idx;
+    }
+    __syncthreads();
+    {
+        const int pw = warp ^ 1;
+        const float oa = red.amax[pw], om = red.mx[pw];
+        const int oi = red.idx[pw];
+        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; }
+    }
+    int q[4] = {0, 0, 0, 0};
+    if (amax != 0.0f) {
+        const float iscale = -127.0f / mx;
+#pragma unroll
+        for (int j = 0; j < 4; j++) q[j] = max(-127, min(127, __float2int_rn(iscale * o[j])));
+    }
+    int s = (q[0] + q[1]) + (q[2] + q[3]);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if (!active) return;
+    *(char4*)(qs + e0) = make_char4(q[0], q[1], q[2], q[3]);
+    if ((lane & 3) == 0) bsums[e0 >> 4] = (i16)s;
+    if (loc == 0) d[e0 >> 8] = amax == 0.0f ? 0.0f : 1.0f / (-127.0f / mx);
+}
 
 __device__ __forceinline__ float softplusf(float x) {
     if (x > 20.0f) return x;
@@ -426,16 +508,35 @@ __device__ __forceinline__ void hc_collapse4(const float* x, int e, const float*
     out = acc;
 }
 
+//
+// Optionally (pointers non-null) the written rows are also quantized for the next
+// products: Q8_0 (q0_*; e a multiple of 128) and Q8_K (qk_*; e a multiple of 256,
+// blockDim of 64), rows of e values, as quant_act_q8_0 / quant_act_q8_k would.
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
     const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
     const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
-    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb) { PDL_START();
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs) {
     __shared__ float pre_s[16];
+    __shared__ Q8kRed qred;
     __shared__ float mix_s[HCM_ROWS + 1];
+    __shared__ float scale_s[3], base_s[HCM_ROWS];
     const int i = blockIdx.x;
     const int nm = (2 + hc) * hc;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* x = state + (long long)i * ld_state;
+    // Weights (never written by a kernel) load before the wait for the previous kernel,
+    // so that no global round trip of theirs is left on the serial path: the split's
+    // scale/base go to shared memory (read after the mixes' barrier), the norm weight of
+    // the first columns stays in registers.
+    PDL_TRIGGER();
+    if (threadIdx.x < 32) {
+        if (lane < 3) scale_s[lane] = scale3[lane];
+        if (lane < nm) base_s[lane] = base[lane];
+    }
+    float4 nw0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+    if (norm_w && 4 * (int)threadIdx.x < e) nw0 = *(const float4*)(norm_w + 4 * threadIdx.x);
+    PDL_WAIT();
     // The first columns' state loads do not depend on the split: start them now
     // (hc = 4), so their latency hides behind the mixes' reduction and Sinkhorn.
     float4 x0[4];
@@ -461,7 +562,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
     __syncthreads();
     const float r_inv = (float)(1.0 / sqrt((double)mix_s[nm] / (double)(hc * e) + (double)rms_eps));
     if (threadIdx.x < 32)
-        hc_split_warp(mix_s, r_inv, scale3, base, hc, iters, hc_eps, pre_s,
+        hc_split_warp(mix_s, r_inv, scale_s, base_s, hc, iters, hc_eps, pre_s,
                       post + (long long)i * hc, comb + (long long)i * hc * hc);
     __syncthreads();
     float4 yv[HCF_MAX4];
@@ -489,14 +590,26 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
         if (j < e) {
             float4 o = yv[c];
             if (norm_w) {
-                const float4 w = *(const float4*)(norm_w + j);
+                const float4 w = c == 0 ? nw0 : *(const float4*)(norm_w + j);
                 o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
                 o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
                 o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
                 o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
             }
             *(float4*)(yr + j) = o;
+            yv[c] = o;
         }
+    }
+    if (!q0_qs && !qk_qs) return;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
+        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
+        const long long e0 = (long long)i * e + j;
+        // e is a multiple of 128: a warp is wholly inside or past the row.
+        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
+        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs);
     }
 }
 
@@ -547,12 +660,26 @@ extern "C" __global__ void __launch_bounds__(256)
     hc_post_mix(const float* sub, int ld_sub, const float* post, const float* comb, int e,
                 float* state, int ld_state, const u16* __restrict__ fn, int nm,
                 float* __restrict__ part) {
-    PDL_START();
     __shared__ float red[2 * 4][HCM_ROWS + 1];
     const int i = blockIdx.y, n = gridDim.y;
     const int g = threadIdx.x / HCPM_COLS;            // row group
     const int j = blockIdx.x * HCPM_COLS + (threadIdx.x % HCPM_COLS);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;  // 2 warps per group
+    // The fn weights (never written by a kernel) load before the wait for the previous
+    // kernel: their latency overlaps its tail instead of following it.
+    PDL_TRIGGER();
+    u16 wv[HCM_ROWS / 4][4];
+    {
+        const long long K = 4LL * e;
+#pragma unroll
+        for (int q = 0; q < HCM_ROWS / 4; q++) {
+            const int r = g + 4 * q;
+#pragma unroll
+            for (int d = 0; d < 4; d++)
+                wv[q][d] = (j < e && r < nm) ? fn[r * K + d * e + j] : (u16)0;
+        }
+    }
+    PDL_WAIT();
     float acc[HCM_ROWS / 4];
 #pragma unroll
     for (int q = 0; q < HCM_ROWS / 4; q++) acc[q] = 0.0f;
@@ -561,16 +688,6 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* p = post + (long long)i * 4;
         const float* c = comb + (long long)i * 16;
         float* xr = state + (long long)i * ld_state;
-        const long long K = 4LL * e;
-        // Weights first (independent of the previous kernels' outputs... but after the
-        // wait above, all loads of this thread are issued together).
-        u16 wv[HCM_ROWS / 4][4];
-#pragma unroll
-        for (int q = 0; q < HCM_ROWS / 4; q++) {
-            const int r = g + 4 * q;
-#pragma unroll
-            for (int d = 0; d < 4; d++) wv[q][d] = r < nm ? fn[r * K + d * e + j] : (u16)0;
-        }
         const float o = sub[(long long)i * ld_sub + j];
         float old[4], nw[4];
 #pragma unroll
@@ -661,6 +778,43 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
         float* pair = x + (long long)i * ld + h * head_dim + (head_dim - n_rot) + 2 * q;
         rope_pair(pair, freqs[q], pos, inverse);
     }
+}
+
+// RoPE (as `rope`) of n rows of `cols` (contiguous), quantized to Q8_0 as it is written
+// (bit-identical to quant_act_q8_0 of the rotated rows): one warp per 32-block, lane =
+// element; a RoPE pair is two neighbouring lanes (pairs start at even offsets).
+// Grid (⌈cols/32 / 8⌉, n), 256 threads.
+extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
+                                           const float* freqs, const int* pos_p, int inverse,
+                                           i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    float* p = x + (long long)i * cols + col;
+    const float v = *p;
+    const float w = __shfl_xor_sync(0xffffffffu, v, 1);
+    const int r0 = head_dim - n_rot;
+    const int hc = col % head_dim;
+    float o = v;
+    if (hc >= r0) {
+        const int pos = *pos_p + i;
+        const float theta = __fmul_rn((float)pos, freqs[(hc - r0) >> 1]);
+        const float c = (float)cos((double)theta);
+        float s = (float)sin((double)theta);
+        if (inverse) s = -s;
+        // Even lane: x0 = v, x1 = w; odd lane: x0 = w, x1 = v (rope_pair's formulas).
+        o = (lane & 1) == 0 ? __fsub_rn(__fmul_rn(v, c), __fmul_rn(w, s))
+                            : __fadd_rn(__fmul_rn(w, s), __fmul_rn(v, c));
+        *p = o;
+    }
+    const float a = warp_max(fabsf(o));
+    const float dd = a / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    const long long e0 = (long long)i * cols + col;
+    qs[e0] = (i8)max(-127, min(127, __float2int_rn(o * id)));
+    if (lane == 0) d[e0 >> 5] = dd;
 }
 
 // RMSNorm of each head_dim head (optional weight w), then RoPE on its last n_rot dims
@@ -793,6 +947,54 @@ extern "C" __global__ void __launch_bounds__(128)
         block_indexer_qat(srow, cols);
     }
     for (int j = threadIdx.x; j < cols; j += blockDim.x) row[j] = srow[j];
+}
+
+// The attention inputs' per-head norms in one launch (decode): blocks x < q_heads do
+// norm_rope of query head x (no weight); block x = q_heads does norm_rope of the KV row
+// (weight kv_w, one head of head_dim) and, when `round_kv`, its official rounding
+// (round_rows mode 0: FP8 of the first n_nope dims, then f16), on a shared copy of the
+// row. Grid (q_heads + 1, n); blockDim = head_dim / 4 rounded up to whole warps; dynamic
+// smem head_dim floats. Same arithmetic as norm_rope + norm_rope + round_rows.
+extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_kv,
+                                         const float* kv_w, int head_dim, float eps, int n_rot,
+                                         const float* freqs, const int* pos_p, int round_kv,
+                                         int n_nope) { PDL_START();
+    extern __shared__ float srow[];
+    const int i = blockIdx.y;
+    const bool is_kv = blockIdx.x == gridDim.x - 1;
+    float* p = is_kv ? kv + (long long)i * ld_kv
+                     : q + (long long)i * ld_q + (long long)blockIdx.x * head_dim;
+    const float* w = is_kv ? kv_w : 0;
+    const int j0 = 4 * threadIdx.x;
+    const bool own = j0 < head_dim;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (own) v = *(const float4*)(p + j0);
+    double ss = (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+    ss = block_sum_d(ss);
+    const float r = (float)(1.0 / sqrt(ss / (double)head_dim + (double)eps));
+    float o[4] = {__fmul_rn(v.x, r), __fmul_rn(v.y, r), __fmul_rn(v.z, r), __fmul_rn(v.w, r)};
+    if (own) {
+        if (w) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) o[c] = __fmul_rn(w[j0 + c], o[c]);
+        }
+        const int r0 = head_dim - n_rot;
+        if (j0 >= r0) {
+            const int pos = *pos_p + i;
+            const int qq = (j0 - r0) / 2;
+            rope_pair(o, freqs[qq], pos, 0);
+            rope_pair(o + 2, freqs[qq + 1], pos, 0);
+        }
+    }
+    if (!(is_kv && round_kv)) {  // uniform over the block
+        if (own) *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
+        return;
+    }
+    if (own) *(float4*)(srow + j0) = make_float4(o[0], o[1], o[2], o[3]);
+    __syncthreads();
+    block_fp8_row(srow, n_nope);
+    block_f16_round(srow, head_dim);
+    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) p[j] = srow[j];
 }
 
 // ---------------------------------------------------------------------------
@@ -1375,77 +1577,89 @@ extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, cons
 // MoE glue (model.md §7.4).
 // ---------------------------------------------------------------------------
 
-// One warp per token: router scores sqrt(softplus(l)), expert choice (hash table or
-// biased top-k, lower index on ties), routing weights.
-#define MAX_EXPERTS_PER_LANE 8
-extern "C" __global__ void moe_route(const float* logits, int ld_l, int ne, int k,
-                                     const float* bias, const int* tid2eid, const int* tok,
-                                     int norm, float wscale, int* ids, float* wts) { PDL_START();
-    const int t = blockIdx.x, lane = threadIdx.x;
-    float sc[MAX_EXPERTS_PER_LANE], bi[MAX_EXPERTS_PER_LANE];
-#pragma unroll
-    for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
-        const int ex = q * 32 + lane;
-        if (ex < ne) {
-            sc[q] = sqrtf(softplusf(logits[(long long)t * ld_l + ex]));
-            bi[q] = sc[q] + (bias ? bias[ex] : 0.0f);
-        } else {
-            sc[q] = 0.0f;
-            bi[q] = NEG_INF;
-        }
-    }
+// One block of 256 threads per token, thread = expert: router score sqrt(softplus(l)),
+// expert choice (hash table or biased top-k, higher first and the lower index on ties)
+// and routing weights. The top-k has no serial arg-max rounds: the k-th largest of the
+// 8 warps' maxima is a threshold that every expert of the top k reaches (k warp maxima
+// are k experts at or above it), so each expert at or above it counts the ones that
+// outrank it among those candidates only (typically a handful; all of them when k > 8
+// or under massive ties) and that count is its place. ne ≤ 256, k ≤ 64.
+#define ROUTE_THREADS 256
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    moe_route(const float* logits, int ld_l, int ne, int k, const float* bias,
+              const int* tid2eid, const int* tok, int norm, float wscale, int* ids,
+              float* wts) {
+    __shared__ float s_s[ROUTE_THREADS];
+    __shared__ float s_cb[ROUTE_THREADS];
+    __shared__ int s_ci[ROUTE_THREADS];
+    __shared__ float s_wmax[ROUTE_THREADS / 32];
+    __shared__ float s_thr;
+    __shared__ int s_nc;
     __shared__ int s_ids[64];
     __shared__ float s_sc[64];
-    for (int j = 0; j < k; j++) {
-        int e;
-        if (tid2eid) {
-            e = tid2eid[(long long)tok[t] * k + j];
-            e = min(max(e, 0), ne - 1);
-        } else {
-            float bv = NEG_INF;
-            int be = 0x7fffffff;
-#pragma unroll
-            for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++) {
-                const int ex = q * 32 + lane;
-                if (ex < ne && (bi[q] > bv || (bi[q] == bv && ex < be))) {
-                    bv = bi[q];
-                    be = ex;
-                }
-            }
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-                if (ov > bv || (ov == bv && oe < be)) {
-                    bv = ov;
-                    be = oe;
-                }
-            }
-            e = be == 0x7fffffff ? 0 : be;
-            // Constant indices only, so the per-lane arrays stay in registers.
-#pragma unroll
-            for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
-                if (q * 32 + lane == e) bi[q] = NEG_INF;
+    const int t = blockIdx.x, ex = threadIdx.x, lane = ex & 31, warp = ex >> 5;
+    // The bias is a weight (never written by a kernel): load it before the wait.
+    PDL_TRIGGER();
+    const float bex = (bias && ex < ne) ? bias[ex] : 0.0f;
+    PDL_WAIT();
+    float sc = 0.0f, b = NEG_INF;
+    if (ex < ne) {
+        sc = sqrtf(softplusf(logits[(long long)t * ld_l + ex]));
+        b = sc + bex;
+    }
+    s_s[ex] = sc;
+    if (tid2eid) {
+        int hashed = 0;
+        if (ex < k) hashed = min(max(tid2eid[(long long)tok[t] * k + ex], 0), ne - 1);
+        __syncthreads();
+        if (ex < k) {
+            s_ids[ex] = hashed;
+            s_sc[ex] = s_s[hashed];
         }
-        // The chosen expert's unbiased score, from its owner lane.
-        float mine = 0.0f;
+    } else {
+        const float wm = warp_max(b);
+        if (lane == 0) s_wmax[warp] = wm;
+        if (ex == 0) s_nc = 0;
+        __syncthreads();
+        if (warp == 0) {
+            // The threshold: the largest warp maximum that at least k maxima reach.
+            const int nwp = ROUTE_THREADS / 32;
+            const float m = lane < nwp ? s_wmax[lane] : NEG_INF;
+            int ge = 0;
 #pragma unroll
-        for (int q = 0; q < MAX_EXPERTS_PER_LANE; q++)
-            if (q * 32 + lane == e) mine = sc[q];
-        const float s = __shfl_sync(0xffffffffu, mine, e & 31);
-        if (lane == 0) {
-            s_ids[j] = e;
-            s_sc[j] = s;
+            for (int v = 0; v < ROUTE_THREADS / 32; v++) ge += s_wmax[v] >= m;
+            const float thr = warp_max(lane < nwp && ge >= k ? m : NEG_INF);
+            if (lane == 0) s_thr = thr;
+        }
+        __syncthreads();
+        const bool cand = ex < ne && b >= s_thr;
+        if (cand) {
+            const int slot = atomicAdd(&s_nc, 1);
+            s_cb[slot] = b;
+            s_ci[slot] = ex;
+        }
+        __syncthreads();
+        if (cand) {
+            // The list's order is arbitrary; the count is not.
+            const int nc = s_nc;
+            int rank = 0;
+            for (int c = 0; c < nc; c++) {
+                const float o = s_cb[c];
+                rank += (o > b) || (o == b && s_ci[c] < ex);
+            }
+            if (rank < k) {
+                s_ids[rank] = ex;
+                s_sc[rank] = sc;
+            }
         }
     }
-    __syncwarp();
-    if (lane == 0) {
+    __syncthreads();
+    if (ex < k) {
         float sum = 0.0f;
         for (int j = 0; j < k; j++) sum += s_sc[j];
-        for (int j = 0; j < k; j++) {
-            ids[(long long)t * k + j] = s_ids[j];
-            wts[(long long)t * k + j] =
-                norm ? wscale * s_sc[j] / fmaxf(sum, 6.1035156e-5f) : wscale * s_sc[j];
-        }
+        const float s = s_sc[ex];
+        ids[(long long)t * k + ex] = s_ids[ex];
+        wts[(long long)t * k + ex] = norm ? wscale * s / fmaxf(sum, 6.1035156e-5f) : wscale * s;
     }
 }
 

@@ -271,11 +271,13 @@ struct Ops {
     hc_pre_finish: CudaFunction,
     hc_mix_part: CudaFunction,
     norm_rope: CudaFunction,
+    qkv_norm_rope: CudaFunction,
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
+    rope_quant_q8_0: CudaFunction,
     round_rows: CudaFunction,
     comp_pool: CudaFunction,
     comp_pool_chunk: CudaFunction,
@@ -315,11 +317,13 @@ impl Ops {
             hc_pre_finish: f("hc_pre_finish")?,
             hc_mix_part: f("hc_mix_part")?,
             norm_rope: f("norm_rope")?,
+            qkv_norm_rope: f("qkv_norm_rope")?,
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
+            rope_quant_q8_0: f("rope_quant_q8_0")?,
             round_rows: big("round_rows")?,
             comp_pool: f("comp_pool")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
@@ -341,15 +345,64 @@ impl Ops {
     }
 }
 
+/// A quantized copy of an activation that the next products of that activation may
+/// read instead of quantizing it again: (input pointer, activation kind, width, rows).
+/// The copy lives in the scratch buffer `Scratch::act(kind, width, rows)`.
+type ReuseKey = (u64, u8, usize, usize);
+
+/// Pending quantized copies: at most one per activation kind (Q8_0 and Q8_K), all of
+/// the same input. Set by the operation that just wrote the input (a norm, the HC split,
+/// SwiGLU, a product that quantized it for a second product of the same input):
+/// setting replaces every older entry. A quantized product of a pending input uses and
+/// drops its entry; a quantized product of any other input drops them all, so a copy
+/// is only ever read by the products that directly follow its producer, before anything
+/// can rewrite the input or the scratch buffer holding the copy. F16/F32 products
+/// (the router between the FFN split and the experts) neither read nor drop them.
+#[derive(Default)]
+struct Pending([Option<ReuseKey>; 2]);
+
+impl Pending {
+    fn set(&mut self, key: ReuseKey) {
+        self.0 = [Some(key), None];
+    }
+    fn set2(&mut self, a: ReuseKey, b: ReuseKey) {
+        self.0 = [Some(a), Some(b)];
+    }
+    fn clear(&mut self) {
+        self.0 = [None, None];
+    }
+    /// A quantized product is about to read `key`: true when its copy is pending (the
+    /// entry is used up); otherwise every entry is dropped unless it belongs to the
+    /// same input (the product's own quantisation overwrites only its kind's buffer).
+    fn claim(&mut self, key: ReuseKey) -> bool {
+        if let Some(slot) = self.0.iter_mut().find(|e| **e == Some(key)) {
+            *slot = None;
+            return true;
+        }
+        for e in &mut self.0 {
+            if e.is_some_and(|(x, kind, _, _)| x != key.0 || kind == key.1) {
+                *e = None;
+            }
+        }
+        false
+    }
+    /// Something other than a product rewrote the activation at `x`.
+    fn forget(&mut self, x: u64) {
+        for e in &mut self.0 {
+            if e.is_some_and(|(p, ..)| p == x) {
+                *e = None;
+            }
+        }
+    }
+}
+
 /// Device scratch that grows on demand. Growing bumps `epoch`, which invalidates
 /// recorded steps (they hold the old addresses).
 #[derive(Default)]
 struct Scratch {
     epoch: u64,
-    /// (input pointer, activation kind, width, rows) whose quantized copy the next
-    /// product may reuse: set right before that product (two products of one input, a
-    /// norm or SwiGLU that quantized its output); every quantized product clears it.
-    reuse: Option<(u64, u8, usize, usize)>,
+    /// Quantized copies the next products may reuse (see `Pending`).
+    reuse: Pending,
     f32s: HashMap<&'static str, DevBuf>,
     acts: HashMap<(u8, usize), ActBuf>,
 }
@@ -395,6 +448,22 @@ impl Scratch {
             .get(&key)
             .ok_or_else(|| MError::Backend("activation scratch missing".into()))
     }
+}
+
+/// Device pointers of y's quantized copies written by `hc_pre_finish_norm` (0: none)
+/// and the pending entries they become.
+#[derive(Default, Clone, Copy)]
+struct YQuant {
+    q0: (u64, u64),
+    qk: (u64, u64, u64),
+    keys: [Option<ReuseKey>; 2],
+}
+
+/// The FFN input norm (GGUF `blk.N.ffn_norm.weight`): its normed output feeds the
+/// routed experts (Q8_K) as well as the shared expert (Q8_0). Any other norm's output
+/// gets the Q8_0 copy only; a wrong guess costs a quantisation kernel, never a result.
+fn is_ffn_norm(norm: &CudaWeight) -> bool {
+    norm.name.ends_with("ffn_norm.weight")
 }
 
 /// A tensor's bytes on the device, and its f32 copy for small float tensors.
@@ -592,15 +661,6 @@ impl CudaBackend {
         }
     }
 
-    /// Issues `f`'s work on the side stream, which starts where the main stream is now.
-    /// The caller joins it back ([`Self::join_side`]) before anything reads its results.
-    fn on_side_branch(&self, f: impl FnOnce() -> MResult<()>) -> MResult<()> {
-        self.fork_side()?;
-        let ran = f();
-        self.on_side.store(false, Ordering::Relaxed);
-        ran
-    }
-
     /// From here on `stream()` is the side stream, which starts where the main one is.
     fn fork_side(&self) -> MResult<()> {
         if self.on_side.load(Ordering::Relaxed) {
@@ -682,9 +742,7 @@ impl CudaBackend {
                 } else {
                     x
                 };
-                // A pending reuse is for the very next quantized product: taken either way.
-                let pending = sc.reuse.take();
-                let reuse = ldx == k && pending == Some((x, kind_tag(kind), k, n));
+                let reuse = sc.reuse.claim((x, kind_tag(kind), k, n)) && ldx == k;
                 let act = sc.act(self.stream(), kind, k, n)?;
                 if !reuse {
                     self.kernels
@@ -872,7 +930,7 @@ impl CudaBackend {
                     ));
                     sc.epoch += 1;
                 }
-                let reuse = sc.reuse.take() == Some((x, kind_tag(kind), k, n_act));
+                let reuse = sc.reuse.claim((x, kind_tag(kind), k, n_act));
                 let act = sc.act(self.stream(), kind, k, n_act)?;
                 if !reuse {
                     self.kernels
@@ -940,10 +998,13 @@ impl CudaBackend {
             _ => return Ok(false),
         };
         let mut sc = self.scratch()?;
+        let reuse = sc.reuse.claim((x.buf.ptr, kind_tag(kind), k * groups, n));
         let act = sc.act(self.stream(), kind, k * groups, n)?;
-        self.kernels
-            .quantize_rows(self.stream(), x.buf.ptr, act, n)
-            .map_err(be)?;
+        if !reuse {
+            self.kernels
+                .quantize_rows(self.stream(), x.buf.ptr, act, n)
+                .map_err(be)?;
+        }
         for g in 0..groups {
             let ok = self.try_gemm(&Gemm {
                 ty: w.ty,
@@ -1005,16 +1066,17 @@ impl CudaBackend {
             return Ok(true);
         };
         let k = w.k;
-        // The scratch stays locked while its quantized input is in use. Every quantized
-        // product ends a pending reuse (it was meant for the product right after it).
+        // The scratch stays locked while its quantized input is in use.
         let mut sc = self.scratch()?;
-        sc.reuse = None;
         let xin = match kind {
             Some(kind) => {
+                let reuse = sc.reuse.claim((x, kind_tag(kind), k, act_rows));
                 let act = sc.act(self.stream(), kind, k, act_rows)?;
-                self.kernels
-                    .quantize_rows(self.stream(), x, act, act_rows)
-                    .map_err(be)?;
+                if !reuse {
+                    self.kernels
+                        .quantize_rows(self.stream(), x, act, act_rows)
+                        .map_err(be)?;
+                }
                 MvInput::Quant(act)
             }
             None => MvInput::F32(x),
@@ -1066,7 +1128,7 @@ impl CudaBackend {
         self.kernels
             .swiglu_quant(self.stream(), g, u, rows, wts, clamp, act)
             .map_err(be)?;
-        sc.reuse = Some((mid, kind_tag(kind), ff, rows));
+        sc.reuse.set((mid, kind_tag(kind), ff, rows));
         Ok(true)
     }
 
@@ -1076,7 +1138,7 @@ impl CudaBackend {
         if let Ok(kind) = ActKind::for_weight(w.ty)
             && kind != ActKind::F32
         {
-            self.scratch()?.reuse = Some((x, kind_tag(kind), k, rows));
+            self.scratch()?.reuse.set((x, kind_tag(kind), k, rows));
         }
         Ok(())
     }
@@ -1169,12 +1231,44 @@ impl CudaBackend {
                 .arg(&tt32)
                 .arg(&part);
         })?;
-        self.hc_finish(w, state, n, s, norm_ptr, part, np, y, post, comb)?;
+        let quant = self.y_quant(norm, y, n, s.n_embd)?;
+        self.hc_finish(w, state, n, s, norm_ptr, quant, part, np, y, post, comb)?;
         Ok(true)
     }
 
+    /// The quantized copies of the normed HC output y (n rows of n_embd) that
+    /// `hc_pre_finish_norm` writes for the next products: Q8_0 for the attention
+    /// projections and the shared expert, and Q8_K for the routed experts after the FFN
+    /// norm. Small batches only (chunks quantize in the products), y rows contiguous.
+    fn y_quant(
+        &self,
+        norm: Option<&CudaWeight>,
+        y: &CudaAct,
+        n: usize,
+        e: usize,
+    ) -> MResult<YQuant> {
+        let mut q = YQuant::default();
+        let Some(norm) = norm else {
+            return Ok(q);
+        };
+        if !self.fuse_norm_quant || n >= GEMM_MIN_TOKENS || y.cols != e || !e.is_multiple_of(128) {
+            return Ok(q);
+        }
+        let mut sc = self.scratch()?;
+        let a = sc.act(self.stream(), ActKind::Q8_0, e, n)?;
+        q.q0 = (a.qs.ptr, a.d.ptr);
+        q.keys[0] = Some((y.buf.ptr, kind_tag(ActKind::Q8_0), e, n));
+        if is_ffn_norm(norm) && e.is_multiple_of(256) {
+            let a = sc.act(self.stream(), ActKind::Q8K, e, n)?;
+            q.qk = (a.qs.ptr, a.d.ptr, a.bsums.ptr);
+            q.keys[1] = Some((y.buf.ptr, kind_tag(ActKind::Q8K), e, n));
+        }
+        Ok(q)
+    }
+
     /// The HC split, collapse and optional input norm (`norm_ptr`, 0 for none) of
-    /// `hc_pre_finish_norm`, from `np` partial mixes at `part`.
+    /// `hc_pre_finish_norm`, from `np` partial mixes at `part`; with `quant`, y's
+    /// quantized copies too, pending for the next products.
     #[allow(clippy::too_many_arguments)]
     fn hc_finish(
         &self,
@@ -1183,6 +1277,7 @@ impl CudaBackend {
         n: usize,
         s: &ModelShape,
         norm_ptr: u64,
+        quant: YQuant,
         part: u64,
         np: usize,
         y: &mut CudaAct,
@@ -1225,8 +1320,27 @@ impl CudaBackend {
                 .arg(&yp)
                 .arg(&ldy)
                 .arg(&pp)
-                .arg(&cp);
-        })
+                .arg(&cp)
+                .arg(&quant.q0.0)
+                .arg(&quant.q0.1)
+                .arg(&quant.qk.0)
+                .arg(&quant.qk.1)
+                .arg(&quant.qk.2);
+        })?;
+        let mut sc = self.scratch()?;
+        match quant.keys {
+            [Some(a), Some(b)] => sc.reuse.set2(a, b),
+            [Some(a), None] | [None, Some(a)] => sc.reuse.set(a),
+            [None, None] => sc.reuse.forget(y.buf.ptr),
+        }
+        Ok(())
+    }
+
+    /// An operation other than a product rewrote `x`: no quantized copy of it stays
+    /// pending.
+    fn wrote(&self, x: &CudaAct) -> MResult<()> {
+        self.scratch()?.reuse.forget(x.buf.ptr);
+        Ok(())
     }
 
     fn hc_mixes(&self, fn_: &CudaWeight, state: &CudaAct, n: usize, rows: usize) -> MResult<u64> {
@@ -1436,6 +1550,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("embed", tokens.len());
+        self.wrote(out)?;
         let e = table.k;
         let ty: i32 = match table.ty {
             GgmlType::F32 => 0,
@@ -1554,7 +1669,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 self.allow_reuse(x.buf.ptr, w, w.k, n)?;
             }
             let r = self.matmul(w, x, n, out);
-            self.scratch()?.reuse = None;
+            self.scratch()?.reuse.clear();
             r?;
         }
         Ok(())
@@ -1658,9 +1773,10 @@ impl<'w> Backend<'w> for CudaBackend {
             self.kernels
                 .norm_quant_q8_0(self.stream(), x.buf.ptr, wp, seg, n, eps, act)
                 .map_err(be)?;
-            sc.reuse = Some((x.buf.ptr, kind_tag(ActKind::Q8_0), seg, n));
+            sc.reuse.set((x.buf.ptr, kind_tag(ActKind::Q8_0), seg, n));
             return Ok(());
         }
+        self.wrote(x)?;
         // About four elements per thread: the loops are latency-bound, not arithmetic.
         let threads = (seg / 4).next_multiple_of(32).clamp(128, 1024) as u32;
         let cfg = LaunchConfig {
@@ -1694,6 +1810,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return Ok(());
         }
         let mixes = self.hc_mixes(&w.fn_, state, n, nm)?;
+        self.wrote(y)?;
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
@@ -1789,6 +1906,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return self.hc_pre_norm(next, state, n, s, norm, y, post, comb);
         }
         let _prof = self.prof("hc_post+pre", n);
+        self.wrote(state)?;
         check(norm.k * norm.rows == e, || {
             "hc_pre: norm weight length".into()
         })?;
@@ -1825,7 +1943,8 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&nm32)
                 .arg(&part);
         })?;
-        self.hc_finish(next, state, n, s, norm_ptr, part, np, y, post, comb)
+        let quant = self.y_quant(Some(norm), y, n, e)?;
+        self.hc_finish(next, state, n, s, norm_ptr, quant, part, np, y, post, comb)
     }
 
     fn hc_post(
@@ -1838,6 +1957,7 @@ impl<'w> Backend<'w> for CudaBackend {
         state: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("hc_post", n);
+        self.wrote(state)?;
         let e = sub.cols;
         check(hc <= 16 && state.cols == hc * e, || {
             "hc_post: bad shapes".into()
@@ -1878,6 +1998,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("hc_head", n);
+        self.wrote(out)?;
         let (hc, e) = (s.hc_mult, s.n_embd);
         check(hc <= 16 && w.fn_.rows == hc && w.fn_.k == hc * e, || {
             "hc_head: bad weights".into()
@@ -1934,6 +2055,7 @@ impl<'w> Backend<'w> for CudaBackend {
         if n == 0 || pairs == 0 {
             return Ok(());
         }
+        self.wrote(x)?;
         let cfg = LaunchConfig {
             grid_dim: ((pairs as u32).div_ceil(128), n as u32, 1),
             block_dim: (128, 1, 1),
@@ -1982,6 +2104,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return self.rope(x, n, head_dim, kind, pos0, false);
         }
         let _prof = self.prof("norm_rope", n);
+        self.wrote(x)?;
         let wp = match w {
             Some(w) => {
                 check(w.k * w.rows == head_dim, || {
@@ -2019,8 +2142,149 @@ impl<'w> Backend<'w> for CudaBackend {
         })
     }
 
+    fn rope_inverse_grouped(
+        &self,
+        x: &mut CudaAct,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        w: &CudaWeight,
+        groups: usize,
+        out: &mut CudaAct,
+    ) -> MResult<()> {
+        // Decode with Q8_0 weights: the grouped product (one token: slots over the
+        // groups of the row) reads the Q8_0 copy that the RoPE kernel writes.
+        let n_rot = self.shape.n_rot;
+        let fused = self.fuse_norm_quant
+            && n == 1
+            && ActKind::for_weight(w.ty).ok() == Some(ActKind::Q8_0)
+            && groups > 0
+            && x.cols == w.k * groups
+            && w.k.is_multiple_of(32)
+            && head_dim > 0
+            && x.cols.is_multiple_of(head_dim)
+            && n_rot <= head_dim
+            && n_rot.is_multiple_of(2)
+            && head_dim.is_multiple_of(2);
+        if !fused {
+            self.rope(x, n, head_dim, kind, pos0, true)?;
+            return self.matmul_grouped(w, x, n, groups, out);
+        }
+        {
+            let _prof = self.prof("rope+quant", n);
+            let mut sc = self.scratch()?;
+            let act = sc.act(self.stream(), ActKind::Q8_0, w.k, groups)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((x.cols / 32).div_ceil(8) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, cols, hd, nr, fr, pp, inv, qs, d) = (
+                x.buf.ptr,
+                x.cols as i32,
+                head_dim as i32,
+                n_rot as i32,
+                self.freqs(kind),
+                self.chunk_ptrs()?.1,
+                1i32,
+                act.qs.ptr,
+                act.d.ptr,
+            );
+            self.launch(&self.ops.rope_quant_q8_0, cfg, |b| {
+                b.arg(&xp)
+                    .arg(&cols)
+                    .arg(&hd)
+                    .arg(&nr)
+                    .arg(&fr)
+                    .arg(&pp)
+                    .arg(&inv)
+                    .arg(&qs)
+                    .arg(&d);
+            })?;
+            sc.reuse
+                .set((x.buf.ptr, kind_tag(ActKind::Q8_0), w.k, groups));
+        }
+        self.matmul_grouped(w, x, n, groups, out)
+    }
+
+    fn qkv_norm_rope(
+        &self,
+        q: &mut CudaAct,
+        kv: &mut CudaAct,
+        kv_norm: &CudaWeight,
+        n: usize,
+        head_dim: usize,
+        eps: f32,
+        kind: RopeKind,
+        pos0: usize,
+        round_kv: bool,
+    ) -> MResult<()> {
+        let n_rot = self.shape.n_rot;
+        // One launch: a block per query head plus one for the KV row (norm, RoPE and
+        // rounding on a shared copy of it).
+        let fused = self.fuse_norm_quant
+            && head_dim.is_multiple_of(4)
+            && n_rot.is_multiple_of(4)
+            && n_rot <= head_dim
+            && head_dim <= 4096
+            && q.cols.is_multiple_of(head_dim)
+            && kv.cols == head_dim
+            && n <= q.rows.min(kv.rows);
+        if !fused {
+            self.rms_norm_rope(q, None, n, head_dim, eps, kind, pos0)?;
+            self.rms_norm_rope(kv, Some(kv_norm), n, head_dim, eps, kind, pos0)?;
+            if round_kv {
+                self.round_rows(kv, n, RowRounding::KvRow)?;
+            }
+            return Ok(());
+        }
+        let _prof = self.prof("qkv_norm_rope", n);
+        check(kv_norm.k * kv_norm.rows == head_dim, || {
+            "rms_norm: weight length".into()
+        })?;
+        let wp = kv_norm.dense_ptr()?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.wrote(q)?;
+        self.wrote(kv)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((q.cols / head_dim + 1) as u32, n as u32, 1),
+            block_dim: ((head_dim / 4).next_multiple_of(32) as u32, 1, 1),
+            shared_mem_bytes: (head_dim * 4) as u32,
+        };
+        let (qp, ldq, kp, ldk, hd, nr, fr, pp, rk, nn) = (
+            q.buf.ptr,
+            q.cols as i32,
+            kv.buf.ptr,
+            kv.cols as i32,
+            head_dim as i32,
+            n_rot as i32,
+            self.freqs(kind),
+            self.chunk_ptrs()?.1,
+            round_kv as i32,
+            self.shape.n_nope() as i32,
+        );
+        self.launch(&self.ops.qkv_norm_rope, cfg, |b| {
+            b.arg(&qp)
+                .arg(&ldq)
+                .arg(&kp)
+                .arg(&ldk)
+                .arg(&wp)
+                .arg(&hd)
+                .arg(&eps)
+                .arg(&nr)
+                .arg(&fr)
+                .arg(&pp)
+                .arg(&rk)
+                .arg(&nn);
+        })
+    }
+
     fn round_rows(&self, x: &mut CudaAct, n: usize, mode: RowRounding) -> MResult<()> {
         let _prof = self.prof("round_rows", n);
+        self.wrote(x)?;
         let cols = x.cols;
         // KV rows round as a whole; indexer rows head by head (128 dims each).
         let (m, piece): (i32, usize) = match mode {
@@ -2287,6 +2551,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("attention", n);
+        self.wrote(out)?;
         let s = &self.shape;
         let l = kv
             .layers
@@ -2449,6 +2714,7 @@ impl<'w> Backend<'w> for CudaBackend {
         out: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("moe", n);
+        self.wrote(out)?;
         let (e, ff, ne, k) = (s.n_embd, s.n_ff_exp, s.n_expert, s.n_expert_used);
         check(
             k <= 64 && ne <= 256 && x.cols >= e && out.cols >= e && tokens.len() >= n,
@@ -2505,9 +2771,23 @@ impl<'w> Backend<'w> for CudaBackend {
         let pair = |a: &CudaWeight, b: &CudaWeight| {
             n < GEMM_MIN_TOKENS && a.ty == b.ty && a.k == b.k && a.rows == b.rows
         };
-        // Shared expert: on a side branch beside the router and the routed experts in
-        // decode, when the two chains' quantized inputs live in different scratch buffers.
-        let shared_expert = || -> MResult<()> {
+        // Decode runs the shared expert on a side branch: its gate/up starts before the
+        // router, its SwiGLU/down beside the routed ones. Only when the two chains'
+        // quantized inputs live in different scratch buffers.
+        let act_key =
+            |wt: &CudaWeight| ActKind::for_weight(wt.ty).ok().map(|a| (kind_tag(a), wt.k));
+        let branch = self.moe_branch
+            && n == 1
+            && self.profile.is_none()
+            && [act_key(&w.gate_sh), act_key(&w.down_sh)]
+                .iter()
+                .all(|key| {
+                    key.is_some() && *key != act_key(&w.gate_exps) && *key != act_key(&w.down_exps)
+                });
+        // Issued in this order, the products of x claim the quantized copies the HC split
+        // left pending (Q8_0 shared, Q8_K routed) before the SwiGLU/down products, which
+        // read other inputs, replace them.
+        let shared_gate_up = || -> MResult<()> {
             let fused = pair(&w.gate_sh, &w.up_sh)
                 && w.gate_sh.rows == ff
                 && self.fused_matvec(
@@ -2539,29 +2819,25 @@ impl<'w> Backend<'w> for CudaBackend {
                     self.allow_reuse(xp, &w.up_sh, e, n)?;
                 }
                 let up = self.matmul_raw(&w.up_sh, 0, ff, xp, e, n, su, ff);
-                self.scratch()?.reuse = None;
+                self.scratch()?.reuse.clear();
                 up?;
             }
+            Ok(())
+        };
+        let shared_down = || -> MResult<()> {
             if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid)? {
                 swiglu(sg, su, n, 0, smid)?;
             }
             let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
-            self.scratch()?.reuse = None;
-            r?;
-            Ok(())
+            self.scratch()?.reuse.clear();
+            r
         };
-        let act_key =
-            |wt: &CudaWeight| ActKind::for_weight(wt.ty).ok().map(|a| (kind_tag(a), wt.k));
-        let branch = self.moe_branch
-            && n == 1
-            && [act_key(&w.gate_sh), act_key(&w.down_sh)]
-                .iter()
-                .all(|key| {
-                    key.is_some() && *key != act_key(&w.gate_exps) && *key != act_key(&w.down_exps)
-                });
         if branch {
-            self.on_side_branch(shared_expert)?;
+            self.fork_side()?;
         }
+        let r = shared_gate_up();
+        self.on_side.store(false, Ordering::Relaxed);
+        r?;
         // Router and expert choice.
         self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
         let bias = match &w.bias {
@@ -2569,32 +2845,7 @@ impl<'w> Backend<'w> for CudaBackend {
             None => 0,
         };
         let t2e = w.tid2eid.as_ref().map_or(0, |t| t.data.ptr);
-        let tok = self.chunk_ptrs()?.0;
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (ldl, ne32, k32, norm, wscale) = (
-            ne as i32,
-            ne as i32,
-            k as i32,
-            s.expert_weights_norm as i32,
-            s.expert_weights_scale,
-        );
-        self.launch(&self.ops.moe_route, cfg, |b| {
-            b.arg(&logits)
-                .arg(&ldl)
-                .arg(&ne32)
-                .arg(&k32)
-                .arg(&bias)
-                .arg(&t2e)
-                .arg(&tok)
-                .arg(&norm)
-                .arg(&wscale)
-                .arg(&ids)
-                .arg(&wts);
-        })?;
+        self.route(s, logits, n, bias, t2e, ids, wts)?;
         // Routed experts: 6 slots per token, gate/up share the token's input row.
         let fused = pair(&w.gate_exps, &w.up_exps)
             && n * k < ROUTED_GEMM_MIN_SLOTS
@@ -2627,20 +2878,25 @@ impl<'w> Backend<'w> for CudaBackend {
                 self.allow_reuse(xp, &w.up_exps, e, n)?;
             }
             let up = self.matmul_slots(&w.up_exps, ff, ids, n * k, k, xp, u);
-            self.scratch()?.reuse = None;
+            self.scratch()?.reuse.clear();
             up?;
         }
+        // Nothing of x stays pending past its products.
+        self.scratch()?.reuse.clear();
+        if branch {
+            // Back onto the side branch (no new fork: it continues after its gate/up).
+            self.on_side.store(true, Ordering::Relaxed);
+        }
+        let r = shared_down();
+        self.on_side.store(false, Ordering::Relaxed);
+        r?;
         if !self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid)? {
             swiglu(g, u, n * k, wts, mid)?;
         }
         let r = self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down);
-        self.scratch()?.reuse = None;
+        self.scratch()?.reuse.clear();
         r?;
-        if branch {
-            self.join_side()?;
-        } else {
-            shared_expert()?;
-        }
+        self.join_side()?;
         let cfg = LaunchConfig {
             grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
             block_dim: (256, 1, 1),
@@ -2668,6 +2924,7 @@ impl<'w> Backend<'w> for CudaBackend {
             dst.cols == src.cols && src_row < src.rows && dst_row < dst.rows,
             || "copy_row: bad shapes".into(),
         )?;
+        self.wrote(dst)?;
         let c = src.cols;
         self.copy_rows(
             src.buf.ptr + (src_row * c * 4) as u64,
@@ -2772,7 +3029,129 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 }
 
+/// A pending quantized copy as the products would read it (selftest): codes, scales,
+/// and for Q8_K the 16-element sums.
+pub(crate) struct PendingCopy {
+    pub qs: Vec<u8>,
+    pub d: Vec<f32>,
+    pub bsums: Vec<i16>,
+}
+
 impl CudaBackend {
+    /// Expert choice and routing weights of `n` tokens from the router logits (n × ne
+    /// at `logits`): `moe_route`, one block per token (ne ≤ 256, k ≤ 64 checked by the
+    /// caller). `bias` / `t2e`: device pointers or 0.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        s: &ModelShape,
+        logits: u64,
+        n: usize,
+        bias: u64,
+        t2e: u64,
+        ids: u64,
+        wts: u64,
+    ) -> MResult<()> {
+        let (ne, k) = (s.n_expert, s.n_expert_used);
+        check(ne <= 256 && k <= 64 && k <= ne, || {
+            "moe_route: bad shapes".into()
+        })?;
+        let tok = self.chunk_ptrs()?.0;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ldl, ne32, k32, norm, wscale) = (
+            ne as i32,
+            ne as i32,
+            k as i32,
+            s.expert_weights_norm as i32,
+            s.expert_weights_scale,
+        );
+        self.launch(&self.ops.moe_route, cfg, |b| {
+            b.arg(&logits)
+                .arg(&ldl)
+                .arg(&ne32)
+                .arg(&k32)
+                .arg(&bias)
+                .arg(&t2e)
+                .arg(&tok)
+                .arg(&norm)
+                .arg(&wscale)
+                .arg(&ids)
+                .arg(&wts);
+        })
+    }
+
+    /// `route` on host logits (selftest): the chosen expert ids and weights of every
+    /// token of the current chunk (`begin_chunk`).
+    pub(crate) fn route_host(
+        &self,
+        s: &ModelShape,
+        logits: &[f32],
+        n: usize,
+        bias: Option<&CudaWeight>,
+        t2e: Option<&CudaWeight>,
+    ) -> MResult<(Vec<i32>, Vec<f32>)> {
+        let k = s.n_expert_used;
+        check(logits.len() == n * s.n_expert, || {
+            "route: logits length".into()
+        })?;
+        let st = self.stream();
+        let lg = DevBuf::from_f32(st, logits).map_err(be)?;
+        let nan = vec![f32::NAN; n * k];
+        let ids = DevBuf::from_f32(st, &nan).map_err(be)?;
+        let wts = DevBuf::from_f32(st, &nan).map_err(be)?;
+        let bias = bias.map(|b| b.dense_ptr()).transpose()?.unwrap_or(0);
+        let t2e = t2e.map_or(0, |t| t.data.ptr);
+        self.route(s, lg.ptr, n, bias, t2e, ids.ptr, wts.ptr)?;
+        st.synchronize().map_err(be)?;
+        let id_bytes = ids.to_bytes(st).map_err(be)?;
+        let ids = id_bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((ids, wts.to_f32(st).map_err(be)?))
+    }
+
+    /// The quantized copy of the first `rows` rows of `x` (width `k`) that the next
+    /// product with `kind` activations would reuse, if one is pending (selftest).
+    pub(crate) fn pending_copy(
+        &self,
+        x: &CudaAct,
+        kind: ActKind,
+        k: usize,
+        rows: usize,
+    ) -> MResult<Option<PendingCopy>> {
+        let sc = self.scratch()?;
+        let key = (x.buf.ptr, kind_tag(kind), k, rows);
+        if !sc.reuse.0.contains(&Some(key)) {
+            return Ok(None);
+        }
+        let a = sc
+            .acts
+            .get(&(kind_tag(kind), k))
+            .ok_or_else(|| MError::Backend("pending copy without its buffer".into()))?;
+        let st = self.stream();
+        st.synchronize().map_err(be)?;
+        let blk = if kind == ActKind::Q8K { 256 } else { 32 };
+        let mut qs = a.qs.to_bytes(st).map_err(be)?;
+        qs.truncate(k * rows);
+        let mut d = a.d.to_f32(st).map_err(be)?;
+        d.truncate(k * rows / blk);
+        let bsums = if kind == ActKind::Q8K {
+            let b = a.bsums.to_bytes(st).map_err(be)?;
+            b.chunks_exact(2)
+                .take(k * rows / 16)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Some(PendingCopy { qs, d, bsums }))
+    }
+
     /// (token ids, positions) device pointers of the current chunk.
     fn chunk_ptrs(&self) -> MResult<(u64, u64)> {
         let cb = self
@@ -2786,5 +3165,79 @@ impl CudaBackend {
     /// a part of a chunk read their first position there.
     fn pass_pos(&self, t0: usize) -> MResult<u64> {
         Ok(self.chunk_ptrs()?.1 + (t0 * 4) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Y: u64 = 0x1000;
+    const MID: u64 = 0x2000;
+
+    fn key(x: u64, kind: ActKind, k: usize, rows: usize) -> ReuseKey {
+        (x, kind_tag(kind), k, rows)
+    }
+
+    #[test]
+    fn ffn_split_copies_serve_the_routed_then_the_shared_product() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        // Routed gate/up (Q8_K) first: the shared expert's Q8_0 copy stays pending.
+        assert!(p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+        assert!(p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        // Each copy serves one product only.
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        assert!(!p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+    }
+
+    #[test]
+    fn a_product_of_another_input_drops_every_copy() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        assert!(!p.claim(key(MID, ActKind::Q8K, 2048, 6)));
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        assert!(!p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+    }
+
+    #[test]
+    fn a_fresh_quantisation_of_the_same_input_drops_only_its_kind() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        // Same input and kind, other rows: that kind's buffer is overwritten.
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 2)));
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        assert!(p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+    }
+
+    #[test]
+    fn rewriting_the_input_or_setting_a_new_copy_drops_the_old_ones() {
+        let mut p = Pending::default();
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        p.forget(MID);
+        assert!(p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        p.forget(Y);
+        assert!(!p.claim(key(Y, ActKind::Q8K, 4096, 1)));
+        p.set2(
+            key(Y, ActKind::Q8_0, 4096, 1),
+            key(Y, ActKind::Q8K, 4096, 1),
+        );
+        p.set(key(MID, ActKind::Q8K, 2048, 6));
+        assert!(!p.claim(key(Y, ActKind::Q8_0, 4096, 1)));
+        p.set(key(MID, ActKind::Q8K, 2048, 6));
+        p.clear();
+        assert!(!p.claim(key(MID, ActKind::Q8K, 2048, 6)));
     }
 }

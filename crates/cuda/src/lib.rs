@@ -22,6 +22,7 @@ pub mod attention;
 pub mod backend;
 pub mod bench;
 pub mod compile;
+pub mod fused_checks;
 pub mod gemm;
 pub mod kernels;
 pub mod launch;
@@ -67,6 +68,8 @@ pub enum Error {
     Quant(#[from] ds4_quant::Error),
     #[error(transparent)]
     Plan(#[from] plan::PlanError),
+    #[error(transparent)]
+    Model(#[from] ds4_model::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -51,10 +51,10 @@ impl std::fmt::Display for CheckResult {
 }
 
 /// splitmix64: a tiny deterministic generator for test data.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
@@ -62,7 +62,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
+    pub(crate) fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
@@ -76,7 +76,7 @@ impl Rng {
 }
 
 /// Random but valid weights: random codes, small positive f16 scales.
-fn random_weights(rng: &mut Rng, ty: GgmlType, n_elems: usize) -> Vec<u8> {
+pub(crate) fn random_weights(rng: &mut Rng, ty: GgmlType, n_elems: usize) -> Vec<u8> {
     if ty == GgmlType::F16 {
         return (0..n_elems)
             .flat_map(|_| f16::from_f32(0.05 * rng.unit()).to_le_bytes())
@@ -103,7 +103,7 @@ fn random_weights(rng: &mut Rng, ty: GgmlType, n_elems: usize) -> Vec<u8> {
 }
 
 /// Activations: uniform, with a few outliers as real activations have.
-fn random_act(rng: &mut Rng, n: usize) -> Vec<f32> {
+pub(crate) fn random_act(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let v = rng.unit();
@@ -162,7 +162,7 @@ fn case(name: &str, ty: GgmlType, k: usize, rows: usize) -> Case {
     }
 }
 
-fn compare(
+pub(crate) fn compare(
     name: String,
     gpu: &[f32],
     cpu: &[f32],

@@ -162,6 +162,30 @@ pub trait Backend<'w> {
         self.rms_norm(x, w, n, head_dim, eps)?;
         self.rope(x, n, head_dim, kind, pos0, false)
     }
+    /// The attention inputs' per-head steps: `rms_norm_rope` of the queries `q` (no
+    /// weight) and of the KV rows `kv` (weight `kv_norm`), then, with `round_kv`, the KV
+    /// rows' official rounding (`RowRounding::KvRow`): one step where a backend can run
+    /// them as one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_norm_rope(
+        &self,
+        q: &mut Self::Act,
+        kv: &mut Self::Act,
+        kv_norm: &Self::Weight,
+        n: usize,
+        head_dim: usize,
+        eps: f32,
+        kind: RopeKind,
+        pos0: usize,
+        round_kv: bool,
+    ) -> Result<()> {
+        self.rms_norm_rope(q, None, n, head_dim, eps, kind, pos0)?;
+        self.rms_norm_rope(kv, Some(kv_norm), n, head_dim, eps, kind, pos0)?;
+        if round_kv {
+            self.round_rows(kv, n, RowRounding::KvRow)?;
+        }
+        Ok(())
+    }
     /// `hc_pre`, then the RMSNorm of y with `norm` (n_embd wide): one step where the
     /// backend can fuse them.
     #[allow(clippy::too_many_arguments)]
@@ -227,6 +251,24 @@ pub trait Backend<'w> {
         pos0: usize,
         inverse: bool,
     ) -> Result<()>;
+    /// Inverse RoPE of the attention output (`rope` with `inverse`), then the grouped
+    /// output projection `matmul_grouped(w, x, n, groups, out)`: one step where a backend
+    /// can quantize the rotated rows as it writes them.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_inverse_grouped(
+        &self,
+        x: &mut Self::Act,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        w: &Self::Weight,
+        groups: usize,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.rope(x, n, head_dim, kind, pos0, true)?;
+        self.matmul_grouped(w, x, n, groups, out)
+    }
     fn round_rows(&self, x: &mut Self::Act, n: usize, mode: RowRounding) -> Result<()>;
     /// Compressor step for a chunk (§8): adds ape, writes the frontier, emits pooled rows
     /// (norm, RoPE, rounding when `official`) into the layer's compressed cache.

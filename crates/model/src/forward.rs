@@ -263,19 +263,17 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
             be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
-            be.rms_norm_rope(&mut bufs.q, None, n, s.head_dim, eps, rope, pos0)?;
-            be.rms_norm_rope(
+            be.qkv_norm_rope(
+                &mut bufs.q,
                 &mut bufs.kvr,
-                Some(&a.kv_norm),
+                &a.kv_norm,
                 n,
                 s.head_dim,
                 eps,
                 rope,
                 pos0,
+                official,
             )?;
-            if official {
-                be.round_rows(&mut bufs.kvr, n, RowRounding::KvRow)?;
-            }
             if branched {
                 be.branch_join()?;
             }
@@ -318,8 +316,16 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 &mut bufs.attn,
             )?;
             be.kv_append_raw(kv, il, &bufs.kvr, n, pos0)?;
-            be.rope(&mut bufs.attn, n, s.head_dim, rope, pos0, true)?;
-            be.matmul_grouped(&a.out_a, &bufs.attn, n, s.o_groups, &mut bufs.low)?;
+            be.rope_inverse_grouped(
+                &mut bufs.attn,
+                n,
+                s.head_dim,
+                rope,
+                pos0,
+                &a.out_a,
+                s.o_groups,
+                &mut bufs.low,
+            )?;
             be.matmul(&a.out_b, &bufs.low, n, &mut bufs.sub)?;
             // ---- FFN sublayer
             be.hc_post_pre_norm(

@@ -43,7 +43,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "kernels ready in {:.2} s (NVRTC or cubin cache)",
         t0.elapsed().as_secs_f64()
     );
-    let results = ds4_cuda::selftest::run_kernel_checks(&kernels, |r| println!("{r}"))?;
+    let mut results = ds4_cuda::selftest::run_kernel_checks(&kernels, |r| println!("{r}"))?;
+    let rt = Arc::new(rt);
+    results.extend(ds4_cuda::fused_checks::run_fused_checks(&rt, |r| {
+        println!("{r}")
+    })?);
     let failed = results.iter().filter(|r| !r.pass).count();
     println!(
         "selftest: {} checks, {} passed, {} failed (max_rel = max|gpu-cpu| / max|cpu|; act checks count mismatching elements)",
@@ -57,7 +61,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let rt = Arc::new(rt);
     let mut model_failed = 0;
     if args.fixtures.join("tiny-model").is_dir() {
         println!(

@@ -1,0 +1,796 @@
+//! GPU-vs-CPU checks of the fused decode steps of `CudaBackend` at Flash dims (issue 5):
+//! each step runs through the backend on random data and is compared with a CPU
+//! reference built from `ds4_model::numerics` and `ds4-quant` (the functions the CPU
+//! backend calls). Outputs are poisoned with NaN before each step, so an unwritten
+//! element fails. Quantized copies that a step leaves pending for the next product must
+//! equal ds4-quant's `quantize_act_*` of the step's own f32 output bit for bit, and the
+//! products that read them must equal the same products quantizing afresh.
+
+use std::sync::Arc;
+
+use ds4_gguf::GgmlType;
+use ds4_model::backend::{Backend, RopeKind};
+use ds4_model::config::Config;
+use ds4_model::numerics;
+use ds4_model::shape::ModelShape;
+use ds4_model::weights::{HcWeights, TensorView};
+use ds4_quant::{quantize_act_q8_0, quantize_act_q8_k};
+use half::f16;
+
+use crate::Result;
+use crate::backend::{CudaAct, CudaBackend, CudaWeight};
+use crate::kernels::ActKind;
+use crate::runtime::CudaRuntime;
+use crate::selftest::{CheckResult, Rng, compare, random_act, random_weights};
+
+/// HC merge + split + collapse + RMSNorm in f32 with sums in another order (the 16384-long
+/// mix dots dominate): max |gpu − cpu| / max |cpu|.
+pub const TOL_HC_REL: f32 = 1e-4;
+/// Quantized copies written by a fused step: mismatching codes, scales and sums allowed.
+pub const TOL_FUSED_QUANT_MISMATCHES: usize = 0;
+/// Products reading a pending copy vs the same products quantizing afresh: mismatching
+/// outputs allowed (same codes, same kernel, so bit-identical).
+pub const TOL_REUSE_MISMATCHES: usize = 0;
+/// RoPE / per-head RMSNorm: the same f32 operations as the CPU (cos/sin in f64, sums of
+/// squares in f64), so only a rare last-bit difference of a library cos/sin remains.
+pub const TOL_ROPE_REL: f32 = 1e-6;
+/// Routing: chosen experts must match exactly (random logits keep the k-th and k+1-th
+/// scores far apart; ties are exact on both sides).
+pub const TOL_ROUTE_ID_MISMATCHES: usize = 0;
+/// Routing weights: expf/log1pf vs the CPU's exp/ln_1p differ by a few ulps.
+pub const TOL_ROUTE_WEIGHT_REL: f32 = 1e-5;
+
+/// Host bytes of the uploaded test weights, alive as long as the backend: it shares
+/// uploads by host address, so a freed buffer's address must not come back.
+type Keep = std::cell::RefCell<Vec<Box<[u8]>>>;
+
+fn upload(
+    be: &CudaBackend,
+    keep: &Keep,
+    name: &str,
+    ty: GgmlType,
+    dims: &[u64],
+    data: Vec<u8>,
+) -> Result<CudaWeight> {
+    let data = data.into_boxed_slice();
+    let w = be.upload(&TensorView {
+        name,
+        ty,
+        dims,
+        data: &data,
+    })?;
+    keep.borrow_mut().push(data);
+    Ok(w)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// An activation of `rows × cols` holding `v` (NaN when `v` is empty: an output).
+fn act(be: &CudaBackend, rows: usize, cols: usize, v: &[f32]) -> Result<CudaAct> {
+    let mut a = be.alloc_act(rows, cols)?;
+    let fill: Vec<f32> = if v.is_empty() {
+        vec![f32::NAN; rows * cols]
+    } else {
+        v.to_vec()
+    };
+    a.buf.write_at(&be.runtime().stream, 0, &f32_bytes(&fill))?;
+    Ok(a)
+}
+
+fn read(be: &CudaBackend, a: &CudaAct) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; a.rows * a.cols];
+    be.read_rows(a, a.rows, &mut out)?;
+    Ok(out)
+}
+
+/// Compares the pending copy of `x`'s first `rows` rows with ds4-quant's quantisation of
+/// `host` (x as read back): codes, scales, sums.
+fn check_pending(
+    be: &CudaBackend,
+    name: String,
+    x: &CudaAct,
+    host: &[f32],
+    kind: ActKind,
+    k: usize,
+    rows: usize,
+) -> Result<CheckResult> {
+    let got = be.pending_copy(x, kind, k, rows)?;
+    let mut mismatches = 0usize;
+    let mut max_abs = 0f32;
+    let missing = got.is_none();
+    if let Some(g) = got {
+        let rows_x = &host[..k * rows];
+        match kind {
+            ActKind::Q8_0 => {
+                for (b, blk) in rows_x
+                    .chunks_exact(k)
+                    .flat_map(quantize_act_q8_0)
+                    .enumerate()
+                {
+                    let d = g.d.get(b).copied().unwrap_or(f32::NAN);
+                    max_abs = max_abs.max((d - blk.d).abs());
+                    mismatches += usize::from(d.to_bits() != blk.d.to_bits());
+                    for (i, &q) in blk.qs.iter().enumerate() {
+                        mismatches += usize::from(g.qs.get(b * 32 + i).copied() != Some(q as u8));
+                    }
+                }
+            }
+            _ => {
+                for (b, blk) in rows_x
+                    .chunks_exact(k)
+                    .flat_map(quantize_act_q8_k)
+                    .enumerate()
+                {
+                    let d = g.d.get(b).copied().unwrap_or(f32::NAN);
+                    max_abs = max_abs.max((d - blk.d).abs());
+                    mismatches += usize::from(d.to_bits() != blk.d.to_bits());
+                    for (i, &q) in blk.qs.iter().enumerate() {
+                        mismatches += usize::from(g.qs.get(b * 256 + i).copied() != Some(q as u8));
+                    }
+                    for (i, &s) in blk.bsums.iter().enumerate() {
+                        mismatches += usize::from(g.bsums.get(b * 16 + i).copied() != Some(s));
+                    }
+                }
+            }
+        }
+    }
+    Ok(CheckResult {
+        name: format!("{name}{}", if missing { " (no copy pending)" } else { "" }),
+        max_abs,
+        max_rel: mismatches as f32,
+        tol: TOL_FUSED_QUANT_MISMATCHES as f32,
+        tol_name: "TOL_FUSED_QUANT_MISMATCHES",
+        pass: !missing && mismatches == TOL_FUSED_QUANT_MISMATCHES,
+    })
+}
+
+/// Bit-for-bit equality of two outputs (pending copy vs fresh quantisation).
+fn check_same(name: String, a: &[f32], b: &[f32]) -> CheckResult {
+    let mut mismatches = usize::from(a.len() != b.len());
+    let mut max_abs = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        if x.to_bits() != y.to_bits() {
+            mismatches += 1;
+            max_abs = max_abs.max((x - y).abs());
+        }
+        if !x.is_finite() {
+            mismatches += 1;
+        }
+    }
+    CheckResult {
+        name,
+        max_abs,
+        max_rel: mismatches as f32,
+        tol: TOL_REUSE_MISMATCHES as f32,
+        tol_name: "TOL_REUSE_MISMATCHES",
+        pass: mismatches == TOL_REUSE_MISMATCHES,
+    }
+}
+
+/// HC weights of one sublayer (fn F16 [hc·e → mix], scale, base) on host and device.
+struct Hc {
+    fn_: Vec<f32>,
+    scale: [f32; 3],
+    base: Vec<f32>,
+    dev: HcWeights<CudaWeight>,
+}
+
+fn hc_weights(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    name: &str,
+) -> Result<Hc> {
+    let (k, nm) = (s.hc_dim(), s.hc_mix());
+    let bytes = random_weights(rng, GgmlType::F16, k * nm);
+    let fn_: Vec<f32> = bytes
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    let scale = [
+        0.5 + 0.1 * rng.unit(),
+        0.5 + 0.1 * rng.unit(),
+        0.5 + 0.1 * rng.unit(),
+    ];
+    let base: Vec<f32> = (0..nm).map(|_| 0.3 * rng.unit()).collect();
+    let dev = HcWeights {
+        fn_: upload(
+            be,
+            keep,
+            &format!("{name}_fn"),
+            GgmlType::F16,
+            &[k as u64, nm as u64],
+            bytes,
+        )?,
+        scale: upload(
+            be,
+            keep,
+            &format!("{name}_scale"),
+            GgmlType::F32,
+            &[3],
+            f32_bytes(&scale),
+        )?,
+        base: upload(
+            be,
+            keep,
+            &format!("{name}_base"),
+            GgmlType::F32,
+            &[nm as u64],
+            f32_bytes(&base),
+        )?,
+    };
+    Ok(Hc {
+        fn_,
+        scale,
+        base,
+        dev,
+    })
+}
+
+/// CPU reference of `hc_post` (when `merge` is given: sub, post, comb) and then
+/// `hc_pre_norm` for one token: (new state, y, post, comb).
+#[allow(clippy::type_complexity)]
+fn cpu_hc_token(
+    s: &ModelShape,
+    hc: &Hc,
+    norm: &[f32],
+    state: &[f32],
+    merge: Option<(&[f32], &[f32], &[f32])>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+    let mut x = state.to_vec();
+    if let Some((sub, post, comb)) = merge {
+        for j in 0..e {
+            for d in 0..n {
+                let mut acc = post[d] * sub[j];
+                for a in 0..n {
+                    acc += comb[a * n + d] * state[a * e + j];
+                }
+                x[d * e + j] = acc;
+            }
+        }
+    }
+    let r = numerics::rms_inv(&x, s.rms_eps);
+    let mixes: Vec<f32> = (0..nm)
+        .map(|m| {
+            let row = &hc.fn_[m * n * e..(m + 1) * n * e];
+            let dot: f64 = row.iter().zip(&x).map(|(&w, &v)| w as f64 * v as f64).sum();
+            dot as f32 * r
+        })
+        .collect();
+    let (mut pre, mut post, mut comb) = (vec![0f32; n], vec![0f32; n], vec![0f32; n * n]);
+    numerics::hc_split(
+        &mixes,
+        &hc.scale,
+        &hc.base,
+        n,
+        s.hc_sinkhorn_iters,
+        s.hc_eps,
+        &mut pre,
+        &mut post,
+        &mut comb,
+    );
+    let mut y = vec![0f32; e];
+    for (j, out) in y.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for (st, &p) in pre.iter().enumerate() {
+            acc += p * x[st * e + j];
+        }
+        *out = acc;
+    }
+    let mut yn = vec![0f32; e];
+    numerics::rms_norm_into(&y, Some(norm), s.rms_eps, &mut yn);
+    (x, yn, post, comb)
+}
+
+/// Task 1: the HC split leaves y's Q8_0 copy (and Q8_K after the FFN norm) pending;
+/// the products that follow read them.
+fn hc_quant_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let (hcm, e) = (s.hc_mult, s.n_embd);
+    let mut out = Vec::new();
+    let mut push = |r: CheckResult, out: &mut Vec<CheckResult>| {
+        report(&r);
+        out.push(r);
+    };
+    let hcw = hc_weights(be, keep, s, rng, "fused_check_hc")?;
+    let norm_v: Vec<f32> = (0..e).map(|_| 1.0 + 0.2 * rng.unit()).collect();
+    let norms = [
+        (
+            "attn",
+            upload(
+                be,
+                keep,
+                "blk.0.attn_norm.weight",
+                GgmlType::F32,
+                &[e as u64],
+                f32_bytes(&norm_v),
+            )?,
+        ),
+        (
+            "ffn",
+            upload(
+                be,
+                keep,
+                "blk.0.ffn_norm.weight",
+                GgmlType::F32,
+                &[e as u64],
+                f32_bytes(&norm_v),
+            )?,
+        ),
+    ];
+    // The products that read y: attn_kv-like Q8_0 and a Q2_K (Q8_K activation) matrix.
+    let rows = 256;
+    let w_q8 = upload(
+        be,
+        keep,
+        "fused_check_q8_0",
+        GgmlType::Q8_0,
+        &[e as u64, rows as u64],
+        random_weights(rng, GgmlType::Q8_0, e * rows),
+    )?;
+    let w_q2 = upload(
+        be,
+        keep,
+        "fused_check_q2_k",
+        GgmlType::Q2_K,
+        &[e as u64, rows as u64],
+        random_weights(rng, GgmlType::Q2_K, e * rows),
+    )?;
+    for n in [1usize, 3] {
+        be.begin_chunk(&vec![0u32; n], 0)?;
+        for (which, norm) in &norms {
+            for merge in [false, true] {
+                let state_v = random_act(rng, n * hcm * e);
+                let sub_v = random_act(rng, n * e);
+                let post_v: Vec<f32> = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
+                let comb_v: Vec<f32> = (0..n * hcm * hcm)
+                    .map(|_| 0.25 + 0.2 * rng.unit())
+                    .collect();
+                let mut state = act(be, n, hcm * e, &state_v)?;
+                let sub = act(be, n, e, &sub_v)?;
+                // Merge inputs, or poisoned outputs of the split alone.
+                let (pv, cv): (&[f32], &[f32]) = if merge {
+                    (&post_v, &comb_v)
+                } else {
+                    (&[], &[])
+                };
+                let mut post = act(be, n, hcm, pv)?;
+                let mut comb = act(be, n, hcm * hcm, cv)?;
+                let mut y = act(be, n, e, &[])?;
+                if merge {
+                    be.hc_post_pre_norm(
+                        &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
+                    )?;
+                } else {
+                    be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
+                }
+                let step = if merge {
+                    "hc_post+pre_norm"
+                } else {
+                    "hc_pre_norm"
+                };
+                let tag = format!("fused {step:<16} {which:<4} n={n}");
+                let y_gpu = read(be, &y)?;
+                // Quantized copies first (the products below use them up).
+                let r = check_pending(
+                    be,
+                    format!("{tag} y Q8_0 copy (bit-exact)"),
+                    &y,
+                    &y_gpu,
+                    ActKind::Q8_0,
+                    e,
+                    n,
+                )?;
+                push(r, &mut out);
+                if *which == "ffn" {
+                    let r = check_pending(
+                        be,
+                        format!("{tag} y Q8_K copy (bit-exact)"),
+                        &y,
+                        &y_gpu,
+                        ActKind::Q8K,
+                        e,
+                        n,
+                    )?;
+                    push(r, &mut out);
+                }
+                let (state_gpu, post_gpu, comb_gpu) =
+                    (read(be, &state)?, read(be, &post)?, read(be, &comb)?);
+                // Products reading the pending copies, then the same products afresh.
+                let mut o1 = act(be, n, rows, &[])?;
+                let mut o2 = act(be, n, rows, &[])?;
+                let mut o3 = act(be, n, rows, &[])?;
+                let mut o4 = act(be, n, rows, &[])?;
+                be.matmul(&w_q2, &y, n, &mut o1)?;
+                be.matmul(&w_q8, &y, n, &mut o2)?;
+                be.matmul(&w_q2, &y, n, &mut o3)?;
+                be.matmul(&w_q8, &y, n, &mut o4)?;
+                let (a1, a2, a3, a4) = (
+                    read(be, &o1)?,
+                    read(be, &o2)?,
+                    read(be, &o3)?,
+                    read(be, &o4)?,
+                );
+                push(
+                    check_same(format!("{tag} Q8_0 product: pending = fresh"), &a2, &a4),
+                    &mut out,
+                );
+                push(
+                    check_same(format!("{tag} Q8_K product: pending = fresh"), &a1, &a3),
+                    &mut out,
+                );
+                // The f32 results against the CPU reference.
+                let (mut ws, mut wy, mut wp, mut wc) = (vec![], vec![], vec![], vec![]);
+                for t in 0..n {
+                    let st = &state_v[t * hcm * e..(t + 1) * hcm * e];
+                    let m = merge.then(|| {
+                        (
+                            &sub_v[t * e..(t + 1) * e],
+                            &post_v[t * hcm..(t + 1) * hcm],
+                            &comb_v[t * hcm * hcm..(t + 1) * hcm * hcm],
+                        )
+                    });
+                    let (x, yy, p, c) = cpu_hc_token(s, &hcw, &norm_v, st, m);
+                    ws.extend(x);
+                    wy.extend(yy);
+                    wp.extend(p);
+                    wc.extend(c);
+                }
+                for (what, got, want) in [
+                    ("y", &y_gpu, &wy),
+                    ("state", &state_gpu, &ws),
+                    ("post", &post_gpu, &wp),
+                    ("comb", &comb_gpu, &wc),
+                ] {
+                    push(
+                        compare(format!("{tag} {what}"), got, want, TOL_HC_REL, "TOL_HC_REL"),
+                        &mut out,
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// CPU RoPE of every `head_dim` head of each `width`-wide row (row i at pos0 + i).
+fn cpu_rope(
+    s: &ModelShape,
+    kind: RopeKind,
+    x: &mut [f32],
+    width: usize,
+    pos0: usize,
+    inverse: bool,
+) {
+    let f = match kind {
+        RopeKind::Plain => s.rope_plain(),
+        RopeKind::Compress => s.rope_compress(),
+    };
+    for (i, row) in x.chunks_exact_mut(width).enumerate() {
+        for head in row.chunks_exact_mut(s.head_dim) {
+            f.apply(head, (pos0 + i) as u32, inverse);
+        }
+    }
+}
+
+/// Task 2: inverse RoPE of the attention output writes the Q8_0 copy that the grouped
+/// output projection reads.
+fn rope_quant_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (qd, groups) = (s.q_dim(), s.o_groups);
+    let (k, rows) = (qd / groups, groups * 64);
+    let w = upload(
+        be,
+        keep,
+        "fused_check_out_a",
+        GgmlType::Q8_0,
+        &[k as u64, rows as u64],
+        random_weights(rng, GgmlType::Q8_0, k * rows),
+    )?;
+    for (kind, pos) in [(RopeKind::Plain, 7usize), (RopeKind::Compress, 70_001)] {
+        be.begin_chunk(&[0], pos)?;
+        let x_v = random_act(rng, qd);
+        let mut x = act(be, 1, qd, &x_v)?;
+        let mut o1 = act(be, 1, rows, &[])?;
+        let mut o2 = act(be, 1, rows, &[])?;
+        be.rope_inverse_grouped(&mut x, 1, s.head_dim, kind, pos, &w, groups, &mut o1)?;
+        let x_gpu = read(be, &x)?;
+        be.matmul_grouped(&w, &x, 1, groups, &mut o2)?;
+        let (a1, a2) = (read(be, &o1)?, read(be, &o2)?);
+        let mut want = x_v.clone();
+        cpu_rope(s, kind, &mut want, qd, pos, true);
+        let tag = format!("fused rope_inverse+out_a {kind:?} pos {pos}");
+        for r in [
+            compare(
+                format!("{tag} rows"),
+                &x_gpu,
+                &want,
+                TOL_ROPE_REL,
+                "TOL_ROPE_REL",
+            ),
+            check_same(format!("{tag} product: pending = fresh"), &a1, &a2),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Task 3: query and KV per-head norm + RoPE and the KV rounding in one launch.
+fn qkv_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (qd, hd) = (s.q_dim(), s.head_dim);
+    let w_v: Vec<f32> = (0..hd).map(|_| 1.0 + 0.3 * rng.unit()).collect();
+    let w = upload(
+        be,
+        keep,
+        "blk.0.attn_kv_a_norm.weight",
+        GgmlType::F32,
+        &[hd as u64],
+        f32_bytes(&w_v),
+    )?;
+    for (n, kind, pos, round) in [
+        (1usize, RopeKind::Plain, 5usize, true),
+        (1, RopeKind::Compress, 70_001, true),
+        (3, RopeKind::Compress, 129, false),
+        (3, RopeKind::Plain, 2, true),
+    ] {
+        be.begin_chunk(&vec![0u32; n], pos)?;
+        let (q_v, kv_v) = (random_act(rng, n * qd), random_act(rng, n * hd));
+        let mut q = act(be, n, qd, &q_v)?;
+        let mut kv = act(be, n, hd, &kv_v)?;
+        be.qkv_norm_rope(&mut q, &mut kv, &w, n, hd, s.rms_eps, kind, pos, round)?;
+        let (q_gpu, kv_gpu) = (read(be, &q)?, read(be, &kv)?);
+        let mut q_want = vec![0f32; n * qd];
+        for (o, x) in q_want.chunks_exact_mut(hd).zip(q_v.chunks_exact(hd)) {
+            numerics::rms_norm_into(x, None, s.rms_eps, o);
+        }
+        cpu_rope(s, kind, &mut q_want, qd, pos, false);
+        let mut kv_want = vec![0f32; n * hd];
+        for (o, x) in kv_want.chunks_exact_mut(hd).zip(kv_v.chunks_exact(hd)) {
+            numerics::rms_norm_into(x, Some(&w_v), s.rms_eps, o);
+        }
+        cpu_rope(s, kind, &mut kv_want, hd, pos, false);
+        if round {
+            for row in kv_want.chunks_exact_mut(hd) {
+                numerics::fp8_kv_round_row(row, s.n_nope());
+                numerics::round_f16_inplace(row);
+            }
+        }
+        let tag = format!("fused qkv_norm_rope {kind:?} n={n} pos {pos} round {round}");
+        for r in [
+            compare(
+                format!("{tag} q"),
+                &q_gpu,
+                &q_want,
+                TOL_ROPE_REL,
+                "TOL_ROPE_REL",
+            ),
+            compare(
+                format!("{tag} kv"),
+                &kv_gpu,
+                &kv_want,
+                TOL_ROPE_REL,
+                "TOL_ROPE_REL",
+            ),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// CPU routing of one token (as the CPU backend's MoE): scores sqrt(softplus(l)),
+/// hash table or biased top-k (highest first, lower index on ties), weights.
+fn cpu_route(
+    s: &ModelShape,
+    logits: &[f32],
+    bias: &[f32],
+    hashed: Option<&[i32]>,
+) -> (Vec<i32>, Vec<f32>) {
+    let k = s.n_expert_used;
+    let score: Vec<f32> = logits
+        .iter()
+        .map(|&l| numerics::softplus(l).sqrt())
+        .collect();
+    let ids: Vec<usize> = match hashed {
+        Some(h) => h.iter().map(|&e| e as usize).collect(),
+        None => {
+            let mut biased: Vec<f32> = score.iter().zip(bias).map(|(s, b)| s + b).collect();
+            (0..k)
+                .map(|_| {
+                    let (mut best, mut best_v) = (0usize, f32::NEG_INFINITY);
+                    for (ex, &v) in biased.iter().enumerate() {
+                        if v > best_v {
+                            best = ex;
+                            best_v = v;
+                        }
+                    }
+                    biased[best] = f32::NEG_INFINITY;
+                    best
+                })
+                .collect()
+        }
+    };
+    let sum: f32 = ids.iter().map(|&id| score[id]).sum();
+    let wts = ids
+        .iter()
+        .map(|&id| {
+            if s.expert_weights_norm {
+                s.expert_weights_scale * score[id] / sum.max(6.103_515_6e-5)
+            } else {
+                s.expert_weights_scale * score[id]
+            }
+        })
+        .collect();
+    (ids.iter().map(|&e| e as i32).collect(), wts)
+}
+
+/// Task 4: expert choice and weights of `moe_route` (one block per token, ranks instead
+/// of serial arg-max rounds) against the CPU's routing, with exact ties in the logits.
+fn route_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (ne, k) = (s.n_expert, s.n_expert_used);
+    let mut bias_v: Vec<f32> = (0..ne).map(|_| 0.1 * rng.unit()).collect();
+    // Equal biases where the logits tie below, so the biased scores tie too.
+    for (a, b) in [(10, 200), (30, 31), (50, 51)] {
+        bias_v[b] = bias_v[a];
+    }
+    let bias = upload(
+        be,
+        keep,
+        "fused_check_exp_probs_b",
+        GgmlType::F32,
+        &[ne as u64],
+        f32_bytes(&bias_v),
+    )?;
+    let no_bias = vec![0f32; ne];
+    // A hash table for 8 tokens: k distinct experts each.
+    let vocab = 8usize;
+    let mut table = Vec::with_capacity(vocab * k);
+    for _ in 0..vocab {
+        let mut row: Vec<i32> = Vec::with_capacity(k);
+        while row.len() < k {
+            let e = (rng.next() % ne as u64) as i32;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        table.extend(row);
+    }
+    let t2e = upload(
+        be,
+        keep,
+        "fused_check.tid2eid",
+        GgmlType::I32,
+        &[k as u64, vocab as u64],
+        table.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )?;
+    // flat: no bias and token 0's logits all equal (every expert ties: the threshold
+    // admits all 256 and the lowest indices win).
+    for (n, hashed, flat) in [
+        (1usize, false, false),
+        (5, false, false),
+        (2, false, true),
+        (3, true, false),
+    ] {
+        let tokens: Vec<u32> = (0..n as u32).map(|t| (t * 3 + 1) % vocab as u32).collect();
+        be.begin_chunk(&tokens, 0)?;
+        let mut logits: Vec<f32> = (0..n * ne).map(|_| 3.0 * rng.unit()).collect();
+        // Exact ties at the top (lower index first) and across the k-th place (k = 6:
+        // 10, 200, 30, 31, 60, then 50 before 51).
+        for (i, v) in [
+            (10, 6.0),
+            (200, 6.0),
+            (30, 5.5),
+            (31, 5.5),
+            (60, 5.0),
+            (50, 4.5),
+            (51, 4.5),
+        ] {
+            logits[i] = v;
+        }
+        if flat {
+            logits[..ne].fill(1.25);
+        }
+        let (ids, wts) = be.route_host(
+            s,
+            &logits,
+            n,
+            (!hashed && !flat).then_some(&bias),
+            hashed.then_some(&t2e),
+        )?;
+        let (mut want_ids, mut want_wts) = (Vec::new(), Vec::new());
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = tok as usize * k;
+            let (i, w) = cpu_route(
+                s,
+                &logits[t * ne..(t + 1) * ne],
+                if hashed || flat { &no_bias } else { &bias_v },
+                hashed.then(|| &table[row..row + k]),
+            );
+            want_ids.extend(i);
+            want_wts.extend(w);
+        }
+        let mismatches = ids.iter().zip(&want_ids).filter(|(a, b)| a != b).count()
+            + usize::from(ids.len() != want_ids.len());
+        let tag = format!(
+            "fused moe_route {} n={n}",
+            if hashed {
+                "hash"
+            } else if flat {
+                "top-k all-tied"
+            } else {
+                "top-k"
+            }
+        );
+        for r in [
+            CheckResult {
+                name: format!("{tag} expert ids (exact)"),
+                max_abs: 0.0,
+                max_rel: mismatches as f32,
+                tol: TOL_ROUTE_ID_MISMATCHES as f32,
+                tol_name: "TOL_ROUTE_ID_MISMATCHES",
+                pass: mismatches == TOL_ROUTE_ID_MISMATCHES,
+            },
+            compare(
+                format!("{tag} weights"),
+                &wts,
+                &want_wts,
+                TOL_ROUTE_WEIGHT_REL,
+                "TOL_ROUTE_WEIGHT_REL",
+            ),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Every fused-step check on a backend built for the Flash shape.
+pub fn run_fused_checks(
+    rt: &Arc<CudaRuntime>,
+    mut report: impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let s = Config::flash().shape();
+    let keep = Keep::default();
+    let be = CudaBackend::new(rt.clone(), &s)?;
+    let mut rng = Rng(0xf05e_d0c4_5eed);
+    let mut out = Vec::new();
+    out.extend(hc_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    be.runtime().stream.synchronize()?;
+    Ok(out)
+}
