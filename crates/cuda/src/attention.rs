@@ -187,11 +187,8 @@ impl AttentionKernels {
 
     /// [`Self::load`] from a stream alone (its context's device and the loaded NVRTC).
     pub fn load_on(stream: &Arc<CudaStream>) -> Result<Self> {
-        let sm = stream.context().compute_capability()?;
-        let (mut maj, mut min) = (0i32, 0i32);
-        // SAFETY: out-parameters; NVRTC is loaded (a runtime was probed to get a stream).
-        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) }.result()?;
-        Self::load_with(stream, sm, (maj, min))
+        let (sm, nvrtc_version) = compile::target_of(stream)?;
+        Self::load_with(stream, sm, nvrtc_version)
     }
 
     fn load_with(

@@ -8,7 +8,7 @@ use std::ffi::{CString, c_char};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::driver::{CudaContext, CudaModule, CudaStream};
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 
 use crate::{Error, Result};
@@ -52,7 +52,18 @@ pub const HEADERS: &[(&str, &str)] = &[
     ),
     ("swiglu.cuh", include_str!("../kernels/swiglu.cuh")),
     ("pdl.cuh", include_str!("../kernels/pdl.cuh")),
+    ("act_quad.cuh", include_str!("../kernels/act_quad.cuh")),
 ];
+
+/// The compute capability of `stream`'s device and the loaded NVRTC's version: what
+/// [`load_module`] needs when there is a stream but no [`crate::CudaRuntime`].
+pub fn target_of(stream: &Arc<CudaStream>) -> Result<((i32, i32), (i32, i32))> {
+    let sm = stream.context().compute_capability()?;
+    let (mut maj, mut min) = (0i32, 0i32);
+    // SAFETY: out-parameters; NVRTC is loaded (a runtime was probed to get a stream).
+    unsafe { nvrtc_sys::nvrtcVersion(&mut maj, &mut min) }.result()?;
+    Ok((sm, (maj, min)))
+}
 
 /// NVRTC target for a compute capability: Hopper gets the arch-specific sm_90a.
 pub fn arch_for(sm: (i32, i32)) -> String {

@@ -14,14 +14,13 @@ use ds4_model::config::Config;
 use ds4_model::numerics;
 use ds4_model::shape::ModelShape;
 use ds4_model::weights::{HcWeights, TensorView};
-use ds4_quant::{quantize_act_q8_0, quantize_act_q8_k};
 use half::f16;
 
 use crate::Result;
 use crate::backend::{CudaAct, CudaBackend, CudaWeight};
 use crate::kernels::ActKind;
 use crate::runtime::CudaRuntime;
-use crate::selftest::{CheckResult, Rng, compare, random_act, random_weights};
+use crate::selftest::{CheckResult, Rng, act_mismatches, compare, random_act, random_weights};
 
 /// HC merge + split + collapse + RMSNorm in f32 with sums in another order (the 16384-long
 /// mix dots dominate): max |gpu − cpu| / max |cpu|.
@@ -97,45 +96,11 @@ fn check_pending(
     rows: usize,
 ) -> Result<CheckResult> {
     let got = be.pending_copy(x, kind, k, rows)?;
-    let mut mismatches = 0usize;
-    let mut max_abs = 0f32;
     let missing = got.is_none();
-    if let Some(g) = got {
-        let rows_x = &host[..k * rows];
-        match kind {
-            ActKind::Q8_0 => {
-                for (b, blk) in rows_x
-                    .chunks_exact(k)
-                    .flat_map(quantize_act_q8_0)
-                    .enumerate()
-                {
-                    let d = g.d.get(b).copied().unwrap_or(f32::NAN);
-                    max_abs = max_abs.max((d - blk.d).abs());
-                    mismatches += usize::from(d.to_bits() != blk.d.to_bits());
-                    for (i, &q) in blk.qs.iter().enumerate() {
-                        mismatches += usize::from(g.qs.get(b * 32 + i).copied() != Some(q as u8));
-                    }
-                }
-            }
-            _ => {
-                for (b, blk) in rows_x
-                    .chunks_exact(k)
-                    .flat_map(quantize_act_q8_k)
-                    .enumerate()
-                {
-                    let d = g.d.get(b).copied().unwrap_or(f32::NAN);
-                    max_abs = max_abs.max((d - blk.d).abs());
-                    mismatches += usize::from(d.to_bits() != blk.d.to_bits());
-                    for (i, &q) in blk.qs.iter().enumerate() {
-                        mismatches += usize::from(g.qs.get(b * 256 + i).copied() != Some(q as u8));
-                    }
-                    for (i, &s) in blk.bsums.iter().enumerate() {
-                        mismatches += usize::from(g.bsums.get(b * 16 + i).copied() != Some(s));
-                    }
-                }
-            }
-        }
-    }
+    let (mismatches, max_abs) = match got {
+        Some(g) => act_mismatches(kind, &host[..k * rows], k, &g.qs, &g.d, &g.bsums)?,
+        None => (0, 0.0),
+    };
     Ok(CheckResult {
         name: format!("{name}{}", if missing { " (no copy pending)" } else { "" }),
         max_abs,

@@ -278,6 +278,54 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
     Ok(compare(c.name.clone(), &gpu, &cpu, tol, tol_name))
 }
 
+/// A GPU quantisation of whole rows of `k` values `x` (codes `qs`, scales `d`, Q8_K
+/// sums `bsums`, as read back) against ds4-quant's: the number of codes, scales and sums
+/// that differ (missing ones count), and the largest scale difference.
+pub(crate) fn act_mismatches(
+    kind: ActKind,
+    x: &[f32],
+    k: usize,
+    qs: &[u8],
+    d: &[f32],
+    bsums: &[i16],
+) -> Result<(usize, f32)> {
+    let mut mismatches = 0usize;
+    let mut max_abs = 0f32;
+    let mut scale = |b: usize, cpu: f32| {
+        let dd = d.get(b).copied().unwrap_or(f32::NAN);
+        max_abs = max_abs.max((dd - cpu).abs());
+        usize::from(dd.to_bits() != cpu.to_bits())
+    };
+    match kind {
+        ActKind::Q8_0 => {
+            for (b, blk) in x.chunks_exact(k).flat_map(quantize_act_q8_0).enumerate() {
+                mismatches += scale(b, blk.d);
+                for (i, &q) in blk.qs.iter().enumerate() {
+                    mismatches += usize::from(qs.get(b * 32 + i).copied() != Some(q as u8));
+                }
+            }
+        }
+        ActKind::Q8K => {
+            for (b, blk) in x.chunks_exact(k).flat_map(quantize_act_q8_k).enumerate() {
+                mismatches += scale(b, blk.d);
+                for (i, &q) in blk.qs.iter().enumerate() {
+                    mismatches += usize::from(qs.get(b * 256 + i).copied() != Some(q as u8));
+                }
+                for (i, &s) in blk.bsums.iter().enumerate() {
+                    mismatches += usize::from(bsums.get(b * 16 + i).copied() != Some(s));
+                }
+            }
+        }
+        ActKind::F32 => {
+            return Err(Error::Shape {
+                what: "act check",
+                detail: "f32 has no quantisation".into(),
+            });
+        }
+    }
+    Ok((mismatches, max_abs))
+}
+
 /// Activation quantisation: GPU codes, scales and sums equal the CPU's exactly.
 fn run_act_check(
     kern: &Kernels,
@@ -299,49 +347,20 @@ fn run_act_check(
     stream.synchronize()?;
     let qs = act.qs.to_bytes(stream)?;
     let d = act.d.to_f32(stream)?;
-    let mut mismatches = 0usize;
-    let mut max_abs = 0f32;
-    let name;
-    match kind {
-        ActKind::Q8_0 => {
-            name = format!("quant_act_q8_0 {rows}x{k} (bit-exact)");
-            let cpu: Vec<ActQ8_0> = x.chunks_exact(k).flat_map(quantize_act_q8_0).collect();
-            for (b, blk) in cpu.iter().enumerate() {
-                let dd = d.get(b).copied().unwrap_or(f32::NAN);
-                max_abs = max_abs.max((dd - blk.d).abs());
-                mismatches += usize::from(dd.to_bits() != blk.d.to_bits());
-                for (i, &q) in blk.qs.iter().enumerate() {
-                    mismatches += usize::from(qs.get(b * 32 + i).copied() != Some(q as u8));
-                }
-            }
-        }
-        ActKind::Q8K => {
-            name = format!("quant_act_q8_k {rows}x{k} (bit-exact)");
-            let bs_bytes = act.bsums.to_bytes(stream)?;
-            let bs: Vec<i16> = bs_bytes
-                .chunks_exact(2)
-                .map(|c| i16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            let cpu: Vec<BlockQ8K> = x.chunks_exact(k).flat_map(quantize_act_q8_k).collect();
-            for (b, blk) in cpu.iter().enumerate() {
-                let dd = d.get(b).copied().unwrap_or(f32::NAN);
-                max_abs = max_abs.max((dd - blk.d).abs());
-                mismatches += usize::from(dd.to_bits() != blk.d.to_bits());
-                for (i, &q) in blk.qs.iter().enumerate() {
-                    mismatches += usize::from(qs.get(b * 256 + i).copied() != Some(q as u8));
-                }
-                for (i, &s) in blk.bsums.iter().enumerate() {
-                    mismatches += usize::from(bs.get(b * 16 + i).copied() != Some(s));
-                }
-            }
-        }
-        ActKind::F32 => {
-            return Err(Error::Shape {
-                what: "act check",
-                detail: "f32 has no quantisation".into(),
-            });
-        }
-    }
+    let bsums: Vec<i16> = if kind == ActKind::Q8K {
+        act.bsums
+            .to_bytes(stream)?
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let name = match kind {
+        ActKind::Q8K => format!("quant_act_q8_k {rows}x{k} (bit-exact)"),
+        _ => format!("quant_act_q8_0 {rows}x{k} (bit-exact)"),
+    };
+    let (mismatches, max_abs) = act_mismatches(kind, &x, k, &qs, &d, &bsums)?;
     Ok(CheckResult {
         name,
         max_abs,
@@ -1204,15 +1223,12 @@ pub fn run_attention_checks(
     };
     let stream = kern.stream();
     let ak = AttentionKernels::load_on(stream)?;
-    let sm = stream.context().compute_capability()?;
-    let (mut maj, mut min) = (0i32, 0i32);
-    // SAFETY: out-parameters; NVRTC is loaded (the kernels above were compiled).
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) }.result()?;
+    let (sm, nvrtc_version) = crate::compile::target_of(stream)?;
     let ops = crate::compile::load_module(
         stream.context(),
         &crate::compile::OPS,
         &crate::compile::arch_for(sm),
-        (maj, min),
+        nvrtc_version,
     )?;
     let flash = |name, ratio, sel_k, n, pos0| AttCase {
         name,
@@ -1419,24 +1435,22 @@ pub fn run_attention_checks(
             .into_iter()
             .flatten()
             .collect();
-        let gpu: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&t| got[t * w..(t + 1) * w].iter().copied())
-            .collect();
-        let r = compare_att(
-            format!(
-                "attention tc vs cpu  {} {}h x {} ({} tok)",
+        // The sampled tokens' rows of a GPU output against the CPU's.
+        let check = |path_vs_cpu: &str, all: &[f32]| {
+            let gpu: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&t| all[t * w..(t + 1) * w].iter().copied())
+                .collect();
+            let name = format!(
+                "attention {path_vs_cpu} {} {}h x {} ({} tok)",
                 c.name,
                 nh,
                 hd,
                 tokens.len()
-            ),
-            &gpu,
-            &cpu,
-            &tokens,
-            nh,
-            hd,
-        );
+            );
+            compare_att(name, &gpu, &cpu, &tokens, nh, hd)
+        };
+        let r = check("tc vs cpu ", &got);
         report(&r);
         out.push(r);
         // Decode on sm_90+: the path the backend did not take (cluster kernel or
@@ -1454,25 +1468,7 @@ pub fn run_attention_checks(
             };
             ak.launch_path(stream, &b, other)?;
             stream.synchronize()?;
-            let split = dsplit.to_f32(stream)?;
-            let gpu: Vec<f32> = tokens
-                .iter()
-                .flat_map(|&t| split[t * w..(t + 1) * w].iter().copied())
-                .collect();
-            let r = compare_att(
-                format!(
-                    "attention {other_name} vs cpu {} {}h x {} ({} tok)",
-                    c.name,
-                    nh,
-                    hd,
-                    tokens.len()
-                ),
-                &gpu,
-                &cpu,
-                &tokens,
-                nh,
-                hd,
-            );
+            let r = check(&format!("{other_name} vs cpu"), &dsplit.to_f32(stream)?);
             report(&r);
             out.push(r);
         }
