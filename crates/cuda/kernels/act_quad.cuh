@@ -10,6 +10,18 @@
 // element index of o[0] in that layout.
 // ---------------------------------------------------------------------------
 
+// Warp-wide: the element of largest |x| (amax, its signed value mx, its index idx),
+// the lowest index on ties, as ds4-quant's Q8_K scale picks it. Every lane ends with it.
+__device__ __forceinline__ void warp_abs_max_first(float& amax, float& mx, int& idx) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) {
+        const float oa = __shfl_xor_sync(0xffffffffu, amax, m);
+        const float om = __shfl_xor_sync(0xffffffffu, mx, m);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, m);
+        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; idx = oi; }
+    }
+}
+
 // Q8_0: a 32-block is 8 consecutive lanes. Called by whole warps (all lanes active).
 __device__ __forceinline__ void q8_0_quad(const float o[4], long long e0, i8* __restrict__ qs,
                                           float* __restrict__ d) {
@@ -47,13 +59,7 @@ __device__ void q8_k_quad(const float o[4], bool active, long long e0, Q8kRed& r
         for (int j = 0; j < 4; j++)
             if (fabsf(o[j]) > amax) { amax = fabsf(o[j]); mx = o[j]; idx = loc + j; }
     }
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) {
-        const float oa = __shfl_xor_sync(0xffffffffu, amax, m);
-        const float om = __shfl_xor_sync(0xffffffffu, mx, m);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, m);
-        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; idx = oi; }
-    }
+    warp_abs_max_first(amax, mx, idx);
     __syncthreads();  // an earlier call's readers are done with `red`
     if (lane == 0) {
         red.amax[warp] = amax;

@@ -118,13 +118,7 @@ __device__ __forceinline__ void q8_k_block(const float v[8], int blk, int lane,
     for (int j = 0; j < 8; j++) {
         if (fabsf(v[j]) > amax) { amax = fabsf(v[j]); mx = v[j]; idx = lane * 8 + j; }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float oa = __shfl_xor_sync(0xffffffffu, amax, o);
-        const float om = __shfl_xor_sync(0xffffffffu, mx, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; idx = oi; }
-    }
+    warp_abs_max_first(amax, mx, idx);
     int s = 0;
     char4 q0, q1;
     if (amax == 0.0f) {
