@@ -762,16 +762,16 @@ extern "C" __global__ void synth_blocks(u8* __restrict__ p, long long n_blocks, 
         ((u32*)p)[i] = hash32(seed ^ (u64)i * 0x9e3779b97f4a7c15ull);
 }
 
-// q8_k > 0: Q8_0 in the GPU layout with rows of q8_k elements (scales after the codes).
+// row_k > 0: Q8_0 in the GPU layout with rows of row_k elements (scales after the codes).
 extern "C" __global__ void synth_scales(u8* __restrict__ p, long long n_blocks, int blk_bytes,
-                                        int f0, int f1, u64 seed, int q8_k) {
+                                        int f0, int f1, u64 seed, int row_k) {
     for (long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x; b < n_blocks;
          b += (long long)gridDim.x * blockDim.x) {
         const u32 h = hash32(seed + 0x5bd1e995ull * (u64)b);
         const float s = 1e-3f * (1.0f + (float)(h & 0xffff) / 65536.0f);
-        if (q8_k > 0) {
-            const long long per_row = q8_k / 32, row = b / per_row;
-            *(u16*)(p + row * per_row * blk_bytes + q8_k + 2 * (b - row * per_row)) = f2h(s);
+        if (row_k > 0) {
+            const long long per_row = row_k / 32, row = b / per_row;
+            *(u16*)(p + row * per_row * blk_bytes + row_k + 2 * (b - row * per_row)) = f2h(s);
             continue;
         }
         *(u16*)(p + b * blk_bytes + f0) = f2h(s);

@@ -759,7 +759,9 @@ impl Kernels {
         };
         let nb = n_blocks as i64;
         let bb = ty.block_bytes() as i32;
-        let q8_k: i32 = if crate::layout::is_rearranged(ty) {
+        // Rearranged types (`crate::layout`) keep their scales after the row's codes: the
+        // scale writer needs the row length to find them.
+        let row_k: i32 = if crate::layout::is_rearranged(ty) {
             if k == 0 || !k.is_multiple_of(32) || !n_blocks.is_multiple_of((k / 32) as u64) {
                 return Err(Error::Shape {
                     what: "synthetic Q8_0 weights",
@@ -773,18 +775,20 @@ impl Kernels {
         } else {
             0
         };
-        for func in [&self.synth_blocks, &self.synth_scales] {
-            let mut b = self.stream.launch_builder(func);
-            b.arg(&p)
-                .arg(&nb)
-                .arg(&bb)
-                .arg(&f0)
-                .arg(&f1)
-                .arg(&seed)
-                .arg(&q8_k);
-            // SAFETY: matches `synth_blocks` / `synth_scales`.
-            unsafe { b.launch(cfg) }?;
-        }
+        let mut b = self.stream.launch_builder(&self.synth_blocks);
+        b.arg(&p).arg(&nb).arg(&bb).arg(&f0).arg(&f1).arg(&seed);
+        // SAFETY: matches `synth_blocks`; it writes the n_blocks blocks at p.
+        unsafe { b.launch(cfg) }?;
+        let mut b = self.stream.launch_builder(&self.synth_scales);
+        b.arg(&p)
+            .arg(&nb)
+            .arg(&bb)
+            .arg(&f0)
+            .arg(&f1)
+            .arg(&seed)
+            .arg(&row_k);
+        // SAFETY: matches `synth_scales`; row_k > 0 only for whole rows (checked above).
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
