@@ -14,7 +14,9 @@
 // shared memory with coalesced 16-byte cp.async pieces (double-buffered: the next
 // row streams in while the current one is decoded), then decodes blocks from
 // shared memory. Rows that are not a multiple of 16 bytes (tiny test models only)
-// are staged with byte copies instead.
+// are staged with byte copies instead. Q8_0 (K = 512·PPL) and IQ2_XXS / Q2_K
+// (K = 2048·PPL) rows take register-streaming kernels instead (mv_*_regs below).
+// Q8_0, IQ2_XXS and Q2_K weights are in the GPU layout (crates/cuda/src/layout.rs).
 //
 // One kernel serves three shapes (blockIdx.y = slot s, token t < ntok):
 //   weights  = W + e * w_expert_stride,  e = ids ? ids[s] : s   (ids null: e = s)
@@ -708,10 +710,11 @@ __device__ __forceinline__ u16 ld_nc2(const void* p) {
 
 // One IQ2_XXS group (code words a0: 4 grid indices; a1: 4 x 7 sign bits, 4-bit ls)
 // against 32 activation codes: (2ls + 1) · Σ ±grid · x, the integer of unit_iq2_xxs.
-// Sign byte s8 (7 bits + parity) to byte masks: (s8 & 15) · 0x10204080 puts bit i at
-// bit 8i + 7 (the shifted copies do not overlap, so no carries), prmt 0xba98
-// replicates each byte's top bit; likewise (s8 & 0xf0) · 0x01020408. With m = 0 or
-// -1 per byte, ±g = (g ^ m) - m, and Σ m·x is one more dp4a instead of an and + add.
+// Sign bits to byte masks: (sg & 15) · 0x10204080 puts bit i at bit 8i + 7 (the
+// shifted copies do not overlap, so no carries), prmt 0xba98 replicates each byte's
+// top bit; likewise (sg & 0x70) · 0x01020408 for bits 4..6, with the parity (the 8th
+// sign) or-ed in at bit 31. With m = 0 or -1 per byte, ±g = (g ^ m) - m, and Σ m·x
+// is one more dp4a instead of an and + add.
 __device__ __forceinline__ int iq2_group(u32 a0, u32 a1, const int4& xa, const int4& xb,
                                          const u64* __restrict__ grid) {
     const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
@@ -720,9 +723,9 @@ __device__ __forceinline__ int iq2_group(u32 a0, u32 a1, const int4& xa, const i
     for (int l = 0; l < 4; l++) {
         const u64 gv = grid[(a0 >> (8 * l)) & 255u];
         const u32 sg = (a1 >> (7 * l)) & 127u;
-        const u32 s8 = sg | ((__popc(sg) & 1u) << 7);
-        const u32 mlo = prmt((s8 & 15u) * 0x10204080u, 0u, 0xba98u);
-        const u32 mhi = prmt((s8 & 0xf0u) * 0x01020408u, 0u, 0xba98u);
+        const u32 mlo = prmt((sg & 15u) * 0x10204080u, 0u, 0xba98u);
+        // the 8th sign (parity) goes straight to bit 31, the top of byte 3
+        const u32 mhi = prmt(((sg & 0x70u) * 0x01020408u) | ((u32)__popc(sg) << 31), 0u, 0xba98u);
         s = dp4a((int)((u32)gv ^ mlo), xw[2 * l], s);
         t = dp4a((int)mlo, xw[2 * l], t);
         s = dp4a((int)((u32)(gv >> 32) ^ mhi), xw[2 * l + 1], s);
