@@ -239,19 +239,27 @@ __device__ __forceinline__ void gemm_quant(
     const int blk_bytes = TY == TY_Q8_0 ? 34 : TY == TY_Q2_K ? 84 : TY == TY_Q4_K ? 144 : 66;
     const long long row_bytes = (long long)(K / blk_elems) * blk_bytes;
     const int nchunks = (K + 255) / 256;
-    // PIPE: words of raw bytes copied per row and chunk (IQ2_XXS: 66 bytes from
-    // the 4-aligned word at or before the block, 17 words).
+    // PIPE: words of raw bytes copied per row and chunk (one 256-block). Q2_K and
+    // IQ2_XXS rows are in the GPU layout (layout.rs): the block's fields are gathered
+    // from the row's regions into one smem row: Q2_K {qs 64, scales 16, d dmin 4}
+    // (21 words); IQ2_XXS {codes 64, the 4-aligned word holding its f16 d} (17 words,
+    // d at 64 + 2·(c & 1)).
     const int raw_words = TY == TY_Q2_K ? 21 : TY == TY_Q4_K ? 36 : 17;
+    const int nbk = K >> 8;  // 256-blocks per row (Q2_K, Q4_K, IQ2_XXS)
     u8* sRaw = sM + SMK_RAW;
     u8* sMin = sM + SMK_MIN;
     u8* sBs = sM + SMK_BS;
     const int nrows = min(GM_BM, rows - row0);
     const u8* wblock = W + (long long)s_info[0] * w_expert_stride + (long long)row0 * row_bytes;
     auto issue_raw = [&](int c) {
-        const u8* base = wblock + (long long)c * blk_bytes - (TY == TY_IQ2_XXS ? 2 * (c & 1) : 0);
         for (int i = tid; i < GM_BM * raw_words; i += GM_THREADS) {
             const int r = i / raw_words, w = i - r * raw_words;
-            if (r < nrows) g_cp_async4(sRaw + r * raw_words * 4 + 4 * w, base + r * row_bytes + 4 * w);
+            long long off;
+            if (TY == TY_Q4_K) off = (long long)c * 144 + 4 * w;
+            else if (w < 16) off = 64LL * c + 4 * w;
+            else if (TY == TY_Q2_K) off = w < 20 ? 64LL * nbk + 16 * c + 4 * (w - 16) : 80LL * nbk + 4 * c;
+            else off = 64LL * nbk + 4 * (c >> 1);
+            if (r < nrows) g_cp_async4(sRaw + r * raw_words * 4 + 4 * w, wblock + r * row_bytes + off);
         }
         g_cp_commit();
     };
@@ -345,16 +353,19 @@ __device__ __forceinline__ void gemm_quant(
                     *(u32*)(arow_s + 32 * b + 4 * w) = ok ? ld_u32_a2(p + 4 * w) : 0u;
             }
         } else if (TY == TY_Q2_K) {
-            const u8* p = PIPE ? sRaw + drow * 84 : wrow + (long long)c * 84;
+            // the block's qs, scales and (d, dmin): staged side by side, or in the row's regions
+            const u8* pq = PIPE ? sRaw + drow * 84 : wrow + 64LL * c;
+            const u8* ps = PIPE ? sRaw + drow * 84 + 64 : wrow + 64LL * nbk + 16 * c;
+            const u8* pd = PIPE ? sRaw + drow * 84 + 80 : wrow + 80LL * nbk + 4 * c;
             u32 qw[8], scw[2];
             if (row_ok) {
 #pragma unroll
-                for (int w = 0; w < 8; w++) qw[w] = *(const u32*)(p + 16 + 32 * dh + 4 * w);
-                scw[0] = *(const u32*)(p + 8 * dh);
-                scw[1] = *(const u32*)(p + 8 * dh + 4);
+                for (int w = 0; w < 8; w++) qw[w] = *(const u32*)(pq + 32 * dh + 4 * w);
+                scw[0] = *(const u32*)(ps + 8 * dh);
+                scw[1] = *(const u32*)(ps + 8 * dh + 4);
                 if (dh == 0) {
-                    sWd[drow * 8] = g_h2f(*(const u16*)(p + 80));
-                    sWd[drow * 8 + 1] = g_h2f(*(const u16*)(p + 82));
+                    sWd[drow * 8] = g_h2f(*(const u16*)pd);
+                    sWd[drow * 8 + 1] = g_h2f(*(const u16*)(pd + 2));
                 }
             } else {
 #pragma unroll
@@ -416,16 +427,18 @@ __device__ __forceinline__ void gemm_quant(
                 }
             }
         } else {  // IQ2_XXS
-            const u8* p = PIPE ? sRaw + drow * 68 + 2 * (c & 1) : wrow + (long long)c * 66;
-            if (dh == 0) sWd[drow * 8] = row_ok ? g_h2f(*(const u16*)p) : 0.0f;
+            // the block's 64 code bytes and its f16 d: staged, or in the row's two regions
+            const u8* p = PIPE ? sRaw + drow * 68 : wrow + 64LL * c;
+            const u8* pd = PIPE ? sRaw + drow * 68 + 64 + 2 * (c & 1) : wrow + 64LL * nbk + 2 * c;
+            if (dh == 0) sWd[drow * 8] = row_ok ? g_h2f(*(const u16*)pd) : 0.0f;
             if (c == 0) __syncthreads();  // grid table stored
 #pragma unroll
             for (int gg = 0; gg < 4; gg++) {
                 const int gi = 4 * dh + gg;
                 u32 a0 = 0, a1 = 0;
                 if (row_ok) {
-                    a0 = ld_u32_a2(p + 2 + 8 * gi);
-                    a1 = ld_u32_a2(p + 6 + 8 * gi);
+                    a0 = ld_u32_a2(p + 8 * gi);
+                    a1 = ld_u32_a2(p + 4 + 8 * gi);
                 }
                 sWs[drow * 8 + gi] = (u8)(2 * (a1 >> 28) + 1);
 #pragma unroll

@@ -14,7 +14,9 @@
 // shared memory with coalesced 16-byte cp.async pieces (double-buffered: the next
 // row streams in while the current one is decoded), then decodes blocks from
 // shared memory. Rows that are not a multiple of 16 bytes (tiny test models only)
-// are staged with byte copies instead.
+// are staged with byte copies instead. Q8_0 (K = 512·PPL) and IQ2_XXS / Q2_K
+// (K = 2048·PPL) rows take register-streaming kernels instead (mv_*_regs below).
+// Q8_0, IQ2_XXS and Q2_K weights are in the GPU layout (crates/cuda/src/layout.rs).
 //
 // One kernel serves three shapes (blockIdx.y = slot s, token t < ntok):
 //   weights  = W + e * w_expert_stride,  e = ids ? ids[s] : s   (ids null: e = s)
@@ -315,12 +317,13 @@ __device__ __forceinline__ float unit_q8_0(const u8* row, int u, const ActU& a, 
     return (dw * a.d) * (float)s;
 }
 
-// Q2_K: 84-byte block {scales[16], qs[64], f16 d, f16 dmin}; unit = 16-element sub-block.
-__device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActU& a) {
-    const int blk = u >> 4, k = u & 15;
-    const u8* b = row + blk * 84;
+// Q2_K in the GPU layout (layout.rs): a row of nb = K/256 blocks holds every block's
+// 64 qs bytes, then every block's 16 scale bytes, then every block's (f16 d, f16 dmin);
+// unit = 16-element sub-block. All fields are 4-byte aligned in a staged row.
+__device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActU& a, int K) {
+    const int blk = u >> 4, k = u & 15, nb = K >> 8;
     const int n = k >> 3, j = (k & 7) >> 1, l0 = (k & 1) * 16;
-    const u32* q = (const u32*)(b + 16 + 32 * n + l0);
+    const u32* q = (const u32*)(row + 64 * blk + 32 * n + l0);
     const int4 xv = a.x0;
     const int sh = 2 * j;
     int s = 0;
@@ -328,10 +331,11 @@ __device__ __forceinline__ float unit_q2_k(const u8* row, int u, const ActU& a) 
     s = dp4a((int)((q[1] >> sh) & 0x03030303u), xv.y, s);
     s = dp4a((int)((q[2] >> sh) & 0x03030303u), xv.z, s);
     s = dp4a((int)((q[3] >> sh) & 0x03030303u), xv.w, s);
-    const int sc = b[k];
+    const int sc = row[64 * nb + 16 * blk + k];
+    const u8* dd = row + 80 * nb + 4 * blk;
     const float xd = a.d;
-    const float dall = xd * h2f(*(const u16*)(b + 80));
-    const float dmin = xd * h2f(*(const u16*)(b + 82));
+    const float dall = xd * h2f(*(const u16*)dd);
+    const float dmin = xd * h2f(*(const u16*)(dd + 2));
     return dall * (float)((sc & 15) * s) - dmin * (float)((sc >> 4) * a.bs);
 }
 
@@ -380,11 +384,13 @@ __device__ __forceinline__ u32 sign_mask4(u32 bits4) {  // 4 sign bits -> 4 byte
 // the whole word: ~g + 1 = 256 - g stays inside its byte, so no carry crosses bytes.
 __device__ __forceinline__ int apply_sign4(u32 g, u32 m) { return (int)((g ^ m) + (m & 0x01010101u)); }
 
+// IQ2_XXS in the GPU layout (layout.rs): a row of nb = K/256 blocks holds every
+// block's 64 code bytes, then the nb f16 scales; unit = 32-element group (8 code
+// bytes). Staged rows are only 2-byte aligned in general (66-byte tiny rows).
 __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActU& a,
-                                              const u64* __restrict__ grid) {
+                                              const u64* __restrict__ grid, int K) {
     const int blk = u >> 3, g = u & 7;
-    const u8* b = row + blk * 66;
-    const u16* q = (const u16*)(b + 2 + 8 * g);
+    const u16* q = (const u16*)(row + 64 * blk + 8 * g);
     const u32 a0 = (u32)q[0] | ((u32)q[1] << 16);
     const u32 a1 = (u32)q[2] | ((u32)q[3] << 16);
     const int xw[8] = {a.x0.x, a.x0.y, a.x0.z, a.x0.w, a.x1.x, a.x1.y, a.x1.z, a.x1.w};
@@ -398,7 +404,8 @@ __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActU& 
         s = dp4a(apply_sign4((u32)(gv >> 32), sign_mask4(sg >> 4)), xw[2 * l + 1], s);
     }
     const int ls = (int)(a1 >> 28);
-    return 0.125f * (h2f(*(const u16*)b) * a.d) * (float)(s * (2 * ls + 1));
+    const float dw = h2f(*(const u16*)(row + 64 * (K >> 8) + 2 * blk));
+    return 0.125f * (dw * a.d) * (float)(s * (2 * ls + 1));
 }
 
 #include "iq2xxs_grid.cuh"
@@ -515,9 +522,9 @@ __device__ __forceinline__ void mv_quant(const MvSegs& sg, long long w_expert_st
                     if (q < rpw) {
                         const u8* row = grp + q * row_bytes;
                         if (TY == TY_Q8_0) acc[q] += unit_q8_0(row, u, x, K, aligned);
-                        else if (TY == TY_Q2_K) acc[q] += unit_q2_k(row, u, x);
+                        else if (TY == TY_Q2_K) acc[q] += unit_q2_k(row, u, x, K);
                         else if (TY == TY_Q4_K) acc[q] += unit_q4_k(row, u, x);
-                        else acc[q] += unit_iq2_xxs(row, u, x, grid_s);
+                        else acc[q] += unit_iq2_xxs(row, u, x, grid_s, K);
                     }
                 }
             }
@@ -645,6 +652,286 @@ MV_Q8_REGS(8, 8)
 MV_Q8_REGS(8, 16)
 MV_Q8_REGS(16, 16)
 
+// ---------------------------------------------------------------------------
+// IQ2_XXS and Q2_K (GPU layout, layout.rs) straight into registers, for rows of
+// K = 2048·PPL elements: a row's codes are K/4 bytes = 32·PPL pieces of 16 bytes,
+// lane l takes pieces l, l + 32, ... of R consecutive rows, all loads (codes and the
+// scales of each piece's block) issued before any is used; no shared memory for the
+// weights. A block is MV_WARPS warps; the grid covers every row once (blockIdx.y =
+// slot, as in mv_quant). The integer sums are the smem units' (unit_iq2_xxs,
+// unit_q2_k); the units of one piece (same block, same scales d, dmin) are summed
+// as integers before the one f32 scaling, as the CPU sums a whole block.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+// dp4a with unsigned bytes in a (Q2_K codes left in place: up to 3 << 6).
+__device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {
+    int r;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+__device__ __forceinline__ uint2 ld_nc8(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ld_nc4(const void* p) {
+    u32 v;
+    asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u16 ld_nc2(const void* p) {
+    u16 v;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
+// One IQ2_XXS group (code words a0: 4 grid indices; a1: 4 x 7 sign bits, 4-bit ls)
+// against 32 activation codes: (2ls + 1) · Σ ±grid · x, the integer of unit_iq2_xxs.
+// Sign bits to byte masks: (sg & 15) · 0x10204080 puts bit i at bit 8i + 7 (the
+// shifted copies do not overlap, so no carries), prmt 0xba98 replicates each byte's
+// top bit; likewise (sg & 0x70) · 0x01020408 for bits 4..6, with the parity (the 8th
+// sign) or-ed in at bit 31. With m = 0 or -1 per byte, ±g = (g ^ m) - m, and Σ m·x
+// is one more dp4a instead of an and + add.
+__device__ __forceinline__ int iq2_group(u32 a0, u32 a1, const int4& xa, const int4& xb,
+                                         const u64* __restrict__ grid) {
+    const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    int s = 0, t = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        const u64 gv = grid[(a0 >> (8 * l)) & 255u];
+        const u32 sg = (a1 >> (7 * l)) & 127u;
+        const u32 mlo = prmt((sg & 15u) * 0x10204080u, 0u, 0xba98u);
+        // the 8th sign (parity) goes straight to bit 31, the top of byte 3
+        const u32 mhi = prmt(((sg & 0x70u) * 0x01020408u) | ((u32)__popc(sg) << 31), 0u, 0xba98u);
+        s = dp4a((int)((u32)gv ^ mlo), xw[2 * l], s);
+        t = dp4a((int)mlo, xw[2 * l], t);
+        s = dp4a((int)((u32)(gv >> 32) ^ mhi), xw[2 * l + 1], s);
+        t = dp4a((int)mhi, xw[2 * l + 1], t);
+    }
+    return (s - t) * (2 * (int)(a1 >> 28) + 1);
+}
+
+// The row of segment-numbered row r (weights of expert e_off), or null past the end.
+__device__ __forceinline__ const u8* mv_row(const MvSegs& sg, long long e_off, int r,
+                                            int row_bytes) {
+    if (r >= sg.start[sg.n]) return 0;
+    const int sgi = mv_seg(sg, r);
+    return (const u8*)sg.w[sgi] + e_off + (long long)(r - sg.start[sgi]) * row_bytes;
+}
+
+__device__ __forceinline__ void mv_store(const MvSegs& sg, int r, int slot, int ntok, int t,
+                                         float v) {
+    const int sgi = mv_seg(sg, r);
+    float* ys = (float*)sg.y[sgi];
+    ys[((long long)slot * ntok + t) * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
+}
+
+// IQ2_XXS: piece p = the 64 code bytes' quarter of block p / 4 = groups 2(p & 3) and
+// 2(p & 3) + 1 (words x, y and z, w); the block's f16 d at K/4 + 2·(p / 4).
+template <int PPL, int R>
+__device__ __forceinline__ void mv_iq2_xxs_regs(const MvSegs& sg, long long w_expert_stride,
+                                                const int* __restrict__ ids,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd, int ntok,
+                                                int x_group) {
+    constexpr int K = 2048 * PPL;
+    constexpr int ROW_BYTES = K / 256 * 66;
+    __shared__ u64 grid_s[256];
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int slot = blockIdx.y;
+    if (ids) PDL_WAIT();
+    const int e = ids ? ids[slot] : slot;
+    const long long e_off = (long long)e * w_expert_stride;
+    const int total = sg.start[sg.n];
+    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    uint4 w[R][PPL];
+    u16 wd[R][PPL];
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const u8* row = mv_row(sg, e_off, r0 + q, ROW_BYTES);
+        if (row) {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = ld_stream16(row + 16 * (lane + 32 * i));
+#pragma unroll
+            for (int i = 0; i < PPL; i++) wd[q][i] = ld_nc2(row + K / 4 + 2 * ((lane + 32 * i) >> 2));
+        } else {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) { w[q][i] = make_uint4(0, 0, 0, 0); wd[q][i] = 0; }
+        }
+    }
+    grid_s[threadIdx.x] = IQ2XXS_GRID[threadIdx.x];
+    grid_s[threadIdx.x + 128] = IQ2XXS_GRID[threadIdx.x + 128];
+    __syncthreads();
+    if (!ids) PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    if (r0 >= total) return;
+    for (int t = 0; t < ntok; t++) {
+        const long long arow = (long long)(slot / x_group) * ntok + t;
+        const i8* xa = xq + arow * K;
+        const float* xs = xd + arow * (K / 256);
+        float acc[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const int p = lane + 32 * i;
+            const int4* xp = (const int4*)(xa + 64 * p);
+            const int4 x0 = xp[0], x1 = xp[1], x2 = xp[2], x3 = xp[3];
+            const float xsc = 0.125f * xs[p >> 2];
+#pragma unroll
+            for (int q = 0; q < R; q++) {
+                const int sum = iq2_group(w[q][i].x, w[q][i].y, x0, x1, grid_s) +
+                                iq2_group(w[q][i].z, w[q][i].w, x2, x3, grid_s);
+                acc[q] += (h2f(wd[q][i]) * xsc) * (float)sum;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const float v = warp_sum(acc[q]);
+            if (lane == 0 && r0 + q < total) mv_store(sg, r0 + q, slot, ntok, t, v);
+        }
+    }
+}
+
+// Q2_K: piece p = qs bytes 16m .. 16m + 15 of block b = p / 4 (m = p & 3, n = m / 2,
+// h = m & 1); bit pair j of its bytes is sub-block k = 8n + 2j + h, j = 0..3. Its
+// scale bytes k are among the 8 at K/4 + 16b + 8n (every other one from h), its
+// (d, dmin) at K/4 + K/16 + 4b. Activation: the 16 codes of sub-block k at
+// 256b + 16k, bsums[16b + k] among the 8 at 16b + 8n.
+template <int PPL, int R>
+__device__ __forceinline__ void mv_q2_k_regs(const MvSegs& sg, long long w_expert_stride,
+                                             const int* __restrict__ ids,
+                                             const i8* __restrict__ xq,
+                                             const float* __restrict__ xd,
+                                             const i16* __restrict__ xbs, int ntok,
+                                             int x_group) {
+    constexpr int K = 2048 * PPL;
+    constexpr int ROW_BYTES = K / 256 * 84;
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int slot = blockIdx.y;
+    if (ids) PDL_WAIT();
+    const int e = ids ? ids[slot] : slot;
+    const long long e_off = (long long)e * w_expert_stride;
+    const int total = sg.start[sg.n];
+    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    uint4 w[R][PPL];
+    uint2 wsc[R][PPL];
+    u32 wdm[R][PPL];
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const u8* row = mv_row(sg, e_off, r0 + q, ROW_BYTES);
+        if (row) {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = ld_stream16(row + 16 * (lane + 32 * i));
+#pragma unroll
+            for (int i = 0; i < PPL; i++) {
+                const int p = lane + 32 * i;
+                wsc[q][i] = ld_nc8(row + K / 4 + 16 * (p >> 2) + 8 * ((p >> 1) & 1));
+                wdm[q][i] = ld_nc4(row + K / 4 + K / 16 + 4 * (p >> 2));
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) {
+                w[q][i] = make_uint4(0, 0, 0, 0);
+                wsc[q][i] = make_uint2(0, 0);
+                wdm[q][i] = 0;
+            }
+        }
+    }
+    if (!ids) PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    if (r0 >= total) return;
+    const int h = lane & 1;  // p & 1 for every piece of this lane
+    for (int t = 0; t < ntok; t++) {
+        const long long arow = (long long)(slot / x_group) * ntok + t;
+        const i8* xa = xq + arow * K;
+        const float* xs = xd + arow * (K / 256);
+        const i16* xb = xbs + arow * (K / 16);
+        float acc[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const int p = lane + 32 * i;
+            const int b = p >> 2, n = (p >> 1) & 1;
+            int4 xv[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[j] = *(const int4*)(xa + 256 * b + 128 * n + 32 * j + 16 * h);
+            const uint4 bsw = *(const uint4*)(xb + 16 * b + 8 * n);
+            // bsums of sub-blocks 8n + 2j + h: the low (h = 0) or high half of word j
+            const u32 bw[4] = {bsw.x, bsw.y, bsw.z, bsw.w};
+            int bs[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) bs[j] = h ? (int)bw[j] >> 16 : (int)(short)(bw[j] & 0xffffu);
+            const float xsc = xs[b];
+#pragma unroll
+            for (int q = 0; q < R; q++) {
+                const uint4 c = w[q][i];
+                // scale bytes 2j + h of the 8: after >> 8h, j = 0, 1 in word x at bytes 0, 2
+                const u32 s01 = wsc[q][i].x >> (8 * h), s23 = wsc[q][i].y >> (8 * h);
+                int S = 0, M = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const u32 mask = 0x03030303u << (2 * j);
+                    int s = dp4a_us(c.x & mask, xv[j].x, 0);
+                    s = dp4a_us(c.y & mask, xv[j].y, s);
+                    s = dp4a_us(c.z & mask, xv[j].z, s);
+                    s = dp4a_us(c.w & mask, xv[j].w, s);
+                    s >>= 2 * j;  // exact: every code was 4^j times too large
+                    const u32 sc = ((j < 2 ? s01 : s23) >> (16 * (j & 1))) & 0xffu;
+                    S += (int)(sc & 15u) * s;
+                    M += (int)(sc >> 4) * bs[j];
+                }
+                const float dall = xsc * h2f((u16)(wdm[q][i] & 0xffffu));
+                const float dmin = xsc * h2f((u16)(wdm[q][i] >> 16));
+                acc[q] += dall * (float)S - dmin * (float)M;
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const float v = warp_sum(acc[q]);
+            if (lane == 0 && r0 + q < total) mv_store(sg, r0 + q, slot, ntok, t, v);
+        }
+    }
+}
+
+// Register caps (blocks per multiprocessor): left alone, ptxas interleaves the R rows'
+// decodes (grid lookups hoisted) and takes up to 255 registers. 2 pieces per lane:
+// <= 128 registers; 4: <= 168; 8: <= 255.
+#define MV_K_MIN_BLOCKS(PPL, R) ((PPL) * (R) >= 8 ? 2 : (PPL) * (R) >= 4 ? 3 : 4)
+#define MV_K_REGS(PPL, R)                                                                       \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_K_MIN_BLOCKS(PPL, R))                \
+        mv_iq2_xxs_p##PPL##_r##R(                                                               \
+        MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
+        const i8* __restrict__ xq, const float* __restrict__ xd,                                \
+        const i16* __restrict__ xbs, int ntok, int x_group) {                                   \
+        mv_iq2_xxs_regs<PPL, R>(sg, w_expert_stride, ids, xq, xd, ntok, x_group);               \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, MV_K_MIN_BLOCKS(PPL, R))                \
+        mv_q2_k_p##PPL##_r##R(                                                                  \
+        MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
+        const i8* __restrict__ xq, const float* __restrict__ xd,                                \
+        const i16* __restrict__ xbs, int ntok, int x_group) {                                   \
+        mv_q2_k_regs<PPL, R>(sg, w_expert_stride, ids, xq, xd, xbs, ntok, x_group);             \
+    }
+// (PPL, R) with PPL·R <= 8 pieces per lane: kernels.rs `K_REGS_VARIANTS`.
+MV_K_REGS(1, 1)
+MV_K_REGS(1, 2)
+MV_K_REGS(1, 4)
+MV_K_REGS(1, 8)
+MV_K_REGS(2, 1)
+MV_K_REGS(2, 2)
+MV_K_REGS(2, 4)
+MV_K_REGS(4, 1)
+MV_K_REGS(4, 2)
+
 // acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
 __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {
     acc = fmaf(h2f((u16)(w.x & 0xffff)), xa.x, acc);
@@ -762,7 +1049,10 @@ extern "C" __global__ void synth_blocks(u8* __restrict__ p, long long n_blocks, 
         ((u32*)p)[i] = hash32(seed ^ (u64)i * 0x9e3779b97f4a7c15ull);
 }
 
-// row_k > 0: Q8_0 in the GPU layout with rows of row_k elements (scales after the codes).
+// row_k > 0: rows of row_k elements in the GPU layout (layout.rs), whose scales are
+// not inside the blocks: Q8_0 (blk_bytes 34): the f16 d of block j of a row at
+// K + 2j; IQ2_XXS (66): at 64·nb + 2j; Q2_K (84): d at 80·nb + 4j, dmin 2 bytes on
+// (nb = row_k / 256). Otherwise the fields are at f0, f1 inside each block.
 extern "C" __global__ void synth_scales(u8* __restrict__ p, long long n_blocks, int blk_bytes,
                                         int f0, int f1, u64 seed, int row_k) {
     for (long long b = blockIdx.x * (long long)blockDim.x + threadIdx.x; b < n_blocks;
@@ -770,8 +1060,17 @@ extern "C" __global__ void synth_scales(u8* __restrict__ p, long long n_blocks, 
         const u32 h = hash32(seed + 0x5bd1e995ull * (u64)b);
         const float s = 1e-3f * (1.0f + (float)(h & 0xffff) / 65536.0f);
         if (row_k > 0) {
-            const long long per_row = row_k / 32, row = b / per_row;
-            *(u16*)(p + row * per_row * blk_bytes + row_k + 2 * (b - row * per_row)) = f2h(s);
+            const long long per_row = blk_bytes == 34 ? row_k / 32 : row_k / 256;
+            const long long row = b / per_row, j = b - row * per_row;
+            u8* r = p + row * per_row * blk_bytes;
+            if (blk_bytes == 34) {
+                *(u16*)(r + row_k + 2 * j) = f2h(s);
+            } else if (blk_bytes == 66) {
+                *(u16*)(r + 64 * per_row + 2 * j) = f2h(s);
+            } else {
+                *(u16*)(r + 80 * per_row + 4 * j) = f2h(s);
+                *(u16*)(r + 80 * per_row + 4 * j + 2) = f2h(0.5f * s);
+            }
             continue;
         }
         *(u16*)(p + b * blk_bytes + f0) = f2h(s);

@@ -242,6 +242,11 @@ pub struct Kernels {
     mv_q2_k: CudaFunction,
     mv_q4_k: CudaFunction,
     mv_iq2_xxs: CudaFunction,
+    /// Register-streaming IQ2_XXS / Q2_K matvecs for K = 2048·PPL, by (type, PPL, rows
+    /// per warp) (`K_REGS_VARIANTS`); empty when `DS4_MV_REGS_K=0` (A/B runs).
+    mv_k_regs: Vec<((GgmlType, usize, usize), CudaFunction)>,
+    /// Rows per warp of those kernels forced by `DS4_MV_REGS_K_R` (tuning runs).
+    k_regs_rows: Option<usize>,
     mv_f16: CudaFunction,
     mv_f16_warp: CudaFunction,
     pub(crate) synth_blocks: CudaFunction,
@@ -265,6 +270,20 @@ const Q8_REGS_VARIANTS: [(usize, usize); 12] = [
     (8, 8),
     (8, 16),
     (16, 16),
+];
+
+/// The compiled `mv_iq2_xxs_p{PPL}_r{R}` / `mv_q2_k_p{PPL}_r{R}` kernels (matvec.cu
+/// `MV_K_REGS`): 16-byte code pieces per lane and row (K = 2048·PPL), rows per warp.
+const K_REGS_VARIANTS: [(usize, usize); 9] = [
+    (1, 1),
+    (1, 2),
+    (1, 4),
+    (1, 8),
+    (2, 1),
+    (2, 2),
+    (2, 4),
+    (4, 1),
+    (4, 2),
 ];
 
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
@@ -311,6 +330,20 @@ impl Kernels {
             mv_q2_k: mv("mv_q2_k")?,
             mv_q4_k: mv("mv_q4_k")?,
             mv_iq2_xxs: mv("mv_iq2_xxs")?,
+            mv_k_regs: if crate::launch::env_switch("DS4_MV_REGS_K") {
+                let mut v = Vec::new();
+                for &(ppl, r) in &K_REGS_VARIANTS {
+                    for (ty, name) in [(GgmlType::IQ2_XXS, "iq2_xxs"), (GgmlType::Q2_K, "q2_k")] {
+                        v.push(((ty, ppl, r), f(&format!("mv_{name}_p{ppl}_r{r}"))?));
+                    }
+                }
+                v
+            } else {
+                Vec::new()
+            },
+            k_regs_rows: std::env::var("DS4_MV_REGS_K_R")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             mv_f16: f("mv_f16")?,
             mv_f16_warp: f("mv_f16_warp")?,
             synth_blocks: f("synth_blocks")?,
@@ -638,6 +671,43 @@ impl Kernels {
             unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
             return Ok(());
         }
+        if matches!(m.ty, GgmlType::IQ2_XXS | GgmlType::Q2_K)
+            && m.k.is_multiple_of(2048)
+            // 16-byte loads of codes, activation codes and bsums need aligned bases
+            // (the rows themselves are 16-byte multiples when K = 2048·PPL).
+            && [m.w_slot_stride, act.qs.ptr, act.bsums.ptr]
+                .iter()
+                .chain(sg.w.iter().take(n_segs))
+                .all(|v| v.is_multiple_of(16))
+            && let Some((func, rows_per_warp)) =
+                self.k_regs_kernel(m.ty, m.k / 2048, total, m.slots)
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    total.div_ceil(MV_WARPS * rows_per_warp) as u32,
+                    m.slots as u32,
+                    1,
+                ),
+                block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let stride = m.w_slot_stride as i64;
+            let x_group = m.x_group as i32;
+            let mut b = KernelArgs::new();
+            b.arg(&sg)
+                .arg(&stride)
+                .arg(&m.ids)
+                .arg(&act.qs.ptr)
+                .arg(&act.d.ptr)
+                .arg(&act.bsums.ptr)
+                .arg(&ntok)
+                .arg(&x_group);
+            // SAFETY: matches `MV_K_REGS`; shapes checked above (K = 2048·PPL, so rows
+            // and activation rows are 16-byte multiples; bases aligned); routed slots
+            // PDL_WAIT first.
+            unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+            return Ok(());
+        }
         if !m.k.is_multiple_of(be) {
             return Err(shape_err(format!(
                 "{} row of {} elements: must be whole blocks of {be}",
@@ -727,6 +797,43 @@ impl Kernels {
         pick
     }
 
+    /// The register-streaming IQ2_XXS / Q2_K kernel for rows of 2048·`ppl` elements and
+    /// the rows each warp takes: the most with ≤ 4 pieces per lane (those fit 168
+    /// registers without spills, so ≥ 3 blocks stay resident per multiprocessor) that
+    /// still leave ≥ 2 blocks per multiprocessor, or `DS4_MV_REGS_K_R` where that
+    /// variant exists.
+    fn k_regs_kernel(
+        &self,
+        ty: GgmlType,
+        ppl: usize,
+        total_rows: usize,
+        slots: usize,
+    ) -> Option<(&CudaFunction, usize)> {
+        let variant = |r: usize| {
+            self.mv_k_regs
+                .iter()
+                .find(|(v, _)| *v == (ty, ppl, r))
+                .map(|(_, f)| (f, r))
+        };
+        if let Some(forced) = self.k_regs_rows.and_then(variant) {
+            return Some(forced);
+        }
+        let mut pick = None;
+        for r in [1usize, 2, 4] {
+            let Some(v) = variant(r) else {
+                continue;
+            };
+            if pick.is_some() && ppl * r > 4 {
+                break;
+            }
+            let blocks = total_rows.div_ceil(MV_WARPS * r) * slots;
+            if pick.is_none() || blocks >= 2 * self.sm_count {
+                pick = Some(v);
+            }
+        }
+        pick
+    }
+
     /// Fills `n_blocks` blocks of `ty` at `p` (rows of `k` elements) with random codes and
     /// small positive scales, in the layout the kernels read (`crate::layout`).
     pub fn synth_weights(
@@ -760,16 +867,20 @@ impl Kernels {
         let nb = n_blocks as i64;
         let bb = ty.block_bytes() as i32;
         // Rearranged types (`crate::layout`) keep their scales after the row's codes: the
-        // scale writer needs the row length to find them.
+        // kernel needs the row length to find them.
         let row_k: i32 = if crate::layout::is_rearranged(ty) {
-            if k == 0 || !k.is_multiple_of(32) || !n_blocks.is_multiple_of((k / 32) as u64) {
+            let be = ty.block_elems() as usize;
+            if k == 0 || !k.is_multiple_of(be) || !n_blocks.is_multiple_of((k / be) as u64) {
                 return Err(Error::Shape {
-                    what: "synthetic Q8_0 weights",
-                    detail: format!("{n_blocks} blocks are not whole rows of {k} elements"),
+                    what: "synthetic weights",
+                    detail: format!(
+                        "{n_blocks} blocks of {} are not whole rows of {k} elements",
+                        ty.name()
+                    ),
                 });
             }
             i32::try_from(k).map_err(|_| Error::Shape {
-                what: "synthetic Q8_0 weights",
+                what: "synthetic weights",
                 detail: format!("row of {k} elements"),
             })?
         } else {

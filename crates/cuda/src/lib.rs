@@ -16,7 +16,8 @@
 //! * [`model_bench`]: `ds4 bench --synthetic`: the whole model with random weights.
 //! * [`bench`]: the weight-streaming microbenchmark (`ds4 bench --streaming`).
 //! * [`plan`]: the GPU memory planner (what goes where, does it fit).
-//! * [`layout`]: weights rearranged at upload for the kernels (Q8_0: codes, then scales).
+//! * [`layout`]: weights rearranged at upload for the kernels (Q8_0, IQ2_XXS, Q2_K: per
+//!   row, the codes of every block, then the scales).
 
 pub mod attention;
 pub mod backend;

@@ -455,6 +455,54 @@ fn cases() -> Vec<Case> {
             4096,
             5,
         ),
+        // Register-streaming IQ2_XXS / Q2_K matvecs at the other row lengths they take
+        // (K = 2048·PPL: PPL 1, 2 and 4).
+        routed(
+            "exps_gate-like  IQ2_XXS 8192->512 routed 6",
+            IQ2_XXS,
+            8192,
+            512,
+            1,
+        ),
+        batched(
+            "exps_gate-like  IQ2_XXS 2048->1024 batched 2 tok",
+            IQ2_XXS,
+            2048,
+            1024,
+            2,
+        ),
+        routed(
+            "exps_down-like  Q2_K    4096->1024 routed 6",
+            Q2_K,
+            4096,
+            1024,
+            1,
+        ),
+        case("exps_down-like  Q2_K    8192->256", Q2_K, 8192, 256),
+        // The shared-memory matvec with the GPU layout: 16-byte rows (Q2_K K = 1024) and
+        // the tiny test models' rows (66 / 84 bytes, byte-staged).
+        batched(
+            "smem            Q2_K    1024->256 batched 3 tok",
+            Q2_K,
+            1024,
+            256,
+            3,
+        ),
+        routed(
+            "tiny            IQ2_XXS 256->64 routed 2 tok x 6",
+            IQ2_XXS,
+            256,
+            64,
+            2,
+        ),
+        batched(
+            "tiny            Q2_K    256->72 batched 3 tok",
+            Q2_K,
+            256,
+            72,
+            3,
+        ),
+        routed("tiny            Q2_K    768->40 routed 6", Q2_K, 768, 40, 1),
         batched(
             "ffn_gate_inp    F16     4096->256 batched 5 tok",
             F16,
