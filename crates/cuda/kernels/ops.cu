@@ -1160,6 +1160,79 @@ extern "C" __global__ void __launch_bounds__(IDX_TILE)
     scores[(long long)t * ld_s + c0 + c] = acc;
 }
 
+// idx_scores_heads: the same scores, bit for bit, with the heads in parallel. The old
+// kernel gave each thread a whole row: 64 heads x 128 dependent adds with a global q
+// load in each, ~200 us per layer once more than top_k rows are visible. Here thread
+// (h, g) runs head h's dot product for the 4 rows of group g (IDXH_ROWS rows per block),
+// still summing k in order without FMA; one thread per row then adds the heads in order.
+// q sits in shared memory with rows padded to 132 floats: 16-byte reads by consecutive
+// heads fall in distinct banks; the keys are read as broadcasts. heads <= 64.
+#define IDXH_ROWS 16
+#define IDXH_THREADS 256
+#define IDXH_QLD 132
+extern "C" __global__ void __launch_bounds__(IDXH_THREADS)
+    idx_scores_heads(const float* q, int ld_q, const float* w, int ld_w, int heads,
+                     const float* rows, const int* pos_p, int r, int top_k, float* scores,
+                     int ld_s) { PDL_START();
+    extern __shared__ float4 idxh_smem[];
+    float* qs = (float*)idxh_smem;              // heads x IDXH_QLD
+    float* ks = qs + 64 * IDXH_QLD;             // IDXH_ROWS x 128
+    float* ds = ks + IDXH_ROWS * 128;           // IDXH_ROWS x 64
+    float* ws = ds + IDXH_ROWS * 64;            // 64
+    const int t = blockIdx.y;
+    const int p = *pos_p + t;
+    const int visible = (p + 1) / r;
+    const int c0 = blockIdx.x * IDXH_ROWS;
+    if (visible <= top_k || c0 >= visible) return;
+    const int nrow = min(IDXH_ROWS, visible - c0);
+    const float* qt = q + (long long)t * ld_q;
+    for (int j = threadIdx.x; j < heads * 32; j += blockDim.x) {
+        const float4 v = *(const float4*)(qt + 4 * j);
+        *(float4*)(qs + (j >> 5) * IDXH_QLD + 4 * (j & 31)) = v;
+    }
+    for (int j = threadIdx.x; j < nrow * 32; j += blockDim.x)
+        *(float4*)(ks + 4 * j) = *(const float4*)(rows + (long long)c0 * 128 + 4 * j);
+    if (threadIdx.x < heads) ws[threadIdx.x] = w[(long long)t * ld_w + threadIdx.x];
+    __syncthreads();
+    const int h = threadIdx.x & 63, g = threadIdx.x >> 6;
+    if (h < heads && 4 * g < nrow) {
+        const float* qh = qs + h * IDXH_QLD;
+        const float* k0 = ks + (4 * g) * 128;
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma unroll 4
+        for (int k = 0; k < 128; k += 4) {
+            const float4 qv = *(const float4*)(qh + k);
+            const float4 a = *(const float4*)(k0 + k);
+            const float4 b = *(const float4*)(k0 + 128 + k);
+            const float4 c = *(const float4*)(k0 + 256 + k);
+            const float4 e = *(const float4*)(k0 + 384 + k);
+            d0 = __fadd_rn(d0, __fmul_rn(qv.x, a.x)); d1 = __fadd_rn(d1, __fmul_rn(qv.x, b.x));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.x, c.x)); d3 = __fadd_rn(d3, __fmul_rn(qv.x, e.x));
+            d0 = __fadd_rn(d0, __fmul_rn(qv.y, a.y)); d1 = __fadd_rn(d1, __fmul_rn(qv.y, b.y));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.y, c.y)); d3 = __fadd_rn(d3, __fmul_rn(qv.y, e.y));
+            d0 = __fadd_rn(d0, __fmul_rn(qv.z, a.z)); d1 = __fadd_rn(d1, __fmul_rn(qv.z, b.z));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.z, c.z)); d3 = __fadd_rn(d3, __fmul_rn(qv.z, e.z));
+            d0 = __fadd_rn(d0, __fmul_rn(qv.w, a.w)); d1 = __fadd_rn(d1, __fmul_rn(qv.w, b.w));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.w, c.w)); d3 = __fadd_rn(d3, __fmul_rn(qv.w, e.w));
+        }
+        // Rows past nrow hold stale shared memory; their sums are never read.
+        ds[(4 * g + 0) * 64 + h] = d0;
+        ds[(4 * g + 1) * 64 + h] = d1;
+        ds[(4 * g + 2) * 64 + h] = d2;
+        ds[(4 * g + 3) * 64 + h] = d3;
+    }
+    __syncthreads();
+    if (threadIdx.x < nrow) {
+        const float qscale = 1.0f / sqrtf(128.0f);
+        const float wscale = 1.0f / sqrtf((float)heads);
+        const float* dr = ds + threadIdx.x * 64;
+        float acc = 0.0f;
+        for (int hh = 0; hh < heads; hh++)
+            acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(ws[hh], wscale), __fmul_rn(fmaxf(dr[hh], 0.0f), qscale)));
+        scores[(long long)t * ld_s + c0 + threadIdx.x] = acc;
+    }
+}
+
 __device__ __forceinline__ u32 order_key(float f) {
     const u32 b = __float_as_uint(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
@@ -1187,15 +1260,51 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         return;
     }
     const float* sc = scores + (long long)t * ld_s;
-    // Largest threshold T with count(key >= T) >= top_k.
-    u32 T = 0;
-    for (int bit = 31; bit >= 0; bit--) {
-        const u32 cand = T | (1u << bit);
-        int cnt = 0;
-        for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
-        cnt = (int)block_sum((float)cnt);
-        if (cnt >= top_k) T = cand;
+    // Largest threshold T with count(key >= T) >= top_k, i.e. the top_k-th largest key:
+    // a radix select, 8 bits a pass from the top, with a shared histogram of the keys
+    // that match the digits chosen so far (4 passes instead of 32 block reductions).
+    __shared__ int s_hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ int s_need;
+    if (threadIdx.x == 0) { s_prefix = 0; s_need = top_k; }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int j = threadIdx.x; j < 256; j += blockDim.x) s_hist[j] = 0;
+        __syncthreads();
+        const u32 prefix = s_prefix;
+        const u32 high_mask = shift == 24 ? 0u : ~0u << (shift + 8);
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) {
+            const u32 k = order_key(sc[c]);
+            if ((k & high_mask) == prefix) atomicAdd(&s_hist[(k >> shift) & 255], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane l holds digits 255-8l down to 248-8l; counts are taken from the top.
+            const int lane = threadIdx.x;
+            int sum = 0;
+            for (int b = 0; b < 8; b++) sum += s_hist[255 - 8 * lane - b];
+            int before = sum;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, before, o);
+                if (lane >= o) before += v;
+            }
+            before -= sum;  // exclusive: keys in higher digits than this lane's
+            const int need = s_need;
+            if (before < need && need <= before + sum) {
+                int cum = before;
+                for (int b = 0; b < 8; b++) {
+                    const int d = 255 - 8 * lane - b;
+                    if (cum + s_hist[d] >= need) {
+                        s_prefix = prefix | ((u32)d << shift);
+                        s_need = need - cum;
+                        break;
+                    }
+                    cum += s_hist[d];
+                }
+            }
+        }
+        __syncthreads();
     }
+    const u32 T = s_prefix;
     if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
     for (int c = threadIdx.x; c < visible; c += blockDim.x) {

@@ -352,6 +352,9 @@ impl AttentionKernels {
         let kps_i = to_i32("keys per split", kps)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let part = if split { a.scratch } else { 0u64 };
+        if crate::launch::is_skipped(func) {
+            return Ok(());
+        }
         let mut b = stream.launch_builder(func);
         b.arg(&a.q)
             .arg(&ld_q)
@@ -421,6 +424,9 @@ impl AttentionKernels {
         let window = to_i32("window", a.window)?;
         let nh_i = to_i32("n_head", a.n_head)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
+        if crate::launch::is_skipped(func) {
+            return Ok(());
+        }
         let mut b = stream.launch_builder(func);
         b.arg(&a.q)
             .arg(&ld_q)

@@ -48,6 +48,11 @@ const HC_FUSE_MAX_TOKENS: usize = 8;
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
 const IDX_TILE: usize = 32;
+/// Compressed rows scored per block by `idx_scores_heads` (`IDXH_ROWS` in ops.cu), and
+/// its shared memory: q (64 heads x 132 floats), the rows' keys, the per-head sums and
+/// the head weights.
+const IDXH_ROWS: usize = 16;
+const IDXH_SMEM_BYTES: u32 = ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
@@ -284,6 +289,7 @@ struct Ops {
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
     idx_scores: CudaFunction,
+    idx_scores_heads: CudaFunction,
     idx_topk: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
     attention: [CudaFunction; 4],
@@ -330,6 +336,7 @@ impl Ops {
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
             idx_scores: f("idx_scores")?,
+            idx_scores_heads: f("idx_scores_heads")?,
             idx_topk: f("idx_topk")?,
             attention: [
                 big("attention_1")?,
@@ -538,6 +545,9 @@ pub struct CudaBackend {
     moe_branch: bool,
     /// Decode: the compressors run on the side branch forward.rs marks
     /// (`Backend::branch_begin`; `DS4_ATTN_BRANCH=0`: one chain).
+    /// Indexer scores with the heads in parallel (`idx_scores_heads`); `DS4_IDX_HEADS=0`
+    /// keeps the row-per-thread kernel (A/B runs).
+    idx_heads: bool,
     attn_branch: bool,
     /// Whether the side stream has work the main stream has not joined yet.
     side_pending: std::sync::atomic::AtomicBool,
@@ -577,6 +587,7 @@ impl CudaBackend {
             fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
+            idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
             side_pending: std::sync::atomic::AtomicBool::new(false),
             side: rt.ctx.new_stream()?,
             on_side: std::sync::atomic::AtomicBool::new(false),
@@ -2489,10 +2500,22 @@ impl<'w> Backend<'w> for CudaBackend {
         while t0 < n {
             let m = (n - t0).min(tok_per_pass);
             let pos_p = self.pass_pos(t0)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
-                block_dim: (IDX_TILE as u32, 1, 1),
-                shared_mem_bytes: 0,
+            // Heads in parallel (bit-identical sums) unless DS4_IDX_HEADS=0 or > 64 heads.
+            let by_heads = heads <= 64 && self.idx_heads;
+            let (kernel, cfg) = if by_heads {
+                let cfg = LaunchConfig {
+                    grid_dim: ((cap as u32).div_ceil(IDXH_ROWS as u32).max(1), m as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: IDXH_SMEM_BYTES,
+                };
+                (&self.ops.idx_scores_heads, cfg)
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
+                    block_dim: (IDX_TILE as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (&self.ops.idx_scores, cfg)
             };
             let (qp, ldq, wp, ldw, h32, rp, r32, tk, ldsc) = (
                 q.buf.ptr + (t0 * q.cols * 4) as u64,
@@ -2505,7 +2528,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 top_k as i32,
                 as_i32(cap, "indexer rows")?,
             );
-            self.launch(&self.ops.idx_scores, cfg, |b| {
+            self.launch(kernel, cfg, |b| {
                 b.arg(&qp)
                     .arg(&ldq)
                     .arg(&wp)
