@@ -274,6 +274,7 @@ struct Ops {
     qkv_norm_rope: CudaFunction,
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
+    hc_pre_finish_split: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
@@ -320,6 +321,7 @@ impl Ops {
             qkv_norm_rope: f("qkv_norm_rope")?,
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
+            hc_pre_finish_split: f("hc_pre_finish_split")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
@@ -532,6 +534,9 @@ pub struct CudaBackend {
     /// Fused decode steps, on unless `DS4_HC_FUSE=0` / `DS4_NORM_QUANT=0` (A/B runs).
     fuse_hc_post: bool,
     fuse_norm_quant: bool,
+    /// hc = 4: the HC split's Sinkhorn runs in a block of its own beside the collapse
+    /// (`hc_pre_finish_split`; `DS4_HC_SPLIT_BLOCK=0`: one block per token does both).
+    hc_split_block: std::sync::atomic::AtomicBool,
     /// Decode: the shared expert runs on `side`, a branch beside the router and the
     /// routed experts (`DS4_MOE_BRANCH=0`: one chain, for A/B runs). While `on_side` is
     /// set, `stream()` is the side stream.
@@ -575,6 +580,9 @@ impl CudaBackend {
             use_graphs: !profiling,
             fuse_hc_post: crate::launch::env_switch("DS4_HC_FUSE"),
             fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
+            hc_split_block: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+                "DS4_HC_SPLIT_BLOCK",
+            )),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
             side_pending: std::sync::atomic::AtomicBool::new(false),
@@ -585,6 +593,16 @@ impl CudaBackend {
             replayed: AtomicU64::new(0),
             rt,
         })
+    }
+
+    /// Selftest: which HC split kernel runs (`DS4_HC_SPLIT_BLOCK` picks it otherwise),
+    /// so that one run checks both.
+    pub(crate) fn set_hc_split_block(&self, on: bool) {
+        self.hc_split_block.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn hc_split_block(&self) -> bool {
+        self.hc_split_block.load(Ordering::Relaxed)
     }
 
     pub fn runtime(&self) -> &Arc<CudaRuntime> {
@@ -1287,8 +1305,15 @@ impl CudaBackend {
         let (hc, e) = (s.hc_mult, s.n_embd);
         let threads: u32 = if n == 1 { 1024 } else { 256 };
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
+        // hc = 4: the Sinkhorn in a second block per token, beside the collapse.
+        let split = self.hc_split_block.load(Ordering::Relaxed) && hc == 4 && s.hc_mix() == 24;
+        let (kernel, grid_dim) = if split {
+            (&self.ops.hc_pre_finish_split, (2, n as u32, 1))
+        } else {
+            (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1))
+        };
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
+            grid_dim,
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1302,7 +1327,7 @@ impl CudaBackend {
             s.rms_eps,
         );
         let (yp, ldy, pp, cp) = (y.buf.ptr, y.cols as i32, post.buf.ptr, comb.buf.ptr);
-        self.launch(&self.ops.hc_pre_finish_norm, cfg, |b| {
+        self.launch(kernel, cfg, |b| {
             b.arg(&sp)
                 .arg(&lds)
                 .arg(&part)

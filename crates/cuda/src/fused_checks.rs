@@ -310,7 +310,10 @@ fn hc_quant_checks(
         &[e as u64, rows as u64],
         random_weights(rng, GgmlType::Q2_K, e * rows),
     )?;
-    for n in [1usize, 3] {
+    // The two-block split (hc_pre_finish_split, the default) and the one-block one.
+    let default_split = be.hc_split_block();
+    for (split, n) in [(true, 1usize), (true, 3), (false, 1), (false, 3)] {
+        be.set_hc_split_block(split);
         be.begin_chunk(&vec![0u32; n], 0)?;
         for (which, norm) in &norms {
             for merge in [false, true] {
@@ -343,7 +346,8 @@ fn hc_quant_checks(
                 } else {
                     "hc_pre_norm"
                 };
-                let tag = format!("fused {step:<16} {which:<4} n={n}");
+                let variant = if split { "" } else { " one-block" };
+                let tag = format!("fused {step:<16} {which:<4} n={n}{variant}");
                 let y_gpu = read(be, &y)?;
                 // Quantized copies first (the products below use them up).
                 let r = check_pending(
@@ -424,6 +428,7 @@ fn hc_quant_checks(
             }
         }
     }
+    be.set_hc_split_block(default_split);
     Ok(out)
 }
 
