@@ -686,11 +686,15 @@ extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* po
 // dot products of rows g, g+4, ... of the next HC fn over the block's columns, plus
 // Σ X'^2 (group 0), into part[(b·n + t)·(nm + 1) + r] (the layout of hc_mix_part,
 // np = gridDim.x slices). Grid (⌈e/64⌉, n).
+// With `routed` non-null (the FFN sublayer) the sublayer output is not read from `sub`
+// but summed here as moe_sum would: o = (Σ_{s<k} routed[t·k + s]) + shared[t], rows of e
+// (the route weights are already in the routed rows).
 #define HCPM_COLS 64
 extern "C" __global__ void __launch_bounds__(256)
     hc_post_mix(const float* sub, int ld_sub, const float* post, const float* comb, int e,
                 float* state, int ld_state, const u16* __restrict__ fn, int nm,
-                float* __restrict__ part) {
+                float* __restrict__ part, const float* routed, const float* shared,
+                int k_routed) {
     __shared__ float red[2 * 4][HCM_ROWS + 1];
     const int i = blockIdx.y, n = gridDim.y;
     const int g = threadIdx.x / HCPM_COLS;            // row group
@@ -719,7 +723,24 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* p = post + (long long)i * 4;
         const float* c = comb + (long long)i * 16;
         float* xr = state + (long long)i * ld_state;
-        const float o = sub[(long long)i * ld_sub + j];
+        float o;
+        if (routed) {
+            // The first 8 routed rows and the shared row load together; the sum keeps
+            // moe_sum's order.
+            const float* rr = routed + (long long)i * k_routed * e + j;
+            float rv[8];
+#pragma unroll
+            for (int s = 0; s < 8; s++) rv[s] = s < k_routed ? rr[(long long)s * e] : 0.0f;
+            const float sh = shared[(long long)i * e + j];
+            o = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 8; s++)
+                if (s < k_routed) o += rv[s];
+            for (int s = 8; s < k_routed; s++) o += rr[(long long)s * e];
+            o += sh;
+        } else {
+            o = sub[(long long)i * ld_sub + j];
+        }
         float old[4], nw[4];
 #pragma unroll
         for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
