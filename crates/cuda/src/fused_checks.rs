@@ -310,18 +310,44 @@ fn hc_quant_checks(
         &[e as u64, rows as u64],
         random_weights(rng, GgmlType::Q2_K, e * rows),
     )?;
-    for n in [1usize, 3] {
+    // The two-block split (hc_pre_finish_split, the default) and the one-block one.
+    let default_split = be.hc_split_block();
+    for (split, n) in [(true, 1usize), (true, 3), (false, 1), (false, 3)] {
+        be.set_hc_split_block(split);
         be.begin_chunk(&vec![0u32; n], 0)?;
         for (which, norm) in &norms {
-            for merge in [false, true] {
+            // The split alone, merge + split, and merge + split summing the MoE's
+            // outputs (the FFN sublayer's end: routed rows + shared row, no moe_sum).
+            for (merge, moe) in [(false, false), (true, false), (true, true)] {
                 let state_v = random_act(rng, n * hcm * e);
-                let sub_v = random_act(rng, n * e);
+                let k = s.n_expert_used;
+                let (routed_v, shared_v) = if moe {
+                    (random_act(rng, n * k * e), random_act(rng, n * e))
+                } else {
+                    (vec![], vec![])
+                };
+                // The sublayer output: moe_sum's (and the CPU's) order.
+                let sub_v = if moe {
+                    (0..n * e)
+                        .map(|idx| {
+                            let (t, j) = (idx / e, idx % e);
+                            let mut acc = 0f32;
+                            for slot in 0..k {
+                                acc += routed_v[(t * k + slot) * e + j];
+                            }
+                            acc + shared_v[idx]
+                        })
+                        .collect()
+                } else {
+                    random_act(rng, n * e)
+                };
                 let post_v: Vec<f32> = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
                 let comb_v: Vec<f32> = (0..n * hcm * hcm)
                     .map(|_| 0.25 + 0.2 * rng.unit())
                     .collect();
                 let mut state = act(be, n, hcm * e, &state_v)?;
-                let sub = act(be, n, e, &sub_v)?;
+                // With the MoE's outputs, sub is poisoned: the merge must not read it.
+                let sub = act(be, n, e, if moe { &[] } else { &sub_v })?;
                 // Merge inputs, or poisoned outputs of the split alone.
                 let (pv, cv): (&[f32], &[f32]) = if merge {
                     (&post_v, &comb_v)
@@ -331,19 +357,27 @@ fn hc_quant_checks(
                 let mut post = act(be, n, hcm, pv)?;
                 let mut comb = act(be, n, hcm * hcm, cv)?;
                 let mut y = act(be, n, e, &[])?;
-                if merge {
+                if moe {
+                    let routed = act(be, n * k, e, &routed_v)?;
+                    let shared = act(be, n, e, &shared_v)?;
+                    be.hc_post_pre_norm_moe(
+                        &routed, &shared, k, &sub, n, s, &mut state, &hcw.dev, norm, &mut y,
+                        &mut post, &mut comb,
+                    )?;
+                } else if merge {
                     be.hc_post_pre_norm(
                         &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
                     )?;
                 } else {
                     be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
                 }
-                let step = if merge {
-                    "hc_post+pre_norm"
-                } else {
-                    "hc_pre_norm"
+                let step = match (merge, moe) {
+                    (_, true) => "moe_sum+hc_post+pre_norm",
+                    (true, false) => "hc_post+pre_norm",
+                    (false, false) => "hc_pre_norm",
                 };
-                let tag = format!("fused {step:<16} {which:<4} n={n}");
+                let variant = if split { "" } else { " one-block" };
+                let tag = format!("fused {step:<16} {which:<4} n={n}{variant}");
                 let y_gpu = read(be, &y)?;
                 // Quantized copies first (the products below use them up).
                 let r = check_pending(
@@ -424,6 +458,7 @@ fn hc_quant_checks(
             }
         }
     }
+    be.set_hc_split_block(default_split);
     Ok(out)
 }
 
