@@ -249,6 +249,11 @@ pub struct Kernels {
     k_regs_rows: Option<usize>,
     mv_f16: CudaFunction,
     mv_f16_warp: CudaFunction,
+    /// Register-streaming F16 matvecs (`F16_REGS_VARIANTS`, in order of preference);
+    /// empty when `DS4_MV_F16_REGS=0` (A/B runs).
+    mv_f16_regs: Vec<(F16Variant, CudaFunction)>,
+    /// Variants forced by `DS4_MV_F16_V` (tuning runs): the first one of a launch's K wins.
+    f16_forced: Vec<F16Variant>,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -285,6 +290,82 @@ const K_REGS_VARIANTS: [(usize, usize); 9] = [
     (4, 1),
     (4, 2),
 ];
+
+/// A register-streaming F16 matvec `mv_f16_p{ppl}_r{rows}_s{split}` (matvec.cu
+/// `MV_F16_REGS`): rows of K = 256·ppl·split elements, each split over `split` warps
+/// whose lanes hold `ppl` 16-byte pieces of each of `rows` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct F16Variant {
+    pub ppl: usize,
+    pub rows: usize,
+    pub split: usize,
+}
+
+impl F16Variant {
+    const fn new(ppl: usize, rows: usize, split: usize) -> Self {
+        Self { ppl, rows, split }
+    }
+
+    /// The row length this variant takes.
+    pub fn k(&self) -> usize {
+        256 * self.ppl * self.split
+    }
+
+    /// Weight pieces in flight per lane.
+    fn pieces(&self) -> usize {
+        self.ppl * self.rows
+    }
+
+    /// Rows one block of `MV_WARPS` warps covers.
+    fn rows_per_block(&self) -> usize {
+        MV_WARPS / self.split * self.rows
+    }
+
+    fn kernel_name(&self) -> String {
+        format!("mv_f16_p{}_r{}_s{}", self.ppl, self.rows, self.split)
+    }
+
+    /// Parses `PxRxS` (e.g. `16x1x1`).
+    fn parse(s: &str) -> Option<Self> {
+        let mut it = s.trim().split('x').map(|v| v.parse::<usize>().ok());
+        let v = Self::new(it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(v)
+    }
+}
+
+/// The compiled register-streaming F16 kernels, by K, most pieces in flight per lane
+/// first (the default pick takes the first one that still fills the GPU).
+pub const F16_REGS_VARIANTS: [F16Variant; 12] = [
+    // K = 4096: router, compressors
+    F16Variant::new(16, 1, 1),
+    F16Variant::new(8, 2, 2),
+    F16Variant::new(8, 1, 2),
+    F16Variant::new(4, 4, 4),
+    F16Variant::new(4, 2, 4),
+    F16Variant::new(4, 1, 4),
+    // K = 1024: indexer q_b
+    F16Variant::new(4, 4, 1),
+    F16Variant::new(2, 8, 2),
+    F16Variant::new(4, 2, 1),
+    F16Variant::new(2, 4, 2),
+    F16Variant::new(4, 1, 1),
+    F16Variant::new(1, 4, 4),
+];
+
+/// `DS4_MV_F16_V` = comma-separated `PxRxS` variants (unknown ones are ignored).
+fn forced_f16_variants() -> Vec<F16Variant> {
+    let Ok(spec) = std::env::var("DS4_MV_F16_V") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
+        match F16Variant::parse(item) {
+            Some(v) if F16_REGS_VARIANTS.contains(&v) => out.push(v),
+            _ => tracing::warn!("DS4_MV_F16_V: no F16 matvec variant {item:?} (ignored)"),
+        }
+    }
+    out
+}
 
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
     k / ty.block_elems() as usize * ty.block_bytes() as usize
@@ -346,6 +427,15 @@ impl Kernels {
                 .and_then(|v| v.parse().ok()),
             mv_f16: f("mv_f16")?,
             mv_f16_warp: f("mv_f16_warp")?,
+            mv_f16_regs: if crate::launch::env_switch("DS4_MV_F16_REGS") {
+                F16_REGS_VARIANTS
+                    .iter()
+                    .map(|v| Ok((*v, f(&v.kernel_name())?)))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            },
+            f16_forced: forced_f16_variants(),
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -542,6 +632,36 @@ impl Kernels {
         ldy: usize,
         extra: &[MvSeg],
     ) -> Result<()> {
+        self.matvec_segs_with(stream, m, ldy, extra, None)
+    }
+
+    /// [`Self::matvec_segs`] of F16 weights through the register-streaming variant `v`
+    /// (selftest: every variant, whatever the default pick); an error when `v` is not
+    /// compiled (`DS4_MV_F16_REGS=0`) or does not take this shape.
+    pub fn matvec_f16_variant(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        ldy: usize,
+        extra: &[MvSeg],
+        v: F16Variant,
+    ) -> Result<()> {
+        self.matvec_segs_with(stream, m, ldy, extra, Some(v))
+    }
+
+    /// The register-streaming F16 variants this run compiled (none with `DS4_MV_F16_REGS=0`).
+    pub fn f16_regs_variants(&self) -> Vec<F16Variant> {
+        self.mv_f16_regs.iter().map(|(v, _)| *v).collect()
+    }
+
+    fn matvec_segs_with(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        ldy: usize,
+        extra: &[MvSeg],
+        f16_variant: Option<F16Variant>,
+    ) -> Result<()> {
         let shape_err = |detail: String| Error::Shape {
             what: "matvec",
             detail,
@@ -591,6 +711,24 @@ impl Kernels {
                 return Err(shape_err(format!(
                     "F16 needs k % 8 == 0, k <= {F16_MAX_K}, one slot (k {}, slots {})",
                     m.k, m.slots
+                )));
+            }
+            // 16-byte weight pieces need aligned matrices (rows are 512-byte multiples).
+            let regs = if m.k.is_multiple_of(256)
+                && sg.w.iter().take(n_segs).all(|w| w.is_multiple_of(16))
+                && x.is_multiple_of(16)
+            {
+                self.f16_regs_kernel(m.k, total, f16_variant)
+            } else {
+                None
+            };
+            if let Some((v, func)) = regs {
+                return self.launch_f16_regs(stream, v, func, &sg, x, total, ntok);
+            }
+            if let Some(v) = f16_variant {
+                return Err(shape_err(format!(
+                    "F16 variant {v:?} is not compiled or does not take k {}",
+                    m.k
                 )));
             }
             // Short rows: a warp per row (`mv_f16_warp`), else a block per row.
@@ -770,6 +908,77 @@ impl Kernels {
             .arg(&x_group)
             .arg(&rpw_i);
         // SAFETY: matches the MV_KERNEL signature; shapes checked above; PDL_WAIT first.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+        Ok(())
+    }
+
+    /// The register-streaming F16 kernel for rows of `k` elements: `want` when given and
+    /// compiled, else the first `DS4_MV_F16_V` variant of this K, else the first variant
+    /// (most pieces per lane) that gives ≥ 2 blocks per multiprocessor, else the one
+    /// with the most blocks. None when no variant takes this K or the kernels are off.
+    fn f16_regs_kernel(
+        &self,
+        k: usize,
+        total_rows: usize,
+        want: Option<F16Variant>,
+    ) -> Option<(F16Variant, &CudaFunction)> {
+        let find = |v: F16Variant| {
+            self.mv_f16_regs
+                .iter()
+                .find(|(c, _)| *c == v && c.k() == k)
+                .map(|(c, f)| (*c, f))
+        };
+        if let Some(v) = want {
+            return find(v);
+        }
+        if let Some(hit) = self.f16_forced.iter().find_map(|v| find(*v)) {
+            return Some(hit);
+        }
+        let blocks = |v: &F16Variant| total_rows.div_ceil(v.rows_per_block());
+        let fitting = self.mv_f16_regs.iter().filter(|(v, _)| v.k() == k);
+        fitting
+            .clone()
+            .find(|(v, _)| blocks(v) >= 2 * self.sm_count)
+            .or_else(|| {
+                fitting.fold(
+                    None,
+                    |best: Option<&(F16Variant, CudaFunction)>, c| match best {
+                        Some(b)
+                            if blocks(&b.0) > blocks(&c.0)
+                                || (blocks(&b.0) == blocks(&c.0)
+                                    && b.0.pieces() >= c.0.pieces()) =>
+                        {
+                            Some(b)
+                        }
+                        _ => Some(c),
+                    },
+                )
+            })
+            .map(|(v, f)| (*v, f))
+    }
+
+    /// Launches `mv_f16_p*_r*_s*` over the `total` rows of `sg` (x: f32 rows of K).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_f16_regs(
+        &self,
+        stream: &Arc<CudaStream>,
+        v: F16Variant,
+        func: &CudaFunction,
+        sg: &MvSegsArg,
+        x: u64,
+        total: usize,
+        ntok: i32,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(v.rows_per_block()) as u32, 1, 1),
+            block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = KernelArgs::new();
+        b.arg(sg).arg(&x).arg(&ntok);
+        // SAFETY: matches `MV_F16_REGS`; the caller checked K = 256·ppl·split, one slot,
+        // 16-byte aligned matrices and input; the kernel waits (PDL_WAIT) before it
+        // reads the input or writes.
         unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
