@@ -1036,6 +1036,26 @@ extern "C" __global__ void __launch_bounds__(128)
 // order (f32 fma, as fma8_f16), then the warp and (S > 1) the row's warps are summed.
 // The F16 path has one slot, so output row t of token t.
 // ---------------------------------------------------------------------------
+// fma8_f16 with the f16 -> f32 conversions pinned inside the token loop (asm volatile):
+// hoisted out of it they would double the registers the weights take and spill.
+__device__ __forceinline__ float h2f_pinned(u32 h) {
+    float f;
+    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+    return f;
+}
+
+__device__ __forceinline__ float fma8_f16_pinned(uint4 w, float4 xa, float4 xb, float acc) {
+    acc = fmaf(h2f_pinned(w.x & 0xffff), xa.x, acc);
+    acc = fmaf(h2f_pinned(w.x >> 16), xa.y, acc);
+    acc = fmaf(h2f_pinned(w.y & 0xffff), xa.z, acc);
+    acc = fmaf(h2f_pinned(w.y >> 16), xa.w, acc);
+    acc = fmaf(h2f_pinned(w.z & 0xffff), xb.x, acc);
+    acc = fmaf(h2f_pinned(w.z >> 16), xb.y, acc);
+    acc = fmaf(h2f_pinned(w.w & 0xffff), xb.z, acc);
+    acc = fmaf(h2f_pinned(w.w >> 16), xb.w, acc);
+    return acc;
+}
+
 template <int PPL, int R, int S>
 __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __restrict__ x,
                                             int ntok) {
@@ -1076,7 +1096,7 @@ __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __res
         for (int i = 0; i < PPL; i++) {
             const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
 #pragma unroll
-            for (int q = 0; q < R; q++) acc[q] = fma8_f16(w[q][i], xa, xb, acc[q]);
+            for (int q = 0; q < R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
         }
 #pragma unroll
         for (int q = 0; q < R; q++) {
@@ -1106,16 +1126,18 @@ __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __res
     }
 }
 
+// At most 128 registers (4 resident blocks per SM): a grid of up to 4·132 blocks is then
+// one wave (Flash's largest F16 products are 512 blocks with 16 pieces per lane).
 #define MV_F16_REGS(PPL, R, S)                                                                  \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32)                                 \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4)                              \
         mv_f16_p##PPL##_r##R##_s##S(MvSegs sg, const float* __restrict__ x, int ntok) {         \
         mv_f16_regs<PPL, R, S>(sg, x, ntok);                                                    \
     }
 // K = 4096 (router, compressors)
 MV_F16_REGS(16, 1, 1)
 MV_F16_REGS(8, 2, 2)
-MV_F16_REGS(8, 1, 2)
 MV_F16_REGS(4, 4, 4)
+MV_F16_REGS(8, 1, 2)
 MV_F16_REGS(4, 2, 4)
 MV_F16_REGS(4, 1, 4)
 // K = 1024 (indexer q_b)

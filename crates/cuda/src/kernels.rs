@@ -251,7 +251,7 @@ pub struct Kernels {
     mv_f16_warp: CudaFunction,
     /// Register-streaming F16 matvecs (`F16_REGS_VARIANTS`, in order of preference);
     /// empty when `DS4_MV_F16_REGS=0` (A/B runs).
-    mv_f16_regs: Vec<(F16Variant, CudaFunction)>,
+    mv_f16_regs: Vec<F16Kernel>,
     /// Variants forced by `DS4_MV_F16_V` (tuning runs): the first one of a launch's K wins.
     f16_forced: Vec<F16Variant>,
     pub(crate) synth_blocks: CudaFunction,
@@ -311,8 +311,8 @@ impl F16Variant {
         256 * self.ppl * self.split
     }
 
-    /// Weight pieces in flight per lane.
-    fn pieces(&self) -> usize {
+    /// Weight pieces (16 bytes) in flight per lane.
+    pub fn pieces(&self) -> usize {
         self.ppl * self.rows
     }
 
@@ -339,8 +339,8 @@ pub const F16_REGS_VARIANTS: [F16Variant; 12] = [
     // K = 4096: router, compressors
     F16Variant::new(16, 1, 1),
     F16Variant::new(8, 2, 2),
-    F16Variant::new(8, 1, 2),
     F16Variant::new(4, 4, 4),
+    F16Variant::new(8, 1, 2),
     F16Variant::new(4, 2, 4),
     F16Variant::new(4, 1, 4),
     // K = 1024: indexer q_b
@@ -351,6 +351,40 @@ pub const F16_REGS_VARIANTS: [F16Variant; 12] = [
     F16Variant::new(4, 1, 1),
     F16Variant::new(1, 4, 4),
 ];
+
+/// A loaded register-streaming F16 kernel and its resident blocks per multiprocessor.
+struct F16Kernel {
+    variant: F16Variant,
+    func: CudaFunction,
+    resident: usize,
+}
+
+/// The default register-streaming F16 variant for `total_rows` rows of `k` among
+/// `compiled` (variant, resident blocks per SM), in their order of preference (most
+/// pieces per lane first): the first whose grid is one wave of resident blocks and
+/// still ≥ 2 blocks per SM (every row's weights in flight at once, every SM busy), else
+/// the first with ≥ 2 blocks per SM, else the one with the most blocks (small matrices
+/// spread over every SM; the earlier one, with more pieces per lane, on ties).
+pub fn pick_f16_variant(
+    compiled: &[(F16Variant, usize)],
+    k: usize,
+    total_rows: usize,
+    sm_count: usize,
+) -> Option<F16Variant> {
+    let fitting = || compiled.iter().filter(|(v, _)| v.k() == k);
+    let blocks = |v: &F16Variant| total_rows.div_ceil(v.rows_per_block());
+    let enough = |v: &F16Variant| blocks(v) >= 2 * sm_count;
+    fitting()
+        .find(|(v, resident)| enough(v) && blocks(v) <= resident * sm_count)
+        .or_else(|| fitting().find(|(v, _)| enough(v)))
+        .or_else(|| {
+            fitting().fold(None, |best: Option<&(F16Variant, usize)>, c| match best {
+                Some(b) if blocks(&b.0) >= blocks(&c.0) => Some(b),
+                _ => Some(c),
+            })
+        })
+        .map(|(v, _)| *v)
+}
 
 /// `DS4_MV_F16_V` = comma-separated `PxRxS` variants (unknown ones are ignored).
 fn forced_f16_variants() -> Vec<F16Variant> {
@@ -430,7 +464,22 @@ impl Kernels {
             mv_f16_regs: if crate::launch::env_switch("DS4_MV_F16_REGS") {
                 F16_REGS_VARIANTS
                     .iter()
-                    .map(|v| Ok((*v, f(&v.kernel_name())?)))
+                    .map(|&variant| {
+                        let func = f(&variant.kernel_name())?;
+                        // Unknown occupancy: assume the 4 blocks `__launch_bounds__` asks for.
+                        let resident = func
+                            .occupancy_max_active_blocks_per_multiprocessor(
+                                (MV_WARPS * 32) as u32,
+                                0,
+                                None,
+                            )
+                            .map_or(4, |b| (b as usize).max(1));
+                        Ok(F16Kernel {
+                            variant,
+                            func,
+                            resident,
+                        })
+                    })
                     .collect::<Result<Vec<_>>>()?
             } else {
                 Vec::new()
@@ -651,7 +700,7 @@ impl Kernels {
 
     /// The register-streaming F16 variants this run compiled (none with `DS4_MV_F16_REGS=0`).
     pub fn f16_regs_variants(&self) -> Vec<F16Variant> {
-        self.mv_f16_regs.iter().map(|(v, _)| *v).collect()
+        self.mv_f16_regs.iter().map(|c| c.variant).collect()
     }
 
     fn matvec_segs_with(
@@ -912,10 +961,9 @@ impl Kernels {
         Ok(())
     }
 
-    /// The register-streaming F16 kernel for rows of `k` elements: `want` when given and
-    /// compiled, else the first `DS4_MV_F16_V` variant of this K, else the first variant
-    /// (most pieces per lane) that gives ≥ 2 blocks per multiprocessor, else the one
-    /// with the most blocks. None when no variant takes this K or the kernels are off.
+    /// The register-streaming F16 kernel for rows of `k` elements: `want` when given,
+    /// else the first `DS4_MV_F16_V` variant of this K, else [`pick_f16_variant`]. None
+    /// when no compiled variant takes this K (tiny models) or the kernels are off.
     fn f16_regs_kernel(
         &self,
         k: usize,
@@ -925,8 +973,8 @@ impl Kernels {
         let find = |v: F16Variant| {
             self.mv_f16_regs
                 .iter()
-                .find(|(c, _)| *c == v && c.k() == k)
-                .map(|(c, f)| (*c, f))
+                .find(|c| c.variant == v && v.k() == k)
+                .map(|c| (c.variant, &c.func))
         };
         if let Some(v) = want {
             return find(v);
@@ -934,27 +982,12 @@ impl Kernels {
         if let Some(hit) = self.f16_forced.iter().find_map(|v| find(*v)) {
             return Some(hit);
         }
-        let blocks = |v: &F16Variant| total_rows.div_ceil(v.rows_per_block());
-        let fitting = self.mv_f16_regs.iter().filter(|(v, _)| v.k() == k);
-        fitting
-            .clone()
-            .find(|(v, _)| blocks(v) >= 2 * self.sm_count)
-            .or_else(|| {
-                fitting.fold(
-                    None,
-                    |best: Option<&(F16Variant, CudaFunction)>, c| match best {
-                        Some(b)
-                            if blocks(&b.0) > blocks(&c.0)
-                                || (blocks(&b.0) == blocks(&c.0)
-                                    && b.0.pieces() >= c.0.pieces()) =>
-                        {
-                            Some(b)
-                        }
-                        _ => Some(c),
-                    },
-                )
-            })
-            .map(|(v, f)| (*v, f))
+        let compiled: Vec<(F16Variant, usize)> = self
+            .mv_f16_regs
+            .iter()
+            .map(|c| (c.variant, c.resident))
+            .collect();
+        pick_f16_variant(&compiled, k, total_rows, self.sm_count).and_then(find)
     }
 
     /// Launches `mv_f16_p*_r*_s*` over the `total` rows of `sg` (x: f32 rows of K).
@@ -1131,4 +1164,94 @@ impl Kernels {
 /// Bytes of `rows` rows of `k` elements of `ty`.
 pub fn matrix_bytes(ty: GgmlType, k: usize, rows: usize) -> usize {
     row_bytes(ty, k) * rows
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const H100_SMS: usize = 132;
+
+    fn v(ppl: usize, rows: usize, split: usize) -> F16Variant {
+        F16Variant::new(ppl, rows, split)
+    }
+
+    fn all_resident(n: usize) -> Vec<(F16Variant, usize)> {
+        F16_REGS_VARIANTS.iter().map(|&x| (x, n)).collect()
+    }
+
+    #[test]
+    fn f16_variant_spec_parses_only_whole_triples() {
+        assert_eq!(F16Variant::parse("16x1x1"), Some(v(16, 1, 1)));
+        assert_eq!(F16Variant::parse(" 4x4x1 "), Some(v(4, 4, 1)));
+        assert_eq!(F16Variant::parse("16x1"), None);
+        assert_eq!(F16Variant::parse("16x1x1x1"), None);
+        assert_eq!(F16Variant::parse("ax1x1"), None);
+        assert_eq!(F16Variant::parse(""), None);
+    }
+
+    #[test]
+    fn every_f16_variant_is_instantiated_and_fits_a_block() {
+        let src = include_str!("../kernels/matvec.cu");
+        for x in F16_REGS_VARIANTS {
+            let inst = format!("MV_F16_REGS({}, {}, {})", x.ppl, x.rows, x.split);
+            assert!(src.contains(&inst), "{inst} missing from matvec.cu");
+            assert!(MV_WARPS.is_multiple_of(x.split), "{x:?}");
+            assert!([1024, 4096].contains(&x.k()), "{x:?}");
+        }
+    }
+
+    #[test]
+    fn f16_variants_of_a_k_go_most_pieces_first() {
+        for k in [1024, 4096] {
+            let p: Vec<usize> = F16_REGS_VARIANTS
+                .iter()
+                .filter(|x| x.k() == k)
+                .map(|x| x.pieces())
+                .collect();
+            assert!(p.windows(2).all(|w| w[0] >= w[1]), "K {k}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn f16_default_pick_at_flash_shapes() {
+        let c = all_resident(4);
+        let pick = |k, rows| pick_f16_variant(&c, k, rows, H100_SMS);
+        // CSA compressor kv+gate: 512 blocks of 16 pieces per lane = one wave of 4/SM.
+        assert_eq!(pick(4096, 2048), Some(v(16, 1, 1)));
+        // HCA compressor pair: 16 pieces per lane would leave < 2 blocks per SM.
+        assert_eq!(pick(4096, 1024), Some(v(8, 1, 2)));
+        // Indexer compressor pair.
+        assert_eq!(pick(4096, 512), Some(v(4, 1, 4)));
+        // Router: no variant reaches 2 blocks per SM; the most blocks wins.
+        assert_eq!(pick(4096, 256), Some(v(4, 1, 4)));
+        // Indexer q_b.
+        assert_eq!(pick(1024, 8192), Some(v(4, 4, 1)));
+        // No variant of this K (tiny models keep the old kernels).
+        assert_eq!(pick(2048, 4096), None);
+        assert_eq!(pick(256, 64), None);
+    }
+
+    #[test]
+    fn f16_default_pick_keeps_one_wave() {
+        // 16x1x1 at 3 resident blocks: its 512 blocks would be 1.3 waves; 8x2x2 (also
+        // 16 pieces per lane, 4 resident) is one.
+        let c: Vec<_> = all_resident(4)
+            .into_iter()
+            .map(|(x, r)| (x, if x == v(16, 1, 1) { 3 } else { r }))
+            .collect();
+        assert_eq!(pick_f16_variant(&c, 4096, 2048, H100_SMS), Some(v(8, 2, 2)));
+        // 384 blocks: one wave at 3 resident.
+        assert_eq!(
+            pick_f16_variant(&c, 4096, 1536, H100_SMS),
+            Some(v(16, 1, 1))
+        );
+        // Without any one-wave variant: the most pieces per lane with ≥ 2 blocks/SM.
+        let c = all_resident(1);
+        assert_eq!(
+            pick_f16_variant(&c, 4096, 2048, H100_SMS),
+            Some(v(16, 1, 1))
+        );
+    }
 }
