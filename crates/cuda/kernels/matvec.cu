@@ -1027,6 +1027,128 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // ---------------------------------------------------------------------------
+// F16 (row-major, as uploaded) straight into registers, for rows of K = 256·PPL·S
+// elements: a row is 32·PPL·S pieces of 16 bytes (8 weights) split over S warps of a
+// block; lane l of part j takes pieces 32·PPL·j + l + 32·i (i < PPL) of R consecutive
+// rows, all issued before PDL_WAIT (weights are never written by a kernel). A block is
+// MV_WARPS warps = MV_WARPS / S row groups of R rows; the grid covers every row once.
+// Activations (f32) are read after the wait; each lane's sum runs over its pieces in
+// order (f32 fma, as fma8_f16), then the warp and (S > 1) the row's warps are summed.
+// The F16 path has one slot, so output row t of token t.
+// ---------------------------------------------------------------------------
+// fma8_f16 with the f16 -> f32 conversions pinned inside the token loop (asm volatile):
+// hoisted out of it they would double the registers the weights take and spill.
+__device__ __forceinline__ float h2f_pinned(u32 h) {
+    float f;
+    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+    return f;
+}
+
+__device__ __forceinline__ float fma8_f16_pinned(uint4 w, float4 xa, float4 xb, float acc) {
+    acc = fmaf(h2f_pinned(w.x & 0xffff), xa.x, acc);
+    acc = fmaf(h2f_pinned(w.x >> 16), xa.y, acc);
+    acc = fmaf(h2f_pinned(w.y & 0xffff), xa.z, acc);
+    acc = fmaf(h2f_pinned(w.y >> 16), xa.w, acc);
+    acc = fmaf(h2f_pinned(w.z & 0xffff), xb.x, acc);
+    acc = fmaf(h2f_pinned(w.z >> 16), xb.y, acc);
+    acc = fmaf(h2f_pinned(w.w & 0xffff), xb.z, acc);
+    acc = fmaf(h2f_pinned(w.w >> 16), xb.w, acc);
+    return acc;
+}
+
+template <int PPL, int R, int S>
+__device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __restrict__ x,
+                                            int ntok) {
+    constexpr int K = 256 * PPL * S;
+    constexpr int GROUPS = MV_WARPS / S;
+    static_assert(MV_WARPS % S == 0, "a row's warps share a block");
+    PDL_TRIGGER();
+    __shared__ float red[MV_WARPS * R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int group = warp / S, part = warp % S;
+    const int total = sg.start[sg.n];
+    const int r0 = (blockIdx.x * GROUPS + group) * R;
+    const int p0 = part * 32 * PPL + lane;  // this lane's first piece of a row
+    uint4 w[R][PPL];
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const int r = r0 + q;
+        if (r < total) {
+            const int sgi = mv_seg(sg, r);
+            const uint4* row =
+                (const uint4*)((const u16*)sg.w[sgi] + (long long)(r - sg.start[sgi]) * K) + p0;
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = ld_stream16(row + 32 * i);
+        } else {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = make_uint4(0, 0, 0, 0);
+        }
+    }
+    PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    // Warps of a split row meet at __syncthreads below, so only S == 1 leaves early.
+    if (S == 1 && r0 >= total) return;
+    for (int t = 0; t < ntok; t++) {
+        const float4* xp = (const float4*)(x + (long long)t * K) + 2 * p0;
+        float acc[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
+#pragma unroll
+            for (int q = 0; q < R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const float v = warp_sum(acc[q]);
+            if (S == 1) {
+                const int r = r0 + q;
+                if (lane == 0 && r < total) {
+                    const int sgi = mv_seg(sg, r);
+                    ((float*)sg.y[sgi])[(long long)t * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
+                }
+            } else if (lane == 0) {
+                red[warp * R + q] = v;
+            }
+        }
+        if (S > 1) {
+            __syncthreads();
+            const int r = r0 + lane;
+            if (part == 0 && lane < R && r < total) {
+                float s = 0.0f;
+#pragma unroll
+                for (int j = 0; j < S; j++) s += red[(group * S + j) * R + lane];
+                const int sgi = mv_seg(sg, r);
+                ((float*)sg.y[sgi])[(long long)t * sg.ldy[sgi] + (r - sg.start[sgi])] = s;
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// At most 128 registers (4 resident blocks per SM): a grid of up to 4·132 blocks is then
+// one wave (Flash's largest F16 products are 512 blocks with 16 pieces per lane).
+#define MV_F16_REGS(PPL, R, S)                                                                  \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4)                              \
+        mv_f16_p##PPL##_r##R##_s##S(MvSegs sg, const float* __restrict__ x, int ntok) {         \
+        mv_f16_regs<PPL, R, S>(sg, x, ntok);                                                    \
+    }
+// K = 4096 (router, compressors)
+MV_F16_REGS(16, 1, 1)
+MV_F16_REGS(8, 2, 2)
+MV_F16_REGS(4, 4, 4)
+MV_F16_REGS(8, 1, 2)
+MV_F16_REGS(4, 2, 4)
+MV_F16_REGS(4, 1, 4)
+// K = 1024 (indexer q_b)
+MV_F16_REGS(4, 4, 1)
+MV_F16_REGS(2, 8, 2)
+MV_F16_REGS(4, 2, 1)
+MV_F16_REGS(2, 4, 2)
+MV_F16_REGS(4, 1, 1)
+MV_F16_REGS(1, 4, 4)
+
+// ---------------------------------------------------------------------------
 // Synthetic weights for `ds4 bench --synthetic`: generated on the device. No PDL
 // trigger here: matvecs read weights before their PDL_WAIT, so a kernel that writes
 // weights must only let its dependents start when it has finished.

@@ -542,6 +542,7 @@ pub fn run_kernel_checks(
         report(&r);
         out.push(r);
     }
+    out.extend(crate::f16_checks::run_f16_checks(kern, &mut report)?);
     out.extend(run_gemm_checks(kern, &mut report)?);
     out.extend(run_attention_checks(kern, &mut report)?);
     Ok(out)
