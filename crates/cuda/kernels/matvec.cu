@@ -951,20 +951,24 @@ MV_K_REGS(4, 2)
 // ---------------------------------------------------------------------------
 #define MV2_WARPS 8
 #define IQ2_TAB_ROWS 384  // 256 grid points, then 128 sign fields
-#define IQ2_LV_POS 0x002b1908u
-#define IQ2_LV_NEG 0x00d5e7f8u  // -8, -25, -43 as bytes
 
 extern __shared__ __align__(16) u8 mv2_smem[];
 
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+// cp.async to a shared-window address (`smem_addr`), so the ring's addresses are
+// 32-bit adds with immediate offsets.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
     size_t sa;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((u32)sa), "l"(gmem) : "memory");
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(p));
+    return (u32)sa;
 }
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-    size_t sa;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"((u32)sa), "l"(gmem) : "memory");
+__device__ __forceinline__ void cp_async16s(u32 sa, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async8s(u32 sa, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4s(u32 sa, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(gmem) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait_n() {
@@ -1004,20 +1008,35 @@ __device__ __forceinline__ void iq2_tables_fill() {
 
 __device__ __forceinline__ u32 tab_word(u32 off) { return *(const u32*)(mv2_smem + off); }
 
+// The positive levels 8, 25, 43 as bytes 0..2. Read once from memory (volatile) so
+// they sit in an ordinary register: prmt takes only its second source as an
+// immediate, and a constant would be re-created from a uniform register before every
+// prmt.
+__device__ const u32 IQ2_LV_POS = 0x002b1908u;
+__device__ __forceinline__ u32 iq2_lv_pos() { return *(const volatile u32*)&IQ2_LV_POS; }
+
+// prmt with the negative levels as the immediate second source.
+__device__ __forceinline__ u32 iq2_signed4(u32 pos, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, 0x00d5e7f8, %2;" : "=r"(r) : "r"(pos), "r"(sel));
+    return r;
+}
+
 // One IQ2_XXS group with the tables: the integer of iq2_group / unit_iq2_xxs.
-// lane4 = 4·lane; field offsets are built in place (a row is 128 bytes) and or-ed
-// with lane4, so each lookup is a shift, an and-or and the load.
+// lane4 = 4·lane, lane4s = lane4 + the sign table's base (256 rows of 128 bytes):
+// field offsets are built in place (a row is 128 bytes) and or-ed with them, one
+// and-or after the shift.
 __device__ __forceinline__ int iq2_group_tab(u32 a0, u32 a1, const int4& xa, const int4& xb,
-                                             u32 lane4) {
+                                             u32 lane4, u32 lane4s, u32 pos) {
     const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
     int s = 0;
 #pragma unroll
     for (int l = 0; l < 4; l++) {
-        const u32 go = (l == 0 ? a0 << 7 : a0 >> (8 * l - 7)) & 0x7f80u;
-        const u32 so = (l == 0 ? a1 << 7 : a1 >> (7 * l - 7)) & 0x3f80u;
-        const u32 sel = tab_word(go | lane4) | tab_word(so | lane4 | (256u * 128u));
-        s = dp4a((int)prmt(IQ2_LV_POS, IQ2_LV_NEG, sel), xw[2 * l], s);
-        s = dp4a((int)prmt(IQ2_LV_POS, IQ2_LV_NEG, sel >> 16), xw[2 * l + 1], s);
+        const u32 go = ((l == 0 ? a0 << 7 : a0 >> (8 * l - 7)) & 0x7f80u) | lane4;
+        const u32 so = ((l == 0 ? a1 << 7 : a1 >> (7 * l - 7)) & 0x3f80u) | lane4s;
+        const u32 sel = tab_word(go) | tab_word(so);
+        s = dp4a((int)iq2_signed4(pos, sel), xw[2 * l], s);
+        s = dp4a((int)iq2_signed4(pos, sel >> 16), xw[2 * l + 1], s);
     }
     return s * (2 * (int)(a1 >> 28) + 1);
 }
@@ -1055,21 +1074,33 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     const int total = sg.start[sg.n];
     const int gw = blockIdx.x * MV2_WARPS + warp, nw = gridDim.x * MV2_WARPS;
     u8* ring = mv2_smem + MV2_TAB(TY, MATH) + warp * (NST * STAGE);
+    const u32 ring_sa = smem_addr(ring) + 16 * lane;  // this lane's codes in stage 0
+    // This lane's bytes of a row beyond its codes (piece p = lane + 32i): IQ2_XXS the
+    // f16 pair holding d of block p / 4 at K/4 + 4(p / 8); Q2_K the 8 scale bytes at
+    // K/4 + 16(p / 4) + 8((p / 2) & 1) and (d, dmin) at K/4 + K/16 + 4(p / 4).
+    const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
+                                         : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
+    const int dm_off = K / 4 + K / 16 + 4 * (lane >> 2);  // Q2_K
     // Copies row r's pieces of this lane into stage st; one commit group either way.
+    // Rows come in increasing order, so the segment is found by stepping on.
+    int isg = 0;
     auto issue = [&](int r, int st) {
-        const u8* row = mv_row(sg, e_off, r, ROW_BYTES);
-        if (row) {
-            u8* s = ring + st * STAGE;
+        if (r < total) {
+            while (isg + 1 < sg.n && r >= sg.start[isg + 1]) isg++;
+            const u8* row =
+                (const u8*)sg.w[isg] + e_off + (long long)(r - sg.start[isg]) * ROW_BYTES;
+            const u32 sa = ring_sa + st * STAGE;
+            const u32 sx = ring_sa - 16 * lane + st * STAGE + PPL * 512 + AUX * lane;
+            const u8* rc = row + 16 * lane;
+            const u8* ra = row + aux_off;
 #pragma unroll
             for (int i = 0; i < PPL; i++) {
-                const int p = lane + 32 * i;
-                cp_async16(s + 16 * p, row + 16 * p);
-                u8* aux = s + PPL * 512 + AUX * p;
+                cp_async16s(sa + 512 * i, rc + 512 * i);
                 if (TY == TY_IQ2_XXS) {
-                    cp_async4(aux, row + K / 4 + 4 * (p >> 3));  // d of blocks 2(p/8), +1
+                    cp_async4s(sx + 4 * 32 * i, ra + 16 * i);
                 } else {
-                    cp_async8(aux, row + K / 4 + 16 * (p >> 2) + 8 * ((p >> 1) & 1));
-                    cp_async4(aux + 8, row + K / 4 + K / 16 + 4 * (p >> 2));
+                    cp_async8s(sx + 16 * 32 * i, ra + 128 * i);
+                    cp_async4s(sx + 16 * 32 * i + 8, row + dm_off + 32 * i);
                 }
             }
         }
@@ -1111,8 +1142,10 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
         }
     }
     const u32 lane4 = 4u * (u32)lane;
+    const u32 lane4s = lane4 + 256u * 128u;
+    const u32 lv_pos = iq2_lv_pos();
     const u32 dsh = (lane & 4) ? 16u : 0u;  // IQ2_XXS: d of block p / 4 in the pair
-    int st = 0;
+    int st = 0, csg = 0;  // stage and segment of row r
     for (int r = gw; r < total; r += nw) {
         const int ahead = st == 0 ? NST - 1 : st - 1;  // the stage read one row ago
         issue(r + (NST - 1) * nw, ahead);
@@ -1128,8 +1161,8 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
                 const u16 d = (u16)(*(const u32*)aux >> dsh);
                 int sum;
                 if (MATH == 0) {
-                    sum = iq2_group_tab(c.x, c.y, xv[i][0], xv[i][1], lane4) +
-                          iq2_group_tab(c.z, c.w, xv[i][2], xv[i][3], lane4);
+                    sum = iq2_group_tab(c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                          iq2_group_tab(c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
                 } else {
                     const u64* grid = (const u64*)mv2_smem;
                     sum = iq2_group(c.x, c.y, xv[i][0], xv[i][1], grid) +
@@ -1159,7 +1192,8 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
             }
         }
         const float v = warp_sum(acc);
-        if (lane == 0) mv_store(sg, r, slot, 1, 0, v);
+        while (csg + 1 < sg.n && r >= sg.start[csg + 1]) csg++;
+        if (lane == 0) ((float*)sg.y[csg])[(long long)slot * sg.ldy[csg] + (r - sg.start[csg])] = v;
         st = st == NST - 1 ? 0 : st + 1;
     }
     cp_async_wait_n<0>();
