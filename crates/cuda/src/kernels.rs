@@ -247,6 +247,14 @@ pub struct Kernels {
     mv_k_regs: Vec<((GgmlType, usize, usize), CudaFunction)>,
     /// Rows per warp of those kernels forced by `DS4_MV_REGS_K_R` (tuning runs).
     k_regs_rows: Option<usize>,
+    /// Version-2 IQ2_XXS / Q2_K decode matvecs (matvec.cu `MV_K_V2`), with the shared
+    /// memory each takes; empty when `DS4_MV_K_V2=0` (A/B runs).
+    mv_k_v2: Vec<(KV2Variant, CudaFunction, usize)>,
+    /// The version-2 variants used by default (`DS4_MV_K_V2_IQ2`, `DS4_MV_K_V2_Q2K`
+    /// pick others: `s{NST}m{MATH}`).
+    k_v2_pick: KV2Pick,
+    /// A variant forced by the selftest (index into `mv_k_v2` + 1; 0 = none).
+    k_v2_forced: std::sync::atomic::AtomicUsize,
     mv_f16: CudaFunction,
     mv_f16_warp: CudaFunction,
     /// Register-streaming F16 matvecs (`F16_REGS_VARIANTS`, in order of preference);
@@ -401,6 +409,98 @@ fn forced_f16_variants() -> Vec<F16Variant> {
     out
 }
 
+/// A version-2 IQ2_XXS / Q2_K decode matvec (`mv2_{type}_p{ppl}_s{nst}_m{math}`):
+/// K = 2048·`ppl`, `nst` ring stages per warp, `math` 0 (IQ2_XXS lookup tables) or 1
+/// (IQ2_XXS signs computed, as the register kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KV2Variant {
+    pub ty: GgmlType,
+    pub ppl: usize,
+    pub nst: usize,
+    pub math: usize,
+}
+
+impl KV2Variant {
+    const fn new(ty: GgmlType, ppl: usize, nst: usize, math: usize) -> Self {
+        Self { ty, ppl, nst, math }
+    }
+
+    pub fn name(&self) -> String {
+        let t = if self.ty == GgmlType::IQ2_XXS {
+            "iq2_xxs"
+        } else {
+            "q2_k"
+        };
+        format!("mv2_{t}_p{}_s{}_m{}", self.ppl, self.nst, self.math)
+    }
+
+    /// Dynamic shared memory (matvec.cu `MV2_TAB` + `MV2_WARPS` · NST · `MV2_STAGE`).
+    fn smem(&self) -> usize {
+        let iq2 = self.ty == GgmlType::IQ2_XXS;
+        let tab = match (iq2, self.math) {
+            (false, _) => 0,
+            (true, 0) => 384 * 128,
+            (true, _) => 2048,
+        };
+        let aux = if iq2 { 4 } else { 16 };
+        tab + MV2_WARPS * self.nst * self.ppl * 32 * (16 + aux)
+    }
+}
+
+/// Warps per block of the version-2 kernels (`MV2_WARPS`).
+const MV2_WARPS: usize = 8;
+
+/// The compiled version-2 kernels (matvec.cu `MV_K_V2`).
+const K_V2_VARIANTS: [KV2Variant; 13] = {
+    use GgmlType::{IQ2_XXS, Q2_K};
+    [
+        KV2Variant::new(IQ2_XXS, 1, 3, 0),
+        KV2Variant::new(IQ2_XXS, 1, 4, 0),
+        KV2Variant::new(IQ2_XXS, 1, 6, 0),
+        KV2Variant::new(IQ2_XXS, 1, 4, 1),
+        KV2Variant::new(IQ2_XXS, 2, 3, 0),
+        KV2Variant::new(IQ2_XXS, 2, 4, 0),
+        KV2Variant::new(IQ2_XXS, 2, 6, 0),
+        KV2Variant::new(IQ2_XXS, 2, 4, 1),
+        KV2Variant::new(Q2_K, 1, 4, 0),
+        KV2Variant::new(Q2_K, 1, 8, 0),
+        KV2Variant::new(Q2_K, 1, 12, 0),
+        KV2Variant::new(Q2_K, 2, 4, 0),
+        KV2Variant::new(Q2_K, 2, 8, 0),
+    ]
+};
+
+/// The (NST, MATH) of the version-2 kernels used per type.
+#[derive(Debug, Clone, Copy)]
+struct KV2Pick {
+    iq2: (usize, usize),
+    q2k: (usize, usize),
+}
+
+impl KV2Pick {
+    /// Defaults, or `s{NST}m{MATH}` (or `s{NST}`) from the environment.
+    fn from_env() -> Self {
+        let parse = |var: &str, dflt: (usize, usize)| -> (usize, usize) {
+            let Ok(v) = std::env::var(var) else {
+                return dflt;
+            };
+            let v = v.trim().trim_start_matches('s');
+            let (nst, math) = v.split_once('m').unwrap_or((v, "0"));
+            match (nst.parse(), math.parse()) {
+                (Ok(n), Ok(m)) => (n, m),
+                _ => {
+                    tracing::warn!("{var}={v}: expected s<NST>m<MATH>, using the default");
+                    dflt
+                }
+            }
+        };
+        Self {
+            iq2: parse("DS4_MV_K_V2_IQ2", (4, 0)),
+            q2k: parse("DS4_MV_K_V2_Q2K", (8, 0)),
+        }
+    }
+}
+
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
     k / ty.block_elems() as usize * ty.block_bytes() as usize
 }
@@ -459,6 +559,23 @@ impl Kernels {
             k_regs_rows: std::env::var("DS4_MV_REGS_K_R")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            mv_k_v2: if crate::launch::env_switch("DS4_MV_K_V2") {
+                K_V2_VARIANTS
+                    .iter()
+                    .map(|v| {
+                        let func = m.load_function(&v.name())?;
+                        func.set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            v.smem() as i32,
+                        )?;
+                        Ok((*v, func, v.smem()))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            },
+            k_v2_pick: KV2Pick::from_env(),
+            k_v2_forced: std::sync::atomic::AtomicUsize::new(0),
             mv_f16: f("mv_f16")?,
             mv_f16_warp: f("mv_f16_warp")?,
             mv_f16_regs: if crate::launch::env_switch("DS4_MV_F16_REGS") {
@@ -858,14 +975,53 @@ impl Kernels {
             unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
             return Ok(());
         }
-        if matches!(m.ty, GgmlType::IQ2_XXS | GgmlType::Q2_K)
+        let k_aligned = matches!(m.ty, GgmlType::IQ2_XXS | GgmlType::Q2_K)
             && m.k.is_multiple_of(2048)
             // 16-byte loads of codes, activation codes and bsums need aligned bases
             // (the rows themselves are 16-byte multiples when K = 2048·PPL).
             && [m.w_slot_stride, act.qs.ptr, act.bsums.ptr]
                 .iter()
                 .chain(sg.w.iter().take(n_segs))
-                .all(|v| v.is_multiple_of(16))
+                .all(|v| v.is_multiple_of(16));
+        if k_aligned
+            && m.ntok == 1
+            && let Some((v, func, smem)) = self.k_v2_kernel(m.ty, m.k / 2048)
+        {
+            // One wave of resident blocks over every slot; warps walk the rows.
+            let per_sm = func
+                .occupancy_max_active_blocks_per_multiprocessor(
+                    (MV2_WARPS * 32) as u32,
+                    *smem,
+                    None,
+                )
+                .map(|b| b as usize)
+                .unwrap_or(1)
+                .max(1);
+            let fill = (self.sm_count * per_sm / m.slots).max(1);
+            let blocks_x = total.div_ceil(MV2_WARPS).min(fill);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks_x as u32, m.slots as u32, 1),
+                block_dim: ((MV2_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: *smem as u32,
+            };
+            tracing::trace!("matvec {} via {}", m.ty.name(), v.name());
+            let stride = m.w_slot_stride as i64;
+            let x_group = m.x_group as i32;
+            let mut b = KernelArgs::new();
+            b.arg(&sg)
+                .arg(&stride)
+                .arg(&m.ids)
+                .arg(&act.qs.ptr)
+                .arg(&act.d.ptr)
+                .arg(&act.bsums.ptr)
+                .arg(&x_group);
+            // SAFETY: matches `MV_K_V2`; shapes checked above (one token, K = 2048·PPL,
+            // rows and activation rows 16-byte multiples, bases aligned); routed slots
+            // PDL_WAIT before reading the ids.
+            unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+            return Ok(());
+        }
+        if k_aligned
             && let Some((func, rows_per_warp)) =
                 self.k_regs_kernel(m.ty, m.k / 2048, total, m.slots)
         {
@@ -1037,6 +1193,41 @@ impl Kernels {
             }
         }
         pick
+    }
+
+    /// The version-2 decode kernel for `ty` rows of 2048·`ppl` elements: the one the
+    /// selftest forces, else the environment's (or default) pick, if compiled.
+    fn k_v2_kernel(&self, ty: GgmlType, ppl: usize) -> Option<&(KV2Variant, CudaFunction, usize)> {
+        let forced = self.k_v2_forced.load(std::sync::atomic::Ordering::Relaxed);
+        if forced > 0 {
+            return self
+                .mv_k_v2
+                .get(forced - 1)
+                .filter(|(v, _, _)| v.ty == ty && v.ppl == ppl);
+        }
+        let (nst, math) = if ty == GgmlType::IQ2_XXS {
+            self.k_v2_pick.iq2
+        } else {
+            self.k_v2_pick.q2k
+        };
+        self.mv_k_v2
+            .iter()
+            .find(|(v, _, _)| *v == KV2Variant::new(ty, ppl, nst, math))
+    }
+
+    /// The compiled version-2 variants (empty when `DS4_MV_K_V2=0`).
+    pub fn k_v2_variants(&self) -> Vec<KV2Variant> {
+        self.mv_k_v2.iter().map(|(v, _, _)| *v).collect()
+    }
+
+    /// Forces version-2 variant `v` for its type and row length (the other type and
+    /// lengths then take the register kernels), or clears the forcing (`None`).
+    pub fn force_k_v2(&self, v: Option<KV2Variant>) {
+        let idx = v
+            .and_then(|v| self.mv_k_v2.iter().position(|(w, _, _)| *w == v))
+            .map_or(0, |i| i + 1);
+        self.k_v2_forced
+            .store(idx, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The register-streaming IQ2_XXS / Q2_K kernel for rows of 2048·`ppl` elements and
