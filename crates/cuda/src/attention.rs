@@ -23,9 +23,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use crate::compile;
+use crate::launch::{KernelArgs, env_switch, launch, pdl_enabled};
 use crate::runtime::CudaRuntime;
 use crate::{Error, Result};
 
@@ -128,9 +129,18 @@ pub struct AttnLaunch {
     /// Split partials ([`scratch_bytes`] of them at least; unused for chunks).
     pub scratch: u64,
     pub scratch_bytes: usize,
+    /// Decode of one token: the kernel also copies the token's raw row (`rows`) to
+    /// its ring slot, which `kv_append` did after the attention (the slot is outside
+    /// the window read, see attention.cu). Needs `n_tokens == 1`.
+    pub ring_append: bool,
 }
 
 impl AttnLaunch {
+    /// The ring pointer the kernel appends the decode row to (0: no append).
+    fn ring_append_ptr(&self) -> u64 {
+        if self.ring_append { self.ring } else { 0 }
+    }
+
     /// [`max_keys`] of this launch.
     pub fn max_keys(&self) -> usize {
         max_keys(
@@ -166,6 +176,9 @@ pub struct AttentionKernels {
     /// Most keys for which [`DecodePath::Auto`] takes the cluster kernel (0 when
     /// `DS4_CUDA_ATTN=split` keeps decode on split + combine).
     cluster_max_keys: usize,
+    /// Programmatic dependent launches (sm_90+, unless `DS4_ATTN_PDL=0` or
+    /// `DS4_CUDA_PDL=0`): the kernels wait in `griddepcontrol.wait` before reading.
+    pdl: bool,
 }
 
 fn shape_err(detail: String) -> Error {
@@ -230,12 +243,14 @@ impl AttentionKernels {
         } else {
             None
         };
+        let pdl = pdl_enabled(sm.0) && env_switch("DS4_ATTN_PDL");
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
             combine: m.load_function("att_combine")?,
             cluster,
             enabled,
             cluster_max_keys,
+            pdl,
         })
     }
 
@@ -309,6 +324,11 @@ impl AttentionKernels {
         if n > MAX_GRID_YZ {
             return Err(shape_err(format!("{n} tokens exceed the grid")));
         }
+        if a.ring_append && n != 1 {
+            return Err(shape_err(format!(
+                "ring append in the kernel needs one token, got {n}"
+            )));
+        }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
         let cluster = match path {
@@ -352,7 +372,8 @@ impl AttentionKernels {
         let kps_i = to_i32("keys per split", kps)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let part = if split { a.scratch } else { 0u64 };
-        let mut b = stream.launch_builder(func);
+        let ring_app = a.ring_append_ptr();
+        let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
             .arg(&a.rows)
@@ -370,10 +391,12 @@ impl AttentionKernels {
             .arg(&kps_i)
             .arg(&a.out)
             .arg(&ld_out)
-            .arg(&part);
+            .arg(&part)
+            .arg(&ring_app);
         // SAFETY: matches AT_KERNEL in attention.cu; strides and scratch checked above,
-        // the buffers are the caller's (sized for n_tokens rows and the KV caches).
-        unsafe { b.launch(cfg) }?;
+        // the buffers are the caller's (sized for n_tokens rows and the KV caches); the
+        // kernel waits (PDL_START) before reading anything.
+        unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
         if split {
             let ns = to_i32("splits", n_splits)?;
             let hd_i = to_i32("head_dim", hd)?;
@@ -382,7 +405,7 @@ impl AttentionKernels {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&self.combine);
+            let mut b = KernelArgs::new();
             b.arg(&a.scratch)
                 .arg(&ns)
                 .arg(&nh_i)
@@ -390,8 +413,9 @@ impl AttentionKernels {
                 .arg(&a.sinks)
                 .arg(&a.out)
                 .arg(&ld_out);
-            // SAFETY: matches att_combine; the partials were written by the launch above.
-            unsafe { b.launch(cfg) }?;
+            // SAFETY: matches att_combine; the partials were written by the launch above,
+            // which the combine waits for (PDL_START).
+            unsafe { launch(stream, &self.combine, cfg, &mut b, self.pdl) }?;
         }
         Ok(())
     }
@@ -421,7 +445,8 @@ impl AttentionKernels {
         let window = to_i32("window", a.window)?;
         let nh_i = to_i32("n_head", a.n_head)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
-        let mut b = stream.launch_builder(func);
+        let ring_app = a.ring_append_ptr();
+        let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
             .arg(&a.rows)
@@ -437,10 +462,11 @@ impl AttentionKernels {
             .arg(&a.pos)
             .arg(&nh_i)
             .arg(&a.out)
-            .arg(&ld_out);
+            .arg(&ld_out)
+            .arg(&ring_app);
         // SAFETY: matches AT_DC_KERNEL in attention.cu (grid x = its cluster size);
         // strides checked by `launch_path`, buffers the caller's as for `launch`.
-        unsafe { b.launch(cfg) }?;
+        unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
 }

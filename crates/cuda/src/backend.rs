@@ -8,7 +8,7 @@
 //! synchronises until the logits are read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -512,6 +512,12 @@ pub struct CudaBackend {
     gemm: GemmKernels,
     /// Tensor-core attention (head_dim 256/512; else the SIMT kernels of `ops`).
     attn: crate::attention::AttentionKernels,
+    /// Decode: the attention kernel appends the raw KV row to the ring, so
+    /// `kv_append_raw` launches nothing (`DS4_ATTN_KV_APPEND=0`: the kv_append kernel).
+    attn_kv_append: bool,
+    /// Layer + 1 whose ring the last attention launch appended to (0: none); the
+    /// `kv_append_raw` that follows for that layer takes it and skips its launch.
+    ring_appended: AtomicUsize,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -564,6 +570,8 @@ impl CudaBackend {
             kernels,
             gemm,
             attn,
+            attn_kv_append: crate::launch::env_switch("DS4_ATTN_KV_APPEND"),
+            ring_appended: AtomicUsize::new(0),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -2593,6 +2601,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 ld_out: out.cols,
                 scratch: 0,
                 scratch_bytes: 0,
+                ring_append: n == 1 && self.attn_kv_append,
             };
             a.scratch_bytes = crate::attention::scratch_bytes(nh, hd, n, a.max_keys());
             if a.scratch_bytes > 0 {
@@ -2602,7 +2611,11 @@ impl<'w> Backend<'w> for CudaBackend {
                     a.scratch_bytes.div_ceil(4),
                 )?;
             }
-            return self.attn.launch(self.stream(), &a).map_err(be);
+            self.attn.launch(self.stream(), &a).map_err(be)?;
+            if a.ring_append {
+                self.ring_appended.store(layer + 1, Ordering::Relaxed);
+            }
+            return Ok(());
         }
         // Heads per block of the tiled kernel: as many as share one key tile, up to 8.
         let hb = [8usize, 4, 2, 1]
@@ -2670,6 +2683,10 @@ impl<'w> Backend<'w> for CudaBackend {
         _pos0: usize,
     ) -> MResult<()> {
         let _prof = self.prof("kv_append_raw", n);
+        // The attention kernel of this layer already wrote the row (decode).
+        if self.ring_appended.swap(0, Ordering::Relaxed) == layer + 1 && n == 1 {
+            return Ok(());
+        }
         let hd = self.shape.head_dim;
         let l = kv
             .layers
