@@ -283,6 +283,7 @@ struct Ops {
     comp_pool_chunk: CudaFunction,
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
+    comp_step: CudaFunction,
     idx_scores: CudaFunction,
     idx_topk: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
@@ -329,6 +330,7 @@ impl Ops {
             comp_pool_chunk: f("comp_pool_chunk")?,
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
+            comp_step: f("comp_step")?,
             idx_scores: f("idx_scores")?,
             idx_topk: f("idx_topk")?,
             attention: [
@@ -518,6 +520,9 @@ pub struct CudaBackend {
     /// Layer + 1 whose ring the last attention launch appended to (0: none); the
     /// `kv_append_raw` that follows for that layer takes it and skips its launch.
     ring_appended: AtomicUsize,
+    /// Decode: each compressor step is one `comp_step` launch (`DS4_COMP_FUSE=0`:
+    /// comp_pool + comp_finish).
+    comp_fuse: bool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -572,6 +577,7 @@ impl CudaBackend {
             attn,
             attn_kv_append: crate::launch::env_switch("DS4_ATTN_KV_APPEND"),
             ring_appended: AtomicUsize::new(0),
+            comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -2379,6 +2385,49 @@ impl<'w> Backend<'w> for CudaBackend {
             fr.score.ptr,
             rows.buf.ptr,
         );
+        let mode: i32 = match (official, which) {
+            (false, _) => 0,
+            (true, CompKind::Attn) => 1,
+            (true, CompKind::Indexer) => 2,
+        };
+        check(mode != 2 || dc.is_multiple_of(128), || {
+            "indexer rows must be multiples of 128".into()
+        })?;
+        let (fq, nr, eps) = (
+            self.rope_comp.ptr,
+            self.shape.n_rot.min(dc) as i32,
+            self.shape.rms_eps,
+        );
+        // Decode: pool and finish in one block of dc threads (comp_step).
+        if n == 1
+            && self.comp_fuse
+            && dc.is_multiple_of(128)
+            && dc <= 512
+            && (mode != 2 || dc == 128)
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (dc as u32, 1, 1),
+                shared_mem_bytes: (dc * 4) as u32,
+            };
+            return self.launch(&self.ops.comp_step, cfg, |b| {
+                b.arg(&kp)
+                    .arg(&sp)
+                    .arg(&pp)
+                    .arg(&ape)
+                    .arg(&r32)
+                    .arg(&c32)
+                    .arg(&dc32)
+                    .arg(&fk)
+                    .arg(&fs)
+                    .arg(&rp)
+                    .arg(&norm)
+                    .arg(&fq)
+                    .arg(&nr)
+                    .arg(&eps)
+                    .arg(&mode);
+            });
+        }
         let tiles = (dc as u32).div_ceil(128);
         // One token: the sequential walk is a single step. A chunk: every closing row in
         // parallel from the old frontier, then the new frontier (comp_frontier).
@@ -2426,25 +2475,12 @@ impl<'w> Backend<'w> for CudaBackend {
                     .arg(&fs);
             })?;
         }
-        let mode: i32 = match (official, which) {
-            (false, _) => 0,
-            (true, CompKind::Attn) => 1,
-            (true, CompKind::Indexer) => 2,
-        };
-        check(mode != 2 || dc.is_multiple_of(128), || {
-            "indexer rows must be multiples of 128".into()
-        })?;
         // At most n/r + 1 rows close in a chunk of n; surplus blocks exit.
         let cfg = LaunchConfig {
             grid_dim: ((n / r + 1) as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: (dc * 4) as u32,
         };
-        let (fq, nr, eps) = (
-            self.rope_comp.ptr,
-            self.shape.n_rot.min(dc) as i32,
-            self.shape.rms_eps,
-        );
         self.launch(&self.ops.comp_finish, cfg, |b| {
             b.arg(&rp)
                 .arg(&dc32)

@@ -544,6 +544,10 @@ pub fn run_kernel_checks(
     }
     out.extend(run_gemm_checks(kern, &mut report)?);
     out.extend(run_attention_checks(kern, &mut report)?);
+    out.extend(crate::attn_checks::run_attn_chain_checks(
+        kern,
+        &mut report,
+    )?);
     Ok(out)
 }
 
