@@ -1212,6 +1212,61 @@ extern "C" __global__ void __launch_bounds__(IDX_TILE)
     scores[(long long)t * ld_s + c0 + c] = acc;
 }
 
+// idx_scores with the head dots of a row spread over IDX_HG warps (lane = row, warp =
+// heads hb..hb+IDX_HPW-1 side by side: independent sums, so their latencies overlap,
+// where idx_scores runs all heads' 128-long chains one after another). Warp 0 then
+// folds the dots into the score in head order. Every sum keeps the CPU's order and
+// operations, so scores are bit-identical to idx_scores. heads <= IDX_MAXH and a
+// multiple of IDX_HPW (host-checked).
+#define IDX_HG 8
+#define IDX_HPW 8
+#define IDX_MAXH 64
+extern "C" __global__ void __launch_bounds__(IDX_TILE * IDX_HG)
+    idx_scores_hg(const float* q, int ld_q, const float* w, int ld_w, int heads,
+                  const float* rows, const int* pos_p, int r, int top_k, float* scores,
+                  int ld_s) { PDL_START();
+    __shared__ float ks[IDX_TILE * IDX_KPAD];
+    __shared__ float sd[IDX_MAXH * (IDX_TILE + 1)];
+    const int t = blockIdx.y;
+    const int p = *pos_p + t;
+    const int visible = (p + 1) / r;
+    const int c0 = blockIdx.x * IDX_TILE;
+    if (visible <= top_k || c0 >= visible) return;
+    const int nrow = min(IDX_TILE, visible - c0);
+    for (int j = threadIdx.x; j < IDX_TILE * 128; j += blockDim.x)
+        ks[(j >> 7) * IDX_KPAD + (j & 127)] = (j >> 7) < nrow ? rows[(long long)c0 * 128 + j] : 0.0f;
+    __syncthreads();
+    const int c = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* key = ks + c * IDX_KPAD;
+    const float* qt = q + (long long)t * ld_q;  // warp-uniform addresses: broadcast loads
+    for (int hb = warp * IDX_HPW; hb < heads; hb += IDX_HG * IDX_HPW) {
+        const float* qb = qt + (long long)hb * 128;
+        float d[IDX_HPW];
+#pragma unroll
+        for (int u = 0; u < IDX_HPW; u++) d[u] = 0.0f;
+#pragma unroll 4
+        for (int k = 0; k < 128; k++) {
+            const float kv = key[k];
+#pragma unroll
+            for (int u = 0; u < IDX_HPW; u++)
+                d[u] = __fadd_rn(d[u], __fmul_rn(__ldg(qb + u * 128 + k), kv));
+        }
+#pragma unroll
+        for (int u = 0; u < IDX_HPW; u++)
+            sd[(hb + u) * (IDX_TILE + 1) + c] = d[u];
+    }
+    __syncthreads();
+    if (warp != 0 || c >= nrow) return;
+    const float qscale = 1.0f / sqrtf(128.0f);
+    const float wscale = 1.0f / sqrtf((float)heads);
+    const float* wt = w + (long long)t * ld_w;
+    float acc = 0.0f;
+    for (int h = 0; h < heads; h++)
+        acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(wt[h], wscale),
+                                       __fmul_rn(fmaxf(sd[h * (IDX_TILE + 1) + c], 0.0f), qscale)));
+    scores[(long long)t * ld_s + c0 + c] = acc;
+}
+
 __device__ __forceinline__ u32 order_key(float f) {
     const u32 b = __float_as_uint(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);

@@ -48,6 +48,11 @@ const HC_FUSE_MAX_TOKENS: usize = 8;
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
 const IDX_TILE: usize = 32;
+/// `idx_scores_hg`: warps per block (`IDX_HG`), heads each warp sums side by side
+/// (`IDX_HPW`), most heads (`IDX_MAXH`).
+const IDX_HG_WARPS: usize = 8;
+const IDX_HG_HEADS_PER_WARP: usize = 8;
+const IDX_HG_MAX_HEADS: usize = 64;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
@@ -285,6 +290,7 @@ struct Ops {
     comp_finish: CudaFunction,
     comp_step: CudaFunction,
     idx_scores: CudaFunction,
+    idx_scores_hg: CudaFunction,
     idx_topk: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
     attention: [CudaFunction; 4],
@@ -332,6 +338,7 @@ impl Ops {
             comp_finish: big("comp_finish")?,
             comp_step: f("comp_step")?,
             idx_scores: f("idx_scores")?,
+            idx_scores_hg: f("idx_scores_hg")?,
             idx_topk: f("idx_topk")?,
             attention: [
                 big("attention_1")?,
@@ -523,6 +530,9 @@ pub struct CudaBackend {
     /// Decode: each compressor step is one `comp_step` launch (`DS4_COMP_FUSE=0`:
     /// comp_pool + comp_finish).
     comp_fuse: bool,
+    /// Indexer scores with the heads spread over warps (`DS4_IDX_SCORES_HG=0`: the
+    /// one-warp `idx_scores`).
+    idx_scores_hg: bool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -578,6 +588,7 @@ impl CudaBackend {
             attn_kv_append: crate::launch::env_switch("DS4_ATTN_KV_APPEND"),
             ring_appended: AtomicUsize::new(0),
             comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
+            idx_scores_hg: crate::launch::env_switch("DS4_IDX_SCORES_HG"),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -2533,9 +2544,18 @@ impl<'w> Backend<'w> for CudaBackend {
         while t0 < n {
             let m = (n - t0).min(tok_per_pass);
             let pos_p = self.pass_pos(t0)?;
+            // Heads spread over warps (idx_scores_hg) when they fit its shape.
+            let hg = self.idx_scores_hg
+                && heads <= IDX_HG_MAX_HEADS
+                && heads.is_multiple_of(IDX_HG_HEADS_PER_WARP);
+            let (scores_fn, threads) = if hg {
+                (&self.ops.idx_scores_hg, IDX_TILE * IDX_HG_WARPS)
+            } else {
+                (&self.ops.idx_scores, IDX_TILE)
+            };
             let cfg = LaunchConfig {
                 grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
-                block_dim: (IDX_TILE as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (qp, ldq, wp, ldw, h32, rp, r32, tk, ldsc) = (
@@ -2549,7 +2569,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 top_k as i32,
                 as_i32(cap, "indexer rows")?,
             );
-            self.launch(&self.ops.idx_scores, cfg, |b| {
+            self.launch(scores_fn, cfg, |b| {
                 b.arg(&qp)
                     .arg(&ldq)
                     .arg(&wp)
