@@ -25,6 +25,7 @@
 // kernel.
 
 #include "pdl.cuh"
+#include "att_merge.cuh"
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -565,18 +566,9 @@ extern "C" __global__ void att_combine(const float* part, int n_splits, int n_he
     const float sink = sinks[h];
     // Split weights e^(m_s − M) (0 for empty splits), computed once per block.
     if (threadIdx.x < 32) {
-        float M = sink;
-        for (int s = threadIdx.x; s < ns; s += 32) M = fmaxf(M, base[s * stride]);
-        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        float den = 0.0f;
-        for (int s = threadIdx.x; s < ns; s += 32) {
-            const float m = base[s * stride];
-            const float w = m == NEG_INF ? 0.0f : expf(m - M);
-            s_w[s] = w;
-            if (w > 0.0f) den += w * base[s * stride + 1];
-        }
-        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
-        if (threadIdx.x == 0) s_den = den + expf(sink - M);
+        const float den =
+            att_split_den(base, stride, ns, sink, threadIdx.x, [&](int s, float w) { s_w[s] = w; });
+        if (threadIdx.x == 0) s_den = den;
     }
     __syncthreads();
     const float inv = 1.0f / s_den;
@@ -594,12 +586,11 @@ extern "C" __global__ void att_combine(const float* part, int n_splits, int n_he
             }
 #pragma unroll
             for (int u = 0; u < 8; u++) {
-                // Empty splits left their values unwritten: select, never multiply.
                 const float w = s0 + u < ns ? s_w[s0 + u] : 0.0f;
-                if (w > 0.0f) {
-                    a.x += w * v[u][0].x; a.y += w * v[u][0].y;
-                    a.z += w * v[u][1].x; a.w += w * v[u][1].y;
-                }
+                a.x = att_split_acc(a.x, w, v[u][0].x);
+                a.y = att_split_acc(a.y, w, v[u][0].y);
+                a.z = att_split_acc(a.z, w, v[u][1].x);
+                a.w = att_split_acc(a.w, w, v[u][1].y);
             }
         }
         *(float2*)(o + d) = make_float2(a.x * inv, a.y * inv);

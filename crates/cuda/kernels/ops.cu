@@ -93,6 +93,7 @@ __device__ float block_max(float v) {
 #include "swiglu.cuh"
 
 #include "act_quad.cuh"
+#include "att_merge.cuh"
 
 __device__ __forceinline__ float softplusf(float x) {
     if (x > 20.0f) return x;
@@ -705,16 +706,15 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
 // (bit-identical to quant_act_q8_0 of the rotated rows): one warp per 32-block, lane =
 // element; a RoPE pair is two neighbouring lanes (pairs start at even offsets).
 // Grid (⌈cols/32 / 8⌉, n), 256 threads.
-extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
-                                           const float* freqs, const int* pos_p, int inverse,
-                                           i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
-    const int i = blockIdx.y;
-    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (blk >= cols / 32) return;  // whole warps
-    const int col = blk * 32 + lane;
-    float* p = x + (long long)i * cols + col;
-    const float v = *p;
+// The body of rope_quant_q8_0 for one lane: value v of column col of row i (lane =
+// col % 32), RoPE when col lies in the last n_rot dims of its head, then the Q8_0
+// code (and the block scale from lane 0). x_all: write the result to *p for every
+// column (else only the rotated ones change).
+__device__ __forceinline__ void rope_q8_0_lane(float v, float* p, int i, int col, int lane,
+                                               int cols, int head_dim, int n_rot,
+                                               const float* freqs, const int* pos_p, int inverse,
+                                               i8* __restrict__ qs, float* __restrict__ d,
+                                               bool x_all) {
     const float w = __shfl_xor_sync(0xffffffffu, v, 1);
     const int r0 = head_dim - n_rot;
     const int hc = col % head_dim;
@@ -728,14 +728,65 @@ extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int
         // Even lane: x0 = v, x1 = w; odd lane: x0 = w, x1 = v (rope_pair's formulas).
         o = (lane & 1) == 0 ? __fsub_rn(__fmul_rn(v, c), __fmul_rn(w, s))
                             : __fadd_rn(__fmul_rn(w, s), __fmul_rn(v, c));
-        *p = o;
+        if (!x_all) *p = o;
     }
+    if (x_all) *p = o;
     const float a = warp_max(fabsf(o));
     const float dd = a / 127.0f;
     const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
     const long long e0 = (long long)i * cols + col;
     qs[e0] = (i8)max(-127, min(127, __float2int_rn(o * id)));
     if (lane == 0) d[e0 >> 5] = dd;
+}
+
+extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
+                                           const float* freqs, const int* pos_p, int inverse,
+                                           i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    float* p = x + (long long)i * cols + col;
+    rope_q8_0_lane(*p, p, i, col, lane, cols, head_dim, n_rot, freqs, pos_p, inverse, qs, d,
+                   false);
+}
+
+// Decode attention's split merge (att_combine) fused into rope_quant_q8_0: the warp of
+// a 32-column block of head h merges that head's split partials (part: n_splits ×
+// n_head × (head_dim + 2) floats per token, as att_tc writes them) with the sink, then
+// rotates and quantizes as rope_quant_q8_0 and writes every column of x. Same
+// arithmetic as att_combine (att_merge.cuh) + rope_quant_q8_0. n_splits <= 64: lane s
+// keeps the weights of splits s and s + 32 in registers. Grid as rope_quant_q8_0.
+extern "C" __global__ void att_merge_rope_q8_0(const float* part, int n_splits, int n_head,
+                                               const float* sinks, float* x, int cols,
+                                               int head_dim, int n_rot, const float* freqs,
+                                               const int* pos_p, int inverse, i8* __restrict__ qs,
+                                               float* __restrict__ d) { PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    const int h = col / head_dim, dim = col % head_dim;  // a block never straddles heads
+    const long long stride = (long long)n_head * (head_dim + 2);
+    const float* base = part + (long long)i * n_splits * stride + (long long)h * (head_dim + 2);
+    const int ns = min(n_splits, 64);
+    float w_lo = 0.0f, w_hi = 0.0f;
+    const float den = att_split_den(base, stride, ns, sinks[h], lane, [&](int s, float w) {
+        if (s < 32) w_lo = w; else w_hi = w;
+    });
+    const float inv = 1.0f / den;
+    float a = 0.0f;
+    const float* src = base + 2 + dim;
+#pragma unroll 4
+    for (int s = 0; s < ns; s++) {
+        const float w = __shfl_sync(0xffffffffu, s < 32 ? w_lo : w_hi, s & 31);
+        a = att_split_acc(a, w, src[s * stride]);
+    }
+    float* p = x + (long long)i * cols + col;
+    rope_q8_0_lane(a * inv, p, i, col, lane, cols, head_dim, n_rot, freqs, pos_p, inverse, qs,
+                   d, true);
 }
 
 // Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the

@@ -284,9 +284,33 @@ impl AttentionKernels {
         a: &AttnLaunch,
         path: DecodePath,
     ) -> Result<()> {
+        self.launch_inner(stream, a, path, 0).map(|_| ())
+    }
+
+    /// [`Self::launch`], except that a decode launch that takes split + combine with
+    /// at most `max_splits` splits leaves the merge to the caller: it returns the split
+    /// count of the partials in `a.scratch` (`n_tokens × splits × n_head × (head_dim +
+    /// 2)` floats: m, l, unnormalised output), and `a.out` is not written. `None`: the
+    /// output was written (cluster kernel, chunk, or more splits).
+    pub fn launch_unmerged(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: &AttnLaunch,
+        max_splits: usize,
+    ) -> Result<Option<usize>> {
+        self.launch_inner(stream, a, DecodePath::Auto, max_splits)
+    }
+
+    fn launch_inner(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: &AttnLaunch,
+        path: DecodePath,
+        defer_merge_up_to: usize,
+    ) -> Result<Option<usize>> {
         let (nh, hd, n) = (a.n_head, a.head_dim, a.n_tokens);
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if !supports(nh, hd) {
             return Err(shape_err(format!(
@@ -337,7 +361,7 @@ impl AttentionKernels {
             DecodePath::Cluster => true,
         };
         if split && cluster {
-            return self.launch_cluster(stream, a);
+            return self.launch_cluster(stream, a).map(|_| None);
         }
         let mt = if split || nh <= 16 { 1 } else { 4 };
         let hgroups = nh.div_ceil(16 * mt);
@@ -397,6 +421,9 @@ impl AttentionKernels {
         // the buffers are the caller's (sized for n_tokens rows and the KV caches); the
         // kernel waits (PDL_START) before reading anything.
         unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
+        if split && n_splits <= defer_merge_up_to {
+            return Ok(Some(n_splits));
+        }
         if split {
             let ns = to_i32("splits", n_splits)?;
             let hd_i = to_i32("head_dim", hd)?;
@@ -417,7 +444,7 @@ impl AttentionKernels {
             // which the combine waits for (PDL_START).
             unsafe { launch(stream, &self.combine, cfg, &mut b, self.pdl) }?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The sm_90 decode kernel: grid (CLUSTER, head groups of 16, tokens), the

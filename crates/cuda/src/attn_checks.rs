@@ -385,6 +385,177 @@ fn idx_score_checks(
     Ok(out)
 }
 
+/// `att_merge_rope_q8_0` (decode: split merge + inverse RoPE + Q8_0 in one kernel)
+/// against `att_combine` then `rope_quant_q8_0`: bit-exact output rows, codes and
+/// scales; the merged values of the unrotated dims also against an f64 merge.
+/// Flash dims: 64 heads of 512, 20 splits (ratio-4 decode), two of them empty.
+fn merge_rope_checks(
+    stream: &Arc<CudaStream>,
+    ops: &Arc<CudaModule>,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let (sm, nvrtc_version) = crate::compile::target_of(stream)?;
+    let att = crate::compile::load_module(
+        stream.context(),
+        &crate::compile::ATTENTION,
+        &crate::compile::arch_for(sm),
+        nvrtc_version,
+    )?;
+    let combine = att.load_function("att_combine")?;
+    let rope_quant = ops.load_function("rope_quant_q8_0")?;
+    let fused = ops.load_function("att_merge_rope_q8_0")?;
+    let (nh, hd, ns, n_rot, pos0) = (64usize, 512usize, 20usize, 64usize, 2050usize);
+    let cols = nh * hd;
+    let stride = nh * (hd + 2);
+    let mut rng = Rng(0x3e_4b1e);
+    // Partials as att_tc writes them: (m, l, acc[hd]) per split and head; empty splits
+    // have m = -inf, l = 0 and unwritten (here NaN) values.
+    let mut part = vec![0f32; ns * stride];
+    for sp in 0..ns {
+        let empty = sp == 7 || sp == ns - 1;
+        for h in 0..nh {
+            let o = sp * stride + h * (hd + 2);
+            if empty {
+                part[o] = f32::NEG_INFINITY;
+                part[o + 1] = 0.0;
+                part[o + 2..o + 2 + hd].fill(f32::NAN);
+            } else {
+                part[o] = 3.0 * rng.unit();
+                part[o + 1] = 1.0 + 25.0 * (rng.unit() + 1.0);
+                for v in &mut part[o + 2..o + 2 + hd] {
+                    *v = 10.0 * rng.unit();
+                }
+            }
+        }
+    }
+    let sinks: Vec<f32> = (0..nh).map(|_| 2.0 * rng.unit()).collect();
+    let freqs: Vec<f32> = (0..n_rot / 2)
+        .map(|k| 10000f32.powf(-2.0 * k as f32 / n_rot as f32))
+        .collect();
+    let dpart = DevBuf::from_f32(stream, &part)?;
+    let dsinks = DevBuf::from_f32(stream, &sinks)?;
+    let dfreqs = DevBuf::from_f32(stream, &freqs)?;
+    let dpos = DevBuf::from_bytes(stream, &(pos0 as i32).to_le_bytes())?;
+    let nan = vec![f32::NAN; cols];
+    let (xa, xb) = (
+        DevBuf::from_f32(stream, &nan)?,
+        DevBuf::from_f32(stream, &nan)?,
+    );
+    let (qa, qb) = (DevBuf::zeros(stream, cols)?, DevBuf::zeros(stream, cols)?);
+    let (da, db) = (
+        DevBuf::from_f32(stream, &nan[..cols / 32])?,
+        DevBuf::from_f32(stream, &nan[..cols / 32])?,
+    );
+    let i = |v: usize| v as i32;
+    let (ns32, nh32, hd32, cols32, nr32, inv) = (i(ns), i(nh), i(hd), i(cols), i(n_rot), 1i32);
+    let rq_cfg = LaunchConfig {
+        grid_dim: ((cols / 32).div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    {
+        let cfg = LaunchConfig {
+            grid_dim: (nh as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&combine);
+        b.arg(&dpart.ptr)
+            .arg(&ns32)
+            .arg(&nh32)
+            .arg(&hd32)
+            .arg(&dsinks.ptr)
+            .arg(&xa.ptr)
+            .arg(&cols32);
+        // SAFETY: att_combine's argument list; partials of one token, output one row.
+        unsafe { b.launch(cfg) }?;
+        let mut b = stream.launch_builder(&rope_quant);
+        b.arg(&xa.ptr)
+            .arg(&cols32)
+            .arg(&hd32)
+            .arg(&nr32)
+            .arg(&dfreqs.ptr)
+            .arg(&dpos.ptr)
+            .arg(&inv)
+            .arg(&qa.ptr)
+            .arg(&da.ptr);
+        // SAFETY: rope_quant_q8_0's argument list; x one row of cols, codes and scales.
+        unsafe { b.launch(rq_cfg) }?;
+        let mut b = stream.launch_builder(&fused);
+        b.arg(&dpart.ptr)
+            .arg(&ns32)
+            .arg(&nh32)
+            .arg(&dsinks.ptr)
+            .arg(&xb.ptr)
+            .arg(&cols32)
+            .arg(&hd32)
+            .arg(&nr32)
+            .arg(&dfreqs.ptr)
+            .arg(&dpos.ptr)
+            .arg(&inv)
+            .arg(&qb.ptr)
+            .arg(&db.ptr);
+        // SAFETY: att_merge_rope_q8_0's argument list; the buffers above.
+        unsafe { b.launch(rq_cfg) }?;
+    }
+    stream.synchronize()?;
+    let (x_ref, x_new) = (xa.to_f32(stream)?, xb.to_f32(stream)?);
+    let as_f32 = |v: Vec<u8>| -> Vec<f32> { v.into_iter().map(|c| f32::from(c as i8)).collect() };
+    let mut out = Vec::new();
+    for (what, a, b) in [
+        ("rows  ", x_new.clone(), x_ref.clone()),
+        (
+            "codes ",
+            as_f32(qb.to_bytes(stream)?),
+            as_f32(qa.to_bytes(stream)?),
+        ),
+        ("scales", db.to_f32(stream)?, da.to_f32(stream)?),
+    ] {
+        let r = exact(
+            format!("att_merge_rope_q8_0 vs att_combine+rope_quant {what} 64h x 512, 20 splits"),
+            &a,
+            &b,
+        );
+        report(&r);
+        out.push(r);
+    }
+    // The merge itself (unrotated dims) against f64.
+    let mut want = Vec::new();
+    let mut got = Vec::new();
+    for h in 0..nh {
+        let base = h * (hd + 2);
+        let sink = f64::from(sinks[h]);
+        let mx = (0..ns)
+            .map(|sp| f64::from(part[sp * stride + base]))
+            .fold(sink, f64::max);
+        let wts: Vec<f64> = (0..ns)
+            .map(|sp| (f64::from(part[sp * stride + base]) - mx).exp())
+            .collect();
+        let den: f64 = (sink - mx).exp()
+            + (0..ns)
+                .map(|sp| wts[sp] * f64::from(part[sp * stride + base + 1]))
+                .sum::<f64>();
+        for dim in 0..hd - n_rot {
+            let num: f64 = (0..ns)
+                .filter(|&sp| wts[sp] > 0.0)
+                .map(|sp| wts[sp] * f64::from(part[sp * stride + base + 2 + dim]))
+                .sum();
+            want.push((num / den) as f32);
+            got.push(x_new[h * hd + dim]);
+        }
+    }
+    let r = crate::selftest::compare(
+        "att_merge_rope_q8_0 merge vs f64 (unrotated dims)".into(),
+        &got,
+        &want,
+        crate::selftest::TOL_ATTENTION_REL,
+        "rel",
+    );
+    report(&r);
+    out.push(r);
+    Ok(out)
+}
+
 /// Every check of this module.
 pub fn run_attn_chain_checks(
     kern: &Kernels,
@@ -394,6 +565,7 @@ pub fn run_attn_chain_checks(
     let ops = ops_module(stream)?;
     let mut out = comp_checks(stream, &ops, &mut report)?;
     out.extend(idx_score_checks(stream, &ops, &mut report)?);
+    out.extend(merge_rope_checks(stream, &ops, &mut report)?);
     Ok(out)
 }
 
