@@ -24,6 +24,9 @@
 // writing a slice of the dims, so decode needs neither scratch nor a second
 // kernel.
 
+#include "pdl.cuh"
+#include "att_merge.cuh"
+
 typedef unsigned short u16;
 typedef unsigned int u32;
 
@@ -148,7 +151,10 @@ __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
     const float* __restrict__ sinks, int window, const int* pos_p, int n_head, int kps,
-    float* out, int ld_out, float* part) {
+    float* out, int ld_out, float* part, float* ring_app) {
+    // Launched as a programmatic dependent (launch.rs): nothing an earlier kernel
+    // wrote is read before the wait.
+    PDL_START();
     constexpr int LDH = AT_LDH(HD);
     constexpr int R = 16 * MT;                    // head rows of the CTA
     constexpr int NT8 = AT_KT / 8;                // key n-tiles of S
@@ -188,6 +194,14 @@ __device__ __forceinline__ void att_tc_impl(
     const int pos0 = *pos_p;
     const int* srow = sel ? sel + (long long)i * sel_k : 0;
     const int my_pick = srow && tid < sel_k ? srow[tid] : 0;
+    // Decode (one token, host-checked) appends its raw KV row to the ring here, so no
+    // kv_append launch follows: the slot it takes held position pos0 - ring_cap,
+    // outside every window this launch reads (ring_cap >= window or the context is
+    // shorter than the ring). The first CTA of head group 0 copies it.
+    if (ring_app && split == 0 && blockIdx.y == 0 && tid < HD / 4) {
+        const float4 v = *(const float4*)(rows + (long long)i * ld_rows + 4 * tid);
+        *(float4*)(ring_app + (long long)((pos0 + i) % ring_cap) * HD + 4 * tid) = v;
+    }
 
     // Queries split into hi/lo unscaled (1/√hd is applied to the f32 scores, so
     // the lo parts keep clear of f16 subnormals); rows of absent heads are zero.
@@ -509,9 +523,9 @@ __device__ __forceinline__ void att_tc_impl(
         const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
         const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
-        int ld_out, float* part) {                                                               \
+        int ld_out, float* part, float* ring_app) {                                              \
         att_tc_impl<MT, HD, 0>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,  \
-                               sinks, window, pos_p, n_head, kps, out, ld_out, part);            \
+                               sinks, window, pos_p, n_head, kps, out, ld_out, part, ring_app);  \
     }
 AT_KERNEL(4, 512)
 AT_KERNEL(1, 512)
@@ -527,9 +541,10 @@ AT_KERNEL(1, 256)
         att_dc_##HD(const float* q, int ld_q, const float* rows, int ld_rows, const float* ring, \
                     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,       \
                     const float* sinks, int window, const int* pos_p, int n_head, float* out,    \
-                    int ld_out) {                                                                \
+                    int ld_out, float* ring_app) {                                               \
         att_tc_impl<1, HD, AT_CL>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel,      \
-                                  sel_k, sinks, window, pos_p, n_head, 0, out, ld_out, 0);       \
+                                  sel_k, sinks, window, pos_p, n_head, 0, out, ld_out, 0,        \
+                                  ring_app);                                                     \
     }
 AT_DC_KERNEL(512)
 AT_DC_KERNEL(256)
@@ -541,6 +556,7 @@ AT_DC_KERNEL(256)
 #define AT_MAX_SPLITS 1024
 extern "C" __global__ void att_combine(const float* part, int n_splits, int n_head, int hd,
                                        const float* sinks, float* out, int ld_out) {
+    PDL_START();
     const int h = blockIdx.x, i = blockIdx.y;
     const long long stride = (long long)n_head * (hd + 2);
     const float* base = part + (long long)i * n_splits * stride + (long long)h * (hd + 2);
@@ -550,18 +566,9 @@ extern "C" __global__ void att_combine(const float* part, int n_splits, int n_he
     const float sink = sinks[h];
     // Split weights e^(m_s − M) (0 for empty splits), computed once per block.
     if (threadIdx.x < 32) {
-        float M = sink;
-        for (int s = threadIdx.x; s < ns; s += 32) M = fmaxf(M, base[s * stride]);
-        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        float den = 0.0f;
-        for (int s = threadIdx.x; s < ns; s += 32) {
-            const float m = base[s * stride];
-            const float w = m == NEG_INF ? 0.0f : expf(m - M);
-            s_w[s] = w;
-            if (w > 0.0f) den += w * base[s * stride + 1];
-        }
-        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
-        if (threadIdx.x == 0) s_den = den + expf(sink - M);
+        const float den =
+            att_split_den(base, stride, ns, sink, threadIdx.x, [&](int s, float w) { s_w[s] = w; });
+        if (threadIdx.x == 0) s_den = den;
     }
     __syncthreads();
     const float inv = 1.0f / s_den;
@@ -579,12 +586,11 @@ extern "C" __global__ void att_combine(const float* part, int n_splits, int n_he
             }
 #pragma unroll
             for (int u = 0; u < 8; u++) {
-                // Empty splits left their values unwritten: select, never multiply.
                 const float w = s0 + u < ns ? s_w[s0 + u] : 0.0f;
-                if (w > 0.0f) {
-                    a.x += w * v[u][0].x; a.y += w * v[u][0].y;
-                    a.z += w * v[u][1].x; a.w += w * v[u][1].y;
-                }
+                a.x = att_split_acc(a.x, w, v[u][0].x);
+                a.y = att_split_acc(a.y, w, v[u][0].y);
+                a.z = att_split_acc(a.z, w, v[u][1].x);
+                a.w = att_split_acc(a.w, w, v[u][1].y);
             }
         }
         *(float2*)(o + d) = make_float2(a.x * inv, a.y * inv);

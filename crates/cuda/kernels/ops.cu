@@ -93,6 +93,7 @@ __device__ float block_max(float v) {
 #include "swiglu.cuh"
 
 #include "act_quad.cuh"
+#include "att_merge.cuh"
 
 __device__ __forceinline__ float softplusf(float x) {
     if (x > 20.0f) return x;
@@ -836,16 +837,15 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
 // (bit-identical to quant_act_q8_0 of the rotated rows): one warp per 32-block, lane =
 // element; a RoPE pair is two neighbouring lanes (pairs start at even offsets).
 // Grid (⌈cols/32 / 8⌉, n), 256 threads.
-extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
-                                           const float* freqs, const int* pos_p, int inverse,
-                                           i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
-    const int i = blockIdx.y;
-    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (blk >= cols / 32) return;  // whole warps
-    const int col = blk * 32 + lane;
-    float* p = x + (long long)i * cols + col;
-    const float v = *p;
+// The body of rope_quant_q8_0 for one lane: value v of column col of row i (lane =
+// col % 32), RoPE when col lies in the last n_rot dims of its head, then the Q8_0
+// code (and the block scale from lane 0). x_all: write the result to *p for every
+// column (else only the rotated ones change).
+__device__ __forceinline__ void rope_q8_0_lane(float v, float* p, int i, int col, int lane,
+                                               int cols, int head_dim, int n_rot,
+                                               const float* freqs, const int* pos_p, int inverse,
+                                               i8* __restrict__ qs, float* __restrict__ d,
+                                               bool x_all) {
     const float w = __shfl_xor_sync(0xffffffffu, v, 1);
     const int r0 = head_dim - n_rot;
     const int hc = col % head_dim;
@@ -859,14 +859,65 @@ extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int
         // Even lane: x0 = v, x1 = w; odd lane: x0 = w, x1 = v (rope_pair's formulas).
         o = (lane & 1) == 0 ? __fsub_rn(__fmul_rn(v, c), __fmul_rn(w, s))
                             : __fadd_rn(__fmul_rn(w, s), __fmul_rn(v, c));
-        *p = o;
+        if (!x_all) *p = o;
     }
+    if (x_all) *p = o;
     const float a = warp_max(fabsf(o));
     const float dd = a / 127.0f;
     const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
     const long long e0 = (long long)i * cols + col;
     qs[e0] = (i8)max(-127, min(127, __float2int_rn(o * id)));
     if (lane == 0) d[e0 >> 5] = dd;
+}
+
+extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
+                                           const float* freqs, const int* pos_p, int inverse,
+                                           i8* __restrict__ qs, float* __restrict__ d) { PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    float* p = x + (long long)i * cols + col;
+    rope_q8_0_lane(*p, p, i, col, lane, cols, head_dim, n_rot, freqs, pos_p, inverse, qs, d,
+                   false);
+}
+
+// Decode attention's split merge (att_combine) fused into rope_quant_q8_0: the warp of
+// a 32-column block of head h merges that head's split partials (part: n_splits ×
+// n_head × (head_dim + 2) floats per token, as att_tc writes them) with the sink, then
+// rotates and quantizes as rope_quant_q8_0 and writes every column of x. Same
+// arithmetic as att_combine (att_merge.cuh) + rope_quant_q8_0. n_splits <= 64: lane s
+// keeps the weights of splits s and s + 32 in registers. Grid as rope_quant_q8_0.
+extern "C" __global__ void att_merge_rope_q8_0(const float* part, int n_splits, int n_head,
+                                               const float* sinks, float* x, int cols,
+                                               int head_dim, int n_rot, const float* freqs,
+                                               const int* pos_p, int inverse, i8* __restrict__ qs,
+                                               float* __restrict__ d) { PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    const int h = col / head_dim, dim = col % head_dim;  // a block never straddles heads
+    const long long stride = (long long)n_head * (head_dim + 2);
+    const float* base = part + (long long)i * n_splits * stride + (long long)h * (head_dim + 2);
+    const int ns = min(n_splits, 64);
+    float w_lo = 0.0f, w_hi = 0.0f;
+    const float den = att_split_den(base, stride, ns, sinks[h], lane, [&](int s, float w) {
+        if (s < 32) w_lo = w; else w_hi = w;
+    });
+    const float inv = 1.0f / den;
+    float a = 0.0f;
+    const float* src = base + 2 + dim;
+#pragma unroll 4
+    for (int s = 0; s < ns; s++) {
+        const float w = __shfl_sync(0xffffffffu, s < 32 ? w_lo : w_hi, s & 31);
+        a = att_split_acc(a, w, src[s * stride]);
+    }
+    float* p = x + (long long)i * cols + col;
+    rope_q8_0_lane(a * inv, p, i, col, lane, cols, head_dim, n_rot, freqs, pos_p, inverse, qs,
+                   d, true);
 }
 
 // Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the
@@ -1056,50 +1107,63 @@ extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_k
 // order, keeping the frontier exactly as the CPU does (columns j and dc+j are
 // only ever touched by this thread), and writes un-normalised pooled rows.
 // ---------------------------------------------------------------------------
+// One token at position p for column j (and dc + j when coff == 2): the frontier
+// update and, when a row closes at p, its un-normalised pooled value (returned true).
+// kv_i / score_i are the token's projection rows. Shared by comp_pool and comp_step.
+__device__ __forceinline__ bool comp_pool_token(const float* kv_i, const float* score_i, int p,
+                                                const float* ape, int r, int coff, int dc,
+                                                int j, float* fr_kv, float* fr_score,
+                                                float* out_v) {
+    const int wdt = coff * dc;
+    const int phi = p % r;
+    const int rho = coff == 2 ? r + phi : phi;
+    for (int h = 0; h < coff; h++) {
+        const int c = j + h * dc;
+        fr_kv[(long long)rho * wdt + c] = kv_i[c];
+        fr_score[(long long)rho * wdt + c] = score_i[c] + ape[(long long)phi * wdt + c];
+    }
+    if ((p + 1) % r != 0) return false;
+    const int nc = coff * r;
+    float m = NEG_INF;
+    for (int c = 0; c < nc; c++) {
+        const int col = (coff == 2 && c >= r) ? dc + j : j;
+        m = fmaxf(m, fr_score[(long long)c * wdt + col]);
+    }
+    float out = 0.0f;
+    if (m != NEG_INF) {
+        float den = 0.0f, num = 0.0f;
+        for (int c = 0; c < nc; c++) {
+            const int col = (coff == 2 && c >= r) ? dc + j : j;
+            const float e = expf(fr_score[(long long)c * wdt + col] - m);
+            den += e;
+            num += e * fr_kv[(long long)c * wdt + col];
+        }
+        out = num / den;
+    }
+    if (coff == 2) {
+        for (int c = 0; c < r; c++)
+            for (int h = 0; h < 2; h++) {
+                const int col = j + h * dc;
+                fr_kv[(long long)c * wdt + col] = fr_kv[(long long)(r + c) * wdt + col];
+                fr_score[(long long)c * wdt + col] = fr_score[(long long)(r + c) * wdt + col];
+            }
+    }
+    *out_v = out;
+    return true;
+}
+
 extern "C" __global__ void comp_pool(const float* kv, const float* score, int ld_proj, int n,
                                      const int* pos_p, const float* ape, int r, int coff, int dc,
                                      float* fr_kv, float* fr_score, float* rows_out) { PDL_START();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= dc) return;
-    const int wdt = coff * dc;
     const int pos0 = *pos_p;
     for (int i = 0; i < n; i++) {
         const int p = pos0 + i;
-        const int phi = p % r;
-        const int rho = coff == 2 ? r + phi : phi;
-        for (int h = 0; h < coff; h++) {
-            const int c = j + h * dc;
-            fr_kv[(long long)rho * wdt + c] = kv[(long long)i * ld_proj + c];
-            fr_score[(long long)rho * wdt + c] =
-                score[(long long)i * ld_proj + c] + ape[(long long)phi * wdt + c];
-        }
-        if ((p + 1) % r != 0) continue;
-        const int nc = coff * r;
-        float m = NEG_INF;
-        for (int c = 0; c < nc; c++) {
-            const int col = (coff == 2 && c >= r) ? dc + j : j;
-            m = fmaxf(m, fr_score[(long long)c * wdt + col]);
-        }
-        float out = 0.0f;
-        if (m != NEG_INF) {
-            float den = 0.0f, num = 0.0f;
-            for (int c = 0; c < nc; c++) {
-                const int col = (coff == 2 && c >= r) ? dc + j : j;
-                const float e = expf(fr_score[(long long)c * wdt + col] - m);
-                den += e;
-                num += e * fr_kv[(long long)c * wdt + col];
-            }
-            out = num / den;
-        }
-        rows_out[(long long)((p + 1) / r - 1) * dc + j] = out;
-        if (coff == 2) {
-            for (int c = 0; c < r; c++)
-                for (int h = 0; h < 2; h++) {
-                    const int col = j + h * dc;
-                    fr_kv[(long long)c * wdt + col] = fr_kv[(long long)(r + c) * wdt + col];
-                    fr_score[(long long)c * wdt + col] = fr_score[(long long)(r + c) * wdt + col];
-                }
-        }
+        float out;
+        if (comp_pool_token(kv + (long long)i * ld_proj, score + (long long)i * ld_proj, p, ape,
+                            r, coff, dc, j, fr_kv, fr_score, &out))
+            rows_out[(long long)((p + 1) / r - 1) * dc + j] = out;
     }
 }
 
@@ -1219,6 +1283,40 @@ extern "C" __global__ void comp_frontier(const float* kv, const float* score, in
     }
 }
 
+// Normalises, rotates and rounds row q (at position q·r) held in srow (dc floats of
+// shared memory, complete: the caller synchronised), then writes it to `row`. The sum
+// of squares runs in the order of a 128-thread block whatever blockDim (a multiple of
+// 128; exactly 128 for mode 2), so comp_finish and comp_step agree bit for bit.
+__device__ void comp_finish_row(float* srow, float* row, int dc, int q, int r,
+                                const float* norm_w, const float* freqs, int n_rot, float eps,
+                                int mode) {
+    __shared__ double red_fin[4];
+    const int t = threadIdx.x;
+    double ss = 0.0;
+    if (t < 128)
+        for (int j = t; j < dc; j += 128) ss += (double)srow[j] * (double)srow[j];
+    ss = warp_sum_d(ss);
+    if (t < 128 && (t & 31) == 0) red_fin[t >> 5] = ss;
+    __syncthreads();
+    ss = 0.0;
+    for (int w = 0; w < 4; w++) ss += red_fin[w];
+    const float rinv = (float)(1.0 / sqrt(ss / (double)dc + (double)eps));
+    for (int j = t; j < dc; j += blockDim.x) srow[j] = __fmul_rn(norm_w[j], __fmul_rn(srow[j], rinv));
+    __syncthreads();
+    const int half = n_rot / 2;
+    for (int k = t; k < half; k += blockDim.x)
+        rope_pair(srow + (dc - n_rot) + 2 * k, freqs[k], q * r, 0);
+    __syncthreads();
+    if (mode == 1) {
+        block_fp8_row(srow, dc - n_rot);
+        block_f16_round(srow, dc);
+    } else if (mode == 2) {
+        block_indexer_qat(srow, dc);
+        block_f16_round(srow, dc);
+    }
+    for (int j = t; j < dc; j += blockDim.x) row[j] = srow[j];
+}
+
 // Normalises, rotates and rounds the rows comp_pool emitted for this chunk.
 // Block b handles row q = pos0/r + b when q < (pos0+n)/r. 128 threads, smem dc floats.
 // mode: 0 plain, 1 KV (FP8 + f16), 2 indexer (QAT + f16).
@@ -1232,24 +1330,29 @@ extern "C" __global__ void __launch_bounds__(128)
     float* row = rows + (long long)q * dc;
     for (int j = threadIdx.x; j < dc; j += blockDim.x) srow[j] = row[j];
     __syncthreads();
-    double ss = 0.0;
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) ss += (double)srow[j] * (double)srow[j];
-    ss = block_sum_d(ss);
-    const float rinv = (float)(1.0 / sqrt(ss / (double)dc + (double)eps));
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) srow[j] = __fmul_rn(norm_w[j], __fmul_rn(srow[j], rinv));
-    __syncthreads();
-    const int half = n_rot / 2;
-    for (int k = threadIdx.x; k < half; k += blockDim.x)
-        rope_pair(srow + (dc - n_rot) + 2 * k, freqs[k], q * r, 0);
-    __syncthreads();
-    if (mode == 1) {
-        block_fp8_row(srow, dc - n_rot);
-        block_f16_round(srow, dc);
-    } else if (mode == 2) {
-        block_indexer_qat(srow, dc);
-        block_f16_round(srow, dc);
+    comp_finish_row(srow, row, dc, q, r, norm_w, freqs, n_rot, eps, mode);
+}
+
+// One decode token's compressor step in one launch: comp_pool (n = 1) then, when a
+// row closes at this position, comp_finish of that row from shared memory. One block
+// of blockDim = dc threads (a multiple of 128, at most 512; 128 for mode 2), thread j
+// owns column j as in comp_pool; smem dc floats. Same arithmetic as the two kernels.
+extern "C" __global__ void __launch_bounds__(512)
+    comp_step(const float* kv, const float* score, const int* pos_p, const float* ape, int r,
+              int coff, int dc, float* fr_kv, float* fr_score, float* rows,
+              const float* norm_w, const float* freqs, int n_rot, float eps, int mode) {
+    PDL_START();
+    extern __shared__ float srow[];
+    const int p = *pos_p;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        float out;
+        if (comp_pool_token(kv, score, p, ape, r, coff, dc, j, fr_kv, fr_score, &out)) srow[j] = out;
     }
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) row[j] = srow[j];
+    // (p + 1) % r is the same for every thread: the whole block returns or goes on.
+    if ((p + 1) % r != 0) return;
+    __syncthreads();
+    const int q = (p + 1) / r - 1;
+    comp_finish_row(srow, rows + (long long)q * dc, dc, q, r, norm_w, freqs, n_rot, eps, mode);
 }
 
 // ---------------------------------------------------------------------------

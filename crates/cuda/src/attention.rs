@@ -23,9 +23,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
 
 use crate::compile;
+use crate::launch::{KernelArgs, env_switch, launch, pdl_enabled};
 use crate::runtime::CudaRuntime;
 use crate::{Error, Result};
 
@@ -128,9 +129,18 @@ pub struct AttnLaunch {
     /// Split partials ([`scratch_bytes`] of them at least; unused for chunks).
     pub scratch: u64,
     pub scratch_bytes: usize,
+    /// Decode of one token: the kernel also copies the token's raw row (`rows`) to
+    /// its ring slot, which `kv_append` did after the attention (the slot is outside
+    /// the window read, see attention.cu). Needs `n_tokens == 1`.
+    pub ring_append: bool,
 }
 
 impl AttnLaunch {
+    /// The ring pointer the kernel appends the decode row to (0: no append).
+    fn ring_append_ptr(&self) -> u64 {
+        if self.ring_append { self.ring } else { 0 }
+    }
+
     /// [`max_keys`] of this launch.
     pub fn max_keys(&self) -> usize {
         max_keys(
@@ -166,6 +176,9 @@ pub struct AttentionKernels {
     /// Most keys for which [`DecodePath::Auto`] takes the cluster kernel (0 when
     /// `DS4_CUDA_ATTN=split` keeps decode on split + combine).
     cluster_max_keys: usize,
+    /// Programmatic dependent launches (sm_90+, unless `DS4_ATTN_PDL=0` or
+    /// `DS4_CUDA_PDL=0`): the kernels wait in `griddepcontrol.wait` before reading.
+    pdl: bool,
 }
 
 fn shape_err(detail: String) -> Error {
@@ -230,12 +243,14 @@ impl AttentionKernels {
         } else {
             None
         };
+        let pdl = pdl_enabled(sm.0) && env_switch("DS4_ATTN_PDL");
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
             combine: m.load_function("att_combine")?,
             cluster,
             enabled,
             cluster_max_keys,
+            pdl,
         })
     }
 
@@ -269,9 +284,33 @@ impl AttentionKernels {
         a: &AttnLaunch,
         path: DecodePath,
     ) -> Result<()> {
+        self.launch_inner(stream, a, path, 0).map(|_| ())
+    }
+
+    /// [`Self::launch`], except that a decode launch that takes split + combine with
+    /// at most `max_splits` splits leaves the merge to the caller: it returns the split
+    /// count of the partials in `a.scratch` (`n_tokens × splits × n_head × (head_dim +
+    /// 2)` floats: m, l, unnormalised output), and `a.out` is not written. `None`: the
+    /// output was written (cluster kernel, chunk, or more splits).
+    pub fn launch_unmerged(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: &AttnLaunch,
+        max_splits: usize,
+    ) -> Result<Option<usize>> {
+        self.launch_inner(stream, a, DecodePath::Auto, max_splits)
+    }
+
+    fn launch_inner(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: &AttnLaunch,
+        path: DecodePath,
+        defer_merge_up_to: usize,
+    ) -> Result<Option<usize>> {
         let (nh, hd, n) = (a.n_head, a.head_dim, a.n_tokens);
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if !supports(nh, hd) {
             return Err(shape_err(format!(
@@ -309,6 +348,11 @@ impl AttentionKernels {
         if n > MAX_GRID_YZ {
             return Err(shape_err(format!("{n} tokens exceed the grid")));
         }
+        if a.ring_append && n != 1 {
+            return Err(shape_err(format!(
+                "ring append in the kernel needs one token, got {n}"
+            )));
+        }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
         let cluster = match path {
@@ -317,7 +361,7 @@ impl AttentionKernels {
             DecodePath::Cluster => true,
         };
         if split && cluster {
-            return self.launch_cluster(stream, a);
+            return self.launch_cluster(stream, a).map(|_| None);
         }
         let mt = if split || nh <= 16 { 1 } else { 4 };
         let hgroups = nh.div_ceil(16 * mt);
@@ -352,10 +396,8 @@ impl AttentionKernels {
         let kps_i = to_i32("keys per split", kps)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let part = if split { a.scratch } else { 0u64 };
-        if crate::launch::is_skipped(func) {
-            return Ok(());
-        }
-        let mut b = stream.launch_builder(func);
+        let ring_app = a.ring_append_ptr();
+        let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
             .arg(&a.rows)
@@ -373,10 +415,15 @@ impl AttentionKernels {
             .arg(&kps_i)
             .arg(&a.out)
             .arg(&ld_out)
-            .arg(&part);
+            .arg(&part)
+            .arg(&ring_app);
         // SAFETY: matches AT_KERNEL in attention.cu; strides and scratch checked above,
-        // the buffers are the caller's (sized for n_tokens rows and the KV caches).
-        unsafe { b.launch(cfg) }?;
+        // the buffers are the caller's (sized for n_tokens rows and the KV caches); the
+        // kernel waits (PDL_START) before reading anything.
+        unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
+        if split && n_splits <= defer_merge_up_to {
+            return Ok(Some(n_splits));
+        }
         if split {
             let ns = to_i32("splits", n_splits)?;
             let hd_i = to_i32("head_dim", hd)?;
@@ -385,7 +432,7 @@ impl AttentionKernels {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&self.combine);
+            let mut b = KernelArgs::new();
             b.arg(&a.scratch)
                 .arg(&ns)
                 .arg(&nh_i)
@@ -393,10 +440,11 @@ impl AttentionKernels {
                 .arg(&a.sinks)
                 .arg(&a.out)
                 .arg(&ld_out);
-            // SAFETY: matches att_combine; the partials were written by the launch above.
-            unsafe { b.launch(cfg) }?;
+            // SAFETY: matches att_combine; the partials were written by the launch above,
+            // which the combine waits for (PDL_START).
+            unsafe { launch(stream, &self.combine, cfg, &mut b, self.pdl) }?;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The sm_90 decode kernel: grid (CLUSTER, head groups of 16, tokens), the
@@ -424,10 +472,8 @@ impl AttentionKernels {
         let window = to_i32("window", a.window)?;
         let nh_i = to_i32("n_head", a.n_head)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
-        if crate::launch::is_skipped(func) {
-            return Ok(());
-        }
-        let mut b = stream.launch_builder(func);
+        let ring_app = a.ring_append_ptr();
+        let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
             .arg(&a.rows)
@@ -443,10 +489,11 @@ impl AttentionKernels {
             .arg(&a.pos)
             .arg(&nh_i)
             .arg(&a.out)
-            .arg(&ld_out);
+            .arg(&ld_out)
+            .arg(&ring_app);
         // SAFETY: matches AT_DC_KERNEL in attention.cu (grid x = its cluster size);
         // strides checked by `launch_path`, buffers the caller's as for `launch`.
-        unsafe { b.launch(cfg) }?;
+        unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
 }

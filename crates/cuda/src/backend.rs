@@ -8,7 +8,7 @@
 //! synchronises until the logits are read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -52,7 +52,7 @@ const IDX_TILE: usize = 32;
 /// its shared memory: q (64 heads x 132 floats), the rows' keys, the per-head sums and
 /// the head weights.
 const IDXH_ROWS: usize = 16;
-const IDXH_SMEM_BYTES: u32 = ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
+pub(crate) const IDXH_SMEM_BYTES: u32 = ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
@@ -284,11 +284,13 @@ struct Ops {
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
     rope_quant_q8_0: CudaFunction,
+    att_merge_rope_q8_0: CudaFunction,
     round_rows: CudaFunction,
     comp_pool: CudaFunction,
     comp_pool_chunk: CudaFunction,
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
+    comp_step: CudaFunction,
     idx_scores: CudaFunction,
     idx_scores_heads: CudaFunction,
     idx_topk: CudaFunction,
@@ -332,11 +334,13 @@ impl Ops {
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
             rope_quant_q8_0: f("rope_quant_q8_0")?,
+            att_merge_rope_q8_0: f("att_merge_rope_q8_0")?,
             round_rows: big("round_rows")?,
             comp_pool: f("comp_pool")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
+            comp_step: f("comp_step")?,
             idx_scores: f("idx_scores")?,
             idx_scores_heads: f("idx_scores_heads")?,
             idx_topk: f("idx_topk")?,
@@ -352,6 +356,18 @@ impl Ops {
             moe_sum: f("moe_sum")?,
         })
     }
+}
+
+/// Most attention splits `att_merge_rope_q8_0` merges (its lanes keep two weights each).
+const MERGE_ROPE_MAX_SPLITS: usize = 64;
+
+/// Decode attention partials left unmerged for the RoPE + Q8_0 step (`attention_impl`).
+#[derive(Debug, Clone, Copy)]
+struct MergeSplits {
+    part: u64,
+    n_splits: usize,
+    n_head: usize,
+    sinks: u64,
 }
 
 /// A quantized copy of an activation that the next products of that activation may
@@ -531,6 +547,18 @@ pub struct CudaBackend {
     gemm: GemmKernels,
     /// Tensor-core attention (head_dim 256/512; else the SIMT kernels of `ops`).
     attn: crate::attention::AttentionKernels,
+    /// Decode: the attention kernel appends the raw KV row to the ring, so
+    /// `kv_append_raw` launches nothing (`DS4_ATTN_KV_APPEND=0`: the kv_append kernel).
+    attn_kv_append: bool,
+    /// Layer + 1 whose ring the last attention launch appended to (0: none); the
+    /// `kv_append_raw` that follows for that layer takes it and skips its launch.
+    ring_appended: AtomicUsize,
+    /// Decode: each compressor step is one `comp_step` launch (`DS4_COMP_FUSE=0`:
+    /// comp_pool + comp_finish).
+    comp_fuse: bool,
+    /// Decode: the attention's split partials are merged by the RoPE + Q8_0 kernel of
+    /// o_a (`DS4_ATTN_MERGE_ROPE=0`: att_combine, then rope_quant_q8_0).
+    attn_merge_rope: bool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -596,6 +624,10 @@ impl CudaBackend {
             kernels,
             gemm,
             attn,
+            attn_kv_append: crate::launch::env_switch("DS4_ATTN_KV_APPEND"),
+            ring_appended: AtomicUsize::new(0),
+            comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
+            attn_merge_rope: crate::launch::env_switch("DS4_ATTN_MERGE_ROPE"),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -1541,6 +1573,258 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// `Backend::attention`; a decode launch of at most `defer_merge_up_to` splits
+    /// leaves its split partials unmerged and returns (scratch pointer, split count):
+    /// the caller merges them (`att_merge_rope_q8_0`) and `out` is not written.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_impl(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        q: &CudaAct,
+        rows: &CudaAct,
+        sinks: &CudaWeight,
+        sel: Option<&CudaIdx>,
+        n: usize,
+        out: &mut CudaAct,
+        defer_merge_up_to: usize,
+    ) -> MResult<Option<(u64, usize)>> {
+        let _prof = self.prof("attention", n);
+        self.wrote(out)?;
+        let s = &self.shape;
+        let l = kv
+            .layers
+            .get(layer)
+            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
+        let (hd, nh) = (s.head_dim, s.n_head);
+        check(
+            q.cols == nh * hd && rows.cols == hd && sinks.k * sinks.rows == nh,
+            || "attention: bad shapes".into(),
+        )?;
+        let ratio = l.kind.ratio();
+        let comp_ptr = l.comp.as_ref().map_or(0, |(c, _)| c.buf.ptr);
+        check(hd.is_multiple_of(128) && hd <= 512, || {
+            format!("attention: head_dim {hd} must be a multiple of 128, at most 512")
+        })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.attn.handles(nh, hd) {
+            let mut a = crate::attention::AttnLaunch {
+                q: q.buf.ptr,
+                ld_q: q.cols,
+                rows: rows.buf.ptr,
+                ld_rows: rows.cols,
+                ring: l.raw.ptr,
+                ring_cap: l.raw_cap,
+                comp: comp_ptr,
+                comp_cap: l.comp.as_ref().map_or(0, |(c, _)| c.cap),
+                ratio,
+                sel: sel.map_or(0, |sl| sl.buf.ptr),
+                sel_k: sel.map_or(0, |sl| sl.k),
+                sinks: sinks.dense_ptr()?,
+                window: s.sliding_window,
+                pos: self.chunk_ptrs()?.1,
+                n_head: nh,
+                head_dim: hd,
+                n_tokens: n,
+                out: out.buf.ptr,
+                ld_out: out.cols,
+                scratch: 0,
+                scratch_bytes: 0,
+                ring_append: n == 1 && self.attn_kv_append,
+            };
+            a.scratch_bytes = crate::attention::scratch_bytes(nh, hd, n, a.max_keys());
+            if a.scratch_bytes > 0 {
+                a.scratch = self.scratch()?.f32(
+                    self.stream(),
+                    "attn_split",
+                    a.scratch_bytes.div_ceil(4),
+                )?;
+            }
+            let unmerged = self
+                .attn
+                .launch_unmerged(self.stream(), &a, defer_merge_up_to)
+                .map_err(be)?;
+            if a.ring_append {
+                self.ring_appended.store(layer + 1, Ordering::Relaxed);
+            }
+            return Ok(unmerged.map(|ns| (a.scratch, ns)));
+        }
+        // Heads per block of the tiled kernel: as many as share one key tile, up to 8.
+        let hb = [8usize, 4, 2, 1]
+            .into_iter()
+            .find(|&h| nh.is_multiple_of(h))
+            .unwrap_or(1);
+        let decode = n <= ATT_DECODE_MAX_TOKENS;
+        let hb = if decode { 1 } else { hb };
+        let merge_smem = 8 * (2 + hd) * 4;
+        let tile_smem = if decode { 0 } else { 32 * (hd + 4) * 4 };
+        let cfg = LaunchConfig {
+            grid_dim: ((nh / hb) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: merge_smem.max(hb * hd * 4 + tile_smem) as u32,
+        };
+        let (selp, sk) = match sel {
+            Some(sl) => (sl.buf.ptr, sl.k as i32),
+            None => (0u64, 0i32),
+        };
+        let (qp, ldq, rp, ldr, ring, rc, cp, r32, sp, win, pp, op, ldo, hb32) = (
+            q.buf.ptr,
+            q.cols as i32,
+            rows.buf.ptr,
+            rows.cols as i32,
+            l.raw.ptr,
+            l.raw_cap as i32,
+            comp_ptr,
+            ratio as i32,
+            sinks.dense_ptr()?,
+            s.sliding_window as i32,
+            self.chunk_ptrs()?.1,
+            out.buf.ptr,
+            out.cols as i32,
+            hb as i32,
+        );
+        let tiled = (!decode) as i32;
+        let f = &self.ops.attention[hd / 128 - 1];
+        self.launch(f, cfg, |b| {
+            b.arg(&qp)
+                .arg(&ldq)
+                .arg(&rp)
+                .arg(&ldr)
+                .arg(&ring)
+                .arg(&rc)
+                .arg(&cp)
+                .arg(&r32)
+                .arg(&selp)
+                .arg(&sk)
+                .arg(&sp)
+                .arg(&win)
+                .arg(&pp)
+                .arg(&hb32)
+                .arg(&tiled)
+                .arg(&op)
+                .arg(&ldo);
+        })?;
+        Ok(None)
+    }
+}
+
+impl CudaBackend {
+    /// Whether `rope_inverse_grouped` of `x` takes the RoPE + Q8_0 kernel (decode, Q8_0
+    /// weights).
+    fn rope_quant_fusable(
+        &self,
+        x: &CudaAct,
+        n: usize,
+        head_dim: usize,
+        w: &CudaWeight,
+        groups: usize,
+    ) -> bool {
+        let n_rot = self.shape.n_rot;
+        self.fuse_norm_quant
+            && n == 1
+            && ActKind::for_weight(w.ty).ok() == Some(ActKind::Q8_0)
+            && groups > 0
+            && x.cols == w.k * groups
+            && w.k.is_multiple_of(32)
+            && head_dim > 0
+            && x.cols.is_multiple_of(head_dim)
+            && n_rot <= head_dim
+            && n_rot.is_multiple_of(2)
+            && head_dim.is_multiple_of(2)
+    }
+
+    /// `Backend::rope_inverse_grouped`; with `merge`, x holds no values yet: the kernel
+    /// merges the attention's split partials first (only where `rope_quant_fusable`).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_inverse_grouped_impl(
+        &self,
+        x: &mut CudaAct,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        w: &CudaWeight,
+        groups: usize,
+        out: &mut CudaAct,
+        merge: Option<MergeSplits>,
+    ) -> MResult<()> {
+        // Decode with Q8_0 weights: the grouped product (one token: slots over the
+        // groups of the row) reads the Q8_0 copy that the RoPE kernel writes.
+        let n_rot = self.shape.n_rot;
+        let fused = self.rope_quant_fusable(x, n, head_dim, w, groups);
+        if merge.is_some() && !fused {
+            return Err(MError::Backend(
+                "attention partials left for a RoPE step that cannot merge them".into(),
+            ));
+        }
+        if !fused {
+            self.rope(x, n, head_dim, kind, pos0, true)?;
+            return self.matmul_grouped(w, x, n, groups, out);
+        }
+        {
+            let _prof = self.prof("rope+quant", n);
+            let mut sc = self.scratch()?;
+            let act = sc.act(self.stream(), ActKind::Q8_0, w.k, groups)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((x.cols / 32).div_ceil(8) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, cols, hd, nr, fr, pp, inv, qs, d) = (
+                x.buf.ptr,
+                x.cols as i32,
+                head_dim as i32,
+                n_rot as i32,
+                self.freqs(kind),
+                self.chunk_ptrs()?.1,
+                1i32,
+                act.qs.ptr,
+                act.d.ptr,
+            );
+            if let Some(m) = merge {
+                check(
+                    m.n_splits <= MERGE_ROPE_MAX_SPLITS && x.cols == m.n_head * head_dim,
+                    || "attention merge: bad shapes".into(),
+                )?;
+                let (part, ns, nh, sk) = (m.part, m.n_splits as i32, m.n_head as i32, m.sinks);
+                self.launch(&self.ops.att_merge_rope_q8_0, cfg, |b| {
+                    b.arg(&part)
+                        .arg(&ns)
+                        .arg(&nh)
+                        .arg(&sk)
+                        .arg(&xp)
+                        .arg(&cols)
+                        .arg(&hd)
+                        .arg(&nr)
+                        .arg(&fr)
+                        .arg(&pp)
+                        .arg(&inv)
+                        .arg(&qs)
+                        .arg(&d);
+                })?;
+            } else {
+                self.launch(&self.ops.rope_quant_q8_0, cfg, |b| {
+                    b.arg(&xp)
+                        .arg(&cols)
+                        .arg(&hd)
+                        .arg(&nr)
+                        .arg(&fr)
+                        .arg(&pp)
+                        .arg(&inv)
+                        .arg(&qs)
+                        .arg(&d);
+                })?;
+            }
+            sc.reuse
+                .set((x.buf.ptr, kind_tag(ActKind::Q8_0), w.k, groups));
+        }
+        self.matmul_grouped(w, x, n, groups, out)
+    }
+}
+
 /// `y[t·ldy + r] = W[r] · x[t]` as a tensor-core product description.
 #[allow(clippy::too_many_arguments)]
 fn dense_gemm<'a>(
@@ -2285,59 +2569,7 @@ impl<'w> Backend<'w> for CudaBackend {
         groups: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
-        // Decode with Q8_0 weights: the grouped product (one token: slots over the
-        // groups of the row) reads the Q8_0 copy that the RoPE kernel writes.
-        let n_rot = self.shape.n_rot;
-        let fused = self.fuse_norm_quant
-            && n == 1
-            && ActKind::for_weight(w.ty).ok() == Some(ActKind::Q8_0)
-            && groups > 0
-            && x.cols == w.k * groups
-            && w.k.is_multiple_of(32)
-            && head_dim > 0
-            && x.cols.is_multiple_of(head_dim)
-            && n_rot <= head_dim
-            && n_rot.is_multiple_of(2)
-            && head_dim.is_multiple_of(2);
-        if !fused {
-            self.rope(x, n, head_dim, kind, pos0, true)?;
-            return self.matmul_grouped(w, x, n, groups, out);
-        }
-        {
-            let _prof = self.prof("rope+quant", n);
-            let mut sc = self.scratch()?;
-            let act = sc.act(self.stream(), ActKind::Q8_0, w.k, groups)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((x.cols / 32).div_ceil(8) as u32, n as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (xp, cols, hd, nr, fr, pp, inv, qs, d) = (
-                x.buf.ptr,
-                x.cols as i32,
-                head_dim as i32,
-                n_rot as i32,
-                self.freqs(kind),
-                self.chunk_ptrs()?.1,
-                1i32,
-                act.qs.ptr,
-                act.d.ptr,
-            );
-            self.launch(&self.ops.rope_quant_q8_0, cfg, |b| {
-                b.arg(&xp)
-                    .arg(&cols)
-                    .arg(&hd)
-                    .arg(&nr)
-                    .arg(&fr)
-                    .arg(&pp)
-                    .arg(&inv)
-                    .arg(&qs)
-                    .arg(&d);
-            })?;
-            sc.reuse
-                .set((x.buf.ptr, kind_tag(ActKind::Q8_0), w.k, groups));
-        }
-        self.matmul_grouped(w, x, n, groups, out)
+        self.rope_inverse_grouped_impl(x, n, head_dim, kind, pos0, w, groups, out, None)
     }
 
     fn qkv_norm_rope(
@@ -2503,6 +2735,49 @@ impl<'w> Backend<'w> for CudaBackend {
             fr.score.ptr,
             rows.buf.ptr,
         );
+        let mode: i32 = match (official, which) {
+            (false, _) => 0,
+            (true, CompKind::Attn) => 1,
+            (true, CompKind::Indexer) => 2,
+        };
+        check(mode != 2 || dc.is_multiple_of(128), || {
+            "indexer rows must be multiples of 128".into()
+        })?;
+        let (fq, nr, eps) = (
+            self.rope_comp.ptr,
+            self.shape.n_rot.min(dc) as i32,
+            self.shape.rms_eps,
+        );
+        // Decode: pool and finish in one block of dc threads (comp_step).
+        if n == 1
+            && self.comp_fuse
+            && dc.is_multiple_of(128)
+            && dc <= 512
+            && (mode != 2 || dc == 128)
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (dc as u32, 1, 1),
+                shared_mem_bytes: (dc * 4) as u32,
+            };
+            return self.launch(&self.ops.comp_step, cfg, |b| {
+                b.arg(&kp)
+                    .arg(&sp)
+                    .arg(&pp)
+                    .arg(&ape)
+                    .arg(&r32)
+                    .arg(&c32)
+                    .arg(&dc32)
+                    .arg(&fk)
+                    .arg(&fs)
+                    .arg(&rp)
+                    .arg(&norm)
+                    .arg(&fq)
+                    .arg(&nr)
+                    .arg(&eps)
+                    .arg(&mode);
+            });
+        }
         let tiles = (dc as u32).div_ceil(128);
         // One token: the sequential walk is a single step. A chunk: every closing row in
         // parallel from the old frontier, then the new frontier (comp_frontier).
@@ -2550,25 +2825,12 @@ impl<'w> Backend<'w> for CudaBackend {
                     .arg(&fs);
             })?;
         }
-        let mode: i32 = match (official, which) {
-            (false, _) => 0,
-            (true, CompKind::Attn) => 1,
-            (true, CompKind::Indexer) => 2,
-        };
-        check(mode != 2 || dc.is_multiple_of(128), || {
-            "indexer rows must be multiples of 128".into()
-        })?;
         // At most n/r + 1 rows close in a chunk of n; surplus blocks exit.
         let cfg = LaunchConfig {
             grid_dim: ((n / r + 1) as u32, 1, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: (dc * 4) as u32,
         };
-        let (fq, nr, eps) = (
-            self.rope_comp.ptr,
-            self.shape.n_rot.min(dc) as i32,
-            self.shape.rms_eps,
-        );
         self.launch(&self.ops.comp_finish, cfg, |b| {
             b.arg(&rp)
                 .arg(&dc32)
@@ -2694,115 +2956,47 @@ impl<'w> Backend<'w> for CudaBackend {
         _pos0: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
-        let _prof = self.prof("attention", n);
-        self.wrote(out)?;
-        let s = &self.shape;
-        let l = kv
-            .layers
-            .get(layer)
-            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
-        let (hd, nh) = (s.head_dim, s.n_head);
-        check(
-            q.cols == nh * hd && rows.cols == hd && sinks.k * sinks.rows == nh,
-            || "attention: bad shapes".into(),
-        )?;
-        let ratio = l.kind.ratio();
-        let comp_ptr = l.comp.as_ref().map_or(0, |(c, _)| c.buf.ptr);
-        check(hd.is_multiple_of(128) && hd <= 512, || {
-            format!("attention: head_dim {hd} must be a multiple of 128, at most 512")
-        })?;
-        if n == 0 {
-            return Ok(());
-        }
-        if self.attn.handles(nh, hd) {
-            let mut a = crate::attention::AttnLaunch {
-                q: q.buf.ptr,
-                ld_q: q.cols,
-                rows: rows.buf.ptr,
-                ld_rows: rows.cols,
-                ring: l.raw.ptr,
-                ring_cap: l.raw_cap,
-                comp: comp_ptr,
-                comp_cap: l.comp.as_ref().map_or(0, |(c, _)| c.cap),
-                ratio,
-                sel: sel.map_or(0, |sl| sl.buf.ptr),
-                sel_k: sel.map_or(0, |sl| sl.k),
+        self.attention_impl(kv, layer, q, rows, sinks, sel, n, out, 0)
+            .map(|_| ())
+    }
+
+    fn attention_rope_grouped(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        q: &CudaAct,
+        rows: &CudaAct,
+        sinks: &CudaWeight,
+        sel: Option<&CudaIdx>,
+        n: usize,
+        pos0: usize,
+        attn: &mut CudaAct,
+        head_dim: usize,
+        kind: RopeKind,
+        w: &CudaWeight,
+        groups: usize,
+        low: &mut CudaAct,
+    ) -> MResult<()> {
+        // Decode: the split partials are merged by the RoPE + Q8_0 kernel of o_a.
+        let defer = if self.attn_merge_rope
+            && head_dim == self.shape.head_dim
+            && self.rope_quant_fusable(attn, n, head_dim, w, groups)
+        {
+            MERGE_ROPE_MAX_SPLITS
+        } else {
+            0
+        };
+        let merge = self.attention_impl(kv, layer, q, rows, sinks, sel, n, attn, defer)?;
+        let merge = merge.map(|(part, ns)| -> MResult<MergeSplits> {
+            Ok(MergeSplits {
+                part,
+                n_splits: ns,
+                n_head: self.shape.n_head,
                 sinks: sinks.dense_ptr()?,
-                window: s.sliding_window,
-                pos: self.chunk_ptrs()?.1,
-                n_head: nh,
-                head_dim: hd,
-                n_tokens: n,
-                out: out.buf.ptr,
-                ld_out: out.cols,
-                scratch: 0,
-                scratch_bytes: 0,
-            };
-            a.scratch_bytes = crate::attention::scratch_bytes(nh, hd, n, a.max_keys());
-            if a.scratch_bytes > 0 {
-                a.scratch = self.scratch()?.f32(
-                    self.stream(),
-                    "attn_split",
-                    a.scratch_bytes.div_ceil(4),
-                )?;
-            }
-            return self.attn.launch(self.stream(), &a).map_err(be);
-        }
-        // Heads per block of the tiled kernel: as many as share one key tile, up to 8.
-        let hb = [8usize, 4, 2, 1]
-            .into_iter()
-            .find(|&h| nh.is_multiple_of(h))
-            .unwrap_or(1);
-        let decode = n <= ATT_DECODE_MAX_TOKENS;
-        let hb = if decode { 1 } else { hb };
-        let merge_smem = 8 * (2 + hd) * 4;
-        let tile_smem = if decode { 0 } else { 32 * (hd + 4) * 4 };
-        let cfg = LaunchConfig {
-            grid_dim: ((nh / hb) as u32, n as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: merge_smem.max(hb * hd * 4 + tile_smem) as u32,
-        };
-        let (selp, sk) = match sel {
-            Some(sl) => (sl.buf.ptr, sl.k as i32),
-            None => (0u64, 0i32),
-        };
-        let (qp, ldq, rp, ldr, ring, rc, cp, r32, sp, win, pp, op, ldo, hb32) = (
-            q.buf.ptr,
-            q.cols as i32,
-            rows.buf.ptr,
-            rows.cols as i32,
-            l.raw.ptr,
-            l.raw_cap as i32,
-            comp_ptr,
-            ratio as i32,
-            sinks.dense_ptr()?,
-            s.sliding_window as i32,
-            self.chunk_ptrs()?.1,
-            out.buf.ptr,
-            out.cols as i32,
-            hb as i32,
-        );
-        let tiled = (!decode) as i32;
-        let f = &self.ops.attention[hd / 128 - 1];
-        self.launch(f, cfg, |b| {
-            b.arg(&qp)
-                .arg(&ldq)
-                .arg(&rp)
-                .arg(&ldr)
-                .arg(&ring)
-                .arg(&rc)
-                .arg(&cp)
-                .arg(&r32)
-                .arg(&selp)
-                .arg(&sk)
-                .arg(&sp)
-                .arg(&win)
-                .arg(&pp)
-                .arg(&hb32)
-                .arg(&tiled)
-                .arg(&op)
-                .arg(&ldo);
-        })
+            })
+        });
+        let merge = merge.transpose()?;
+        self.rope_inverse_grouped_impl(attn, n, head_dim, kind, pos0, w, groups, low, merge)
     }
 
     fn kv_append_raw(
@@ -2814,6 +3008,10 @@ impl<'w> Backend<'w> for CudaBackend {
         _pos0: usize,
     ) -> MResult<()> {
         let _prof = self.prof("kv_append_raw", n);
+        // The attention kernel of this layer already wrote the row (decode).
+        if self.ring_appended.swap(0, Ordering::Relaxed) == layer + 1 && n == 1 {
+            return Ok(());
+        }
         let hd = self.shape.head_dim;
         let l = kv
             .layers

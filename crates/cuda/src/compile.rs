@@ -53,6 +53,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("swiglu.cuh", include_str!("../kernels/swiglu.cuh")),
     ("pdl.cuh", include_str!("../kernels/pdl.cuh")),
     ("act_quad.cuh", include_str!("../kernels/act_quad.cuh")),
+    ("att_merge.cuh", include_str!("../kernels/att_merge.cuh")),
 ];
 
 /// The compute capability of `stream`'s device and the loaded NVRTC's version: what

@@ -20,6 +20,7 @@
 //!   row, the codes of every block, then the scales).
 
 pub mod attention;
+pub mod attn_checks;
 pub mod backend;
 pub mod bench;
 pub mod compile;

@@ -546,6 +546,10 @@ pub fn run_kernel_checks(
     out.extend(run_k_v2_checks(kern, &mut rng, &mut report)?);
     out.extend(run_gemm_checks(kern, &mut report)?);
     out.extend(run_attention_checks(kern, &mut report)?);
+    out.extend(crate::attn_checks::run_attn_chain_checks(
+        kern,
+        &mut report,
+    )?);
     Ok(out)
 }
 
@@ -1446,6 +1450,8 @@ pub fn run_attention_checks(
             ld_out: w,
             scratch: 0,
             scratch_bytes: 0,
+            // Decode appends the token's row to the ring in the kernel, as the backend does.
+            ring_append: n == 1,
         };
         let sb = scratch_bytes(nh, hd, n, a.max_keys());
         let dscratch = DevBuf::zeros(stream, sb.max(4))?;
@@ -1515,6 +1521,22 @@ pub fn run_attention_checks(
         stream.synchronize()?;
         let got = dout.to_f32(stream)?;
         let old = dold.to_f32(stream)?;
+        if a.ring_append {
+            // The ring after the append: slot pos0 % ring_cap holds the token's row
+            // exactly, every other slot is untouched.
+            let mut want = d.ring.clone();
+            let slot = c.pos0 % d.ring_cap;
+            want[slot * hd..(slot + 1) * hd].copy_from_slice(&d.rows[..hd]);
+            let r = compare(
+                format!("attention ring append {} {}h x {}", c.name, nh, hd),
+                &dring.to_f32(stream)?,
+                &want,
+                0.0,
+                "exact",
+            );
+            report(&r);
+            out.push(r);
+        }
         let all: Vec<usize> = (0..n).collect();
         let r = compare_att(
             format!("attention tc vs simt {} {}h x {}", c.name, nh, hd),

@@ -314,6 +314,30 @@ pub trait Backend<'w> {
         pos0: usize,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// [`Self::attention`] into `attn`, then [`Self::rope_inverse_grouped`] of it
+    /// (`w`, `groups` into `low`): one step where a backend can merge split attention
+    /// partials as it rotates and quantizes them (decode).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rope_grouped(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        q: &Self::Act,
+        rows: &Self::Act,
+        sinks: &Self::Weight,
+        sel: Option<&Self::Idx>,
+        n: usize,
+        pos0: usize,
+        attn: &mut Self::Act,
+        head_dim: usize,
+        kind: RopeKind,
+        w: &Self::Weight,
+        groups: usize,
+        low: &mut Self::Act,
+    ) -> Result<()> {
+        self.attention(kv, layer, q, rows, sinks, sel, n, pos0, attn)?;
+        self.rope_inverse_grouped(attn, n, head_dim, kind, pos0, w, groups, low)
+    }
     /// Appends this chunk's raw KV rows to the sliding window.
     fn kv_append_raw(
         &self,

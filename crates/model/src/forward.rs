@@ -304,7 +304,9 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 use_sel = true;
             }
             let sel = if use_sel { Some(&bufs.sel) } else { None };
-            be.attention(
+            // The raw-row append goes after both: the attention of a chunk reads the
+            // ring slots it overwrites, the RoPE / o_a step neither.
+            be.attention_rope_grouped(
                 kv,
                 il,
                 &bufs.q,
@@ -314,18 +316,13 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 n,
                 pos0,
                 &mut bufs.attn,
-            )?;
-            be.kv_append_raw(kv, il, &bufs.kvr, n, pos0)?;
-            be.rope_inverse_grouped(
-                &mut bufs.attn,
-                n,
                 s.head_dim,
                 rope,
-                pos0,
                 &a.out_a,
                 s.o_groups,
                 &mut bufs.low,
             )?;
+            be.kv_append_raw(kv, il, &bufs.kvr, n, pos0)?;
             be.matmul(&a.out_b, &bufs.low, n, &mut bufs.sub)?;
             // ---- FFN sublayer
             be.hc_post_pre_norm(
