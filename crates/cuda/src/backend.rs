@@ -52,7 +52,8 @@ const IDX_TILE: usize = 32;
 /// its shared memory: q (64 heads x 132 floats), the rows' keys, the per-head sums and
 /// the head weights.
 const IDXH_ROWS: usize = 16;
-pub(crate) const IDXH_SMEM_BYTES: u32 = ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
+pub(crate) const IDXH_SMEM_BYTES: u32 =
+    ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
