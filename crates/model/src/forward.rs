@@ -262,23 +262,10 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 be.branch_end()?;
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
-            be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
-            be.qkv_norm_rope(
-                &mut bufs.q,
-                &mut bufs.kvr,
-                &a.kv_norm,
-                n,
-                s.head_dim,
-                eps,
-                rope,
-                pos0,
-                official,
-            )?;
-            if branched {
-                be.branch_join()?;
-            }
-            let mut use_sel = false;
+            // The indexer's query only reads the normed qr: the side branch takes it on,
+            // beside q_b and the q / KV-row norms, until the join before the top-k.
             if let Some(ix) = &a.indexer {
+                be.branch_begin(n)?;
                 be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
                 be.rope(
                     &mut bufs.iq,
@@ -291,6 +278,25 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 if official {
                     be.round_rows(&mut bufs.iq, n, RowRounding::IndexerQat)?;
                 }
+                be.branch_end()?;
+            }
+            be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
+            be.qkv_norm_rope(
+                &mut bufs.q,
+                &mut bufs.kvr,
+                &a.kv_norm,
+                n,
+                s.head_dim,
+                eps,
+                rope,
+                pos0,
+                official,
+            )?;
+            if branched || a.indexer.is_some() {
+                be.branch_join()?;
+            }
+            let mut use_sel = false;
+            if a.indexer.is_some() {
                 be.indexer_topk(
                     kv,
                     il,
