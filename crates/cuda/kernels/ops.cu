@@ -560,18 +560,19 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
 // Sinkhorn's comb: block 0 sums mix rows 0..3 and the sum of squares, then collapses,
 // norms, stores y and its quantized copies; block 1 sums rows 4..24 and runs the split
 // (post, comb: 20 serial Sinkhorn iterations on one warp) at the same time, instead of
-// before the collapse.
+// before the collapse. Block x has role x + first_role: grid (1, n) with first_role 0
+// or 1 runs one of the two (decode puts the split on a side branch, backend.rs).
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
     const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
     const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
     const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
-    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs) {
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
     constexpr int HC = 4, NM = (2 + HC) * HC;
     __shared__ float mix_s[NM + 1];
     const int i = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     PDL_TRIGGER();
-    if (blockIdx.x == 1) {
+    if (blockIdx.x + first_role == 1) {
         __shared__ float scale_s[3], base_s[NM], pre_unused[HC];
         if (warp == 0) {
             if (lane < 3) scale_s[lane] = scale3[lane];
