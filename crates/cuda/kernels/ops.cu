@@ -774,15 +774,14 @@ extern "C" __global__ void __launch_bounds__(256)
         if (lane == 0) red[warp][g + 4 * q] = v;  // warp = 2g or 2g + 1
     }
     ss = warp_sum_d(ss);
+    if (warp < 2 && lane == 0) red[warp][HCM_ROWS] = (float)ss;
     __syncthreads();
     if ((int)threadIdx.x < nm) {
         const int r = threadIdx.x, gg = r & 3;
         part[((long long)blockIdx.x * n + i) * (nm + 1) + r] = red[2 * gg][r] + red[2 * gg + 1][r];
-    }
-    if (warp < 2 && lane == 0) red[warp][HCM_ROWS] = (float)ss;
-    __syncthreads();
-    if (threadIdx.x == 0)
+    } else if ((int)threadIdx.x == nm) {
         part[((long long)blockIdx.x * n + i) * (nm + 1) + nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
+    }
 }
 
 // Final HC collapse; one block per token.

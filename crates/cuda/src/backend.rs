@@ -1511,7 +1511,7 @@ impl CudaBackend {
         let (yp, ldy, pp, cp) = (y.buf.ptr, y.cols as i32, post.buf.ptr, comb.buf.ptr);
         // `roles`: None for hc_pre_finish_norm, else (blocks per token, first role) of
         // hc_pre_finish_split.
-        let run = |roles: Option<(u32, i32)>| {
+        let run = |roles: Option<(u32, i32)>, threads: u32| {
             let (kernel, grid_dim) = match roles {
                 Some((blocks, _)) => (&self.ops.hc_pre_finish_split, (blocks, n as u32, 1)),
                 None => (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1)),
@@ -1552,18 +1552,20 @@ impl CudaBackend {
             })
         };
         match mode {
-            HcSplit::OneBlock => run(None)?,
-            HcSplit::TwoBlocks => run(Some((2, 0)))?,
-            HcSplit::Side if !side => run(Some((2, 0)))?,
+            HcSplit::OneBlock => run(None, threads)?,
+            HcSplit::TwoBlocks => run(Some((2, 0)), threads)?,
+            HcSplit::Side if !side => run(Some((2, 0)), threads)?,
             HcSplit::Side => {
                 // The split block on the side branch (it reads the partial mixes the
                 // main chain has written so far); post/comb are next read by the
-                // following merge, which joins the branch first.
+                // following merge, which joins the branch first. Off the main chain
+                // its latency matters less than its footprint beside the matvecs:
+                // 256 threads (a 1024-thread block would need a whole SM's registers).
                 self.fork_side()?;
-                let r = run(Some((1, 1)));
+                let r = run(Some((1, 1)), 256);
                 self.on_side.store(false, Ordering::Relaxed);
                 r?;
-                run(Some((1, 0)))?;
+                run(Some((1, 0)), threads)?;
             }
         }
         let mut sc = self.scratch()?;
