@@ -450,6 +450,9 @@ __device__ __forceinline__ void hc_collapse4(const float* x, int e, const float*
 // for none; `ss` is this thread's share of Σy², `nw0` its first norm weights, loaded
 // early), the store of y and its optional Q8_0 / Q8_K copies. Every thread of the block
 // calls it (it synchronises); yv[c] holds y's columns 4·(threadIdx.x + c·blockDim.x).
+// LEAN (hc_pre_finish_split): one barrier for the sum of squares (the warps' partials
+// summed as a tree, not in warp order) and none before the first Q8_K block.
+template <bool LEAN>
 __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], double ss,
                                                     const float* norm_w, float4 nw0,
                                                     float norm_eps, int e, int i, float* yr,
@@ -457,7 +460,17 @@ __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], doub
                                                     float* qk_d, i16* qk_bs, Q8kRed& qred) {
     float scale = 1.0f;
     if (norm_w) {
-        ss = block_sum_d(ss);
+        if (LEAN) {
+            // Called once per block: red_d has no earlier readers to wait for.
+            __shared__ double red_d[32];
+            const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+            ss = warp_sum_d(ss);
+            if (lane == 0) red_d[threadIdx.x >> 5] = ss;
+            __syncthreads();
+            ss = warp_sum_d(lane < nw ? red_d[lane] : 0.0);
+        } else {
+            ss = block_sum_d(ss);
+        }
         scale = (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
     }
 #pragma unroll
@@ -485,7 +498,7 @@ __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], doub
         const long long e0 = (long long)i * e + j;
         // e is a multiple of 128: a warp is wholly inside or past the row.
         if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
-        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs);
+        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, !LEAN || c > 0);
     }
 }
 
@@ -551,7 +564,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    hc_norm_store_quant(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
+    hc_norm_store_quant<false>(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
                         qk_qs, qk_d, qk_bs, qred);
 }
 
@@ -641,7 +654,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    hc_norm_store_quant(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
+    hc_norm_store_quant<true>(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
                         qk_qs, qk_d, qk_bs, qred);
 }
 
