@@ -197,6 +197,13 @@ extern "C" __global__ void rms_norm_seg(float* x, int ld, const float* w, int se
 // ---------------------------------------------------------------------------
 // Hyper-connections (model.md §7). `mixes` = fn · state (un-normalised) from a matvec.
 // ---------------------------------------------------------------------------
+// ss / n exactly as the division gives it, by a multiplication with inv = 1 / n when
+// n is a power of two (n_embd, hc·n_embd): an f64 division is ~100 cycles of a
+// latency-bound chain, and inv can be computed before the chain starts.
+__device__ __forceinline__ double div_count(double ss, int n, double inv) {
+    return (n & (n - 1)) == 0 ? ss * inv : ss / (double)n;
+}
+
 __device__ float row_rms_inv(const float* x, int n, float eps) {
     double ss = 0.0;
     for (int j = threadIdx.x; j < n; j += blockDim.x) ss += (double)x[j] * (double)x[j];
@@ -457,7 +464,8 @@ __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], doub
                                                     const float* norm_w, float4 nw0,
                                                     float norm_eps, int e, int i, float* yr,
                                                     i8* q0_qs, float* q0_d, i8* qk_qs,
-                                                    float* qk_d, i16* qk_bs, Q8kRed& qred) {
+                                                    float* qk_d, i16* qk_bs, Q8kRed& qred,
+                                                    double inv_e = 0.0) {
     float scale = 1.0f;
     if (norm_w) {
         if (LEAN) {
@@ -471,7 +479,8 @@ __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], doub
         } else {
             ss = block_sum_d(ss);
         }
-        scale = (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
+        scale = LEAN ? (float)(1.0 / sqrt(div_count(ss, e, inv_e) + (double)norm_eps))
+                     : (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
     }
 #pragma unroll
     for (int c = 0; c < HCF_MAX4; c++) {
@@ -585,6 +594,9 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
     const int i = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     PDL_TRIGGER();
+    double inv_k = 1.0 / (double)(HC * e), inv_e = 1.0 / (double)e;
+    // Pinned here, before the wait (the compiler would sink them to their uses).
+    asm volatile("" : "+d"(inv_k), "+d"(inv_e));
     if (blockIdx.x + first_role == 1) {
         __shared__ float scale_s[3], base_s[NM], pre_unused[HC];
         if (warp == 0) {
@@ -600,7 +612,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
         __syncthreads();
         if (warp == 0) {
             const float r_inv =
-                (float)(1.0 / sqrt((double)mix_s[NM] / (double)(HC * e) + (double)rms_eps));
+                (float)(1.0 / sqrt(div_count((double)mix_s[NM], HC * e, inv_k) + (double)rms_eps));
             // Rows 0..HC-1 (pre) are not summed here: the split's pre output is unused.
             if (lane < HC) mix_s[lane] = 0.0f;
             __syncwarp();
@@ -636,7 +648,8 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
     __syncthreads();
     // Every thread computes the pre weights itself (no second barrier), as
     // hc_split_warp_t does.
-    const float r_inv = (float)(1.0 / sqrt((double)mix_s[NM] / (double)(HC * e) + (double)rms_eps));
+    const float r_inv =
+        (float)(1.0 / sqrt(div_count((double)mix_s[NM], HC * e, inv_k) + (double)rms_eps));
     float pre[HC];
 #pragma unroll
     for (int s = 0; s < HC; s++)
@@ -654,8 +667,8 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    hc_norm_store_quant<true>(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
-                        qk_qs, qk_d, qk_bs, qred);
+    hc_norm_store_quant<true>(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs,
+                              q0_d, qk_qs, qk_d, qk_bs, qred, inv_e);
 }
 
 // HC merge: X'[d] = post_d·o + Σ_a comb[a][d]·X[a]. Grid (⌈e/256⌉, n). With hc = 4
