@@ -43,13 +43,15 @@ __device__ __forceinline__ void q8_0_quad(const float o[4], long long e0, i8* __
 // of 64 and the block's rows 256-aligned). Called by every thread of the block (it
 // synchronises); inactive threads (past the row) only take part in the reductions.
 // The block maximum is the signed element of largest |x|, the first one on ties.
+// `reused`: an earlier call of the block used `red` (its readers must be done first).
 struct Q8kRed {
     float amax[32];
     float mx[32];
     int idx[32];
 };
 __device__ void q8_k_quad(const float o[4], bool active, long long e0, Q8kRed& red,
-                          i8* __restrict__ qs, float* __restrict__ d, i16* __restrict__ bsums) {
+                          i8* __restrict__ qs, float* __restrict__ d, i16* __restrict__ bsums,
+                          bool reused = true) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float amax = 0.0f, mx = 0.0f;
     int idx = 0x7fffffff;
@@ -60,7 +62,7 @@ __device__ void q8_k_quad(const float o[4], bool active, long long e0, Q8kRed& r
             if (fabsf(o[j]) > amax) { amax = fabsf(o[j]); mx = o[j]; idx = loc + j; }
     }
     warp_abs_max_first(amax, mx, idx);
-    __syncthreads();  // an earlier call's readers are done with `red`
+    if (reused) __syncthreads();  // an earlier call's readers are done with `red`
     if (lane == 0) {
         red.amax[warp] = amax;
         red.mx[warp] = mx;

@@ -198,6 +198,13 @@ extern "C" __global__ void rms_norm_seg(float* x, int ld, const float* w, int se
 // ---------------------------------------------------------------------------
 // Hyper-connections (model.md §7). `mixes` = fn · state (un-normalised) from a matvec.
 // ---------------------------------------------------------------------------
+// ss / n exactly as the division gives it, by a multiplication with inv = 1 / n when
+// n is a power of two (n_embd, hc·n_embd): an f64 division is ~100 cycles of a
+// latency-bound chain, and inv can be computed before the chain starts.
+__device__ __forceinline__ double div_count(double ss, int n, double inv) {
+    return (n & (n - 1)) == 0 ? ss * inv : ss / (double)n;
+}
+
 __device__ float row_rms_inv(const float* x, int n, float eps) {
     double ss = 0.0;
     for (int j = threadIdx.x; j < n; j += blockDim.x) ss += (double)x[j] * (double)x[j];
@@ -451,15 +458,30 @@ __device__ __forceinline__ void hc_collapse4(const float* x, int e, const float*
 // for none; `ss` is this thread's share of Σy², `nw0` its first norm weights, loaded
 // early), the store of y and its optional Q8_0 / Q8_K copies. Every thread of the block
 // calls it (it synchronises); yv[c] holds y's columns 4·(threadIdx.x + c·blockDim.x).
+// LEAN (hc_pre_finish_split): one barrier for the sum of squares (the warps' partials
+// summed as a tree, not in warp order) and none before the first Q8_K block.
+template <bool LEAN>
 __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], double ss,
                                                     const float* norm_w, float4 nw0,
                                                     float norm_eps, int e, int i, float* yr,
                                                     i8* q0_qs, float* q0_d, i8* qk_qs,
-                                                    float* qk_d, i16* qk_bs, Q8kRed& qred) {
+                                                    float* qk_d, i16* qk_bs, Q8kRed& qred,
+                                                    double inv_e = 0.0) {
     float scale = 1.0f;
     if (norm_w) {
-        ss = block_sum_d(ss);
-        scale = (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
+        if (LEAN) {
+            // Called once per block: red_d has no earlier readers to wait for.
+            __shared__ double red_d[32];
+            const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+            ss = warp_sum_d(ss);
+            if (lane == 0) red_d[threadIdx.x >> 5] = ss;
+            __syncthreads();
+            ss = warp_sum_d(lane < nw ? red_d[lane] : 0.0);
+        } else {
+            ss = block_sum_d(ss);
+        }
+        scale = LEAN ? (float)(1.0 / sqrt(div_count(ss, e, inv_e) + (double)norm_eps))
+                     : (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
     }
 #pragma unroll
     for (int c = 0; c < HCF_MAX4; c++) {
@@ -486,7 +508,7 @@ __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], doub
         const long long e0 = (long long)i * e + j;
         // e is a multiple of 128: a warp is wholly inside or past the row.
         if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
-        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs);
+        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, !LEAN || c > 0);
     }
 }
 
@@ -552,7 +574,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    hc_norm_store_quant(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
+    hc_norm_store_quant<false>(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
                         qk_qs, qk_d, qk_bs, qred);
 }
 
@@ -561,18 +583,22 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
 // Sinkhorn's comb: block 0 sums mix rows 0..3 and the sum of squares, then collapses,
 // norms, stores y and its quantized copies; block 1 sums rows 4..24 and runs the split
 // (post, comb: 20 serial Sinkhorn iterations on one warp) at the same time, instead of
-// before the collapse.
+// before the collapse. Block x has role x + first_role: grid (1, n) with first_role 0
+// or 1 runs one of the two (decode puts the split on a side branch, backend.rs).
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
     const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
     const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
     const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
-    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs) {
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
     constexpr int HC = 4, NM = (2 + HC) * HC;
     __shared__ float mix_s[NM + 1];
     const int i = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     PDL_TRIGGER();
-    if (blockIdx.x == 1) {
+    double inv_k = 1.0 / (double)(HC * e), inv_e = 1.0 / (double)e;
+    // Pinned here, before the wait (the compiler would sink them to their uses).
+    asm volatile("" : "+d"(inv_k), "+d"(inv_e));
+    if (blockIdx.x + first_role == 1) {
         __shared__ float scale_s[3], base_s[NM], pre_unused[HC];
         if (warp == 0) {
             if (lane < 3) scale_s[lane] = scale3[lane];
@@ -587,7 +613,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
         __syncthreads();
         if (warp == 0) {
             const float r_inv =
-                (float)(1.0 / sqrt((double)mix_s[NM] / (double)(HC * e) + (double)rms_eps));
+                (float)(1.0 / sqrt(div_count((double)mix_s[NM], HC * e, inv_k) + (double)rms_eps));
             // Rows 0..HC-1 (pre) are not summed here: the split's pre output is unused.
             if (lane < HC) mix_s[lane] = 0.0f;
             __syncwarp();
@@ -623,7 +649,8 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
     __syncthreads();
     // Every thread computes the pre weights itself (no second barrier), as
     // hc_split_warp_t does.
-    const float r_inv = (float)(1.0 / sqrt((double)mix_s[NM] / (double)(HC * e) + (double)rms_eps));
+    const float r_inv =
+        (float)(1.0 / sqrt(div_count((double)mix_s[NM], HC * e, inv_k) + (double)rms_eps));
     float pre[HC];
 #pragma unroll
     for (int s = 0; s < HC; s++)
@@ -641,8 +668,8 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    hc_norm_store_quant(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
-                        qk_qs, qk_d, qk_bs, qred);
+    hc_norm_store_quant<true>(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs,
+                              q0_d, qk_qs, qk_d, qk_bs, qred, inv_e);
 }
 
 // HC merge: X'[d] = post_d·o + Σ_a comb[a][d]·X[a]. Grid (⌈e/256⌉, n). With hc = 4
@@ -774,15 +801,14 @@ extern "C" __global__ void __launch_bounds__(256)
         if (lane == 0) red[warp][g + 4 * q] = v;  // warp = 2g or 2g + 1
     }
     ss = warp_sum_d(ss);
+    if (warp < 2 && lane == 0) red[warp][HCM_ROWS] = (float)ss;
     __syncthreads();
     if ((int)threadIdx.x < nm) {
         const int r = threadIdx.x, gg = r & 3;
         part[((long long)blockIdx.x * n + i) * (nm + 1) + r] = red[2 * gg][r] + red[2 * gg + 1][r];
-    }
-    if (warp < 2 && lane == 0) red[warp][HCM_ROWS] = (float)ss;
-    __syncthreads();
-    if (threadIdx.x == 0)
+    } else if ((int)threadIdx.x == nm) {
         part[((long long)blockIdx.x * n + i) * (nm + 1) + nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
+    }
 }
 
 // Final HC collapse; one block per token.

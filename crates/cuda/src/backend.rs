@@ -476,6 +476,18 @@ impl Scratch {
     }
 }
 
+/// Where the HC split's Sinkhorn (post, comb) runs for hc = 4 (`CudaBackend::hc_split`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HcSplit {
+    /// hc_pre_finish_norm: one block per token, the Sinkhorn before the collapse.
+    OneBlock = 0,
+    /// hc_pre_finish_split: a second block per token beside the collapse.
+    TwoBlocks = 1,
+    /// Decode (one token): hc_pre_finish_split's split block alone on the side
+    /// branch, joined before post/comb are read; other batches as `TwoBlocks`.
+    Side = 2,
+}
+
 /// The MoE outputs the fused HC merge sums in place of moe_sum: `routed` holds n·k rows
 /// of n_embd (route weights applied), `shared` n rows of n_embd (device pointers into
 /// scratch, valid until the next MoE).
@@ -580,9 +592,11 @@ pub struct CudaBackend {
     /// Fused decode steps, on unless `DS4_HC_FUSE=0` / `DS4_NORM_QUANT=0` (A/B runs).
     fuse_hc_post: bool,
     fuse_norm_quant: bool,
-    /// hc = 4: the HC split's Sinkhorn runs in a block of its own beside the collapse
-    /// (`hc_pre_finish_split`; `DS4_HC_SPLIT_BLOCK=0`: one block per token does both).
-    hc_split_block: std::sync::atomic::AtomicBool,
+    /// hc = 4: how the HC split's Sinkhorn (post, comb) runs beside the collapse, an
+    /// `HcSplit` as u8: `DS4_HC_SPLIT_BLOCK=0` one block per token does both
+    /// (hc_pre_finish_norm); `DS4_HC_SINKHORN_SIDE=0` a second block of the same launch
+    /// (hc_pre_finish_split); else, decode on the side branch, off the main chain.
+    hc_split: std::sync::atomic::AtomicU8,
     /// Decode FFN sublayer: the HC merge sums the experts' outputs itself (no moe_sum
     /// kernel; `DS4_MOE_SUM_FOLD=0`: moe_sum writes the sublayer output first).
     moe_sum_fold: bool,
@@ -645,9 +659,15 @@ impl CudaBackend {
             use_graphs: !profiling,
             fuse_hc_post: crate::launch::env_switch("DS4_HC_FUSE"),
             fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
-            hc_split_block: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+            hc_split: std::sync::atomic::AtomicU8::new(if !crate::launch::env_switch(
                 "DS4_HC_SPLIT_BLOCK",
-            )),
+            ) {
+                HcSplit::OneBlock
+            } else if !crate::launch::env_switch("DS4_HC_SINKHORN_SIDE") {
+                HcSplit::TwoBlocks
+            } else {
+                HcSplit::Side
+            } as u8),
             moe_sum_fold: crate::launch::env_switch("DS4_MOE_SUM_FOLD"),
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
@@ -665,14 +685,18 @@ impl CudaBackend {
         })
     }
 
-    /// Selftest: which HC split kernel runs (`DS4_HC_SPLIT_BLOCK` picks it otherwise),
-    /// so that one run checks both.
-    pub(crate) fn set_hc_split_block(&self, on: bool) {
-        self.hc_split_block.store(on, Ordering::Relaxed);
+    /// Selftest: where the HC split's Sinkhorn runs (the environment picks it
+    /// otherwise), so that one run checks every form.
+    pub(crate) fn set_hc_split(&self, mode: HcSplit) {
+        self.hc_split.store(mode as u8, Ordering::Relaxed);
     }
 
-    pub(crate) fn hc_split_block(&self) -> bool {
-        self.hc_split_block.load(Ordering::Relaxed)
+    pub(crate) fn hc_split(&self) -> HcSplit {
+        match self.hc_split.load(Ordering::Relaxed) {
+            0 => HcSplit::OneBlock,
+            1 => HcSplit::TwoBlocks,
+            _ => HcSplit::Side,
+        }
     }
 
     /// Selftest: the fused merge + next split of the FFN sublayer that sums the MoE's
@@ -1288,6 +1312,9 @@ impl CudaBackend {
         post: &mut CudaAct,
         comb: &mut CudaAct,
     ) -> MResult<bool> {
+        // A split still running on the side branch reads the partial mixes and writes
+        // post/comb: it ends before they are rewritten.
+        self.join_side()?;
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
         let k = hc * e;
         let threads = if n == 1 { 1024 } else { 256 };
@@ -1400,6 +1427,8 @@ impl CudaBackend {
         post: &mut CudaAct,
         comb: &mut CudaAct,
     ) -> MResult<()> {
+        // post/comb may come from a split on the side branch (HcSplit::Side).
+        self.join_side()?;
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
         if !self.hc_post_fusable(sub, n, s, state, next, y) {
             if moe.is_some() {
@@ -1510,18 +1539,16 @@ impl CudaBackend {
         let (hc, e) = (s.hc_mult, s.n_embd);
         let threads: u32 = if n == 1 { 1024 } else { 256 };
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
-        // hc = 4: the Sinkhorn in a second block per token, beside the collapse.
-        let split = self.hc_split_block.load(Ordering::Relaxed) && hc == 4 && s.hc_mix() == 24;
-        let (kernel, grid_dim) = if split {
-            (&self.ops.hc_pre_finish_split, (2, n as u32, 1))
+        // hc = 4: the Sinkhorn beside the collapse (HcSplit).
+        let mode = if hc == 4 && s.hc_mix() == 24 {
+            self.hc_split()
         } else {
-            (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1))
+            HcSplit::OneBlock
         };
-        let cfg = LaunchConfig {
-            grid_dim,
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let side = mode == HcSplit::Side
+            && n == 1
+            && self.profile.is_none()
+            && !self.on_side.load(Ordering::Relaxed);
         let (sp, lds, n32) = (state.buf.ptr, state.cols as i32, n as i32);
         let (np32, hc32, e32, it, he, re) = (
             np as i32,
@@ -1532,31 +1559,65 @@ impl CudaBackend {
             s.rms_eps,
         );
         let (yp, ldy, pp, cp) = (y.buf.ptr, y.cols as i32, post.buf.ptr, comb.buf.ptr);
-        self.launch(kernel, cfg, |b| {
-            b.arg(&sp)
-                .arg(&lds)
-                .arg(&part)
-                .arg(&np32)
-                .arg(&n32)
-                .arg(&sc)
-                .arg(&bs)
-                .arg(&hc32)
-                .arg(&e32)
-                .arg(&it)
-                .arg(&he)
-                .arg(&re)
-                .arg(&norm_ptr)
-                .arg(&re)
-                .arg(&yp)
-                .arg(&ldy)
-                .arg(&pp)
-                .arg(&cp)
-                .arg(&quant.q0.0)
-                .arg(&quant.q0.1)
-                .arg(&quant.qk.0)
-                .arg(&quant.qk.1)
-                .arg(&quant.qk.2);
-        })?;
+        // `roles`: None for hc_pre_finish_norm, else (blocks per token, first role) of
+        // hc_pre_finish_split.
+        let run = |roles: Option<(u32, i32)>, threads: u32| {
+            let (kernel, grid_dim) = match roles {
+                Some((blocks, _)) => (&self.ops.hc_pre_finish_split, (blocks, n as u32, 1)),
+                None => (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1)),
+            };
+            let cfg = LaunchConfig {
+                grid_dim,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let first_role = roles.map_or(0, |r| r.1);
+            self.launch(kernel, cfg, |b| {
+                b.arg(&sp)
+                    .arg(&lds)
+                    .arg(&part)
+                    .arg(&np32)
+                    .arg(&n32)
+                    .arg(&sc)
+                    .arg(&bs)
+                    .arg(&hc32)
+                    .arg(&e32)
+                    .arg(&it)
+                    .arg(&he)
+                    .arg(&re)
+                    .arg(&norm_ptr)
+                    .arg(&re)
+                    .arg(&yp)
+                    .arg(&ldy)
+                    .arg(&pp)
+                    .arg(&cp)
+                    .arg(&quant.q0.0)
+                    .arg(&quant.q0.1)
+                    .arg(&quant.qk.0)
+                    .arg(&quant.qk.1)
+                    .arg(&quant.qk.2);
+                if roles.is_some() {
+                    b.arg(&first_role);
+                }
+            })
+        };
+        match mode {
+            HcSplit::OneBlock => run(None, threads)?,
+            HcSplit::TwoBlocks => run(Some((2, 0)), threads)?,
+            HcSplit::Side if !side => run(Some((2, 0)), threads)?,
+            HcSplit::Side => {
+                // The split block on the side branch (it reads the partial mixes the
+                // main chain has written so far); post/comb are next read by the
+                // following merge, which joins the branch first. Off the main chain
+                // its latency matters less than its footprint beside the matvecs:
+                // 256 threads (a 1024-thread block would need a whole SM's registers).
+                self.fork_side()?;
+                let r = run(Some((1, 1)), 256);
+                self.on_side.store(false, Ordering::Relaxed);
+                r?;
+                run(Some((1, 0)), threads)?;
+            }
+        }
         let mut sc = self.scratch()?;
         match quant.keys {
             [Some(a), Some(b)] => sc.reuse.set2(a, b),
@@ -2289,6 +2350,7 @@ impl<'w> Backend<'w> for CudaBackend {
         comb: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("hc_pre", n);
+        self.join_side()?;
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
         check(
             hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
@@ -2386,6 +2448,8 @@ impl<'w> Backend<'w> for CudaBackend {
         state: &mut CudaAct,
     ) -> MResult<()> {
         let _prof = self.prof("hc_post", n);
+        // post/comb may come from a split on the side branch (HcSplit::Side).
+        self.join_side()?;
         self.wrote(state)?;
         let e = sub.cols;
         check(hc <= 16 && state.cols == hc * e, || {
@@ -3336,6 +3400,8 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 
     fn read_rows(&self, x: &CudaAct, n: usize, out: &mut [f32]) -> MResult<()> {
+        // Side work (e.g. an HC split) may still write what is read.
+        self.join_side()?;
         let len = n * x.cols;
         check(out.len() >= len && n <= x.rows, || {
             "read_rows: output too small".into()

@@ -17,7 +17,7 @@ use ds4_model::weights::{HcWeights, TensorView};
 use half::f16;
 
 use crate::Result;
-use crate::backend::{CudaAct, CudaBackend, CudaWeight};
+use crate::backend::{CudaAct, CudaBackend, CudaWeight, HcSplit};
 use crate::kernels::ActKind;
 use crate::runtime::CudaRuntime;
 use crate::selftest::{CheckResult, Rng, act_mismatches, compare, random_act, random_weights};
@@ -310,10 +310,17 @@ fn hc_quant_checks(
         &[e as u64, rows as u64],
         random_weights(rng, GgmlType::Q2_K, e * rows),
     )?;
-    // The two-block split (hc_pre_finish_split, the default) and the one-block one.
-    let default_split = be.hc_split_block();
-    for (split, n) in [(true, 1usize), (true, 3), (false, 1), (false, 3)] {
-        be.set_hc_split_block(split);
+    // Every form of the split: the Sinkhorn on the side branch (the default; one token
+    // only, n = 3 runs two blocks), in a second block, in the collapse's block.
+    let default_split = be.hc_split();
+    for (split, n) in [
+        (HcSplit::Side, 1usize),
+        (HcSplit::Side, 3),
+        (HcSplit::TwoBlocks, 1),
+        (HcSplit::OneBlock, 1),
+        (HcSplit::OneBlock, 3),
+    ] {
+        be.set_hc_split(split);
         be.begin_chunk(&vec![0u32; n], 0)?;
         for (which, norm) in &norms {
             // The split alone, merge + split, and merge + split summing the MoE's
@@ -376,7 +383,11 @@ fn hc_quant_checks(
                     (true, false) => "hc_post+pre_norm",
                     (false, false) => "hc_pre_norm",
                 };
-                let variant = if split { "" } else { " one-block" };
+                let variant = match split {
+                    HcSplit::Side => "",
+                    HcSplit::TwoBlocks => " two-block",
+                    HcSplit::OneBlock => " one-block",
+                };
                 let tag = format!("fused {step:<16} {which:<4} n={n}{variant}");
                 let y_gpu = read(be, &y)?;
                 // Quantized copies first (the products below use them up).
@@ -458,7 +469,7 @@ fn hc_quant_checks(
             }
         }
     }
-    be.set_hc_split_block(default_split);
+    be.set_hc_split(default_split);
     Ok(out)
 }
 
