@@ -252,8 +252,8 @@ pub struct Kernels {
     /// Register-streaming F16 matvecs (`F16_REGS_VARIANTS`, in order of preference);
     /// empty when `DS4_MV_F16_REGS=0` (A/B runs).
     mv_f16_regs: Vec<F16Kernel>,
-    /// Variants forced by `DS4_MV_F16_V` (tuning runs): the first one of a launch's K wins.
-    f16_forced: Vec<F16Variant>,
+    /// Variants forced by `DS4_MV_F16_V` (tuning runs), see [`F16Force`].
+    f16_forced: Vec<F16Force>,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -386,16 +386,40 @@ pub fn pick_f16_variant(
         .map(|(v, _)| *v)
 }
 
-/// `DS4_MV_F16_V` = comma-separated `PxRxS` variants (unknown ones are ignored).
-fn forced_f16_variants() -> Vec<F16Variant> {
-    let Ok(spec) = std::env::var("DS4_MV_F16_V") else {
-        return Vec::new();
-    };
+/// One `DS4_MV_F16_V` entry: `PxRxS` (every launch of that K) or `PxRxS@ROWS` (only
+/// launches of ROWS rows in all, e.g. `4x1x4@256` the router, `16x1x1@2048` the CSA
+/// compressor pair). A launch takes the first entry that matches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct F16Force {
+    pub variant: F16Variant,
+    pub rows: Option<usize>,
+}
+
+impl F16Force {
+    fn parse(s: &str) -> Option<Self> {
+        let (v, rows) = match s.split_once('@') {
+            Some((v, r)) => (v, Some(r.trim().parse().ok()?)),
+            None => (s, None),
+        };
+        let variant = F16Variant::parse(v)?;
+        F16_REGS_VARIANTS
+            .contains(&variant)
+            .then_some(Self { variant, rows })
+    }
+
+    fn matches(&self, k: usize, total_rows: usize) -> bool {
+        self.variant.k() == k && self.rows.is_none_or(|r| r == total_rows)
+    }
+}
+
+/// Parses a `DS4_MV_F16_V` value (comma-separated [`F16Force`] entries); an entry that
+/// names no compiled variant is reported and skipped.
+fn parse_f16_forces(spec: &str) -> Vec<F16Force> {
     let mut out = Vec::new();
     for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
-        match F16Variant::parse(item) {
-            Some(v) if F16_REGS_VARIANTS.contains(&v) => out.push(v),
-            _ => tracing::warn!("DS4_MV_F16_V: no F16 matvec variant {item:?} (ignored)"),
+        match F16Force::parse(item) {
+            Some(f) => out.push(f),
+            None => tracing::warn!("DS4_MV_F16_V: no F16 matvec variant {item:?} (ignored)"),
         }
     }
     out
@@ -484,7 +508,9 @@ impl Kernels {
             } else {
                 Vec::new()
             },
-            f16_forced: forced_f16_variants(),
+            f16_forced: std::env::var("DS4_MV_F16_V")
+                .map(|spec| parse_f16_forces(&spec))
+                .unwrap_or_default(),
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -962,7 +988,7 @@ impl Kernels {
     }
 
     /// The register-streaming F16 kernel for rows of `k` elements: `want` when given,
-    /// else the first `DS4_MV_F16_V` variant of this K, else [`pick_f16_variant`]. None
+    /// else the first matching `DS4_MV_F16_V` entry, else [`pick_f16_variant`]. None
     /// when no compiled variant takes this K (tiny models) or the kernels are off.
     fn f16_regs_kernel(
         &self,
@@ -979,8 +1005,8 @@ impl Kernels {
         if let Some(v) = want {
             return find(v);
         }
-        if let Some(hit) = self.f16_forced.iter().find_map(|v| find(*v)) {
-            return Some(hit);
+        if let Some(f) = self.f16_forced.iter().find(|f| f.matches(k, total_rows)) {
+            return find(f.variant);
         }
         let compiled: Vec<(F16Variant, usize)> = self
             .mv_f16_regs
@@ -1189,6 +1215,33 @@ mod tests {
         assert_eq!(F16Variant::parse("16x1x1x1"), None);
         assert_eq!(F16Variant::parse("ax1x1"), None);
         assert_eq!(F16Variant::parse(""), None);
+    }
+
+    #[test]
+    fn f16_forces_parse_and_match_by_k_then_rows() {
+        let f = parse_f16_forces("4x1x4@256, 16x1x1 ,9x9x9,8x1x2@x,4x4x1");
+        assert_eq!(
+            f,
+            vec![
+                F16Force {
+                    variant: v(4, 1, 4),
+                    rows: Some(256)
+                },
+                F16Force {
+                    variant: v(16, 1, 1),
+                    rows: None
+                },
+                F16Force {
+                    variant: v(4, 4, 1),
+                    rows: None
+                },
+            ]
+        );
+        let first = |k, rows| f.iter().find(|x| x.matches(k, rows)).map(|x| x.variant);
+        assert_eq!(first(4096, 256), Some(v(4, 1, 4)));
+        assert_eq!(first(4096, 2048), Some(v(16, 1, 1)));
+        assert_eq!(first(1024, 8192), Some(v(4, 4, 1)));
+        assert_eq!(first(2048, 256), None);
     }
 
     #[test]
