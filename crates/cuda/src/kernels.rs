@@ -1273,6 +1273,9 @@ mod tests {
         let pick = |k, rows| pick_f16_variant(&c, k, rows, H100_SMS);
         // CSA compressor kv+gate: 512 blocks of 16 pieces per lane = one wave of 4/SM.
         assert_eq!(pick(4096, 2048), Some(v(16, 1, 1)));
+        // CSA layer (compressor kv + gate, indexer compressor kv + gate, indexer proj):
+        // no variant is one wave; 16 pieces per lane in 656 blocks (1.24 waves).
+        assert_eq!(pick(4096, 2624), Some(v(16, 1, 1)));
         // HCA compressor pair: 16 pieces per lane would leave < 2 blocks per SM.
         assert_eq!(pick(4096, 1024), Some(v(8, 1, 2)));
         // Indexer compressor pair.
