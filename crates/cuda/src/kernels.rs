@@ -333,23 +333,25 @@ impl F16Variant {
     }
 }
 
-/// The compiled register-streaming F16 kernels, by K, most pieces in flight per lane
-/// first (the default pick takes the first one that still fills the GPU).
+/// The compiled register-streaming F16 kernels, by K, in the default pick's order of
+/// preference: most pieces in flight per lane first, then most rows per warp (a warp
+/// reads 4·K/S bytes of f32 input for 2·K·R/S bytes of weights, so R = 1 reads twice
+/// as much input as weights, R = 4 half as much).
 pub const F16_REGS_VARIANTS: [F16Variant; 12] = [
     // K = 4096: router, compressors
-    F16Variant::new(16, 1, 1),
-    F16Variant::new(8, 2, 2),
     F16Variant::new(4, 4, 4),
-    F16Variant::new(8, 1, 2),
+    F16Variant::new(8, 2, 2),
+    F16Variant::new(16, 1, 1),
     F16Variant::new(4, 2, 4),
+    F16Variant::new(8, 1, 2),
     F16Variant::new(4, 1, 4),
     // K = 1024: indexer q_b
-    F16Variant::new(4, 4, 1),
     F16Variant::new(2, 8, 2),
-    F16Variant::new(4, 2, 1),
+    F16Variant::new(4, 4, 1),
     F16Variant::new(2, 4, 2),
-    F16Variant::new(4, 1, 1),
+    F16Variant::new(4, 2, 1),
     F16Variant::new(1, 4, 4),
+    F16Variant::new(4, 1, 1),
 ];
 
 /// A loaded register-streaming F16 kernel and its resident blocks per multiprocessor.
@@ -1271,19 +1273,18 @@ mod tests {
     fn f16_default_pick_at_flash_shapes() {
         let c = all_resident(4);
         let pick = |k, rows| pick_f16_variant(&c, k, rows, H100_SMS);
-        // CSA compressor kv+gate: 512 blocks of 16 pieces per lane = one wave of 4/SM.
-        assert_eq!(pick(4096, 2048), Some(v(16, 1, 1)));
+        // 2048 rows: 512 blocks of 16 pieces per lane and 4 rows per warp = one wave.
+        assert_eq!(pick(4096, 2048), Some(v(4, 4, 4)));
         // CSA layer (compressor kv + gate, indexer compressor kv + gate, indexer proj):
         // no variant is one wave; 16 pieces per lane in 656 blocks (1.24 waves).
-        assert_eq!(pick(4096, 2624), Some(v(16, 1, 1)));
+        assert_eq!(pick(4096, 2624), Some(v(4, 4, 4)));
         // HCA compressor pair: 16 pieces per lane would leave < 2 blocks per SM.
-        assert_eq!(pick(4096, 1024), Some(v(8, 1, 2)));
-        // Indexer compressor pair.
+        assert_eq!(pick(4096, 1024), Some(v(4, 2, 4)));
         assert_eq!(pick(4096, 512), Some(v(4, 1, 4)));
         // Router: no variant reaches 2 blocks per SM; the most blocks wins.
         assert_eq!(pick(4096, 256), Some(v(4, 1, 4)));
-        // Indexer q_b.
-        assert_eq!(pick(1024, 8192), Some(v(4, 4, 1)));
+        // Indexer q_b: 512 blocks of 8 rows per warp.
+        assert_eq!(pick(1024, 8192), Some(v(2, 8, 2)));
         // No variant of this K (tiny models keep the old kernels).
         assert_eq!(pick(2048, 4096), None);
         assert_eq!(pick(256, 64), None);
@@ -1291,23 +1292,17 @@ mod tests {
 
     #[test]
     fn f16_default_pick_keeps_one_wave() {
-        // 16x1x1 at 3 resident blocks: its 512 blocks would be 1.3 waves; 8x2x2 (also
+        // 4x4x4 at 3 resident blocks: its 512 blocks would be 1.3 waves; 8x2x2 (also
         // 16 pieces per lane, 4 resident) is one.
         let c: Vec<_> = all_resident(4)
             .into_iter()
-            .map(|(x, r)| (x, if x == v(16, 1, 1) { 3 } else { r }))
+            .map(|(x, r)| (x, if x == v(4, 4, 4) { 3 } else { r }))
             .collect();
         assert_eq!(pick_f16_variant(&c, 4096, 2048, H100_SMS), Some(v(8, 2, 2)));
         // 384 blocks: one wave at 3 resident.
-        assert_eq!(
-            pick_f16_variant(&c, 4096, 1536, H100_SMS),
-            Some(v(16, 1, 1))
-        );
-        // Without any one-wave variant: the most pieces per lane with ≥ 2 blocks/SM.
+        assert_eq!(pick_f16_variant(&c, 4096, 1536, H100_SMS), Some(v(4, 4, 4)));
+        // Without any one-wave variant: the most preferred with ≥ 2 blocks/SM.
         let c = all_resident(1);
-        assert_eq!(
-            pick_f16_variant(&c, 4096, 2048, H100_SMS),
-            Some(v(16, 1, 1))
-        );
+        assert_eq!(pick_f16_variant(&c, 4096, 2048, H100_SMS), Some(v(4, 4, 4)));
     }
 }
