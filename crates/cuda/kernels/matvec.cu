@@ -1422,20 +1422,20 @@ __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __res
         mv_f16_p##PPL##_r##R##_s##S(MvSegs sg, const float* __restrict__ x, int ntok) {         \
         mv_f16_regs<PPL, R, S>(sg, x, ntok);                                                    \
     }
-// K = 4096 (router, compressors)
-MV_F16_REGS(16, 1, 1)
-MV_F16_REGS(8, 2, 2)
+// K = 4096 (router, compressors); kernels.rs F16_REGS_VARIANTS lists them in its order
 MV_F16_REGS(4, 4, 4)
-MV_F16_REGS(8, 1, 2)
+MV_F16_REGS(8, 2, 2)
+MV_F16_REGS(16, 1, 1)
 MV_F16_REGS(4, 2, 4)
+MV_F16_REGS(8, 1, 2)
 MV_F16_REGS(4, 1, 4)
 // K = 1024 (indexer q_b)
-MV_F16_REGS(4, 4, 1)
 MV_F16_REGS(2, 8, 2)
-MV_F16_REGS(4, 2, 1)
+MV_F16_REGS(4, 4, 1)
 MV_F16_REGS(2, 4, 2)
-MV_F16_REGS(4, 1, 1)
+MV_F16_REGS(4, 2, 1)
 MV_F16_REGS(1, 4, 4)
+MV_F16_REGS(4, 1, 1)
 
 // ---------------------------------------------------------------------------
 // Synthetic weights for `ds4 bench --synthetic`: generated on the device. No PDL

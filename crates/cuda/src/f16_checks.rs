@@ -14,58 +14,67 @@ use crate::Result;
 use crate::kernels::{DevBuf, F16Variant, Kernels, Matvec, MvInput, MvSeg};
 use crate::selftest::{CheckResult, Rng, TOL_F16_DOT_REL, compare, random_act, random_weights};
 
-/// One F16 product shape: matrices of `seg_rows[i]` rows of `k` over one input of
-/// `ntok` tokens, output rows `ldy_pad` floats longer than the matrix.
+/// One F16 product: matrices of `segs[i].0` rows of `k`, output rows `segs[i].1`
+/// floats apart, over one input of `ntok` tokens.
 struct F16Case {
     name: &'static str,
     k: usize,
-    seg_rows: &'static [usize],
-    ldy_pad: usize,
+    segs: &'static [(usize, usize)],
     ntok: usize,
 }
 
+/// The decode launches of a Flash layer (forward.rs `matmul_multi`): the CSA layers'
+/// attention compressor kv + gate, indexer compressor kv + gate and indexer proj in one
+/// launch (2624 rows, the indexer's outputs in 1024-wide buffers), the HCA layers'
+/// compressor kv + gate, the router, the indexer's q_b.
 const CASES: &[F16Case] = &[
     F16Case {
         name: "f16 router      4096->256",
         k: 4096,
-        seg_rows: &[256],
-        ldy_pad: 0,
+        segs: &[(256, 256)],
         ntok: 1,
     },
     F16Case {
-        name: "f16 CSA compr   kv+gate 4096->2x1024",
+        name: "f16 CSA layer   4096->1024+1024+256+256+64",
         k: 4096,
-        seg_rows: &[1024, 1024],
-        ldy_pad: 0,
+        segs: &[
+            (1024, 1024),
+            (1024, 1024),
+            (256, 1024),
+            (256, 1024),
+            (64, 64),
+        ],
         ntok: 1,
     },
     F16Case {
-        name: "f16 HCA compr   kv+gate 4096->2x512",
+        name: "f16 HCA layer   4096->512+512",
         k: 4096,
-        seg_rows: &[512, 512],
-        ldy_pad: 0,
-        ntok: 1,
-    },
-    F16Case {
-        name: "f16 idx compr   kv+gate 4096->2x256 ldy+8",
-        k: 4096,
-        seg_rows: &[256, 256],
-        ldy_pad: 8,
+        segs: &[(512, 512), (512, 512)],
         ntok: 1,
     },
     F16Case {
         name: "f16 idx q_b     1024->8192",
         k: 1024,
-        seg_rows: &[8192],
-        ldy_pad: 0,
+        segs: &[(8192, 8192)],
         ntok: 1,
     },
     F16Case {
-        name: "f16 CSA compr   kv+gate 4096->2x1024 x 3 tok",
+        name: "f16 CSA layer   4096->1024+1024+256+256+64 x 3 tok",
         k: 4096,
-        seg_rows: &[1024, 1024],
-        ldy_pad: 0,
+        segs: &[
+            (1024, 1024),
+            (1024, 1024),
+            (256, 1024),
+            (256, 1024),
+            (64, 64),
+        ],
         ntok: 3,
+    },
+    F16Case {
+        name: "f16 router      4096->256 x 5 tok",
+        k: 4096,
+        segs: &[(256, 256)],
+        ntok: 5,
     },
 ];
 
@@ -73,17 +82,15 @@ const CASES: &[F16Case] = &[
 /// padded output rows, two tokens).
 const VARIANT_CASES: &[F16Case] = &[
     F16Case {
-        name: "4096->2x(300+212) ldy+4 x 2 tok",
+        name: "4096->300+212 ldy+4 x 2 tok",
         k: 4096,
-        seg_rows: &[300, 212],
-        ldy_pad: 4,
+        segs: &[(300, 304), (212, 216)],
         ntok: 2,
     },
     F16Case {
-        name: "1024->(8192+36) x 2 tok",
+        name: "1024->8192+36 x 2 tok",
         k: 1024,
-        seg_rows: &[8192, 36],
-        ldy_pad: 0,
+        segs: &[(8192, 8192), (36, 36)],
         ntok: 2,
     },
 ];
@@ -110,9 +117,8 @@ fn run_f16_case(
     let mut segs = Vec::new();
     // Device buffers stay alive until the outputs are read.
     let mut bufs = Vec::new();
-    for &rows in c.seg_rows {
+    for &(rows, ldy) in c.segs {
         let w = random_weights(rng, GgmlType::F16, rows * k);
-        let ldy = rows + c.ldy_pad;
         for t in 0..c.ntok {
             let xr = &x[t * k..(t + 1) * k];
             for r in 0..rows {

@@ -260,8 +260,8 @@ pub struct Kernels {
     /// Register-streaming F16 matvecs (`F16_REGS_VARIANTS`, in order of preference);
     /// empty when `DS4_MV_F16_REGS=0` (A/B runs).
     mv_f16_regs: Vec<F16Kernel>,
-    /// Variants forced by `DS4_MV_F16_V` (tuning runs): the first one of a launch's K wins.
-    f16_forced: Vec<F16Variant>,
+    /// Variants forced by `DS4_MV_F16_V` (tuning runs), see [`F16Force`].
+    f16_forced: Vec<F16Force>,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -341,23 +341,25 @@ impl F16Variant {
     }
 }
 
-/// The compiled register-streaming F16 kernels, by K, most pieces in flight per lane
-/// first (the default pick takes the first one that still fills the GPU).
+/// The compiled register-streaming F16 kernels, by K, in the default pick's order of
+/// preference: most pieces in flight per lane first, then most rows per warp (a warp
+/// reads 4·K/S bytes of f32 input for 2·K·R/S bytes of weights, so R = 1 reads twice
+/// as much input as weights, R = 4 half as much).
 pub const F16_REGS_VARIANTS: [F16Variant; 12] = [
     // K = 4096: router, compressors
-    F16Variant::new(16, 1, 1),
-    F16Variant::new(8, 2, 2),
     F16Variant::new(4, 4, 4),
-    F16Variant::new(8, 1, 2),
+    F16Variant::new(8, 2, 2),
+    F16Variant::new(16, 1, 1),
     F16Variant::new(4, 2, 4),
+    F16Variant::new(8, 1, 2),
     F16Variant::new(4, 1, 4),
     // K = 1024: indexer q_b
-    F16Variant::new(4, 4, 1),
     F16Variant::new(2, 8, 2),
-    F16Variant::new(4, 2, 1),
+    F16Variant::new(4, 4, 1),
     F16Variant::new(2, 4, 2),
-    F16Variant::new(4, 1, 1),
+    F16Variant::new(4, 2, 1),
     F16Variant::new(1, 4, 4),
+    F16Variant::new(4, 1, 1),
 ];
 
 /// A loaded register-streaming F16 kernel and its resident blocks per multiprocessor.
@@ -394,16 +396,40 @@ pub fn pick_f16_variant(
         .map(|(v, _)| *v)
 }
 
-/// `DS4_MV_F16_V` = comma-separated `PxRxS` variants (unknown ones are ignored).
-fn forced_f16_variants() -> Vec<F16Variant> {
-    let Ok(spec) = std::env::var("DS4_MV_F16_V") else {
-        return Vec::new();
-    };
+/// One `DS4_MV_F16_V` entry: `PxRxS` (every launch of that K) or `PxRxS@ROWS` (only
+/// launches of ROWS rows in all, e.g. `4x1x4@256` the router, `16x1x1@2048` the CSA
+/// compressor pair). A launch takes the first entry that matches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct F16Force {
+    pub variant: F16Variant,
+    pub rows: Option<usize>,
+}
+
+impl F16Force {
+    fn parse(s: &str) -> Option<Self> {
+        let (v, rows) = match s.split_once('@') {
+            Some((v, r)) => (v, Some(r.trim().parse().ok()?)),
+            None => (s, None),
+        };
+        let variant = F16Variant::parse(v)?;
+        F16_REGS_VARIANTS
+            .contains(&variant)
+            .then_some(Self { variant, rows })
+    }
+
+    fn matches(&self, k: usize, total_rows: usize) -> bool {
+        self.variant.k() == k && self.rows.is_none_or(|r| r == total_rows)
+    }
+}
+
+/// Parses a `DS4_MV_F16_V` value (comma-separated [`F16Force`] entries); an entry that
+/// names no compiled variant is reported and skipped.
+fn parse_f16_forces(spec: &str) -> Vec<F16Force> {
     let mut out = Vec::new();
     for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
-        match F16Variant::parse(item) {
-            Some(v) if F16_REGS_VARIANTS.contains(&v) => out.push(v),
-            _ => tracing::warn!("DS4_MV_F16_V: no F16 matvec variant {item:?} (ignored)"),
+        match F16Force::parse(item) {
+            Some(f) => out.push(f),
+            None => tracing::warn!("DS4_MV_F16_V: no F16 matvec variant {item:?} (ignored)"),
         }
     }
     out
@@ -601,7 +627,9 @@ impl Kernels {
             } else {
                 Vec::new()
             },
-            f16_forced: forced_f16_variants(),
+            f16_forced: std::env::var("DS4_MV_F16_V")
+                .map(|spec| parse_f16_forces(&spec))
+                .unwrap_or_default(),
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -1118,7 +1146,7 @@ impl Kernels {
     }
 
     /// The register-streaming F16 kernel for rows of `k` elements: `want` when given,
-    /// else the first `DS4_MV_F16_V` variant of this K, else [`pick_f16_variant`]. None
+    /// else the first matching `DS4_MV_F16_V` entry, else [`pick_f16_variant`]. None
     /// when no compiled variant takes this K (tiny models) or the kernels are off.
     fn f16_regs_kernel(
         &self,
@@ -1135,8 +1163,8 @@ impl Kernels {
         if let Some(v) = want {
             return find(v);
         }
-        if let Some(hit) = self.f16_forced.iter().find_map(|v| find(*v)) {
-            return Some(hit);
+        if let Some(f) = self.f16_forced.iter().find(|f| f.matches(k, total_rows)) {
+            return find(f.variant);
         }
         let compiled: Vec<(F16Variant, usize)> = self
             .mv_f16_regs
@@ -1383,6 +1411,33 @@ mod tests {
     }
 
     #[test]
+    fn f16_forces_parse_and_match_by_k_then_rows() {
+        let f = parse_f16_forces("4x1x4@256, 16x1x1 ,9x9x9,8x1x2@x,4x4x1");
+        assert_eq!(
+            f,
+            vec![
+                F16Force {
+                    variant: v(4, 1, 4),
+                    rows: Some(256)
+                },
+                F16Force {
+                    variant: v(16, 1, 1),
+                    rows: None
+                },
+                F16Force {
+                    variant: v(4, 4, 1),
+                    rows: None
+                },
+            ]
+        );
+        let first = |k, rows| f.iter().find(|x| x.matches(k, rows)).map(|x| x.variant);
+        assert_eq!(first(4096, 256), Some(v(4, 1, 4)));
+        assert_eq!(first(4096, 2048), Some(v(16, 1, 1)));
+        assert_eq!(first(1024, 8192), Some(v(4, 4, 1)));
+        assert_eq!(first(2048, 256), None);
+    }
+
+    #[test]
     fn every_f16_variant_is_instantiated_and_fits_a_block() {
         let src = include_str!("../kernels/matvec.cu");
         for x in F16_REGS_VARIANTS {
@@ -1409,16 +1464,18 @@ mod tests {
     fn f16_default_pick_at_flash_shapes() {
         let c = all_resident(4);
         let pick = |k, rows| pick_f16_variant(&c, k, rows, H100_SMS);
-        // CSA compressor kv+gate: 512 blocks of 16 pieces per lane = one wave of 4/SM.
-        assert_eq!(pick(4096, 2048), Some(v(16, 1, 1)));
+        // 2048 rows: 512 blocks of 16 pieces per lane and 4 rows per warp = one wave.
+        assert_eq!(pick(4096, 2048), Some(v(4, 4, 4)));
+        // CSA layer (compressor kv + gate, indexer compressor kv + gate, indexer proj):
+        // no variant is one wave; 16 pieces per lane in 656 blocks (1.24 waves).
+        assert_eq!(pick(4096, 2624), Some(v(4, 4, 4)));
         // HCA compressor pair: 16 pieces per lane would leave < 2 blocks per SM.
-        assert_eq!(pick(4096, 1024), Some(v(8, 1, 2)));
-        // Indexer compressor pair.
+        assert_eq!(pick(4096, 1024), Some(v(4, 2, 4)));
         assert_eq!(pick(4096, 512), Some(v(4, 1, 4)));
         // Router: no variant reaches 2 blocks per SM; the most blocks wins.
         assert_eq!(pick(4096, 256), Some(v(4, 1, 4)));
-        // Indexer q_b.
-        assert_eq!(pick(1024, 8192), Some(v(4, 4, 1)));
+        // Indexer q_b: 512 blocks of 8 rows per warp.
+        assert_eq!(pick(1024, 8192), Some(v(2, 8, 2)));
         // No variant of this K (tiny models keep the old kernels).
         assert_eq!(pick(2048, 4096), None);
         assert_eq!(pick(256, 64), None);
@@ -1426,23 +1483,17 @@ mod tests {
 
     #[test]
     fn f16_default_pick_keeps_one_wave() {
-        // 16x1x1 at 3 resident blocks: its 512 blocks would be 1.3 waves; 8x2x2 (also
+        // 4x4x4 at 3 resident blocks: its 512 blocks would be 1.3 waves; 8x2x2 (also
         // 16 pieces per lane, 4 resident) is one.
         let c: Vec<_> = all_resident(4)
             .into_iter()
-            .map(|(x, r)| (x, if x == v(16, 1, 1) { 3 } else { r }))
+            .map(|(x, r)| (x, if x == v(4, 4, 4) { 3 } else { r }))
             .collect();
         assert_eq!(pick_f16_variant(&c, 4096, 2048, H100_SMS), Some(v(8, 2, 2)));
         // 384 blocks: one wave at 3 resident.
-        assert_eq!(
-            pick_f16_variant(&c, 4096, 1536, H100_SMS),
-            Some(v(16, 1, 1))
-        );
-        // Without any one-wave variant: the most pieces per lane with ≥ 2 blocks/SM.
+        assert_eq!(pick_f16_variant(&c, 4096, 1536, H100_SMS), Some(v(4, 4, 4)));
+        // Without any one-wave variant: the most preferred with ≥ 2 blocks/SM.
         let c = all_resident(1);
-        assert_eq!(
-            pick_f16_variant(&c, 4096, 2048, H100_SMS),
-            Some(v(16, 1, 1))
-        );
+        assert_eq!(pick_f16_variant(&c, 4096, 2048, H100_SMS), Some(v(4, 4, 4)));
     }
 }
