@@ -253,7 +253,8 @@ pub struct Kernels {
     /// The version-2 variants used by default (`DS4_MV_K_V2_IQ2`, `DS4_MV_K_V2_Q2K`
     /// pick others: `s{NST}m{MATH}`).
     k_v2_pick: KV2Pick,
-    /// A variant forced by the selftest (index into `mv_k_v2` + 1; 0 = none).
+    /// Forcing by the selftest and the bench (`KV2Force`): 0 none, `usize::MAX` off,
+    /// else index into `mv_k_v2` + 1.
     k_v2_forced: std::sync::atomic::AtomicUsize,
     mv_f16: CudaFunction,
     mv_f16_warp: CudaFunction,
@@ -330,6 +331,17 @@ impl KV2Variant {
         let aux = if iq2 { 4 } else { 16 };
         tab + MV2_WARPS * self.nst * self.ppl * 32 * (16 + aux)
     }
+}
+
+/// Which version-2 kernel decode IQ2_XXS / Q2_K products take (`Kernels::force_k_v2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KV2Force {
+    /// The environment's (or default) pick.
+    Env,
+    /// None: the register kernels (as `DS4_MV_K_V2=0`).
+    Off,
+    /// This variant for its type and row length; the others take the register kernels.
+    Variant(KV2Variant),
 }
 
 /// Warps per block of the version-2 kernels (`MV2_WARPS`).
@@ -957,6 +969,9 @@ impl Kernels {
     /// selftest forces, else the environment's (or default) pick, if compiled.
     fn k_v2_kernel(&self, ty: GgmlType, ppl: usize) -> Option<&(KV2Variant, CudaFunction, usize)> {
         let forced = self.k_v2_forced.load(std::sync::atomic::Ordering::Relaxed);
+        if forced == usize::MAX {
+            return None;
+        }
         if forced > 0 {
             return self
                 .mv_k_v2
@@ -978,12 +993,18 @@ impl Kernels {
         self.mv_k_v2.iter().map(|(v, _, _)| *v).collect()
     }
 
-    /// Forces version-2 variant `v` for its type and row length (the other type and
-    /// lengths then take the register kernels), or clears the forcing (`None`).
-    pub fn force_k_v2(&self, v: Option<KV2Variant>) {
-        let idx = v
-            .and_then(|v| self.mv_k_v2.iter().position(|(w, _, _)| *w == v))
-            .map_or(0, |i| i + 1);
+    /// Forces the version-2 kernel choice (selftest, bench); a variant that was not
+    /// compiled counts as `Off`.
+    pub fn force_k_v2(&self, f: KV2Force) {
+        let idx = match f {
+            KV2Force::Env => 0,
+            KV2Force::Off => usize::MAX,
+            KV2Force::Variant(v) => self
+                .mv_k_v2
+                .iter()
+                .position(|(w, _, _)| *w == v)
+                .map_or(usize::MAX, |i| i + 1),
+        };
         self.k_v2_forced
             .store(idx, std::sync::atomic::Ordering::Relaxed);
     }

@@ -12,7 +12,7 @@ use ds4_quant::{
 };
 use half::f16;
 
-use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput, matrix_bytes};
+use crate::kernels::{ActBuf, ActKind, DevBuf, KV2Force, Kernels, Matvec, MvInput, matrix_bytes};
 use crate::{Error, Result};
 
 /// Quantized dots: GPU and CPU share the integer sums; only the order of the
@@ -584,7 +584,7 @@ fn run_k_v2_checks(
     ];
     let mut out = Vec::new();
     for v in kern.k_v2_variants() {
-        kern.force_k_v2(Some(v));
+        kern.force_k_v2(KV2Force::Variant(v));
         for c in shapes
             .iter()
             .filter(|c| c.ty == v.ty && c.k == 2048 * v.ppl)
@@ -595,14 +595,14 @@ fn run_k_v2_checks(
                 r
             });
             if r.is_err() {
-                kern.force_k_v2(None);
+                kern.force_k_v2(KV2Force::Env);
             }
             let r = r?;
             report(&r);
             out.push(r);
         }
     }
-    kern.force_k_v2(None);
+    kern.force_k_v2(KV2Force::Env);
     Ok(out)
 }
 
