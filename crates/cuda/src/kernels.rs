@@ -491,17 +491,19 @@ impl Kernels {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             mv_k_v2: if crate::launch::env_switch("DS4_MV_K_V2") {
-                K_V2_VARIANTS
-                    .iter()
-                    .map(|v| {
-                        let func = m.load_function(&v.name())?;
-                        func.set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            v.smem() as i32,
-                        )?;
-                        Ok((*v, func, v.smem()))
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                let mut v2 = Vec::new();
+                for v in &K_V2_VARIANTS {
+                    let func = m.load_function(&v.name())?;
+                    // Devices with less shared memory than the variant needs skip it.
+                    match func.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        v.smem() as i32,
+                    ) {
+                        Ok(()) => v2.push((*v, func, v.smem())),
+                        Err(e) => tracing::debug!("{} left out: {e}", v.name()),
+                    }
+                }
+                v2
             } else {
                 Vec::new()
             },
