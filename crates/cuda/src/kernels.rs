@@ -253,6 +253,8 @@ pub struct Kernels {
     /// The version-2 variants used by default (`DS4_MV_K_V2_IQ2`, `DS4_MV_K_V2_Q2K`
     /// pick others: `s{NST}m{MATH}w{W}`).
     k_v2_pick: KV2Pick,
+    /// Blocks per multiprocessor of the version-2 grid (`DS4_MV_K_V2_BPS`, tuning).
+    k_v2_bps: Option<usize>,
     /// Forcing by the selftest and the bench (`KV2Force`): 0 none, `usize::MAX` off,
     /// else index into `mv_k_v2` + 1.
     k_v2_forced: std::sync::atomic::AtomicUsize,
@@ -508,6 +510,10 @@ impl Kernels {
                 Vec::new()
             },
             k_v2_pick: KV2Pick::from_env(),
+            k_v2_bps: std::env::var("DS4_MV_K_V2_BPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&b: &usize| b > 0),
             k_v2_forced: std::sync::atomic::AtomicUsize::new(0),
             mv_f16: f("mv_f16")?,
             mv_f16_warp: f("mv_f16_warp")?,
@@ -849,12 +855,18 @@ impl Kernels {
             && let Some((v, func, smem)) = self.k_v2_kernel(m.ty, m.k / 2048)
         {
             // One wave of resident blocks over every slot; warps walk the rows.
-            let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor((v.warps * 32) as u32, *smem, None)
+            // (`DS4_MV_K_V2_BPS` sets the blocks per multiprocessor instead, for
+            // tuning: more than fit makes waves of shorter blocks.)
+            let per_sm = self.k_v2_bps.unwrap_or_else(|| {
+                func.occupancy_max_active_blocks_per_multiprocessor(
+                    (v.warps * 32) as u32,
+                    *smem,
+                    None,
+                )
                 .map(|b| b as usize)
                 .unwrap_or(1)
-                .max(1);
-            let fill = (self.sm_count * per_sm / m.slots).max(1);
+            });
+            let fill = (self.sm_count * per_sm.max(1) / m.slots).max(1);
             let blocks_x = total.div_ceil(v.warps).min(fill);
             let cfg = LaunchConfig {
                 grid_dim: (blocks_x as u32, m.slots as u32, 1),
