@@ -1040,7 +1040,7 @@ __device__ __forceinline__ int iq2_group_tab(u32 a0, u32 a1, const int4& xa, con
     return s * (2 * (int)(a1 >> 28) + 1);
 }
 
-// Shared memory of a version-2 kernel (kernels.rs `k_v2_smem` computes the same).
+// Shared memory of a version-2 kernel (kernels.rs `KV2Variant::smem` computes the same).
 #define MV2_AUX(TY) ((TY) == TY_IQ2_XXS ? 4 : 16)
 #define MV2_TAB(TY, MATH) ((TY) == TY_IQ2_XXS ? ((MATH) == 0 ? IQ2_TAB_ROWS * 128 : 2048) : 0)
 #define MV2_STAGE(TY, PPL) ((PPL) * 32 * (16 + MV2_AUX(TY)))
