@@ -949,7 +949,6 @@ MV_K_REGS(4, 2)
 // lane l reads word l, so random indices never conflict in the banks (48 KB a block).
 // MATH 1: mv_iq2_xxs_regs' iq2_group (2 KB grid, signs computed) in this pipeline.
 // ---------------------------------------------------------------------------
-#define MV2_WARPS 8
 #define IQ2_TAB_ROWS 384  // 256 grid points, then 128 sign fields
 
 extern __shared__ __align__(16) u8 mv2_smem[];
@@ -976,11 +975,11 @@ __device__ __forceinline__ void cp_async_wait_n() {
 }
 
 // The level-code and sign tables (MATH 0) at mv2_smem, 384 rows of 32 equal words.
-// Needs 256 threads.
+// Needs at least 256 threads.
 __device__ __forceinline__ void iq2_tables_fill() {
     uint4* tab = (uint4*)mv2_smem;
     const int t = threadIdx.x;
-    {
+    if (t < 256) {
         const u64 g = IQ2XXS_GRID[t];
         u32 v = 0;
 #pragma unroll
@@ -998,7 +997,7 @@ __device__ __forceinline__ void iq2_tables_fill() {
         tab[8 * (256 + t)] = make_uint4(v, v, v, v);
     }
     __syncthreads();
-    for (int c = t; c < IQ2_TAB_ROWS * 8; c += MV2_WARPS * 32) {
+    for (int c = t; c < IQ2_TAB_ROWS * 8; c += blockDim.x) {
         if ((c & 7) == 0) continue;  // written above
         const u32 v = tab[c & ~7].x;
         tab[c] = make_uint4(v, v, v, v);
@@ -1041,12 +1040,12 @@ __device__ __forceinline__ int iq2_group_tab(u32 a0, u32 a1, const int4& xa, con
     return s * (2 * (int)(a1 >> 28) + 1);
 }
 
-// Shared memory of a version-2 kernel (kernels.rs `k_v2_smem` computes the same).
+// Shared memory of a version-2 kernel (kernels.rs `KV2Variant::smem` computes the same).
 #define MV2_AUX(TY) ((TY) == TY_IQ2_XXS ? 4 : 16)
 #define MV2_TAB(TY, MATH) ((TY) == TY_IQ2_XXS ? ((MATH) == 0 ? IQ2_TAB_ROWS * 128 : 2048) : 0)
 #define MV2_STAGE(TY, PPL) ((PPL) * 32 * (16 + MV2_AUX(TY)))
 
-template <int TY, int PPL, int NST, int MATH>
+template <int TY, int PPL, int NST, int MATH, int W>
 __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_stride,
                                         const int* __restrict__ ids, const i8* __restrict__ xq,
                                         const float* __restrict__ xd,
@@ -1063,7 +1062,7 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
         if (MATH == 0) {
             iq2_tables_fill();
         } else {
-            ((u64*)mv2_smem)[threadIdx.x] = IQ2XXS_GRID[threadIdx.x];
+            if (threadIdx.x < 256) ((u64*)mv2_smem)[threadIdx.x] = IQ2XXS_GRID[threadIdx.x];
             __syncthreads();
         }
     }
@@ -1072,7 +1071,7 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     const int e = ids ? ids[slot] : slot;
     const long long e_off = (long long)e * w_expert_stride;
     const int total = sg.start[sg.n];
-    const int gw = blockIdx.x * MV2_WARPS + warp, nw = gridDim.x * MV2_WARPS;
+    const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
     u8* ring = mv2_smem + MV2_TAB(TY, MATH) + warp * (NST * STAGE);
     const u32 ring_sa = smem_addr(ring) + 16 * lane;  // this lane's codes in stage 0
     // This lane's bytes of a row beyond its codes (piece p = lane + 32i): IQ2_XXS the
@@ -1199,27 +1198,36 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     cp_async_wait_n<0>();
 }
 
-#define MV_K_V2(NAME, TY, PPL, NST, MATH)                                                      \
-    extern "C" __global__ void __launch_bounds__(MV2_WARPS * 32, 2) NAME(                        \
+// W warps per block (>= 8: the table fill takes 256 threads); 8-warp blocks are
+// capped at 128 registers (two resident), larger ones run one per multiprocessor.
+#define MV_K_V2(NAME, TY, PPL, NST, MATH, W)                                                   \
+    extern "C" __global__ void __launch_bounds__((W) * 32, (W) <= 8 ? 2 : 1) NAME(              \
         MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
         const i8* __restrict__ xq, const float* __restrict__ xd,                                \
         const i16* __restrict__ xbs, int x_group) {                                             \
-        mv_k_v2<TY, PPL, NST, MATH>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);           \
+        mv_k_v2<TY, PPL, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);        \
     }
-// Names: mv2_{iq2_xxs,q2_k}_p{PPL}_s{NST}_m{MATH}; kernels.rs `K_V2_VARIANTS`.
-MV_K_V2(mv2_iq2_xxs_p1_s3_m0, TY_IQ2_XXS, 1, 3, 0)
-MV_K_V2(mv2_iq2_xxs_p1_s4_m0, TY_IQ2_XXS, 1, 4, 0)
-MV_K_V2(mv2_iq2_xxs_p1_s6_m0, TY_IQ2_XXS, 1, 6, 0)
-MV_K_V2(mv2_iq2_xxs_p1_s4_m1, TY_IQ2_XXS, 1, 4, 1)
-MV_K_V2(mv2_iq2_xxs_p2_s3_m0, TY_IQ2_XXS, 2, 3, 0)
-MV_K_V2(mv2_iq2_xxs_p2_s4_m0, TY_IQ2_XXS, 2, 4, 0)
-MV_K_V2(mv2_iq2_xxs_p2_s6_m0, TY_IQ2_XXS, 2, 6, 0)
-MV_K_V2(mv2_iq2_xxs_p2_s4_m1, TY_IQ2_XXS, 2, 4, 1)
-MV_K_V2(mv2_q2_k_p1_s4_m0, TY_Q2_K, 1, 4, 0)
-MV_K_V2(mv2_q2_k_p1_s8_m0, TY_Q2_K, 1, 8, 0)
-MV_K_V2(mv2_q2_k_p1_s12_m0, TY_Q2_K, 1, 12, 0)
-MV_K_V2(mv2_q2_k_p2_s4_m0, TY_Q2_K, 2, 4, 0)
-MV_K_V2(mv2_q2_k_p2_s8_m0, TY_Q2_K, 2, 8, 0)
+// Names: mv2_{iq2_xxs,q2_k}_p{PPL}_s{NST}_m{MATH}_w{W}; kernels.rs `K_V2_VARIANTS`.
+#define MV_K_V2_IQ2(PPL, NST, MATH, W) \
+    MV_K_V2(mv2_iq2_xxs_p##PPL##_s##NST##_m##MATH##_w##W, TY_IQ2_XXS, PPL, NST, MATH, W)
+#define MV_K_V2_Q2K(PPL, NST, W) MV_K_V2(mv2_q2_k_p##PPL##_s##NST##_m0_w##W, TY_Q2_K, PPL, NST, 0, W)
+MV_K_V2_IQ2(1, 3, 0, 8)
+MV_K_V2_IQ2(1, 4, 0, 8)
+MV_K_V2_IQ2(1, 6, 0, 8)
+MV_K_V2_IQ2(1, 4, 1, 8)
+MV_K_V2_IQ2(2, 3, 0, 8)
+MV_K_V2_IQ2(2, 4, 0, 8)
+MV_K_V2_IQ2(2, 6, 0, 8)
+MV_K_V2_IQ2(2, 4, 1, 8)
+MV_K_V2_IQ2(2, 4, 0, 16)
+MV_K_V2_IQ2(2, 3, 0, 24)
+MV_K_V2_Q2K(1, 4, 8)
+MV_K_V2_Q2K(1, 8, 8)
+MV_K_V2_Q2K(1, 12, 8)
+MV_K_V2_Q2K(1, 8, 16)
+MV_K_V2_Q2K(1, 4, 32)
+MV_K_V2_Q2K(2, 4, 8)
+MV_K_V2_Q2K(2, 8, 8)
 
 // acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
 __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput, matrix_bytes};
+use crate::kernels::{
+    ActBuf, ActKind, DevBuf, KV2Force, Kernels, Matvec, MvInput, MvSeg, matrix_bytes,
+};
 use crate::runtime::CudaRuntime;
 use crate::{Error, Result};
 
@@ -686,6 +688,153 @@ pub fn render_csv(report: &BenchReport) -> String {
         ));
     }
     csv
+}
+
+/// Distinct sets of 6 experts the routed bench cycles through, so that successive
+/// launches read different weights (6 experts' gate + up, 26 MB, would otherwise
+/// stay in the 50 MB L2 and be timed from there).
+const ROUTED_ID_SETS: usize = 42;
+/// Launches per timed graph of the routed bench.
+const ROUTED_LAUNCHES: usize = 42;
+
+/// `ds4 bench --synthetic q2|q4 --routed-only`: the routed-expert products of one
+/// decode step alone (gate + up as the step launches them, one two-segment launch
+/// over 6 experts, and down), timed with every kernel that can take them: the
+/// environment's default, the register kernels (`KV2Force::Off`) and each version-2
+/// variant of the type. Each graph holds `ROUTED_LAUNCHES` launches, each on another
+/// set of 6 of the 256 resident experts; one line per (product, kernel).
+pub fn run_routed(
+    rt: &CudaRuntime,
+    kern: &Kernels,
+    quant: Synthetic,
+    iters: usize,
+    mut log: impl FnMut(&str),
+) -> Result<Vec<String>> {
+    let stream = &rt.stream;
+    let (gu, dn) = quant.expert_types();
+    let mats = |ty: GgmlType, k: usize, rows: usize, seed: u64| -> Result<DevBuf> {
+        let bytes = matrix_bytes(ty, k, rows) * N_EXPERTS;
+        let buf = DevBuf::zeros(stream, bytes)?;
+        kern.synth_weights(
+            ty,
+            buf.ptr,
+            (bytes / ty.block_bytes() as usize) as u64,
+            k,
+            seed,
+        )?;
+        Ok(buf)
+    };
+    let gate = mats(gu, D, FFN, 11)?;
+    let up = mats(gu, D, FFN, 12)?;
+    let down = mats(dn, FFN, D, 13)?;
+    // Set j: experts (7j + 41i) mod 256, distinct within a set.
+    let ids: Vec<i32> = (0..ROUTED_ID_SETS as i32)
+        .flat_map(|j| (0..N_ACTIVE as i32).map(move |i| (7 * j + 41 * i) % N_EXPERTS as i32))
+        .collect();
+    let ids = DevBuf::from_bytes(stream, bytemuck::cast_slice(&ids))?;
+    let x = DevBuf::zeros(stream, N_ACTIVE * FFN.max(D) * 4)?;
+    kern.synth_f32(x.ptr, (N_ACTIVE * FFN.max(D)) as u64, 1.0, 42)?;
+    let act_d = ActBuf::new(stream, ActKind::for_weight(gu)?, D, 1)?;
+    let act_f = ActBuf::new(stream, ActKind::for_weight(dn)?, FFN, N_ACTIVE)?;
+    kern.quantize(x.ptr, &act_d)?;
+    kern.quantize(x.ptr, &act_f)?;
+    let out = DevBuf::zeros(stream, 2 * N_ACTIVE * D.max(2 * FFN) * 4)?;
+    stream.synchronize()?;
+
+    let gu_stride = matrix_bytes(gu, D, FFN);
+    let dn_stride = matrix_bytes(dn, FFN, D);
+    let ids_at = |l: usize| ids.ptr + (4 * N_ACTIVE * (l % ROUTED_ID_SETS)) as u64;
+    let gate_up = |l: usize| -> Result<()> {
+        let m = Matvec {
+            ty: gu,
+            w: gate.ptr,
+            k: D,
+            rows: FFN,
+            ntok: 1,
+            slots: N_ACTIVE,
+            w_slot_stride: gu_stride as u64,
+            ids: ids_at(l),
+            x_group: N_ACTIVE,
+            x: MvInput::Quant(&act_d),
+            y: out.ptr,
+        };
+        let up_seg = MvSeg {
+            w: up.ptr,
+            rows: FFN,
+            y: out.ptr + (N_ACTIVE * FFN * 4) as u64,
+            ldy: FFN,
+        };
+        kern.matvec_segs(stream, &m, FFN, &[up_seg])
+    };
+    let down_mv = |l: usize| -> Result<()> {
+        kern.matvec_on(
+            stream,
+            &Matvec {
+                ty: dn,
+                w: down.ptr,
+                k: FFN,
+                rows: D,
+                ntok: 1,
+                slots: N_ACTIVE,
+                w_slot_stride: dn_stride as u64,
+                ids: ids_at(l),
+                x_group: 1,
+                x: MvInput::Quant(&act_f),
+                y: out.ptr,
+            },
+        )
+    };
+    type Launch<'a> = &'a dyn Fn(usize) -> Result<()>;
+    let products: [(String, GgmlType, usize, usize, Launch); 2] = [
+        (
+            format!("gate+up {} {D}->2x{FFN} x{N_ACTIVE}", gu.name()),
+            gu,
+            D,
+            2 * gu_stride * N_ACTIVE,
+            &gate_up,
+        ),
+        (
+            format!("down {} {FFN}->{D} x{N_ACTIVE}", dn.name()),
+            dn,
+            FFN,
+            dn_stride * N_ACTIVE,
+            &down_mv,
+        ),
+    ];
+    let mut lines = Vec::new();
+    for (name, ty, k, bytes, launch) in products {
+        let mut kinds = vec![
+            ("default".to_string(), KV2Force::Env),
+            ("regs".to_string(), KV2Force::Off),
+        ];
+        kinds.extend(
+            kern.k_v2_variants()
+                .into_iter()
+                .filter(|v| v.ty == ty && 2048 * v.ppl == k)
+                .map(|v| (v.name(), KV2Force::Variant(v))),
+        );
+        for (kname, force) in kinds {
+            kern.force_k_v2(force);
+            let timed = capture(rt, || {
+                for l in 0..ROUTED_LAUNCHES {
+                    launch(l)?;
+                }
+                Ok(())
+            })
+            .and_then(|g| time_ms(rt, iters, || Ok(g.launch()?)));
+            kern.force_k_v2(KV2Force::Env);
+            let ms = timed? / ROUTED_LAUNCHES as f64;
+            let line = format!(
+                "{name:<32} {kname:<24} {:>8.2} MB {:>8.2} us {:>6.0} GB/s",
+                bytes as f64 / 1e6,
+                ms * 1e3,
+                bytes as f64 / ms / 1e6
+            );
+            log(&line);
+            lines.push(line);
+        }
+    }
+    Ok(lines)
 }
 
 fn capture(rt: &CudaRuntime, f: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {

@@ -251,9 +251,12 @@ pub struct Kernels {
     /// memory each takes; empty when `DS4_MV_K_V2=0` (A/B runs).
     mv_k_v2: Vec<(KV2Variant, CudaFunction, usize)>,
     /// The version-2 variants used by default (`DS4_MV_K_V2_IQ2`, `DS4_MV_K_V2_Q2K`
-    /// pick others: `s{NST}m{MATH}`).
+    /// pick others: `s{NST}m{MATH}w{W}`).
     k_v2_pick: KV2Pick,
-    /// A variant forced by the selftest (index into `mv_k_v2` + 1; 0 = none).
+    /// Blocks per multiprocessor of the version-2 grid (`DS4_MV_K_V2_BPS`, tuning).
+    k_v2_bps: Option<usize>,
+    /// Forcing by the selftest and the bench (`KV2Force`): 0 none, `usize::MAX` off,
+    /// else index into `mv_k_v2` + 1.
     k_v2_forced: std::sync::atomic::AtomicUsize,
     mv_f16: CudaFunction,
     mv_f16_warp: CudaFunction,
@@ -435,20 +438,27 @@ fn parse_f16_forces(spec: &str) -> Vec<F16Force> {
     out
 }
 
-/// A version-2 IQ2_XXS / Q2_K decode matvec (`mv2_{type}_p{ppl}_s{nst}_m{math}`):
+/// A version-2 IQ2_XXS / Q2_K decode matvec (`mv2_{type}_p{ppl}_s{nst}_m{math}_w{warps}`):
 /// K = 2048·`ppl`, `nst` ring stages per warp, `math` 0 (IQ2_XXS lookup tables) or 1
-/// (IQ2_XXS signs computed, as the register kernels).
+/// (IQ2_XXS signs computed, as the register kernels), `warps` per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KV2Variant {
     pub ty: GgmlType,
     pub ppl: usize,
     pub nst: usize,
     pub math: usize,
+    pub warps: usize,
 }
 
 impl KV2Variant {
-    const fn new(ty: GgmlType, ppl: usize, nst: usize, math: usize) -> Self {
-        Self { ty, ppl, nst, math }
+    const fn new(ty: GgmlType, ppl: usize, nst: usize, math: usize, warps: usize) -> Self {
+        Self {
+            ty,
+            ppl,
+            nst,
+            math,
+            warps,
+        }
     }
 
     pub fn name(&self) -> String {
@@ -457,10 +467,13 @@ impl KV2Variant {
         } else {
             "q2_k"
         };
-        format!("mv2_{t}_p{}_s{}_m{}", self.ppl, self.nst, self.math)
+        format!(
+            "mv2_{t}_p{}_s{}_m{}_w{}",
+            self.ppl, self.nst, self.math, self.warps
+        )
     }
 
-    /// Dynamic shared memory (matvec.cu `MV2_TAB` + `MV2_WARPS` · NST · `MV2_STAGE`).
+    /// Dynamic shared memory (matvec.cu `MV2_TAB` + W · NST · `MV2_STAGE`).
     fn smem(&self) -> usize {
         let iq2 = self.ty == GgmlType::IQ2_XXS;
         let tab = match (iq2, self.math) {
@@ -469,62 +482,97 @@ impl KV2Variant {
             (true, _) => 2048,
         };
         let aux = if iq2 { 4 } else { 16 };
-        tab + MV2_WARPS * self.nst * self.ppl * 32 * (16 + aux)
+        tab + self.warps * self.nst * self.ppl * 32 * (16 + aux)
     }
 }
 
-/// Warps per block of the version-2 kernels (`MV2_WARPS`).
-const MV2_WARPS: usize = 8;
+/// Which version-2 kernel decode IQ2_XXS / Q2_K products take (`Kernels::force_k_v2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KV2Force {
+    /// The environment's (or default) pick.
+    Env,
+    /// None: the register kernels (as `DS4_MV_K_V2=0`).
+    Off,
+    /// This variant for its type and row length; the others take the register kernels.
+    Variant(KV2Variant),
+}
 
-/// The compiled version-2 kernels (matvec.cu `MV_K_V2`).
-const K_V2_VARIANTS: [KV2Variant; 13] = {
+/// The compiled version-2 kernels (matvec.cu `MV_K_V2_IQ2` / `MV_K_V2_Q2K`).
+const K_V2_VARIANTS: [KV2Variant; 17] = {
     use GgmlType::{IQ2_XXS, Q2_K};
     [
-        KV2Variant::new(IQ2_XXS, 1, 3, 0),
-        KV2Variant::new(IQ2_XXS, 1, 4, 0),
-        KV2Variant::new(IQ2_XXS, 1, 6, 0),
-        KV2Variant::new(IQ2_XXS, 1, 4, 1),
-        KV2Variant::new(IQ2_XXS, 2, 3, 0),
-        KV2Variant::new(IQ2_XXS, 2, 4, 0),
-        KV2Variant::new(IQ2_XXS, 2, 6, 0),
-        KV2Variant::new(IQ2_XXS, 2, 4, 1),
-        KV2Variant::new(Q2_K, 1, 4, 0),
-        KV2Variant::new(Q2_K, 1, 8, 0),
-        KV2Variant::new(Q2_K, 1, 12, 0),
-        KV2Variant::new(Q2_K, 2, 4, 0),
-        KV2Variant::new(Q2_K, 2, 8, 0),
+        KV2Variant::new(IQ2_XXS, 1, 3, 0, 8),
+        KV2Variant::new(IQ2_XXS, 1, 4, 0, 8),
+        KV2Variant::new(IQ2_XXS, 1, 6, 0, 8),
+        KV2Variant::new(IQ2_XXS, 1, 4, 1, 8),
+        KV2Variant::new(IQ2_XXS, 2, 3, 0, 8),
+        KV2Variant::new(IQ2_XXS, 2, 4, 0, 8),
+        KV2Variant::new(IQ2_XXS, 2, 6, 0, 8),
+        KV2Variant::new(IQ2_XXS, 2, 4, 1, 8),
+        KV2Variant::new(IQ2_XXS, 2, 4, 0, 16),
+        KV2Variant::new(IQ2_XXS, 2, 3, 0, 24),
+        KV2Variant::new(Q2_K, 1, 4, 0, 8),
+        KV2Variant::new(Q2_K, 1, 8, 0, 8),
+        KV2Variant::new(Q2_K, 1, 12, 0, 8),
+        KV2Variant::new(Q2_K, 1, 8, 0, 16),
+        KV2Variant::new(Q2_K, 1, 4, 0, 32),
+        KV2Variant::new(Q2_K, 2, 4, 0, 8),
+        KV2Variant::new(Q2_K, 2, 8, 0, 8),
     ]
 };
 
-/// The (NST, MATH) of the version-2 kernels used per type.
+/// The (NST, MATH, W) of the version-2 kernels used per type.
 #[derive(Debug, Clone, Copy)]
 struct KV2Pick {
-    iq2: (usize, usize),
-    q2k: (usize, usize),
+    iq2: (usize, usize, usize),
+    q2k: (usize, usize, usize),
+}
+
+/// `s{NST}m{MATH}w{W}` (`m`, `w` parts optional: 0 and 8) as (NST, MATH, W).
+fn parse_k_v2_pick(v: &str) -> Option<(usize, usize, usize)> {
+    let v = v.trim().strip_prefix('s')?;
+    let (nst, rest) = v.split_at(v.find(['m', 'w']).unwrap_or(v.len()));
+    let (math, warps) = match rest.strip_prefix('m') {
+        Some(r) => r.split_at(r.find('w').unwrap_or(r.len())),
+        None => ("0", rest),
+    };
+    let warps = match warps.strip_prefix('w') {
+        Some(w) => w.parse().ok()?,
+        None if warps.is_empty() => 8,
+        None => return None,
+    };
+    Some((nst.parse().ok()?, math.parse().ok()?, warps))
 }
 
 impl KV2Pick {
-    /// Defaults, or `s{NST}m{MATH}` (or `s{NST}`) from the environment.
+    /// Defaults, or `DS4_MV_K_V2_IQ2` / `DS4_MV_K_V2_Q2K` = `s{NST}m{MATH}w{W}`.
     fn from_env() -> Self {
-        let parse = |var: &str, dflt: (usize, usize)| -> (usize, usize) {
-            let Ok(v) = std::env::var(var) else {
-                return dflt;
-            };
-            let v = v.trim().trim_start_matches('s');
-            let (nst, math) = v.split_once('m').unwrap_or((v, "0"));
-            match (nst.parse(), math.parse()) {
-                (Ok(n), Ok(m)) => (n, m),
-                _ => {
-                    tracing::warn!("{var}={v}: expected s<NST>m<MATH>, using the default");
-                    dflt
-                }
-            }
+        let pick = |var: &str, dflt| match std::env::var(var) {
+            Err(_) => dflt,
+            Ok(v) => parse_k_v2_pick(&v).unwrap_or_else(|| {
+                tracing::warn!("{var}={v}: expected s<NST>m<MATH>w<W>, using the default");
+                dflt
+            }),
         };
         Self {
-            iq2: parse("DS4_MV_K_V2_IQ2", (4, 0)),
-            q2k: parse("DS4_MV_K_V2_Q2K", (8, 0)),
+            iq2: pick("DS4_MV_K_V2_IQ2", (4, 0, 8)),
+            q2k: pick("DS4_MV_K_V2_Q2K", (8, 0, 8)),
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn k_v2_pick_parses() {
+    assert_eq!(parse_k_v2_pick("s4m0w8"), Some((4, 0, 8)));
+    assert_eq!(parse_k_v2_pick("s6"), Some((6, 0, 8)));
+    assert_eq!(parse_k_v2_pick("s4m1"), Some((4, 1, 8)));
+    assert_eq!(parse_k_v2_pick("s3w24"), Some((3, 0, 24)));
+    assert_eq!(parse_k_v2_pick(" s12m0w16 "), Some((12, 0, 16)));
+    assert_eq!(parse_k_v2_pick("4"), None);
+    assert_eq!(parse_k_v2_pick("s4x"), None);
+    assert_eq!(parse_k_v2_pick("s4m"), None);
+    assert_eq!(parse_k_v2_pick("s4w"), None);
 }
 
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
@@ -586,21 +634,27 @@ impl Kernels {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             mv_k_v2: if crate::launch::env_switch("DS4_MV_K_V2") {
-                K_V2_VARIANTS
-                    .iter()
-                    .map(|v| {
-                        let func = m.load_function(&v.name())?;
-                        func.set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            v.smem() as i32,
-                        )?;
-                        Ok((*v, func, v.smem()))
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                let mut v2 = Vec::new();
+                for v in &K_V2_VARIANTS {
+                    let func = m.load_function(&v.name())?;
+                    // Devices with less shared memory than the variant needs skip it.
+                    match func.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        v.smem() as i32,
+                    ) {
+                        Ok(()) => v2.push((*v, func, v.smem())),
+                        Err(e) => tracing::debug!("{} left out: {e}", v.name()),
+                    }
+                }
+                v2
             } else {
                 Vec::new()
             },
             k_v2_pick: KV2Pick::from_env(),
+            k_v2_bps: std::env::var("DS4_MV_K_V2_BPS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&b: &usize| b > 0),
             k_v2_forced: std::sync::atomic::AtomicUsize::new(0),
             mv_f16: f("mv_f16")?,
             mv_f16_warp: f("mv_f16_warp")?,
@@ -1016,20 +1070,22 @@ impl Kernels {
             && let Some((v, func, smem)) = self.k_v2_kernel(m.ty, m.k / 2048)
         {
             // One wave of resident blocks over every slot; warps walk the rows.
-            let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor(
-                    (MV2_WARPS * 32) as u32,
+            // (`DS4_MV_K_V2_BPS` sets the blocks per multiprocessor instead, for
+            // tuning: more than fit makes waves of shorter blocks.)
+            let per_sm = self.k_v2_bps.unwrap_or_else(|| {
+                func.occupancy_max_active_blocks_per_multiprocessor(
+                    (v.warps * 32) as u32,
                     *smem,
                     None,
                 )
                 .map(|b| b as usize)
                 .unwrap_or(1)
-                .max(1);
-            let fill = (self.sm_count * per_sm / m.slots).max(1);
-            let blocks_x = total.div_ceil(MV2_WARPS).min(fill);
+            });
+            let fill = (self.sm_count * per_sm.max(1) / m.slots).max(1);
+            let blocks_x = total.div_ceil(v.warps).min(fill);
             let cfg = LaunchConfig {
                 grid_dim: (blocks_x as u32, m.slots as u32, 1),
-                block_dim: ((MV2_WARPS * 32) as u32, 1, 1),
+                block_dim: ((v.warps * 32) as u32, 1, 1),
                 shared_mem_bytes: *smem as u32,
             };
             tracing::trace!("matvec {} via {}", m.ty.name(), v.name());
@@ -1227,20 +1283,23 @@ impl Kernels {
     /// selftest forces, else the environment's (or default) pick, if compiled.
     fn k_v2_kernel(&self, ty: GgmlType, ppl: usize) -> Option<&(KV2Variant, CudaFunction, usize)> {
         let forced = self.k_v2_forced.load(std::sync::atomic::Ordering::Relaxed);
+        if forced == usize::MAX {
+            return None;
+        }
         if forced > 0 {
             return self
                 .mv_k_v2
                 .get(forced - 1)
                 .filter(|(v, _, _)| v.ty == ty && v.ppl == ppl);
         }
-        let (nst, math) = if ty == GgmlType::IQ2_XXS {
+        let (nst, math, warps) = if ty == GgmlType::IQ2_XXS {
             self.k_v2_pick.iq2
         } else {
             self.k_v2_pick.q2k
         };
         self.mv_k_v2
             .iter()
-            .find(|(v, _, _)| *v == KV2Variant::new(ty, ppl, nst, math))
+            .find(|(v, _, _)| *v == KV2Variant::new(ty, ppl, nst, math, warps))
     }
 
     /// The compiled version-2 variants (empty when `DS4_MV_K_V2=0`).
@@ -1248,12 +1307,18 @@ impl Kernels {
         self.mv_k_v2.iter().map(|(v, _, _)| *v).collect()
     }
 
-    /// Forces version-2 variant `v` for its type and row length (the other type and
-    /// lengths then take the register kernels), or clears the forcing (`None`).
-    pub fn force_k_v2(&self, v: Option<KV2Variant>) {
-        let idx = v
-            .and_then(|v| self.mv_k_v2.iter().position(|(w, _, _)| *w == v))
-            .map_or(0, |i| i + 1);
+    /// Forces the version-2 kernel choice (selftest, bench); a variant that was not
+    /// compiled counts as `Off`.
+    pub fn force_k_v2(&self, f: KV2Force) {
+        let idx = match f {
+            KV2Force::Env => 0,
+            KV2Force::Off => usize::MAX,
+            KV2Force::Variant(v) => self
+                .mv_k_v2
+                .iter()
+                .position(|(w, _, _)| *w == v)
+                .map_or(usize::MAX, |i| i + 1),
+        };
         self.k_v2_forced
             .store(idx, std::sync::atomic::Ordering::Relaxed);
     }

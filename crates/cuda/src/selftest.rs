@@ -12,7 +12,7 @@ use ds4_quant::{
 };
 use half::f16;
 
-use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, Matvec, MvInput, matrix_bytes};
+use crate::kernels::{ActBuf, ActKind, DevBuf, KV2Force, Kernels, Matvec, MvInput, matrix_bytes};
 use crate::{Error, Result};
 
 /// Quantized dots: GPU and CPU share the integer sums; only the order of the
@@ -135,9 +135,12 @@ fn cpu_dot(ty: GgmlType, row: &[u8], x: &[f32], q8_0: &[ActQ8_0], q8k: &[BlockQ8
 }
 
 /// One matvec check: `n_mats` matrices of `rows`×`k`, `slots` launched (routed
-/// when `ids` is given), `x_group` slots per activation row, `ntok` tokens.
+/// when `ids` is given), `x_group` slots per activation row, `ntok` tokens; `segs`
+/// such weight sets in one launch (`matvec_segs`, as routed gate + up), each with
+/// its own output.
 struct Case {
     name: String,
+    segs: usize,
     ty: GgmlType,
     k: usize,
     rows: usize,
@@ -151,6 +154,7 @@ struct Case {
 fn case(name: &str, ty: GgmlType, k: usize, rows: usize) -> Case {
     Case {
         name: name.to_string(),
+        segs: 1,
         ty,
         k,
         rows,
@@ -198,7 +202,8 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
     let stream = kern.stream();
     let mat_bytes = matrix_bytes(c.ty, c.k, c.rows);
     let rb = mat_bytes / c.rows;
-    let w = random_weights(rng, c.ty, c.n_mats * c.rows * c.k);
+    let set_bytes = c.n_mats * mat_bytes;
+    let w = random_weights(rng, c.ty, c.segs * c.n_mats * c.rows * c.k);
     let act_rows = c.slots.div_ceil(c.x_group) * c.ntok;
     let x = random_act(rng, act_rows * c.k);
     let ids: Vec<i32> = if c.routed {
@@ -218,7 +223,8 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
 
     // CPU reference.
     let kind = ActKind::for_weight(c.ty)?;
-    let mut cpu = vec![0f32; c.slots * c.ntok * c.rows];
+    let out_len = c.slots * c.ntok * c.rows;
+    let mut cpu = vec![0f32; c.segs * out_len];
     let acts: Vec<(Vec<ActQ8_0>, Vec<BlockQ8K>)> = x
         .chunks_exact(c.k)
         .map(|xr| match kind {
@@ -227,15 +233,18 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
             ActKind::F32 => (Vec::new(), Vec::new()),
         })
         .collect();
-    for s in 0..c.slots {
-        let e = ids[s] as usize;
-        for t in 0..c.ntok {
-            let arow = (s / c.x_group) * c.ntok + t;
-            let xr = &x[arow * c.k..(arow + 1) * c.k];
-            let (q0, qk) = &acts[arow];
-            for r in 0..c.rows {
-                let off = e * mat_bytes + r * rb;
-                cpu[(s * c.ntok + t) * c.rows + r] = cpu_dot(c.ty, &w[off..off + rb], xr, q0, qk);
+    for g in 0..c.segs {
+        for s in 0..c.slots {
+            let e = ids[s] as usize;
+            for t in 0..c.ntok {
+                let arow = (s / c.x_group) * c.ntok + t;
+                let xr = &x[arow * c.k..(arow + 1) * c.k];
+                let (q0, qk) = &acts[arow];
+                for r in 0..c.rows {
+                    let off = g * set_bytes + e * mat_bytes + r * rb;
+                    cpu[g * out_len + (s * c.ntok + t) * c.rows + r] =
+                        cpu_dot(c.ty, &w[off..off + rb], xr, q0, qk);
+                }
             }
         }
     }
@@ -255,7 +264,7 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
             MvInput::Quant(&act)
         }
     };
-    kern.matvec(&Matvec {
+    let m = Matvec {
         ty: c.ty,
         w: w_dev.ptr,
         k: c.k,
@@ -267,7 +276,20 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
         x_group: c.x_group,
         x: input,
         y: y_dev.ptr,
-    })?;
+    };
+    if c.segs == 1 {
+        kern.matvec(&m)?;
+    } else {
+        let extra: Vec<crate::kernels::MvSeg> = (1..c.segs)
+            .map(|g| crate::kernels::MvSeg {
+                w: w_dev.ptr + (g * set_bytes) as u64,
+                rows: c.rows,
+                y: y_dev.ptr + (g * out_len * 4) as u64,
+                ldy: c.rows,
+            })
+            .collect();
+        kern.matvec_segs(stream, &m, c.rows, &extra)?;
+    }
     stream.synchronize()?;
     let gpu = y_dev.to_f32(stream)?;
     let (tol, tol_name) = if c.ty == GgmlType::F16 {
@@ -577,19 +599,33 @@ fn run_k_v2_checks(
             2048,
             2,
         ),
+        Case {
+            segs: 2,
+            ..routed(
+                "IQ2_XXS 2 x (4096->2048) routed 6 (gate + up)",
+                IQ2_XXS,
+                4096,
+                2048,
+                1,
+            )
+        },
         routed("IQ2_XXS 2048->1024 routed 6", IQ2_XXS, 2048, 1024, 1),
         Case {
             n_mats: 3,
             slots: 3,
-            ..case("IQ2_XXS 4096->40 dense 3 slots", IQ2_XXS, 4096, 40)
+            ..case("IQ2_XXS 4096->36 dense 3 slots", IQ2_XXS, 4096, 36)
         },
         routed("Q2_K    2048->4096 routed 6", Q2_K, 2048, 4096, 1),
         routed("Q2_K    4096->1024 routed 6", Q2_K, 4096, 1024, 1),
         routed("Q2_K    2048->72 routed 6", Q2_K, 2048, 72, 1),
+        Case {
+            segs: 3,
+            ..routed("Q2_K    3 x (2048->200) routed 6", Q2_K, 2048, 200, 1)
+        },
     ];
     let mut out = Vec::new();
     for v in kern.k_v2_variants() {
-        kern.force_k_v2(Some(v));
+        kern.force_k_v2(KV2Force::Variant(v));
         for c in shapes
             .iter()
             .filter(|c| c.ty == v.ty && c.k == 2048 * v.ppl)
@@ -600,14 +636,14 @@ fn run_k_v2_checks(
                 r
             });
             if r.is_err() {
-                kern.force_k_v2(None);
+                kern.force_k_v2(KV2Force::Env);
             }
             let r = r?;
             report(&r);
             out.push(r);
         }
     }
-    kern.force_k_v2(None);
+    kern.force_k_v2(KV2Force::Env);
     Ok(out)
 }
 

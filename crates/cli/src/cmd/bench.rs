@@ -52,6 +52,10 @@ pub struct Args {
     /// Run the weight-streaming microbenchmark (matvecs only, one CUDA graph) instead.
     #[arg(long)]
     pub streaming: bool,
+    /// Time only the routed-expert products of a decode step (gate+up, down), with
+    /// every kernel variant that takes them (no model file; GPU).
+    #[arg(long)]
+    pub routed_only: bool,
     /// Timed graph replays per measurement of --streaming (median reported).
     #[arg(long, default_value_t = 50)]
     pub iters: usize,
@@ -81,6 +85,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let rt = ds4_cuda::CudaRuntime::probe(args.device).context("bench needs a CUDA device")?;
     println!("{}", rt.summary());
+    if args.routed_only {
+        let kernels = ds4_cuda::Kernels::load(&rt)?;
+        ds4_cuda::bench::run_routed(&rt, &kernels, quant, args.iters, |l| println!("{l}"))?;
+        return Ok(());
+    }
     if args.streaming {
         let kernels = ds4_cuda::Kernels::load(&rt)?;
         let opts = BenchOpts {
