@@ -1346,9 +1346,67 @@ __device__ __forceinline__ u32 order_key(float f) {
 // asc) — the CPU's repeated-selection order. sel[t][0..k) = picks, −1 after.
 #define TOPK_THREADS 1024
 #define TOPK_MAX 1024
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    idx_topk(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
-             int sel_k) { PDL_START();
+// The k-th largest order key of sc[0..visible) (visible > k >= 1) by 4 radix passes of
+// 8 bits from the top: each pass counts the candidates (keys that match the digits
+// chosen so far) per digit and keeps the digit where the count from the top reaches
+// the number still needed. The same T as the bitwise search (the largest T with
+// count(key >= T) >= k), in 4 passes of a few barriers instead of 32 block sums.
+__device__ u32 topk_threshold_radix(const float* sc, int visible, int k) {
+    __shared__ int s_hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ int s_need;
+    if (threadIdx.x == 0) { s_prefix = 0; s_need = k; }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) s_hist[b] = 0;
+        __syncthreads();  // also publishes s_prefix / s_need (thread 0 / the scan)
+        const u32 prefix = s_prefix;
+        const u32 hi_mask = shift == 24 ? 0u : ~0u << (shift + 8);
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) {
+            const u32 key = order_key(sc[c]);
+            if (((key ^ prefix) & hi_mask) == 0) atomicAdd(&s_hist[(key >> shift) & 255], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane L holds digits 255 - 8L down to 248 - 8L (the top first).
+            const int lane = threadIdx.x;
+            int h[8], sum = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                h[j] = s_hist[255 - 8 * lane - j];
+                sum += h[j];
+            }
+            // Candidates in the digits above this lane's.
+            int above = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, above, o);
+                if (lane >= o) above += v;
+            }
+            above -= sum;
+            const int need = s_need;
+            // The lane where the count from the top first reaches `need`.
+            const bool here = above < need && above + sum >= need;
+            if (here) {
+                int acc = above;
+                for (int j = 0; j < 8; j++) {
+                    if (acc + h[j] >= need) {
+                        s_prefix = prefix | ((u32)(255 - 8 * lane - j) << shift);
+                        s_need = need - acc;
+                        break;
+                    }
+                    acc += h[j];
+                }
+            }
+        }
+        __syncthreads();  // the scan has read s_hist before the next pass clears it
+    }
+    return s_prefix;
+}
+
+// RADIX: the threshold by topk_threshold_radix, else by the bitwise search.
+template <bool RADIX>
+__device__ __forceinline__ void idx_topk_impl(const float* scores, int ld_s, const int* pos_p,
+                                              int r, int top_k, int* sel, int sel_k) {
     __shared__ u32 s_key[TOPK_MAX];
     __shared__ int s_idx[TOPK_MAX];
     __shared__ int s_count;
@@ -1364,12 +1422,16 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     const float* sc = scores + (long long)t * ld_s;
     // Largest threshold T with count(key >= T) >= top_k.
     u32 T = 0;
-    for (int bit = 31; bit >= 0; bit--) {
-        const u32 cand = T | (1u << bit);
-        int cnt = 0;
-        for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
-        cnt = (int)block_sum((float)cnt);
-        if (cnt >= top_k) T = cand;
+    if (RADIX) {
+        T = topk_threshold_radix(sc, visible, top_k);
+    } else {
+        for (int bit = 31; bit >= 0; bit--) {
+            const u32 cand = T | (1u << bit);
+            int cnt = 0;
+            for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
+            cnt = (int)block_sum((float)cnt);
+            if (cnt >= top_k) T = cand;
+        }
     }
     if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
@@ -1436,6 +1498,19 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         }
     }
     for (int j = threadIdx.x; j < sel_k; j += blockDim.x) out[j] = j < top_k ? s_idx[j] : -1;
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    idx_topk(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
+             int sel_k) { PDL_START();
+    idx_topk_impl<false>(scores, ld_s, pos_p, r, top_k, sel, sel_k);
+}
+
+// idx_topk with the radix threshold (same picks, same order).
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    idx_topk_radix(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
+                   int sel_k) { PDL_START();
+    idx_topk_impl<true>(scores, ld_s, pos_p, r, top_k, sel, sel_k);
 }
 
 // ---------------------------------------------------------------------------

@@ -639,6 +639,75 @@ fn rope_qat_checks(
     Ok(out)
 }
 
+/// `idx_topk_radix` against `idx_topk` (the same picks in the same order, -1 padded)
+/// on scores with many exact ties (multiples of 1/8, as the official FP4 rounding
+/// makes them), top-k 512, from 513 to 5000 visible rows.
+fn topk_checks(
+    stream: &Arc<CudaStream>,
+    ops: &Arc<CudaModule>,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let old = ops.load_function("idx_topk")?;
+    let new = ops.load_function("idx_topk_radix")?;
+    let (ratio, top_k, sel_k) = (4usize, 512usize, 600usize);
+    let mut rng = Rng(0x0070_91c4);
+    let mut out = Vec::new();
+    for (visible, m, levels) in [
+        (513usize, 1usize, 64.0f32),
+        (600, 2, 8.0),
+        (2000, 1, 16.0),
+        (5000, 1, 1e6),
+    ] {
+        let pos0 = ratio * visible - 1;
+        let ld_s = (pos0 + m) / ratio + 3;
+        let scores: Vec<f32> = (0..m * ld_s)
+            .map(|_| (rng.unit() * levels).round() / 8.0)
+            .collect();
+        let dsc = DevBuf::from_f32(stream, &scores)?;
+        let dpos = DevBuf::from_bytes(stream, &(pos0 as i32).to_le_bytes())?;
+        let fill = vec![0x7fu8; m * sel_k * 4];
+        let (sa, sb) = (
+            DevBuf::from_bytes(stream, &fill)?,
+            DevBuf::from_bytes(stream, &fill)?,
+        );
+        let i = |v: usize| v as i32;
+        let (lds, r32, tk, sk) = (i(ld_s), i(ratio), i(top_k), i(sel_k));
+        let cfg = LaunchConfig {
+            grid_dim: (m as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        for (f, sel) in [(&old, &sa), (&new, &sb)] {
+            let mut b = stream.launch_builder(f);
+            b.arg(&dsc.ptr)
+                .arg(&lds)
+                .arg(&dpos.ptr)
+                .arg(&r32)
+                .arg(&tk)
+                .arg(&sel.ptr)
+                .arg(&sk);
+            // SAFETY: the shared argument list of idx_topk / idx_topk_radix; scores m
+            // rows of ld_s, sel m rows of sel_k.
+            unsafe { b.launch(cfg) }?;
+        }
+        stream.synchronize()?;
+        let as_f32 = |v: Vec<u8>| -> Vec<f32> {
+            v.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                .collect()
+        };
+        let (a, b) = (as_f32(sb.to_bytes(stream)?), as_f32(sa.to_bytes(stream)?));
+        let r = exact(
+            format!("idx_topk_radix vs idx_topk visible {visible} x {m} tok (ties)"),
+            &a,
+            &b,
+        );
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// Every check of this module.
 pub fn run_attn_chain_checks(
     kern: &Kernels,
@@ -650,6 +719,7 @@ pub fn run_attn_chain_checks(
     out.extend(idx_score_checks(stream, &ops, &mut report)?);
     out.extend(merge_rope_checks(stream, &ops, &mut report)?);
     out.extend(rope_qat_checks(stream, &ops, &mut report)?);
+    out.extend(topk_checks(stream, &ops, &mut report)?);
     Ok(out)
 }
 

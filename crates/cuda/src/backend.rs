@@ -294,6 +294,7 @@ struct Ops {
     idx_scores: CudaFunction,
     idx_scores_hg: CudaFunction,
     idx_topk: CudaFunction,
+    idx_topk_radix: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
     attention: [CudaFunction; 4],
     kv_append: CudaFunction,
@@ -344,6 +345,7 @@ impl Ops {
             idx_scores: f("idx_scores")?,
             idx_scores_hg: f("idx_scores_hg")?,
             idx_topk: f("idx_topk")?,
+            idx_topk_radix: f("idx_topk_radix")?,
             attention: [
                 big("attention_1")?,
                 big("attention_2")?,
@@ -555,6 +557,9 @@ pub struct CudaBackend {
     /// The indexer queries' RoPE and official rounding in one kernel (`rope_qat`;
     /// `DS4_IDX_ROPE_QAT=0`: rope, then round_rows).
     idx_rope_qat: bool,
+    /// The indexer's top-k threshold by 4 radix passes (`idx_topk_radix`;
+    /// `DS4_IDX_TOPK_RADIX=0`: idx_topk's 32-step bitwise search).
+    idx_topk_radix: bool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -613,6 +618,7 @@ impl CudaBackend {
             idx_scores_hg: crate::launch::env_switch("DS4_IDX_SCORES_HG"),
             attn_merge_rope: crate::launch::env_switch("DS4_ATTN_MERGE_ROPE"),
             idx_rope_qat: crate::launch::env_switch("DS4_IDX_ROPE_QAT"),
+            idx_topk_radix: crate::launch::env_switch("DS4_IDX_TOPK_RADIX"),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -2857,7 +2863,12 @@ impl<'w> Backend<'w> for CudaBackend {
                 shared_mem_bytes: 0,
             };
             let (selp, sk) = (sel.buf.ptr + (t0 * sel.k * 4) as u64, sel.k as i32);
-            self.launch(&self.ops.idx_topk, cfg, |b| {
+            let topk_fn = if self.idx_topk_radix {
+                &self.ops.idx_topk_radix
+            } else {
+                &self.ops.idx_topk
+            };
+            self.launch(topk_fn, cfg, |b| {
                 b.arg(&scores)
                     .arg(&ldsc)
                     .arg(&pos_p)
