@@ -1317,7 +1317,7 @@ extern "C" __global__ void __launch_bounds__(IDX_TILE * IDX_HG)
             const float kv = key[k];
 #pragma unroll
             for (int u = 0; u < IDX_HPW; u++)
-                d[u] = __fadd_rn(d[u], __fmul_rn(__ldg(qb + u * 128 + k), kv));
+                d[u] = __fadd_rn(d[u], __fmul_rn(qb[u * 128 + k], kv));
         }
 #pragma unroll
         for (int u = 0; u < IDX_HPW; u++)
