@@ -1423,7 +1423,8 @@ __device__ __forceinline__ void idx_topk_impl(const float* scores, int ld_s, con
     // Largest threshold T with count(key >= T) >= top_k.
     u32 T = 0;
     if (RADIX) {
-        T = topk_threshold_radix(sc, visible, top_k);
+        // top_k 0 takes nothing, as the bitwise search's T = 0xffffffff leaves it.
+        T = top_k > 0 ? topk_threshold_radix(sc, visible, top_k) : 0xffffffffu;
     } else {
         for (int bit = 31; bit >= 0; bit--) {
             const u32 cand = T | (1u << bit);
