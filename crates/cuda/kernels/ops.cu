@@ -1280,61 +1280,6 @@ extern "C" __global__ void __launch_bounds__(IDX_TILE)
     scores[(long long)t * ld_s + c0 + c] = acc;
 }
 
-// idx_scores with the head dots of a row spread over IDX_HG warps (lane = row, warp =
-// heads hb..hb+IDX_HPW-1 side by side: independent sums, so their latencies overlap,
-// where idx_scores runs all heads' 128-long chains one after another). Warp 0 then
-// folds the dots into the score in head order. Every sum keeps the CPU's order and
-// operations, so scores are bit-identical to idx_scores. heads <= IDX_MAXH and a
-// multiple of IDX_HPW (host-checked).
-#define IDX_HG 8
-#define IDX_HPW 8
-#define IDX_MAXH 64
-extern "C" __global__ void __launch_bounds__(IDX_TILE * IDX_HG)
-    idx_scores_hg(const float* q, int ld_q, const float* w, int ld_w, int heads,
-                  const float* rows, const int* pos_p, int r, int top_k, float* scores,
-                  int ld_s) { PDL_START();
-    __shared__ float ks[IDX_TILE * IDX_KPAD];
-    __shared__ float sd[IDX_MAXH * (IDX_TILE + 1)];
-    const int t = blockIdx.y;
-    const int p = *pos_p + t;
-    const int visible = (p + 1) / r;
-    const int c0 = blockIdx.x * IDX_TILE;
-    if (visible <= top_k || c0 >= visible) return;
-    const int nrow = min(IDX_TILE, visible - c0);
-    for (int j = threadIdx.x; j < IDX_TILE * 128; j += blockDim.x)
-        ks[(j >> 7) * IDX_KPAD + (j & 127)] = (j >> 7) < nrow ? rows[(long long)c0 * 128 + j] : 0.0f;
-    __syncthreads();
-    const int c = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const float* key = ks + c * IDX_KPAD;
-    const float* qt = q + (long long)t * ld_q;  // warp-uniform addresses: broadcast loads
-    for (int hb = warp * IDX_HPW; hb < heads; hb += IDX_HG * IDX_HPW) {
-        const float* qb = qt + (long long)hb * 128;
-        float d[IDX_HPW];
-#pragma unroll
-        for (int u = 0; u < IDX_HPW; u++) d[u] = 0.0f;
-#pragma unroll 4
-        for (int k = 0; k < 128; k++) {
-            const float kv = key[k];
-#pragma unroll
-            for (int u = 0; u < IDX_HPW; u++)
-                d[u] = __fadd_rn(d[u], __fmul_rn(qb[u * 128 + k], kv));
-        }
-#pragma unroll
-        for (int u = 0; u < IDX_HPW; u++)
-            sd[(hb + u) * (IDX_TILE + 1) + c] = d[u];
-    }
-    __syncthreads();
-    if (warp != 0 || c >= nrow) return;
-    const float qscale = 1.0f / sqrtf(128.0f);
-    const float wscale = 1.0f / sqrtf((float)heads);
-    const float* wt = w + (long long)t * ld_w;
-    float acc = 0.0f;
-    for (int h = 0; h < heads; h++)
-        acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(wt[h], wscale),
-                                       __fmul_rn(fmaxf(sd[h * (IDX_TILE + 1) + c], 0.0f), qscale)));
-    scores[(long long)t * ld_s + c0 + c] = acc;
-}
-
 __device__ __forceinline__ u32 order_key(float f) {
     const u32 b = __float_as_uint(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
@@ -1346,67 +1291,9 @@ __device__ __forceinline__ u32 order_key(float f) {
 // asc) — the CPU's repeated-selection order. sel[t][0..k) = picks, −1 after.
 #define TOPK_THREADS 1024
 #define TOPK_MAX 1024
-// The k-th largest order key of sc[0..visible) (visible > k >= 1) by 4 radix passes of
-// 8 bits from the top: each pass counts the candidates (keys that match the digits
-// chosen so far) per digit and keeps the digit where the count from the top reaches
-// the number still needed. The same T as the bitwise search (the largest T with
-// count(key >= T) >= k), in 4 passes of a few barriers instead of 32 block sums.
-__device__ u32 topk_threshold_radix(const float* sc, int visible, int k) {
-    __shared__ int s_hist[256];
-    __shared__ u32 s_prefix;
-    __shared__ int s_need;
-    if (threadIdx.x == 0) { s_prefix = 0; s_need = k; }
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) s_hist[b] = 0;
-        __syncthreads();  // also publishes s_prefix / s_need (thread 0 / the scan)
-        const u32 prefix = s_prefix;
-        const u32 hi_mask = shift == 24 ? 0u : ~0u << (shift + 8);
-        for (int c = threadIdx.x; c < visible; c += blockDim.x) {
-            const u32 key = order_key(sc[c]);
-            if (((key ^ prefix) & hi_mask) == 0) atomicAdd(&s_hist[(key >> shift) & 255], 1);
-        }
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            // Lane L holds digits 255 - 8L down to 248 - 8L (the top first).
-            const int lane = threadIdx.x;
-            int h[8], sum = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                h[j] = s_hist[255 - 8 * lane - j];
-                sum += h[j];
-            }
-            // Candidates in the digits above this lane's.
-            int above = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, above, o);
-                if (lane >= o) above += v;
-            }
-            above -= sum;
-            const int need = s_need;
-            // The lane where the count from the top first reaches `need`.
-            const bool here = above < need && above + sum >= need;
-            if (here) {
-                int acc = above;
-                for (int j = 0; j < 8; j++) {
-                    if (acc + h[j] >= need) {
-                        s_prefix = prefix | ((u32)(255 - 8 * lane - j) << shift);
-                        s_need = need - acc;
-                        break;
-                    }
-                    acc += h[j];
-                }
-            }
-        }
-        __syncthreads();  // the scan has read s_hist before the next pass clears it
-    }
-    return s_prefix;
-}
-
-// RADIX: the threshold by topk_threshold_radix, else by the bitwise search.
-template <bool RADIX>
-__device__ __forceinline__ void idx_topk_impl(const float* scores, int ld_s, const int* pos_p,
-                                              int r, int top_k, int* sel, int sel_k) {
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    idx_topk(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
+             int sel_k) { PDL_START();
     __shared__ u32 s_key[TOPK_MAX];
     __shared__ int s_idx[TOPK_MAX];
     __shared__ int s_count;
@@ -1422,17 +1309,12 @@ __device__ __forceinline__ void idx_topk_impl(const float* scores, int ld_s, con
     const float* sc = scores + (long long)t * ld_s;
     // Largest threshold T with count(key >= T) >= top_k.
     u32 T = 0;
-    if (RADIX) {
-        // top_k 0 takes nothing, as the bitwise search's T = 0xffffffff leaves it.
-        T = top_k > 0 ? topk_threshold_radix(sc, visible, top_k) : 0xffffffffu;
-    } else {
-        for (int bit = 31; bit >= 0; bit--) {
-            const u32 cand = T | (1u << bit);
-            int cnt = 0;
-            for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
-            cnt = (int)block_sum((float)cnt);
-            if (cnt >= top_k) T = cand;
-        }
+    for (int bit = 31; bit >= 0; bit--) {
+        const u32 cand = T | (1u << bit);
+        int cnt = 0;
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
+        cnt = (int)block_sum((float)cnt);
+        if (cnt >= top_k) T = cand;
     }
     if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
@@ -1479,77 +1361,26 @@ __device__ __forceinline__ void idx_topk_impl(const float* scores, int ld_s, con
         s_idx[j] = 0x7fffffff;
     }
     __syncthreads();
-    if (RADIX && n2 <= (int)blockDim.x) {
-        // The same network with one element per thread in registers: strides below 32
-        // exchange by shuffles inside the warp (no barrier), larger ones through
-        // shared memory. Thread p keeps the first of its pair in (key desc, index asc)
-        // order when it is the lower position of a descending pair or the upper one of
-        // an ascending pair, as the loop below leaves them.
-        const int p = threadIdx.x;
-        const bool live = p < n2;
-        u32 k = live ? s_key[p] : 0u;
-        int ix = live ? s_idx[p] : 0x7fffffff;
-        for (int size = 2; size <= n2; size <<= 1) {
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                const int q = p ^ stride;
-                u32 pk;
-                int pi;
-                if (stride >= 32) {
-                    __syncthreads();  // the previous exchange has been read
-                    if (live) { s_key[p] = k; s_idx[p] = ix; }
-                    __syncthreads();
-                    pk = live ? s_key[q] : 0u;
-                    pi = live ? s_idx[q] : 0x7fffffff;
-                } else {
-                    pk = __shfl_xor_sync(0xffffffffu, k, stride);
-                    pi = __shfl_xor_sync(0xffffffffu, ix, stride);
-                }
-                if (live) {
-                    const bool lower = p < q;
-                    const bool desc = ((lower ? p : q) & size) == 0;
-                    const bool mine_first = k > pk || (k == pk && ix < pi);
-                    if (mine_first != (lower == desc)) { k = pk; ix = pi; }
-                }
-            }
-        }
-        __syncthreads();
-        if (live) { s_key[p] = k; s_idx[p] = ix; }
-        __syncthreads();
-    } else {
-        for (int size = 2; size <= n2; size <<= 1) {
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                for (int i = threadIdx.x; i < n2; i += blockDim.x) {
-                    const int jx = i ^ stride;
-                    if (jx > i) {
-                        const bool desc = (i & size) == 0;
-                        const u32 ka = s_key[i], kb = s_key[jx];
-                        const int ia = s_idx[i], ib = s_idx[jx];
-                        // "a before b" in (key desc, index asc) order.
-                        const bool a_first = ka > kb || (ka == kb && ia < ib);
-                        if (a_first != desc) {
-                            s_key[i] = kb; s_key[jx] = ka;
-                            s_idx[i] = ib; s_idx[jx] = ia;
-                        }
+    for (int size = 2; size <= n2; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+                const int jx = i ^ stride;
+                if (jx > i) {
+                    const bool desc = (i & size) == 0;
+                    const u32 ka = s_key[i], kb = s_key[jx];
+                    const int ia = s_idx[i], ib = s_idx[jx];
+                    // "a before b" in (key desc, index asc) order.
+                    const bool a_first = ka > kb || (ka == kb && ia < ib);
+                    if (a_first != desc) {
+                        s_key[i] = kb; s_key[jx] = ka;
+                        s_idx[i] = ib; s_idx[jx] = ia;
                     }
                 }
-                __syncthreads();
             }
+            __syncthreads();
         }
     }
     for (int j = threadIdx.x; j < sel_k; j += blockDim.x) out[j] = j < top_k ? s_idx[j] : -1;
-}
-
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    idx_topk(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
-             int sel_k) { PDL_START();
-    idx_topk_impl<false>(scores, ld_s, pos_p, r, top_k, sel, sel_k);
-}
-
-// idx_topk with the radix threshold (same picks, same order).
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    idx_topk_radix(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
-                   int sel_k) { PDL_START();
-    idx_topk_impl<true>(scores, ld_s, pos_p, r, top_k, sel, sel_k);
 }
 
 // ---------------------------------------------------------------------------

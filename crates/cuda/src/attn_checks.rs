@@ -1,5 +1,6 @@
-//! GPU checks of the fused decode kernels of the attention side chain (compressor
-//! steps, indexer query preparation) against the kernels they replace, at Flash dims.
+//! GPU checks of the fused decode kernels of the attention chain (compressor steps,
+//! indexer query preparation, split merge) against the kernels they replace, at Flash
+//! dims.
 //! The replaced kernels are the reference: the tiny-model parity runs proved them
 //! against the CPU backend, and the fused kernels do the same arithmetic, so the
 //! results must agree bit for bit (every output element and the compressor state).
@@ -302,89 +303,6 @@ fn launch_comp_step(
     Ok(())
 }
 
-/// `idx_scores_hg` against `idx_scores` (bit-exact scores) at Flash dims: 64 heads
-/// of 128, ratio 4, top-k 512, one decode token with one row past a full tile
-/// (visible 513) and 3 tokens around 600 visible rows.
-fn idx_score_checks(
-    stream: &Arc<CudaStream>,
-    ops: &Arc<CudaModule>,
-    report: &mut impl FnMut(&CheckResult),
-) -> Result<Vec<CheckResult>> {
-    let old = ops.load_function("idx_scores")?;
-    let new = ops.load_function("idx_scores_hg")?;
-    let (heads, ratio, top_k, tile) = (64usize, 4usize, 512usize, 32usize);
-    let mut rng = Rng(0x01d5_c0de);
-    let mut out = Vec::new();
-    for (name, pos0, m) in [
-        ("decode visible 513", 2051usize, 1usize),
-        ("3 tok visible 600 ", 2400, 3),
-    ] {
-        let cap = (pos0 + m) / ratio + 7;
-        let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.unit()).collect() };
-        let q = DevBuf::from_f32(stream, &rand(m * heads * 128))?;
-        let w = DevBuf::from_f32(stream, &rand(m * heads))?;
-        let rows = DevBuf::from_f32(stream, &rand(cap * 128))?;
-        let pos = DevBuf::from_bytes(stream, &(pos0 as i32).to_le_bytes())?;
-        let nan = vec![f32::NAN; m * cap];
-        let s_old = DevBuf::from_f32(stream, &nan)?;
-        let s_new = DevBuf::from_f32(stream, &nan)?;
-        let i = |v: usize| v as i32;
-        let (ldq, ldw, h32, r32, tk, lds) = (
-            i(heads * 128),
-            i(heads),
-            i(heads),
-            i(ratio),
-            i(top_k),
-            i(cap),
-        );
-        for (f, threads, s) in [(&old, tile, &s_old), (&new, tile * 8, &s_new)] {
-            let cfg = LaunchConfig {
-                grid_dim: (cap.div_ceil(tile) as u32, m as u32, 1),
-                block_dim: (threads as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(f);
-            b.arg(&q.ptr)
-                .arg(&ldq)
-                .arg(&w.ptr)
-                .arg(&ldw)
-                .arg(&h32)
-                .arg(&rows.ptr)
-                .arg(&pos.ptr)
-                .arg(&r32)
-                .arg(&tk)
-                .arg(&s.ptr)
-                .arg(&lds);
-            // SAFETY: the shared argument list of idx_scores / idx_scores_hg; q, w hold m
-            // tokens, rows cap rows of 128, scores m rows of cap.
-            unsafe { b.launch(cfg) }?;
-        }
-        stream.synchronize()?;
-        let (a, b) = (s_new.to_f32(stream)?, s_old.to_f32(stream)?);
-        let r = exact(
-            format!("idx_scores_hg vs idx_scores {name} (64 heads)"),
-            &a,
-            &b,
-        );
-        report(&r);
-        out.push(r);
-        // Every visible row of every token was scored (not left NaN) by the reference.
-        let want: usize = (0..m).map(|t| (pos0 + t + 1) / ratio).sum();
-        let scored = b.iter().filter(|v| v.is_finite()).count();
-        let r = CheckResult {
-            name: format!("idx_scores rows scored {name}"),
-            max_abs: scored as f32,
-            max_rel: scored as f32,
-            tol: want as f32,
-            tol_name: "visible rows",
-            pass: scored == want,
-        };
-        report(&r);
-        out.push(r);
-    }
-    Ok(out)
-}
-
 /// `att_merge_rope_q8_0` (decode: split merge + inverse RoPE + Q8_0 in one kernel)
 /// against `att_combine` then `rope_quant_q8_0`: bit-exact output rows, codes and
 /// scales; the merged values of the unrotated dims also against an f64 merge.
@@ -639,75 +557,6 @@ fn rope_qat_checks(
     Ok(out)
 }
 
-/// `idx_topk_radix` against `idx_topk` (the same picks in the same order, -1 padded)
-/// on scores with many exact ties (multiples of 1/8, as the official FP4 rounding
-/// makes them), top-k 512, from 513 to 5000 visible rows.
-fn topk_checks(
-    stream: &Arc<CudaStream>,
-    ops: &Arc<CudaModule>,
-    report: &mut impl FnMut(&CheckResult),
-) -> Result<Vec<CheckResult>> {
-    let old = ops.load_function("idx_topk")?;
-    let new = ops.load_function("idx_topk_radix")?;
-    let (ratio, top_k, sel_k) = (4usize, 512usize, 600usize);
-    let mut rng = Rng(0x0070_91c4);
-    let mut out = Vec::new();
-    for (visible, m, levels) in [
-        (513usize, 1usize, 64.0f32),
-        (600, 2, 8.0),
-        (2000, 1, 16.0),
-        (5000, 1, 1e6),
-    ] {
-        let pos0 = ratio * visible - 1;
-        let ld_s = (pos0 + m) / ratio + 3;
-        let scores: Vec<f32> = (0..m * ld_s)
-            .map(|_| (rng.unit() * levels).round() / 8.0)
-            .collect();
-        let dsc = DevBuf::from_f32(stream, &scores)?;
-        let dpos = DevBuf::from_bytes(stream, &(pos0 as i32).to_le_bytes())?;
-        let fill = vec![0x7fu8; m * sel_k * 4];
-        let (sa, sb) = (
-            DevBuf::from_bytes(stream, &fill)?,
-            DevBuf::from_bytes(stream, &fill)?,
-        );
-        let i = |v: usize| v as i32;
-        let (lds, r32, tk, sk) = (i(ld_s), i(ratio), i(top_k), i(sel_k));
-        let cfg = LaunchConfig {
-            grid_dim: (m as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        for (f, sel) in [(&old, &sa), (&new, &sb)] {
-            let mut b = stream.launch_builder(f);
-            b.arg(&dsc.ptr)
-                .arg(&lds)
-                .arg(&dpos.ptr)
-                .arg(&r32)
-                .arg(&tk)
-                .arg(&sel.ptr)
-                .arg(&sk);
-            // SAFETY: the shared argument list of idx_topk / idx_topk_radix; scores m
-            // rows of ld_s, sel m rows of sel_k.
-            unsafe { b.launch(cfg) }?;
-        }
-        stream.synchronize()?;
-        let as_f32 = |v: Vec<u8>| -> Vec<f32> {
-            v.chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
-                .collect()
-        };
-        let (a, b) = (as_f32(sb.to_bytes(stream)?), as_f32(sa.to_bytes(stream)?));
-        let r = exact(
-            format!("idx_topk_radix vs idx_topk visible {visible} x {m} tok (ties)"),
-            &a,
-            &b,
-        );
-        report(&r);
-        out.push(r);
-    }
-    Ok(out)
-}
-
 /// Every check of this module.
 pub fn run_attn_chain_checks(
     kern: &Kernels,
@@ -716,10 +565,8 @@ pub fn run_attn_chain_checks(
     let stream = kern.stream();
     let ops = ops_module(stream)?;
     let mut out = comp_checks(stream, &ops, &mut report)?;
-    out.extend(idx_score_checks(stream, &ops, &mut report)?);
     out.extend(merge_rope_checks(stream, &ops, &mut report)?);
     out.extend(rope_qat_checks(stream, &ops, &mut report)?);
-    out.extend(topk_checks(stream, &ops, &mut report)?);
     Ok(out)
 }
 

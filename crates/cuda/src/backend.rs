@@ -48,11 +48,6 @@ const HC_FUSE_MAX_TOKENS: usize = 8;
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
 const IDX_TILE: usize = 32;
-/// `idx_scores_hg`: warps per block (`IDX_HG`), heads each warp sums side by side
-/// (`IDX_HPW`), most heads (`IDX_MAXH`).
-const IDX_HG_WARPS: usize = 8;
-const IDX_HG_HEADS_PER_WARP: usize = 8;
-const IDX_HG_MAX_HEADS: usize = 64;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
@@ -287,14 +282,12 @@ struct Ops {
     round_rows: CudaFunction,
     rope_qat: CudaFunction,
     comp_pool: CudaFunction,
+    comp_step: CudaFunction,
     comp_pool_chunk: CudaFunction,
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
-    comp_step: CudaFunction,
     idx_scores: CudaFunction,
-    idx_scores_hg: CudaFunction,
     idx_topk: CudaFunction,
-    idx_topk_radix: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
     attention: [CudaFunction; 4],
     kv_append: CudaFunction,
@@ -338,14 +331,12 @@ impl Ops {
             round_rows: big("round_rows")?,
             rope_qat: f("rope_qat")?,
             comp_pool: f("comp_pool")?,
+            comp_step: f("comp_step")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
-            comp_step: f("comp_step")?,
             idx_scores: f("idx_scores")?,
-            idx_scores_hg: f("idx_scores_hg")?,
             idx_topk: f("idx_topk")?,
-            idx_topk_radix: f("idx_topk_radix")?,
             attention: [
                 big("attention_1")?,
                 big("attention_2")?,
@@ -548,18 +539,12 @@ pub struct CudaBackend {
     /// Decode: each compressor step is one `comp_step` launch (`DS4_COMP_FUSE=0`:
     /// comp_pool + comp_finish).
     comp_fuse: bool,
-    /// Indexer scores with the heads spread over warps (`DS4_IDX_SCORES_HG=0`: the
-    /// one-warp `idx_scores`).
-    idx_scores_hg: bool,
     /// Decode: the attention's split partials are merged by the RoPE + Q8_0 kernel of
     /// o_a (`DS4_ATTN_MERGE_ROPE=0`: att_combine, then rope_quant_q8_0).
     attn_merge_rope: bool,
     /// The indexer queries' RoPE and official rounding in one kernel (`rope_qat`;
     /// `DS4_IDX_ROPE_QAT=0`: rope, then round_rows).
     idx_rope_qat: bool,
-    /// The indexer's top-k threshold by 4 radix passes (`idx_topk_radix`;
-    /// `DS4_IDX_TOPK_RADIX=0`: idx_topk's 32-step bitwise search).
-    idx_topk_radix: bool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -615,10 +600,8 @@ impl CudaBackend {
             attn_kv_append: crate::launch::env_switch("DS4_ATTN_KV_APPEND"),
             ring_appended: AtomicUsize::new(0),
             comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
-            idx_scores_hg: crate::launch::env_switch("DS4_IDX_SCORES_HG"),
             attn_merge_rope: crate::launch::env_switch("DS4_ATTN_MERGE_ROPE"),
             idx_rope_qat: crate::launch::env_switch("DS4_IDX_ROPE_QAT"),
-            idx_topk_radix: crate::launch::env_switch("DS4_IDX_TOPK_RADIX"),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -2819,18 +2802,9 @@ impl<'w> Backend<'w> for CudaBackend {
         while t0 < n {
             let m = (n - t0).min(tok_per_pass);
             let pos_p = self.pass_pos(t0)?;
-            // Heads spread over warps (idx_scores_hg) when they fit its shape.
-            let hg = self.idx_scores_hg
-                && heads <= IDX_HG_MAX_HEADS
-                && heads.is_multiple_of(IDX_HG_HEADS_PER_WARP);
-            let (scores_fn, threads) = if hg {
-                (&self.ops.idx_scores_hg, IDX_TILE * IDX_HG_WARPS)
-            } else {
-                (&self.ops.idx_scores, IDX_TILE)
-            };
             let cfg = LaunchConfig {
                 grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
-                block_dim: (threads as u32, 1, 1),
+                block_dim: (IDX_TILE as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (qp, ldq, wp, ldw, h32, rp, r32, tk, ldsc) = (
@@ -2844,7 +2818,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 top_k as i32,
                 as_i32(cap, "indexer rows")?,
             );
-            self.launch(scores_fn, cfg, |b| {
+            self.launch(&self.ops.idx_scores, cfg, |b| {
                 b.arg(&qp)
                     .arg(&ldq)
                     .arg(&wp)
@@ -2863,12 +2837,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 shared_mem_bytes: 0,
             };
             let (selp, sk) = (sel.buf.ptr + (t0 * sel.k * 4) as u64, sel.k as i32);
-            let topk_fn = if self.idx_topk_radix {
-                &self.ops.idx_topk_radix
-            } else {
-                &self.ops.idx_topk
-            };
-            self.launch(topk_fn, cfg, |b| {
+            self.launch(&self.ops.idx_topk, cfg, |b| {
                 b.arg(&scores)
                     .arg(&ldsc)
                     .arg(&pos_p)
