@@ -1388,6 +1388,37 @@ impl CudaBackend {
     }
 }
 
+/// `y[t·ldy + r] = W[r] · x[t]` as a tensor-core product description.
+#[allow(clippy::too_many_arguments)]
+fn dense_gemm<'a>(
+    w: &CudaWeight,
+    wptr: u64,
+    rows: usize,
+    x: MvInput<'a>,
+    x_row_len: usize,
+    n: usize,
+    y: u64,
+    ldy: usize,
+) -> Gemm<'a> {
+    Gemm {
+        ty: w.ty,
+        w: wptr,
+        k: w.k,
+        rows,
+        x,
+        x_col0: 0,
+        x_row_len,
+        ntok: n,
+        y,
+        y_row_stride: ldy,
+        y_col0: 0,
+    }
+}
+
+fn as_i32(v: usize, what: &str) -> MResult<i32> {
+    i32::try_from(v).map_err(|_| MError::Backend(format!("{what} = {v} exceeds i32")))
+}
+
 impl CudaBackend {
     /// `Backend::attention`; a decode launch of at most `defer_merge_up_to` splits
     /// leaves its split partials unmerged and returns (scratch pointer, split count):
@@ -1638,37 +1669,6 @@ impl CudaBackend {
         }
         self.matmul_grouped(w, x, n, groups, out)
     }
-}
-
-/// `y[t·ldy + r] = W[r] · x[t]` as a tensor-core product description.
-#[allow(clippy::too_many_arguments)]
-fn dense_gemm<'a>(
-    w: &CudaWeight,
-    wptr: u64,
-    rows: usize,
-    x: MvInput<'a>,
-    x_row_len: usize,
-    n: usize,
-    y: u64,
-    ldy: usize,
-) -> Gemm<'a> {
-    Gemm {
-        ty: w.ty,
-        w: wptr,
-        k: w.k,
-        rows,
-        x,
-        x_col0: 0,
-        x_row_len,
-        ntok: n,
-        y,
-        y_row_stride: ldy,
-        y_col0: 0,
-    }
-}
-
-fn as_i32(v: usize, what: &str) -> MResult<i32> {
-    i32::try_from(v).map_err(|_| MError::Backend(format!("{what} = {v} exceeds i32")))
 }
 
 impl<'w> Backend<'w> for CudaBackend {
