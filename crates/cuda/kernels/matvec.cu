@@ -932,6 +932,295 @@ MV_K_REGS(2, 4)
 MV_K_REGS(4, 1)
 MV_K_REGS(4, 2)
 
+// ---------------------------------------------------------------------------
+// IQ2_XXS / Q2_K decode matvec, version 2 (one token, K = 2048·PPL, GPU layout).
+// The grid is one wave of resident blocks (the host sizes it); each warp walks rows
+// gw, gw + nw, ... of its slot through an NST-deep cp.async ring: lane l copies its
+// own pieces (l + 32i, as in mv_*_regs) of the coming rows into its own slots of
+// shared memory and reads back only those, so no barrier is needed and NST - 1 rows
+// per warp stay in flight while one is decoded. A lane's share of the activation is
+// the same for every row: it is loaded into registers once. Integer sums and their
+// f32 scaling are mv_*_regs' exactly.
+// IQ2_XXS, MATH 0: grid point e is a table word of eight 4-bit level codes (0, 1, 2
+// for 8, 25, 43) and sign field s (7 bits) a word with the eight signs of ksigns[s]
+// at bit 2 of the same nibbles, so their or selects each signed byte out of
+// {8, 25, 43, 0, -8, -25, -43, 0} with one prmt: per 8 weights two shared loads, an
+// or, a shift, two prmt and two dp4a. Entry e fills the 32 words 32e .. 32e + 31 and
+// lane l reads word l, so random indices never conflict in the banks (48 KB a block).
+// MATH 1: mv_iq2_xxs_regs' iq2_group (2 KB grid, signs computed) in this pipeline.
+// ---------------------------------------------------------------------------
+#define MV2_WARPS 8
+#define IQ2_TAB_ROWS 384  // 256 grid points, then 128 sign fields
+
+extern __shared__ __align__(16) u8 mv2_smem[];
+
+// cp.async to a shared-window address (`smem_addr`), so the ring's addresses are
+// 32-bit adds with immediate offsets.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    size_t sa;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(p));
+    return (u32)sa;
+}
+__device__ __forceinline__ void cp_async16s(u32 sa, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async8s(u32 sa, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(sa), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4s(u32 sa, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(gmem) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait_n() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// The level-code and sign tables (MATH 0) at mv2_smem, 384 rows of 32 equal words.
+// Needs 256 threads.
+__device__ __forceinline__ void iq2_tables_fill() {
+    uint4* tab = (uint4*)mv2_smem;
+    const int t = threadIdx.x;
+    {
+        const u64 g = IQ2XXS_GRID[t];
+        u32 v = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const u32 b = (u32)(g >> (8 * i)) & 255u;
+            v |= (b == 0x08u ? 0u : b == 0x19u ? 1u : 2u) << (4 * i);
+        }
+        tab[8 * t] = make_uint4(v, v, v, v);
+    }
+    if (t < 128) {
+        const u32 s = (u32)t | ((u32)(__popc(t) & 1) << 7);
+        u32 v = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) v |= ((s >> i) & 1u) << (4 * i + 2);
+        tab[8 * (256 + t)] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+    for (int c = t; c < IQ2_TAB_ROWS * 8; c += MV2_WARPS * 32) {
+        if ((c & 7) == 0) continue;  // written above
+        const u32 v = tab[c & ~7].x;
+        tab[c] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ u32 tab_word(u32 off) { return *(const u32*)(mv2_smem + off); }
+
+// The positive levels 8, 25, 43 as bytes 0..2. Read once from memory (volatile) so
+// they sit in an ordinary register: prmt takes only its second source as an
+// immediate, and a constant would be re-created from a uniform register before every
+// prmt.
+__device__ const u32 IQ2_LV_POS = 0x002b1908u;
+__device__ __forceinline__ u32 iq2_lv_pos() { return *(const volatile u32*)&IQ2_LV_POS; }
+
+// prmt with the negative levels as the immediate second source.
+__device__ __forceinline__ u32 iq2_signed4(u32 pos, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, 0x00d5e7f8, %2;" : "=r"(r) : "r"(pos), "r"(sel));
+    return r;
+}
+
+// One IQ2_XXS group with the tables: the integer of iq2_group / unit_iq2_xxs.
+// lane4 = 4·lane, lane4s = lane4 + the sign table's base (256 rows of 128 bytes):
+// field offsets are built in place (a row is 128 bytes) and or-ed with them, one
+// and-or after the shift.
+__device__ __forceinline__ int iq2_group_tab(u32 a0, u32 a1, const int4& xa, const int4& xb,
+                                             u32 lane4, u32 lane4s, u32 pos) {
+    const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    int s = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        const u32 go = ((l == 0 ? a0 << 7 : a0 >> (8 * l - 7)) & 0x7f80u) | lane4;
+        const u32 so = ((l == 0 ? a1 << 7 : a1 >> (7 * l - 7)) & 0x3f80u) | lane4s;
+        const u32 sel = tab_word(go) | tab_word(so);
+        s = dp4a((int)iq2_signed4(pos, sel), xw[2 * l], s);
+        s = dp4a((int)iq2_signed4(pos, sel >> 16), xw[2 * l + 1], s);
+    }
+    return s * (2 * (int)(a1 >> 28) + 1);
+}
+
+// Shared memory of a version-2 kernel (kernels.rs `k_v2_smem` computes the same).
+#define MV2_AUX(TY) ((TY) == TY_IQ2_XXS ? 4 : 16)
+#define MV2_TAB(TY, MATH) ((TY) == TY_IQ2_XXS ? ((MATH) == 0 ? IQ2_TAB_ROWS * 128 : 2048) : 0)
+#define MV2_STAGE(TY, PPL) ((PPL) * 32 * (16 + MV2_AUX(TY)))
+
+template <int TY, int PPL, int NST, int MATH>
+__device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_stride,
+                                        const int* __restrict__ ids, const i8* __restrict__ xq,
+                                        const float* __restrict__ xd,
+                                        const i16* __restrict__ xbs, int x_group) {
+    constexpr int K = 2048 * PPL;
+    constexpr int ROW_BYTES = TY == TY_IQ2_XXS ? K / 256 * 66 : K / 256 * 84;
+    constexpr int AUX = MV2_AUX(TY);
+    constexpr int STAGE = MV2_STAGE(TY, PPL);
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // The tables come from constant data: built before the wait, under the previous
+    // kernel's tail.
+    if (TY == TY_IQ2_XXS) {
+        if (MATH == 0) {
+            iq2_tables_fill();
+        } else {
+            ((u64*)mv2_smem)[threadIdx.x] = IQ2XXS_GRID[threadIdx.x];
+            __syncthreads();
+        }
+    }
+    const int slot = blockIdx.y;
+    if (ids) PDL_WAIT();
+    const int e = ids ? ids[slot] : slot;
+    const long long e_off = (long long)e * w_expert_stride;
+    const int total = sg.start[sg.n];
+    const int gw = blockIdx.x * MV2_WARPS + warp, nw = gridDim.x * MV2_WARPS;
+    u8* ring = mv2_smem + MV2_TAB(TY, MATH) + warp * (NST * STAGE);
+    const u32 ring_sa = smem_addr(ring) + 16 * lane;  // this lane's codes in stage 0
+    // This lane's bytes of a row beyond its codes (piece p = lane + 32i): IQ2_XXS the
+    // f16 pair holding d of block p / 4 at K/4 + 4(p / 8); Q2_K the 8 scale bytes at
+    // K/4 + 16(p / 4) + 8((p / 2) & 1) and (d, dmin) at K/4 + K/16 + 4(p / 4).
+    const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
+                                         : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
+    const int dm_off = K / 4 + K / 16 + 4 * (lane >> 2);  // Q2_K
+    // Copies row r's pieces of this lane into stage st; one commit group either way.
+    // Rows come in increasing order, so the segment is found by stepping on.
+    int isg = 0;
+    auto issue = [&](int r, int st) {
+        if (r < total) {
+            while (isg + 1 < sg.n && r >= sg.start[isg + 1]) isg++;
+            const u8* row =
+                (const u8*)sg.w[isg] + e_off + (long long)(r - sg.start[isg]) * ROW_BYTES;
+            const u32 sa = ring_sa + st * STAGE;
+            const u32 sx = ring_sa - 16 * lane + st * STAGE + PPL * 512 + AUX * lane;
+            const u8* rc = row + 16 * lane;
+            const u8* ra = row + aux_off;
+#pragma unroll
+            for (int i = 0; i < PPL; i++) {
+                cp_async16s(sa + 512 * i, rc + 512 * i);
+                if (TY == TY_IQ2_XXS) {
+                    cp_async4s(sx + 4 * 32 * i, ra + 16 * i);
+                } else {
+                    cp_async8s(sx + 16 * 32 * i, ra + 128 * i);
+                    cp_async4s(sx + 16 * 32 * i + 8, row + dm_off + 32 * i);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < NST - 1; st++) issue(gw + st * nw, st);
+    if (!ids) PDL_WAIT();  // the first rows above stream in while the previous kernel finishes
+    if (gw >= total) {
+        cp_async_wait_n<0>();
+        return;
+    }
+    // This lane's activation share: 64 codes per piece (IQ2_XXS: groups 2(p & 3), +1 of
+    // block p / 4; Q2_K: the four 16-code runs of sub-blocks 8n + 2j + h).
+    const long long arow = slot / x_group;
+    const i8* xa = xq + arow * K;
+    const int h = lane & 1;
+    int4 xv[PPL][4];
+    float xsc[PPL];
+    int bs[PPL][4];
+#pragma unroll
+    for (int i = 0; i < PPL; i++) {
+        const int p = lane + 32 * i;
+        if (TY == TY_IQ2_XXS) {
+            const int4* xp = (const int4*)(xa + 64 * p);
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[i][j] = xp[j];
+            xsc[i] = 0.125f * xd[arow * (K / 256) + (p >> 2)];
+        } else {
+            const int b = p >> 2, n = (p >> 1) & 1;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                xv[i][j] = *(const int4*)(xa + 256 * b + 128 * n + 32 * j + 16 * h);
+            const uint4 bsw = *(const uint4*)(xbs + arow * (K / 16) + 16 * b + 8 * n);
+            const u32 bw[4] = {bsw.x, bsw.y, bsw.z, bsw.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) bs[i][j] = h ? (int)bw[j] >> 16 : (int)(short)(bw[j] & 0xffffu);
+            xsc[i] = xd[arow * (K / 256) + b];
+        }
+    }
+    const u32 lane4 = 4u * (u32)lane;
+    const u32 lane4s = lane4 + 256u * 128u;
+    const u32 lv_pos = iq2_lv_pos();
+    const u32 dsh = (lane & 4) ? 16u : 0u;  // IQ2_XXS: d of block p / 4 in the pair
+    int st = 0, csg = 0;  // stage and segment of row r
+    for (int r = gw; r < total; r += nw) {
+        const int ahead = st == 0 ? NST - 1 : st - 1;  // the stage read one row ago
+        issue(r + (NST - 1) * nw, ahead);
+        cp_async_wait_n<NST - 1>();
+        const u8* s = ring + st * STAGE;
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const int p = lane + 32 * i;
+            const uint4 c = *(const uint4*)(s + 16 * p);
+            const u8* aux = s + PPL * 512 + AUX * p;
+            if (TY == TY_IQ2_XXS) {
+                const u16 d = (u16)(*(const u32*)aux >> dsh);
+                int sum;
+                if (MATH == 0) {
+                    sum = iq2_group_tab(c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                          iq2_group_tab(c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
+                } else {
+                    const u64* grid = (const u64*)mv2_smem;
+                    sum = iq2_group(c.x, c.y, xv[i][0], xv[i][1], grid) +
+                          iq2_group(c.z, c.w, xv[i][2], xv[i][3], grid);
+                }
+                acc += (h2f(d) * xsc[i]) * (float)sum;
+            } else {
+                const uint2 wsc = *(const uint2*)aux;
+                const u32 wdm = *(const u32*)(aux + 8);
+                const u32 s01 = wsc.x >> (8 * h), s23 = wsc.y >> (8 * h);
+                int S = 0, M = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const u32 mask = 0x03030303u << (2 * j);
+                    int t = dp4a_us(c.x & mask, xv[i][j].x, 0);
+                    t = dp4a_us(c.y & mask, xv[i][j].y, t);
+                    t = dp4a_us(c.z & mask, xv[i][j].z, t);
+                    t = dp4a_us(c.w & mask, xv[i][j].w, t);
+                    t >>= 2 * j;  // exact: every code was 4^j times too large
+                    const u32 sc = ((j < 2 ? s01 : s23) >> (16 * (j & 1))) & 0xffu;
+                    S += (int)(sc & 15u) * t;
+                    M += (int)(sc >> 4) * bs[i][j];
+                }
+                const float dall = xsc[i] * h2f((u16)(wdm & 0xffffu));
+                const float dmin = xsc[i] * h2f((u16)(wdm >> 16));
+                acc += dall * (float)S - dmin * (float)M;
+            }
+        }
+        const float v = warp_sum(acc);
+        while (csg + 1 < sg.n && r >= sg.start[csg + 1]) csg++;
+        if (lane == 0) ((float*)sg.y[csg])[(long long)slot * sg.ldy[csg] + (r - sg.start[csg])] = v;
+        st = st == NST - 1 ? 0 : st + 1;
+    }
+    cp_async_wait_n<0>();
+}
+
+#define MV_K_V2(NAME, TY, PPL, NST, MATH)                                                      \
+    extern "C" __global__ void __launch_bounds__(MV2_WARPS * 32, 2) NAME(                        \
+        MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
+        const i8* __restrict__ xq, const float* __restrict__ xd,                                \
+        const i16* __restrict__ xbs, int x_group) {                                             \
+        mv_k_v2<TY, PPL, NST, MATH>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);           \
+    }
+// Names: mv2_{iq2_xxs,q2_k}_p{PPL}_s{NST}_m{MATH}; kernels.rs `K_V2_VARIANTS`.
+MV_K_V2(mv2_iq2_xxs_p1_s3_m0, TY_IQ2_XXS, 1, 3, 0)
+MV_K_V2(mv2_iq2_xxs_p1_s4_m0, TY_IQ2_XXS, 1, 4, 0)
+MV_K_V2(mv2_iq2_xxs_p1_s6_m0, TY_IQ2_XXS, 1, 6, 0)
+MV_K_V2(mv2_iq2_xxs_p1_s4_m1, TY_IQ2_XXS, 1, 4, 1)
+MV_K_V2(mv2_iq2_xxs_p2_s3_m0, TY_IQ2_XXS, 2, 3, 0)
+MV_K_V2(mv2_iq2_xxs_p2_s4_m0, TY_IQ2_XXS, 2, 4, 0)
+MV_K_V2(mv2_iq2_xxs_p2_s6_m0, TY_IQ2_XXS, 2, 6, 0)
+MV_K_V2(mv2_iq2_xxs_p2_s4_m1, TY_IQ2_XXS, 2, 4, 1)
+MV_K_V2(mv2_q2_k_p1_s4_m0, TY_Q2_K, 1, 4, 0)
+MV_K_V2(mv2_q2_k_p1_s8_m0, TY_Q2_K, 1, 8, 0)
+MV_K_V2(mv2_q2_k_p1_s12_m0, TY_Q2_K, 1, 12, 0)
+MV_K_V2(mv2_q2_k_p2_s4_m0, TY_Q2_K, 2, 4, 0)
+MV_K_V2(mv2_q2_k_p2_s8_m0, TY_Q2_K, 2, 8, 0)
+
 // acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
 __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {
     acc = fmaf(h2f((u16)(w.x & 0xffff)), xa.x, acc);
@@ -1025,6 +1314,128 @@ extern "C" __global__ void __launch_bounds__(128)
         if (lane == 0) y[(long long)t * ldy + ry] = acc;
     }
 }
+
+// ---------------------------------------------------------------------------
+// F16 (row-major, as uploaded) straight into registers, for rows of K = 256·PPL·S
+// elements: a row is 32·PPL·S pieces of 16 bytes (8 weights) split over S warps of a
+// block; lane l of part j takes pieces 32·PPL·j + l + 32·i (i < PPL) of R consecutive
+// rows, all issued before PDL_WAIT (weights are never written by a kernel). A block is
+// MV_WARPS warps = MV_WARPS / S row groups of R rows; the grid covers every row once.
+// Activations (f32) are read after the wait; each lane's sum runs over its pieces in
+// order (f32 fma, as fma8_f16), then the warp and (S > 1) the row's warps are summed.
+// The F16 path has one slot, so output row t of token t.
+// ---------------------------------------------------------------------------
+// fma8_f16 with the f16 -> f32 conversions pinned inside the token loop (asm volatile):
+// hoisted out of it they would double the registers the weights take and spill.
+__device__ __forceinline__ float h2f_pinned(u32 h) {
+    float f;
+    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+    return f;
+}
+
+__device__ __forceinline__ float fma8_f16_pinned(uint4 w, float4 xa, float4 xb, float acc) {
+    acc = fmaf(h2f_pinned(w.x & 0xffff), xa.x, acc);
+    acc = fmaf(h2f_pinned(w.x >> 16), xa.y, acc);
+    acc = fmaf(h2f_pinned(w.y & 0xffff), xa.z, acc);
+    acc = fmaf(h2f_pinned(w.y >> 16), xa.w, acc);
+    acc = fmaf(h2f_pinned(w.z & 0xffff), xb.x, acc);
+    acc = fmaf(h2f_pinned(w.z >> 16), xb.y, acc);
+    acc = fmaf(h2f_pinned(w.w & 0xffff), xb.z, acc);
+    acc = fmaf(h2f_pinned(w.w >> 16), xb.w, acc);
+    return acc;
+}
+
+template <int PPL, int R, int S>
+__device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __restrict__ x,
+                                            int ntok) {
+    constexpr int K = 256 * PPL * S;
+    constexpr int GROUPS = MV_WARPS / S;
+    static_assert(MV_WARPS % S == 0, "a row's warps share a block");
+    PDL_TRIGGER();
+    __shared__ float red[MV_WARPS * R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int group = warp / S, part = warp % S;
+    const int total = sg.start[sg.n];
+    const int r0 = (blockIdx.x * GROUPS + group) * R;
+    const int p0 = part * 32 * PPL + lane;  // this lane's first piece of a row
+    uint4 w[R][PPL];
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const int r = r0 + q;
+        if (r < total) {
+            const int sgi = mv_seg(sg, r);
+            const uint4* row =
+                (const uint4*)((const u16*)sg.w[sgi] + (long long)(r - sg.start[sgi]) * K) + p0;
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = ld_stream16(row + 32 * i);
+        } else {
+#pragma unroll
+            for (int i = 0; i < PPL; i++) w[q][i] = make_uint4(0, 0, 0, 0);
+        }
+    }
+    PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    // Warps of a split row meet at __syncthreads below, so only S == 1 leaves early.
+    if (S == 1 && r0 >= total) return;
+    for (int t = 0; t < ntok; t++) {
+        const float4* xp = (const float4*)(x + (long long)t * K) + 2 * p0;
+        float acc[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
+#pragma unroll
+            for (int q = 0; q < R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const float v = warp_sum(acc[q]);
+            if (S == 1) {
+                const int r = r0 + q;
+                if (lane == 0 && r < total) {
+                    const int sgi = mv_seg(sg, r);
+                    ((float*)sg.y[sgi])[(long long)t * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
+                }
+            } else if (lane == 0) {
+                red[warp * R + q] = v;
+            }
+        }
+        if (S > 1) {
+            __syncthreads();
+            const int r = r0 + lane;
+            if (part == 0 && lane < R && r < total) {
+                float s = 0.0f;
+#pragma unroll
+                for (int j = 0; j < S; j++) s += red[(group * S + j) * R + lane];
+                const int sgi = mv_seg(sg, r);
+                ((float*)sg.y[sgi])[(long long)t * sg.ldy[sgi] + (r - sg.start[sgi])] = s;
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// At most 128 registers (4 resident blocks per SM): a grid of up to 4·132 blocks is then
+// one wave (Flash's largest F16 products are 512 blocks with 16 pieces per lane).
+#define MV_F16_REGS(PPL, R, S)                                                                  \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4)                              \
+        mv_f16_p##PPL##_r##R##_s##S(MvSegs sg, const float* __restrict__ x, int ntok) {         \
+        mv_f16_regs<PPL, R, S>(sg, x, ntok);                                                    \
+    }
+// K = 4096 (router, compressors)
+MV_F16_REGS(16, 1, 1)
+MV_F16_REGS(8, 2, 2)
+MV_F16_REGS(4, 4, 4)
+MV_F16_REGS(8, 1, 2)
+MV_F16_REGS(4, 2, 4)
+MV_F16_REGS(4, 1, 4)
+// K = 1024 (indexer q_b)
+MV_F16_REGS(4, 4, 1)
+MV_F16_REGS(2, 8, 2)
+MV_F16_REGS(4, 2, 1)
+MV_F16_REGS(2, 4, 2)
+MV_F16_REGS(4, 1, 1)
+MV_F16_REGS(1, 4, 4)
 
 // ---------------------------------------------------------------------------
 // Synthetic weights for `ds4 bench --synthetic`: generated on the device. No PDL

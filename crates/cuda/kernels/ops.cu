@@ -399,6 +399,23 @@ extern "C" __global__ void __launch_bounds__(256)
     if (lane == 0) out[nm] = (float)ss;
 }
 
+// Row r of token i's mixes (r = nm: the sum of squares) summed over the `np` partial
+// slices of `part` (layout of hc_mix_part) by one warp: every lane has it. All of a
+// lane's first four loads are in flight together.
+__device__ __forceinline__ float hc_part_row(const float* part, int np, int n, int i, int nm,
+                                             int r) {
+    const int lane = threadIdx.x & 31;
+    float pv[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const int p = lane + 32 * c;
+        pv[c] = p < np ? part[((long long)p * n + i) * (nm + 1) + r] : 0.0f;
+    }
+    float v = (pv[0] + pv[1]) + (pv[2] + pv[3]);
+    for (int p = lane + 128; p < np; p += 32) v += part[((long long)p * n + i) * (nm + 1) + r];
+    return warp_sum(v);
+}
+
 // HC split + weighted collapse from the partial mixes (hc_mix_part, `np` slices), and
 // optionally the RMSNorm of the result with `norm_w` (the sublayer's input norm): one
 // block per token. Thread t owns the float4 columns 4t + 4·blockDim·c (c < HCF_MAX4) and
@@ -430,8 +447,51 @@ __device__ __forceinline__ void hc_collapse4(const float* x, int e, const float*
     out = acc;
 }
 
-//
-// Optionally (pointers non-null) the written rows are also quantized for the next
+// The end of the HC collapse for one token: the sublayer's input RMSNorm (`norm_w`, 0
+// for none; `ss` is this thread's share of Σy², `nw0` its first norm weights, loaded
+// early), the store of y and its optional Q8_0 / Q8_K copies. Every thread of the block
+// calls it (it synchronises); yv[c] holds y's columns 4·(threadIdx.x + c·blockDim.x).
+__device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], double ss,
+                                                    const float* norm_w, float4 nw0,
+                                                    float norm_eps, int e, int i, float* yr,
+                                                    i8* q0_qs, float* q0_d, i8* qk_qs,
+                                                    float* qk_d, i16* qk_bs, Q8kRed& qred) {
+    float scale = 1.0f;
+    if (norm_w) {
+        ss = block_sum_d(ss);
+        scale = (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
+    }
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (j < e) {
+            float4 o = yv[c];
+            if (norm_w) {
+                const float4 w = c == 0 ? nw0 : *(const float4*)(norm_w + j);
+                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
+                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
+                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
+                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
+            }
+            *(float4*)(yr + j) = o;
+            yv[c] = o;
+        }
+    }
+    if (!q0_qs && !qk_qs) return;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
+        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
+        const long long e0 = (long long)i * e + j;
+        // e is a multiple of 128: a warp is wholly inside or past the row.
+        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
+        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs);
+    }
+}
+
+// hc_pre_finish_norm: the split + collapse (+ norm) above. Optionally (pointers
+// non-null) the written rows are also quantized for the next
 // products: Q8_0 (q0_*; e a multiple of 128) and Q8_K (qk_*; e a multiple of 256,
 // blockDim of 64), rows of e values, as quant_act_q8_0 / quant_act_q8_k would.
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
@@ -470,15 +530,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
     // Row r of the mixes (r = nm: the sum of squares) = Σ over the slices; warp w sums
     // rows w, w + nw, ... (all of a lane's loads in flight together).
     for (int r = warp; r <= nm; r += nw) {
-        float pv[4];
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            const int p = lane + 32 * c;
-            pv[c] = p < np ? part[((long long)p * n + i) * (nm + 1) + r] : 0.0f;
-        }
-        float v = (pv[0] + pv[1]) + (pv[2] + pv[3]);
-        for (int p = lane + 128; p < np; p += 32) v += part[((long long)p * n + i) * (nm + 1) + r];
-        v = warp_sum(v);
+        const float v = hc_part_row(part, np, n, i, nm, r);
         if (lane == 0) mix_s[r] = v;
     }
     __syncthreads();
@@ -500,39 +552,97 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_norm(
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    float scale = 1.0f;
-    if (norm_w) {
-        ss = block_sum_d(ss);
-        scale = (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
+    hc_norm_store_quant(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
+                        qk_qs, qk_d, qk_bs, qred);
+}
+
+// hc_pre_finish_norm for hc = 4 (nm = 24) on two blocks per token, grid (2, n), same
+// arguments. The collapse needs only the pre mixes and the sum of squares, not the
+// Sinkhorn's comb: block 0 sums mix rows 0..3 and the sum of squares, then collapses,
+// norms, stores y and its quantized copies; block 1 sums rows 4..24 and runs the split
+// (post, comb: 20 serial Sinkhorn iterations on one warp) at the same time, instead of
+// before the collapse.
+extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_split(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs) {
+    constexpr int HC = 4, NM = (2 + HC) * HC;
+    __shared__ float mix_s[NM + 1];
+    const int i = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    PDL_TRIGGER();
+    if (blockIdx.x == 1) {
+        __shared__ float scale_s[3], base_s[NM], pre_unused[HC];
+        if (warp == 0) {
+            if (lane < 3) scale_s[lane] = scale3[lane];
+            if (lane < NM) base_s[lane] = base[lane];
+        }
+        PDL_WAIT();
+        // Warp w sums mix rows HC + w, HC + w + nw, ... (the last: the sum of squares).
+        for (int r = HC + warp; r <= NM; r += (int)(blockDim.x >> 5)) {
+            const float v = hc_part_row(part, np, n, i, NM, r);
+            if (lane == 0) mix_s[r] = v;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const float r_inv =
+                (float)(1.0 / sqrt((double)mix_s[NM] / (double)(HC * e) + (double)rms_eps));
+            // Rows 0..HC-1 (pre) are not summed here: the split's pre output is unused.
+            if (lane < HC) mix_s[lane] = 0.0f;
+            __syncwarp();
+            hc_split_warp_t<HC>(mix_s, r_inv, scale_s, base_s, HC, iters, hc_eps, pre_unused,
+                                post + (long long)i * HC, comb + (long long)i * HC * HC);
+        }
+        return;
     }
-    float* yr = y + (long long)i * ld_y;
+    __shared__ Q8kRed qred;
+    const float* x = state + (long long)i * ld_state;
+    // Weights before the wait (module comment of pdl.cuh): the pre split's scale and
+    // base in registers of every thread, the first norm weights.
+    const float s0 = scale3[0];
+    float b[HC];
+#pragma unroll
+    for (int s = 0; s < HC; s++) b[s] = base[s];
+    float4 nw0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+    if (norm_w && 4 * (int)threadIdx.x < e) nw0 = *(const float4*)(norm_w + 4 * threadIdx.x);
+    PDL_WAIT();
+    // The state loads of the first columns and the partial mixes go out together.
+    float4 x0[HC];
+    const int j00 = 4 * threadIdx.x;
+    if (j00 < e) {
+#pragma unroll
+        for (int s = 0; s < HC; s++) x0[s] = *(const float4*)(x + s * e + j00);
+    }
+    // Warps 0..HC-1 sum the pre rows, warp HC the sum of squares (row NM).
+    if (warp <= HC) {
+        const int r = warp < HC ? warp : NM;
+        const float v = hc_part_row(part, np, n, i, NM, r);
+        if (lane == 0) mix_s[r] = v;
+    }
+    __syncthreads();
+    // Every thread computes the pre weights itself (no second barrier), as
+    // hc_split_warp_t does.
+    const float r_inv = (float)(1.0 / sqrt((double)mix_s[NM] / (double)(HC * e) + (double)rms_eps));
+    float pre[HC];
+#pragma unroll
+    for (int s = 0; s < HC; s++)
+        pre[s] = sigmoidf_stable(__fadd_rn(__fmul_rn(s0, __fmul_rn(mix_s[s], r_inv)), b[s])) +
+                 hc_eps;
+    float4 yv[HCF_MAX4];
+    double ss = 0.0;
 #pragma unroll
     for (int c = 0; c < HCF_MAX4; c++) {
         const int j = 4 * (threadIdx.x + c * blockDim.x);
+        yv[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (j < e) {
-            float4 o = yv[c];
-            if (norm_w) {
-                const float4 w = c == 0 ? nw0 : *(const float4*)(norm_w + j);
-                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
-                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
-                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
-                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
-            }
-            *(float4*)(yr + j) = o;
-            yv[c] = o;
+            hc_collapse4<HC>(x, e, pre, HC, j, yv[c], c == 0 ? x0 : 0);
+            ss += (double)yv[c].x * yv[c].x + (double)yv[c].y * yv[c].y +
+                  (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
-    if (!q0_qs && !qk_qs) return;
-#pragma unroll
-    for (int c = 0; c < HCF_MAX4; c++) {
-        const int j = 4 * (threadIdx.x + c * blockDim.x);
-        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
-        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
-        const long long e0 = (long long)i * e + j;
-        // e is a multiple of 128: a warp is wholly inside or past the row.
-        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
-        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs);
-    }
+    hc_norm_store_quant(yv, ss, norm_w, nw0, norm_eps, e, i, y + (long long)i * ld_y, q0_qs, q0_d,
+                        qk_qs, qk_d, qk_bs, qred);
 }
 
 // HC merge: X'[d] = post_d·o + Σ_a comb[a][d]·X[a]. Grid (⌈e/256⌉, n). With hc = 4
@@ -577,11 +687,15 @@ extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* po
 // dot products of rows g, g+4, ... of the next HC fn over the block's columns, plus
 // Σ X'^2 (group 0), into part[(b·n + t)·(nm + 1) + r] (the layout of hc_mix_part,
 // np = gridDim.x slices). Grid (⌈e/64⌉, n).
+// With `routed` non-null (the FFN sublayer) the sublayer output is not read from `sub`
+// but summed here as moe_sum would: o = (Σ_{s<k} routed[t·k + s]) + shared[t], rows of e
+// (the route weights are already in the routed rows).
 #define HCPM_COLS 64
 extern "C" __global__ void __launch_bounds__(256)
     hc_post_mix(const float* sub, int ld_sub, const float* post, const float* comb, int e,
                 float* state, int ld_state, const u16* __restrict__ fn, int nm,
-                float* __restrict__ part) {
+                float* __restrict__ part, const float* routed, const float* shared,
+                int k_routed) {
     __shared__ float red[2 * 4][HCM_ROWS + 1];
     const int i = blockIdx.y, n = gridDim.y;
     const int g = threadIdx.x / HCPM_COLS;            // row group
@@ -610,7 +724,24 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* p = post + (long long)i * 4;
         const float* c = comb + (long long)i * 16;
         float* xr = state + (long long)i * ld_state;
-        const float o = sub[(long long)i * ld_sub + j];
+        float o;
+        if (routed) {
+            // The first 8 routed rows and the shared row load together; the sum keeps
+            // moe_sum's order.
+            const float* rr = routed + (long long)i * k_routed * e + j;
+            float rv[8];
+#pragma unroll
+            for (int s = 0; s < 8; s++) rv[s] = s < k_routed ? rr[(long long)s * e] : 0.0f;
+            const float sh = shared[(long long)i * e + j];
+            o = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 8; s++)
+                if (s < k_routed) o += rv[s];
+            for (int s = 8; s < k_routed; s++) o += rr[(long long)s * e];
+            o += sh;
+        } else {
+            o = sub[(long long)i * ld_sub + j];
+        }
         float old[4], nw[4];
 #pragma unroll
         for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
@@ -1280,6 +1411,79 @@ extern "C" __global__ void __launch_bounds__(IDX_TILE)
     scores[(long long)t * ld_s + c0 + c] = acc;
 }
 
+// idx_scores_heads: the same scores, bit for bit, with the heads in parallel. The old
+// kernel gave each thread a whole row: 64 heads x 128 dependent adds with a global q
+// load in each, ~200 us per layer once more than top_k rows are visible. Here thread
+// (h, g) runs head h's dot product for the 4 rows of group g (IDXH_ROWS rows per block),
+// still summing k in order without FMA; one thread per row then adds the heads in order.
+// q sits in shared memory with rows padded to 132 floats: 16-byte reads by consecutive
+// heads fall in distinct banks; the keys are read as broadcasts. heads <= 64.
+#define IDXH_ROWS 16
+#define IDXH_THREADS 256
+#define IDXH_QLD 132
+extern "C" __global__ void __launch_bounds__(IDXH_THREADS)
+    idx_scores_heads(const float* q, int ld_q, const float* w, int ld_w, int heads,
+                     const float* rows, const int* pos_p, int r, int top_k, float* scores,
+                     int ld_s) { PDL_START();
+    extern __shared__ float4 idxh_smem[];
+    float* qs = (float*)idxh_smem;              // heads x IDXH_QLD
+    float* ks = qs + 64 * IDXH_QLD;             // IDXH_ROWS x 128
+    float* ds = ks + IDXH_ROWS * 128;           // IDXH_ROWS x 64
+    float* ws = ds + IDXH_ROWS * 64;            // 64
+    const int t = blockIdx.y;
+    const int p = *pos_p + t;
+    const int visible = (p + 1) / r;
+    const int c0 = blockIdx.x * IDXH_ROWS;
+    if (visible <= top_k || c0 >= visible) return;
+    const int nrow = min(IDXH_ROWS, visible - c0);
+    const float* qt = q + (long long)t * ld_q;
+    for (int j = threadIdx.x; j < heads * 32; j += blockDim.x) {
+        const float4 v = *(const float4*)(qt + 4 * j);
+        *(float4*)(qs + (j >> 5) * IDXH_QLD + 4 * (j & 31)) = v;
+    }
+    for (int j = threadIdx.x; j < nrow * 32; j += blockDim.x)
+        *(float4*)(ks + 4 * j) = *(const float4*)(rows + (long long)c0 * 128 + 4 * j);
+    if (threadIdx.x < heads) ws[threadIdx.x] = w[(long long)t * ld_w + threadIdx.x];
+    __syncthreads();
+    const int h = threadIdx.x & 63, g = threadIdx.x >> 6;
+    if (h < heads && 4 * g < nrow) {
+        const float* qh = qs + h * IDXH_QLD;
+        const float* k0 = ks + (4 * g) * 128;
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma unroll 4
+        for (int k = 0; k < 128; k += 4) {
+            const float4 qv = *(const float4*)(qh + k);
+            const float4 a = *(const float4*)(k0 + k);
+            const float4 b = *(const float4*)(k0 + 128 + k);
+            const float4 c = *(const float4*)(k0 + 256 + k);
+            const float4 e = *(const float4*)(k0 + 384 + k);
+            d0 = __fadd_rn(d0, __fmul_rn(qv.x, a.x)); d1 = __fadd_rn(d1, __fmul_rn(qv.x, b.x));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.x, c.x)); d3 = __fadd_rn(d3, __fmul_rn(qv.x, e.x));
+            d0 = __fadd_rn(d0, __fmul_rn(qv.y, a.y)); d1 = __fadd_rn(d1, __fmul_rn(qv.y, b.y));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.y, c.y)); d3 = __fadd_rn(d3, __fmul_rn(qv.y, e.y));
+            d0 = __fadd_rn(d0, __fmul_rn(qv.z, a.z)); d1 = __fadd_rn(d1, __fmul_rn(qv.z, b.z));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.z, c.z)); d3 = __fadd_rn(d3, __fmul_rn(qv.z, e.z));
+            d0 = __fadd_rn(d0, __fmul_rn(qv.w, a.w)); d1 = __fadd_rn(d1, __fmul_rn(qv.w, b.w));
+            d2 = __fadd_rn(d2, __fmul_rn(qv.w, c.w)); d3 = __fadd_rn(d3, __fmul_rn(qv.w, e.w));
+        }
+        // Rows past nrow hold stale shared memory; their sums are never read.
+        ds[(4 * g + 0) * 64 + h] = d0;
+        ds[(4 * g + 1) * 64 + h] = d1;
+        ds[(4 * g + 2) * 64 + h] = d2;
+        ds[(4 * g + 3) * 64 + h] = d3;
+    }
+    __syncthreads();
+    if (threadIdx.x < nrow) {
+        const float qscale = 1.0f / sqrtf(128.0f);
+        const float wscale = 1.0f / sqrtf((float)heads);
+        const float* dr = ds + threadIdx.x * 64;
+        float acc = 0.0f;
+        for (int hh = 0; hh < heads; hh++)
+            acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(ws[hh], wscale), __fmul_rn(fmaxf(dr[hh], 0.0f), qscale)));
+        scores[(long long)t * ld_s + c0 + threadIdx.x] = acc;
+    }
+}
+
 __device__ __forceinline__ u32 order_key(float f) {
     const u32 b = __float_as_uint(f);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
@@ -1307,15 +1511,51 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         return;
     }
     const float* sc = scores + (long long)t * ld_s;
-    // Largest threshold T with count(key >= T) >= top_k.
-    u32 T = 0;
-    for (int bit = 31; bit >= 0; bit--) {
-        const u32 cand = T | (1u << bit);
-        int cnt = 0;
-        for (int c = threadIdx.x; c < visible; c += blockDim.x) cnt += order_key(sc[c]) >= cand;
-        cnt = (int)block_sum((float)cnt);
-        if (cnt >= top_k) T = cand;
+    // Largest threshold T with count(key >= T) >= top_k, i.e. the top_k-th largest key:
+    // a radix select, 8 bits a pass from the top, with a shared histogram of the keys
+    // that match the digits chosen so far (4 passes instead of 32 block reductions).
+    __shared__ int s_hist[256];
+    __shared__ u32 s_prefix;
+    __shared__ int s_need;
+    if (threadIdx.x == 0) { s_prefix = 0; s_need = top_k; }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int j = threadIdx.x; j < 256; j += blockDim.x) s_hist[j] = 0;
+        __syncthreads();
+        const u32 prefix = s_prefix;
+        const u32 high_mask = shift == 24 ? 0u : ~0u << (shift + 8);
+        for (int c = threadIdx.x; c < visible; c += blockDim.x) {
+            const u32 k = order_key(sc[c]);
+            if ((k & high_mask) == prefix) atomicAdd(&s_hist[(k >> shift) & 255], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane l holds digits 255-8l down to 248-8l; counts are taken from the top.
+            const int lane = threadIdx.x;
+            int sum = 0;
+            for (int b = 0; b < 8; b++) sum += s_hist[255 - 8 * lane - b];
+            int before = sum;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, before, o);
+                if (lane >= o) before += v;
+            }
+            before -= sum;  // exclusive: keys in higher digits than this lane's
+            const int need = s_need;
+            if (before < need && need <= before + sum) {
+                int cum = before;
+                for (int b = 0; b < 8; b++) {
+                    const int d = 255 - 8 * lane - b;
+                    if (cum + s_hist[d] >= need) {
+                        s_prefix = prefix | ((u32)d << shift);
+                        s_need = need - cum;
+                        break;
+                    }
+                    cum += s_hist[d];
+                }
+            }
+        }
+        __syncthreads();
     }
+    const u32 T = s_prefix;
     if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
     for (int c = threadIdx.x; c < visible; c += blockDim.x) {

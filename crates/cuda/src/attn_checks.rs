@@ -303,6 +303,93 @@ fn launch_comp_step(
     Ok(())
 }
 
+/// `idx_scores_heads` against `idx_scores` (bit-exact scores) at Flash dims: 64 heads
+/// of 128, ratio 4, top-k 512, one decode token with one row past a full tile
+/// (visible 513) and 3 tokens around 600 visible rows.
+fn idx_score_checks(
+    stream: &Arc<CudaStream>,
+    ops: &Arc<CudaModule>,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let old = ops.load_function("idx_scores")?;
+    let new = ops.load_function("idx_scores_heads")?;
+    let (heads, ratio, top_k, tile) = (64usize, 4usize, 512usize, 32usize);
+    let mut rng = Rng(0x1d5_c0de);
+    let mut out = Vec::new();
+    for (name, pos0, m) in [
+        ("decode visible 513", 2051usize, 1usize),
+        ("3 tok visible 600 ", 2400, 3),
+    ] {
+        let cap = (pos0 + m) / ratio + 7;
+        let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.unit()).collect() };
+        let q = DevBuf::from_f32(stream, &rand(m * heads * 128))?;
+        let w = DevBuf::from_f32(stream, &rand(m * heads))?;
+        let rows = DevBuf::from_f32(stream, &rand(cap * 128))?;
+        let pos = DevBuf::from_bytes(stream, &(pos0 as i32).to_le_bytes())?;
+        let nan = vec![f32::NAN; m * cap];
+        let s_old = DevBuf::from_f32(stream, &nan)?;
+        let s_new = DevBuf::from_f32(stream, &nan)?;
+        let i = |v: usize| v as i32;
+        let (ldq, ldw, h32, r32, tk, lds) = (
+            i(heads * 128),
+            i(heads),
+            i(heads),
+            i(ratio),
+            i(top_k),
+            i(cap),
+        );
+        // idx_scores_heads: 16 rows and 256 threads a block, shared memory as in backend.rs.
+        for (f, rows_per_block, threads, smem, s) in [
+            (&old, tile, tile, 0u32, &s_old),
+            (&new, 16, 256, crate::backend::IDXH_SMEM_BYTES, &s_new),
+        ] {
+            let cfg = LaunchConfig {
+                grid_dim: (cap.div_ceil(rows_per_block) as u32, m as u32, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let mut b = stream.launch_builder(f);
+            b.arg(&q.ptr)
+                .arg(&ldq)
+                .arg(&w.ptr)
+                .arg(&ldw)
+                .arg(&h32)
+                .arg(&rows.ptr)
+                .arg(&pos.ptr)
+                .arg(&r32)
+                .arg(&tk)
+                .arg(&s.ptr)
+                .arg(&lds);
+            // SAFETY: the shared argument list of idx_scores / idx_scores_heads; q, w hold m
+            // tokens, rows cap rows of 128, scores m rows of cap.
+            unsafe { b.launch(cfg) }?;
+        }
+        stream.synchronize()?;
+        let (a, b) = (s_new.to_f32(stream)?, s_old.to_f32(stream)?);
+        let r = exact(
+            format!("idx_scores_heads vs idx_scores {name} (64 heads)"),
+            &a,
+            &b,
+        );
+        report(&r);
+        out.push(r);
+        // Every visible row of every token was scored (not left NaN) by the reference.
+        let want: usize = (0..m).map(|t| (pos0 + t + 1) / ratio).sum();
+        let scored = b.iter().filter(|v| v.is_finite()).count();
+        let r = CheckResult {
+            name: format!("idx_scores rows scored {name}"),
+            max_abs: scored as f32,
+            max_rel: scored as f32,
+            tol: want as f32,
+            tol_name: "visible rows",
+            pass: scored == want,
+        };
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// `att_merge_rope_q8_0` (decode: split merge + inverse RoPE + Q8_0 in one kernel)
 /// against `att_combine` then `rope_quant_q8_0`: bit-exact output rows, codes and
 /// scales; the merged values of the unrotated dims also against an f64 merge.
@@ -565,6 +652,7 @@ pub fn run_attn_chain_checks(
     let stream = kern.stream();
     let ops = ops_module(stream)?;
     let mut out = comp_checks(stream, &ops, &mut report)?;
+    out.extend(idx_score_checks(stream, &ops, &mut report)?);
     out.extend(merge_rope_checks(stream, &ops, &mut report)?);
     out.extend(rope_qat_checks(stream, &ops, &mut report)?);
     Ok(out)

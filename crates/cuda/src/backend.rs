@@ -48,6 +48,12 @@ const HC_FUSE_MAX_TOKENS: usize = 8;
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
 const IDX_TILE: usize = 32;
+/// Compressed rows scored per block by `idx_scores_heads` (`IDXH_ROWS` in ops.cu), and
+/// its shared memory: q (64 heads x 132 floats), the rows' keys, the per-head sums and
+/// the head weights.
+const IDXH_ROWS: usize = 16;
+pub(crate) const IDXH_SMEM_BYTES: u32 =
+    ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
 const IDX_TOKENS_PER_PASS: usize = 64;
 
@@ -274,6 +280,7 @@ struct Ops {
     qkv_norm_rope: CudaFunction,
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
+    hc_pre_finish_split: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
@@ -287,6 +294,7 @@ struct Ops {
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
     idx_scores: CudaFunction,
+    idx_scores_heads: CudaFunction,
     idx_topk: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
     attention: [CudaFunction; 4],
@@ -323,6 +331,7 @@ impl Ops {
             qkv_norm_rope: f("qkv_norm_rope")?,
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
+            hc_pre_finish_split: f("hc_pre_finish_split")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
@@ -336,6 +345,7 @@ impl Ops {
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
             idx_scores: f("idx_scores")?,
+            idx_scores_heads: f("idx_scores_heads")?,
             idx_topk: f("idx_topk")?,
             attention: [
                 big("attention_1")?,
@@ -468,6 +478,16 @@ impl Scratch {
     }
 }
 
+/// The MoE outputs the fused HC merge sums in place of moe_sum: `routed` holds n·k rows
+/// of n_embd (route weights applied), `shared` n rows of n_embd (device pointers into
+/// scratch, valid until the next MoE).
+#[derive(Clone, Copy, Debug)]
+struct MoeParts {
+    routed: u64,
+    shared: u64,
+    k: usize,
+}
+
 /// Device pointers of y's quantized copies written by `hc_pre_finish_norm` (0: none)
 /// and the pending entries they become.
 #[derive(Default, Clone, Copy)]
@@ -565,12 +585,25 @@ pub struct CudaBackend {
     /// Fused decode steps, on unless `DS4_HC_FUSE=0` / `DS4_NORM_QUANT=0` (A/B runs).
     fuse_hc_post: bool,
     fuse_norm_quant: bool,
+    /// hc = 4: the HC split's Sinkhorn runs in a block of its own beside the collapse
+    /// (`hc_pre_finish_split`; `DS4_HC_SPLIT_BLOCK=0`: one block per token does both).
+    hc_split_block: std::sync::atomic::AtomicBool,
+    /// Decode FFN sublayer: the HC merge sums the experts' outputs itself (no moe_sum
+    /// kernel; `DS4_MOE_SUM_FOLD=0`: moe_sum writes the sublayer output first).
+    moe_sum_fold: bool,
+    /// Set by `moe_hc_post_pre_norm` around its `moe` call: the MoE then leaves its
+    /// outputs in `moe_parts` instead of running moe_sum.
+    fold_moe_sum: std::sync::atomic::AtomicBool,
+    moe_parts: Mutex<Option<MoeParts>>,
     /// Decode: the shared expert runs on `side`, a branch beside the router and the
     /// routed experts (`DS4_MOE_BRANCH=0`: one chain, for A/B runs). While `on_side` is
     /// set, `stream()` is the side stream.
     moe_branch: bool,
     /// Decode: the compressors run on the side branch forward.rs marks
     /// (`Backend::branch_begin`; `DS4_ATTN_BRANCH=0`: one chain).
+    /// Indexer scores with the heads in parallel (`idx_scores_heads`); `DS4_IDX_HEADS=0`
+    /// keeps the row-per-thread kernel (A/B runs).
+    idx_heads: bool,
     attn_branch: bool,
     /// Whether the side stream has work the main stream has not joined yet.
     side_pending: std::sync::atomic::AtomicBool,
@@ -613,8 +646,15 @@ impl CudaBackend {
             use_graphs: !profiling,
             fuse_hc_post: crate::launch::env_switch("DS4_HC_FUSE"),
             fuse_norm_quant: crate::launch::env_switch("DS4_NORM_QUANT"),
+            hc_split_block: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+                "DS4_HC_SPLIT_BLOCK",
+            )),
+            moe_sum_fold: crate::launch::env_switch("DS4_MOE_SUM_FOLD"),
+            fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
+            moe_parts: Mutex::new(None),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
+            idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
             side_pending: std::sync::atomic::AtomicBool::new(false),
             side: rt.ctx.new_stream()?,
             on_side: std::sync::atomic::AtomicBool::new(false),
@@ -623,6 +663,48 @@ impl CudaBackend {
             replayed: AtomicU64::new(0),
             rt,
         })
+    }
+
+    /// Selftest: which HC split kernel runs (`DS4_HC_SPLIT_BLOCK` picks it otherwise),
+    /// so that one run checks both.
+    pub(crate) fn set_hc_split_block(&self, on: bool) {
+        self.hc_split_block.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn hc_split_block(&self) -> bool {
+        self.hc_split_block.load(Ordering::Relaxed)
+    }
+
+    /// Selftest: the fused merge + next split of the FFN sublayer that sums the MoE's
+    /// outputs itself (`routed`: n·k rows, `shared`: n rows, both n_embd wide); `sub`
+    /// only sets the shape and is not read.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn hc_post_pre_norm_moe(
+        &self,
+        routed: &CudaAct,
+        shared: &CudaAct,
+        k: usize,
+        sub: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        state: &mut CudaAct,
+        next: &HcWeights<CudaWeight>,
+        norm: &CudaWeight,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        let e = s.n_embd;
+        check(
+            routed.cols == e && routed.rows >= n * k && shared.cols == e && shared.rows >= n,
+            || "hc_post_pre_norm_moe: bad shapes".into(),
+        )?;
+        let parts = MoeParts {
+            routed: routed.buf.ptr,
+            shared: shared.buf.ptr,
+            k,
+        };
+        self.hc_post_pre_norm_with(sub, Some(parts), n, s, state, next, norm, y, post, comb)
     }
 
     pub fn runtime(&self) -> &Arc<CudaRuntime> {
@@ -1274,6 +1356,109 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// Whether `hc_post_pre_norm` runs as one fused merge + mixes pass (`hc_post_mix`).
+    /// Decode: one pass over the state merges and sums the next mixes per column block.
+    /// Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
+    fn hc_post_fusable(
+        &self,
+        sub: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        state: &CudaAct,
+        next: &HcWeights<CudaWeight>,
+        y: &CudaAct,
+    ) -> bool {
+        let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+        self.fuse_hc_post
+            && n > 0
+            && n <= HC_FUSE_MAX_TOKENS
+            && hc == 4
+            && next.fn_.ty == GgmlType::F16
+            && nm <= HC_MIX_MAX_ROWS
+            && next.fn_.rows == nm
+            && next.fn_.k == hc * e
+            && state.cols == hc * e
+            && sub.cols >= e
+            && e.is_multiple_of(4)
+            && y.cols.is_multiple_of(4)
+            && e <= HC_FINISH_MAX_PER_THREAD * 256
+    }
+
+    /// `Backend::hc_post_pre_norm`; with `moe`, the sublayer output is the sum of the
+    /// MoE's routed and shared outputs, summed by the fused merge (`sub` is not read).
+    #[allow(clippy::too_many_arguments)]
+    fn hc_post_pre_norm_with(
+        &self,
+        sub: &CudaAct,
+        moe: Option<MoeParts>,
+        n: usize,
+        s: &ModelShape,
+        state: &mut CudaAct,
+        next: &HcWeights<CudaWeight>,
+        norm: &CudaWeight,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+        if !self.hc_post_fusable(sub, n, s, state, next, y) {
+            if moe.is_some() {
+                return Err(MError::Backend(
+                    "hc_post_pre_norm: expert outputs given to an unfused merge".into(),
+                ));
+            }
+            self.hc_post(sub, post, comb, n, hc, state)?;
+            return self.hc_pre_norm(next, state, n, s, norm, y, post, comb);
+        }
+        let _prof = self.prof("hc_post+pre", n);
+        self.wrote(state)?;
+        check(norm.k * norm.rows == e, || {
+            "hc_pre: norm weight length".into()
+        })?;
+        let norm_ptr = norm.dense_ptr()?;
+        let np = e.div_ceil(64);
+        let part = self
+            .scratch()?
+            .f32(self.stream(), "hc_part", np * n * (nm + 1))?;
+        let cfg = LaunchConfig {
+            grid_dim: (np as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (routed, shared, k_routed) = match moe {
+            Some(m) => (m.routed, m.shared, as_i32(m.k, "n_expert_used")?),
+            None => (0u64, 0u64, 0i32),
+        };
+        let (sbp, lds_sub, pp, cp, e32, xp, ldx, fnp, nm32) = (
+            sub.buf.ptr,
+            sub.cols as i32,
+            post.buf.ptr,
+            comb.buf.ptr,
+            e as i32,
+            state.buf.ptr,
+            state.cols as i32,
+            next.fn_.data.ptr,
+            nm as i32,
+        );
+        self.launch(&self.ops.hc_post_mix, cfg, |b| {
+            b.arg(&sbp)
+                .arg(&lds_sub)
+                .arg(&pp)
+                .arg(&cp)
+                .arg(&e32)
+                .arg(&xp)
+                .arg(&ldx)
+                .arg(&fnp)
+                .arg(&nm32)
+                .arg(&part)
+                .arg(&routed)
+                .arg(&shared)
+                .arg(&k_routed);
+        })?;
+        let quant = self.y_quant(Some(norm), y, n, e)?;
+        self.hc_finish(next, state, n, s, norm_ptr, quant, part, np, y, post, comb)
+    }
+
     /// The quantized copies of the normed HC output y (n rows of n_embd) that
     /// `hc_pre_finish_norm` writes for the next products: Q8_0 for the attention
     /// projections and the shared expert, and Q8_K for the routed experts after the FFN
@@ -1325,8 +1510,15 @@ impl CudaBackend {
         let (hc, e) = (s.hc_mult, s.n_embd);
         let threads: u32 = if n == 1 { 1024 } else { 256 };
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
+        // hc = 4: the Sinkhorn in a second block per token, beside the collapse.
+        let split = self.hc_split_block.load(Ordering::Relaxed) && hc == 4 && s.hc_mix() == 24;
+        let (kernel, grid_dim) = if split {
+            (&self.ops.hc_pre_finish_split, (2, n as u32, 1))
+        } else {
+            (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1))
+        };
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
+            grid_dim,
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1340,7 +1532,7 @@ impl CudaBackend {
             s.rms_eps,
         );
         let (yp, ldy, pp, cp) = (y.buf.ptr, y.cols as i32, post.buf.ptr, comb.buf.ptr);
-        self.launch(&self.ops.hc_pre_finish_norm, cfg, |b| {
+        self.launch(kernel, cfg, |b| {
             b.arg(&sp)
                 .arg(&lds)
                 .arg(&part)
@@ -2175,66 +2367,7 @@ impl<'w> Backend<'w> for CudaBackend {
         post: &mut CudaAct,
         comb: &mut CudaAct,
     ) -> MResult<()> {
-        let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
-        // Decode: one pass over the state merges and sums the next mixes per column
-        // block. Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
-        let fused = self.fuse_hc_post
-            && n > 0
-            && n <= HC_FUSE_MAX_TOKENS
-            && hc == 4
-            && next.fn_.ty == GgmlType::F16
-            && nm <= HC_MIX_MAX_ROWS
-            && next.fn_.rows == nm
-            && next.fn_.k == hc * e
-            && state.cols == hc * e
-            && sub.cols >= e
-            && e.is_multiple_of(4)
-            && y.cols.is_multiple_of(4)
-            && e <= HC_FINISH_MAX_PER_THREAD * 256;
-        if !fused {
-            self.hc_post(sub, post, comb, n, hc, state)?;
-            return self.hc_pre_norm(next, state, n, s, norm, y, post, comb);
-        }
-        let _prof = self.prof("hc_post+pre", n);
-        self.wrote(state)?;
-        check(norm.k * norm.rows == e, || {
-            "hc_pre: norm weight length".into()
-        })?;
-        let norm_ptr = norm.dense_ptr()?;
-        let np = e.div_ceil(64);
-        let part = self
-            .scratch()?
-            .f32(self.stream(), "hc_part", np * n * (nm + 1))?;
-        let cfg = LaunchConfig {
-            grid_dim: (np as u32, n as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (sbp, lds_sub, pp, cp, e32, xp, ldx, fnp, nm32) = (
-            sub.buf.ptr,
-            sub.cols as i32,
-            post.buf.ptr,
-            comb.buf.ptr,
-            e as i32,
-            state.buf.ptr,
-            state.cols as i32,
-            next.fn_.data.ptr,
-            nm as i32,
-        );
-        self.launch(&self.ops.hc_post_mix, cfg, |b| {
-            b.arg(&sbp)
-                .arg(&lds_sub)
-                .arg(&pp)
-                .arg(&cp)
-                .arg(&e32)
-                .arg(&xp)
-                .arg(&ldx)
-                .arg(&fnp)
-                .arg(&nm32)
-                .arg(&part);
-        })?;
-        let quant = self.y_quant(Some(norm), y, n, e)?;
-        self.hc_finish(next, state, n, s, norm_ptr, quant, part, np, y, post, comb)
+        self.hc_post_pre_norm_with(sub, None, n, s, state, next, norm, y, post, comb)
     }
 
     fn hc_post(
@@ -2802,10 +2935,22 @@ impl<'w> Backend<'w> for CudaBackend {
         while t0 < n {
             let m = (n - t0).min(tok_per_pass);
             let pos_p = self.pass_pos(t0)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
-                block_dim: (IDX_TILE as u32, 1, 1),
-                shared_mem_bytes: 0,
+            // Heads in parallel (bit-identical sums) unless DS4_IDX_HEADS=0 or > 64 heads.
+            let by_heads = heads <= 64 && self.idx_heads;
+            let (kernel, cfg) = if by_heads {
+                let cfg = LaunchConfig {
+                    grid_dim: ((cap as u32).div_ceil(IDXH_ROWS as u32).max(1), m as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: IDXH_SMEM_BYTES,
+                };
+                (&self.ops.idx_scores_heads, cfg)
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: ((cap as u32).div_ceil(IDX_TILE as u32).max(1), m as u32, 1),
+                    block_dim: (IDX_TILE as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                (&self.ops.idx_scores, cfg)
             };
             let (qp, ldq, wp, ldw, h32, rp, r32, tk, ldsc) = (
                 q.buf.ptr + (t0 * q.cols * 4) as u64,
@@ -2818,7 +2963,7 @@ impl<'w> Backend<'w> for CudaBackend {
                 top_k as i32,
                 as_i32(cap, "indexer rows")?,
             );
-            self.launch(&self.ops.idx_scores, cfg, |b| {
+            self.launch(kernel, cfg, |b| {
                 b.arg(&qp)
                     .arg(&ldq)
                     .arg(&wp)
@@ -3146,6 +3291,18 @@ impl<'w> Backend<'w> for CudaBackend {
         self.scratch()?.reuse.clear();
         r?;
         self.join_side()?;
+        if self.fold_moe_sum.swap(false, Ordering::Relaxed) {
+            // moe_hc_post_pre_norm's merge sums them.
+            *self
+                .moe_parts
+                .lock()
+                .map_err(|_| MError::Backend("moe_parts poisoned".into()))? = Some(MoeParts {
+                routed: down,
+                shared: sout,
+                k,
+            });
+            return Ok(());
+        }
         let cfg = LaunchConfig {
             grid_dim: ((e as u32).div_ceil(256), n as u32, 1),
             block_dim: (256, 1, 1),
@@ -3160,6 +3317,38 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&op)
                 .arg(&ldo);
         })
+    }
+
+    fn moe_hc_post_pre_norm(
+        &self,
+        w: &FfnWeights<CudaWeight>,
+        layer: usize,
+        s: &ModelShape,
+        tokens: &[u32],
+        n: usize,
+        sub: &mut CudaAct,
+        state: &mut CudaAct,
+        next: &HcWeights<CudaWeight>,
+        norm: &CudaWeight,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        // The merge sums the experts' outputs itself (no moe_sum) when it runs fused.
+        let fold = self.moe_sum_fold && n > 0 && self.hc_post_fusable(sub, n, s, state, next, y);
+        let lost = || MError::Backend("moe_parts poisoned".into());
+        *self.moe_parts.lock().map_err(|_| lost())? = None;
+        self.fold_moe_sum.store(fold, Ordering::Relaxed);
+        let r = self.moe(w, layer, s, y, tokens, n, sub);
+        self.fold_moe_sum.store(false, Ordering::Relaxed);
+        r?;
+        let parts = self.moe_parts.lock().map_err(|_| lost())?.take();
+        if fold && parts.is_none() {
+            return Err(MError::Backend(
+                "moe: expert outputs not left for the merge".into(),
+            ));
+        }
+        self.hc_post_pre_norm_with(sub, parts, n, s, state, next, norm, y, post, comb)
     }
 
     fn copy_row(

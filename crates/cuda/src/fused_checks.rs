@@ -310,18 +310,44 @@ fn hc_quant_checks(
         &[e as u64, rows as u64],
         random_weights(rng, GgmlType::Q2_K, e * rows),
     )?;
-    for n in [1usize, 3] {
+    // The two-block split (hc_pre_finish_split, the default) and the one-block one.
+    let default_split = be.hc_split_block();
+    for (split, n) in [(true, 1usize), (true, 3), (false, 1), (false, 3)] {
+        be.set_hc_split_block(split);
         be.begin_chunk(&vec![0u32; n], 0)?;
         for (which, norm) in &norms {
-            for merge in [false, true] {
+            // The split alone, merge + split, and merge + split summing the MoE's
+            // outputs (the FFN sublayer's end: routed rows + shared row, no moe_sum).
+            for (merge, moe) in [(false, false), (true, false), (true, true)] {
                 let state_v = random_act(rng, n * hcm * e);
-                let sub_v = random_act(rng, n * e);
+                let k = s.n_expert_used;
+                let (routed_v, shared_v) = if moe {
+                    (random_act(rng, n * k * e), random_act(rng, n * e))
+                } else {
+                    (vec![], vec![])
+                };
+                // The sublayer output: moe_sum's (and the CPU's) order.
+                let sub_v = if moe {
+                    (0..n * e)
+                        .map(|idx| {
+                            let (t, j) = (idx / e, idx % e);
+                            let mut acc = 0f32;
+                            for slot in 0..k {
+                                acc += routed_v[(t * k + slot) * e + j];
+                            }
+                            acc + shared_v[idx]
+                        })
+                        .collect()
+                } else {
+                    random_act(rng, n * e)
+                };
                 let post_v: Vec<f32> = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
                 let comb_v: Vec<f32> = (0..n * hcm * hcm)
                     .map(|_| 0.25 + 0.2 * rng.unit())
                     .collect();
                 let mut state = act(be, n, hcm * e, &state_v)?;
-                let sub = act(be, n, e, &sub_v)?;
+                // With the MoE's outputs, sub is poisoned: the merge must not read it.
+                let sub = act(be, n, e, if moe { &[] } else { &sub_v })?;
                 // Merge inputs, or poisoned outputs of the split alone.
                 let (pv, cv): (&[f32], &[f32]) = if merge {
                     (&post_v, &comb_v)
@@ -331,19 +357,27 @@ fn hc_quant_checks(
                 let mut post = act(be, n, hcm, pv)?;
                 let mut comb = act(be, n, hcm * hcm, cv)?;
                 let mut y = act(be, n, e, &[])?;
-                if merge {
+                if moe {
+                    let routed = act(be, n * k, e, &routed_v)?;
+                    let shared = act(be, n, e, &shared_v)?;
+                    be.hc_post_pre_norm_moe(
+                        &routed, &shared, k, &sub, n, s, &mut state, &hcw.dev, norm, &mut y,
+                        &mut post, &mut comb,
+                    )?;
+                } else if merge {
                     be.hc_post_pre_norm(
                         &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
                     )?;
                 } else {
                     be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
                 }
-                let step = if merge {
-                    "hc_post+pre_norm"
-                } else {
-                    "hc_pre_norm"
+                let step = match (merge, moe) {
+                    (_, true) => "moe_sum+hc_post+pre_norm",
+                    (true, false) => "hc_post+pre_norm",
+                    (false, false) => "hc_pre_norm",
                 };
-                let tag = format!("fused {step:<16} {which:<4} n={n}");
+                let variant = if split { "" } else { " one-block" };
+                let tag = format!("fused {step:<16} {which:<4} n={n}{variant}");
                 let y_gpu = read(be, &y)?;
                 // Quantized copies first (the products below use them up).
                 let r = check_pending(
@@ -424,6 +458,7 @@ fn hc_quant_checks(
             }
         }
     }
+    be.set_hc_split_block(default_split);
     Ok(out)
 }
 
@@ -742,6 +777,166 @@ fn route_checks(
     Ok(out)
 }
 
+/// Indexer top-k picks: mismatching picks allowed. The GPU scores are bit-identical to
+/// the CPU's (same order of sums, no FMA), so ties break the same way.
+pub const TOL_INDEXER_PICK_MISMATCHES: usize = 0;
+
+/// The CPU backend's indexer (crates/cpu `indexer_topk`): scores summed in the same
+/// order, then repeated selection of the largest with the lower index on ties.
+fn cpu_indexer_picks(
+    q: &[f32],
+    w: &[f32],
+    rows: &[f32],
+    heads: usize,
+    visible: usize,
+    top_k: usize,
+) -> Vec<i32> {
+    let dim = 128usize;
+    if visible <= top_k {
+        return (0..visible as i32).collect();
+    }
+    let qscale = 1.0 / (dim as f32).sqrt();
+    let wscale = 1.0 / (heads as f32).sqrt();
+    let mut scores: Vec<f32> = (0..visible)
+        .map(|c| {
+            let key = &rows[c * dim..(c + 1) * dim];
+            let mut acc = 0.0f32;
+            for h in 0..heads {
+                let d: f32 = q[h * dim..(h + 1) * dim]
+                    .iter()
+                    .zip(key)
+                    .map(|(a, b)| a * b)
+                    .sum();
+                acc += (w[h] * wscale) * (d.max(0.0) * qscale);
+            }
+            acc
+        })
+        .collect();
+    let mut picks = Vec::with_capacity(top_k);
+    for _ in 0..top_k {
+        let mut best = usize::MAX;
+        for (c, &v) in scores.iter().enumerate() {
+            if v.is_nan() {
+                continue;
+            }
+            if best == usize::MAX || v > scores[best] {
+                best = c;
+            }
+        }
+        if best == usize::MAX {
+            break;
+        }
+        picks.push(best as i32);
+        scores[best] = f32::NAN;
+    }
+    picks
+}
+
+/// Lightning indexer at Flash dims (64 heads, top 512) through `Backend::indexer_topk`:
+/// decode and a 3-token chunk, random rows (~2,000 visible), and rows with many exact
+/// ties (zero keys score exactly 0, duplicated keys score alike).
+fn indexer_checks(
+    be: &CudaBackend,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use ds4_model::backend::KvStore;
+    use ds4_model::kv::HostKv;
+    let mut out = Vec::new();
+    let Some(layer) = s.layer_kinds.iter().position(|k| k.is_csa()) else {
+        return Ok(out);
+    };
+    let (heads, dim, top_k) = (s.indexer_heads, s.indexer_dim, s.indexer_top_k);
+    let ctx = 16384usize;
+    // A state after pos0 tokens holds pos0 / 4 closed rows; these tokens see no more
+    // (pos0 % 4 + n <= 4), as when the chunk's own rows are not yet closed.
+    for (n, pos0, ties) in [
+        (1usize, 8000usize, false),
+        (3, 8100, true),
+        (1, 2044, false),
+    ] {
+        let mut host = HostKv::new(s, ctx);
+        let n_rows = pos0 / 4;
+        let mut keys: Vec<f32> = (0..n_rows * dim).map(|_| rng.unit()).collect();
+        if ties {
+            // Most rows zero (score 0: ties across the k-th place), some duplicated.
+            for c in 0..n_rows {
+                if c % 5 != 0 {
+                    keys[c * dim..(c + 1) * dim].fill(0.0);
+                }
+            }
+            for c in (5..n_rows).step_by(50) {
+                let (a, b) = keys.split_at_mut(c * dim);
+                b[..dim].copy_from_slice(&a[..dim]);
+            }
+        }
+        {
+            let l = host
+                .layers
+                .get_mut(layer)
+                .and_then(|l| l.index.as_mut())
+                .ok_or_else(|| crate::Error::Shape {
+                    what: "indexer check",
+                    detail: "the first CSA layer has no indexer rows".into(),
+                })?;
+            l.n = n_rows;
+            l.data[..n_rows * dim].copy_from_slice(&keys);
+        }
+        let mut bytes = Vec::new();
+        host.save(pos0, &mut bytes)?;
+        let mut kv = be.alloc_kv(s, ctx)?;
+        kv.load(pos0, &bytes)?;
+        let qv: Vec<f32> = (0..n * heads * dim).map(|_| rng.unit()).collect();
+        // Positive head weights keep zero keys at score 0, below every positive score.
+        let wv: Vec<f32> = (0..n * heads).map(|_| 0.1 + rng.unit().abs()).collect();
+        let q = act(be, n, heads * dim, &qv)?;
+        let w = act(be, n, heads, &wv)?;
+        let mut sel = be.alloc_idx(n, top_k)?;
+        let tokens: Vec<u32> = (0..n as u32).collect();
+        be.begin_chunk(&tokens, pos0)?;
+        be.indexer_topk(&kv, layer, &q, &w, n, pos0, top_k, &mut sel)?;
+        let mut raw = vec![0u8; n * top_k * 4];
+        sel.buf.read_at(&be.runtime().stream, 0, &mut raw)?;
+        let got: Vec<i32> = raw
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut mismatches = 0usize;
+        for t in 0..n {
+            let visible = ((pos0 + t + 1) / 4).min(n_rows);
+            let mut want = cpu_indexer_picks(
+                &qv[t * heads * dim..(t + 1) * heads * dim],
+                &wv[t * heads..(t + 1) * heads],
+                &keys,
+                heads,
+                visible,
+                top_k,
+            );
+            want.resize(top_k, -1);
+            mismatches += want
+                .iter()
+                .zip(&got[t * top_k..(t + 1) * top_k])
+                .filter(|(a, b)| a != b)
+                .count();
+        }
+        let r = CheckResult {
+            name: format!(
+                "indexer top-{top_k} n={n} pos {pos0}{} picks (exact)",
+                if ties { " ties" } else { "" }
+            ),
+            max_abs: 0.0,
+            max_rel: mismatches as f32,
+            tol: TOL_INDEXER_PICK_MISMATCHES as f32,
+            tol_name: "TOL_INDEXER_PICK_MISMATCHES",
+            pass: mismatches == TOL_INDEXER_PICK_MISMATCHES,
+        };
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// Every fused-step check on a backend built for the Flash shape.
 pub fn run_fused_checks(
     rt: &Arc<CudaRuntime>,
@@ -756,6 +951,7 @@ pub fn run_fused_checks(
     out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(indexer_checks(&be, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }

@@ -247,8 +247,21 @@ pub struct Kernels {
     mv_k_regs: Vec<((GgmlType, usize, usize), CudaFunction)>,
     /// Rows per warp of those kernels forced by `DS4_MV_REGS_K_R` (tuning runs).
     k_regs_rows: Option<usize>,
+    /// Version-2 IQ2_XXS / Q2_K decode matvecs (matvec.cu `MV_K_V2`), with the shared
+    /// memory each takes; empty when `DS4_MV_K_V2=0` (A/B runs).
+    mv_k_v2: Vec<(KV2Variant, CudaFunction, usize)>,
+    /// The version-2 variants used by default (`DS4_MV_K_V2_IQ2`, `DS4_MV_K_V2_Q2K`
+    /// pick others: `s{NST}m{MATH}`).
+    k_v2_pick: KV2Pick,
+    /// A variant forced by the selftest (index into `mv_k_v2` + 1; 0 = none).
+    k_v2_forced: std::sync::atomic::AtomicUsize,
     mv_f16: CudaFunction,
     mv_f16_warp: CudaFunction,
+    /// Register-streaming F16 matvecs (`F16_REGS_VARIANTS`, in order of preference);
+    /// empty when `DS4_MV_F16_REGS=0` (A/B runs).
+    mv_f16_regs: Vec<F16Kernel>,
+    /// Variants forced by `DS4_MV_F16_V` (tuning runs): the first one of a launch's K wins.
+    f16_forced: Vec<F16Variant>,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -285,6 +298,208 @@ const K_REGS_VARIANTS: [(usize, usize); 9] = [
     (4, 1),
     (4, 2),
 ];
+
+/// A register-streaming F16 matvec `mv_f16_p{ppl}_r{rows}_s{split}` (matvec.cu
+/// `MV_F16_REGS`): rows of K = 256·ppl·split elements, each split over `split` warps
+/// whose lanes hold `ppl` 16-byte pieces of each of `rows` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct F16Variant {
+    pub ppl: usize,
+    pub rows: usize,
+    pub split: usize,
+}
+
+impl F16Variant {
+    const fn new(ppl: usize, rows: usize, split: usize) -> Self {
+        Self { ppl, rows, split }
+    }
+
+    /// The row length this variant takes.
+    pub fn k(&self) -> usize {
+        256 * self.ppl * self.split
+    }
+
+    /// Weight pieces (16 bytes) in flight per lane.
+    pub fn pieces(&self) -> usize {
+        self.ppl * self.rows
+    }
+
+    /// Rows one block of `MV_WARPS` warps covers.
+    fn rows_per_block(&self) -> usize {
+        MV_WARPS / self.split * self.rows
+    }
+
+    fn kernel_name(&self) -> String {
+        format!("mv_f16_p{}_r{}_s{}", self.ppl, self.rows, self.split)
+    }
+
+    /// Parses `PxRxS` (e.g. `16x1x1`).
+    fn parse(s: &str) -> Option<Self> {
+        let mut it = s.trim().split('x').map(|v| v.parse::<usize>().ok());
+        let v = Self::new(it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(v)
+    }
+}
+
+/// The compiled register-streaming F16 kernels, by K, most pieces in flight per lane
+/// first (the default pick takes the first one that still fills the GPU).
+pub const F16_REGS_VARIANTS: [F16Variant; 12] = [
+    // K = 4096: router, compressors
+    F16Variant::new(16, 1, 1),
+    F16Variant::new(8, 2, 2),
+    F16Variant::new(4, 4, 4),
+    F16Variant::new(8, 1, 2),
+    F16Variant::new(4, 2, 4),
+    F16Variant::new(4, 1, 4),
+    // K = 1024: indexer q_b
+    F16Variant::new(4, 4, 1),
+    F16Variant::new(2, 8, 2),
+    F16Variant::new(4, 2, 1),
+    F16Variant::new(2, 4, 2),
+    F16Variant::new(4, 1, 1),
+    F16Variant::new(1, 4, 4),
+];
+
+/// A loaded register-streaming F16 kernel and its resident blocks per multiprocessor.
+struct F16Kernel {
+    variant: F16Variant,
+    func: CudaFunction,
+    resident: usize,
+}
+
+/// The default register-streaming F16 variant for `total_rows` rows of `k` among
+/// `compiled` (variant, resident blocks per SM), in their order of preference (most
+/// pieces per lane first): the first whose grid is one wave of resident blocks and
+/// still ≥ 2 blocks per SM (every row's weights in flight at once, every SM busy), else
+/// the first with ≥ 2 blocks per SM, else the one with the most blocks (small matrices
+/// spread over every SM; the earlier one, with more pieces per lane, on ties).
+pub fn pick_f16_variant(
+    compiled: &[(F16Variant, usize)],
+    k: usize,
+    total_rows: usize,
+    sm_count: usize,
+) -> Option<F16Variant> {
+    let fitting = || compiled.iter().filter(|(v, _)| v.k() == k);
+    let blocks = |v: &F16Variant| total_rows.div_ceil(v.rows_per_block());
+    let enough = |v: &F16Variant| blocks(v) >= 2 * sm_count;
+    fitting()
+        .find(|(v, resident)| enough(v) && blocks(v) <= resident * sm_count)
+        .or_else(|| fitting().find(|(v, _)| enough(v)))
+        .or_else(|| {
+            fitting().fold(None, |best: Option<&(F16Variant, usize)>, c| match best {
+                Some(b) if blocks(&b.0) >= blocks(&c.0) => Some(b),
+                _ => Some(c),
+            })
+        })
+        .map(|(v, _)| *v)
+}
+
+/// `DS4_MV_F16_V` = comma-separated `PxRxS` variants (unknown ones are ignored).
+fn forced_f16_variants() -> Vec<F16Variant> {
+    let Ok(spec) = std::env::var("DS4_MV_F16_V") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
+        match F16Variant::parse(item) {
+            Some(v) if F16_REGS_VARIANTS.contains(&v) => out.push(v),
+            _ => tracing::warn!("DS4_MV_F16_V: no F16 matvec variant {item:?} (ignored)"),
+        }
+    }
+    out
+}
+
+/// A version-2 IQ2_XXS / Q2_K decode matvec (`mv2_{type}_p{ppl}_s{nst}_m{math}`):
+/// K = 2048·`ppl`, `nst` ring stages per warp, `math` 0 (IQ2_XXS lookup tables) or 1
+/// (IQ2_XXS signs computed, as the register kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KV2Variant {
+    pub ty: GgmlType,
+    pub ppl: usize,
+    pub nst: usize,
+    pub math: usize,
+}
+
+impl KV2Variant {
+    const fn new(ty: GgmlType, ppl: usize, nst: usize, math: usize) -> Self {
+        Self { ty, ppl, nst, math }
+    }
+
+    pub fn name(&self) -> String {
+        let t = if self.ty == GgmlType::IQ2_XXS {
+            "iq2_xxs"
+        } else {
+            "q2_k"
+        };
+        format!("mv2_{t}_p{}_s{}_m{}", self.ppl, self.nst, self.math)
+    }
+
+    /// Dynamic shared memory (matvec.cu `MV2_TAB` + `MV2_WARPS` · NST · `MV2_STAGE`).
+    fn smem(&self) -> usize {
+        let iq2 = self.ty == GgmlType::IQ2_XXS;
+        let tab = match (iq2, self.math) {
+            (false, _) => 0,
+            (true, 0) => 384 * 128,
+            (true, _) => 2048,
+        };
+        let aux = if iq2 { 4 } else { 16 };
+        tab + MV2_WARPS * self.nst * self.ppl * 32 * (16 + aux)
+    }
+}
+
+/// Warps per block of the version-2 kernels (`MV2_WARPS`).
+const MV2_WARPS: usize = 8;
+
+/// The compiled version-2 kernels (matvec.cu `MV_K_V2`).
+const K_V2_VARIANTS: [KV2Variant; 13] = {
+    use GgmlType::{IQ2_XXS, Q2_K};
+    [
+        KV2Variant::new(IQ2_XXS, 1, 3, 0),
+        KV2Variant::new(IQ2_XXS, 1, 4, 0),
+        KV2Variant::new(IQ2_XXS, 1, 6, 0),
+        KV2Variant::new(IQ2_XXS, 1, 4, 1),
+        KV2Variant::new(IQ2_XXS, 2, 3, 0),
+        KV2Variant::new(IQ2_XXS, 2, 4, 0),
+        KV2Variant::new(IQ2_XXS, 2, 6, 0),
+        KV2Variant::new(IQ2_XXS, 2, 4, 1),
+        KV2Variant::new(Q2_K, 1, 4, 0),
+        KV2Variant::new(Q2_K, 1, 8, 0),
+        KV2Variant::new(Q2_K, 1, 12, 0),
+        KV2Variant::new(Q2_K, 2, 4, 0),
+        KV2Variant::new(Q2_K, 2, 8, 0),
+    ]
+};
+
+/// The (NST, MATH) of the version-2 kernels used per type.
+#[derive(Debug, Clone, Copy)]
+struct KV2Pick {
+    iq2: (usize, usize),
+    q2k: (usize, usize),
+}
+
+impl KV2Pick {
+    /// Defaults, or `s{NST}m{MATH}` (or `s{NST}`) from the environment.
+    fn from_env() -> Self {
+        let parse = |var: &str, dflt: (usize, usize)| -> (usize, usize) {
+            let Ok(v) = std::env::var(var) else {
+                return dflt;
+            };
+            let v = v.trim().trim_start_matches('s');
+            let (nst, math) = v.split_once('m').unwrap_or((v, "0"));
+            match (nst.parse(), math.parse()) {
+                (Ok(n), Ok(m)) => (n, m),
+                _ => {
+                    tracing::warn!("{var}={v}: expected s<NST>m<MATH>, using the default");
+                    dflt
+                }
+            }
+        };
+        Self {
+            iq2: parse("DS4_MV_K_V2_IQ2", (4, 0)),
+            q2k: parse("DS4_MV_K_V2_Q2K", (8, 0)),
+        }
+    }
+}
 
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
     k / ty.block_elems() as usize * ty.block_bytes() as usize
@@ -344,8 +559,49 @@ impl Kernels {
             k_regs_rows: std::env::var("DS4_MV_REGS_K_R")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            mv_k_v2: if crate::launch::env_switch("DS4_MV_K_V2") {
+                K_V2_VARIANTS
+                    .iter()
+                    .map(|v| {
+                        let func = m.load_function(&v.name())?;
+                        func.set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            v.smem() as i32,
+                        )?;
+                        Ok((*v, func, v.smem()))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            },
+            k_v2_pick: KV2Pick::from_env(),
+            k_v2_forced: std::sync::atomic::AtomicUsize::new(0),
             mv_f16: f("mv_f16")?,
             mv_f16_warp: f("mv_f16_warp")?,
+            mv_f16_regs: if crate::launch::env_switch("DS4_MV_F16_REGS") {
+                F16_REGS_VARIANTS
+                    .iter()
+                    .map(|&variant| {
+                        let func = f(&variant.kernel_name())?;
+                        // Unknown occupancy: assume the 4 blocks `__launch_bounds__` asks for.
+                        let resident = func
+                            .occupancy_max_active_blocks_per_multiprocessor(
+                                (MV_WARPS * 32) as u32,
+                                0,
+                                None,
+                            )
+                            .map_or(4, |b| (b as usize).max(1));
+                        Ok(F16Kernel {
+                            variant,
+                            func,
+                            resident,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            },
+            f16_forced: forced_f16_variants(),
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -542,6 +798,36 @@ impl Kernels {
         ldy: usize,
         extra: &[MvSeg],
     ) -> Result<()> {
+        self.matvec_segs_with(stream, m, ldy, extra, None)
+    }
+
+    /// [`Self::matvec_segs`] of F16 weights through the register-streaming variant `v`
+    /// (selftest: every variant, whatever the default pick); an error when `v` is not
+    /// compiled (`DS4_MV_F16_REGS=0`) or does not take this shape.
+    pub fn matvec_f16_variant(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        ldy: usize,
+        extra: &[MvSeg],
+        v: F16Variant,
+    ) -> Result<()> {
+        self.matvec_segs_with(stream, m, ldy, extra, Some(v))
+    }
+
+    /// The register-streaming F16 variants this run compiled (none with `DS4_MV_F16_REGS=0`).
+    pub fn f16_regs_variants(&self) -> Vec<F16Variant> {
+        self.mv_f16_regs.iter().map(|c| c.variant).collect()
+    }
+
+    fn matvec_segs_with(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        ldy: usize,
+        extra: &[MvSeg],
+        f16_variant: Option<F16Variant>,
+    ) -> Result<()> {
         let shape_err = |detail: String| Error::Shape {
             what: "matvec",
             detail,
@@ -591,6 +877,24 @@ impl Kernels {
                 return Err(shape_err(format!(
                     "F16 needs k % 8 == 0, k <= {F16_MAX_K}, one slot (k {}, slots {})",
                     m.k, m.slots
+                )));
+            }
+            // 16-byte weight pieces need aligned matrices (rows are 512-byte multiples).
+            let regs = if m.k.is_multiple_of(256)
+                && sg.w.iter().take(n_segs).all(|w| w.is_multiple_of(16))
+                && x.is_multiple_of(16)
+            {
+                self.f16_regs_kernel(m.k, total, f16_variant)
+            } else {
+                None
+            };
+            if let Some((v, func)) = regs {
+                return self.launch_f16_regs(stream, v, func, &sg, x, total, ntok);
+            }
+            if let Some(v) = f16_variant {
+                return Err(shape_err(format!(
+                    "F16 variant {v:?} is not compiled or does not take k {}",
+                    m.k
                 )));
             }
             // Short rows: a warp per row (`mv_f16_warp`), else a block per row.
@@ -671,14 +975,53 @@ impl Kernels {
             unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
             return Ok(());
         }
-        if matches!(m.ty, GgmlType::IQ2_XXS | GgmlType::Q2_K)
+        let k_aligned = matches!(m.ty, GgmlType::IQ2_XXS | GgmlType::Q2_K)
             && m.k.is_multiple_of(2048)
             // 16-byte loads of codes, activation codes and bsums need aligned bases
             // (the rows themselves are 16-byte multiples when K = 2048·PPL).
             && [m.w_slot_stride, act.qs.ptr, act.bsums.ptr]
                 .iter()
                 .chain(sg.w.iter().take(n_segs))
-                .all(|v| v.is_multiple_of(16))
+                .all(|v| v.is_multiple_of(16));
+        if k_aligned
+            && m.ntok == 1
+            && let Some((v, func, smem)) = self.k_v2_kernel(m.ty, m.k / 2048)
+        {
+            // One wave of resident blocks over every slot; warps walk the rows.
+            let per_sm = func
+                .occupancy_max_active_blocks_per_multiprocessor(
+                    (MV2_WARPS * 32) as u32,
+                    *smem,
+                    None,
+                )
+                .map(|b| b as usize)
+                .unwrap_or(1)
+                .max(1);
+            let fill = (self.sm_count * per_sm / m.slots).max(1);
+            let blocks_x = total.div_ceil(MV2_WARPS).min(fill);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks_x as u32, m.slots as u32, 1),
+                block_dim: ((MV2_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: *smem as u32,
+            };
+            tracing::trace!("matvec {} via {}", m.ty.name(), v.name());
+            let stride = m.w_slot_stride as i64;
+            let x_group = m.x_group as i32;
+            let mut b = KernelArgs::new();
+            b.arg(&sg)
+                .arg(&stride)
+                .arg(&m.ids)
+                .arg(&act.qs.ptr)
+                .arg(&act.d.ptr)
+                .arg(&act.bsums.ptr)
+                .arg(&x_group);
+            // SAFETY: matches `MV_K_V2`; shapes checked above (one token, K = 2048·PPL,
+            // rows and activation rows 16-byte multiples, bases aligned); routed slots
+            // PDL_WAIT before reading the ids.
+            unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+            return Ok(());
+        }
+        if k_aligned
             && let Some((func, rows_per_warp)) =
                 self.k_regs_kernel(m.ty, m.k / 2048, total, m.slots)
         {
@@ -774,6 +1117,61 @@ impl Kernels {
         Ok(())
     }
 
+    /// The register-streaming F16 kernel for rows of `k` elements: `want` when given,
+    /// else the first `DS4_MV_F16_V` variant of this K, else [`pick_f16_variant`]. None
+    /// when no compiled variant takes this K (tiny models) or the kernels are off.
+    fn f16_regs_kernel(
+        &self,
+        k: usize,
+        total_rows: usize,
+        want: Option<F16Variant>,
+    ) -> Option<(F16Variant, &CudaFunction)> {
+        let find = |v: F16Variant| {
+            self.mv_f16_regs
+                .iter()
+                .find(|c| c.variant == v && v.k() == k)
+                .map(|c| (c.variant, &c.func))
+        };
+        if let Some(v) = want {
+            return find(v);
+        }
+        if let Some(hit) = self.f16_forced.iter().find_map(|v| find(*v)) {
+            return Some(hit);
+        }
+        let compiled: Vec<(F16Variant, usize)> = self
+            .mv_f16_regs
+            .iter()
+            .map(|c| (c.variant, c.resident))
+            .collect();
+        pick_f16_variant(&compiled, k, total_rows, self.sm_count).and_then(find)
+    }
+
+    /// Launches `mv_f16_p*_r*_s*` over the `total` rows of `sg` (x: f32 rows of K).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_f16_regs(
+        &self,
+        stream: &Arc<CudaStream>,
+        v: F16Variant,
+        func: &CudaFunction,
+        sg: &MvSegsArg,
+        x: u64,
+        total: usize,
+        ntok: i32,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(v.rows_per_block()) as u32, 1, 1),
+            block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = KernelArgs::new();
+        b.arg(sg).arg(&x).arg(&ntok);
+        // SAFETY: matches `MV_F16_REGS`; the caller checked K = 256·ppl·split, one slot,
+        // 16-byte aligned matrices and input; the kernel waits (PDL_WAIT) before it
+        // reads the input or writes.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+        Ok(())
+    }
+
     /// The register-streaming Q8_0 kernel for rows of 512·`ppl` elements and the rows
     /// each warp takes: the most loads in flight per lane that still leave ≥ 2 blocks
     /// per multiprocessor (small matrices spread over every SM instead).
@@ -795,6 +1193,41 @@ impl Kernels {
             }
         }
         pick
+    }
+
+    /// The version-2 decode kernel for `ty` rows of 2048·`ppl` elements: the one the
+    /// selftest forces, else the environment's (or default) pick, if compiled.
+    fn k_v2_kernel(&self, ty: GgmlType, ppl: usize) -> Option<&(KV2Variant, CudaFunction, usize)> {
+        let forced = self.k_v2_forced.load(std::sync::atomic::Ordering::Relaxed);
+        if forced > 0 {
+            return self
+                .mv_k_v2
+                .get(forced - 1)
+                .filter(|(v, _, _)| v.ty == ty && v.ppl == ppl);
+        }
+        let (nst, math) = if ty == GgmlType::IQ2_XXS {
+            self.k_v2_pick.iq2
+        } else {
+            self.k_v2_pick.q2k
+        };
+        self.mv_k_v2
+            .iter()
+            .find(|(v, _, _)| *v == KV2Variant::new(ty, ppl, nst, math))
+    }
+
+    /// The compiled version-2 variants (empty when `DS4_MV_K_V2=0`).
+    pub fn k_v2_variants(&self) -> Vec<KV2Variant> {
+        self.mv_k_v2.iter().map(|(v, _, _)| *v).collect()
+    }
+
+    /// Forces version-2 variant `v` for its type and row length (the other type and
+    /// lengths then take the register kernels), or clears the forcing (`None`).
+    pub fn force_k_v2(&self, v: Option<KV2Variant>) {
+        let idx = v
+            .and_then(|v| self.mv_k_v2.iter().position(|(w, _, _)| *w == v))
+            .map_or(0, |i| i + 1);
+        self.k_v2_forced
+            .store(idx, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The register-streaming IQ2_XXS / Q2_K kernel for rows of 2048·`ppl` elements and
@@ -922,4 +1355,94 @@ impl Kernels {
 /// Bytes of `rows` rows of `k` elements of `ty`.
 pub fn matrix_bytes(ty: GgmlType, k: usize, rows: usize) -> usize {
     row_bytes(ty, k) * rows
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const H100_SMS: usize = 132;
+
+    fn v(ppl: usize, rows: usize, split: usize) -> F16Variant {
+        F16Variant::new(ppl, rows, split)
+    }
+
+    fn all_resident(n: usize) -> Vec<(F16Variant, usize)> {
+        F16_REGS_VARIANTS.iter().map(|&x| (x, n)).collect()
+    }
+
+    #[test]
+    fn f16_variant_spec_parses_only_whole_triples() {
+        assert_eq!(F16Variant::parse("16x1x1"), Some(v(16, 1, 1)));
+        assert_eq!(F16Variant::parse(" 4x4x1 "), Some(v(4, 4, 1)));
+        assert_eq!(F16Variant::parse("16x1"), None);
+        assert_eq!(F16Variant::parse("16x1x1x1"), None);
+        assert_eq!(F16Variant::parse("ax1x1"), None);
+        assert_eq!(F16Variant::parse(""), None);
+    }
+
+    #[test]
+    fn every_f16_variant_is_instantiated_and_fits_a_block() {
+        let src = include_str!("../kernels/matvec.cu");
+        for x in F16_REGS_VARIANTS {
+            let inst = format!("MV_F16_REGS({}, {}, {})", x.ppl, x.rows, x.split);
+            assert!(src.contains(&inst), "{inst} missing from matvec.cu");
+            assert!(MV_WARPS.is_multiple_of(x.split), "{x:?}");
+            assert!([1024, 4096].contains(&x.k()), "{x:?}");
+        }
+    }
+
+    #[test]
+    fn f16_variants_of_a_k_go_most_pieces_first() {
+        for k in [1024, 4096] {
+            let p: Vec<usize> = F16_REGS_VARIANTS
+                .iter()
+                .filter(|x| x.k() == k)
+                .map(|x| x.pieces())
+                .collect();
+            assert!(p.windows(2).all(|w| w[0] >= w[1]), "K {k}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn f16_default_pick_at_flash_shapes() {
+        let c = all_resident(4);
+        let pick = |k, rows| pick_f16_variant(&c, k, rows, H100_SMS);
+        // CSA compressor kv+gate: 512 blocks of 16 pieces per lane = one wave of 4/SM.
+        assert_eq!(pick(4096, 2048), Some(v(16, 1, 1)));
+        // HCA compressor pair: 16 pieces per lane would leave < 2 blocks per SM.
+        assert_eq!(pick(4096, 1024), Some(v(8, 1, 2)));
+        // Indexer compressor pair.
+        assert_eq!(pick(4096, 512), Some(v(4, 1, 4)));
+        // Router: no variant reaches 2 blocks per SM; the most blocks wins.
+        assert_eq!(pick(4096, 256), Some(v(4, 1, 4)));
+        // Indexer q_b.
+        assert_eq!(pick(1024, 8192), Some(v(4, 4, 1)));
+        // No variant of this K (tiny models keep the old kernels).
+        assert_eq!(pick(2048, 4096), None);
+        assert_eq!(pick(256, 64), None);
+    }
+
+    #[test]
+    fn f16_default_pick_keeps_one_wave() {
+        // 16x1x1 at 3 resident blocks: its 512 blocks would be 1.3 waves; 8x2x2 (also
+        // 16 pieces per lane, 4 resident) is one.
+        let c: Vec<_> = all_resident(4)
+            .into_iter()
+            .map(|(x, r)| (x, if x == v(16, 1, 1) { 3 } else { r }))
+            .collect();
+        assert_eq!(pick_f16_variant(&c, 4096, 2048, H100_SMS), Some(v(8, 2, 2)));
+        // 384 blocks: one wave at 3 resident.
+        assert_eq!(
+            pick_f16_variant(&c, 4096, 1536, H100_SMS),
+            Some(v(16, 1, 1))
+        );
+        // Without any one-wave variant: the most pieces per lane with ≥ 2 blocks/SM.
+        let c = all_resident(1);
+        assert_eq!(
+            pick_f16_variant(&c, 4096, 2048, H100_SMS),
+            Some(v(16, 1, 1))
+        );
+    }
 }

@@ -53,6 +53,49 @@ pub fn pdl_enabled(sm_major: i32) -> bool {
     env_switch("DS4_CUDA_PDL") && sm_major >= 9
 }
 
+/// Kernel-name prefixes from `DS4_SKIP_KERNELS` (comma-separated): a timing diagnostic
+/// only. Skipping a kernel class in a graph-replayed decode step and timing the step
+/// tells what that class really costs inside the graph (isolated per-kernel profiles
+/// miss PDL overlap and launch gaps). Results are wrong while it is set.
+fn skipped_prefixes() -> &'static [String] {
+    static SKIP: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SKIP.get_or_init(|| {
+        let list: Vec<String> = std::env::var("DS4_SKIP_KERNELS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect();
+        if !list.is_empty() {
+            tracing::warn!(
+                "DS4_SKIP_KERNELS={}: these kernels are not launched, results are wrong (timing diagnostic)",
+                list.join(",")
+            );
+        }
+        list
+    })
+}
+
+/// Whether `f` is one of the kernels `DS4_SKIP_KERNELS` names.
+pub(crate) fn is_skipped(f: &CudaFunction) -> bool {
+    let prefixes = skipped_prefixes();
+    if prefixes.is_empty() {
+        return false;
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: the driver writes a pointer to a NUL-terminated name it owns for the
+    // lifetime of the module; it is only read here.
+    let ok =
+        unsafe { sys::cuFuncGetName(&mut name, f.cu_function()) } == sys::CUresult::CUDA_SUCCESS;
+    if !ok || name.is_null() {
+        return false;
+    }
+    // SAFETY: non-null, NUL-terminated (see above).
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    prefixes.iter().any(|p| name.starts_with(p.as_str()))
+}
+
 /// Launches `f` on `stream`, as a programmatic dependent of the previous kernel when `pdl`.
 ///
 /// # Safety
@@ -67,6 +110,9 @@ pub unsafe fn launch(
     pdl: bool,
 ) -> Result<(), DriverError> {
     stream.context().bind_to_thread()?;
+    if is_skipped(f) {
+        return Ok(());
+    }
     // SAFETY: a zeroed attribute is a valid "ignore" value; the id and the one union
     // field used are set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };

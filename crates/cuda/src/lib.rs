@@ -24,6 +24,7 @@ pub mod attn_checks;
 pub mod backend;
 pub mod bench;
 pub mod compile;
+pub mod f16_checks;
 pub mod fused_checks;
 pub mod gemm;
 pub mod kernels;

@@ -542,12 +542,72 @@ pub fn run_kernel_checks(
         report(&r);
         out.push(r);
     }
+    out.extend(crate::f16_checks::run_f16_checks(kern, &mut report)?);
+    out.extend(run_k_v2_checks(kern, &mut rng, &mut report)?);
     out.extend(run_gemm_checks(kern, &mut report)?);
     out.extend(run_attention_checks(kern, &mut report)?);
     out.extend(crate::attn_checks::run_attn_chain_checks(
         kern,
         &mut report,
     )?);
+    Ok(out)
+}
+
+/// Every version-2 IQ2_XXS / Q2_K decode kernel (`KV2Variant`), forced in turn, on
+/// the routed Flash shapes of its row length and on short matrices (fewer rows than
+/// warps, rows that leave warps idle, dense slots without ids).
+fn run_k_v2_checks(
+    kern: &Kernels,
+    rng: &mut Rng,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use GgmlType::*;
+    let routed = |name: &str, ty, k, rows, tokens: usize| Case {
+        n_mats: 32,
+        slots: 6 * tokens,
+        x_group: if ty == IQ2_XXS { 6 } else { 1 },
+        routed: true,
+        ..case(name, ty, k, rows)
+    };
+    let shapes = [
+        routed(
+            "IQ2_XXS 4096->2048 routed 2 tok x 6",
+            IQ2_XXS,
+            4096,
+            2048,
+            2,
+        ),
+        routed("IQ2_XXS 2048->1024 routed 6", IQ2_XXS, 2048, 1024, 1),
+        Case {
+            n_mats: 3,
+            slots: 3,
+            ..case("IQ2_XXS 4096->40 dense 3 slots", IQ2_XXS, 4096, 40)
+        },
+        routed("Q2_K    2048->4096 routed 6", Q2_K, 2048, 4096, 1),
+        routed("Q2_K    4096->1024 routed 6", Q2_K, 4096, 1024, 1),
+        routed("Q2_K    2048->72 routed 6", Q2_K, 2048, 72, 1),
+    ];
+    let mut out = Vec::new();
+    for v in kern.k_v2_variants() {
+        kern.force_k_v2(Some(v));
+        for c in shapes
+            .iter()
+            .filter(|c| c.ty == v.ty && c.k == 2048 * v.ppl)
+        {
+            let r = run_case(kern, rng, c);
+            let r = r.map(|mut r| {
+                r.name = format!("{} {}", v.name(), r.name);
+                r
+            });
+            if r.is_err() {
+                kern.force_k_v2(None);
+            }
+            let r = r?;
+            report(&r);
+            out.push(r);
+        }
+    }
+    kern.force_k_v2(None);
     Ok(out)
 }
 

@@ -376,6 +376,29 @@ pub trait Backend<'w> {
         n: usize,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// The FFN sublayer's end: `moe` of the normed input `y` into `sub`, then
+    /// `hc_post_pre_norm` of `sub` with the next sublayer's HC weights and input norm
+    /// (y receives the next input). A backend may sum the experts' outputs inside the
+    /// merge instead of writing `sub` (its contents are then unspecified).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_hc_post_pre_norm(
+        &self,
+        w: &FfnWeights<Self::Weight>,
+        layer: usize,
+        shape: &ModelShape,
+        tokens: &[u32],
+        n: usize,
+        sub: &mut Self::Act,
+        state: &mut Self::Act,
+        next: &HcWeights<Self::Weight>,
+        norm: &Self::Weight,
+        y: &mut Self::Act,
+        post: &mut Self::Act,
+        comb: &mut Self::Act,
+    ) -> Result<()> {
+        self.moe(w, layer, shape, y, tokens, n, sub)?;
+        self.hc_post_pre_norm(sub, n, shape, state, next, norm, y, post, comb)
+    }
     /// Copies the first n rows to the host (row-major).
     fn read_rows(&self, x: &Self::Act, n: usize, out: &mut [f32]) -> Result<()>;
     /// dst[dst_row] = src[src_row] (same width).

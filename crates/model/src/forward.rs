@@ -333,12 +333,14 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 &mut bufs.post,
                 &mut bufs.comb,
             )?;
-            be.moe(&lw.ffn, il, s, &bufs.y, tokens, n, &mut bufs.sub)?;
             match layers.get(il + 1) {
-                Some(next) => be.hc_post_pre_norm(
-                    &bufs.sub,
-                    n,
+                Some(next) => be.moe_hc_post_pre_norm(
+                    &lw.ffn,
+                    il,
                     s,
+                    tokens,
+                    n,
+                    &mut bufs.sub,
                     &mut bufs.state,
                     &next.hc_attn,
                     &next.attn.norm,
@@ -346,14 +348,17 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                     &mut bufs.post,
                     &mut bufs.comb,
                 )?,
-                None => be.hc_post(
-                    &bufs.sub,
-                    &bufs.post,
-                    &bufs.comb,
-                    n,
-                    s.hc_mult,
-                    &mut bufs.state,
-                )?,
+                None => {
+                    be.moe(&lw.ffn, il, s, &bufs.y, tokens, n, &mut bufs.sub)?;
+                    be.hc_post(
+                        &bufs.sub,
+                        &bufs.post,
+                        &bufs.comb,
+                        n,
+                        s.hc_mult,
+                        &mut bufs.state,
+                    )?
+                }
             }
         }
         let (state, m) = match rows {
