@@ -605,6 +605,11 @@ pub struct CudaBackend {
     /// keeps the row-per-thread kernel (A/B runs).
     idx_heads: bool,
     attn_branch: bool,
+    /// Decode: a second side branch of a layer (the indexer query) continues on the
+    /// side stream only with `DS4_SIDE_CONTINUE=1`. Off by default: on the H100 the
+    /// side stream, already busy with the compressors, then becomes the longer chain
+    /// (154.6 vs 157.4 tok/s at 2K).
+    side_continue: bool,
     /// Whether the side stream has work the main stream has not joined yet.
     side_pending: std::sync::atomic::AtomicBool,
     side: Arc<CudaStream>,
@@ -654,6 +659,7 @@ impl CudaBackend {
             moe_parts: Mutex::new(None),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
+            side_continue: std::env::var("DS4_SIDE_CONTINUE").is_ok_and(|v| v == "1"),
             idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
             side_pending: std::sync::atomic::AtomicBool::new(false),
             side: rt.ctx.new_stream()?,
@@ -1929,8 +1935,14 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 
     fn branch_begin(&self, n: usize) -> MResult<()> {
-        // Decode steps only: a chunk's GEMMs fill the GPU on their own.
-        if n == 1 && self.attn_branch && self.profile.is_none() {
+        // Decode steps only: a chunk's GEMMs fill the GPU on their own. A continuation
+        // (side work not yet joined) only with DS4_SIDE_CONTINUE=1.
+        let continuation = self.side_pending.load(Ordering::Relaxed);
+        if n == 1
+            && self.attn_branch
+            && self.profile.is_none()
+            && (!continuation || self.side_continue)
+        {
             self.fork_side()?;
         }
         Ok(())

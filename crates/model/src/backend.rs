@@ -82,7 +82,9 @@ pub trait Backend<'w> {
     /// Operations issued from here to [`Self::branch_end`] form a side branch: they may
     /// run beside the ones issued after `branch_end`, until [`Self::branch_join`]. The
     /// caller keeps the two sets independent (neither reads what the other writes).
-    /// Running everything in issue order, as the defaults do, is always correct.
+    /// Running everything in issue order, as the defaults do, is always correct. A
+    /// second `branch_begin` before the join continues the side branch: its operations
+    /// follow the side's earlier ones and everything issued before it.
     fn branch_begin(&self, _n: usize) -> Result<()> {
         Ok(())
     }

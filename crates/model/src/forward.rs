@@ -262,6 +262,21 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 be.branch_end()?;
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
+            // The indexer's query only reads the normed qr: the side branch takes it on,
+            // beside q_b and the q / KV-row norms, until the join before the top-k.
+            if let Some(ix) = &a.indexer {
+                be.branch_begin(n)?;
+                be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
+                be.rope_indexer_q(
+                    &mut bufs.iq,
+                    n,
+                    s.indexer_dim,
+                    RopeKind::Compress,
+                    pos0,
+                    official,
+                )?;
+                be.branch_end()?;
+            }
             be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
             be.qkv_norm_rope(
                 &mut bufs.q,
@@ -274,20 +289,11 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 pos0,
                 official,
             )?;
-            if branched {
+            if branched || a.indexer.is_some() {
                 be.branch_join()?;
             }
             let mut use_sel = false;
-            if let Some(ix) = &a.indexer {
-                be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
-                be.rope_indexer_q(
-                    &mut bufs.iq,
-                    n,
-                    s.indexer_dim,
-                    RopeKind::Compress,
-                    pos0,
-                    official,
-                )?;
+            if a.indexer.is_some() {
                 be.indexer_topk(
                     kv,
                     il,
