@@ -81,9 +81,27 @@ pub fn max_keys(window: usize, ratio: usize, comp_cap: usize, sel_k: Option<usiz
 
 /// Keys per split and split count of the decode path (at most `MAX_SPLITS`).
 fn split_plan(max_keys: usize) -> (usize, usize) {
+    split_plan_with(max_keys, min_split_keys())
+}
+
+/// [`split_plan`] with at least `min_kps` keys per split.
+fn split_plan_with(max_keys: usize, min_kps: usize) -> (usize, usize) {
     let tiles = max_keys.div_ceil(KEY_TILE).max(1);
-    let kps = KEY_TILE * tiles.div_ceil(MAX_SPLITS);
+    let kps = (KEY_TILE * tiles.div_ceil(MAX_SPLITS)).max(min_kps);
     (kps, max_keys.max(1).div_ceil(kps))
+}
+
+/// Fewest keys per decode split: one tile, or `DS4_ATTN_SPLIT_KEYS` rounded up to whole
+/// tiles (an A/B knob: fewer, longer splits; read once, so scratch sizes and launches
+/// agree).
+fn min_split_keys() -> usize {
+    static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEYS.get_or_init(|| {
+        std::env::var("DS4_ATTN_SPLIT_KEYS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(KEY_TILE, |k| k.max(KEY_TILE).next_multiple_of(KEY_TILE))
+    })
 }
 
 /// Device scratch bytes a launch needs for its split partials (0 for chunks).
@@ -523,6 +541,15 @@ mod tests {
                 "{keys}: {kps} x {ns}"
             );
         }
+    }
+
+    #[test]
+    fn longer_splits_keep_whole_tiles() {
+        assert_eq!(split_plan_with(640, 64), (64, 10));
+        assert_eq!(split_plan_with(640, 96), (96, 7));
+        assert_eq!(split_plan_with(145, 32), (32, 5));
+        // The split cap still wins for long key lists.
+        assert_eq!(split_plan_with(32 * 4096, 32), (128, 1024));
     }
 
     #[test]
