@@ -197,6 +197,9 @@ pub struct AttentionKernels {
     /// Programmatic dependent launches (sm_90+, unless `DS4_ATTN_PDL=0` or
     /// `DS4_CUDA_PDL=0`): the kernels wait in `griddepcontrol.wait` before reading.
     pdl: bool,
+    /// The indexer picks go to shared memory before the first key tile is loaded
+    /// (`DS4_ATTN_PICKS_FIRST=0`: the tile reads them from global memory).
+    picks_first: bool,
 }
 
 fn shape_err(detail: String) -> Error {
@@ -269,6 +272,7 @@ impl AttentionKernels {
             enabled,
             cluster_max_keys,
             pdl,
+            picks_first: env_switch("DS4_ATTN_PICKS_FIRST"),
         })
     }
 
@@ -415,6 +419,7 @@ impl AttentionKernels {
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let part = if split { a.scratch } else { 0u64 };
         let ring_app = a.ring_append_ptr();
+        let picks_first = i32::from(self.picks_first);
         let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
@@ -434,7 +439,8 @@ impl AttentionKernels {
             .arg(&a.out)
             .arg(&ld_out)
             .arg(&part)
-            .arg(&ring_app);
+            .arg(&ring_app)
+            .arg(&picks_first);
         // SAFETY: matches AT_KERNEL in attention.cu; strides and scratch checked above,
         // the buffers are the caller's (sized for n_tokens rows and the KV caches); the
         // kernel waits (PDL_START) before reading anything.
@@ -491,6 +497,7 @@ impl AttentionKernels {
         let nh_i = to_i32("n_head", a.n_head)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let ring_app = a.ring_append_ptr();
+        let picks_first = i32::from(self.picks_first);
         let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
@@ -508,7 +515,8 @@ impl AttentionKernels {
             .arg(&nh_i)
             .arg(&a.out)
             .arg(&ld_out)
-            .arg(&ring_app);
+            .arg(&ring_app)
+            .arg(&picks_first);
         // SAFETY: matches AT_DC_KERNEL in attention.cu (grid x = its cluster size);
         // strides checked by `launch_path`, buffers the caller's as for `launch`.
         unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
