@@ -200,6 +200,10 @@ pub struct AttentionKernels {
     /// The indexer picks go to shared memory before the first key tile is loaded
     /// (`DS4_ATTN_PICKS_FIRST=0`: the tile reads them from global memory).
     picks_first: bool,
+    /// Decode launches whose merge the caller takes over ([`Self::launch_unmerged`])
+    /// take the split kernel even where the cluster kernel would serve
+    /// (`DS4_ATTN_SPLIT_MERGE=0`: the cluster kernel as before).
+    split_when_deferred: bool,
 }
 
 fn shape_err(detail: String) -> Error {
@@ -273,6 +277,7 @@ impl AttentionKernels {
             cluster_max_keys,
             pdl,
             picks_first: env_switch("DS4_ATTN_PICKS_FIRST"),
+            split_when_deferred: env_switch("DS4_ATTN_SPLIT_MERGE"),
         })
     }
 
@@ -309,8 +314,9 @@ impl AttentionKernels {
         self.launch_inner(stream, a, path, 0).map(|_| ())
     }
 
-    /// [`Self::launch`], except that a decode launch that takes split + combine with
-    /// at most `max_splits` splits leaves the merge to the caller: it returns the split
+    /// [`Self::launch`], except that a decode launch of at most `max_splits` splits
+    /// takes split + combine (also where [`Self::launch`] would take the cluster kernel,
+    /// unless `DS4_ATTN_SPLIT_MERGE=0`) and leaves the merge to the caller: it returns the split
     /// count of the partials in `a.scratch` (`n_tokens × splits × n_head × (head_dim +
     /// 2)` floats: m, l, unnormalised output), and `a.out` is not written. `None`: the
     /// output was written (cluster kernel, chunk, or more splits).
@@ -377,8 +383,12 @@ impl AttentionKernels {
         }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
+        // A merge the caller takes over costs little more than its own kernel, so the
+        // split CTAs (one tile each, no cluster barriers) beat the cluster kernel then.
+        let merge_deferred =
+            split && self.split_when_deferred && split_plan(max_keys).1 <= defer_merge_up_to;
         let cluster = match path {
-            DecodePath::Auto => self.uses_cluster_decode(max_keys),
+            DecodePath::Auto => self.uses_cluster_decode(max_keys) && !merge_deferred,
             DecodePath::Split => false,
             DecodePath::Cluster => true,
         };
