@@ -151,7 +151,7 @@ __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
     const float* __restrict__ sinks, int window, const int* pos_p, int n_head, int kps,
-    float* out, int ld_out, float* part, float* ring_app) {
+    float* out, int ld_out, float* part, float* ring_app, int picks_first) {
     // Launched as a programmatic dependent (launch.rs): nothing an earlier kernel
     // wrote is read before the wait.
     PDL_START();
@@ -202,6 +202,14 @@ __device__ __forceinline__ void att_tc_impl(
         const float4 v = *(const float4*)(rows + (long long)i * ld_rows + 4 * tid);
         *(float4*)(ring_app + (long long)((pos0 + i) % ring_cap) * HD + 4 * tid) = v;
     }
+    // Picks first (when they fit one per thread): the first key tile then finds its
+    // compressed rows in shared memory, one global round trip (the pick, after the
+    // position) off the chain before its loads; the queries load beside the keys.
+    const bool early_picks = picks_first && srow && sel_k <= AT_THREADS;
+    if (early_picks) {
+        if (tid < sel_k) s_pick[tid] = my_pick;
+        __syncthreads();
+    }
 
     // Queries split into hi/lo unscaled (1/√hd is applied to the f32 scores, so
     // the lo parts keep clear of f16 subnormals); rows of absent heads are zero.
@@ -226,7 +234,7 @@ __device__ __forceinline__ void att_tc_impl(
     const int p = pos0 + i;
     AtKeys K;
     K.rows = rows; K.ld_rows = ld_rows; K.ring = ring; K.ring_cap = ring_cap; K.comp = comp;
-    K.srow = srow; K.sel_k = sel_k; K.spick = 0;
+    K.srow = srow; K.sel_k = sel_k; K.spick = early_picks ? s_pick : 0;
     K.first = max(0, p + 1 - window);
     K.n_raw = p + 1 - K.first;
     K.pos0 = pos0; K.hd = HD;
@@ -523,9 +531,10 @@ __device__ __forceinline__ void att_tc_impl(
         const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
         const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
-        int ld_out, float* part, float* ring_app) {                                              \
+        int ld_out, float* part, float* ring_app, int picks_first) {                             \
         att_tc_impl<MT, HD, 0>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel, sel_k,  \
-                               sinks, window, pos_p, n_head, kps, out, ld_out, part, ring_app);  \
+                               sinks, window, pos_p, n_head, kps, out, ld_out, part, ring_app,   \
+                               picks_first);                                                     \
     }
 AT_KERNEL(4, 512)
 AT_KERNEL(1, 512)
@@ -541,10 +550,10 @@ AT_KERNEL(1, 256)
         att_dc_##HD(const float* q, int ld_q, const float* rows, int ld_rows, const float* ring, \
                     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,       \
                     const float* sinks, int window, const int* pos_p, int n_head, float* out,    \
-                    int ld_out, float* ring_app) {                                               \
+                    int ld_out, float* ring_app, int picks_first) {                              \
         att_tc_impl<1, HD, AT_CL>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio, sel,      \
                                   sel_k, sinks, window, pos_p, n_head, 0, out, ld_out, 0,        \
-                                  ring_app);                                                     \
+                                  ring_app, picks_first);                                        \
     }
 AT_DC_KERNEL(512)
 AT_DC_KERNEL(256)

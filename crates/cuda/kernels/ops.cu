@@ -1092,6 +1092,23 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int j = threadIdx.x; j < cols; j += blockDim.x) row[j] = srow[j];
 }
 
+// The indexer queries' RoPE (rope, forward) and official rounding (round_rows mode 1)
+// in one pass: block (head, row) of 128 threads on a shared copy of the 128-dim head;
+// thread k < n_rot/2 rotates pair k of the last n_rot dims, then block_indexer_qat.
+// Same arithmetic as rope + round_rows. Dynamic smem 128 floats.
+extern "C" __global__ void __launch_bounds__(128)
+    rope_qat(float* x, int ld, int n_rot, const float* freqs, const int* pos_p) { PDL_START();
+    extern __shared__ float srow[];
+    const int i = blockIdx.y, t = threadIdx.x;
+    float* row = x + (long long)i * ld + (long long)blockIdx.x * 128;
+    srow[t] = row[t];
+    __syncthreads();
+    if (t < n_rot / 2) rope_pair(srow + (128 - n_rot) + 2 * t, freqs[t], *pos_p + i, 0);
+    __syncthreads();
+    block_indexer_qat(srow, 128);
+    row[t] = srow[t];
+}
+
 // The attention inputs' per-head norms in one launch (decode): blocks x < q_heads do
 // norm_rope of query head x (no weight); block x = q_heads does norm_rope of the KV row
 // (weight kv_w, one head of head_dim) and, when `round_kv`, its official rounding

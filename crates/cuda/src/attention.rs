@@ -81,9 +81,27 @@ pub fn max_keys(window: usize, ratio: usize, comp_cap: usize, sel_k: Option<usiz
 
 /// Keys per split and split count of the decode path (at most `MAX_SPLITS`).
 fn split_plan(max_keys: usize) -> (usize, usize) {
+    split_plan_with(max_keys, min_split_keys())
+}
+
+/// [`split_plan`] with at least `min_kps` keys per split.
+fn split_plan_with(max_keys: usize, min_kps: usize) -> (usize, usize) {
     let tiles = max_keys.div_ceil(KEY_TILE).max(1);
-    let kps = KEY_TILE * tiles.div_ceil(MAX_SPLITS);
+    let kps = (KEY_TILE * tiles.div_ceil(MAX_SPLITS)).max(min_kps);
     (kps, max_keys.max(1).div_ceil(kps))
+}
+
+/// Fewest keys per decode split: one tile, or `DS4_ATTN_SPLIT_KEYS` rounded up to whole
+/// tiles (an A/B knob: fewer, longer splits; read once, so scratch sizes and launches
+/// agree).
+fn min_split_keys() -> usize {
+    static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEYS.get_or_init(|| {
+        std::env::var("DS4_ATTN_SPLIT_KEYS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(KEY_TILE, |k| k.max(KEY_TILE).next_multiple_of(KEY_TILE))
+    })
 }
 
 /// Device scratch bytes a launch needs for its split partials (0 for chunks).
@@ -179,6 +197,13 @@ pub struct AttentionKernels {
     /// Programmatic dependent launches (sm_90+, unless `DS4_ATTN_PDL=0` or
     /// `DS4_CUDA_PDL=0`): the kernels wait in `griddepcontrol.wait` before reading.
     pdl: bool,
+    /// The indexer picks go to shared memory before the first key tile is loaded
+    /// (`DS4_ATTN_PICKS_FIRST=0`: the tile reads them from global memory).
+    picks_first: bool,
+    /// Decode launches whose merge the caller takes over ([`Self::launch_unmerged`])
+    /// take the split kernel even where the cluster kernel would serve
+    /// (`DS4_ATTN_SPLIT_MERGE=0`: the cluster kernel as before).
+    split_when_deferred: bool,
 }
 
 fn shape_err(detail: String) -> Error {
@@ -251,6 +276,8 @@ impl AttentionKernels {
             enabled,
             cluster_max_keys,
             pdl,
+            picks_first: env_switch("DS4_ATTN_PICKS_FIRST"),
+            split_when_deferred: env_switch("DS4_ATTN_SPLIT_MERGE"),
         })
     }
 
@@ -287,8 +314,9 @@ impl AttentionKernels {
         self.launch_inner(stream, a, path, 0).map(|_| ())
     }
 
-    /// [`Self::launch`], except that a decode launch that takes split + combine with
-    /// at most `max_splits` splits leaves the merge to the caller: it returns the split
+    /// [`Self::launch`], except that a decode launch of at most `max_splits` splits
+    /// takes split + combine (also where [`Self::launch`] would take the cluster kernel,
+    /// unless `DS4_ATTN_SPLIT_MERGE=0`) and leaves the merge to the caller: it returns the split
     /// count of the partials in `a.scratch` (`n_tokens × splits × n_head × (head_dim +
     /// 2)` floats: m, l, unnormalised output), and `a.out` is not written. `None`: the
     /// output was written (cluster kernel, chunk, or more splits).
@@ -355,8 +383,12 @@ impl AttentionKernels {
         }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
+        // A merge the caller takes over costs little more than its own kernel, so the
+        // split CTAs (one tile each, no cluster barriers) beat the cluster kernel then.
+        let merge_deferred =
+            split && self.split_when_deferred && split_plan(max_keys).1 <= defer_merge_up_to;
         let cluster = match path {
-            DecodePath::Auto => self.uses_cluster_decode(max_keys),
+            DecodePath::Auto => self.uses_cluster_decode(max_keys) && !merge_deferred,
             DecodePath::Split => false,
             DecodePath::Cluster => true,
         };
@@ -397,6 +429,7 @@ impl AttentionKernels {
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let part = if split { a.scratch } else { 0u64 };
         let ring_app = a.ring_append_ptr();
+        let picks_first = i32::from(self.picks_first);
         let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
@@ -416,7 +449,8 @@ impl AttentionKernels {
             .arg(&a.out)
             .arg(&ld_out)
             .arg(&part)
-            .arg(&ring_app);
+            .arg(&ring_app)
+            .arg(&picks_first);
         // SAFETY: matches AT_KERNEL in attention.cu; strides and scratch checked above,
         // the buffers are the caller's (sized for n_tokens rows and the KV caches); the
         // kernel waits (PDL_START) before reading anything.
@@ -473,6 +507,7 @@ impl AttentionKernels {
         let nh_i = to_i32("n_head", a.n_head)?;
         let ld_out = to_i32("ld_out", a.ld_out)?;
         let ring_app = a.ring_append_ptr();
+        let picks_first = i32::from(self.picks_first);
         let mut b = KernelArgs::new();
         b.arg(&a.q)
             .arg(&ld_q)
@@ -490,7 +525,8 @@ impl AttentionKernels {
             .arg(&nh_i)
             .arg(&a.out)
             .arg(&ld_out)
-            .arg(&ring_app);
+            .arg(&ring_app)
+            .arg(&picks_first);
         // SAFETY: matches AT_DC_KERNEL in attention.cu (grid x = its cluster size);
         // strides checked by `launch_path`, buffers the caller's as for `launch`.
         unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
@@ -523,6 +559,15 @@ mod tests {
                 "{keys}: {kps} x {ns}"
             );
         }
+    }
+
+    #[test]
+    fn longer_splits_keep_whole_tiles() {
+        assert_eq!(split_plan_with(640, 64), (64, 10));
+        assert_eq!(split_plan_with(640, 96), (96, 7));
+        assert_eq!(split_plan_with(145, 32), (32, 5));
+        // The split cap still wins for long key lists.
+        assert_eq!(split_plan_with(32 * 4096, 32), (128, 1024));
     }
 
     #[test]

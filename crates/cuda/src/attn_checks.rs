@@ -1,5 +1,6 @@
-//! GPU checks of the fused decode kernels of the attention side chain (compressor
-//! steps, indexer query preparation) against the kernels they replace, at Flash dims.
+//! GPU checks of the fused decode kernels of the attention chain (compressor steps,
+//! indexer query preparation, split merge) against the kernels they replace, at Flash
+//! dims.
 //! The replaced kernels are the reference: the tiny-model parity runs proved them
 //! against the CPU backend, and the fused kernels do the same arithmetic, so the
 //! results must agree bit for bit (every output element and the compressor state).
@@ -560,6 +561,89 @@ fn merge_rope_checks(
     Ok(out)
 }
 
+/// `rope_qat` against `rope` then `round_rows` (indexer QAT), bit-exact: the
+/// indexer queries at Flash dims (64 heads of 128, 64 rotated dims), 1 and 3 rows.
+fn rope_qat_checks(
+    stream: &Arc<CudaStream>,
+    ops: &Arc<CudaModule>,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let rope = ops.load_function("rope")?;
+    let round = ops.load_function("round_rows")?;
+    let fused = ops.load_function("rope_qat")?;
+    let (heads, n_rot, pos0) = (64usize, 64usize, 2051usize);
+    let cols = heads * 128;
+    let freqs: Vec<f32> = (0..n_rot / 2)
+        .map(|k| 160000f32.powf(-2.0 * k as f32 / n_rot as f32))
+        .collect();
+    let dfreqs = DevBuf::from_f32(stream, &freqs)?;
+    let dpos = DevBuf::from_bytes(stream, &(pos0 as i32).to_le_bytes())?;
+    let mut rng = Rng(0xa7f4);
+    let mut out = Vec::new();
+    for n in [1usize, 3] {
+        let x: Vec<f32> = (0..n * cols).map(|_| 2.0 * rng.unit()).collect();
+        let (xa, xb) = (DevBuf::from_f32(stream, &x)?, DevBuf::from_f32(stream, &x)?);
+        let i = |v: usize| v as i32;
+        let (ld, hd, nr, c128, mode, nn, inv) =
+            (i(cols), 128i32, i(n_rot), 128i32, 1i32, 0i32, 0i32);
+        let pairs = heads * n_rot / 2;
+        let cfg = LaunchConfig {
+            grid_dim: (pairs.div_ceil(128) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&rope);
+        b.arg(&xa.ptr)
+            .arg(&ld)
+            .arg(&ld)
+            .arg(&hd)
+            .arg(&nr)
+            .arg(&dfreqs.ptr)
+            .arg(&dpos.ptr)
+            .arg(&inv);
+        // SAFETY: rope's argument list; x holds n rows of cols.
+        unsafe { b.launch(cfg) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 128 * 4,
+        };
+        let mut b = stream.launch_builder(&round);
+        b.arg(&xa.ptr).arg(&ld).arg(&c128).arg(&mode).arg(&nn);
+        // SAFETY: round_rows' argument list (mode 1: 128-dim pieces).
+        unsafe { b.launch(cfg) }?;
+        let mut b = stream.launch_builder(&fused);
+        b.arg(&xb.ptr)
+            .arg(&ld)
+            .arg(&nr)
+            .arg(&dfreqs.ptr)
+            .arg(&dpos.ptr);
+        // SAFETY: rope_qat's argument list; same grid as round_rows.
+        unsafe { b.launch(cfg) }?;
+        stream.synchronize()?;
+        let (a, bb) = (xb.to_f32(stream)?, xa.to_f32(stream)?);
+        let r = exact(
+            format!("rope_qat vs rope+round_rows indexer q 64h x 128, {n} rows"),
+            &a,
+            &bb,
+        );
+        report(&r);
+        out.push(r);
+        let changed = mismatches(&bb, &x);
+        let r = CheckResult {
+            name: format!("rope+round_rows changed the indexer q ({n} rows)"),
+            max_abs: changed as f32,
+            max_rel: changed as f32,
+            tol: (n * cols / 2) as f32,
+            tol_name: "at least half the elements",
+            pass: changed >= n * cols / 2,
+        };
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// Every check of this module.
 pub fn run_attn_chain_checks(
     kern: &Kernels,
@@ -570,6 +654,7 @@ pub fn run_attn_chain_checks(
     let mut out = comp_checks(stream, &ops, &mut report)?;
     out.extend(idx_score_checks(stream, &ops, &mut report)?);
     out.extend(merge_rope_checks(stream, &ops, &mut report)?);
+    out.extend(rope_qat_checks(stream, &ops, &mut report)?);
     Ok(out)
 }
 

@@ -287,11 +287,12 @@ struct Ops {
     rope_quant_q8_0: CudaFunction,
     att_merge_rope_q8_0: CudaFunction,
     round_rows: CudaFunction,
+    rope_qat: CudaFunction,
     comp_pool: CudaFunction,
+    comp_step: CudaFunction,
     comp_pool_chunk: CudaFunction,
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
-    comp_step: CudaFunction,
     idx_scores: CudaFunction,
     idx_scores_heads: CudaFunction,
     idx_topk: CudaFunction,
@@ -337,11 +338,12 @@ impl Ops {
             rope_quant_q8_0: f("rope_quant_q8_0")?,
             att_merge_rope_q8_0: f("att_merge_rope_q8_0")?,
             round_rows: big("round_rows")?,
+            rope_qat: f("rope_qat")?,
             comp_pool: f("comp_pool")?,
+            comp_step: f("comp_step")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
-            comp_step: f("comp_step")?,
             idx_scores: f("idx_scores")?,
             idx_scores_heads: f("idx_scores_heads")?,
             idx_topk: f("idx_topk")?,
@@ -572,6 +574,9 @@ pub struct CudaBackend {
     /// Decode: the attention's split partials are merged by the RoPE + Q8_0 kernel of
     /// o_a (`DS4_ATTN_MERGE_ROPE=0`: att_combine, then rope_quant_q8_0).
     attn_merge_rope: bool,
+    /// The indexer queries' RoPE and official rounding in one kernel (`rope_qat`;
+    /// `DS4_IDX_ROPE_QAT=0`: rope, then round_rows).
+    idx_rope_qat: bool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -650,6 +655,7 @@ impl CudaBackend {
             ring_appended: AtomicUsize::new(0),
             comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
             attn_merge_rope: crate::launch::env_switch("DS4_ATTN_MERGE_ROPE"),
+            idx_rope_qat: crate::launch::env_switch("DS4_IDX_ROPE_QAT"),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -1643,6 +1649,37 @@ impl CudaBackend {
     }
 }
 
+/// `y[t·ldy + r] = W[r] · x[t]` as a tensor-core product description.
+#[allow(clippy::too_many_arguments)]
+fn dense_gemm<'a>(
+    w: &CudaWeight,
+    wptr: u64,
+    rows: usize,
+    x: MvInput<'a>,
+    x_row_len: usize,
+    n: usize,
+    y: u64,
+    ldy: usize,
+) -> Gemm<'a> {
+    Gemm {
+        ty: w.ty,
+        w: wptr,
+        k: w.k,
+        rows,
+        x,
+        x_col0: 0,
+        x_row_len,
+        ntok: n,
+        y,
+        y_row_stride: ldy,
+        y_col0: 0,
+    }
+}
+
+fn as_i32(v: usize, what: &str) -> MResult<i32> {
+    i32::try_from(v).map_err(|_| MError::Backend(format!("{what} = {v} exceeds i32")))
+}
+
 impl CudaBackend {
     /// `Backend::attention`; a decode launch of at most `defer_merge_up_to` splits
     /// leaves its split partials unmerged and returns (scratch pointer, split count):
@@ -1893,37 +1930,6 @@ impl CudaBackend {
         }
         self.matmul_grouped(w, x, n, groups, out)
     }
-}
-
-/// `y[t·ldy + r] = W[r] · x[t]` as a tensor-core product description.
-#[allow(clippy::too_many_arguments)]
-fn dense_gemm<'a>(
-    w: &CudaWeight,
-    wptr: u64,
-    rows: usize,
-    x: MvInput<'a>,
-    x_row_len: usize,
-    n: usize,
-    y: u64,
-    ldy: usize,
-) -> Gemm<'a> {
-    Gemm {
-        ty: w.ty,
-        w: wptr,
-        k: w.k,
-        rows,
-        x,
-        x_col0: 0,
-        x_row_len,
-        ntok: n,
-        y,
-        y_row_stride: ldy,
-        y_col0: 0,
-    }
-}
-
-fn as_i32(v: usize, what: &str) -> MResult<i32> {
-    i32::try_from(v).map_err(|_| MError::Backend(format!("{what} = {v} exceeds i32")))
 }
 
 impl<'w> Backend<'w> for CudaBackend {
@@ -2722,6 +2728,51 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&pp)
                 .arg(&rk)
                 .arg(&nn);
+        })
+    }
+
+    fn rope_indexer_q(
+        &self,
+        x: &mut CudaAct,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        official: bool,
+    ) -> MResult<()> {
+        let n_rot = self.shape.n_rot;
+        let fused = self.idx_rope_qat
+            && official
+            && head_dim == 128
+            && x.cols.is_multiple_of(128)
+            && n_rot <= 128
+            && n_rot.is_multiple_of(2);
+        if !fused {
+            self.rope(x, n, head_dim, kind, pos0, false)?;
+            if official {
+                self.round_rows(x, n, RowRounding::IndexerQat)?;
+            }
+            return Ok(());
+        }
+        let _prof = self.prof("rope_qat", n);
+        if n == 0 {
+            return Ok(());
+        }
+        self.wrote(x)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((x.cols / 128) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 128 * 4,
+        };
+        let (xp, ld, nr, fr, pp) = (
+            x.buf.ptr,
+            x.cols as i32,
+            n_rot as i32,
+            self.freqs(kind),
+            self.chunk_ptrs()?.1,
+        );
+        self.launch(&self.ops.rope_qat, cfg, |b| {
+            b.arg(&xp).arg(&ld).arg(&nr).arg(&fr).arg(&pp);
         })
     }
 

@@ -272,6 +272,23 @@ pub trait Backend<'w> {
         self.matmul_grouped(w, x, n, groups, out)
     }
     fn round_rows(&self, x: &mut Self::Act, n: usize, mode: RowRounding) -> Result<()>;
+    /// The indexer queries' RoPE (`rope`, forward), then `round_rows(IndexerQat)` when
+    /// `official`: one step a backend can fuse.
+    fn rope_indexer_q(
+        &self,
+        x: &mut Self::Act,
+        n: usize,
+        head_dim: usize,
+        kind: RopeKind,
+        pos0: usize,
+        official: bool,
+    ) -> Result<()> {
+        self.rope(x, n, head_dim, kind, pos0, false)?;
+        if official {
+            self.round_rows(x, n, RowRounding::IndexerQat)?;
+        }
+        Ok(())
+    }
     /// Compressor step for a chunk (§8): adds ape, writes the frontier, emits pooled rows
     /// (norm, RoPE, rounding when `official`) into the layer's compressed cache.
     #[allow(clippy::too_many_arguments)]

@@ -2,7 +2,7 @@
 //! positions goes through every layer (layer-major), updating the KV state, and produces
 //! logits for every position of the chunk. Decode is a chunk of one.
 
-use crate::backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
+use crate::backend::{Backend, CompKind, KvStore, RopeKind};
 use crate::shape::ModelShape;
 use crate::weights::{ModelWeights, TensorView};
 use crate::{Error, Result};
@@ -267,17 +267,14 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             if let Some(ix) = &a.indexer {
                 be.branch_begin(n)?;
                 be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
-                be.rope(
+                be.rope_indexer_q(
                     &mut bufs.iq,
                     n,
                     s.indexer_dim,
                     RopeKind::Compress,
                     pos0,
-                    false,
+                    official,
                 )?;
-                if official {
-                    be.round_rows(&mut bufs.iq, n, RowRounding::IndexerQat)?;
-                }
                 be.branch_end()?;
             }
             be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
