@@ -948,6 +948,11 @@ MV_K_REGS(4, 2)
 // or, a shift, two prmt and two dp4a. Entry e fills the 32 words 32e .. 32e + 31 and
 // lane l reads word l, so random indices never conflict in the banks (48 KB a block).
 // MATH 1: mv_iq2_xxs_regs' iq2_group (2 KB grid, signs computed) in this pipeline.
+// Rows: with ctr null a warp takes rows gw, gw + nw, ... (static); else each warp
+// takes its next row from the slot's counter ctr[2·slot] (atomicAdd), so blocks that
+// start late (other kernels still on their multiprocessor) take fewer rows; the last
+// warp of a slot to finish (counted in ctr[2·slot + 1]) sets both back to 0 for the
+// next launch, which reads them only after PDL_WAIT (this grid complete).
 // ---------------------------------------------------------------------------
 #define IQ2_TAB_ROWS 384  // 256 grid points, then 128 sign fields
 
@@ -1049,7 +1054,8 @@ template <int TY, int PPL, int NST, int MATH, int W>
 __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_stride,
                                         const int* __restrict__ ids, const i8* __restrict__ xq,
                                         const float* __restrict__ xd,
-                                        const i16* __restrict__ xbs, int x_group) {
+                                        const i16* __restrict__ xbs, int x_group,
+                                        unsigned* __restrict__ ctr) {
     constexpr int K = 2048 * PPL;
     constexpr int ROW_BYTES = TY == TY_IQ2_XXS ? K / 256 * 66 : K / 256 * 84;
     constexpr int AUX = MV2_AUX(TY);
@@ -1067,7 +1073,7 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
         }
     }
     const int slot = blockIdx.y;
-    if (ids) PDL_WAIT();
+    if (ids || ctr) PDL_WAIT();
     const int e = ids ? ids[slot] : slot;
     const long long e_off = (long long)e * w_expert_stride;
     const int total = sg.start[sg.n];
@@ -1105,10 +1111,26 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
         }
         cp_async_commit();
     };
+    // This warp's rows in increasing order: static, or from the slot's counter.
+    int next_static = gw;
+    auto grab = [&]() -> int {
+        if (!ctr) {
+            const int r = next_static;
+            next_static += nw;
+            return r;
+        }
+        int r = 0;
+        if (lane == 0) r = (int)atomicAdd(ctr + 2 * slot, 1u);
+        return __shfl_sync(0xffffffffu, r, 0);
+    };
+    int rq[NST - 1];  // rows in flight, stage order
 #pragma unroll
-    for (int st = 0; st < NST - 1; st++) issue(gw + st * nw, st);
-    if (!ids) PDL_WAIT();  // the first rows above stream in while the previous kernel finishes
-    if (gw >= total) {
+    for (int st = 0; st < NST - 1; st++) {
+        rq[st] = grab();
+        issue(rq[st], st);
+    }
+    if (!ids && !ctr) PDL_WAIT();  // the first rows above stream in while the previous kernel finishes
+    if (!ctr && gw >= total) {
         cp_async_wait_n<0>();
         return;
     }
@@ -1145,9 +1167,15 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     const u32 lv_pos = iq2_lv_pos();
     const u32 dsh = (lane & 4) ? 16u : 0u;  // IQ2_XXS: d of block p / 4 in the pair
     int st = 0, csg = 0;  // stage and segment of row r
-    for (int r = gw; r < total; r += nw) {
+    for (;;) {
+        const int r = rq[0];
+        if (r >= total) break;
         const int ahead = st == 0 ? NST - 1 : st - 1;  // the stage read one row ago
-        issue(r + (NST - 1) * nw, ahead);
+        const int nxt = grab();
+#pragma unroll
+        for (int q = 0; q < NST - 2; q++) rq[q] = rq[q + 1];
+        rq[NST - 2] = nxt;
+        issue(nxt, ahead);
         cp_async_wait_n<NST - 1>();
         const u8* s = ring + st * STAGE;
         float acc = 0.0f;
@@ -1196,6 +1224,13 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
         st = st == NST - 1 ? 0 : st + 1;
     }
     cp_async_wait_n<0>();
+    if (ctr && lane == 0) {
+        __threadfence();  // this warp's last grab before its count
+        if (atomicAdd(ctr + 2 * slot + 1, 1u) == gridDim.x * W - 1) {
+            ctr[2 * slot] = 0;
+            ctr[2 * slot + 1] = 0;
+        }
+    }
 }
 
 // W warps per block (>= 8: the table fill takes 256 threads); 8-warp blocks are
@@ -1204,8 +1239,8 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     extern "C" __global__ void __launch_bounds__((W) * 32, (W) <= 8 ? 2 : 1) NAME(              \
         MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
         const i8* __restrict__ xq, const float* __restrict__ xd,                                \
-        const i16* __restrict__ xbs, int x_group) {                                             \
-        mv_k_v2<TY, PPL, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);        \
+        const i16* __restrict__ xbs, int x_group, unsigned* __restrict__ ctr) {                \
+        mv_k_v2<TY, PPL, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group, ctr);   \
     }
 // Names: mv2_{iq2_xxs,q2_k}_p{PPL}_s{NST}_m{MATH}_w{W}; kernels.rs `K_V2_VARIANTS`.
 #define MV_K_V2_IQ2(PPL, NST, MATH, W) \

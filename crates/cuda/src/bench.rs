@@ -700,9 +700,10 @@ const ROUTED_LAUNCHES: usize = 42;
 /// `ds4 bench --synthetic q2|q4 --routed-only`: the routed-expert products of one
 /// decode step alone (gate + up as the step launches them, one two-segment launch
 /// over 6 experts, and down), timed with every kernel that can take them: the
-/// environment's default, the register kernels (`KV2Force::Off`) and each version-2
-/// variant of the type. Each graph holds `ROUTED_LAUNCHES` launches, each on another
-/// set of 6 of the 256 resident experts; one line per (product, kernel).
+/// environment's default (also with rows from counters), the register kernels
+/// (`KV2Force::Off`) and each version-2 variant of the type. Each graph holds
+/// `ROUTED_LAUNCHES` launches, each on another set of 6 of the 256 resident experts;
+/// one line per (product, kernel).
 pub fn run_routed(
     rt: &CudaRuntime,
     kern: &Kernels,
@@ -803,18 +804,21 @@ pub fn run_routed(
     ];
     let mut lines = Vec::new();
     for (name, ty, k, bytes, launch) in products {
+        // (name, kernel choice, rows from counters)
         let mut kinds = vec![
-            ("default".to_string(), KV2Force::Env),
-            ("regs".to_string(), KV2Force::Off),
+            ("default".to_string(), KV2Force::Env, false),
+            ("default, row counters".to_string(), KV2Force::Env, true),
+            ("regs".to_string(), KV2Force::Off, false),
         ];
         kinds.extend(
             kern.k_v2_variants()
                 .into_iter()
                 .filter(|v| v.ty == ty && 2048 * v.ppl == k)
-                .map(|v| (v.name(), KV2Force::Variant(v))),
+                .map(|v| (v.name(), KV2Force::Variant(v), false)),
         );
-        for (kname, force) in kinds {
+        for (kname, force, dyn_rows) in kinds {
             kern.force_k_v2(force);
+            kern.force_k_v2_dyn(dyn_rows);
             let timed = capture(rt, || {
                 for l in 0..ROUTED_LAUNCHES {
                     launch(l)?;
@@ -823,6 +827,7 @@ pub fn run_routed(
             })
             .and_then(|g| time_ms(rt, iters, || Ok(g.launch()?)));
             kern.force_k_v2(KV2Force::Env);
+            kern.force_k_v2_dyn(false);
             let ms = timed? / ROUTED_LAUNCHES as f64;
             let line = format!(
                 "{name:<32} {kname:<24} {:>8.2} MB {:>8.2} us {:>6.0} GB/s",

@@ -255,6 +255,16 @@ pub struct Kernels {
     k_v2_pick: KV2Pick,
     /// Blocks per multiprocessor of the version-2 grid (`DS4_MV_K_V2_BPS`, tuning).
     k_v2_bps: Option<usize>,
+    /// Rows handed out by per-slot counters (`DS4_MV_K_V2_DYN=1`, or forced by the
+    /// selftest) instead of a fixed stride.
+    k_v2_dyn: bool,
+    k_v2_dyn_forced: std::sync::atomic::AtomicBool,
+    /// The counters (`K_V2_SITES` sites × `K_V2_CTR_SLOTS` slots × 2 u32, zero
+    /// between launches) and the weight tensor (first segment's address) each site
+    /// belongs to: launches of different tensors may run at once on different
+    /// streams, so each tensor counts apart.
+    k_v2_ctr: DevBuf,
+    k_v2_sites: std::sync::Mutex<Vec<u64>>,
     /// Forcing by the selftest and the bench (`KV2Force`): 0 none, `usize::MAX` off,
     /// else index into `mv_k_v2` + 1.
     k_v2_forced: std::sync::atomic::AtomicUsize,
@@ -521,6 +531,11 @@ const K_V2_VARIANTS: [KV2Variant; 17] = {
     ]
 };
 
+/// Weight tensors that can have their own row counters (`Kernels::k_v2_ctr`).
+const K_V2_SITES: usize = 256;
+/// Slots per launch the row counters cover (larger launches take static rows).
+const K_V2_CTR_SLOTS: usize = 64;
+
 /// The (NST, MATH, W) of the version-2 kernels used per type.
 #[derive(Debug, Clone, Copy)]
 struct KV2Pick {
@@ -651,6 +666,10 @@ impl Kernels {
                 Vec::new()
             },
             k_v2_pick: KV2Pick::from_env(),
+            k_v2_dyn: std::env::var("DS4_MV_K_V2_DYN").is_ok_and(|v| v == "1"),
+            k_v2_dyn_forced: std::sync::atomic::AtomicBool::new(false),
+            k_v2_ctr: DevBuf::zeros(&rt.stream, K_V2_SITES * K_V2_CTR_SLOTS * 8)?,
+            k_v2_sites: std::sync::Mutex::new(Vec::new()),
             k_v2_bps: std::env::var("DS4_MV_K_V2_BPS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -1091,6 +1110,7 @@ impl Kernels {
             tracing::trace!("matvec {} via {}", m.ty.name(), v.name());
             let stride = m.w_slot_stride as i64;
             let x_group = m.x_group as i32;
+            let ctr = self.k_v2_counters(m.w, m.slots);
             let mut b = KernelArgs::new();
             b.arg(&sg)
                 .arg(&stride)
@@ -1098,10 +1118,12 @@ impl Kernels {
                 .arg(&act.qs.ptr)
                 .arg(&act.d.ptr)
                 .arg(&act.bsums.ptr)
-                .arg(&x_group);
+                .arg(&x_group)
+                .arg(&ctr);
             // SAFETY: matches `MV_K_V2`; shapes checked above (one token, K = 2048·PPL,
             // rows and activation rows 16-byte multiples, bases aligned); routed slots
-            // PDL_WAIT before reading the ids.
+            // PDL_WAIT before reading the ids; `ctr` is null or 2·slots zeroed u32 that
+            // only launches of this tensor use (and leave zeroed).
             unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
             return Ok(());
         }
@@ -1300,6 +1322,37 @@ impl Kernels {
         self.mv_k_v2
             .iter()
             .find(|(v, _, _)| *v == KV2Variant::new(ty, ppl, nst, math, warps))
+    }
+
+    /// The row counters of a version-2 launch over weight tensor `w` (first segment)
+    /// and `slots` slots, or 0 (static rows) when counters are off or none is free.
+    fn k_v2_counters(&self, w: u64, slots: usize) -> u64 {
+        let on = self.k_v2_dyn
+            || self
+                .k_v2_dyn_forced
+                .load(std::sync::atomic::Ordering::Relaxed);
+        if !on || slots > K_V2_CTR_SLOTS {
+            return 0;
+        }
+        let Ok(mut sites) = self.k_v2_sites.lock() else {
+            return 0;
+        };
+        let site = match sites.iter().position(|&t| t == w) {
+            Some(i) => i,
+            None if sites.len() < K_V2_SITES => {
+                sites.push(w);
+                sites.len() - 1
+            }
+            None => return 0,
+        };
+        self.k_v2_ctr.ptr + (site * K_V2_CTR_SLOTS * 8) as u64
+    }
+
+    /// Forces the row counters of the version-2 kernels on (selftest), or back to
+    /// `DS4_MV_K_V2_DYN`.
+    pub fn force_k_v2_dyn(&self, on: bool) {
+        self.k_v2_dyn_forced
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The compiled version-2 variants (empty when `DS4_MV_K_V2=0`).

@@ -644,6 +644,25 @@ fn run_k_v2_checks(
         }
     }
     kern.force_k_v2(KV2Force::Env);
+    // Rows from the per-slot counters (`DS4_MV_K_V2_DYN`), default variants, every
+    // shape twice: the second launch finds the counters the first left behind.
+    kern.force_k_v2_dyn(true);
+    for pass in ["", " again"] {
+        for c in &shapes {
+            let r = run_case(kern, rng, c);
+            let r = r.map(|mut r| {
+                r.name = format!("mv2 row counters{pass} {}", r.name);
+                r
+            });
+            if r.is_err() {
+                kern.force_k_v2_dyn(false);
+            }
+            let r = r?;
+            report(&r);
+            out.push(r);
+        }
+    }
+    kern.force_k_v2_dyn(false);
     Ok(out)
 }
 
