@@ -1893,26 +1893,25 @@ extern "C" __global__ void kv_append(const float* rows, int ld_rows, int n, cons
 // outrank it among those candidates only (typically a handful; all of them when k > 8
 // or under massive ties) and that count is its place. ne ≤ 256, k ≤ 64.
 #define ROUTE_THREADS 256
-extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
-    moe_route(const float* logits, int ld_l, int ne, int k, const float* bias,
-              const int* tid2eid, const int* tok, int norm, float wscale, int* ids,
-              float* wts) {
-    __shared__ float s_s[ROUTE_THREADS];
-    __shared__ float s_cb[ROUTE_THREADS];
-    __shared__ int s_ci[ROUTE_THREADS];
-    __shared__ float s_wmax[ROUTE_THREADS / 32];
+// The body of moe_route for token t, shared with moe_router_route: a block of NT
+// threads (NT ≥ 256, a multiple of 32), thread ex holds its expert's logit `l` and
+// bias `bex` (ignored for ex ≥ ne); every thread of the block calls it.
+template <int NT>
+__device__ __forceinline__ void moe_route_block(float l, float bex, int t, int ne, int k,
+                                                const int* tid2eid, const int* tok, int norm,
+                                                float wscale, int* ids, float* wts) {
+    __shared__ float s_s[NT];
+    __shared__ float s_cb[NT];
+    __shared__ int s_ci[NT];
+    __shared__ float s_wmax[NT / 32];
     __shared__ float s_thr;
     __shared__ int s_nc;
     __shared__ int s_ids[64];
     __shared__ float s_sc[64];
-    const int t = blockIdx.x, ex = threadIdx.x, lane = ex & 31, warp = ex >> 5;
-    // The bias is a weight (never written by a kernel): load it before the wait.
-    PDL_TRIGGER();
-    const float bex = (bias && ex < ne) ? bias[ex] : 0.0f;
-    PDL_WAIT();
+    const int ex = threadIdx.x, lane = ex & 31, warp = ex >> 5;
     float sc = 0.0f, b = NEG_INF;
     if (ex < ne) {
-        sc = sqrtf(softplusf(logits[(long long)t * ld_l + ex]));
+        sc = sqrtf(softplusf(l));
         b = sc + bex;
     }
     s_s[ex] = sc;
@@ -1931,12 +1930,15 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         __syncthreads();
         if (warp == 0) {
             // The threshold: the largest warp maximum that at least k maxima reach.
-            const int nwp = ROUTE_THREADS / 32;
-            const float m = lane < nwp ? s_wmax[lane] : NEG_INF;
-            int ge = 0;
+            const int nwp = NT / 32;
+            float thr = NEG_INF;
+            for (int w0 = 0; w0 < nwp; w0 += 32) {
+                const float m = w0 + lane < nwp ? s_wmax[w0 + lane] : NEG_INF;
+                int ge = 0;
 #pragma unroll
-            for (int v = 0; v < ROUTE_THREADS / 32; v++) ge += s_wmax[v] >= m;
-            const float thr = warp_max(lane < nwp && ge >= k ? m : NEG_INF);
+                for (int v = 0; v < NT / 32; v++) ge += s_wmax[v] >= m;
+                thr = fmaxf(thr, warp_max(w0 + lane < nwp && ge >= k ? m : NEG_INF));
+            }
             if (lane == 0) s_thr = thr;
         }
         __syncthreads();
@@ -1970,6 +1972,118 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
         wts[(long long)t * k + ex] = norm ? wscale * s / fmaxf(sum, 6.1035156e-5f) : wscale * s;
     }
 }
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    moe_route(const float* logits, int ld_l, int ne, int k, const float* bias,
+              const int* tid2eid, const int* tok, int norm, float wscale, int* ids,
+              float* wts) {
+    const int t = blockIdx.x, ex = threadIdx.x;
+    // The bias is a weight (never written by a kernel): load it before the wait.
+    PDL_TRIGGER();
+    const float bex = (bias && ex < ne) ? bias[ex] : 0.0f;
+    PDL_WAIT();
+    const float l = ex < ne ? logits[(long long)t * ld_l + ex] : 0.0f;
+    moe_route_block<ROUTE_THREADS>(l, bex, t, ne, k, tid2eid, tok, norm, wscale, ids, wts);
+}
+
+// Decode (one token): the F16 router product [RR_ROWS × RR_K] · x and moe_route in one
+// launch on a thread-block cluster of RR_CL CTAs (sm_90+; the host loads it when the
+// arch has it). Each CTA holds RR_ROWS / RR_CL rows in registers, issued before
+// PDL_WAIT, laid out and summed exactly as matvec.cu's mv_f16_p4_r*_s4 (lane l of a
+// row's part j takes 16-byte pieces 128·j + l + 32·i, i < 4, summed in order with f32
+// fma; warp sum; the 4 parts added in order from 0), so the logits are bit-identical
+// to the two-launch path's. The logits go to `logits` and, over distributed shared
+// memory, to CTA 0, which after the cluster barrier runs moe_route_block on them.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define RR_CL 16
+#define RR_K 4096
+#define RR_ROWS 256
+#define RR_PPL 4
+#define RR_S 4
+#define RR_WARPS 16
+#define RR_R (RR_ROWS / RR_CL / (RR_WARPS / RR_S))
+__device__ __forceinline__ float rr_h2f(u32 h) {
+    float f;
+    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+    return f;
+}
+__device__ __forceinline__ float rr_fma8(uint4 w, float4 xa, float4 xb, float acc) {
+    acc = fmaf(rr_h2f(w.x & 0xffff), xa.x, acc);
+    acc = fmaf(rr_h2f(w.x >> 16), xa.y, acc);
+    acc = fmaf(rr_h2f(w.y & 0xffff), xa.z, acc);
+    acc = fmaf(rr_h2f(w.y >> 16), xa.w, acc);
+    acc = fmaf(rr_h2f(w.z & 0xffff), xb.x, acc);
+    acc = fmaf(rr_h2f(w.z >> 16), xb.y, acc);
+    acc = fmaf(rr_h2f(w.w & 0xffff), xb.z, acc);
+    acc = fmaf(rr_h2f(w.w >> 16), xb.w, acc);
+    return acc;
+}
+extern "C" __global__ void __cluster_dims__(RR_CL, 1, 1) __launch_bounds__(RR_WARPS * 32, 1)
+    moe_router_route(const u16* __restrict__ wr, const float* __restrict__ x, int ne, int k,
+                     const float* bias, const int* tid2eid, const int* tok, int norm,
+                     float wscale, float* logits, int* ids, float* wts) {
+    constexpr int GROUPS = RR_WARPS / RR_S;
+    __shared__ float s_logit[RR_ROWS];
+    __shared__ float red[RR_WARPS * RR_R];
+    PDL_TRIGGER();
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int group = warp / RR_S, part = warp % RR_S;
+    const int r0 = ((int)rank * GROUPS + group) * RR_R;
+    const int p0 = part * 32 * RR_PPL + lane;
+    uint4 w[RR_R][RR_PPL];
+#pragma unroll
+    for (int q = 0; q < RR_R; q++) {
+        const uint4* row = (const uint4*)(wr + (long long)(r0 + q) * RR_K) + p0;
+#pragma unroll
+        for (int i = 0; i < RR_PPL; i++) {
+            uint4 v;
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                         : "l"(row + 32 * i));
+            w[q][i] = v;
+        }
+    }
+    const int ex = threadIdx.x;
+    const float bex = (rank == 0 && bias && ex < ne) ? bias[ex] : 0.0f;
+    PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    const float4* xp = (const float4*)x + 2 * p0;
+    float acc[RR_R];
+#pragma unroll
+    for (int q = 0; q < RR_R; q++) acc[q] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RR_PPL; i++) {
+        const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
+#pragma unroll
+        for (int q = 0; q < RR_R; q++) acc[q] = rr_fma8(w[q][i], xa, xb, acc[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < RR_R; q++) {
+        const float v = warp_sum(acc[q]);
+        if (lane == 0) red[warp * RR_R + q] = v;
+    }
+    __syncthreads();
+    if (part == 0 && lane < RR_R) {
+        const int r = r0 + lane;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < RR_S; j++) s += red[(group * RR_S + j) * RR_R + lane];
+        logits[r] = s;
+        // CTA 0's copy: its s_logit[r] over distributed shared memory.
+        const u32 local = (u32)__cvta_generic_to_shared(&s_logit[r]);
+        u32 remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0));
+        asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(s) : "memory");
+    }
+    // Release / acquire: every CTA's stores to CTA 0's shared memory are visible there.
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
+    if (rank != 0) return;
+    const float l = ex < ne ? s_logit[ex] : 0.0f;
+    moe_route_block<RR_WARPS * 32>(l, bex, 0, ne, k, tid2eid, tok, norm, wscale, ids, wts);
+}
+#endif
 
 // mid = w · silu(min(g, clamp)) · clamp(u, −clamp, clamp); wts null → w = 1.
 extern "C" __global__ void swiglu(const float* g, const float* u, int ff, long long rows,

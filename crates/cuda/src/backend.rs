@@ -77,6 +77,12 @@ fn grid1(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// Shape of the fused decode router + route kernel (`moe_router_route`, ops.cu
+/// `RR_*`): Flash's router, 256 experts of 4096 inputs, on a cluster of 16 CTAs.
+pub(crate) const ROUTER_FUSED_K: usize = 4096;
+pub(crate) const ROUTER_FUSED_EXPERTS: usize = 256;
+const ROUTER_FUSED_CLUSTER: u32 = 16;
+
 /// A weight on the device. Identical host bytes are uploaded once and shared (synthetic
 /// benchmark models reuse one layer's tensors for every layer of a kind).
 pub struct CudaWeight {
@@ -300,8 +306,51 @@ struct Ops {
     attention: [CudaFunction; 4],
     kv_append: CudaFunction,
     moe_route: CudaFunction,
+    /// Decode: the F16 router product and moe_route in one cluster launch (sm_90+).
+    moe_router_route: Option<CudaFunction>,
     swiglu: CudaFunction,
     moe_sum: CudaFunction,
+}
+
+/// `moe_router_route` when the device can place its cluster: a cluster of 16 CTAs is
+/// beyond the portable 8 (allowed per function), and each CTA takes a whole
+/// multiprocessor. None (the two-launch path) where the driver refuses either.
+fn router_route_kernel(func: CudaFunction) -> Option<CudaFunction> {
+    use cudarc::driver::sys;
+    if let Err(e) = func.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+        1,
+    ) {
+        tracing::warn!(
+            "moe_router_route: no 16-CTA clusters ({e}); router and route stay two launches"
+        );
+        return None;
+    }
+    let config = sys::CUlaunchConfig {
+        gridDimX: ROUTER_FUSED_CLUSTER,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: 512,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: std::ptr::null_mut(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut clusters = 0i32;
+    // SAFETY: `func` is a loaded kernel (its module lives as long as it) and `config`
+    // lives until the call returns; the call only reads them.
+    let r =
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) };
+    if r != sys::CUresult::CUDA_SUCCESS || clusters < 1 {
+        tracing::warn!(
+            "moe_router_route: cluster cannot be placed ({r:?}, {clusters} active); router and route stay two launches"
+        );
+        return None;
+    }
+    tracing::debug!("moe_router_route: up to {clusters} clusters of 16 resident");
+    Some(func)
 }
 
 impl Ops {
@@ -355,6 +404,11 @@ impl Ops {
             ],
             kv_append: f("kv_append")?,
             moe_route: f("moe_route")?,
+            moe_router_route: if rt.device.sm.0 >= 9 {
+                router_route_kernel(m.load_function("moe_router_route")?)
+            } else {
+                None
+            },
             swiglu: f("swiglu")?,
             moe_sum: f("moe_sum")?,
         })
@@ -615,6 +669,9 @@ pub struct CudaBackend {
     /// routed experts (`DS4_MOE_BRANCH=0`: one chain, for A/B runs). While `on_side` is
     /// set, `stream()` is the side stream.
     moe_branch: bool,
+    /// Decode: the router product and the expert choice in one launch
+    /// (`moe_router_route`; `DS4_ROUTE_FUSE=0`: the F16 matvec, then moe_route).
+    route_fuse: std::sync::atomic::AtomicBool,
     /// Decode: the compressors run on the side branch forward.rs marks
     /// (`Backend::branch_begin`; `DS4_ATTN_BRANCH=0`: one chain).
     /// Indexer scores with the heads in parallel (`idx_scores_heads`); `DS4_IDX_HEADS=0`
@@ -680,6 +737,9 @@ impl CudaBackend {
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
+            route_fuse: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+                "DS4_ROUTE_FUSE",
+            )),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
             side_continue: std::env::var("DS4_SIDE_CONTINUE").is_ok_and(|v| v == "1"),
             idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
@@ -3311,13 +3371,15 @@ impl<'w> Backend<'w> for CudaBackend {
         self.on_side.store(false, Ordering::Relaxed);
         r?;
         // Router and expert choice.
-        self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
         let bias = match &w.bias {
             Some(b) => b.dense_ptr()?,
             None => 0,
         };
         let t2e = w.tid2eid.as_ref().map_or(0, |t| t.data.ptr);
-        self.route(s, logits, n, bias, t2e, ids, wts)?;
+        if !self.router_route(s, &w.router, xp, n, bias, t2e, logits, ids, wts)? {
+            self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
+            self.route(s, logits, n, bias, t2e, ids, wts)?;
+        }
         // Routed experts: 6 slots per token, gate/up share the token's input row.
         let fused = pair(&w.gate_exps, &w.up_exps)
             && n * k < ROUTED_GEMM_MIN_SLOTS
@@ -3600,6 +3662,122 @@ impl CudaBackend {
                 .arg(&ids)
                 .arg(&wts);
         })
+    }
+
+    /// Decode: the router product (F16, [`ROUTER_FUSED_EXPERTS`] rows of
+    /// [`ROUTER_FUSED_K`]) and `route` in one launch, `moe_router_route` (logits at
+    /// `logits` as the matvec writes them). False, launching nothing, where that kernel
+    /// does not take the shape (more than one token, other types or sizes, an arch
+    /// without clusters, `DS4_ROUTE_FUSE=0`).
+    #[allow(clippy::too_many_arguments)]
+    fn router_route(
+        &self,
+        s: &ModelShape,
+        router: &CudaWeight,
+        x: u64,
+        n: usize,
+        bias: u64,
+        t2e: u64,
+        logits: u64,
+        ids: u64,
+        wts: u64,
+    ) -> MResult<bool> {
+        let (ne, k) = (s.n_expert, s.n_expert_used);
+        let Some(func) = &self.ops.moe_router_route else {
+            return Ok(false);
+        };
+        if !self.route_fuse.load(Ordering::Relaxed)
+            || n != 1
+            || router.ty != GgmlType::F16
+            || router.k != ROUTER_FUSED_K
+            || router.rows != ROUTER_FUSED_EXPERTS
+            || ne != ROUTER_FUSED_EXPERTS
+            || k == 0
+            || k > 64
+            // 16-byte pieces of weights and input.
+            || !router.data.ptr.is_multiple_of(16)
+            || !x.is_multiple_of(16)
+        {
+            return Ok(false);
+        }
+        let tok = self.chunk_ptrs()?.0;
+        let cfg = LaunchConfig {
+            grid_dim: (ROUTER_FUSED_CLUSTER, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ne32, k32, norm, wscale) = (
+            ne as i32,
+            k as i32,
+            s.expert_weights_norm as i32,
+            s.expert_weights_scale,
+        );
+        let wp = router.data.ptr;
+        self.launch(func, cfg, |b| {
+            b.arg(&wp)
+                .arg(&x)
+                .arg(&ne32)
+                .arg(&k32)
+                .arg(&bias)
+                .arg(&t2e)
+                .arg(&tok)
+                .arg(&norm)
+                .arg(&wscale)
+                .arg(&logits)
+                .arg(&ids)
+                .arg(&wts);
+        })?;
+        Ok(true)
+    }
+
+    /// Whether decode can take the fused router + route launch at all (sm_90+).
+    pub(crate) fn has_route_fuse(&self) -> bool {
+        self.ops.moe_router_route.is_some()
+    }
+
+    /// The router product of one token (`x`, K floats) then `route`, on the device
+    /// (selftest): the fused launch when `fused` (an error if it does not take the
+    /// shape), else the F16 matvec and moe_route. Logits, ids and weights.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn router_route_host(
+        &self,
+        s: &ModelShape,
+        router: &CudaWeight,
+        x: &[f32],
+        bias: Option<&CudaWeight>,
+        t2e: Option<&CudaWeight>,
+        fused: bool,
+    ) -> MResult<(Vec<f32>, Vec<i32>, Vec<f32>)> {
+        let (ne, k) = (s.n_expert, s.n_expert_used);
+        check(x.len() == router.k && router.rows == ne, || {
+            "router_route: shapes".into()
+        })?;
+        let st = self.stream();
+        let xd = DevBuf::from_f32(st, x).map_err(be)?;
+        let lg = DevBuf::from_f32(st, &vec![f32::NAN; ne]).map_err(be)?;
+        let nan = vec![f32::NAN; k];
+        let ids = DevBuf::from_f32(st, &nan).map_err(be)?;
+        let wts = DevBuf::from_f32(st, &nan).map_err(be)?;
+        let bias = bias.map(|b| b.dense_ptr()).transpose()?.unwrap_or(0);
+        let t2e = t2e.map_or(0, |t| t.data.ptr);
+        if fused {
+            let was = self.route_fuse.swap(true, Ordering::Relaxed);
+            let r = self.router_route(s, router, xd.ptr, 1, bias, t2e, lg.ptr, ids.ptr, wts.ptr);
+            self.route_fuse.store(was, Ordering::Relaxed);
+            check(r?, || {
+                "router_route: the fused kernel does not take this shape".into()
+            })?;
+        } else {
+            self.matmul_raw(router, 0, ne, xd.ptr, router.k, 1, lg.ptr, ne)?;
+            self.route(s, lg.ptr, 1, bias, t2e, ids.ptr, wts.ptr)?;
+        }
+        st.synchronize().map_err(be)?;
+        let id_bytes = ids.to_bytes(st).map_err(be)?;
+        let ids = id_bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((lg.to_f32(st).map_err(be)?, ids, wts.to_f32(st).map_err(be)?))
     }
 
     /// `route` on host logits (selftest): the chosen expert ids and weights of every

@@ -20,7 +20,9 @@ use crate::Result;
 use crate::backend::{CudaAct, CudaBackend, CudaWeight, HcSplit};
 use crate::kernels::ActKind;
 use crate::runtime::CudaRuntime;
-use crate::selftest::{CheckResult, Rng, act_mismatches, compare, random_act, random_weights};
+use crate::selftest::{
+    CheckResult, Rng, TOL_F16_DOT_REL, act_mismatches, compare, random_act, random_weights,
+};
 
 /// HC merge + split + collapse + RMSNorm in f32 with sums in another order (the 16384-long
 /// mix dots dominate): max |gpu − cpu| / max |cpu|.
@@ -788,6 +790,182 @@ fn route_checks(
     Ok(out)
 }
 
+/// Decode router + expert choice in one cluster launch (`moe_router_route`, Flash
+/// shapes, one token) against the CPU (f32 logits of the f16 router, then the CPU
+/// routing) and against the two-launch path it replaces (F16 matvec + moe_route), whose
+/// logits, ids and weights it must reproduce bit for bit. Exact ties come from
+/// duplicated router rows; column 0 (x[0] = 1) lifts chosen experts to fixed places.
+fn router_route_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (ne, k, kin) = (s.n_expert, s.n_expert_used, s.n_embd);
+    if !be.has_route_fuse() || ne != 256 || kin != 4096 {
+        return Ok(out);
+    }
+    let mut bias_v: Vec<f32> = (0..ne).map(|_| 0.1 * rng.unit()).collect();
+    for (a, b) in [(10, 200), (30, 31), (50, 51)] {
+        bias_v[b] = bias_v[a];
+    }
+    let bias = upload(
+        be,
+        keep,
+        "router_check_exp_probs_b",
+        GgmlType::F32,
+        &[ne as u64],
+        f32_bytes(&bias_v),
+    )?;
+    let no_bias = vec![0f32; ne];
+    let vocab = 8usize;
+    let mut table = Vec::with_capacity(vocab * k);
+    for _ in 0..vocab {
+        let mut row: Vec<i32> = Vec::with_capacity(k);
+        while row.len() < k {
+            let e = (rng.next() % ne as u64) as i32;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        table.extend(row);
+    }
+    let t2e = upload(
+        be,
+        keep,
+        "router_check.tid2eid",
+        GgmlType::I32,
+        &[k as u64, vocab as u64],
+        table.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )?;
+    for (case, (hashed, flat)) in [(false, false), (false, true), (true, false)]
+        .into_iter()
+        .enumerate()
+    {
+        // Router rows rounded to f16 (what the GPU holds); the CPU works on these values.
+        let mut w: Vec<f32> = (0..ne * kin)
+            .map(|_| f16::from_f32(0.02 * rng.unit()).to_f32())
+            .collect();
+        if flat {
+            let first: Vec<f32> = w[..kin].to_vec();
+            for r in 1..ne {
+                w[r * kin..(r + 1) * kin].copy_from_slice(&first);
+            }
+        } else {
+            // Places: 10 = 200 first, 30 = 31, 60, then 50 = 51 across the k-th place.
+            for (r, lift) in [(10, 20.0), (30, 16.0), (60, 12.0), (50, 8.0)] {
+                w[r * kin] = lift;
+            }
+            for (a, b) in [(10, 200), (30, 31), (50, 51)] {
+                let row: Vec<f32> = w[a * kin..(a + 1) * kin].to_vec();
+                w[b * kin..(b + 1) * kin].copy_from_slice(&row);
+            }
+        }
+        let bytes: Vec<u8> = w
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let router = upload(
+            be,
+            keep,
+            &format!("router_check_{case}.ffn_gate_inp"),
+            GgmlType::F16,
+            &[kin as u64, ne as u64],
+            bytes,
+        )?;
+        let mut x: Vec<f32> = (0..kin).map(|_| rng.unit()).collect();
+        x[0] = 1.0;
+        let tok = (case as u32 * 3 + 1) % vocab as u32;
+        be.begin_chunk(&[tok], 0)?;
+        let use_bias = !hashed && !flat;
+        let b = use_bias.then_some(&bias);
+        let t = hashed.then_some(&t2e);
+        let (fl, fi, fw) = be.router_route_host(s, &router, &x, b, t, true)?;
+        let (tl, ti, tw) = be.router_route_host(s, &router, &x, b, t, false)?;
+        let cpu_logits: Vec<f32> = (0..ne)
+            .map(|r| {
+                w[r * kin..(r + 1) * kin]
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| a * b)
+                    .sum()
+            })
+            .collect();
+        let row = tok as usize * k;
+        let (want_ids, want_wts) = cpu_route(
+            s,
+            &cpu_logits,
+            if use_bias { &bias_v } else { &no_bias },
+            hashed.then(|| &table[row..row + k]),
+        );
+        let tag = format!(
+            "router+route fused {}",
+            if hashed {
+                "hash"
+            } else if flat {
+                "top-k all-tied"
+            } else {
+                "top-k"
+            }
+        );
+        let bits = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count()
+                + usize::from(a.len() != b.len())
+        };
+        let id_mismatches = fi.iter().zip(&want_ids).filter(|(a, b)| a != b).count()
+            + usize::from(fi.len() != want_ids.len());
+        let two_launch = bits(&fl, &tl)
+            + bits(&fw, &tw)
+            + fi.iter().zip(&ti).filter(|(a, b)| a != b).count()
+            + usize::from(fi.len() != ti.len());
+        for r in [
+            compare(
+                format!("{tag} logits"),
+                &fl,
+                &cpu_logits,
+                TOL_F16_DOT_REL,
+                "TOL_F16_DOT_REL",
+            ),
+            CheckResult {
+                name: format!("{tag} expert ids (exact)"),
+                max_abs: 0.0,
+                max_rel: id_mismatches as f32,
+                tol: TOL_ROUTE_ID_MISMATCHES as f32,
+                tol_name: "TOL_ROUTE_ID_MISMATCHES",
+                pass: id_mismatches == TOL_ROUTE_ID_MISMATCHES,
+            },
+            compare(
+                format!("{tag} weights"),
+                &fw,
+                &want_wts,
+                TOL_ROUTE_WEIGHT_REL,
+                "TOL_ROUTE_WEIGHT_REL",
+            ),
+            CheckResult {
+                name: format!("{tag} = two launches (logits, ids, weights bit-exact)"),
+                max_abs: 0.0,
+                max_rel: two_launch as f32,
+                tol: TOL_ROUTER_FUSED_BIT_MISMATCHES as f32,
+                tol_name: "TOL_ROUTER_FUSED_BIT_MISMATCHES",
+                pass: two_launch == TOL_ROUTER_FUSED_BIT_MISMATCHES,
+            },
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Values of the fused router + route launch that may differ in any bit from the F16
+/// matvec + moe_route pair (same sums in the same order: none).
+pub const TOL_ROUTER_FUSED_BIT_MISMATCHES: usize = 0;
+
 /// Indexer top-k picks: mismatching picks allowed. The GPU scores are bit-identical to
 /// the CPU's (same order of sums, no FMA), so ties break the same way.
 pub const TOL_INDEXER_PICK_MISMATCHES: usize = 0;
@@ -962,6 +1140,7 @@ pub fn run_fused_checks(
     out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(router_route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(indexer_checks(&be, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
