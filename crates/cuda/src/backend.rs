@@ -670,7 +670,9 @@ pub struct CudaBackend {
     /// set, `stream()` is the side stream.
     moe_branch: bool,
     /// Decode: the router product and the expert choice in one launch
-    /// (`moe_router_route`; `DS4_ROUTE_FUSE=0`: the F16 matvec, then moe_route).
+    /// (`moe_router_route`) only with `DS4_ROUTE_FUSE=1`; by default the F16 matvec,
+    /// then moe_route. Measured neutral on the H100 (2K: 156.1/156.4 fused, 156.8/155.2
+    /// not): its 16-CTA cluster needs 16 nearly free SMs to start.
     route_fuse: std::sync::atomic::AtomicBool,
     /// Decode: the compressors run on the side branch forward.rs marks
     /// (`Backend::branch_begin`; `DS4_ATTN_BRANCH=0`: one chain).
@@ -737,9 +739,9 @@ impl CudaBackend {
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
             moe_branch: crate::launch::env_switch("DS4_MOE_BRANCH"),
-            route_fuse: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
-                "DS4_ROUTE_FUSE",
-            )),
+            route_fuse: std::sync::atomic::AtomicBool::new(
+                std::env::var("DS4_ROUTE_FUSE").is_ok_and(|v| v == "1"),
+            ),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
             side_continue: std::env::var("DS4_SIDE_CONTINUE").is_ok_and(|v| v == "1"),
             idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
@@ -3668,7 +3670,7 @@ impl CudaBackend {
     /// [`ROUTER_FUSED_K`]) and `route` in one launch, `moe_router_route` (logits at
     /// `logits` as the matvec writes them). False, launching nothing, where that kernel
     /// does not take the shape (more than one token, other types or sizes, an arch
-    /// without clusters, `DS4_ROUTE_FUSE=0`).
+    /// without clusters, without `DS4_ROUTE_FUSE=1`).
     #[allow(clippy::too_many_arguments)]
     fn router_route(
         &self,
