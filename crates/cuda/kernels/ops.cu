@@ -1627,23 +1627,62 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         s_idx[j] = 0x7fffffff;
     }
     __syncthreads();
-    for (int size = 2; size <= n2; size <<= 1) {
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < n2; i += blockDim.x) {
-                const int jx = i ^ stride;
-                if (jx > i) {
-                    const bool desc = (i & size) == 0;
-                    const u32 ka = s_key[i], kb = s_key[jx];
-                    const int ia = s_idx[i], ib = s_idx[jx];
-                    // "a before b" in (key desc, index asc) order.
-                    const bool a_first = ka > kb || (ka == kb && ia < ib);
-                    if (a_first != desc) {
-                        s_key[i] = kb; s_key[jx] = ka;
-                        s_idx[i] = ib; s_idx[jx] = ia;
-                    }
+    if (n2 <= (int)blockDim.x) {
+        // The same network with one element per thread in registers (the attn helper's
+        // design): strides below 32 exchange by warp shuffles, with no barrier; larger
+        // strides go through shared memory. After a step the lower position of a pair
+        // holds the earlier element in (key desc, index asc) order when the pair sorts
+        // descending, the later one otherwise; thread p keeps the earlier one exactly
+        // when (p is the lower) == (descending).
+        const int p = threadIdx.x;
+        const bool live = p < n2;
+        u32 k = live ? s_key[p] : 0u;
+        int ix = live ? s_idx[p] : 0x7fffffff;
+        for (int size = 2; size <= n2; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                const int q = p ^ stride;
+                u32 pk;
+                int pi;
+                if (stride >= 32) {
+                    __syncthreads();  // the previous exchange has been read
+                    if (live) { s_key[p] = k; s_idx[p] = ix; }
+                    __syncthreads();
+                    pk = live ? s_key[q] : 0u;
+                    pi = live ? s_idx[q] : 0x7fffffff;
+                } else {
+                    pk = __shfl_xor_sync(0xffffffffu, k, stride);
+                    pi = __shfl_xor_sync(0xffffffffu, ix, stride);
+                }
+                if (live) {
+                    const bool lower = p < q;
+                    const bool desc = ((lower ? p : q) & size) == 0;
+                    const bool mine_first = k > pk || (k == pk && ix < pi);
+                    if (mine_first != (lower == desc)) { k = pk; ix = pi; }
                 }
             }
-            __syncthreads();
+        }
+        __syncthreads();
+        if (live) { s_key[p] = k; s_idx[p] = ix; }
+        __syncthreads();
+    } else {
+        for (int size = 2; size <= n2; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int i = threadIdx.x; i < n2; i += blockDim.x) {
+                    const int jx = i ^ stride;
+                    if (jx > i) {
+                        const bool desc = (i & size) == 0;
+                        const u32 ka = s_key[i], kb = s_key[jx];
+                        const int ia = s_idx[i], ib = s_idx[jx];
+                        // "a before b" in (key desc, index asc) order.
+                        const bool a_first = ka > kb || (ka == kb && ia < ib);
+                        if (a_first != desc) {
+                            s_key[i] = kb; s_key[jx] = ka;
+                            s_idx[i] = ib; s_idx[jx] = ia;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
         }
     }
     for (int j = threadIdx.x; j < sel_k; j += blockDim.x) out[j] = j < top_k ? s_idx[j] : -1;
