@@ -35,6 +35,7 @@ typedef unsigned long long u64;
 
 #include "pdl.cuh"
 #include "act_quad.cuh"
+#include "f16_dot.cuh"
 
 #define MV_WARPS 4
 #define MAX_TOK 16
@@ -1368,25 +1369,8 @@ extern "C" __global__ void __launch_bounds__(128)
 // order (f32 fma, as fma8_f16), then the warp and (S > 1) the row's warps are summed.
 // The F16 path has one slot, so output row t of token t.
 // ---------------------------------------------------------------------------
-// fma8_f16 with the f16 -> f32 conversions pinned inside the token loop (asm volatile):
-// hoisted out of it they would double the registers the weights take and spill.
-__device__ __forceinline__ float h2f_pinned(u32 h) {
-    float f;
-    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
-    return f;
-}
-
-__device__ __forceinline__ float fma8_f16_pinned(uint4 w, float4 xa, float4 xb, float acc) {
-    acc = fmaf(h2f_pinned(w.x & 0xffff), xa.x, acc);
-    acc = fmaf(h2f_pinned(w.x >> 16), xa.y, acc);
-    acc = fmaf(h2f_pinned(w.y & 0xffff), xa.z, acc);
-    acc = fmaf(h2f_pinned(w.y >> 16), xa.w, acc);
-    acc = fmaf(h2f_pinned(w.z & 0xffff), xb.x, acc);
-    acc = fmaf(h2f_pinned(w.z >> 16), xb.y, acc);
-    acc = fmaf(h2f_pinned(w.w & 0xffff), xb.z, acc);
-    acc = fmaf(h2f_pinned(w.w >> 16), xb.w, acc);
-    return acc;
-}
+// fma8_f16_pinned (f16_dot.cuh): fma8_f16 with the f16 -> f32 conversions pinned inside
+// the token loop; hoisted out of it they would double the registers the weights take.
 
 template <int PPL, int R, int S>
 __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __restrict__ x,

@@ -94,6 +94,7 @@ __device__ float block_max(float v) {
 
 #include "act_quad.cuh"
 #include "att_merge.cuh"
+#include "f16_dot.cuh"
 
 __device__ __forceinline__ float softplusf(float x) {
     if (x > 20.0f) return x;
@@ -2041,22 +2042,6 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 #define RR_S 4
 #define RR_WARPS 16
 #define RR_R (RR_ROWS / RR_CL / (RR_WARPS / RR_S))
-__device__ __forceinline__ float rr_h2f(u32 h) {
-    float f;
-    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
-    return f;
-}
-__device__ __forceinline__ float rr_fma8(uint4 w, float4 xa, float4 xb, float acc) {
-    acc = fmaf(rr_h2f(w.x & 0xffff), xa.x, acc);
-    acc = fmaf(rr_h2f(w.x >> 16), xa.y, acc);
-    acc = fmaf(rr_h2f(w.y & 0xffff), xa.z, acc);
-    acc = fmaf(rr_h2f(w.y >> 16), xa.w, acc);
-    acc = fmaf(rr_h2f(w.z & 0xffff), xb.x, acc);
-    acc = fmaf(rr_h2f(w.z >> 16), xb.y, acc);
-    acc = fmaf(rr_h2f(w.w & 0xffff), xb.z, acc);
-    acc = fmaf(rr_h2f(w.w >> 16), xb.w, acc);
-    return acc;
-}
 extern "C" __global__ void __cluster_dims__(RR_CL, 1, 1) __launch_bounds__(RR_WARPS * 32, 1)
     moe_router_route(const u16* __restrict__ wr, const float* __restrict__ x, int ne, int k,
                      const float* bias, const int* tid2eid, const int* tok, int norm,
@@ -2095,7 +2080,7 @@ extern "C" __global__ void __cluster_dims__(RR_CL, 1, 1) __launch_bounds__(RR_WA
     for (int i = 0; i < RR_PPL; i++) {
         const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
 #pragma unroll
-        for (int q = 0; q < RR_R; q++) acc[q] = rr_fma8(w[q][i], xa, xb, acc[q]);
+        for (int q = 0; q < RR_R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
     }
 #pragma unroll
     for (int q = 0; q < RR_R; q++) {

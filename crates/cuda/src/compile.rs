@@ -54,6 +54,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("pdl.cuh", include_str!("../kernels/pdl.cuh")),
     ("act_quad.cuh", include_str!("../kernels/act_quad.cuh")),
     ("att_merge.cuh", include_str!("../kernels/att_merge.cuh")),
+    ("f16_dot.cuh", include_str!("../kernels/f16_dot.cuh")),
 ];
 
 /// The compute capability of `stream`'s device and the loaded NVRTC's version: what
