@@ -555,6 +555,47 @@ MV_KERNEL(mv_q2_k, TY_Q2_K)
 MV_KERNEL(mv_q4_k, TY_Q4_K)
 MV_KERNEL(mv_iq2_xxs, TY_IQ2_XXS)
 
+__device__ __forceinline__ void mv_store(const MvSegs& sg, int r, int slot, int ntok, int t,
+                                         float v) {
+    const int sgi = mv_seg(sg, r);
+    float* ys = (float*)sg.y[sgi];
+    ys[((long long)slot * ntok + t) * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
+}
+
+// Output rows r0 .. r0 + R - 1 of token t in slot `slot`: each lane's partial sums
+// added over the warp, lane 0 stores the rows that exist.
+template <int R>
+__device__ __forceinline__ void mv_store_rows(const MvSegs& sg, const float (&acc)[R], int lane,
+                                              int r0, int total, int slot, int ntok, int t) {
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+        const float v = warp_sum(acc[q]);
+        if (lane == 0 && r0 + q < total) mv_store(sg, r0 + q, slot, ntok, t, v);
+    }
+}
+
+// The start of a register-streaming matvec (mv_*_regs): PDL trigger, then (ids given:
+// after the wait, as ids come from the previous kernel) the slot's expert offset, and
+// the warp's first row r0 of R.
+struct MvRegsWarp {
+    int lane, slot, total, r0;
+    long long e_off;
+};
+
+template <int R>
+__device__ __forceinline__ MvRegsWarp mv_regs_warp(const MvSegs& sg, long long w_expert_stride,
+                                                   const int* __restrict__ ids) {
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int slot = blockIdx.y;
+    if (ids) PDL_WAIT();
+    const int e = ids ? ids[slot] : slot;
+    const long long e_off = (long long)e * w_expert_stride;
+    const int total = sg.start[sg.n];
+    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    return MvRegsWarp{lane, slot, total, r0, e_off};
+}
+
 // ---------------------------------------------------------------------------
 // Q8_0 (GPU layout) straight into registers, for rows of K = 512·PPL elements:
 // lane l of a warp loads the 16-byte code pieces l, l + 32, ... of R = NL / PPL
@@ -573,14 +614,7 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
     constexpr int R = NL / PPL;
     constexpr int K = 512 * PPL;
     constexpr int ROW_BYTES = K / 32 * 34;
-    PDL_TRIGGER();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int slot = blockIdx.y;
-    if (ids) PDL_WAIT();
-    const int e = ids ? ids[slot] : slot;
-    const long long e_off = (long long)e * w_expert_stride;
-    const int total = sg.start[sg.n];
-    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids);
     uint4 w[R][PPL];
     u16 wd[R][PPL];
 #pragma unroll
@@ -621,16 +655,7 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
                 acc[q] += (h2f(wd[q][i]) * xsc) * (float)sum;
             }
         }
-#pragma unroll
-        for (int q = 0; q < R; q++) {
-            const float v = warp_sum(acc[q]);
-            const int r = r0 + q;
-            if (lane == 0 && r < total) {
-                const int sgi = mv_seg(sg, r);
-                float* ys = (float*)sg.y[sgi];
-                ys[((long long)slot * ntok + t) * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
-            }
-        }
+        mv_store_rows<R>(sg, acc, lane, r0, total, slot, ntok, t);
     }
 }
 
@@ -727,13 +752,6 @@ __device__ __forceinline__ const u8* mv_row(const MvSegs& sg, long long e_off, i
     return (const u8*)sg.w[sgi] + e_off + (long long)(r - sg.start[sgi]) * row_bytes;
 }
 
-__device__ __forceinline__ void mv_store(const MvSegs& sg, int r, int slot, int ntok, int t,
-                                         float v) {
-    const int sgi = mv_seg(sg, r);
-    float* ys = (float*)sg.y[sgi];
-    ys[((long long)slot * ntok + t) * sg.ldy[sgi] + (r - sg.start[sgi])] = v;
-}
-
 // IQ2_XXS: piece p = the 64 code bytes' quarter of block p / 4 = groups 2(p & 3) and
 // 2(p & 3) + 1 (words x, y and z, w); the block's f16 d at K/4 + 2·(p / 4).
 template <int PPL, int R>
@@ -745,14 +763,7 @@ __device__ __forceinline__ void mv_iq2_xxs_regs(const MvSegs& sg, long long w_ex
     constexpr int K = 2048 * PPL;
     constexpr int ROW_BYTES = K / 256 * 66;
     __shared__ u64 grid_s[256];
-    PDL_TRIGGER();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int slot = blockIdx.y;
-    if (ids) PDL_WAIT();
-    const int e = ids ? ids[slot] : slot;
-    const long long e_off = (long long)e * w_expert_stride;
-    const int total = sg.start[sg.n];
-    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids);
     uint4 w[R][PPL];
     u16 wd[R][PPL];
 #pragma unroll
@@ -793,11 +804,7 @@ __device__ __forceinline__ void mv_iq2_xxs_regs(const MvSegs& sg, long long w_ex
                 acc[q] += (h2f(wd[q][i]) * xsc) * (float)sum;
             }
         }
-#pragma unroll
-        for (int q = 0; q < R; q++) {
-            const float v = warp_sum(acc[q]);
-            if (lane == 0 && r0 + q < total) mv_store(sg, r0 + q, slot, ntok, t, v);
-        }
+        mv_store_rows<R>(sg, acc, lane, r0, total, slot, ntok, t);
     }
 }
 
@@ -815,14 +822,7 @@ __device__ __forceinline__ void mv_q2_k_regs(const MvSegs& sg, long long w_exper
                                              int x_group) {
     constexpr int K = 2048 * PPL;
     constexpr int ROW_BYTES = K / 256 * 84;
-    PDL_TRIGGER();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int slot = blockIdx.y;
-    if (ids) PDL_WAIT();
-    const int e = ids ? ids[slot] : slot;
-    const long long e_off = (long long)e * w_expert_stride;
-    const int total = sg.start[sg.n];
-    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids);
     uint4 w[R][PPL];
     uint2 wsc[R][PPL];
     u32 wdm[R][PPL];
@@ -895,11 +895,7 @@ __device__ __forceinline__ void mv_q2_k_regs(const MvSegs& sg, long long w_exper
                 acc[q] += dall * (float)S - dmin * (float)M;
             }
         }
-#pragma unroll
-        for (int q = 0; q < R; q++) {
-            const float v = warp_sum(acc[q]);
-            if (lane == 0 && r0 + q < total) mv_store(sg, r0 + q, slot, ntok, t, v);
-        }
+        mv_store_rows<R>(sg, acc, lane, r0, total, slot, ntok, t);
     }
 }
 
