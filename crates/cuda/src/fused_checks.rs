@@ -662,26 +662,35 @@ fn cpu_route(
     (ids.iter().map(|&e| e as i32).collect(), wts)
 }
 
-/// Task 4: expert choice and weights of `moe_route` (one block per token, ranks instead
-/// of serial arg-max rounds) against the CPU's routing, with exact ties in the logits.
-fn route_checks(
+/// Routing test data shared by the `moe_route` and `moe_router_route` checks: biases
+/// with exact ties at the pairs where the logits tie, and a hash table for `vocab`
+/// tokens (k distinct experts each), both uploaded under names starting with `prefix`.
+struct RouteData {
+    bias_v: Vec<f32>,
+    bias: CudaWeight,
+    no_bias: Vec<f32>,
+    vocab: usize,
+    table: Vec<i32>,
+    t2e: CudaWeight,
+}
+
+fn route_data(
     be: &CudaBackend,
     keep: &Keep,
-    s: &ModelShape,
+    prefix: &str,
+    ne: usize,
+    k: usize,
     rng: &mut Rng,
-    report: &mut dyn FnMut(&CheckResult),
-) -> Result<Vec<CheckResult>> {
-    let mut out = Vec::new();
-    let (ne, k) = (s.n_expert, s.n_expert_used);
+) -> Result<RouteData> {
     let mut bias_v: Vec<f32> = (0..ne).map(|_| 0.1 * rng.unit()).collect();
-    // Equal biases where the logits tie below, so the biased scores tie too.
+    // Equal biases where the logits tie, so the biased scores tie too.
     for (a, b) in [(10, 200), (30, 31), (50, 51)] {
         bias_v[b] = bias_v[a];
     }
     let bias = upload(
         be,
         keep,
-        "fused_check_exp_probs_b",
+        &format!("{prefix}_exp_probs_b"),
         GgmlType::F32,
         &[ne as u64],
         f32_bytes(&bias_v),
@@ -703,11 +712,40 @@ fn route_checks(
     let t2e = upload(
         be,
         keep,
-        "fused_check.tid2eid",
+        &format!("{prefix}.tid2eid"),
         GgmlType::I32,
         &[k as u64, vocab as u64],
         table.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )?;
+    Ok(RouteData {
+        bias_v,
+        bias,
+        no_bias,
+        vocab,
+        table,
+        t2e,
+    })
+}
+
+/// Task 4: expert choice and weights of `moe_route` (one block per token, ranks instead
+/// of serial arg-max rounds) against the CPU's routing, with exact ties in the logits.
+fn route_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (ne, k) = (s.n_expert, s.n_expert_used);
+    let RouteData {
+        bias_v,
+        bias,
+        no_bias,
+        vocab,
+        table,
+        t2e,
+    } = route_data(be, keep, "fused_check", ne, k, rng)?;
     // flat: no bias and token 0's logits all equal (every expert ties: the threshold
     // admits all 256 and the lowest indices win).
     for (n, hashed, flat) in [
@@ -807,39 +845,14 @@ fn router_route_checks(
     if !be.has_route_fuse() || ne != 256 || kin != 4096 {
         return Ok(out);
     }
-    let mut bias_v: Vec<f32> = (0..ne).map(|_| 0.1 * rng.unit()).collect();
-    for (a, b) in [(10, 200), (30, 31), (50, 51)] {
-        bias_v[b] = bias_v[a];
-    }
-    let bias = upload(
-        be,
-        keep,
-        "router_check_exp_probs_b",
-        GgmlType::F32,
-        &[ne as u64],
-        f32_bytes(&bias_v),
-    )?;
-    let no_bias = vec![0f32; ne];
-    let vocab = 8usize;
-    let mut table = Vec::with_capacity(vocab * k);
-    for _ in 0..vocab {
-        let mut row: Vec<i32> = Vec::with_capacity(k);
-        while row.len() < k {
-            let e = (rng.next() % ne as u64) as i32;
-            if !row.contains(&e) {
-                row.push(e);
-            }
-        }
-        table.extend(row);
-    }
-    let t2e = upload(
-        be,
-        keep,
-        "router_check.tid2eid",
-        GgmlType::I32,
-        &[k as u64, vocab as u64],
-        table.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    )?;
+    let RouteData {
+        bias_v,
+        bias,
+        no_bias,
+        vocab,
+        table,
+        t2e,
+    } = route_data(be, keep, "router_check", ne, k, rng)?;
     for (case, (hashed, flat)) in [(false, false), (false, true), (true, false)]
         .into_iter()
         .enumerate()
