@@ -592,6 +592,21 @@ fn k_v2_pick_parses() {
     assert_eq!(parse_k_v2_pick("s4w"), None);
 }
 
+/// Grid of the register-streaming matvecs (`mv_q8_0_p*_l*`, `mv_iq2_xxs_p*_r*`,
+/// `mv_q2_k_p*_r*`): MV_WARPS warps a block, `rows_per_warp` rows a warp, one grid
+/// row per slot.
+fn regs_launch_cfg(total: usize, rows_per_warp: usize, slots: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            total.div_ceil(MV_WARPS * rows_per_warp) as u32,
+            slots as u32,
+            1,
+        ),
+        block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn row_bytes(ty: GgmlType, k: usize) -> usize {
     k / ty.block_elems() as usize * ty.block_bytes() as usize
 }
@@ -1054,15 +1069,7 @@ impl Kernels {
             && m.k.is_multiple_of(512)
             && let Some((func, rows_per_warp)) = self.q8_0_regs_kernel(m.k / 512, total, m.slots)
         {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    total.div_ceil(MV_WARPS * rows_per_warp) as u32,
-                    m.slots as u32,
-                    1,
-                ),
-                block_dim: ((MV_WARPS * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = regs_launch_cfg(total, rows_per_warp, m.slots);
             let stride = m.w_slot_stride as i64;
             let x_group = m.x_group as i32;
             let mut b = KernelArgs::new();
@@ -1133,15 +1140,7 @@ impl Kernels {
             && let Some((func, rows_per_warp)) =
                 self.k_regs_kernel(m.ty, m.k / 2048, total, m.slots)
         {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    total.div_ceil(MV_WARPS * rows_per_warp) as u32,
-                    m.slots as u32,
-                    1,
-                ),
-                block_dim: ((MV_WARPS * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = regs_launch_cfg(total, rows_per_warp, m.slots);
             let stride = m.w_slot_stride as i64;
             let x_group = m.x_group as i32;
             let mut b = KernelArgs::new();
