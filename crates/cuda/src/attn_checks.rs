@@ -10,6 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::Result;
+use crate::compile::KernelSource;
 use crate::kernels::{DevBuf, Kernels};
 use crate::selftest::{CheckResult, Rng};
 
@@ -39,11 +40,12 @@ fn exact(name: String, a: &[f32], b: &[f32]) -> CheckResult {
     }
 }
 
-fn ops_module(stream: &Arc<CudaStream>) -> Result<Arc<CudaModule>> {
+/// `src` compiled (or loaded from the cache) for the device of `stream`.
+fn module(stream: &Arc<CudaStream>, src: &KernelSource) -> Result<Arc<CudaModule>> {
     let (sm, nvrtc_version) = crate::compile::target_of(stream)?;
     crate::compile::load_module(
         stream.context(),
-        &crate::compile::OPS,
+        src,
         &crate::compile::arch_for(sm),
         nvrtc_version,
     )
@@ -399,13 +401,7 @@ fn merge_rope_checks(
     ops: &Arc<CudaModule>,
     report: &mut impl FnMut(&CheckResult),
 ) -> Result<Vec<CheckResult>> {
-    let (sm, nvrtc_version) = crate::compile::target_of(stream)?;
-    let att = crate::compile::load_module(
-        stream.context(),
-        &crate::compile::ATTENTION,
-        &crate::compile::arch_for(sm),
-        nvrtc_version,
-    )?;
+    let att = module(stream, &crate::compile::ATTENTION)?;
     let combine = att.load_function("att_combine")?;
     let rope_quant = ops.load_function("rope_quant_q8_0")?;
     let fused = ops.load_function("att_merge_rope_q8_0")?;
@@ -650,7 +646,7 @@ pub fn run_attn_chain_checks(
     mut report: impl FnMut(&CheckResult),
 ) -> Result<Vec<CheckResult>> {
     let stream = kern.stream();
-    let ops = ops_module(stream)?;
+    let ops = module(stream, &crate::compile::OPS)?;
     let mut out = comp_checks(stream, &ops, &mut report)?;
     out.extend(idx_score_checks(stream, &ops, &mut report)?);
     out.extend(merge_rope_checks(stream, &ops, &mut report)?);
