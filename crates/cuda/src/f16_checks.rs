@@ -23,6 +23,16 @@ struct F16Case {
     ntok: usize,
 }
 
+/// A CSA layer's F16 launch: attention compressor kv + gate, indexer compressor kv +
+/// gate (outputs 1024 apart), indexer proj.
+const CSA_LAYER_SEGS: &[(usize, usize)] = &[
+    (1024, 1024),
+    (1024, 1024),
+    (256, 1024),
+    (256, 1024),
+    (64, 64),
+];
+
 /// The decode launches of a Flash layer (forward.rs `matmul_multi`): the CSA layers'
 /// attention compressor kv + gate, indexer compressor kv + gate and indexer proj in one
 /// launch (2624 rows, the indexer's outputs in 1024-wide buffers), the HCA layers'
@@ -37,13 +47,7 @@ const CASES: &[F16Case] = &[
     F16Case {
         name: "f16 CSA layer   4096->1024+1024+256+256+64",
         k: 4096,
-        segs: &[
-            (1024, 1024),
-            (1024, 1024),
-            (256, 1024),
-            (256, 1024),
-            (64, 64),
-        ],
+        segs: CSA_LAYER_SEGS,
         ntok: 1,
     },
     F16Case {
@@ -61,13 +65,7 @@ const CASES: &[F16Case] = &[
     F16Case {
         name: "f16 CSA layer   4096->1024+1024+256+256+64 x 3 tok",
         k: 4096,
-        segs: &[
-            (1024, 1024),
-            (1024, 1024),
-            (256, 1024),
-            (256, 1024),
-            (64, 64),
-        ],
+        segs: CSA_LAYER_SEGS,
         ntok: 3,
     },
     F16Case {
