@@ -23,3 +23,20 @@ __device__ __forceinline__ float fma8_f16_pinned(uint4 w, float4 xa, float4 xb, 
     acc = fmaf(h2f_pinned(w.w >> 16), xb.w, acc);
     return acc;
 }
+
+// One token's partial sums for R rows held in registers, PPL pieces of 8 f16 weights
+// per lane (piece i of a row at w[q][i], its activations at xp[64 i] and xp[64 i + 1]),
+// each row's pieces summed in order from 0: the F16 register-streaming matvecs
+// (matvec.cu mv_f16_regs) and moe_router_route (ops.cu) sum alike, bit for bit.
+template <int PPL, int R>
+__device__ __forceinline__ void f16_rows_dot(const uint4 (&w)[R][PPL], const float4* xp,
+                                             float (&acc)[R]) {
+#pragma unroll
+    for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PPL; i++) {
+        const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
+    }
+}

@@ -1365,8 +1365,9 @@ extern "C" __global__ void __launch_bounds__(128)
 // order (f32 fma, as fma8_f16), then the warp and (S > 1) the row's warps are summed.
 // The F16 path has one slot, so output row t of token t.
 // ---------------------------------------------------------------------------
-// fma8_f16_pinned (f16_dot.cuh): fma8_f16 with the f16 -> f32 conversions pinned inside
-// the token loop; hoisted out of it they would double the registers the weights take.
+// The sums are f16_dot.cuh's f16_rows_dot (fma8_f16 with the f16 -> f32 conversions
+// pinned inside the token loop; hoisted out of it they would double the registers the
+// weights take), shared with ops.cu's moe_router_route.
 
 template <int PPL, int R, int S>
 __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __restrict__ x,
@@ -1402,14 +1403,7 @@ __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __res
     for (int t = 0; t < ntok; t++) {
         const float4* xp = (const float4*)(x + (long long)t * K) + 2 * p0;
         float acc[R];
-#pragma unroll
-        for (int q = 0; q < R; q++) acc[q] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < PPL; i++) {
-            const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
-#pragma unroll
-            for (int q = 0; q < R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
-        }
+        f16_rows_dot<PPL, R>(w, xp, acc);
 #pragma unroll
         for (int q = 0; q < R; q++) {
             const float v = warp_sum(acc[q]);

@@ -2074,14 +2074,7 @@ extern "C" __global__ void __cluster_dims__(RR_CL, 1, 1) __launch_bounds__(RR_WA
     PDL_WAIT();  // the weights above stream in while the previous kernel finishes
     const float4* xp = (const float4*)x + 2 * p0;
     float acc[RR_R];
-#pragma unroll
-    for (int q = 0; q < RR_R; q++) acc[q] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < RR_PPL; i++) {
-        const float4 xa = xp[64 * i], xb = xp[64 * i + 1];
-#pragma unroll
-        for (int q = 0; q < RR_R; q++) acc[q] = fma8_f16_pinned(w[q][i], xa, xb, acc[q]);
-    }
+    f16_rows_dot<RR_PPL, RR_R>(w, xp, acc);
 #pragma unroll
     for (int q = 0; q < RR_R; q++) {
         const float v = warp_sum(acc[q]);
