@@ -556,8 +556,6 @@ impl<'w> Backend<'w> for CpuBackend {
             "indexer: bad shapes".into()
         })?;
         let k = sel.k;
-        let qscale = 1.0 / (dim as f32).sqrt();
-        let wscale = 1.0 / (heads as f32).sqrt();
         sel.data[..n * k]
             .par_chunks_mut(k)
             .enumerate()
@@ -575,34 +573,9 @@ impl<'w> Backend<'w> for CpuBackend {
                 let wi = &weights.data[i * heads..(i + 1) * heads];
                 with_scratch(visible, |scores| {
                     for (c, sc) in scores.iter_mut().enumerate() {
-                        let key = rows.row(c);
-                        let mut acc = 0.0f32;
-                        for h in 0..heads {
-                            let d: f32 = qi[h * dim..(h + 1) * dim]
-                                .iter()
-                                .zip(key)
-                                .map(|(a, b)| a * b)
-                                .sum();
-                            acc += (wi[h] * wscale) * (d.max(0.0) * qscale);
-                        }
-                        *sc = acc;
+                        *sc = numerics::indexer_score(qi, wi, rows.row(c));
                     }
-                    // Top-k by repeated selection keeps the lower index on ties.
-                    for slot in out.iter_mut().take(top_k) {
-                        let mut best = usize::MAX;
-                        let mut best_v = f32::NEG_INFINITY;
-                        for (c, &v) in scores.iter().enumerate() {
-                            if v > best_v {
-                                best = c;
-                                best_v = v;
-                            }
-                        }
-                        if best == usize::MAX {
-                            break;
-                        }
-                        *slot = best as i32;
-                        scores[best] = f32::NEG_INFINITY;
-                    }
+                    numerics::indexer_pick_top(scores, &mut out[..top_k]);
                 });
             });
         Ok(())

@@ -340,10 +340,16 @@ fn idx_score_checks(
             i(top_k),
             i(cap),
         );
-        // idx_scores_heads: 16 rows and 256 threads a block, shared memory as in backend.rs.
+        // idx_scores_heads: rows, threads and shared memory a block as backend.rs launches it.
         for (f, rows_per_block, threads, smem, s) in [
             (&old, tile, tile, 0u32, &s_old),
-            (&new, 16, 256, crate::backend::IDXH_SMEM_BYTES, &s_new),
+            (
+                &new,
+                crate::backend::IDXH_ROWS,
+                crate::backend::IDXH_THREADS as usize,
+                crate::backend::IDXH_SMEM_BYTES,
+                &s_new,
+            ),
         ] {
             let cfg = LaunchConfig {
                 grid_dim: (cap.div_ceil(rows_per_block) as u32, m as u32, 1),

@@ -48,10 +48,11 @@ const HC_FUSE_MAX_TOKENS: usize = 8;
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
 const IDX_TILE: usize = 32;
-/// Compressed rows scored per block by `idx_scores_heads` (`IDXH_ROWS` in ops.cu), and
-/// its shared memory: q (64 heads x 132 floats), the rows' keys, the per-head sums and
+/// Compressed rows scored per block by `idx_scores_heads` (`IDXH_ROWS` in ops.cu), its
+/// threads (`IDXH_THREADS`), and its shared memory: q (64 heads x 132 floats), the rows' keys, the per-head sums and
 /// the head weights.
-const IDXH_ROWS: usize = 16;
+pub(crate) const IDXH_ROWS: usize = 16;
+pub(crate) const IDXH_THREADS: u32 = 256;
 pub(crate) const IDXH_SMEM_BYTES: u32 =
     ((64 * 132 + IDXH_ROWS * 128 + IDXH_ROWS * 64 + 64) * 4) as u32;
 /// Tokens whose indexer scores are materialised at once (bounds the score scratch).
@@ -3080,7 +3081,7 @@ impl<'w> Backend<'w> for CudaBackend {
             let (kernel, cfg) = if by_heads {
                 let cfg = LaunchConfig {
                     grid_dim: ((cap as u32).div_ceil(IDXH_ROWS as u32).max(1), m as u32, 1),
-                    block_dim: (256, 1, 1),
+                    block_dim: (IDXH_THREADS, 1, 1),
                     shared_mem_bytes: IDXH_SMEM_BYTES,
                 };
                 (&self.ops.idx_scores_heads, cfg)

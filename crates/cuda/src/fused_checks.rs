@@ -983,57 +983,6 @@ pub const TOL_ROUTER_FUSED_BIT_MISMATCHES: usize = 0;
 /// the CPU's (same order of sums, no FMA), so ties break the same way.
 pub const TOL_INDEXER_PICK_MISMATCHES: usize = 0;
 
-/// The CPU backend's indexer (crates/cpu `indexer_topk`): scores summed in the same
-/// order, then repeated selection of the largest with the lower index on ties.
-fn cpu_indexer_picks(
-    q: &[f32],
-    w: &[f32],
-    rows: &[f32],
-    heads: usize,
-    visible: usize,
-    top_k: usize,
-) -> Vec<i32> {
-    let dim = 128usize;
-    if visible <= top_k {
-        return (0..visible as i32).collect();
-    }
-    let qscale = 1.0 / (dim as f32).sqrt();
-    let wscale = 1.0 / (heads as f32).sqrt();
-    let mut scores: Vec<f32> = (0..visible)
-        .map(|c| {
-            let key = &rows[c * dim..(c + 1) * dim];
-            let mut acc = 0.0f32;
-            for h in 0..heads {
-                let d: f32 = q[h * dim..(h + 1) * dim]
-                    .iter()
-                    .zip(key)
-                    .map(|(a, b)| a * b)
-                    .sum();
-                acc += (w[h] * wscale) * (d.max(0.0) * qscale);
-            }
-            acc
-        })
-        .collect();
-    let mut picks = Vec::with_capacity(top_k);
-    for _ in 0..top_k {
-        let mut best = usize::MAX;
-        for (c, &v) in scores.iter().enumerate() {
-            if v.is_nan() {
-                continue;
-            }
-            if best == usize::MAX || v > scores[best] {
-                best = c;
-            }
-        }
-        if best == usize::MAX {
-            break;
-        }
-        picks.push(best as i32);
-        scores[best] = f32::NAN;
-    }
-    picks
-}
-
 /// Lightning indexer at Flash dims (64 heads, top 512) through `Backend::indexer_topk`:
 /// decode and a 3-token chunk, random rows (~2,000 visible), and rows with many exact
 /// ties (zero keys score exactly 0, duplicated keys score alike).
@@ -1107,15 +1056,25 @@ fn indexer_checks(
         let mut mismatches = 0usize;
         for t in 0..n {
             let visible = ((pos0 + t + 1) / 4).min(n_rows);
-            let mut want = cpu_indexer_picks(
-                &qv[t * heads * dim..(t + 1) * heads * dim],
-                &wv[t * heads..(t + 1) * heads],
-                &keys,
-                heads,
-                visible,
-                top_k,
-            );
-            want.resize(top_k, -1);
+            // The CPU backend's indexer (crates/cpu `indexer_topk`): every row visible
+            // when they fit, else its scores and repeated selection.
+            let mut want = vec![-1i32; top_k];
+            if visible <= top_k {
+                for (c, w) in want.iter_mut().enumerate().take(visible) {
+                    *w = c as i32;
+                }
+            } else {
+                let (qt, wt) = (
+                    &qv[t * heads * dim..(t + 1) * heads * dim],
+                    &wv[t * heads..(t + 1) * heads],
+                );
+                let mut scores: Vec<f32> = keys
+                    .chunks_exact(dim)
+                    .take(visible)
+                    .map(|key| numerics::indexer_score(qt, wt, key))
+                    .collect();
+                numerics::indexer_pick_top(&mut scores, &mut want);
+            }
             mismatches += want
                 .iter()
                 .zip(&got[t * top_k..(t + 1) * top_k])

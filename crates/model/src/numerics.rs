@@ -291,6 +291,43 @@ pub fn fp4_round_row(row: &mut [f32]) {
     }
 }
 
+/// Lightning-indexer score of one key (§9): Σ_h (w_h/√H)·(relu(q_h·key)/√d) over the
+/// H = `w.len()` heads of d = `key.len()` dims (`q` holds H·d), every sum in order and
+/// without fused multiply-adds: the GPU kernels reproduce it bit for bit, so ties
+/// between scores break the same way on both.
+pub fn indexer_score(q: &[f32], w: &[f32], key: &[f32]) -> f32 {
+    let dim = key.len();
+    let qscale = 1.0 / (dim as f32).sqrt();
+    let wscale = 1.0 / (w.len() as f32).sqrt();
+    let mut acc = 0.0f32;
+    for (qh, &wh) in q.chunks_exact(dim).zip(w) {
+        let d: f32 = qh.iter().zip(key).map(|(a, b)| a * b).sum();
+        acc += (wh * wscale) * (d.max(0.0) * qscale);
+    }
+    acc
+}
+
+/// The indexer's picks: repeated selection of the largest remaining score, the lower
+/// index on ties, into `out` in order until it is full or no finite score is left
+/// (slots not filled are left as they are). Consumes `scores`.
+pub fn indexer_pick_top(scores: &mut [f32], out: &mut [i32]) {
+    for slot in out.iter_mut() {
+        let mut best = usize::MAX;
+        let mut best_v = f32::NEG_INFINITY;
+        for (c, &v) in scores.iter().enumerate() {
+            if v > best_v {
+                best = c;
+                best_v = v;
+            }
+        }
+        if best == usize::MAX {
+            break;
+        }
+        *slot = best as i32;
+        scores[best] = f32::NEG_INFINITY;
+    }
+}
+
 /// Indexer QAT: Hadamard-128 then FP4 round trip, per 128-dim head.
 pub fn indexer_qat_row(row: &mut [f32]) {
     for head in row.chunks_mut(128) {
@@ -310,6 +347,27 @@ pub fn round_f16_inplace(row: &mut [f32]) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn indexer_score_weighs_only_positive_head_dots() {
+        // Two heads of two dims: head 0 dots to 2, head 1 to -2 (relu drops it).
+        let s = indexer_score(&[1.0, 0.0, -1.0, 0.0], &[1.0, 1.0], &[2.0, 0.0]);
+        // (1/√2)·(2/√2) = 1.
+        assert!((s - 1.0).abs() < 1e-6, "{s}");
+    }
+
+    #[test]
+    fn indexer_pick_top_orders_by_score_then_lower_index() {
+        let mut scores = vec![1.0, 3.0, 3.0, 2.0];
+        let mut out = vec![-1; 3];
+        indexer_pick_top(&mut scores, &mut out);
+        assert_eq!(out, vec![1, 2, 3]);
+        // More slots than scores: the rest stays untouched.
+        let mut scores = vec![0.5];
+        let mut out = vec![-1; 2];
+        indexer_pick_top(&mut scores, &mut out);
+        assert_eq!(out, vec![0, -1]);
+    }
 
     #[test]
     fn yarn_check_values_of_spec() {
