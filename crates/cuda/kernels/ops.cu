@@ -1116,6 +1116,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // (round_rows mode 0: FP8 of the first n_nope dims, then f16), on a shared copy of the
 // row. Grid (q_heads + 1, n); blockDim = head_dim / 4 rounded up to whole warps; dynamic
 // smem head_dim floats. Same arithmetic as norm_rope + norm_rope + round_rows.
+// round_kv: 0 none, 1 the rounding on the shared copy, 2 the same in registers.
 extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_kv,
                                          const float* kv_w, int head_dim, float eps, int n_rot,
                                          const float* freqs, const int* pos_p, int round_kv,
@@ -1136,6 +1137,29 @@ extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_k
     if (own) head_norm_rope4(v, ss, j0, head_dim, eps, w, n_rot, freqs, pos_p, i, o);
     if (!(is_kv && round_kv)) {  // uniform over the block
         if (own) *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
+        return;
+    }
+    if (round_kv == 2) {
+        // The same rounding in registers: a 64-dim FP8 block is 16 consecutive threads
+        // (half a warp), so its amax is a 4-step shuffle; no shared copy, no barrier.
+        // Needs blockDim * 4 >= head_dim and n_nope % 4 == 0 (the host checks).
+        float amax = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; c++)
+            if (own && j0 + c < n_nope) amax = fmaxf(amax, fabsf(o[c]));
+#pragma unroll
+        for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+        if (!own) return;
+        const float sc = pow2_scale(fmaxf(amax, 1e-4f), 448.0f);
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            if (j0 + c < n_nope) {
+                const float v = fminf(fmaxf(o[c] / sc, -448.0f), 448.0f);
+                o[c] = round_e4m3(v) * sc;
+            }
+            o[c] = h2f(f2h(o[c]));
+        }
+        *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
         return;
     }
     if (own) *(float4*)(srow + j0) = make_float4(o[0], o[1], o[2], o[3]);

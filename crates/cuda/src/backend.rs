@@ -680,6 +680,9 @@ pub struct CudaBackend {
     /// Indexer scores with the heads in parallel (`idx_scores_heads`); `DS4_IDX_HEADS=0`
     /// keeps the row-per-thread kernel (A/B runs).
     idx_heads: bool,
+    /// qkv_norm_rope's KV rounding in registers (`DS4_QKV_ROUND_REGS=0`: on a shared
+    /// copy of the row, the older form).
+    qkv_round_regs: std::sync::atomic::AtomicBool,
     attn_branch: bool,
     /// Decode: a second side branch of a layer (the indexer query) continues on the
     /// side stream only with `DS4_SIDE_CONTINUE=1`. Off by default: on the H100 the
@@ -746,6 +749,9 @@ impl CudaBackend {
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
             side_continue: std::env::var("DS4_SIDE_CONTINUE").is_ok_and(|v| v == "1"),
             idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
+            qkv_round_regs: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+                "DS4_QKV_ROUND_REGS",
+            )),
             side_pending: std::sync::atomic::AtomicBool::new(false),
             side: rt.ctx.new_stream()?,
             on_side: std::sync::atomic::AtomicBool::new(false),
@@ -754,6 +760,12 @@ impl CudaBackend {
             replayed: AtomicU64::new(0),
             rt,
         })
+    }
+
+    /// Selftest: qkv_norm_rope's KV rounding in registers (true) or on a shared copy;
+    /// returns the previous setting.
+    pub(crate) fn set_qkv_round_regs(&self, on: bool) -> bool {
+        self.qkv_round_regs.swap(on, Ordering::Relaxed)
     }
 
     /// Selftest: where the HC split's Sinkhorn runs (the environment picks it
@@ -2775,7 +2787,12 @@ impl<'w> Backend<'w> for CudaBackend {
             n_rot as i32,
             self.freqs(kind),
             self.chunk_ptrs()?.1,
-            round_kv as i32,
+            match (round_kv, self.qkv_round_regs.load(Ordering::Relaxed)) {
+                (false, _) => 0i32,
+                // Registers: a thread's 4 dims never straddle the FP8 part's end.
+                (true, true) if self.shape.n_nope().is_multiple_of(4) => 2,
+                (true, _) => 1,
+            },
             self.shape.n_nope() as i32,
         );
         self.launch(&self.ops.qkv_norm_rope, cfg, |b| {

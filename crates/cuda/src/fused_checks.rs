@@ -576,6 +576,15 @@ fn qkv_checks(
         let mut kv = act(be, n, hd, &kv_v)?;
         be.qkv_norm_rope(&mut q, &mut kv, &w, n, hd, s.rms_eps, kind, pos, round)?;
         let (q_gpu, kv_gpu) = (read(be, &q)?, read(be, &kv)?);
+        // The other form of the KV rounding (registers / shared copy) on the same input.
+        let mut q2 = act(be, n, qd, &q_v)?;
+        let mut kv2 = act(be, n, hd, &kv_v)?;
+        let regs = be.set_qkv_round_regs(false);
+        be.set_qkv_round_regs(!regs);
+        let r = be.qkv_norm_rope(&mut q2, &mut kv2, &w, n, hd, s.rms_eps, kind, pos, round);
+        be.set_qkv_round_regs(regs);
+        r?;
+        let kv_other = read(be, &kv2)?;
         let mut q_want = vec![0f32; n * qd];
         for (o, x) in q_want.chunks_exact_mut(hd).zip(q_v.chunks_exact(hd)) {
             numerics::rms_norm_into(x, None, s.rms_eps, o);
@@ -593,7 +602,20 @@ fn qkv_checks(
             }
         }
         let tag = format!("fused qkv_norm_rope {kind:?} n={n} pos {pos} round {round}");
+        let forms = kv_gpu
+            .iter()
+            .zip(&kv_other)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
         for r in [
+            CheckResult {
+                name: format!("{tag} kv: registers = shared copy (bit-exact)"),
+                max_abs: 0.0,
+                max_rel: forms as f32,
+                tol: 0.0,
+                tol_name: "exact",
+                pass: forms == 0,
+            },
             compare(
                 format!("{tag} q"),
                 &q_gpu,
