@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::sys::CUstreamCaptureMode;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg};
 use ds4_gguf::GgmlType;
 use ds4_model::backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
@@ -699,7 +699,6 @@ impl CudaBackend {
     /// Compiles/loads the kernels and prepares the constant tables for `shape`.
     pub fn new(rt: Arc<CudaRuntime>, shape: &ModelShape) -> crate::Result<Self> {
         let kernels = Kernels::load(&rt)?;
-        crate::launch::set_main_stream(&rt.stream);
         let gemm = GemmKernels::load(&rt)?;
         let attn = crate::attention::AttentionKernels::load(&rt)?;
         let ops = Ops::load(&rt)?;
@@ -3608,7 +3607,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let ran = body(kv);
         // A side branch left open by a failed step must still rejoin inside the capture.
         let ended = self.end_branches();
-        let graph = st.end_capture(crate::launch::graph_instantiate_flags());
+        let graph = st.end_capture(CUgraphInstantiate_flags(0));
         ran?;
         ended?;
         let graph = graph.map_err(be)?;

@@ -96,42 +96,6 @@ pub(crate) fn is_skipped(f: &CudaFunction) -> bool {
     prefixes.iter().any(|p| name.starts_with(p.as_str()))
 }
 
-/// The decode main chain's stream, whose launches get the device's greatest priority
-/// when `DS4_CUDA_PRIO=1` (side-branch kernels then yield multiprocessors to it; graphs
-/// keep node priorities, see `graph_instantiate_flags`). 0: none registered.
-static MAIN_STREAM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-fn priorities_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DS4_CUDA_PRIO").is_ok_and(|v| v == "1"))
-}
-
-/// Registers the stream whose kernels outrank the others' (see `MAIN_STREAM`).
-pub fn set_main_stream(stream: &CudaStream) {
-    MAIN_STREAM.store(stream.cu_stream() as usize, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Flags for instantiating a recorded decode step: node priorities honoured when
-/// launch priorities are on.
-pub fn graph_instantiate_flags() -> sys::CUgraphInstantiate_flags {
-    if priorities_on() {
-        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
-    } else {
-        sys::CUgraphInstantiate_flags(0)
-    }
-}
-
-fn greatest_priority() -> i32 {
-    static P: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *P.get_or_init(|| {
-        let (mut least, mut greatest) = (0i32, 0i32);
-        // SAFETY: two out-pointers to locals; the current context is bound by the caller.
-        let ok = unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }
-            == sys::CUresult::CUDA_SUCCESS;
-        if ok { greatest } else { 0 }
-    })
-}
-
 /// Launches `f` on `stream`, as a programmatic dependent of the previous kernel when `pdl`.
 ///
 /// # Safety
@@ -149,26 +113,11 @@ pub unsafe fn launch(
     if is_skipped(f) {
         return Ok(());
     }
-    // SAFETY: zeroed attributes are valid "ignore" values; each one passed gets its id
-    // and the one union field it uses set below.
-    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-    let mut n_attrs = 0usize;
-    if pdl {
-        attrs[n_attrs].id =
-            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
-        n_attrs += 1;
-    }
-    if priorities_on() {
-        let main = MAIN_STREAM.load(std::sync::atomic::Ordering::Relaxed);
-        attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY;
-        attrs[n_attrs].value.priority = if main != 0 && stream.cu_stream() as usize == main {
-            greatest_priority()
-        } else {
-            0
-        };
-        n_attrs += 1;
-    }
+    // SAFETY: a zeroed attribute is a valid "ignore" value; the id and the one union
+    // field used are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
     let config = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -178,10 +127,10 @@ pub unsafe fn launch(
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: n_attrs as u32,
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
     };
-    // SAFETY: the caller guarantees the argument list; `config` and `attrs` live until
+    // SAFETY: the caller guarantees the argument list; `config` and `attr` live until
     // the call returns (the driver copies them).
     unsafe {
         sys::cuLaunchKernelEx(
