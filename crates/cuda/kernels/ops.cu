@@ -1771,6 +1771,20 @@ struct TkRegKeys {
     }
 };
 
+// Keys of rows r0..r0+3 (0 past `visible`): one 16-byte load when aligned and whole.
+__device__ __forceinline__ void tk_load4(const float* sc, int r0, int visible, u32 (&k)[4]) {
+    if (r0 + 4 <= visible && ((unsigned long long)(sc + r0) & 15) == 0) {
+        const float4 v = *(const float4*)(sc + r0);
+        k[0] = topk_key(v.x);
+        k[1] = topk_key(v.y);
+        k[2] = topk_key(v.z);
+        k[3] = topk_key(v.w);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) k[e] = r0 + e < visible ? topk_key(sc[r0 + e]) : 0u;
+    }
+}
+
 // Keys read from global memory on every use (more than TK_REG_ROUNDS rounds).
 struct TkGlobalKeys {
     const float* sc;
@@ -1778,10 +1792,8 @@ struct TkGlobalKeys {
     template <class F>
     __device__ __forceinline__ void rounds(int R, F&& f) const {
         for (int i = 0; i < R; i++) {
-            const int r0 = i * TK_ROUND + threadIdx.x * 4;
             u32 k[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) k[e] = r0 + e < visible ? topk_key(sc[r0 + e]) : 0u;
+            tk_load4(sc, i * TK_ROUND + threadIdx.x * 4, visible, k);
             f(i, k);
         }
     }
@@ -2000,10 +2012,11 @@ extern "C" __global__ void __launch_bounds__(TK_THREADS)
         for (int e = 0; e < 4; e++) keys.k[0][e] = r0 + e < visible ? topk_key(f0[e]) : 0u;
 #pragma unroll
         for (int i = 1; i < TK_REG_ROUNDS; i++) {
+            if (i < R) {
+                tk_load4(sc, tk_row(i, 0), visible, keys.k[i]);
+            } else {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = tk_row(i, e);
-                keys.k[i][e] = i < R && row < visible ? topk_key(sc[row]) : 0u;
+                for (int e = 0; e < 4; e++) keys.k[i][e] = 0u;
             }
         }
         topk_v2_body(s, keys, R, top_k, out, sel_k);
