@@ -1713,6 +1713,343 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     for (int j = threadIdx.x; j < sel_k; j += blockDim.x) out[j] = j < top_k ? s_idx[j] : -1;
 }
 
+// idx_topk_v2: the same picks and order as idx_topk (DS4_IDX_TOPK_V2=0 restores it),
+// with fewer block barriers and global reads on the decode main chain.
+// - Each thread keeps its keys in registers (4 consecutive rows a round, up to
+//   TK_REG_ROUNDS rounds = 16384 rows; more rows are re-read from global each pass).
+// - The threshold is found by at most 3 histogram passes of 2048 bins spread linearly
+//   over [min, max] of the keys (not over fixed digits), so the first pass usually
+//   leaves a bin whose rows are all taken, which ends the search.
+// - Rows equal to the threshold are ranked in index order only when the threshold
+//   splits them.
+// - The picks are ordered by a bucket sort: 4096 buckets over [T, max], then each
+//   pick's slot = its bucket's start + picks of its bucket before it in (key desc,
+//   index asc) order (two threads a pick when k <= 512). No sorting network.
+// Keys are order_key(score + 0) (so -0 ties +0, as in the CPU's float compares),
+// raised to at least 1: key 0 marks rows past `visible` and is below every row.
+#define TK_THREADS 1024
+#define TK_WARPS (TK_THREADS / 32)
+#define TK_ROUND (TK_THREADS * 4)
+#define TK_REG_ROUNDS 4
+#define TK_BINS 2048
+#define TK_BIN_BITS 11
+#define TK_SORT_BINS 4096
+#define TK_SORT_BITS 12
+// Dynamic shared memory of a block (IDX_TOPK_V2_SMEM in backend.rs): >= sizeof(TkShared).
+#define TK_SMEM_BYTES (56 * 1024)
+#define TK_MAX_K 1024
+#define TK_FULL 0xffffffffu
+#define TK_ALL 0x7fffffff
+
+struct TkShared {
+    int hist[3][TK_BINS];  // one per select pass; [0] and [1] are the sort's scratch after
+    int bucket[TK_SORT_BINS];  // pick counts a bucket, then bucket starts
+    u32 pkey[TK_MAX_K];
+    int pidx[TK_MAX_K];
+    int pslot[TK_MAX_K];  // a pick's place within its bucket
+    int wt[TK_WARPS];
+    int wtr[2][TK_WARPS];
+    u32 wmin[TK_WARPS], wmax[TK_WARPS];
+    int sel_bin, sel_count, sel_need, npick;
+};
+static_assert(sizeof(TkShared) <= TK_SMEM_BYTES, "TK_SMEM_BYTES too small");
+
+__device__ __forceinline__ u32 topk_key(float f) { return max(order_key(__fadd_rn(f, 0.0f)), 1u); }
+
+__device__ __forceinline__ int tk_warp_incl(int v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int u = __shfl_up_sync(TK_FULL, v, o);
+        if (lane >= o) v += u;
+    }
+    return v;
+}
+
+__device__ __forceinline__ u32 tk_warp_min(u32 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return __reduce_min_sync(TK_FULL, v);
+#else
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(TK_FULL, v, o));
+    return v;
+#endif
+}
+
+__device__ __forceinline__ u32 tk_warp_max(u32 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return __reduce_max_sync(TK_FULL, v);
+#else
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(TK_FULL, v, o));
+    return v;
+#endif
+}
+
+// Keys of rounds < TK_REG_ROUNDS held in registers (rounds(R, f) is unrolled).
+struct TkRegKeys {
+    u32 k[TK_REG_ROUNDS][4];
+    template <class F>
+    __device__ __forceinline__ void rounds(int R, F&& f) const {
+#pragma unroll
+        for (int i = 0; i < TK_REG_ROUNDS; i++)
+            if (i < R) f(i, k[i]);
+    }
+};
+
+// Keys of rows r0..r0+3 (0 past `visible`): one 16-byte load when aligned and whole.
+__device__ __forceinline__ void tk_load4(const float* sc, int r0, int visible, u32 (&k)[4]) {
+    if (r0 + 4 <= visible && ((unsigned long long)(sc + r0) & 15) == 0) {
+        const float4 v = *(const float4*)(sc + r0);
+        k[0] = topk_key(v.x);
+        k[1] = topk_key(v.y);
+        k[2] = topk_key(v.z);
+        k[3] = topk_key(v.w);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) k[e] = r0 + e < visible ? topk_key(sc[r0 + e]) : 0u;
+    }
+}
+
+// Keys read from global memory on every use (more than TK_REG_ROUNDS rounds).
+struct TkGlobalKeys {
+    const float* sc;
+    int visible;
+    template <class F>
+    __device__ __forceinline__ void rounds(int R, F&& f) const {
+        for (int i = 0; i < R; i++) {
+            u32 k[4];
+            tk_load4(sc, i * TK_ROUND + threadIdx.x * 4, visible, k);
+            f(i, k);
+        }
+    }
+};
+
+// Row of key e of round i held by this thread: rows are numbered round by round,
+// 4 consecutive rows a thread.
+__device__ __forceinline__ int tk_row(int i, int e) { return i * TK_ROUND + threadIdx.x * 4 + e; }
+
+template <class Keys>
+__device__ __forceinline__ void topk_v2_body(TkShared& s, const Keys& keys, int R, int top_k,
+                                             int* out, int sel_k) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // Range of the keys: min over key - 1 (key 0, no row, wraps to the top).
+    u32 mn = ~0u, mx = 0u;
+    keys.rounds(R, [&](int, const u32(&k)[4]) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            mn = min(mn, k[e] - 1u);
+            mx = max(mx, k[e]);
+        }
+    });
+    mn = tk_warp_min(mn);
+    mx = tk_warp_max(mx);
+    if (lane == 0) {
+        s.wmin[warp] = mn;
+        s.wmax[warp] = mx;
+    }
+    __syncthreads();  // also orders the zeroed histograms before their atomics
+    mn = tk_warp_min(s.wmin[lane]) + 1u;
+    mx = tk_warp_max(s.wmax[lane]);
+
+    // Threshold search. Invariant: `need` of the picks have keys in [lo, lo + hi]
+    // (the rest are above lo + hi); bins of the pass are (key - lo) >> sh.
+    u32 lo = mn, hi = mx - mn;
+    int sh = max(0, 32 - __clz(hi) - TK_BIN_BITS);
+    int need = top_k;
+    u32 T = 0;
+    int take = 0;  // rows equal to T taken, lowest index first (TK_ALL: all)
+    for (int p = 0; p < 3; p++) {
+        int* h = s.hist[p];
+        keys.rounds(R, [&](int, const u32(&k)[4]) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const u32 d = k[e] - lo;
+                if (d <= hi) atomicAdd(&h[d >> sh], 1);
+            }
+        });
+        __syncthreads();
+        // Thread tid owns bins 2047-2tid and 2046-2tid: counts from the top by thread.
+        const int bhi = TK_BINS - 1 - 2 * tid;
+        const int chi = h[bhi], clo = h[bhi - 1];
+        const int sum = chi + clo;
+        const int inc = tk_warp_incl(sum);
+        if (lane == 31) s.wt[warp] = inc;
+        __syncthreads();
+        const int w = s.wt[lane];
+        const int wi = tk_warp_incl(w);
+        const int above = __shfl_sync(TK_FULL, wi - w, warp) + inc - sum;
+        if (above < need && need <= above + sum) {
+            if (need <= above + chi) {
+                s.sel_bin = bhi;
+                s.sel_count = chi;
+                s.sel_need = need - above;
+            } else {
+                s.sel_bin = bhi - 1;
+                s.sel_count = clo;
+                s.sel_need = need - above - chi;
+            }
+        }
+        __syncthreads();
+        const int b = s.sel_bin, c = s.sel_count;
+        need = s.sel_need;
+        const u32 blo = lo + ((u32)b << sh);
+        if (c == need || sh == 0) {
+            // Every row of the bin is taken, or the bin is one key: T.
+            T = blo;
+            take = c == need ? TK_ALL : need;
+            break;
+        }
+        lo = blo;
+        hi = (1u << sh) - 1u;
+        sh = max(sh - TK_BIN_BITS, 0);
+    }
+    // (Three passes reach sh == 0: sh starts at most 32 - 11 = 21.)
+
+    // Collect the picks (any order) with their sort bucket; rows equal to T are
+    // ranked in index order when T splits them.
+    const bool split = take != TK_ALL;
+    const u32 span = mx - T;
+    const int bsh = max(0, 32 - __clz(span) - TK_SORT_BITS);
+    int eq_base = 0;
+    keys.rounds(R, [&](int i, const u32(&k)[4]) {
+        int eqb = 0;
+        if (split) {
+            int ce = 0;
+#pragma unroll
+            for (int e = 0; e < 4; e++) ce += k[e] == T;
+            const int inc = tk_warp_incl(ce);
+            if (lane == 31) s.wtr[i & 1][warp] = inc;
+            __syncthreads();
+            const int w = s.wtr[i & 1][lane];
+            const int wi = tk_warp_incl(w);
+            eqb = eq_base + __shfl_sync(TK_FULL, wi - w, warp) + inc - ce;
+            eq_base += __shfl_sync(TK_FULL, wi, 31);
+        }
+        bool pick[4];
+        int cnt = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            pick[e] = k[e] > T || (k[e] == T && eqb < take);
+            eqb += k[e] == T;
+            cnt += pick[e];
+        }
+        const int inc = tk_warp_incl(cnt);
+        int base = 0;
+        if (lane == 31 && inc > 0) base = atomicAdd(&s.npick, inc);
+        int q = __shfl_sync(TK_FULL, base, 31) + inc - cnt;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (pick[e] && q < TK_MAX_K) {
+                s.pkey[q] = k[e];
+                s.pidx[q] = tk_row(i, e);
+                s.pslot[q] = atomicAdd(&s.bucket[(mx - k[e]) >> bsh], 1);
+                q++;
+            }
+        }
+    });
+    __syncthreads();
+    // Bucket starts (bucket 0 holds the largest keys): thread tid owns buckets 4tid..4tid+3.
+    {
+        int4* b4 = (int4*)s.bucket;
+        const int4 c = b4[tid];
+        const int sum = c.x + c.y + c.z + c.w;
+        const int inc = tk_warp_incl(sum);
+        if (lane == 31) s.wt[warp] = inc;
+        __syncthreads();
+        const int w = s.wt[lane];
+        const int wi = tk_warp_incl(w);
+        const int st = __shfl_sync(TK_FULL, wi - w, warp) + inc - sum;
+        b4[tid] = make_int4(st, st + c.x, st + c.x + c.y, st + c.x + c.y + c.z);
+        __syncthreads();
+    }
+    // Scatter the picks by bucket.
+    u32* sk = (u32*)s.hist[0];
+    int* si = s.hist[1];
+    if (tid < top_k) {
+        const u32 key = s.pkey[tid];
+        const int at = s.bucket[(mx - key) >> bsh] + s.pslot[tid];
+        sk[at] = key;
+        si[at] = s.pidx[tid];
+    }
+    __syncthreads();
+    // Rank within the bucket: picks before this one in (key desc, index asc) order.
+    // Two threads a pick (alternate entries) when k <= 512.
+    const int per = top_k <= TK_THREADS / 2 ? 2 : 1;
+    const int q = tid / per, half = tid % per;
+    u32 key = 0;
+    int row = 0, st = 0, en = 0;
+    if (q < top_k) {
+        key = s.pkey[q];
+        row = s.pidx[q];
+        const int b = (mx - key) >> bsh;
+        st = s.bucket[b];
+        en = b + 1 < TK_SORT_BINS ? s.bucket[b + 1] : top_k;
+    }
+    int before = 0;
+    for (int j = st + half; j < en; j += per) {
+        const u32 kj = sk[j];
+        before += kj > key || (kj == key && si[j] < row);
+    }
+    if (per == 2) before += __shfl_xor_sync(TK_FULL, before, 1);
+    if (q < top_k && half == 0) out[st + before] = row;
+    for (int j = top_k + tid; j < sel_k; j += TK_THREADS) out[j] = -1;
+}
+
+// One 1024-thread block per token; top_k <= TK_MAX_K (the backend checks).
+extern "C" __global__ void __launch_bounds__(TK_THREADS)
+    idx_topk_v2(const float* scores, int ld_s, const int* pos_p, int r, int top_k, int* sel,
+                int sel_k) {
+    extern __shared__ __align__(16) unsigned char tk_smem[];
+    TkShared& s = *(TkShared*)tk_smem;
+    PDL_TRIGGER();
+    {
+        // Zero the histograms and buckets while the predecessor finishes.
+        int4* z = (int4*)&s.hist[0][0];
+        const int n4 = (3 * TK_BINS + TK_SORT_BINS) / 4;
+        for (int j = threadIdx.x; j < n4; j += TK_THREADS) z[j] = make_int4(0, 0, 0, 0);
+        if (threadIdx.x == 0) s.npick = 0;
+    }
+    PDL_WAIT();
+    const int t = blockIdx.x;
+    const float* sc = scores + (long long)t * ld_s;
+    int* out = sel + (long long)t * sel_k;
+    // Round 0 is read with the position (rows < ld_s are inside the buffer).
+    const int pos = *pos_p;
+    const int r0 = threadIdx.x * 4;
+    float f0[4];
+    if (r0 + 4 <= ld_s && ((unsigned long long)(sc + r0) & 15) == 0) {
+        const float4 v = *(const float4*)(sc + r0);
+        f0[0] = v.x; f0[1] = v.y; f0[2] = v.z; f0[3] = v.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) f0[e] = r0 + e < ld_s ? sc[r0 + e] : 0.0f;
+    }
+    const int visible = min((pos + t + 1) / r, ld_s);
+    if (visible <= top_k || top_k <= 0) {
+        for (int j = threadIdx.x; j < sel_k; j += TK_THREADS)
+            out[j] = j < visible && j < top_k ? j : -1;
+        return;
+    }
+    const int R = (visible + TK_ROUND - 1) / TK_ROUND;
+    if (R <= TK_REG_ROUNDS) {
+        TkRegKeys keys;
+#pragma unroll
+        for (int e = 0; e < 4; e++) keys.k[0][e] = r0 + e < visible ? topk_key(f0[e]) : 0u;
+#pragma unroll
+        for (int i = 1; i < TK_REG_ROUNDS; i++) {
+            if (i < R) {
+                tk_load4(sc, tk_row(i, 0), visible, keys.k[i]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; e++) keys.k[i][e] = 0u;
+            }
+        }
+        topk_v2_body(s, keys, R, top_k, out, sel_k);
+    } else {
+        TkGlobalKeys keys{sc, visible};
+        topk_v2_body(s, keys, R, top_k, out, sel_k);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Attention with sinks (model.md §10), one KV head shared by every query head.
 // Keys of token i (position p): the raw window (ring for positions < pos0, this

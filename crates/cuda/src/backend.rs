@@ -32,6 +32,9 @@ const DENSE_MAX_ELEMS: u64 = 1 << 17;
 const ROW_THREADS: u32 = 128;
 /// Dynamic shared memory the attention / indexer kernels may use.
 const BIG_SMEM: usize = 200 * 1024;
+/// Dynamic shared memory of an `idx_topk_v2` block: TK_SMEM_BYTES in ops.cu (which
+/// asserts it holds the kernel's shared state).
+const IDX_TOPK_V2_SMEM: u32 = 56 * 1024;
 /// Chunks of at least this many tokens use the tensor-core GEMMs (gemm.cu) instead of
 /// the batched matvec, which decodes every weight unit once per token.
 const GEMM_MIN_TOKENS: usize = 16;
@@ -112,6 +115,24 @@ pub struct CudaAct {
     pub buf: DevBuf,
     pub rows: usize,
     pub cols: usize,
+}
+
+/// Arguments of an indexer top-k launch (`CudaBackend::launch_idx_topk`): device
+/// pointers and the kernel's i32 arguments; `tokens` blocks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IdxTopkArgs {
+    /// f32 scores, `ld_scores` a token (at least the visible rows).
+    pub scores: u64,
+    pub ld_scores: i32,
+    /// i32 position of the first token.
+    pub pos_p: u64,
+    /// Compression ratio: token at position p sees (p + 1) / ratio rows.
+    pub ratio: i32,
+    pub top_k: i32,
+    /// i32 picks, `sel_k` a token.
+    pub sel: u64,
+    pub sel_k: i32,
+    pub tokens: usize,
 }
 
 /// Per-token selected compressed-row indices (i32, −1 = none).
@@ -303,6 +324,7 @@ struct Ops {
     idx_scores: CudaFunction,
     idx_scores_heads: CudaFunction,
     idx_topk: CudaFunction,
+    idx_topk_v2: CudaFunction,
     /// `attention_N` for head_dim = 128·N (N = 1..4).
     attention: [CudaFunction; 4],
     kv_append: CudaFunction,
@@ -397,6 +419,7 @@ impl Ops {
             idx_scores: f("idx_scores")?,
             idx_scores_heads: f("idx_scores_heads")?,
             idx_topk: f("idx_topk")?,
+            idx_topk_v2: big("idx_topk_v2")?,
             attention: [
                 big("attention_1")?,
                 big("attention_2")?,
@@ -683,6 +706,9 @@ pub struct CudaBackend {
     /// qkv_norm_rope's KV rounding in registers (`DS4_QKV_ROUND_REGS=0`: on a shared
     /// copy of the row, the older form).
     qkv_round_regs: std::sync::atomic::AtomicBool,
+    /// Indexer top-k by `idx_topk_v2` (keys in registers, range-spread select bins,
+    /// bucket-rank order); `DS4_IDX_TOPK_V2=0` keeps `idx_topk` (A/B runs).
+    idx_topk_v2: bool,
     attn_branch: bool,
     /// Decode: a second side branch of a layer (the indexer query) continues on the
     /// side stream only with `DS4_SIDE_CONTINUE=1`. Off by default: on the H100 the
@@ -752,6 +778,7 @@ impl CudaBackend {
             qkv_round_regs: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
                 "DS4_QKV_ROUND_REGS",
             )),
+            idx_topk_v2: crate::launch::env_switch("DS4_IDX_TOPK_V2"),
             side_pending: std::sync::atomic::AtomicBool::new(false),
             side: rt.ctx.new_stream()?,
             on_side: std::sync::atomic::AtomicBool::new(false),
@@ -3134,21 +3161,20 @@ impl<'w> Backend<'w> for CudaBackend {
                     .arg(&scores)
                     .arg(&ldsc);
             })?;
-            let cfg = LaunchConfig {
-                grid_dim: (m as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (selp, sk) = (sel.buf.ptr + (t0 * sel.k * 4) as u64, sel.k as i32);
-            self.launch(&self.ops.idx_topk, cfg, |b| {
-                b.arg(&scores)
-                    .arg(&ldsc)
-                    .arg(&pos_p)
-                    .arg(&r32)
-                    .arg(&tk)
-                    .arg(&selp)
-                    .arg(&sk);
-            })?;
+            let selp = sel.buf.ptr + (t0 * sel.k * 4) as u64;
+            self.launch_idx_topk(
+                self.idx_topk_v2,
+                IdxTopkArgs {
+                    scores,
+                    ld_scores: ldsc,
+                    pos_p,
+                    ratio: r32,
+                    top_k: tk,
+                    sel: selp,
+                    sel_k: sel.k as i32,
+                    tokens: m,
+                },
+            )?;
             t0 += m;
         }
         Ok(())
@@ -3881,6 +3907,30 @@ impl CudaBackend {
     /// a part of a chunk read their first position there.
     fn pass_pos(&self, t0: usize) -> MResult<u64> {
         Ok(self.chunk_ptrs()?.1 + (t0 * 4) as u64)
+    }
+
+    /// One indexer top-k launch (a 1024-thread block a token): `idx_topk_v2`, or the
+    /// older `idx_topk` when `v2` is false. Also called by the selftest on its own scores.
+    pub(crate) fn launch_idx_topk(&self, v2: bool, a: IdxTopkArgs) -> MResult<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (a.tokens as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: if v2 { IDX_TOPK_V2_SMEM } else { 0 },
+        };
+        let f = if v2 {
+            &self.ops.idx_topk_v2
+        } else {
+            &self.ops.idx_topk
+        };
+        self.launch(f, cfg, |b| {
+            b.arg(&a.scores)
+                .arg(&a.ld_scores)
+                .arg(&a.pos_p)
+                .arg(&a.ratio)
+                .arg(&a.top_k)
+                .arg(&a.sel)
+                .arg(&a.sel_k);
+        })
     }
 }
 

@@ -1136,6 +1136,12 @@ pub fn run_fused_checks(
     out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(router_route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(indexer_checks(&be, &s, &mut rng, &mut report)?);
+    out.extend(crate::topk_checks::topk_checks(
+        &be,
+        s.indexer_top_k,
+        &mut rng,
+        &mut report,
+    )?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }

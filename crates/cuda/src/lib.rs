@@ -34,6 +34,7 @@ pub mod model_bench;
 pub mod plan;
 pub mod runtime;
 pub mod selftest;
+pub mod topk_checks;
 
 pub use backend::{CudaBackend, CudaKv};
 pub use kernels::{ActBuf, DevBuf, Kernels, Matvec};
