@@ -288,6 +288,8 @@ struct Ops {
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
     hc_pre_finish_split: CudaFunction,
+    hc_pre_finish_v2: CudaFunction,
+    hc_post_mix_v2: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
@@ -382,6 +384,8 @@ impl Ops {
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_pre_finish_split: f("hc_pre_finish_split")?,
+            hc_pre_finish_v2: f("hc_pre_finish_v2")?,
+            hc_post_mix_v2: f("hc_post_mix_v2")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
@@ -659,6 +663,10 @@ pub struct CudaBackend {
     /// branch, off the main chain (H100 2K: 150.5 tok/s against 158.6 for two blocks,
     /// the side stream then delays the compressors and the shared expert).
     hc_split: std::sync::atomic::AtomicU8,
+    /// The HC step's second kernels (`hc_post_mix_v2`, `hc_pre_finish_v2` for the two
+    /// roles of hc_pre_finish_split): same grids and bit-identical outputs, less work
+    /// repeated per thread on the SM's narrow pipes. On unless `DS4_HC_FIN_V2=0`.
+    hc_fin_v2: std::sync::atomic::AtomicBool,
     /// Decode FFN sublayer: the HC merge sums the experts' outputs itself (no moe_sum
     /// kernel; `DS4_MOE_SUM_FOLD=0`: moe_sum writes the sublayer output first).
     moe_sum_fold: bool,
@@ -736,6 +744,9 @@ impl CudaBackend {
             } else {
                 HcSplit::Side
             } as u8),
+            hc_fin_v2: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+                "DS4_HC_FIN_V2",
+            )),
             moe_sum_fold: crate::launch::env_switch("DS4_MOE_SUM_FOLD"),
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
@@ -760,6 +771,16 @@ impl CudaBackend {
     /// otherwise), so that one run checks every form.
     pub(crate) fn set_hc_split(&self, mode: HcSplit) {
         self.hc_split.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// Selftest: the HC step's kernels, second version or first (`DS4_HC_FIN_V2`), so
+    /// that one run compares them.
+    pub(crate) fn set_hc_fin_v2(&self, on: bool) {
+        self.hc_fin_v2.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn hc_fin_v2(&self) -> bool {
+        self.hc_fin_v2.load(Ordering::Relaxed)
     }
 
     pub(crate) fn hc_split(&self) -> HcSplit {
@@ -1540,7 +1561,13 @@ impl CudaBackend {
             next.fn_.data.ptr,
             nm as i32,
         );
-        self.launch(&self.ops.hc_post_mix, cfg, |b| {
+        // hc_post_mix_v2 reads post and comb rows as float4.
+        let post_mix = if self.hc_fin_v2() && pp.is_multiple_of(16) && cp.is_multiple_of(16) {
+            &self.ops.hc_post_mix_v2
+        } else {
+            &self.ops.hc_post_mix
+        };
+        self.launch(post_mix, cfg, |b| {
             b.arg(&sbp)
                 .arg(&lds_sub)
                 .arg(&pp)
@@ -1634,7 +1661,14 @@ impl CudaBackend {
         // hc_pre_finish_split.
         let run = |roles: Option<(u32, i32)>, threads: u32| {
             let (kernel, grid_dim) = match roles {
-                Some((blocks, _)) => (&self.ops.hc_pre_finish_split, (blocks, n as u32, 1)),
+                Some((blocks, _)) => (
+                    if self.hc_fin_v2() {
+                        &self.ops.hc_pre_finish_v2
+                    } else {
+                        &self.ops.hc_pre_finish_split
+                    },
+                    (blocks, n as u32, 1),
+                ),
                 None => (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1)),
             };
             let cfg = LaunchConfig {
