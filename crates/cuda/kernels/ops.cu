@@ -915,11 +915,33 @@ __device__ __forceinline__ void hc_part_row2(const float* part, int np, int n, i
     v1 = b;
 }
 
+// a / s through the fast path of the compiler's division (MUFU.RCP, one Newton step on
+// the reciprocal, one correction of the quotient: the same five FMAs), without its
+// range check and slow-path branch. With |a| and |s| in [2^-40, 2^40] (div_mid_ok) no
+// step under- or overflows, the remainder is exact and the result is a / s correctly
+// rounded, i.e. the bits of the division.
+__device__ __forceinline__ float div_rn_mid(float a, float s) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+    const float e = __fmaf_rn(-s, r, 1.0f);
+    const float r1 = __fmaf_rn(r, e, r);
+    const float q0 = __fmul_rn(a, r1);
+    const float rem = __fmaf_rn(-s, q0, a);
+    return __fmaf_rn(r1, rem, q0);
+}
+__device__ __forceinline__ bool div_mid_ok(float a, float s) {
+    const unsigned ea = (__float_as_uint(a) >> 23) & 0xffu;
+    const unsigned es = (__float_as_uint(s) >> 23) & 0xffu;
+    return ea - 87u <= 80u && es - 87u <= 80u;  // biased exponents 87..167
+}
+
 // Sinkhorn split (hc = 4) of hc_split_warp_t on warp 0, writing post and comb only
 // (the pre weights are the collapse block's). Lane a*4+b owns comb[a][b]. The row and
 // column sums start from their first element instead of 0 + it: the values are never
-// -0 (softmax outputs plus eps, then quotients of those), so 0 + g == g bit for bit
-// and the old kernel's extra add on the serial chain (39 times) is gone.
+// -0 (softmax outputs plus eps, then quotients of those), so 0 + g == g bit for bit.
+// The 39 normalising divisions use div_rn_mid, branch-free; a lane that met an
+// operand outside its range makes the warp redo the iterations with the division.
+// Both save latency on the serial chain (one add and the branch per step).
 __device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, float s1, float s2,
                                                   float bpost, float bcomb, int iters,
                                                   float eps, float* post, float* comb) {
@@ -940,16 +962,35 @@ __device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, flo
 #pragma unroll
     for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
     v = v / (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+    const float v0 = v;
     const int n_it = iters > 0 ? iters : 1;
+    bool ok = true;
     for (int it = 0; it < n_it; it++) {
         if (it > 0) {
 #pragma unroll
             for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
-            v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+            const float s = (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+            ok = ok && div_mid_ok(v, s);
+            v = div_rn_mid(v, s);
         }
 #pragma unroll
         for (int aa = 0; aa < HC; aa++) g[aa] = __shfl_sync(0xffffffffu, v, (aa * HC + b) & 31);
-        v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+        const float s = (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+        ok = ok && div_mid_ok(v, s);
+        v = div_rn_mid(v, s);
+    }
+    if (!__all_sync(0xffffffffu, ok || !own)) {
+        v = v0;
+        for (int it = 0; it < n_it; it++) {
+            if (it > 0) {
+#pragma unroll
+                for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
+                v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+            }
+#pragma unroll
+            for (int aa = 0; aa < HC; aa++) g[aa] = __shfl_sync(0xffffffffu, v, (aa * HC + b) & 31);
+            v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+        }
     }
     if (own) comb[lane] = v;
 }
