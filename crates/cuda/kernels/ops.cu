@@ -995,19 +995,64 @@ __device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, flo
     if (own) comb[lane] = v;
 }
 
+// Up to three rows (r0, r0 + step, r0 + 2 step; rows >= nm skipped) of token i's mixes
+// summed by one warp, each as hc_part_row sums it, all their loads in flight together.
+// Lane 0 writes them to mix_s.
+__device__ __forceinline__ void hc_part_rows3(const float* part, int np, int n, int i, int nm,
+                                              int r0, int step, float* mix_s) {
+    const int lane = threadIdx.x & 31;
+    float pv[3][4];
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const int r = r0 + k * step;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int p = lane + 32 * c;
+            pv[k][c] = (r < nm && p < np) ? part[((long long)p * n + i) * (nm + 1) + r] : 0.0f;
+        }
+    }
+    float v[3];
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const int r = r0 + k * step;
+        v[k] = (pv[k][0] + pv[k][1]) + (pv[k][2] + pv[k][3]);
+        if (r < nm)
+            for (int p = lane + 128; p < np; p += 32) v[k] += part[((long long)p * n + i) * (nm + 1) + r];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int k = 0; k < 3; k++) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < 3; k++)
+            if (r0 + k * step < nm) mix_s[r0 + k * step] = v[k];
+    }
+}
+
 // hc_pre_finish_split, same arguments and grid (2, n) / (1, n) with first_role.
+// hc_pre_finish_v2_t256 (EMU): 256 threads and e <= 4096, with the sums of the
+// 1024-thread launch (decode), on a block that leaves half of the SM's registers to
+// the kernels placed beside it (the 1024-thread block takes them all).
 // Role 1 (post, comb): the scales and base it needs in registers before the wait,
-// r computed by warp 0 while the other warps sum the rows, hc_sinkhorn4_warp. Role 0 (y): warps 0..3 each sum their pre row and the sum of
+// r computed by warp 0 while the other warps sum the rows (up to three each),
+// hc_sinkhorn4_warp. Role 0 (y): warps 0..3 each sum their pre row and the sum of
 // squares, and compute r and their pre weight once (not every thread: f64 and SFU work
 // repeated by 1024 threads queued on the SM's few units); one barrier hands the four
 // weights over. The norm's f64 tree ends on warp 0, which hands the scale over through
 // a second barrier, and the Q8_K maximum takes two redux instructions.
-extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
+// With tree = 4·blockDim, thread t holds the columns of the 1024-thread kernel's
+// threads t + 256c (slot c) and keeps their sums of squares apart: warp w's slot c is
+// that kernel's warp w + 8c, lane for lane.
+template <bool EMU>
+__device__ __forceinline__ void hc_pre_finish_v2_body(
     const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
-    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
-    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
-    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
+    const float* base, int e, int iters, float hc_eps, float rms_eps, const float* norm_w,
+    float norm_eps, float* y, int ld_y, float* post, float* comb, i8* q0_qs, float* q0_d,
+    i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
     constexpr int HC = 4, NM = (2 + HC) * HC;
+    const int tree = EMU ? 4 * (int)blockDim.x : (int)blockDim.x;
     const int i = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     PDL_TRIGGER();
@@ -1031,10 +1076,8 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
             const float ssq = hc_part_row(part, np, n, i, NM, NM);
             r_inv = (float)(1.0 / sqrt(div_count((double)ssq, HC * e, inv_k) + (double)rms_eps));
         } else {
-            for (int r = HC + warp - 1; r < NM; r += nw - 1) {
-                const float v = hc_part_row(part, np, n, i, NM, r);
-                if (lane == 0) mix_s[r] = v;
-            }
+            for (int r = HC + warp - 1; r < NM; r += 3 * (nw - 1))
+                hc_part_rows3(part, np, n, i, NM, r, nw - 1, mix_s);
         }
         __syncthreads();
         if (warp != 0) return;
@@ -1047,19 +1090,31 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
     __shared__ double red_d[32];
     __shared__ float scale_s;
     const float* x = state + (long long)i * ld_state;
+    // Slots of separate sums: 4 when emulating the 1024-thread tree (then e <= 4096,
+    // one column group per slot), else 1 (a thread's groups summed in order).
+    constexpr bool emu = EMU;
     float s0 = 0.0f, bw = 0.0f;
     if (warp < HC) {
         s0 = scale3[0];
         bw = base[warp];
     }
-    float4 nw0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-    if (norm_w && 4 * (int)threadIdx.x < e) nw0 = *(const float4*)(norm_w + 4 * threadIdx.x);
-    PDL_WAIT();
-    float4 x0[HC];
-    const int j00 = 4 * threadIdx.x;
-    if (j00 < e) {
+    float4 nwv[HCF_MAX4];
 #pragma unroll
-        for (int s = 0; s < HC; s++) x0[s] = *(const float4*)(x + s * e + j00);
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        nwv[c] = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        if (norm_w && j < e && (c == 0 || emu)) nwv[c] = *(const float4*)(norm_w + j);
+    }
+    PDL_WAIT();
+    // The state loads of every slot (emulating) or the first (else) go out now.
+    float4 xv[HCF_MAX4][HC];
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (j < e && (c == 0 || emu)) {
+#pragma unroll
+            for (int s = 0; s < HC; s++) xv[c][s] = *(const float4*)(x + s * e + j);
+        }
     }
     if (warp < HC) {
         float m, ssq;
@@ -1073,25 +1128,34 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
     const float4 pv = *(const float4*)pre_s;
     const float pre[HC] = {pv.x, pv.y, pv.z, pv.w};
     float4 yv[HCF_MAX4];
-    double ss = 0.0;
+    double ssc[HCF_MAX4] = {0.0, 0.0, 0.0, 0.0};
 #pragma unroll
     for (int c = 0; c < HCF_MAX4; c++) {
         const int j = 4 * (threadIdx.x + c * blockDim.x);
         yv[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (j < e) {
-            hc_collapse4<HC>(x, e, pre, HC, j, yv[c], c == 0 ? x0 : 0);
+            hc_collapse4<HC>(x, e, pre, HC, j, yv[c], (c == 0 || emu) ? xv[c] : 0);
+            double& ss = ssc[emu ? c : 0];
             ss += (double)yv[c].x * yv[c].x + (double)yv[c].y * yv[c].y +
                   (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
         }
     }
     float scale = 1.0f;
     if (norm_w) {
-        // The tree of hc_norm_store_quant<true>: warps, then the warps' sums on one warp.
-        ss = warp_sum_d(ss);
-        if (lane == 0) red_d[warp] = ss;
+        // The tree of hc_norm_store_quant<true>: warps (of the emulated block), then the
+        // warps' sums on one warp.
+        const int nslot = emu ? HCF_MAX4 : 1;
+#pragma unroll
+        for (int c = 0; c < HCF_MAX4; c++)
+            if (c < nslot) ssc[c] = warp_sum_d(ssc[c]);
+        if (lane == 0) {
+#pragma unroll
+            for (int c = 0; c < HCF_MAX4; c++)
+                if (c < nslot) red_d[warp + c * nw] = ssc[c];
+        }
         __syncthreads();
         if (warp == 0) {
-            const double t = warp_sum_d(lane < nw ? red_d[lane] : 0.0);
+            const double t = warp_sum_d(lane < (tree >> 5) ? red_d[lane] : 0.0);
             if (lane == 0)
                 scale_s = (float)(1.0 / sqrt(div_count(t, e, inv_e) + (double)norm_eps));
         }
@@ -1105,7 +1169,7 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
         if (j < e) {
             float4 o = yv[c];
             if (norm_w) {
-                const float4 w = c == 0 ? nw0 : *(const float4*)(norm_w + j);
+                const float4 w = (c == 0 || emu) ? nwv[c] : *(const float4*)(norm_w + j);
                 o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
                 o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
                 o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
@@ -1126,6 +1190,25 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
         if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
         if (qk_qs) q8_k_quad_rx(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, c > 0);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
+    hc_pre_finish_v2_body<false>(state, ld_state, part, np, n, scale3, base, e, iters, hc_eps,
+                                 rms_eps, norm_w, norm_eps, y, ld_y, post, comb, q0_qs, q0_d,
+                                 qk_qs, qk_d, qk_bs, first_role);
+}
+extern "C" __global__ void __launch_bounds__(256) hc_pre_finish_v2_t256(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
+    hc_pre_finish_v2_body<true>(state, ld_state, part, np, n, scale3, base, e, iters, hc_eps,
+                                rms_eps, norm_w, norm_eps, y, ld_y, post, comb, q0_qs, q0_d,
+                                qk_qs, qk_d, qk_bs, first_role);
 }
 
 // hc_post_mix, same arguments and grid. Group 0 writes X' after the block's one

@@ -497,7 +497,7 @@ type HcRun = Vec<(&'static str, Vec<f32>)>;
 /// The HC step's second kernels (`hc_post_mix_v2`, `hc_pre_finish_v2`) against the
 /// first (`hc_post_mix`, `hc_pre_finish_split`) on the same random inputs, for every
 /// form the decode and small batches run (two blocks at n = 1 and 3, the Sinkhorn on
-/// the side branch), both norms, the split alone, merge + split and the merge that
+/// the side branch; at n = 1 also on 256-thread blocks, `DS4_HC_FIN_256`), both norms, the split alone, merge + split and the merge that
 /// sums the MoE's outputs: every output bit for bit.
 fn hc_v2_checks(
     be: &CudaBackend,
@@ -522,13 +522,16 @@ fn hc_v2_checks(
         )?;
         norms.push((which, w));
     }
-    let (default_split, default_v2) = (be.hc_split(), be.hc_fin_v2());
-    for (split, n) in [
-        (HcSplit::TwoBlocks, 1usize),
-        (HcSplit::TwoBlocks, 3),
-        (HcSplit::Side, 1),
+    let (default_split, default_v2, default_256) = (be.hc_split(), be.hc_fin_v2(), be.hc_fin_256());
+    for (split, n, t256) in [
+        (HcSplit::TwoBlocks, 1usize, false),
+        (HcSplit::TwoBlocks, 3, false),
+        (HcSplit::Side, 1, false),
+        (HcSplit::TwoBlocks, 1, true),
+        (HcSplit::Side, 1, true),
     ] {
         be.set_hc_split(split);
+        be.set_hc_fin_256(t256);
         be.begin_chunk(&vec![0u32; n], 0)?;
         for (which, norm) in &norms {
             for (merge, moe) in [(false, false), (true, false), (true, true)] {
@@ -593,7 +596,12 @@ fn hc_v2_checks(
                     (true, false) => "hc_post+pre_norm",
                     (false, false) => "hc_pre_norm",
                 };
-                let variant = if split == HcSplit::Side { " side" } else { "" };
+                let variant = match (split == HcSplit::Side, t256) {
+                    (true, true) => " side t256",
+                    (true, false) => " side",
+                    (false, true) => " t256",
+                    (false, false) => "",
+                };
                 let (v1, v2) = (&runs[0], &runs[1]);
                 let mut mismatches = usize::from(v1.len() != v2.len());
                 let mut differing = Vec::new();
@@ -635,6 +643,7 @@ fn hc_v2_checks(
     }
     be.set_hc_split(default_split);
     be.set_hc_fin_v2(default_v2);
+    be.set_hc_fin_256(default_256);
     Ok(out)
 }
 
