@@ -1211,7 +1211,17 @@ extern "C" __global__ void __launch_bounds__(256) hc_pre_finish_v2_t256(
                                 qk_qs, qk_d, qk_bs, first_role);
 }
 
-// hc_post_mix, same arguments and grid. Group 0 writes X' after the block's one
+// A weight load kept where it is written (asm volatile, as matvec.cu's ld_stream16):
+// plain loads of hc_post_mix's fn, meant to stream in before the PDL wait, were moved
+// after it by the compiler (SASS: griddepcontrol.wait first, then all 24 loads).
+__device__ __forceinline__ u16 ld_nc_u16_pinned(const u16* p) {
+    u16 v;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
+// hc_post_mix, same arguments and grid. The fn loads really go out before the PDL
+// wait (ld_nc_u16_pinned). Group 0 writes X' after the block's one
 // barrier (all groups have read the old state by then) instead of behind a barrier of
 // its own, and the six dot-product sums and the f64 sum of squares leave each warp in
 // 12 shuffles instead of 40: at each butterfly step a lane keeps half of its values
@@ -1235,12 +1245,18 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int q = 0; q < HCM_ROWS / 4; q++) {
             const int r = g + 4 * q;
+            const bool ok = j < e && r < nm;
 #pragma unroll
-            for (int d = 0; d < 4; d++)
-                wv[q][d] = (j < e && r < nm) ? fn[r * K + d * e + j] : (u16)0;
+            for (int d = 0; d < 4; d++) {
+                // Out of range: a load of fn[0], then 0 (no branch around the load).
+                const u16 w = ld_nc_u16_pinned(fn + (ok ? r * K + d * e + j : 0));
+                wv[q][d] = ok ? w : (u16)0;
+            }
         }
     }
-    PDL_WAIT();
+    // The wait in a basic block of its own (e > 0 always: the backend launches no empty
+    // rows): within one block the assembler schedules it above loads it does not feed.
+    if (e > 0) PDL_WAIT();
     float acc[HCM_ROWS / 4];
 #pragma unroll
     for (int q = 0; q < HCM_ROWS / 4; q++) acc[q] = 0.0f;
