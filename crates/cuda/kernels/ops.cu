@@ -935,22 +935,19 @@ __device__ __forceinline__ bool div_mid_ok(float a, float s) {
     return ea - 87u <= 80u && es - 87u <= 80u;  // biased exponents 87..167
 }
 
-// Sinkhorn split (hc = 4) of hc_split_warp_t on warp 0, writing post and comb only
-// (the pre weights are the collapse block's). Lane a*4+b owns comb[a][b]. The row and
+// Sinkhorn split (hc = 4) of hc_split_warp_t on one warp, writing comb only (post is
+// another warp's, the pre weights the collapse block's). Lane a*4+b owns comb[a][b]. The row and
 // column sums start from their first element instead of 0 + it: the values are never
 // -0 (softmax outputs plus eps, then quotients of those), so 0 + g == g bit for bit.
 // The 39 normalising divisions use div_rn_mid, branch-free; a lane that met an
 // operand outside its range makes the warp redo the iterations with the division.
 // Both save latency on the serial chain (one add and the branch per step).
-__device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, float s1, float s2,
-                                                  float bpost, float bcomb, int iters,
-                                                  float eps, float* post, float* comb) {
+__device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, float s2, float bcomb,
+                                                  int iters, float eps, float* comb) {
     constexpr int HC = 4;
     const int lane = threadIdx.x & 31;
     const int a = lane / HC, b = lane % HC;
     const bool own = lane < HC * HC;
-    if (lane < HC)
-        post[lane] = 2.0f * sigmoidf_stable(__fadd_rn(__fmul_rn(s1, __fmul_rn(mix[HC + lane], r)), bpost));
     float v = own ? __fadd_rn(__fmul_rn(s2, __fmul_rn(mix[2 * HC + (lane & 15)], r)), bcomb) : 0.0f;
     float g[HC];
 #pragma unroll
@@ -1061,12 +1058,14 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
     asm volatile("" : "+d"(inv_k), "+d"(inv_e));
     if (blockIdx.x + first_role == 1) {
         __shared__ float mix_s[NM];
+        __shared__ float r_s;
         float s1 = 0.0f, s2 = 0.0f, bpost = 0.0f, bcomb = 0.0f;
         if (warp == 0) {
-            s1 = scale3[1];
             s2 = scale3[2];
-            if (lane < HC) bpost = base[HC + lane];
             if (lane < HC * HC) bcomb = base[2 * HC + lane];
+        } else if (warp == 1) {
+            s1 = scale3[1];
+            if (lane < HC) bpost = base[HC + lane];
         }
         PDL_WAIT();
         // Warp 0 sums the sum of squares and computes r while warps 1.. sum the post and
@@ -1075,14 +1074,22 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
         if (warp == 0) {
             const float ssq = hc_part_row(part, np, n, i, NM, NM);
             r_inv = (float)(1.0 / sqrt(div_count((double)ssq, HC * e, inv_k) + (double)rms_eps));
+            if (lane == 0) r_s = r_inv;
         } else {
             for (int r = HC + warp - 1; r < NM; r += 3 * (nw - 1))
                 hc_part_rows3(part, np, n, i, NM, r, nw - 1, mix_s);
         }
         __syncthreads();
+        if (warp == 1) {
+            // post on warp 1, off the Sinkhorn's warp (its sigmoids are a divergent
+            // branch that warp 0 would run before the first shuffle).
+            if (lane < HC)
+                post[(long long)i * HC + lane] =
+                    2.0f * sigmoidf_stable(__fadd_rn(__fmul_rn(s1, __fmul_rn(mix_s[HC + lane], r_s)), bpost));
+            return;
+        }
         if (warp != 0) return;
-        hc_sinkhorn4_warp(mix_s, r_inv, s1, s2, bpost, bcomb, iters, hc_eps,
-                          post + (long long)i * HC, comb + (long long)i * HC * HC);
+        hc_sinkhorn4_warp(mix_s, r_inv, s2, bcomb, iters, hc_eps, comb + (long long)i * HC * HC);
         return;
     }
     __shared__ Q8kRed qred;
