@@ -816,10 +816,12 @@ extern "C" __global__ void __launch_bounds__(256)
 // HC step, second version (DS4_HC_FIN_V2, on by default; =0 runs hc_post_mix and
 // hc_pre_finish_split). Same arguments, same grids, bit-identical outputs: every sum
 // keeps the old kernels' order (the warp butterflies' pairs, the block trees), only
-// the work around them moves. The 1024-thread decode block was bound by work every
-// thread repeated on the SM's narrow pipes (f64 sqrt/div, sigmoids on the SFU, the
-// final f64 tree on the shuffle unit, 15 shuffles per warp for the Q8_K maximum):
-// here one warp does each shared step once and hands it over through shared memory.
+// the work around them moves. In the 1024-thread decode block every thread repeated
+// work that queues on the SM's narrow pipes (f64 sqrt/div, sigmoids on the SFU, the
+// final f64 tree on the shuffle unit, 15 shuffles per warp for the Q8_K maximum; by
+// static count ~1500 SM cycles): here one warp does each shared step once and hands
+// it over through shared memory. The Sinkhorn role (39 dependent steps of shuffles,
+// four adds and a division, ~80 cycles each) is the longer of the two roles.
 // ---------------------------------------------------------------------------
 
 __device__ __forceinline__ unsigned warp_redux_max_u32(unsigned v) {
