@@ -812,6 +812,602 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+// ---------------------------------------------------------------------------
+// HC step, second version (DS4_HC_FIN_V2, on by default; =0 runs hc_post_mix and
+// hc_pre_finish_split). Same arguments, same grids, bit-identical outputs: every sum
+// keeps the old kernels' order (the warp butterflies' pairs, the block trees), only
+// the work around them moves. In the 1024-thread decode block every thread repeated
+// work that queues on the SM's narrow pipes (f64 sqrt/div, sigmoids on the SFU, the
+// final f64 tree on the shuffle unit, 15 shuffles per warp for the Q8_K maximum; by
+// static count ~1500 SM cycles): here one warp does each shared step once and hands
+// it over through shared memory. The Sinkhorn role (39 dependent steps of shuffles,
+// four adds and a division, ~80 cycles each) is the longer of the two roles.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ unsigned warp_redux_max_u32(unsigned v) {
+    unsigned r;
+    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+    return r;
+}
+__device__ __forceinline__ unsigned warp_redux_min_u32(unsigned v) {
+    unsigned r;
+    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+// q8_k_quad with the warp maximum from two redux instructions instead of 15 shuffles:
+// |x| values are non-negative floats, ordered as their bit patterns, so the largest
+// is a u32 maximum; among the lanes that hold it the first index (and its sign) is a
+// u32 minimum of (idx << 1 | sign). Same (amax, mx, idx) as warp_abs_max_first, the
+// all-zero case included (amax 0, mx +0, idx 0x7fffffff). Rest as q8_k_quad.
+__device__ void q8_k_quad_rx(const float o[4], bool active, long long e0, Q8kRed& red,
+                             i8* __restrict__ qs, float* __restrict__ d,
+                             i16* __restrict__ bsums, bool reused) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float amax = 0.0f, mx = 0.0f;
+    int idx = 0x7fffffff;
+    const int loc = (int)(e0 & 255);
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            if (fabsf(o[j]) > amax) { amax = fabsf(o[j]); mx = o[j]; idx = loc + j; }
+    }
+    const unsigned mbits = warp_redux_max_u32(__float_as_uint(amax));
+    const unsigned key = __float_as_uint(amax) == mbits
+                             ? ((unsigned)idx << 1) | (__float_as_uint(mx) >> 31)
+                             : 0xffffffffu;
+    const unsigned kmin = warp_redux_min_u32(key);
+    amax = __uint_as_float(mbits);
+    mx = (kmin & 1u) ? -amax : amax;
+    idx = (int)(kmin >> 1);
+    if (reused) __syncthreads();  // an earlier call's readers are done with `red`
+    if (lane == 0) {
+        red.amax[warp] = amax;
+        red.mx[warp] = mx;
+        red.idx[warp] = idx;
+    }
+    __syncthreads();
+    {
+        const int pw = warp ^ 1;
+        const float oa = red.amax[pw], om = red.mx[pw];
+        const int oi = red.idx[pw];
+        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; }
+    }
+    int q[4] = {0, 0, 0, 0};
+    if (amax != 0.0f) {
+        const float iscale = -127.0f / mx;
+#pragma unroll
+        for (int j = 0; j < 4; j++) q[j] = max(-127, min(127, __float2int_rn(iscale * o[j])));
+    }
+    int s = (q[0] + q[1]) + (q[2] + q[3]);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if (!active) return;
+    *(char4*)(qs + e0) = make_char4(q[0], q[1], q[2], q[3]);
+    if ((lane & 3) == 0) bsums[e0 >> 4] = (i16)s;
+    if (loc == 0) d[e0 >> 8] = amax == 0.0f ? 0.0f : 1.0f / (-127.0f / mx);
+}
+
+// Rows r0 and r1 of token i's mixes summed over the `np` partial slices by one warp,
+// each exactly as hc_part_row sums it (every lane ends with both); all loads first.
+__device__ __forceinline__ void hc_part_row2(const float* part, int np, int n, int i, int nm,
+                                             int r0, int r1, float& v0, float& v1) {
+    const int lane = threadIdx.x & 31;
+    float pa[4], pb[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const int p = lane + 32 * c;
+        const long long at = ((long long)p * n + i) * (nm + 1);
+        pa[c] = p < np ? part[at + r0] : 0.0f;
+        pb[c] = p < np ? part[at + r1] : 0.0f;
+    }
+    float a = (pa[0] + pa[1]) + (pa[2] + pa[3]);
+    float b = (pb[0] + pb[1]) + (pb[2] + pb[3]);
+    for (int p = lane + 128; p < np; p += 32) {
+        const long long at = ((long long)p * n + i) * (nm + 1);
+        a += part[at + r0];
+        b += part[at + r1];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+    v0 = a;
+    v1 = b;
+}
+
+// a / s through the fast path of the compiler's division (MUFU.RCP, one Newton step on
+// the reciprocal, one correction of the quotient: the same five FMAs), without its
+// range check and slow-path branch. With |a| and |s| in [2^-40, 2^40] (div_mid_ok) no
+// step under- or overflows, the remainder is exact and the result is a / s correctly
+// rounded, i.e. the bits of the division.
+__device__ __forceinline__ float div_rn_mid(float a, float s) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+    const float e = __fmaf_rn(-s, r, 1.0f);
+    const float r1 = __fmaf_rn(r, e, r);
+    const float q0 = __fmul_rn(a, r1);
+    const float rem = __fmaf_rn(-s, q0, a);
+    return __fmaf_rn(r1, rem, q0);
+}
+__device__ __forceinline__ bool div_mid_ok(float a, float s) {
+    const unsigned ea = (__float_as_uint(a) >> 23) & 0xffu;
+    const unsigned es = (__float_as_uint(s) >> 23) & 0xffu;
+    return ea - 87u <= 80u && es - 87u <= 80u;  // biased exponents 87..167
+}
+
+// Sinkhorn split (hc = 4) of hc_split_warp_t on one warp, writing comb only (post is
+// another warp's, the pre weights the collapse block's). Lane a*4+b owns comb[a][b]. The row and
+// column sums start from their first element instead of 0 + it: the values are never
+// -0 (softmax outputs plus eps, then quotients of those), so 0 + g == g bit for bit.
+// The 39 normalising divisions use div_rn_mid, branch-free; a lane that met an
+// operand outside its range makes the warp redo the iterations with the division.
+// Both save latency on the serial chain (one add and the branch per step).
+__device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, float s2, float bcomb,
+                                                  int iters, float eps, float* comb) {
+    constexpr int HC = 4;
+    const int lane = threadIdx.x & 31;
+    const int a = lane / HC, b = lane % HC;
+    const bool own = lane < HC * HC;
+    float v = own ? __fadd_rn(__fmul_rn(s2, __fmul_rn(mix[2 * HC + (lane & 15)], r)), bcomb) : 0.0f;
+    float g[HC];
+#pragma unroll
+    for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
+    float mx = NEG_INF;
+#pragma unroll
+    for (int bb = 0; bb < HC; bb++) mx = fmaxf(mx, g[bb]);
+    v = expf(v - mx);
+#pragma unroll
+    for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
+    v = v / (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+    const float v0 = v;
+    const int n_it = iters > 0 ? iters : 1;
+    bool ok = true;
+    for (int it = 0; it < n_it; it++) {
+        if (it > 0) {
+#pragma unroll
+            for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
+            const float s = (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+            ok = ok && div_mid_ok(v, s);
+            v = div_rn_mid(v, s);
+        }
+#pragma unroll
+        for (int aa = 0; aa < HC; aa++) g[aa] = __shfl_sync(0xffffffffu, v, (aa * HC + b) & 31);
+        const float s = (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+        ok = ok && div_mid_ok(v, s);
+        v = div_rn_mid(v, s);
+    }
+    if (!__all_sync(0xffffffffu, ok || !own)) {
+        v = v0;
+        for (int it = 0; it < n_it; it++) {
+            if (it > 0) {
+#pragma unroll
+                for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
+                v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+            }
+#pragma unroll
+            for (int aa = 0; aa < HC; aa++) g[aa] = __shfl_sync(0xffffffffu, v, (aa * HC + b) & 31);
+            v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
+        }
+    }
+    if (own) comb[lane] = v;
+}
+
+// Up to three rows (r0, r0 + step, r0 + 2 step; rows >= nm skipped) of token i's mixes
+// summed by one warp, each as hc_part_row sums it, all their loads in flight together.
+// Lane 0 writes them to mix_s.
+__device__ __forceinline__ void hc_part_rows3(const float* part, int np, int n, int i, int nm,
+                                              int r0, int step, float* mix_s) {
+    const int lane = threadIdx.x & 31;
+    float pv[3][4];
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const int r = r0 + k * step;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int p = lane + 32 * c;
+            pv[k][c] = (r < nm && p < np) ? part[((long long)p * n + i) * (nm + 1) + r] : 0.0f;
+        }
+    }
+    float v[3];
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+        const int r = r0 + k * step;
+        v[k] = (pv[k][0] + pv[k][1]) + (pv[k][2] + pv[k][3]);
+        if (r < nm)
+            for (int p = lane + 128; p < np; p += 32) v[k] += part[((long long)p * n + i) * (nm + 1) + r];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int k = 0; k < 3; k++) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < 3; k++)
+            if (r0 + k * step < nm) mix_s[r0 + k * step] = v[k];
+    }
+}
+
+// hc_pre_finish_split, same arguments and grid (2, n) / (1, n) with first_role.
+// hc_pre_finish_v2_t256 (EMU): 256 threads and e <= 4096, with the sums of the
+// 1024-thread launch (decode), on a block that leaves half of the SM's registers to
+// the kernels placed beside it (the 1024-thread block takes them all).
+// Role 1 (post, comb): the scales and base it needs in registers before the wait,
+// r computed by warp 0 while the other warps sum the rows (up to three each),
+// hc_sinkhorn4_warp. Role 0 (y): warps 0..3 each sum their pre row and the sum of
+// squares, and compute r and their pre weight once (not every thread: f64 and SFU work
+// repeated by 1024 threads queued on the SM's few units); one barrier hands the four
+// weights over. The norm's f64 tree ends on warp 0, which hands the scale over through
+// a second barrier, and the Q8_K maximum takes two redux instructions.
+// With tree = 4·blockDim, thread t holds the columns of the 1024-thread kernel's
+// threads t + 256c (slot c) and keeps their sums of squares apart: warp w's slot c is
+// that kernel's warp w + 8c, lane for lane.
+template <bool EMU>
+__device__ __forceinline__ void hc_pre_finish_v2_body(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int e, int iters, float hc_eps, float rms_eps, const float* norm_w,
+    float norm_eps, float* y, int ld_y, float* post, float* comb, i8* q0_qs, float* q0_d,
+    i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
+    constexpr int HC = 4, NM = (2 + HC) * HC;
+    const int tree = EMU ? 4 * (int)blockDim.x : (int)blockDim.x;
+    const int i = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    PDL_TRIGGER();
+    double inv_k = 1.0 / (double)(HC * e), inv_e = 1.0 / (double)e;
+    // Pinned here, before the wait (the compiler would sink them to their uses).
+    asm volatile("" : "+d"(inv_k), "+d"(inv_e));
+    if (blockIdx.x + first_role == 1) {
+        __shared__ float mix_s[NM];
+        __shared__ float r_s;
+        float s1 = 0.0f, s2 = 0.0f, bpost = 0.0f, bcomb = 0.0f;
+        if (warp == 0) {
+            s2 = scale3[2];
+            if (lane < HC * HC) bcomb = base[2 * HC + lane];
+        } else if (warp == 1) {
+            s1 = scale3[1];
+            if (lane < HC) bpost = base[HC + lane];
+        }
+        PDL_WAIT();
+        // Warp 0 sums the sum of squares and computes r while warps 1.. sum the post and
+        // comb rows (HC + w - 1, then every nw - 1): r's f64 chain is off the path.
+        float r_inv = 0.0f;
+        if (warp == 0) {
+            const float ssq = hc_part_row(part, np, n, i, NM, NM);
+            r_inv = (float)(1.0 / sqrt(div_count((double)ssq, HC * e, inv_k) + (double)rms_eps));
+            if (lane == 0) r_s = r_inv;
+        } else {
+            for (int r = HC + warp - 1; r < NM; r += 3 * (nw - 1))
+                hc_part_rows3(part, np, n, i, NM, r, nw - 1, mix_s);
+        }
+        __syncthreads();
+        if (warp == 1) {
+            // post on warp 1, off the Sinkhorn's warp (its sigmoids are a divergent
+            // branch that warp 0 would run before the first shuffle).
+            if (lane < HC)
+                post[(long long)i * HC + lane] =
+                    2.0f * sigmoidf_stable(__fadd_rn(__fmul_rn(s1, __fmul_rn(mix_s[HC + lane], r_s)), bpost));
+            return;
+        }
+        if (warp != 0) return;
+        hc_sinkhorn4_warp(mix_s, r_inv, s2, bcomb, iters, hc_eps, comb + (long long)i * HC * HC);
+        return;
+    }
+    __shared__ Q8kRed qred;
+    __shared__ __align__(16) float pre_s[HC];
+    __shared__ double red_d[32];
+    __shared__ float scale_s;
+    const float* x = state + (long long)i * ld_state;
+    // Slots of separate sums: 4 when emulating the 1024-thread tree (then e <= 4096,
+    // one column group per slot), else 1 (a thread's groups summed in order).
+    constexpr bool emu = EMU;
+    float s0 = 0.0f, bw = 0.0f;
+    if (warp < HC) {
+        s0 = scale3[0];
+        bw = base[warp];
+    }
+    float4 nwv[HCF_MAX4];
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        nwv[c] = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+        if (norm_w && j < e && (c == 0 || emu)) nwv[c] = *(const float4*)(norm_w + j);
+    }
+    PDL_WAIT();
+    // The state loads of every slot (emulating) or the first (else) go out now.
+    float4 xv[HCF_MAX4][HC];
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (j < e && (c == 0 || emu)) {
+#pragma unroll
+            for (int s = 0; s < HC; s++) xv[c][s] = *(const float4*)(x + s * e + j);
+        }
+    }
+    if (warp < HC) {
+        float m, ssq;
+        hc_part_row2(part, np, n, i, NM, warp, NM, m, ssq);
+        const float r_inv =
+            (float)(1.0 / sqrt(div_count((double)ssq, HC * e, inv_k) + (double)rms_eps));
+        if (lane == 0)
+            pre_s[warp] = sigmoidf_stable(__fadd_rn(__fmul_rn(s0, __fmul_rn(m, r_inv)), bw)) + hc_eps;
+    }
+    __syncthreads();
+    const float4 pv = *(const float4*)pre_s;
+    const float pre[HC] = {pv.x, pv.y, pv.z, pv.w};
+    float4 yv[HCF_MAX4];
+    double ssc[HCF_MAX4] = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        yv[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < e) {
+            hc_collapse4<HC>(x, e, pre, HC, j, yv[c], (c == 0 || emu) ? xv[c] : 0);
+            double& ss = ssc[emu ? c : 0];
+            ss += (double)yv[c].x * yv[c].x + (double)yv[c].y * yv[c].y +
+                  (double)yv[c].z * yv[c].z + (double)yv[c].w * yv[c].w;
+        }
+    }
+    float scale = 1.0f;
+    if (norm_w) {
+        // The tree of hc_norm_store_quant<true>: warps (of the emulated block), then the
+        // warps' sums on one warp.
+        const int nslot = emu ? HCF_MAX4 : 1;
+#pragma unroll
+        for (int c = 0; c < HCF_MAX4; c++)
+            if (c < nslot) ssc[c] = warp_sum_d(ssc[c]);
+        if (lane == 0) {
+#pragma unroll
+            for (int c = 0; c < HCF_MAX4; c++)
+                if (c < nslot) red_d[warp + c * nw] = ssc[c];
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const double t = warp_sum_d(lane < (tree >> 5) ? red_d[lane] : 0.0);
+            if (lane == 0)
+                scale_s = (float)(1.0 / sqrt(div_count(t, e, inv_e) + (double)norm_eps));
+        }
+        __syncthreads();
+        scale = scale_s;
+    }
+    float* yr = y + (long long)i * ld_y;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (j < e) {
+            float4 o = yv[c];
+            if (norm_w) {
+                const float4 w = (c == 0 || emu) ? nwv[c] : *(const float4*)(norm_w + j);
+                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
+                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
+                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
+                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
+            }
+            *(float4*)(yr + j) = o;
+            yv[c] = o;
+        }
+    }
+    if (!q0_qs && !qk_qs) return;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
+        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
+        const long long e0 = (long long)i * e + j;
+        // e is a multiple of 128: a warp is wholly inside or past the row.
+        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
+        if (qk_qs) q8_k_quad_rx(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, c > 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
+    hc_pre_finish_v2_body<false>(state, ld_state, part, np, n, scale3, base, e, iters, hc_eps,
+                                 rms_eps, norm_w, norm_eps, y, ld_y, post, comb, q0_qs, q0_d,
+                                 qk_qs, qk_d, qk_bs, first_role);
+}
+extern "C" __global__ void __launch_bounds__(256) hc_pre_finish_v2_t256(
+    const float* state, int ld_state, const float* part, int np, int n, const float* scale3,
+    const float* base, int hc, int e, int iters, float hc_eps, float rms_eps,
+    const float* norm_w, float norm_eps, float* y, int ld_y, float* post, float* comb,
+    i8* q0_qs, float* q0_d, i8* qk_qs, float* qk_d, i16* qk_bs, int first_role) {
+    hc_pre_finish_v2_body<true>(state, ld_state, part, np, n, scale3, base, e, iters, hc_eps,
+                                rms_eps, norm_w, norm_eps, y, ld_y, post, comb, q0_qs, q0_d,
+                                qk_qs, qk_d, qk_bs, first_role);
+}
+
+// A weight load kept where it is written (asm volatile, as matvec.cu's ld_stream16):
+// plain loads of hc_post_mix's fn, meant to stream in before the PDL wait, were moved
+// after it by the compiler (SASS: griddepcontrol.wait first, then all 24 loads).
+__device__ __forceinline__ u16 ld_nc_u16_pinned(const u16* p) {
+    u16 v;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
+// hc_post_mix, same arguments and grid. The fn loads really go out before the PDL
+// wait (ld_nc_u16_pinned). Group 0 writes X' after the block's one
+// barrier (all groups have read the old state by then) instead of behind a barrier of
+// its own, and the six dot-product sums and the f64 sum of squares leave each warp in
+// 12 shuffles instead of 40: at each butterfly step a lane keeps half of its values
+// and trades the other half with its partner, so every value still adds the same
+// pairs in the same order as warp_sum / warp_sum_d (lane 4q ends with row q's sum,
+// lane 24 with the sum of squares).
+extern "C" __global__ void __launch_bounds__(256)
+    hc_post_mix_v2(const float* sub, int ld_sub, const float* post, const float* comb, int e,
+                   float* state, int ld_state, const u16* __restrict__ fn, int nm,
+                   float* __restrict__ part, const float* routed, const float* shared,
+                   int k_routed) {
+    __shared__ float red[2 * 4][HCM_ROWS + 1];
+    const int i = blockIdx.y, n = gridDim.y;
+    const int g = threadIdx.x / HCPM_COLS;            // row group
+    const int j = blockIdx.x * HCPM_COLS + (threadIdx.x % HCPM_COLS);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;  // 2 warps per group
+    PDL_TRIGGER();
+    u16 wv[HCM_ROWS / 4][4];
+    {
+        const long long K = 4LL * e;
+#pragma unroll
+        for (int q = 0; q < HCM_ROWS / 4; q++) {
+            const int r = g + 4 * q;
+            const bool ok = j < e && r < nm;
+#pragma unroll
+            for (int d = 0; d < 4; d++) {
+                // Out of range: a load of fn[0], then 0 (no branch around the load).
+                const u16 w = ld_nc_u16_pinned(fn + (ok ? r * K + d * e + j : 0));
+                wv[q][d] = ok ? w : (u16)0;
+            }
+        }
+    }
+    // The wait in a basic block of its own (e > 0 always: the backend launches no empty
+    // rows): within one block the assembler schedules it above loads it does not feed.
+    if (e > 0) PDL_WAIT();
+    float acc[HCM_ROWS / 4];
+#pragma unroll
+    for (int q = 0; q < HCM_ROWS / 4; q++) acc[q] = 0.0f;
+    double ss = 0.0;
+    float nw[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float* xr = state + (long long)i * ld_state;
+    if (j < e) {
+        // post and comb rows are 16-byte aligned (the backend checks the buffers).
+        const float4 p4 = *(const float4*)(post + (long long)i * 4);
+        const float4* c4 = (const float4*)(comb + (long long)i * 16);
+        const float4 cr[4] = {c4[0], c4[1], c4[2], c4[3]};
+        const float p[4] = {p4.x, p4.y, p4.z, p4.w};
+        const float c[16] = {cr[0].x, cr[0].y, cr[0].z, cr[0].w, cr[1].x, cr[1].y,
+                             cr[1].z, cr[1].w, cr[2].x, cr[2].y, cr[2].z, cr[2].w,
+                             cr[3].x, cr[3].y, cr[3].z, cr[3].w};
+        float o;
+        if (routed) {
+            const float* rr = routed + (long long)i * k_routed * e + j;
+            float rv[8];
+#pragma unroll
+            for (int s = 0; s < 8; s++) rv[s] = s < k_routed ? rr[(long long)s * e] : 0.0f;
+            const float sh = shared[(long long)i * e + j];
+            o = 0.0f;
+#pragma unroll
+            for (int s = 0; s < 8; s++)
+                if (s < k_routed) o += rv[s];
+            for (int s = 8; s < k_routed; s++) o += rr[(long long)s * e];
+            o += sh;
+        } else {
+            o = sub[(long long)i * ld_sub + j];
+        }
+        float old[4];
+#pragma unroll
+        for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
+#pragma unroll
+        for (int d = 0; d < 4; d++) {
+            float v = p[d] * o;
+#pragma unroll
+            for (int a = 0; a < 4; a++) v += c[a * 4 + d] * old[a];
+            nw[d] = v;
+            ss += (double)v * (double)v;
+        }
+#pragma unroll
+        for (int q = 0; q < HCM_ROWS / 4; q++) {
+            float v = 0.0f;
+#pragma unroll
+            for (int d = 0; d < 4; d++) v = fmaf(h2f(wv[q][d]), nw[d], v);
+            acc[q] = v;
+        }
+    }
+    // Halving butterfly. Step 16: lanes < 16 keep rows 0..3, lanes >= 16 rows 4, 5 and
+    // the sum of squares (two words).
+    const bool hi16 = lane & 16, b8 = lane & 8, b4 = lane & 4;
+    const unsigned FULL = 0xffffffffu;
+    float w[4];
+    {
+        const float ss_lo = __int_as_float(__double2loint(ss));
+        const float ss_hi = __int_as_float(__double2hiint(ss));
+        const float snd[4] = {hi16 ? acc[0] : acc[4], hi16 ? acc[1] : acc[5],
+                              hi16 ? acc[2] : ss_lo, hi16 ? acc[3] : ss_hi};
+        float rcv[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) rcv[k] = __shfl_xor_sync(FULL, snd[k], 16);
+        if (hi16) {
+            w[0] = acc[4] + rcv[0];
+            w[1] = acc[5] + rcv[1];
+            const double t = ss + __hiloint2double(__float_as_int(rcv[3]), __float_as_int(rcv[2]));
+            w[2] = __int_as_float(__double2loint(t));
+            w[3] = __int_as_float(__double2hiint(t));
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; k++) w[k] = acc[k] + rcv[k];
+        }
+    }
+    // Step 8: lanes with bit 3 clear keep w[0..1], set keep w[2..3]; lanes 24..31 hold
+    // the sum of squares from here on.
+    const bool sq = hi16 && b8;
+    float z[2];
+    {
+        const float s0 = __shfl_xor_sync(FULL, b8 ? w[0] : w[2], 8);
+        const float s1 = __shfl_xor_sync(FULL, b8 ? w[1] : w[3], 8);
+        const float k0 = b8 ? w[2] : w[0], k1 = b8 ? w[3] : w[1];
+        if (sq) {
+            const double t = __hiloint2double(__float_as_int(k1), __float_as_int(k0)) +
+                             __hiloint2double(__float_as_int(s1), __float_as_int(s0));
+            z[0] = __int_as_float(__double2loint(t));
+            z[1] = __int_as_float(__double2hiint(t));
+        } else {
+            z[0] = k0 + s0;
+            z[1] = k1 + s1;
+        }
+    }
+    // Step 4: float lanes keep one value (bit 2 clear: z[0]); the sum-of-squares lanes
+    // trade both words. Steps 2 and 1: plain butterflies.
+    float t0, t1;
+    {
+        const float s0 = __shfl_xor_sync(FULL, (sq || b4) ? z[0] : z[1], 4);
+        const float s1 = __shfl_xor_sync(FULL, z[1], 4);
+        if (sq) {
+            const double t = __hiloint2double(__float_as_int(z[1]), __float_as_int(z[0])) +
+                             __hiloint2double(__float_as_int(s1), __float_as_int(s0));
+            t0 = __int_as_float(__double2loint(t));
+            t1 = __int_as_float(__double2hiint(t));
+        } else {
+            t0 = (b4 ? z[1] : z[0]) + s0;
+            t1 = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int m = 2; m > 0; m >>= 1) {
+        const float s0 = __shfl_xor_sync(FULL, t0, m);
+        const float s1 = __shfl_xor_sync(FULL, t1, m);
+        if (sq) {
+            const double t = __hiloint2double(__float_as_int(t1), __float_as_int(t0)) +
+                             __hiloint2double(__float_as_int(s1), __float_as_int(s0));
+            t0 = __int_as_float(__double2loint(t));
+            t1 = __int_as_float(__double2hiint(t));
+        } else {
+            t0 += s0;
+        }
+    }
+    if ((lane & 3) == 0) {
+        if (lane < 24) {
+            red[warp][g + 4 * (lane >> 2)] = t0;  // warp = 2g or 2g + 1
+        } else if (lane == 24 && warp < 2) {
+            red[warp][HCM_ROWS] =
+                (float)__hiloint2double(__float_as_int(t1), __float_as_int(t0));
+        }
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < nm) {
+        const int r = threadIdx.x, gg = r & 3;
+        part[((long long)blockIdx.x * n + i) * (nm + 1) + r] = red[2 * gg][r] + red[2 * gg + 1][r];
+    } else if ((int)threadIdx.x == nm) {
+        part[((long long)blockIdx.x * n + i) * (nm + 1) + nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
+    }
+    if (j < e && g == 0) {
+#pragma unroll
+        for (int d = 0; d < 4; d++) xr[d * e + j] = nw[d];
+    }
+}
+
 // Final HC collapse; one block per token.
 extern "C" __global__ void hc_head_finish(const float* state, int ld_state, const float* mixes,
                                           int ld_mix, const float* scale, const float* base,

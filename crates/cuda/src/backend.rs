@@ -309,6 +309,9 @@ struct Ops {
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
     hc_pre_finish_split: CudaFunction,
+    hc_pre_finish_v2: CudaFunction,
+    hc_pre_finish_v2_t256: CudaFunction,
+    hc_post_mix_v2: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
@@ -404,6 +407,9 @@ impl Ops {
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_pre_finish_split: f("hc_pre_finish_split")?,
+            hc_pre_finish_v2: f("hc_pre_finish_v2")?,
+            hc_pre_finish_v2_t256: f("hc_pre_finish_v2_t256")?,
+            hc_post_mix_v2: f("hc_post_mix_v2")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
@@ -682,6 +688,14 @@ pub struct CudaBackend {
     /// branch, off the main chain (H100 2K: 150.5 tok/s against 158.6 for two blocks,
     /// the side stream then delays the compressors and the shared expert).
     hc_split: std::sync::atomic::AtomicU8,
+    /// The HC step's second kernels (`hc_post_mix_v2`, `hc_pre_finish_v2` for the two
+    /// roles of hc_pre_finish_split): same grids and bit-identical outputs, less work
+    /// repeated per thread on the SM's narrow pipes. On unless `DS4_HC_FIN_V2=0`.
+    hc_fin_v2: std::sync::atomic::AtomicBool,
+    /// With `hc_fin_v2`, decode's split + collapse on 256-thread blocks
+    /// (`hc_pre_finish_v2_t256`, the 1024-thread launch's sums; half of an SM's
+    /// registers instead of all) only with `DS4_HC_FIN_256=1` (not yet measured).
+    hc_fin_256: std::sync::atomic::AtomicBool,
     /// Decode FFN sublayer: the HC merge sums the experts' outputs itself (no moe_sum
     /// kernel; `DS4_MOE_SUM_FOLD=0`: moe_sum writes the sublayer output first).
     moe_sum_fold: bool,
@@ -765,6 +779,12 @@ impl CudaBackend {
             } else {
                 HcSplit::Side
             } as u8),
+            hc_fin_v2: std::sync::atomic::AtomicBool::new(crate::launch::env_switch(
+                "DS4_HC_FIN_V2",
+            )),
+            hc_fin_256: std::sync::atomic::AtomicBool::new(
+                std::env::var("DS4_HC_FIN_256").is_ok_and(|v| v == "1"),
+            ),
             moe_sum_fold: crate::launch::env_switch("DS4_MOE_SUM_FOLD"),
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
@@ -799,6 +819,25 @@ impl CudaBackend {
     /// otherwise), so that one run checks every form.
     pub(crate) fn set_hc_split(&self, mode: HcSplit) {
         self.hc_split.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// Selftest: the HC step's kernels, second version or first (`DS4_HC_FIN_V2`), so
+    /// that one run compares them.
+    pub(crate) fn set_hc_fin_v2(&self, on: bool) {
+        self.hc_fin_v2.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn hc_fin_v2(&self) -> bool {
+        self.hc_fin_v2.load(Ordering::Relaxed)
+    }
+
+    /// Selftest: decode's HC split + collapse on 256 threads (`DS4_HC_FIN_256`).
+    pub(crate) fn set_hc_fin_256(&self, on: bool) {
+        self.hc_fin_256.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn hc_fin_256(&self) -> bool {
+        self.hc_fin_256.load(Ordering::Relaxed)
     }
 
     pub(crate) fn hc_split(&self) -> HcSplit {
@@ -1579,7 +1618,13 @@ impl CudaBackend {
             next.fn_.data.ptr,
             nm as i32,
         );
-        self.launch(&self.ops.hc_post_mix, cfg, |b| {
+        // hc_post_mix_v2 reads post and comb rows as float4.
+        let post_mix = if self.hc_fin_v2() && pp.is_multiple_of(16) && cp.is_multiple_of(16) {
+            &self.ops.hc_post_mix_v2
+        } else {
+            &self.ops.hc_post_mix
+        };
+        self.launch(post_mix, cfg, |b| {
             b.arg(&sbp)
                 .arg(&lds_sub)
                 .arg(&pp)
@@ -1647,7 +1692,6 @@ impl CudaBackend {
         comb: &mut CudaAct,
     ) -> MResult<()> {
         let (hc, e) = (s.hc_mult, s.n_embd);
-        let threads: u32 = if n == 1 { 1024 } else { 256 };
         let (sc, bs) = (w.scale.dense_ptr()?, w.base.dense_ptr()?);
         // hc = 4: the Sinkhorn beside the collapse (HcSplit).
         let mode = if hc == 4 && s.hc_mix() == 24 {
@@ -1655,6 +1699,10 @@ impl CudaBackend {
         } else {
             HcSplit::OneBlock
         };
+        let v2 = self.hc_fin_v2();
+        // hc_pre_finish_v2_t256: the one-token launch's sums on 256 threads (e <= 4·1024).
+        let t256 = v2 && self.hc_fin_256() && mode != HcSplit::OneBlock && n == 1 && e <= 4 * 1024;
+        let threads: u32 = if n == 1 && !t256 { 1024 } else { 256 };
         let side = mode == HcSplit::Side
             && n == 1
             && self.profile.is_none()
@@ -1673,7 +1721,16 @@ impl CudaBackend {
         // hc_pre_finish_split.
         let run = |roles: Option<(u32, i32)>, threads: u32| {
             let (kernel, grid_dim) = match roles {
-                Some((blocks, _)) => (&self.ops.hc_pre_finish_split, (blocks, n as u32, 1)),
+                Some((blocks, _)) => (
+                    if t256 {
+                        &self.ops.hc_pre_finish_v2_t256
+                    } else if v2 {
+                        &self.ops.hc_pre_finish_v2
+                    } else {
+                        &self.ops.hc_pre_finish_split
+                    },
+                    (blocks, n as u32, 1),
+                ),
                 None => (&self.ops.hc_pre_finish_norm, (n as u32, 1, 1)),
             };
             let cfg = LaunchConfig {

@@ -35,6 +35,9 @@ pub const TOL_REUSE_MISMATCHES: usize = 0;
 /// RoPE / per-head RMSNorm: the same f32 operations as the CPU (cos/sin in f64, sums of
 /// squares in f64), so only a rare last-bit difference of a library cos/sin remains.
 pub const TOL_ROPE_REL: f32 = 1e-6;
+/// HC step, second kernels (`DS4_HC_FIN_V2`) against the first on the same inputs:
+/// differing bits allowed in y, the state, post, comb and y's quantized copies.
+pub const TOL_HC_V2_MISMATCHES: usize = 0;
 /// Routing: chosen experts must match exactly (random logits keep the k-th and k+1-th
 /// scores far apart; ties are exact on both sides).
 pub const TOL_ROUTE_ID_MISMATCHES: usize = 0;
@@ -472,6 +475,183 @@ fn hc_quant_checks(
         }
     }
     be.set_hc_split(default_split);
+    Ok(out)
+}
+
+/// Elements whose bits differ (or that are not finite) between two runs' outputs.
+fn bit_mismatches(a: &[f32], b: &[f32]) -> usize {
+    let mut m = a.len().abs_diff(b.len());
+    for (x, y) in a.iter().zip(b) {
+        if x.to_bits() != y.to_bits() || !x.is_finite() {
+            m += 1;
+        }
+    }
+    m
+}
+
+/// One run of an HC step for `hc_v2_checks`: y, state, post, comb, then y's pending
+/// copies (Q8_0 codes, scales; Q8_K codes, scales, sums; empty when none is pending)
+/// as f32 lists.
+type HcRun = Vec<(&'static str, Vec<f32>)>;
+
+/// The HC step's second kernels (`hc_post_mix_v2`, `hc_pre_finish_v2`) against the
+/// first (`hc_post_mix`, `hc_pre_finish_split`) on the same random inputs, for every
+/// form the decode and small batches run (two blocks at n = 1 and 3, the Sinkhorn on
+/// the side branch; at n = 1 also on 256-thread blocks, `DS4_HC_FIN_256`), both norms, the split alone, merge + split and the merge that
+/// sums the MoE's outputs: every output bit for bit.
+fn hc_v2_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let (hcm, e, k) = (s.hc_mult, s.n_embd, s.n_expert_used);
+    let mut out = Vec::new();
+    let hcw = hc_weights(be, keep, s, rng, "fused_check_hc_v2")?;
+    let norm_v: Vec<f32> = (0..e).map(|_| 1.0 + 0.2 * rng.unit()).collect();
+    let mut norms = Vec::new();
+    for which in ["attn", "ffn"] {
+        let w = upload(
+            be,
+            keep,
+            &format!("blk.0.{which}_norm.weight"),
+            GgmlType::F32,
+            &[e as u64],
+            f32_bytes(&norm_v),
+        )?;
+        norms.push((which, w));
+    }
+    let (default_split, default_v2, default_256) = (be.hc_split(), be.hc_fin_v2(), be.hc_fin_256());
+    for (split, n, t256) in [
+        (HcSplit::TwoBlocks, 1usize, false),
+        (HcSplit::TwoBlocks, 3, false),
+        (HcSplit::Side, 1, false),
+        (HcSplit::TwoBlocks, 1, true),
+        (HcSplit::Side, 1, true),
+    ] {
+        be.set_hc_split(split);
+        be.set_hc_fin_256(t256);
+        be.begin_chunk(&vec![0u32; n], 0)?;
+        for (which, norm) in &norms {
+            for (merge, moe) in [(false, false), (true, false), (true, true)] {
+                let state_v = random_act(rng, n * hcm * e);
+                let sub_v = random_act(rng, n * e);
+                let routed_v = random_act(rng, n * k * e);
+                let shared_v = random_act(rng, n * e);
+                let post_v: Vec<f32> = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
+                let comb_v: Vec<f32> = (0..n * hcm * hcm)
+                    .map(|_| 0.25 + 0.2 * rng.unit())
+                    .collect();
+                let mut runs: Vec<HcRun> = Vec::new();
+                for v2 in [false, true] {
+                    be.set_hc_fin_v2(v2);
+                    let mut state = act(be, n, hcm * e, &state_v)?;
+                    let sub = act(be, n, e, if moe { &[] } else { &sub_v })?;
+                    let (pv, cv): (&[f32], &[f32]) = if merge {
+                        (&post_v, &comb_v)
+                    } else {
+                        (&[], &[])
+                    };
+                    let mut post = act(be, n, hcm, pv)?;
+                    let mut comb = act(be, n, hcm * hcm, cv)?;
+                    let mut y = act(be, n, e, &[])?;
+                    if moe {
+                        let routed = act(be, n * k, e, &routed_v)?;
+                        let shared = act(be, n, e, &shared_v)?;
+                        be.hc_post_pre_norm_moe(
+                            &routed, &shared, k, &sub, n, s, &mut state, &hcw.dev, norm, &mut y,
+                            &mut post, &mut comb,
+                        )?;
+                    } else if merge {
+                        be.hc_post_pre_norm(
+                            &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
+                        )?;
+                    } else {
+                        be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
+                    }
+                    let mut run: HcRun = vec![
+                        ("y", read(be, &y)?),
+                        ("state", read(be, &state)?),
+                        ("post", read(be, &post)?),
+                        ("comb", read(be, &comb)?),
+                    ];
+                    for (kind, what, flag) in [
+                        (ActKind::Q8_0, "y Q8_0", "y Q8_0 pending"),
+                        (ActKind::Q8K, "y Q8_K", "y Q8_K pending"),
+                    ] {
+                        let copy = be.pending_copy(&y, kind, e, n)?;
+                        run.push((flag, vec![if copy.is_some() { 1.0 } else { 0.0 }]));
+                        let (qs, d, bsums) = match copy {
+                            Some(c) => (
+                                c.qs.iter().map(|&b| f32::from(b)).collect(),
+                                c.d,
+                                c.bsums.iter().map(|&b| f32::from(b)).collect(),
+                            ),
+                            None => (vec![], vec![], vec![]),
+                        };
+                        run.push((what, qs));
+                        run.push((what, d));
+                        run.push((what, bsums));
+                    }
+                    runs.push(run);
+                }
+                let step = match (merge, moe) {
+                    (_, true) => "moe_sum+hc_post+pre_norm",
+                    (true, false) => "hc_post+pre_norm",
+                    (false, false) => "hc_pre_norm",
+                };
+                let variant = match (split == HcSplit::Side, t256) {
+                    (true, true) => " side t256",
+                    (true, false) => " side",
+                    (false, true) => " t256",
+                    (false, false) => "",
+                };
+                let (v1, v2) = (&runs[0], &runs[1]);
+                let mut mismatches = usize::from(v1.len() != v2.len());
+                let mut differing = Vec::new();
+                for ((what, a), (_, b)) in v1.iter().zip(v2) {
+                    let m = bit_mismatches(a, b);
+                    if m > 0 && !differing.contains(what) {
+                        differing.push(*what);
+                    }
+                    mismatches += m;
+                }
+                // The FFN norm leaves both copies pending, the attention norm the Q8_0 one.
+                let pending = |run: &HcRun, flag: &str| {
+                    run.iter()
+                        .any(|(w, v)| *w == flag && v.first() == Some(&1.0))
+                };
+                let want_k = *which == "ffn";
+                if [v1, v2].iter().any(|r| {
+                    !pending(r, "y Q8_0 pending") || pending(r, "y Q8_K pending") != want_k
+                }) {
+                    mismatches += 1;
+                    differing.push("pending copies");
+                }
+                let r = CheckResult {
+                    name: format!(
+                        "fused {step:<16} {which:<4} n={n}{variant} v2 = v1 (bit-exact){}",
+                        if differing.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" differ: {}", differing.join(", "))
+                        }
+                    ),
+                    max_abs: 0.0,
+                    max_rel: mismatches as f32,
+                    tol: TOL_HC_V2_MISMATCHES as f32,
+                    tol_name: "TOL_HC_V2_MISMATCHES",
+                    pass: mismatches == TOL_HC_V2_MISMATCHES,
+                };
+                report(&r);
+                out.push(r);
+            }
+        }
+    }
+    be.set_hc_split(default_split);
+    be.set_hc_fin_v2(default_v2);
+    be.set_hc_fin_256(default_256);
     Ok(out)
 }
 
@@ -1131,6 +1311,7 @@ pub fn run_fused_checks(
     let mut rng = Rng(0xf05e_d0c4_5eed);
     let mut out = Vec::new();
     out.extend(hc_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(hc_v2_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
