@@ -1657,6 +1657,41 @@ pub fn run_attention_checks(
             report(&r);
             out.push(r);
         }
+        // Decode: the att_sd split kernels (16- or 32-key tiles by the grid size) against
+        // the CPU and against the att_tc_1 split kernel they replace (DS4_ATTN_SD=0).
+        if n <= SPLIT_MAX_TOKENS {
+            let run = |path| -> Result<Vec<f32>> {
+                let dsplit = DevBuf::from_bytes(stream, &vec![0xffu8; n * w * 4])?;
+                ak.launch_path(
+                    stream,
+                    &AttnLaunch {
+                        out: dsplit.ptr,
+                        ..a
+                    },
+                    path,
+                )?;
+                stream.synchronize()?;
+                dsplit.to_f32(stream)
+            };
+            let (sd, legacy) = (run(DecodePath::Split)?, run(DecodePath::SplitLegacy)?);
+            for r in [
+                check("att_sd vs cpu", &sd),
+                compare_att(
+                    format!(
+                        "attention att_sd vs att_tc_1 split {} {}h x {}",
+                        c.name, nh, hd
+                    ),
+                    &sd,
+                    &legacy,
+                    &tokens,
+                    nh,
+                    hd,
+                ),
+            ] {
+                report(&r);
+                out.push(r);
+            }
+        }
     }
     Ok(out)
 }
