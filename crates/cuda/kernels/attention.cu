@@ -151,7 +151,11 @@ __device__ __forceinline__ void at_cluster_sync() {
 // the decode kernels att_sd: twice the CTAs, half the work and loads each).
 // HOISTP: P·K loads each m-tile's P fragments once, not once per output n-tile
 // (smem traffic of the decode tile: P 128 → 32 KB; same MMAs in the same order).
-template <int MT, int HD, int CL, int KT = AT_KT, bool HOISTP = false>
+// QREG (MT 1, CL 0, HD 512): warp w takes dims [32w, 32w + 32) of every key n-tile
+// for the scores, with its queries' A fragments loaded from global straight into
+// registers: no query copy in shared memory, each key fragment read once (S smem
+// traffic 192 → 64 KB at 32 keys); 16 score partials per key instead of 4.
+template <int MT, int HD, int CL, int KT = AT_KT, bool HOISTP = false, bool QREG = false>
 __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
@@ -163,7 +167,9 @@ __device__ __forceinline__ void att_tc_impl(
     constexpr int LDH = AT_LDH(HD);
     constexpr int R = 16 * MT;                    // head rows of the CTA
     constexpr int NT8 = KT / 8;                   // key n-tiles of S
-    constexpr int KSPLIT = AT_WARPS / (MT * NT8);  // warps sharing one S tile (split dims)
+    // Warps sharing one S tile (split dims).
+    constexpr int KSPLIT = QREG ? AT_WARPS : AT_WARPS / (MT * NT8);
+    static_assert(!QREG || (MT == 1 && CL == 0 && HD == 32 * AT_WARPS), "QREG shape");
     constexpr int KD = HD / KSPLIT;               // dims per S partial
     constexpr int NB = HD / AT_WARPS / 8;         // output n-tiles per warp
     constexpr int PF = KT * HD / 4 / AT_THREADS;  // float4 per thread per key tile
@@ -223,8 +229,27 @@ __device__ __forceinline__ void att_tc_impl(
     // Queries split into hi/lo unscaled (1/√hd is applied to the f32 scores, so
     // the lo parts keep clear of f16 subnormals); rows of absent heads are zero.
     const float scale = 1.0f / sqrtf((float)HD);
+    // QREG: A fragments of this warp's 32 dims, k-steps j = 0, 1: register e holds
+    // row g + 8·(e & 1), dims 32·warp + 16j + 8·(e >> 1) + 2·t4 + {0, 1}.
+    u32 qfh[2][4], qfl[2][4];
+    if constexpr (QREG) {
+        const float* qb = q + (long long)i * ld_q + (long long)h0 * HD + warp * 32 + 2 * t4;
 #pragma unroll
-    for (int e0 = 0; e0 < R * HD / 4; e0 += AT_THREADS) {
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = g + 8 * (e & 1);
+                float2 v = make_float2(0.f, 0.f);
+                if (r < n_rows_valid) v = *(const float2*)(qb + (long long)r * HD + 16 * j + 8 * (e >> 1));
+                u16 a0, a1, b0, b1;
+                at_split(v.x, a0, b0);
+                at_split(v.y, a1, b1);
+                qfh[j][e] = at_pack(a0, a1);
+                qfl[j][e] = at_pack(b0, b1);
+            }
+    }
+#pragma unroll
+    for (int e0 = 0; e0 < (QREG ? 0 : R * HD / 4); e0 += AT_THREADS) {
         const int e = e0 + tid;
         const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -334,8 +359,26 @@ __device__ __forceinline__ void att_tc_impl(
         // The next tile's loads fly while this one is multiplied.
         if (t0 + TSTEP < ke) load_tile(t0 + TSTEP, ke);
 
-        // S partials: warp → (m-tile, key n-tile, dim slice).
-        {
+        if constexpr (QREG) {
+            // S partials: warp → dims [32·warp, +32) of every key n-tile; the same MMAs
+            // per 32 dims as below, each 32-dim sum a partial of its own.
+            const int ks = warp;
+            const u32 ka = at_smem(kh + (lane & 7) * LDH + (lane >> 3) * 8 + ks * 32);
+            constexpr u32 KLO = KT * LDH * 2;
+#pragma unroll
+            for (int n8 = 0; n8 < NT8; n8++) {
+                u32 bh[4], bl[4];
+                float t[4] = {0.f, 0.f, 0.f, 0.f};
+                at_ldm_x4(bh, ka + 2 * n8 * 8 * LDH);
+                at_ldm_x4(bl, ka + KLO + 2 * n8 * 8 * LDH);
+                at_mma3(t, qfh[0], qfl[0], bh[0], bh[1], bl[0], bl[1]);
+                at_mma3(t, qfh[1], qfl[1], bh[2], bh[3], bl[2], bl[3]);
+                float* so = sS + (ks * R + g) * LDS + n8 * 8 + 2 * t4;
+                *(float2*)so = make_float2(t[0], t[1]);
+                *(float2*)(so + 8 * LDS) = make_float2(t[2], t[3]);
+            }
+        } else {
+            // S partials: warp → (m-tile, key n-tile, dim slice).
             const int tile = warp % (MT * NT8), ks = warp / (MT * NT8);
             const int mt = tile / NT8, n8 = tile % NT8;
             if (mt < mt_valid) {
@@ -582,6 +625,20 @@ AT_SD_KERNEL(32, 512)
 AT_SD_KERNEL(16, 512)
 AT_SD_KERNEL(32, 256)
 AT_SD_KERNEL(16, 256)
+
+// att_sd_<KT>_512 with the queries in registers (QREG; same arguments).
+#define AT_SQ_KERNEL(KT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) att_sq_##KT##_512(              \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
+        const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
+        int ld_out, float* part, float* ring_app, int picks_first) {                             \
+        att_tc_impl<1, 512, 0, KT, true, true>(q, ld_q, rows, ld_rows, ring, ring_cap, comp,     \
+                                               ratio, sel, sel_k, sinks, window, pos_p, n_head,  \
+                                               kps, out, ld_out, part, ring_app, picks_first);   \
+    }
+AT_SQ_KERNEL(32)
+AT_SQ_KERNEL(16)
 
 // Decode on a cluster of AT_CL CTAs per 16 heads (grid (AT_CL, head groups,
 // tokens)); Hopper and later only (the host loads them when the arch has them).

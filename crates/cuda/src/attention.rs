@@ -20,7 +20,9 @@
 //!   tile, and 16-key tiles (twice the CTAs, half the loads and MMAs each) where the
 //!   grid stays within [`SD16_MAX_CTAS`] CTAs (window-only and ratio-128 layers).
 //!   `DS4_ATTN_SD=0` restores the `att_tc_1_<HD>` split kernel with 32-key splits,
-//!   `DS4_ATTN_SD16_CTAS=N` moves the CTA bound (0: 32-key tiles always).
+//!   `DS4_ATTN_SD16_CTAS=N` moves the CTA bound (0: 32-key tiles always). At head dim
+//!   512 the decode kernels are `att_sq_<KT>_512`, the same with the queries in
+//!   registers (`DS4_ATTN_SD_QREG=0`: `att_sd`).
 //!
 //! The first position is read on the device (`pos`), so grids are sized from
 //! host-known upper bounds ([`max_keys`]) and surplus CTAs exit: launches never
@@ -69,18 +71,28 @@ pub const fn smem_bytes(mt: usize, hd: usize) -> usize {
 
 /// Dynamic shared memory of a kernel with `kt`-key tiles (`AT_SMEM(MT, HD, KT)`).
 pub const fn smem_bytes_kt(mt: usize, hd: usize, kt: usize) -> usize {
+    smem_layout(mt, hd, kt, WARPS / (mt * (kt / 8)))
+}
+
+/// Dynamic shared memory of `att_sq_<KT>_512` (queries in registers: a score partial
+/// per warp, `KSPLIT` = 16; the query area stays in the layout, unused).
+pub const fn smem_bytes_sq(kt: usize) -> usize {
+    smem_layout(1, 512, kt, WARPS)
+}
+
+/// The shared-memory layout of `att_tc_impl` with `ksplit` score partials.
+const fn smem_layout(mt: usize, hd: usize, kt: usize, ksplit: usize) -> usize {
     let ldh = hd + 8;
     let rows = 16 * mt;
     let q = rows * ldh * 2;
     let k = kt * ldh * 2;
-    let ksplit = WARPS / (mt * (kt / 8));
     let s = ksplit * rows * (kt + 4) * 4;
     let p = rows * (kt + 8) * 2;
     2 * q + 2 * k + s + 2 * p + 3 * rows * 4
 }
 
 /// The split decode kernels' switches, read once (scratch sizes and launches agree):
-/// `DS4_ATTN_SD` (the `att_sd` kernels, default on) and `DS4_ATTN_SD16_CTAS`.
+/// `DS4_ATTN_SD` (the `att_sd` / `att_sq` kernels, default on) and `DS4_ATTN_SD16_CTAS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SdConfig {
     enabled: bool,
@@ -276,6 +288,10 @@ pub struct AttentionKernels {
     cluster: Option<[CudaFunction; 2]>,
     /// `att_sd_<KT>_<HD>`: [KT 32, KT 16] × [HD 512, HD 256], the split decode kernels.
     sd: [[CudaFunction; 2]; 2],
+    /// `att_sq_<KT>_512` [KT 32, KT 16]: `att_sd` with the queries in registers.
+    sq: [CudaFunction; 2],
+    /// Head dim 512 decode takes `att_sq` (`DS4_ATTN_SD_QREG=0`: `att_sd`).
+    qreg: bool,
     /// False when `DS4_CUDA_ATTN=simt` asks for the SIMT kernels (A/B timing).
     enabled: bool,
     /// Most keys for which [`DecodePath::Auto`] takes the cluster kernel (0 when
@@ -364,8 +380,18 @@ impl AttentionKernels {
             )?;
             Ok(f)
         };
+        let sq = |kt: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&format!("att_sq_{kt}_512"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes_sq(kt) as i32,
+            )?;
+            Ok(f)
+        };
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
+            sq: [sq(KEY_TILE)?, sq(SMALL_KEY_TILE)?],
+            qreg: env_switch("DS4_ATTN_SD_QREG"),
             sd: [
                 [sd(KEY_TILE, 512)?, sd(KEY_TILE, 256)?],
                 [sd(SMALL_KEY_TILE, 512)?, sd(SMALL_KEY_TILE, 256)?],
@@ -378,6 +404,13 @@ impl AttentionKernels {
             picks_first: env_switch("DS4_ATTN_PICKS_FIRST"),
             split_when_deferred: env_switch("DS4_ATTN_SPLIT_MERGE"),
         })
+    }
+
+    /// These kernels with head dim 512 decode on `att_sq` (`on`) or `att_sd` (the
+    /// checks run both, whatever `DS4_ATTN_SD_QREG` says).
+    pub fn with_qreg(mut self, on: bool) -> Self {
+        self.qreg = on;
+        self
     }
 
     /// Whether the backend should launch these kernels for this shape
@@ -524,8 +557,10 @@ impl AttentionKernels {
                 )));
             }
         }
-        let (func, smem) = if split && !legacy {
-            let small = plan.key_tile == SMALL_KEY_TILE;
+        let small = plan.key_tile == SMALL_KEY_TILE;
+        let (func, smem) = if split && !legacy && self.qreg && hd == 512 {
+            (&self.sq[usize::from(small)], smem_bytes_sq(plan.key_tile))
+        } else if split && !legacy {
             (
                 &self.sd[usize::from(small)][usize::from(hd == 256)],
                 smem_bytes_kt(1, hd, plan.key_tile),
@@ -758,6 +793,12 @@ mod tests {
         // AT_SMEM(1, 512, 16): Q 2·16640, K 2·16640, S 8·16·20·4, P 2·16·24·2, state 192.
         assert_eq!(smem_bytes_kt(1, 512, 16), 78_528);
         assert_eq!(smem_bytes_kt(1, 512, 32), smem_bytes(1, 512));
+        // att_sq: 16 score partials of 16 × (KT + 4) floats instead of 8 (KT 16) / 4 (KT 32).
+        assert_eq!(smem_bytes_sq(16), 78_528 + 8 * 16 * 20 * 4);
+        assert_eq!(smem_bytes_sq(32), smem_bytes(1, 512) + 12 * 16 * 36 * 4);
+        for kt in [16, 32] {
+            assert!(smem_bytes_sq(kt) + 4112 <= 227 * 1024);
+        }
     }
 
     #[test]
