@@ -515,8 +515,6 @@ impl AttentionKernels {
         }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
-        // A merge the caller takes over costs little more than its own kernel, so the
-        // split CTAs (one tile each, no cluster barriers) beat the cluster kernel then.
         // The split decode layout: the att_sd kernels' plan, or the att_tc_1 kernel with
         // 32-key splits (DS4_ATTN_SD=0, or the legacy path asked for).
         let legacy = path == DecodePath::SplitLegacy || !sd_config().enabled;
@@ -530,6 +528,8 @@ impl AttentionKernels {
         } else {
             decode_plan(nh, n, max_keys)
         };
+        // A merge the caller takes over costs little more than its own kernel, so the
+        // split CTAs (one tile each, no cluster barriers) beat the cluster kernel then.
         let merge_deferred =
             split && self.split_when_deferred && plan.n_splits <= defer_merge_up_to;
         let cluster = match path {
