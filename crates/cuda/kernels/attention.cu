@@ -155,7 +155,10 @@ __device__ __forceinline__ void at_cluster_sync() {
 // for the scores, with its queries' A fragments loaded from global straight into
 // registers: no query copy in shared memory, each key fragment read once (S smem
 // traffic 192 → 64 KB at 32 keys); 16 score partials per key instead of 4.
-template <int MT, int HD, int CL, int KT = AT_KT, bool HOISTP = false, bool QREG = false>
+// LEAN (the decode kernels): no barriers for a usable count that needs none (no
+// indexer picks: every visible row), none at the top of a CTA's first tile.
+template <int MT, int HD, int CL, int KT = AT_KT, bool HOISTP = false, bool QREG = false,
+          bool LEAN = false>
 __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
@@ -294,20 +297,24 @@ __device__ __forceinline__ void att_tc_impl(
     // Picks come first, then -1 padding: the usable count is the first index that
     // is not a visible row. The picks also go to shared memory, so later tiles
     // find their rows without a global round trip first.
-    if (tid == 0) s_ncomp = srow ? sel_k : K.n_vis;
-    if (srow && tid < sel_k) s_pick[tid] = my_pick;
-    __syncthreads();
-    if (srow) {
-        if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
-        for (int j = tid + AT_THREADS; j < sel_k; j += AT_THREADS) {
-            const int c = srow[j];
-            if (j < AT_PICKS) s_pick[j] = c;
-            if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
+    // LEAN without picks: the count is n_vis, known to every thread.
+    const bool count_in_smem = !LEAN || srow;
+    if (count_in_smem) {
+        if (tid == 0) s_ncomp = srow ? sel_k : K.n_vis;
+        if (srow && tid < sel_k) s_pick[tid] = my_pick;
+        __syncthreads();
+        if (srow) {
+            if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
+            for (int j = tid + AT_THREADS; j < sel_k; j += AT_THREADS) {
+                const int c = srow[j];
+                if (j < AT_PICKS) s_pick[j] = c;
+                if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
+            }
         }
+        __syncthreads();
     }
-    __syncthreads();
     if (srow && sel_k <= AT_PICKS) K.spick = s_pick;
-    const int total = K.n_raw + s_ncomp;
+    const int total = K.n_raw + (count_in_smem ? s_ncomp : K.n_vis);
     const int ke = CL > 0 ? total : min(total, kb + kps);
     float* prow = part ? part + ((long long)i * n_splits + split) * n_head * (HD + 2) : 0;
     // A cluster rank without keys stays: its empty partial (m = -inf, l = 0) is
@@ -342,7 +349,9 @@ __device__ __forceinline__ void att_tc_impl(
 
     for (int t0 = kb; t0 < ke; t0 += TSTEP) {
         const int nt = min(KT, ke - t0);
-        __syncthreads();  // the previous tile's P·V is done with kh/kl/ph/pl
+        // The previous tile's P·V is done with kh/kl/ph/pl (LEAN: no previous tile
+        // at the first; the barriers after the K stores order everything else).
+        if (!LEAN || t0 != kb) __syncthreads();
 #pragma unroll
         for (int u = 0; u < PF; u++) {
             const int e = tid + AT_THREADS * u;
@@ -617,9 +626,10 @@ AT_KERNEL(1, 256)
         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
         const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
         int ld_out, float* part, float* ring_app, int picks_first) {                             \
-        att_tc_impl<1, HD, 0, KT, true>(q, ld_q, rows, ld_rows, ring, ring_cap, comp, ratio,     \
-                                        sel, sel_k, sinks, window, pos_p, n_head, kps, out,      \
-                                        ld_out, part, ring_app, picks_first);                    \
+        att_tc_impl<1, HD, 0, KT, true, false, true>(q, ld_q, rows, ld_rows, ring, ring_cap,     \
+                                                     comp, ratio, sel, sel_k, sinks, window,     \
+                                                     pos_p, n_head, kps, out, ld_out, part,      \
+                                                     ring_app, picks_first);                     \
     }
 AT_SD_KERNEL(32, 512)
 AT_SD_KERNEL(16, 512)
@@ -633,9 +643,10 @@ AT_SD_KERNEL(16, 256)
         int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
         const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
         int ld_out, float* part, float* ring_app, int picks_first) {                             \
-        att_tc_impl<1, 512, 0, KT, true, true>(q, ld_q, rows, ld_rows, ring, ring_cap, comp,     \
-                                               ratio, sel, sel_k, sinks, window, pos_p, n_head,  \
-                                               kps, out, ld_out, part, ring_app, picks_first);   \
+        att_tc_impl<1, 512, 0, KT, true, true, true>(q, ld_q, rows, ld_rows, ring, ring_cap,     \
+                                                     comp, ratio, sel, sel_k, sinks, window,     \
+                                                     pos_p, n_head, kps, out, ld_out, part,      \
+                                                     ring_app, picks_first);                     \
     }
 AT_SQ_KERNEL(32)
 AT_SQ_KERNEL(16)
