@@ -514,7 +514,9 @@ __device__ __forceinline__ void att_tc_impl(
             }
         }
     }
-    __syncthreads();
+    // The cluster merge reuses the query area; the partial / output writes read only
+    // registers and the softmax state, ordered by the last tile's barriers (LEAN: none).
+    if (CL > 0 || !LEAN) __syncthreads();
 
     // Rows g and g+8 of each m-tile; columns 2·t4, 2·t4+1 of each n-tile.
     const int d0 = warp * (NB * 8);
