@@ -173,6 +173,7 @@ __device__ __forceinline__ void att_tc_impl(
     // Warps sharing one S tile (split dims).
     constexpr int KSPLIT = QREG ? AT_WARPS : AT_WARPS / (MT * NT8);
     static_assert(!QREG || (MT == 1 && CL == 0 && HD == 32 * AT_WARPS), "QREG shape");
+    static_assert(!LEAN || (CL == 0 && KT <= 32), "LEAN shape");  // a key per lane
     constexpr int KD = HD / KSPLIT;               // dims per S partial
     constexpr int NB = HD / AT_WARPS / 8;         // output n-tiles per warp
     constexpr int PF = KT * HD / 4 / AT_THREADS;  // float4 per thread per key tile
@@ -283,11 +284,21 @@ __device__ __forceinline__ void att_tc_impl(
     // 4·(… % (HD/4)); keys at or past `lim` and keys that are no row read as zero.
     float4 pf[PF];
     auto load_tile = [&](int t0, int lim) {
+        // LEAN: lane k finds the row of key t0 + k once and each load takes its key's
+        // row from that lane (a shuffle), instead of every warp working out every row
+        // it loads (~70 instructions per row: ring slot modulo, picks, 64-bit offsets;
+        // half the instructions the kernel issues).
+        const float* lane_row = 0;
+        if constexpr (LEAN) lane_row = lane < KT && t0 + lane < lim ? K.key_or_null(t0 + lane) : 0;
 #pragma unroll
         for (int u = 0; u < PF; u++) {
             const int e = tid + AT_THREADS * u;
             const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
-            const float* kp = t0 + r < lim ? K.key_or_null(t0 + r) : 0;
+            const float* kp;
+            if constexpr (LEAN)
+                kp = (const float*)__shfl_sync(0xffffffffu, (unsigned long long)lane_row, r);
+            else
+                kp = t0 + r < lim ? K.key_or_null(t0 + r) : 0;
             pf[u] = kp ? *(const float4*)(kp + c) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     };
