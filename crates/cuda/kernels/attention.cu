@@ -157,8 +157,10 @@ __device__ __forceinline__ void at_cluster_sync() {
 // traffic 192 → 64 KB at 32 keys); 16 score partials per key instead of 4.
 // LEAN (the decode kernels): no barriers for a usable count that needs none (no
 // indexer picks: every visible row), none at the top of a CTA's first tile.
+// NW: warps per CTA (AT_WARPS; 8 for att_sq8: half the warps issuing the per-warp
+// work of each phase, each with twice the dims).
 template <int MT, int HD, int CL, int KT = AT_KT, bool HOISTP = false, bool QREG = false,
-          bool LEAN = false>
+          bool LEAN = false, int NW = AT_WARPS>
 __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
@@ -171,14 +173,17 @@ __device__ __forceinline__ void att_tc_impl(
     constexpr int R = 16 * MT;                    // head rows of the CTA
     constexpr int NT8 = KT / 8;                   // key n-tiles of S
     // Warps sharing one S tile (split dims).
-    constexpr int KSPLIT = QREG ? AT_WARPS : AT_WARPS / (MT * NT8);
-    static_assert(!QREG || (MT == 1 && CL == 0 && HD == 32 * AT_WARPS), "QREG shape");
+    constexpr int THREADS = 32 * NW;
+    constexpr int KSPLIT = QREG ? NW : NW / (MT * NT8);
+    constexpr int QD = HD / NW;  // QREG: dims per warp
+    static_assert(!QREG || (MT == 1 && CL == 0 && QD % 32 == 0), "QREG shape");
+    static_assert(NW == AT_WARPS || (LEAN && QREG), "NW shape");
     static_assert(!LEAN || (CL == 0 && KT <= 32), "LEAN shape");  // a key per lane
     constexpr int KD = HD / KSPLIT;               // dims per S partial
-    constexpr int NB = HD / AT_WARPS / 8;         // output n-tiles per warp
-    constexpr int PF = KT * HD / 4 / AT_THREADS;  // float4 per thread per key tile
+    constexpr int NB = HD / NW / 8;               // output n-tiles per warp
+    constexpr int PF = KT * HD / 4 / THREADS;     // float4 per thread per key tile
     // Softmax threads per head row (at most one per key), columns per thread.
-    constexpr int TPR = AT_THREADS / R < KT ? AT_THREADS / R : KT;
+    constexpr int TPR = THREADS / R < KT ? THREADS / R : KT;
     constexpr int CPT = KT / TPR;
     constexpr int LDS = AT_LDS(KT), LDP = AT_LDP(KT);  // sS and P row strides
     static_assert(KT % 16 == 0 && KSPLIT >= 1 && KD % 32 == 0 && NB % 2 == 0 && PF >= 1 &&
@@ -224,7 +229,7 @@ __device__ __forceinline__ void att_tc_impl(
     // Picks first (when they fit one per thread): the first key tile then finds its
     // compressed rows in shared memory, one global round trip (the pick, after the
     // position) off the chain before its loads; the queries load beside the keys.
-    const bool early_picks = picks_first && srow && sel_k <= AT_THREADS;
+    const bool early_picks = picks_first && srow && sel_k <= THREADS;
     if (early_picks) {
         if (tid < sel_k) s_pick[tid] = my_pick;
         __syncthreads();
@@ -233,13 +238,13 @@ __device__ __forceinline__ void att_tc_impl(
     // Queries split into hi/lo unscaled (1/√hd is applied to the f32 scores, so
     // the lo parts keep clear of f16 subnormals); rows of absent heads are zero.
     const float scale = 1.0f / sqrtf((float)HD);
-    // QREG: A fragments of this warp's 32 dims, k-steps j = 0, 1: register e holds
-    // row g + 8·(e & 1), dims 32·warp + 16j + 8·(e >> 1) + 2·t4 + {0, 1}.
-    u32 qfh[2][4], qfl[2][4];
+    // QREG: A fragments of this warp's QD dims, k-steps j: register e holds
+    // row g + 8·(e & 1), dims QD·warp + 16j + 8·(e >> 1) + 2·t4 + {0, 1}.
+    u32 qfh[QREG ? QD / 16 : 1][4], qfl[QREG ? QD / 16 : 1][4];
     if constexpr (QREG) {
-        const float* qb = q + (long long)i * ld_q + (long long)h0 * HD + warp * 32 + 2 * t4;
+        const float* qb = q + (long long)i * ld_q + (long long)h0 * HD + warp * QD + 2 * t4;
 #pragma unroll
-        for (int j = 0; j < 2; j++)
+        for (int j = 0; j < QD / 16; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = g + 8 * (e & 1);
@@ -253,7 +258,7 @@ __device__ __forceinline__ void att_tc_impl(
             }
     }
 #pragma unroll
-    for (int e0 = 0; e0 < (QREG ? 0 : R * HD / 4); e0 += AT_THREADS) {
+    for (int e0 = 0; e0 < (QREG ? 0 : R * HD / 4); e0 += THREADS) {
         const int e = e0 + tid;
         const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -292,7 +297,7 @@ __device__ __forceinline__ void att_tc_impl(
         if constexpr (LEAN) lane_row = lane < KT && t0 + lane < lim ? K.key_or_null(t0 + lane) : 0;
 #pragma unroll
         for (int u = 0; u < PF; u++) {
-            const int e = tid + AT_THREADS * u;
+            const int e = tid + THREADS * u;
             const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
             const float* kp;
             if constexpr (LEAN)
@@ -316,7 +321,7 @@ __device__ __forceinline__ void att_tc_impl(
         __syncthreads();
         if (srow) {
             if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
-            for (int j = tid + AT_THREADS; j < sel_k; j += AT_THREADS) {
+            for (int j = tid + THREADS; j < sel_k; j += THREADS) {
                 const int c = srow[j];
                 if (j < AT_PICKS) s_pick[j] = c;
                 if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
@@ -343,7 +348,7 @@ __device__ __forceinline__ void att_tc_impl(
         // first (one 128-byte line per thread and step), so each later tile's
         // loads find their rows there instead of in DRAM.
         for (int t = kb + TSTEP; t < ke; t += TSTEP)
-            for (int e = tid; e < KT * (HD / 32); e += AT_THREADS) {
+            for (int e = tid; e < KT * (HD / 32); e += THREADS) {
                 const int j = t + e / (HD / 32);
                 const float* kp = j < ke ? K.key_or_null(j) : 0;
                 if (kp) asm volatile("prefetch.global.L2 [%0];" ::"l"(kp + 32 * (e % (HD / 32))));
@@ -365,7 +370,7 @@ __device__ __forceinline__ void att_tc_impl(
         if (!LEAN || t0 != kb) __syncthreads();
 #pragma unroll
         for (int u = 0; u < PF; u++) {
-            const int e = tid + AT_THREADS * u;
+            const int e = tid + THREADS * u;
             const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
             u16 a0, a1, a2, a3, b0, b1, b2, b3;
             at_split(pf[u].x, a0, b0);
@@ -380,22 +385,28 @@ __device__ __forceinline__ void att_tc_impl(
         if (t0 + TSTEP < ke) load_tile(t0 + TSTEP, ke);
 
         if constexpr (QREG) {
-            // S partials: warp → dims [32·warp, +32) of every key n-tile; the same MMAs
-            // per 32 dims as below, each 32-dim sum a partial of its own.
+            // S partials: warp → dims [QD·warp, +QD) of every key n-tile; the same MMAs
+            // per 32 dims as below (a fresh accumulator each, added in f32).
             const int ks = warp;
-            const u32 ka = at_smem(kh + (lane & 7) * LDH + (lane >> 3) * 8 + ks * 32);
+            const u32 ka = at_smem(kh + (lane & 7) * LDH + (lane >> 3) * 8 + ks * QD);
             constexpr u32 KLO = KT * LDH * 2;
 #pragma unroll
             for (int n8 = 0; n8 < NT8; n8++) {
-                u32 bh[4], bl[4];
-                float t[4] = {0.f, 0.f, 0.f, 0.f};
-                at_ldm_x4(bh, ka + 2 * n8 * 8 * LDH);
-                at_ldm_x4(bl, ka + KLO + 2 * n8 * 8 * LDH);
-                at_mma3(t, qfh[0], qfl[0], bh[0], bh[1], bl[0], bl[1]);
-                at_mma3(t, qfh[1], qfl[1], bh[2], bh[3], bl[2], bl[3]);
+                float sc[4];
+#pragma unroll
+                for (int d32 = 0; d32 < QD / 32; d32++) {
+                    u32 bh[4], bl[4];
+                    float t[4] = {0.f, 0.f, 0.f, 0.f};
+                    at_ldm_x4(bh, ka + 2 * (n8 * 8 * LDH + 32 * d32));
+                    at_ldm_x4(bl, ka + KLO + 2 * (n8 * 8 * LDH + 32 * d32));
+                    at_mma3(t, qfh[2 * d32], qfl[2 * d32], bh[0], bh[1], bl[0], bl[1]);
+                    at_mma3(t, qfh[2 * d32 + 1], qfl[2 * d32 + 1], bh[2], bh[3], bl[2], bl[3]);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[e] = d32 == 0 ? t[e] : sc[e] + t[e];
+                }
                 float* so = sS + (ks * R + g) * LDS + n8 * 8 + 2 * t4;
-                *(float2*)so = make_float2(t[0], t[1]);
-                *(float2*)(so + 8 * LDS) = make_float2(t[2], t[3]);
+                *(float2*)so = make_float2(sc[0], sc[1]);
+                *(float2*)(so + 8 * LDS) = make_float2(sc[2], sc[3]);
             }
         } else {
             // S partials: warp → (m-tile, key n-tile, dim slice).
@@ -549,7 +560,7 @@ __device__ __forceinline__ void att_tc_impl(
         at_cluster_sync();
         // Rank `split` writes dims [split·HD/CL, (split+1)·HD/CL) of every head:
         // out = Σ_c o_c·e^(m_c−M) / (e^(sink−M) + Σ_c l_c·e^(m_c−M)), M = max(sink, m_c).
-        static_assert(R * 32 == AT_THREADS && (HD / CL) % 32 == 0, "merge shape");
+        static_assert(R * 32 == THREADS && (HD / CL) % 32 == 0, "merge shape");
         if (mr < n_rows_valid) {
             float w[CL];
             float M = sink;
@@ -663,6 +674,22 @@ AT_SD_KERNEL(16, 256)
     }
 AT_SQ_KERNEL(32)
 AT_SQ_KERNEL(16)
+
+// att_sq_<KT>_512 on 8 warps (256 threads): each warp 64 dims of the scores and of
+// the output (same arguments; grid as att_sq).
+#define AT_SQ8_KERNEL(KT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1) att_sq8_##KT##_512(                     \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
+        const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
+        int ld_out, float* part, float* ring_app, int picks_first) {                             \
+        att_tc_impl<1, 512, 0, KT, true, true, true, 8>(q, ld_q, rows, ld_rows, ring, ring_cap,  \
+                                                        comp, ratio, sel, sel_k, sinks, window,  \
+                                                        pos_p, n_head, kps, out, ld_out, part,   \
+                                                        ring_app, picks_first);                  \
+    }
+AT_SQ8_KERNEL(32)
+AT_SQ8_KERNEL(16)
 
 // Decode on a cluster of AT_CL CTAs per 16 heads (grid (AT_CL, head groups,
 // tokens)); Hopper and later only (the host loads them when the arch has them).

@@ -22,7 +22,8 @@
 //!   `DS4_ATTN_SD=0` restores the `att_tc_1_<HD>` split kernel with 32-key splits,
 //!   `DS4_ATTN_SD16_CTAS=N` moves the CTA bound (0: 32-key tiles always). At head dim
 //!   512 the decode kernels are `att_sq_<KT>_512`, the same with the queries in
-//!   registers (`DS4_ATTN_SD_QREG=0`: `att_sd`).
+//!   registers (`DS4_ATTN_SD_QREG=0`: `att_sd`); `DS4_ATTN_SD_WARPS=8` runs them on
+//!   8 warps (`att_sq8_<KT>_512`, 256 threads, each warp twice the dims).
 //!
 //! The first position is read on the device (`pos`), so grids are sized from
 //! host-known upper bounds ([`max_keys`]) and surplus CTAs exit: launches never
@@ -78,6 +79,11 @@ pub const fn smem_bytes_kt(mt: usize, hd: usize, kt: usize) -> usize {
 /// per warp, `KSPLIT` = 16; the query area stays in the layout, unused).
 pub const fn smem_bytes_sq(kt: usize) -> usize {
     smem_layout(1, 512, kt, WARPS)
+}
+
+/// Dynamic shared memory of `att_sq8_<KT>_512` (8 warps: 8 score partials).
+pub const fn smem_bytes_sq8(kt: usize) -> usize {
+    smem_layout(1, 512, kt, 8)
 }
 
 /// The shared-memory layout of `att_tc_impl` with `ksplit` score partials.
@@ -292,6 +298,10 @@ pub struct AttentionKernels {
     sq: [CudaFunction; 2],
     /// Head dim 512 decode takes `att_sq` (`DS4_ATTN_SD_QREG=0`: `att_sd`).
     qreg: bool,
+    /// `att_sq8_<KT>_512` [KT 32, KT 16]: `att_sq` on 8 warps (256 threads).
+    sq8: [CudaFunction; 2],
+    /// `att_sq` on 8 warps instead of 16 (`DS4_ATTN_SD_WARPS=8`; default 16).
+    sq_8warps: bool,
     /// False when `DS4_CUDA_ATTN=simt` asks for the SIMT kernels (A/B timing).
     enabled: bool,
     /// Most keys for which [`DecodePath::Auto`] takes the cluster kernel (0 when
@@ -388,9 +398,19 @@ impl AttentionKernels {
             )?;
             Ok(f)
         };
+        let sq8 = |kt: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&format!("att_sq8_{kt}_512"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes_sq8(kt) as i32,
+            )?;
+            Ok(f)
+        };
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
             sq: [sq(KEY_TILE)?, sq(SMALL_KEY_TILE)?],
+            sq8: [sq8(KEY_TILE)?, sq8(SMALL_KEY_TILE)?],
+            sq_8warps: matches!(std::env::var("DS4_ATTN_SD_WARPS").as_deref(), Ok("8")),
             qreg: env_switch("DS4_ATTN_SD_QREG"),
             sd: [
                 [sd(KEY_TILE, 512)?, sd(KEY_TILE, 256)?],
@@ -410,6 +430,13 @@ impl AttentionKernels {
     /// checks run both, whatever `DS4_ATTN_SD_QREG` says).
     pub fn with_qreg(mut self, on: bool) -> Self {
         self.qreg = on;
+        self
+    }
+
+    /// `att_sq` decode on 8 warps (`on`) or 16 (the checks run both, whatever
+    /// `DS4_ATTN_SD_WARPS` says).
+    pub fn with_sq_8warps(mut self, on: bool) -> Self {
+        self.sq_8warps = on;
         self
     }
 
@@ -558,22 +585,35 @@ impl AttentionKernels {
             }
         }
         let small = plan.key_tile == SMALL_KEY_TILE;
-        let (func, smem) = if split && !legacy && self.qreg && hd == 512 {
-            (&self.sq[usize::from(small)], smem_bytes_sq(plan.key_tile))
+        let sq = split && !legacy && self.qreg && hd == 512;
+        let (func, smem, threads) = if sq && self.sq_8warps {
+            (
+                &self.sq8[usize::from(small)],
+                smem_bytes_sq8(plan.key_tile),
+                THREADS / 2,
+            )
+        } else if sq {
+            (
+                &self.sq[usize::from(small)],
+                smem_bytes_sq(plan.key_tile),
+                THREADS,
+            )
         } else if split && !legacy {
             (
                 &self.sd[usize::from(small)][usize::from(hd == 256)],
                 smem_bytes_kt(1, hd, plan.key_tile),
+                THREADS,
             )
         } else {
             (
                 &self.tc[usize::from(mt == 1)][usize::from(hd == 256)],
                 smem_bytes(mt, hd),
+                THREADS,
             )
         };
         let cfg = LaunchConfig {
             grid_dim: (n_splits as u32, hgroups as u32, n as u32),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let ld_q = to_i32("ld_q", a.ld_q)?;
@@ -798,6 +838,11 @@ mod tests {
         assert_eq!(smem_bytes_sq(32), smem_bytes(1, 512) + 12 * 16 * 36 * 4);
         for kt in [16, 32] {
             assert!(smem_bytes_sq(kt) + 4112 <= 227 * 1024);
+            // att_sq8: 8 partials.
+            assert_eq!(
+                smem_bytes_sq8(kt) + 8 * 16 * (kt + 4) * 4,
+                smem_bytes_sq(kt)
+            );
         }
     }
 

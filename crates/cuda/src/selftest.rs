@@ -1392,7 +1392,12 @@ pub fn run_attention_checks(
     let ak = AttentionKernels::load_on(stream)?;
     // The split decode kernels with and without the queries in registers.
     let ak_sd = AttentionKernels::load_on(stream)?.with_qreg(false);
-    let ak_sq = AttentionKernels::load_on(stream)?.with_qreg(true);
+    let ak_sq = AttentionKernels::load_on(stream)?
+        .with_qreg(true)
+        .with_sq_8warps(false);
+    let ak_sq8 = AttentionKernels::load_on(stream)?
+        .with_qreg(true)
+        .with_sq_8warps(true);
     let (sm, nvrtc_version) = crate::compile::target_of(stream)?;
     let ops = crate::compile::load_module(
         stream.context(),
@@ -1679,7 +1684,7 @@ pub fn run_attention_checks(
             };
             let legacy = run(&ak, DecodePath::SplitLegacy)?;
             let variants: &[(&AttentionKernels, &str)] = if hd == 512 {
-                &[(&ak_sd, "att_sd"), (&ak_sq, "att_sq")]
+                &[(&ak_sd, "att_sd"), (&ak_sq, "att_sq"), (&ak_sq8, "att_sq8")]
             } else {
                 &[(&ak_sd, "att_sd")]
             };
