@@ -89,15 +89,17 @@ __device__ __forceinline__ void at_mma3(float* c, const u32* ah, const u32* al, 
 // Shared-memory layout of att_tc<MT, HD> in bytes (mirrored by crates/cuda/src/attention.rs).
 // Rows of f16 are padded by 8 halves so ldmatrix rows fall in distinct banks.
 #define AT_LDH(HD) ((HD) + 8)
-#define AT_LDS (AT_KT + 4)
-#define AT_LDP (AT_KT + 8)
+// KT keys per tile (AT_KT, or 16 for the att_sd decode kernels).
+#define AT_LDS(KT) ((KT) + 4)
+#define AT_LDP(KT) ((KT) + 8)
 #define AT_SM_Q(MT, HD) (16 * (MT) * AT_LDH(HD) * 2)
-#define AT_SM_K(HD) (AT_KT * AT_LDH(HD) * 2)
-#define AT_KSPLIT(MT) (AT_WARPS / ((MT) * (AT_KT / 8)))
-#define AT_SM_S(MT) (AT_KSPLIT(MT) * 16 * (MT) * AT_LDS * 4)
-#define AT_SM_P(MT) (16 * (MT) * AT_LDP * 2)
-#define AT_SMEM(MT, HD) \
-    (2 * AT_SM_Q(MT, HD) + 2 * AT_SM_K(HD) + AT_SM_S(MT) + 2 * AT_SM_P(MT) + 3 * 16 * (MT) * 4)
+#define AT_SM_K(HD, KT) ((KT) * AT_LDH(HD) * 2)
+#define AT_KSPLIT(MT, KT) (AT_WARPS / ((MT) * ((KT) / 8)))
+#define AT_SM_S(MT, KT) (AT_KSPLIT(MT, KT) * 16 * (MT) * AT_LDS(KT) * 4)
+#define AT_SM_P(MT, KT) (16 * (MT) * AT_LDP(KT) * 2)
+#define AT_SMEM(MT, HD, KT)                                                                  \
+    (2 * AT_SM_Q(MT, HD) + 2 * AT_SM_K(HD, KT) + AT_SM_S(MT, KT) + 2 * AT_SM_P(MT, KT) + \
+     3 * 16 * (MT) * 4)
 
 // Indexer picks a CTA keeps in shared memory (more go on being read from global).
 #define AT_PICKS 1024
@@ -145,8 +147,20 @@ __device__ __forceinline__ void at_cluster_sync() {
 
 // CL = 0: grid (split, head group, token) as described above. CL > 0: a
 // cluster of CL CTAs per (head group, token) shares the keys tile by tile and
-// merges in shared memory (kps and part unused).
-template <int MT, int HD, int CL>
+// merges in shared memory (kps and part unused). KT: keys per tile (32, or 16 for
+// the decode kernels att_sd: twice the CTAs, half the work and loads each).
+// HOISTP: P·K loads each m-tile's P fragments once, not once per output n-tile
+// (smem traffic of the decode tile: P 128 → 32 KB; same MMAs in the same order).
+// QREG (MT 1, CL 0, HD 512): warp w takes dims [32w, 32w + 32) of every key n-tile
+// for the scores, with its queries' A fragments loaded from global straight into
+// registers: no query copy in shared memory, each key fragment read once (S smem
+// traffic 192 → 64 KB at 32 keys); 16 score partials per key instead of 4.
+// LEAN (the decode kernels): no barriers for a usable count that needs none (no
+// indexer picks: every visible row), none at the top of a CTA's first tile.
+// NW: warps per CTA (AT_WARPS; 8 for att_sq8: half the warps issuing the per-warp
+// work of each phase, each with twice the dims).
+template <int MT, int HD, int CL, int KT = AT_KT, bool HOISTP = false, bool QREG = false,
+          bool LEAN = false, int NW = AT_WARPS>
 __device__ __forceinline__ void att_tc_impl(
     const float* __restrict__ q, int ld_q, const float* rows, int ld_rows, const float* ring,
     int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,
@@ -157,24 +171,34 @@ __device__ __forceinline__ void att_tc_impl(
     PDL_START();
     constexpr int LDH = AT_LDH(HD);
     constexpr int R = 16 * MT;                    // head rows of the CTA
-    constexpr int NT8 = AT_KT / 8;                // key n-tiles of S
-    constexpr int KSPLIT = AT_KSPLIT(MT);         // warps sharing one S tile (split dims)
+    constexpr int NT8 = KT / 8;                   // key n-tiles of S
+    // Warps sharing one S tile (split dims).
+    constexpr int THREADS = 32 * NW;
+    constexpr int KSPLIT = QREG ? NW : NW / (MT * NT8);
+    constexpr int QD = HD / NW;  // QREG: dims per warp
+    static_assert(!QREG || (MT == 1 && CL == 0 && QD % 32 == 0), "QREG shape");
+    static_assert(NW == AT_WARPS || (LEAN && QREG), "NW shape");
+    static_assert(!LEAN || (CL == 0 && KT <= 32), "LEAN shape");  // a key per lane
     constexpr int KD = HD / KSPLIT;               // dims per S partial
-    constexpr int NB = HD / AT_WARPS / 8;         // output n-tiles per warp
-    constexpr int PF = AT_KT * HD / 4 / AT_THREADS;  // float4 per thread per key tile
-    constexpr int TPR = AT_THREADS / R;           // softmax threads per head row
-    constexpr int CPT = AT_KT / TPR;              // softmax columns per thread
-    static_assert(KSPLIT >= 1 && KD % 32 == 0 && NB % 2 == 0 && PF >= 1 && CPT >= 1, "shape");
+    constexpr int NB = HD / NW / 8;               // output n-tiles per warp
+    constexpr int PF = KT * HD / 4 / THREADS;     // float4 per thread per key tile
+    // Softmax threads per head row (at most one per key), columns per thread.
+    constexpr int TPR = THREADS / R < KT ? THREADS / R : KT;
+    constexpr int CPT = KT / TPR;
+    constexpr int LDS = AT_LDS(KT), LDP = AT_LDP(KT);  // sS and P row strides
+    static_assert(KT % 16 == 0 && KSPLIT >= 1 && KD % 32 == 0 && NB % 2 == 0 && PF >= 1 &&
+                      CPT >= 1 && (TPR & (TPR - 1)) == 0,
+                  "shape");
 
     extern __shared__ __align__(16) unsigned char at_sm[];
     u16* qh = (u16*)at_sm;
     u16* ql = qh + R * LDH;
     u16* kh = ql + R * LDH;
-    u16* kl = kh + AT_KT * LDH;
-    float* sS = (float*)(kl + AT_KT * LDH);
-    u16* ph = (u16*)(sS + KSPLIT * R * AT_LDS);
-    u16* pl = ph + R * AT_LDP;
-    float* sm_m = (float*)(pl + R * AT_LDP);
+    u16* kl = kh + KT * LDH;
+    float* sS = (float*)(kl + KT * LDH);
+    u16* ph = (u16*)(sS + KSPLIT * R * LDS);
+    u16* pl = ph + R * LDP;
+    float* sm_m = (float*)(pl + R * LDP);
     float* sm_l = sm_m + R;
     float* sm_c = sm_l + R;
     __shared__ int s_ncomp;
@@ -205,7 +229,7 @@ __device__ __forceinline__ void att_tc_impl(
     // Picks first (when they fit one per thread): the first key tile then finds its
     // compressed rows in shared memory, one global round trip (the pick, after the
     // position) off the chain before its loads; the queries load beside the keys.
-    const bool early_picks = picks_first && srow && sel_k <= AT_THREADS;
+    const bool early_picks = picks_first && srow && sel_k <= THREADS;
     if (early_picks) {
         if (tid < sel_k) s_pick[tid] = my_pick;
         __syncthreads();
@@ -214,8 +238,27 @@ __device__ __forceinline__ void att_tc_impl(
     // Queries split into hi/lo unscaled (1/√hd is applied to the f32 scores, so
     // the lo parts keep clear of f16 subnormals); rows of absent heads are zero.
     const float scale = 1.0f / sqrtf((float)HD);
+    // QREG: A fragments of this warp's QD dims, k-steps j: register e holds
+    // row g + 8·(e & 1), dims QD·warp + 16j + 8·(e >> 1) + 2·t4 + {0, 1}.
+    u32 qfh[QREG ? QD / 16 : 1][4], qfl[QREG ? QD / 16 : 1][4];
+    if constexpr (QREG) {
+        const float* qb = q + (long long)i * ld_q + (long long)h0 * HD + warp * QD + 2 * t4;
 #pragma unroll
-    for (int e0 = 0; e0 < R * HD / 4; e0 += AT_THREADS) {
+        for (int j = 0; j < QD / 16; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = g + 8 * (e & 1);
+                float2 v = make_float2(0.f, 0.f);
+                if (r < n_rows_valid) v = *(const float2*)(qb + (long long)r * HD + 16 * j + 8 * (e >> 1));
+                u16 a0, a1, b0, b1;
+                at_split(v.x, a0, b0);
+                at_split(v.y, a1, b1);
+                qfh[j][e] = at_pack(a0, a1);
+                qfl[j][e] = at_pack(b0, b1);
+            }
+    }
+#pragma unroll
+    for (int e0 = 0; e0 < (QREG ? 0 : R * HD / 4); e0 += THREADS) {
         const int e = e0 + tid;
         const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -239,41 +282,55 @@ __device__ __forceinline__ void att_tc_impl(
     K.n_raw = p + 1 - K.first;
     K.pos0 = pos0; K.hd = HD;
     K.n_vis = ratio > 0 ? (p + 1) / ratio : 0;
-    const int kb = CL > 0 ? split * AT_KT : split * kps;
-    constexpr int TSTEP = CL > 0 ? CL * AT_KT : AT_KT;  // from one tile of a CTA to its next
+    const int kb = CL > 0 ? split * KT : split * kps;
+    constexpr int TSTEP = CL > 0 ? CL * KT : KT;  // from one tile of a CTA to its next
 
     // Key tile loads: float4 u of this thread is key (tid + 512u) / (HD/4), column
     // 4·(… % (HD/4)); keys at or past `lim` and keys that are no row read as zero.
     float4 pf[PF];
     auto load_tile = [&](int t0, int lim) {
+        // LEAN: lane k finds the row of key t0 + k once and each load takes its key's
+        // row from that lane (a shuffle), instead of every warp working out every row
+        // it loads (~70 instructions per row: ring slot modulo, picks, 64-bit offsets;
+        // half the instructions the kernel issues).
+        const float* lane_row = 0;
+        if constexpr (LEAN) lane_row = lane < KT && t0 + lane < lim ? K.key_or_null(t0 + lane) : 0;
 #pragma unroll
         for (int u = 0; u < PF; u++) {
-            const int e = tid + AT_THREADS * u;
+            const int e = tid + THREADS * u;
             const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
-            const float* kp = t0 + r < lim ? K.key_or_null(t0 + r) : 0;
+            const float* kp;
+            if constexpr (LEAN)
+                kp = (const float*)__shfl_sync(0xffffffffu, (unsigned long long)lane_row, r);
+            else
+                kp = t0 + r < lim ? K.key_or_null(t0 + r) : 0;
             pf[u] = kp ? *(const float4*)(kp + c) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     };
     // Before the usable count is known: keys past it are masked in the softmax.
-    load_tile(kb, kb + (CL > 0 ? AT_KT : min(kps, AT_KT)));
+    load_tile(kb, kb + (CL > 0 ? KT : min(kps, KT)));
 
     // Picks come first, then -1 padding: the usable count is the first index that
     // is not a visible row. The picks also go to shared memory, so later tiles
     // find their rows without a global round trip first.
-    if (tid == 0) s_ncomp = srow ? sel_k : K.n_vis;
-    if (srow && tid < sel_k) s_pick[tid] = my_pick;
-    __syncthreads();
-    if (srow) {
-        if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
-        for (int j = tid + AT_THREADS; j < sel_k; j += AT_THREADS) {
-            const int c = srow[j];
-            if (j < AT_PICKS) s_pick[j] = c;
-            if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
+    // LEAN without picks: the count is n_vis, known to every thread.
+    const bool count_in_smem = !LEAN || srow;
+    if (count_in_smem) {
+        if (tid == 0) s_ncomp = srow ? sel_k : K.n_vis;
+        if (srow && tid < sel_k) s_pick[tid] = my_pick;
+        __syncthreads();
+        if (srow) {
+            if (tid < sel_k && (my_pick < 0 || my_pick >= K.n_vis)) atomicMin(&s_ncomp, tid);
+            for (int j = tid + THREADS; j < sel_k; j += THREADS) {
+                const int c = srow[j];
+                if (j < AT_PICKS) s_pick[j] = c;
+                if (c < 0 || c >= K.n_vis) atomicMin(&s_ncomp, j);
+            }
         }
+        __syncthreads();
     }
-    __syncthreads();
     if (srow && sel_k <= AT_PICKS) K.spick = s_pick;
-    const int total = K.n_raw + s_ncomp;
+    const int total = K.n_raw + (count_in_smem ? s_ncomp : K.n_vis);
     const int ke = CL > 0 ? total : min(total, kb + kps);
     float* prow = part ? part + ((long long)i * n_splits + split) * n_head * (HD + 2) : 0;
     // A cluster rank without keys stays: its empty partial (m = -inf, l = 0) is
@@ -291,7 +348,7 @@ __device__ __forceinline__ void att_tc_impl(
         // first (one 128-byte line per thread and step), so each later tile's
         // loads find their rows there instead of in DRAM.
         for (int t = kb + TSTEP; t < ke; t += TSTEP)
-            for (int e = tid; e < AT_KT * (HD / 32); e += AT_THREADS) {
+            for (int e = tid; e < KT * (HD / 32); e += THREADS) {
                 const int j = t + e / (HD / 32);
                 const float* kp = j < ke ? K.key_or_null(j) : 0;
                 if (kp) asm volatile("prefetch.global.L2 [%0];" ::"l"(kp + 32 * (e % (HD / 32))));
@@ -307,11 +364,13 @@ __device__ __forceinline__ void att_tc_impl(
             for (int e = 0; e < 4; e++) acc[mt][nb][e] = 0.0f;
 
     for (int t0 = kb; t0 < ke; t0 += TSTEP) {
-        const int nt = min(AT_KT, ke - t0);
-        __syncthreads();  // the previous tile's P·V is done with kh/kl/ph/pl
+        const int nt = min(KT, ke - t0);
+        // The previous tile's P·V is done with kh/kl/ph/pl (LEAN: no previous tile
+        // at the first; the barriers after the K stores order everything else).
+        if (!LEAN || t0 != kb) __syncthreads();
 #pragma unroll
         for (int u = 0; u < PF; u++) {
-            const int e = tid + AT_THREADS * u;
+            const int e = tid + THREADS * u;
             const int r = e / (HD / 4), c = 4 * (e % (HD / 4));
             u16 a0, a1, a2, a3, b0, b1, b2, b3;
             at_split(pf[u].x, a0, b0);
@@ -325,8 +384,32 @@ __device__ __forceinline__ void att_tc_impl(
         // The next tile's loads fly while this one is multiplied.
         if (t0 + TSTEP < ke) load_tile(t0 + TSTEP, ke);
 
-        // S partials: warp → (m-tile, key n-tile, dim slice).
-        {
+        if constexpr (QREG) {
+            // S partials: warp → dims [QD·warp, +QD) of every key n-tile; the same MMAs
+            // per 32 dims as below (a fresh accumulator each, added in f32).
+            const int ks = warp;
+            const u32 ka = at_smem(kh + (lane & 7) * LDH + (lane >> 3) * 8 + ks * QD);
+            constexpr u32 KLO = KT * LDH * 2;
+#pragma unroll
+            for (int n8 = 0; n8 < NT8; n8++) {
+                float sc[4];
+#pragma unroll
+                for (int d32 = 0; d32 < QD / 32; d32++) {
+                    u32 bh[4], bl[4];
+                    float t[4] = {0.f, 0.f, 0.f, 0.f};
+                    at_ldm_x4(bh, ka + 2 * (n8 * 8 * LDH + 32 * d32));
+                    at_ldm_x4(bl, ka + KLO + 2 * (n8 * 8 * LDH + 32 * d32));
+                    at_mma3(t, qfh[2 * d32], qfl[2 * d32], bh[0], bh[1], bl[0], bl[1]);
+                    at_mma3(t, qfh[2 * d32 + 1], qfl[2 * d32 + 1], bh[2], bh[3], bl[2], bl[3]);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[e] = d32 == 0 ? t[e] : sc[e] + t[e];
+                }
+                float* so = sS + (ks * R + g) * LDS + n8 * 8 + 2 * t4;
+                *(float2*)so = make_float2(sc[0], sc[1]);
+                *(float2*)(so + 8 * LDS) = make_float2(sc[2], sc[3]);
+            }
+        } else {
+            // S partials: warp → (m-tile, key n-tile, dim slice).
             const int tile = warp % (MT * NT8), ks = warp / (MT * NT8);
             const int mt = tile / NT8, n8 = tile % NT8;
             if (mt < mt_valid) {
@@ -334,7 +417,7 @@ __device__ __forceinline__ void att_tc_impl(
                 // Byte addresses; the lo halves sit a fixed distance after the hi.
                 const u32 qa = at_smem(qh + (mt * 16 + (lane & 15)) * LDH + (lane >> 4) * 8);
                 const u32 ka = at_smem(kh + (n8 * 8 + (lane & 7)) * LDH + (lane >> 3) * 8);
-                constexpr u32 QLO = R * LDH * 2, KLO = AT_KT * LDH * 2;
+                constexpr u32 QLO = R * LDH * 2, KLO = KT * LDH * 2;
                 // Each 32 dims go to a fresh accumulator, added to s in f32: the MMA
                 // adder truncates, so long accumulations would drift.
 #pragma unroll 2
@@ -352,9 +435,9 @@ __device__ __forceinline__ void att_tc_impl(
 #pragma unroll
                     for (int e = 0; e < 4; e++) s[e] += t[e];
                 }
-                float* so = sS + (ks * R + mt * 16 + g) * AT_LDS + n8 * 8 + 2 * t4;
+                float* so = sS + (ks * R + mt * 16 + g) * LDS + n8 * 8 + 2 * t4;
                 *(float2*)so = make_float2(s[0], s[1]);
-                *(float2*)(so + 8 * AT_LDS) = make_float2(s[2], s[3]);
+                *(float2*)(so + 8 * LDS) = make_float2(s[2], s[3]);
             }
         }
         __syncthreads();
@@ -370,7 +453,7 @@ __device__ __forceinline__ void att_tc_impl(
                     const int c = sub * CPT + u;
                     float x = 0.0f;
 #pragma unroll
-                    for (int ks = 0; ks < KSPLIT; ks++) x += sS[(ks * R + r) * AT_LDS + c];
+                    for (int ks = 0; ks < KSPLIT; ks++) x += sS[(ks * R + r) * LDS + c];
                     sv[u] = c < nt ? x * scale : NEG_INF;
                     mx = fmaxf(mx, sv[u]);
                 }
@@ -386,8 +469,8 @@ __device__ __forceinline__ void att_tc_impl(
                     sum += pj;
                     u16 a, b;
                     at_split(pj * AT_PSCALE, a, b);
-                    ph[r * AT_LDP + c] = a;
-                    pl[r * AT_LDP + c] = b;
+                    ph[r * LDP + c] = a;
+                    pl[r * LDP + c] = b;
                 }
 #pragma unroll
                 for (int o = TPR / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -405,24 +488,39 @@ __device__ __forceinline__ void att_tc_impl(
         {
             const int d0 = warp * (NB * 8);
             // Per-thread bases; (m-tile, key step, n-tile) offsets are immediates.
-            const u32 pa = at_smem(ph + (lane & 15) * AT_LDP + (lane >> 4) * 8);
+            const u32 pa = at_smem(ph + (lane & 15) * LDP + (lane >> 4) * 8);
             const u32 kt = at_smem(kh + (lane & 15) * LDH + d0);
-            constexpr u32 PLO = R * AT_LDP * 2, KLO = AT_KT * LDH * 2;
+            constexpr u32 PLO = R * LDP * 2, KLO = KT * LDH * 2;
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
                 if (mt < mt_valid) {
                     // The tile's products in a fresh accumulator (see the scores),
                     // then O = O·corr + tile in f32; one n-tile at a time (registers).
                     const float c_lo = sm_c[mt * 16 + g], c_hi = sm_c[mt * 16 + g + 8];
+                    // HOISTP: this m-tile's P fragments for every key step, loaded once.
+                    u32 pah[HOISTP ? KT / 16 : 1][4], pal[HOISTP ? KT / 16 : 1][4];
+                    if constexpr (HOISTP) {
+#pragma unroll
+                        for (int kk = 0; kk < KT / 16; kk++) {
+                            const u32 po = 2 * (mt * 16 * LDP + kk * 16);
+                            at_ldm_x4(pah[kk], pa + po);
+                            at_ldm_x4(pal[kk], pa + PLO + po);
+                        }
+                    }
 #pragma unroll
                     for (int nb = 0; nb < NB; nb++) {
                         float t[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                        for (int kk = 0; kk < AT_KT / 16; kk++) {
+                        for (int kk = 0; kk < KT / 16; kk++) {
                             u32 ah[4], al[4], bh[2], bl[2];
-                            const u32 po = 2 * (mt * 16 * AT_LDP + kk * 16);
-                            at_ldm_x4(ah, pa + po);
-                            at_ldm_x4(al, pa + PLO + po);
+                            if constexpr (HOISTP) {
+#pragma unroll
+                                for (int e = 0; e < 4; e++) { ah[e] = pah[kk][e]; al[e] = pal[kk][e]; }
+                            } else {
+                                const u32 po = 2 * (mt * 16 * LDP + kk * 16);
+                                at_ldm_x4(ah, pa + po);
+                                at_ldm_x4(al, pa + PLO + po);
+                            }
                             // Lanes 0-15 address keys kk·16 + 0..15 of dims d0 + nb·8.
                             const u32 ko = 2 * (kk * 16 * LDH + nb * 8);
                             at_ldm_x2_t(bh, kt + ko);
@@ -438,7 +536,9 @@ __device__ __forceinline__ void att_tc_impl(
             }
         }
     }
-    __syncthreads();
+    // The cluster merge reuses the query area; the partial / output writes read only
+    // registers and the softmax state, ordered by the last tile's barriers (LEAN: none).
+    if (CL > 0 || !LEAN) __syncthreads();
 
     // Rows g and g+8 of each m-tile; columns 2·t4, 2·t4+1 of each n-tile.
     const int d0 = warp * (NB * 8);
@@ -460,7 +560,7 @@ __device__ __forceinline__ void att_tc_impl(
         at_cluster_sync();
         // Rank `split` writes dims [split·HD/CL, (split+1)·HD/CL) of every head:
         // out = Σ_c o_c·e^(m_c−M) / (e^(sink−M) + Σ_c l_c·e^(m_c−M)), M = max(sink, m_c).
-        static_assert(R * 32 == AT_THREADS && (HD / CL) % 32 == 0, "merge shape");
+        static_assert(R * 32 == THREADS && (HD / CL) % 32 == 0, "merge shape");
         if (mr < n_rows_valid) {
             float w[CL];
             float M = sink;
@@ -540,6 +640,56 @@ AT_KERNEL(4, 512)
 AT_KERNEL(1, 512)
 AT_KERNEL(4, 256)
 AT_KERNEL(1, 256)
+
+// Split decode (the att_tc_1 arguments, grid (splits, head groups of 16, tokens),
+// kps a multiple of KT): KT-key tiles and P fragments loaded once per tile.
+// KT = 16 doubles the CTAs of the small layers (window-only: 8 splits instead of 4).
+#define AT_SD_KERNEL(KT, HD)                                                                     \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) att_sd_##KT##_##HD(             \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
+        const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
+        int ld_out, float* part, float* ring_app, int picks_first) {                             \
+        att_tc_impl<1, HD, 0, KT, true, false, true>(q, ld_q, rows, ld_rows, ring, ring_cap,     \
+                                                     comp, ratio, sel, sel_k, sinks, window,     \
+                                                     pos_p, n_head, kps, out, ld_out, part,      \
+                                                     ring_app, picks_first);                     \
+    }
+AT_SD_KERNEL(32, 512)
+AT_SD_KERNEL(16, 512)
+AT_SD_KERNEL(32, 256)
+AT_SD_KERNEL(16, 256)
+
+// att_sd_<KT>_512 with the queries in registers (QREG; same arguments).
+#define AT_SQ_KERNEL(KT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) att_sq_##KT##_512(              \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
+        const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
+        int ld_out, float* part, float* ring_app, int picks_first) {                             \
+        att_tc_impl<1, 512, 0, KT, true, true, true>(q, ld_q, rows, ld_rows, ring, ring_cap,     \
+                                                     comp, ratio, sel, sel_k, sinks, window,     \
+                                                     pos_p, n_head, kps, out, ld_out, part,      \
+                                                     ring_app, picks_first);                     \
+    }
+AT_SQ_KERNEL(32)
+AT_SQ_KERNEL(16)
+
+// att_sq_<KT>_512 on 8 warps (256 threads): each warp 64 dims of the scores and of
+// the output (same arguments; grid as att_sq).
+#define AT_SQ8_KERNEL(KT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1) att_sq8_##KT##_512(                     \
+        const float* q, int ld_q, const float* rows, int ld_rows, const float* ring,             \
+        int ring_cap, const float* comp, int ratio, const int* sel, int sel_k,                   \
+        const float* sinks, int window, const int* pos_p, int n_head, int kps, float* out,       \
+        int ld_out, float* part, float* ring_app, int picks_first) {                             \
+        att_tc_impl<1, 512, 0, KT, true, true, true, 8>(q, ld_q, rows, ld_rows, ring, ring_cap,  \
+                                                        comp, ratio, sel, sel_k, sinks, window,  \
+                                                        pos_p, n_head, kps, out, ld_out, part,   \
+                                                        ring_app, picks_first);                  \
+    }
+AT_SQ8_KERNEL(32)
+AT_SQ8_KERNEL(16)
 
 // Decode on a cluster of AT_CL CTAs per 16 heads (grid (AT_CL, head groups,
 // tokens)); Hopper and later only (the host loads them when the arch has them).

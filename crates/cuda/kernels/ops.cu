@@ -1464,21 +1464,30 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
 // col % 32), RoPE when col lies in the last n_rot dims of its head, then the Q8_0
 // code (and the block scale from lane 0). x_all: write the result to *p for every
 // column (else only the rotated ones change).
-__device__ __forceinline__ void rope_q8_0_lane(float v, float* p, int i, int col, int lane,
-                                               int cols, int head_dim, int n_rot,
-                                               const float* freqs, const int* pos_p, int inverse,
-                                               i8* __restrict__ qs, float* __restrict__ d,
-                                               bool x_all) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, 1);
+// Split in two (rope_lane_cs: whether the column rotates and its cos / sin, which
+// need no value; rope_q8_0_lane_cs: the rest), so a caller can compute the angle
+// while its values are still loading.
+__device__ __forceinline__ bool rope_lane_cs(int i, int col, int head_dim, int n_rot,
+                                             const float* freqs, const int* pos_p, int inverse,
+                                             float& c, float& s) {
     const int r0 = head_dim - n_rot;
     const int hc = col % head_dim;
+    if (hc < r0) return false;
+    const int pos = *pos_p + i;
+    const float theta = __fmul_rn((float)pos, freqs[(hc - r0) >> 1]);
+    c = (float)cos((double)theta);
+    s = (float)sin((double)theta);
+    if (inverse) s = -s;
+    return true;
+}
+
+__device__ __forceinline__ void rope_q8_0_lane_cs(float v, float* p, int i, int col, int lane,
+                                                  int cols, bool rot, float c, float s,
+                                                  i8* __restrict__ qs, float* __restrict__ d,
+                                                  bool x_all) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, 1);
     float o = v;
-    if (hc >= r0) {
-        const int pos = *pos_p + i;
-        const float theta = __fmul_rn((float)pos, freqs[(hc - r0) >> 1]);
-        const float c = (float)cos((double)theta);
-        float s = (float)sin((double)theta);
-        if (inverse) s = -s;
+    if (rot) {
         // Even lane: x0 = v, x1 = w; odd lane: x0 = w, x1 = v (rope_pair's formulas).
         o = (lane & 1) == 0 ? __fsub_rn(__fmul_rn(v, c), __fmul_rn(w, s))
                             : __fadd_rn(__fmul_rn(w, s), __fmul_rn(v, c));
@@ -1491,6 +1500,16 @@ __device__ __forceinline__ void rope_q8_0_lane(float v, float* p, int i, int col
     const long long e0 = (long long)i * cols + col;
     qs[e0] = (i8)max(-127, min(127, __float2int_rn(o * id)));
     if (lane == 0) d[e0 >> 5] = dd;
+}
+
+__device__ __forceinline__ void rope_q8_0_lane(float v, float* p, int i, int col, int lane,
+                                               int cols, int head_dim, int n_rot,
+                                               const float* freqs, const int* pos_p, int inverse,
+                                               i8* __restrict__ qs, float* __restrict__ d,
+                                               bool x_all) {
+    float c = 0.0f, s = 0.0f;
+    const bool rot = rope_lane_cs(i, col, head_dim, n_rot, freqs, pos_p, inverse, c, s);
+    rope_q8_0_lane_cs(v, p, i, col, lane, cols, rot, c, s, qs, d, x_all);
 }
 
 extern "C" __global__ void rope_quant_q8_0(float* x, int cols, int head_dim, int n_rot,
@@ -1541,6 +1560,60 @@ extern "C" __global__ void att_merge_rope_q8_0(const float* part, int n_splits, 
     float* p = x + (long long)i * cols + col;
     rope_q8_0_lane(a * inv, p, i, col, lane, cols, head_dim, n_rot, freqs, pos_p, inverse, qs,
                    d, true);
+}
+
+// att_merge_rope_q8_0 with one round trip of loads: every lane asks at once for the
+// (m, l) of its splits, its column's partial value in every split and the RoPE
+// angle's position and frequency, and computes cos / sin while they arrive (the
+// original reads m, then l, then the values four splits at a time, then the position:
+// ~8 dependent global round trips at 20 splits). Same arithmetic in the same order
+// (att_split_den_regs = att_split_den; att_split_acc over the splits in order), so
+// the bits agree. Same arguments and grid; n_splits <= 64.
+#define MERGE_PRE_SPLITS 64
+extern "C" __global__ void att_merge_rope_q8_0_pre(const float* part, int n_splits, int n_head,
+                                                   const float* sinks, float* x, int cols,
+                                                   int head_dim, int n_rot, const float* freqs,
+                                                   const int* pos_p, int inverse,
+                                                   i8* __restrict__ qs, float* __restrict__ d) {
+    PDL_START();
+    const int i = blockIdx.y;
+    const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (blk >= cols / 32) return;  // whole warps
+    const int col = blk * 32 + lane;
+    const int h = col / head_dim, dim = col % head_dim;  // a block never straddles heads
+    const long long stride = (long long)n_head * (head_dim + 2);
+    const float* base = part + (long long)i * n_splits * stride + (long long)h * (head_dim + 2);
+    const int ns = min(n_splits, MERGE_PRE_SPLITS);
+    const float sink = sinks[h];
+    float m_lo = NEG_INF, l_lo = 0.0f, m_hi = NEG_INF, l_hi = 0.0f;
+    if (lane < ns) {
+        m_lo = base[lane * stride];
+        l_lo = base[lane * stride + 1];
+    }
+    if (lane + 32 < ns) {
+        m_hi = base[(lane + 32) * stride];
+        l_hi = base[(lane + 32) * stride + 1];
+    }
+    // Values of empty splits were never written: loaded anyway, selected away below.
+    const float* src = base + 2 + dim;
+    float v[MERGE_PRE_SPLITS];
+#pragma unroll
+    for (int s = 0; s < MERGE_PRE_SPLITS; s++) v[s] = s < ns ? src[s * stride] : 0.0f;
+    float c = 0.0f, sn = 0.0f;
+    const bool rot = rope_lane_cs(i, col, head_dim, n_rot, freqs, pos_p, inverse, c, sn);
+    float w_lo = 0.0f, w_hi = 0.0f;
+    const float den = att_split_den_regs(m_lo, l_lo, m_hi, l_hi, ns, sink, lane, w_lo, w_hi);
+    const float inv = 1.0f / den;
+    float a = 0.0f;
+#pragma unroll
+    for (int s = 0; s < MERGE_PRE_SPLITS; s++) {
+        if (s >= ns) break;
+        const float w = __shfl_sync(0xffffffffu, s < 32 ? w_lo : w_hi, s & 31);
+        a = att_split_acc(a, w, v[s]);
+    }
+    float* p = x + (long long)i * cols + col;
+    rope_q8_0_lane_cs(a * inv, p, i, col, lane, cols, rot, c, sn, qs, d, true);
 }
 
 // Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the

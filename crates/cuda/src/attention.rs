@@ -16,6 +16,14 @@
 //!   merges its partials in distributed shared memory: one launch, no scratch.
 //!   `DS4_CUDA_ATTN=split` keeps the split + combine path (A/B timing);
 //!   `DS4_CUDA_ATTN_CLUSTER_KEYS=N` moves the key bound.
+//! * The split decode kernels are `att_sd_<KT>_<HD>`: P fragments loaded once per
+//!   tile, and 16-key tiles (twice the CTAs, half the loads and MMAs each) where the
+//!   grid stays within [`SD16_MAX_CTAS`] CTAs (window-only and ratio-128 layers).
+//!   `DS4_ATTN_SD=0` restores the `att_tc_1_<HD>` split kernel with 32-key splits,
+//!   `DS4_ATTN_SD16_CTAS=N` moves the CTA bound (0: 32-key tiles always). At head dim
+//!   512 the decode kernels are `att_sq_<KT>_512`, the same with the queries in
+//!   registers (`DS4_ATTN_SD_QREG=0`: `att_sd`); `DS4_ATTN_SD_WARPS=8` runs them on
+//!   8 warps (`att_sq8_<KT>_512`, 256 threads, each warp twice the dims).
 //!
 //! The first position is read on the device (`pos`), so grids are sized from
 //! host-known upper bounds ([`max_keys`]) and surplus CTAs exit: launches never
@@ -49,17 +57,105 @@ pub const CLUSTER: usize = 8;
 pub const CLUSTER_MAX_KEYS: usize = CLUSTER * KEY_TILE;
 /// Largest grid dimension y / z.
 const MAX_GRID_YZ: usize = 65535;
+/// Keys per tile (and per split) of the small-tile decode kernels `att_sd_16_<HD>`.
+const SMALL_KEY_TILE: usize = 16;
+/// Most CTAs (splits × head groups × tokens) for which decode takes 16-key tiles
+/// (`DS4_ATTN_SD16_CTAS`): Flash's window-only (8 splits × 4 head groups) and
+/// ratio-128 layers (up to 32K context) stay within one CTA per SM of an H100,
+/// the ratio-4 layers (40 × 4 at 16 keys) keep 32-key tiles (80 CTAs).
+pub const SD16_MAX_CTAS: usize = 128;
 
-/// Dynamic shared memory of `att_tc_<MT>_<HD>` (`AT_SMEM` in attention.cu).
+/// Dynamic shared memory of `att_tc_<MT>_<HD>` (`AT_SMEM` in attention.cu, 32-key tiles).
 pub const fn smem_bytes(mt: usize, hd: usize) -> usize {
+    smem_bytes_kt(mt, hd, KEY_TILE)
+}
+
+/// Dynamic shared memory of a kernel with `kt`-key tiles (`AT_SMEM(MT, HD, KT)`).
+pub const fn smem_bytes_kt(mt: usize, hd: usize, kt: usize) -> usize {
+    smem_layout(mt, hd, kt, WARPS / (mt * (kt / 8)))
+}
+
+/// Dynamic shared memory of `att_sq_<KT>_512` (queries in registers: a score partial
+/// per warp, `KSPLIT` = 16; the query area stays in the layout, unused).
+pub const fn smem_bytes_sq(kt: usize) -> usize {
+    smem_layout(1, 512, kt, WARPS)
+}
+
+/// Dynamic shared memory of `att_sq8_<KT>_512` (8 warps: 8 score partials).
+pub const fn smem_bytes_sq8(kt: usize) -> usize {
+    smem_layout(1, 512, kt, 8)
+}
+
+/// The shared-memory layout of `att_tc_impl` with `ksplit` score partials.
+const fn smem_layout(mt: usize, hd: usize, kt: usize, ksplit: usize) -> usize {
     let ldh = hd + 8;
     let rows = 16 * mt;
     let q = rows * ldh * 2;
-    let k = KEY_TILE * ldh * 2;
-    let ksplit = WARPS / (mt * (KEY_TILE / 8));
-    let s = ksplit * rows * (KEY_TILE + 4) * 4;
-    let p = rows * (KEY_TILE + 8) * 2;
+    let k = kt * ldh * 2;
+    let s = ksplit * rows * (kt + 4) * 4;
+    let p = rows * (kt + 8) * 2;
     2 * q + 2 * k + s + 2 * p + 3 * rows * 4
+}
+
+/// The split decode kernels' switches, read once (scratch sizes and launches agree):
+/// `DS4_ATTN_SD` (the `att_sd` / `att_sq` kernels, default on) and `DS4_ATTN_SD16_CTAS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SdConfig {
+    enabled: bool,
+    sd16_max_ctas: usize,
+}
+
+fn sd_config() -> SdConfig {
+    static CFG: std::sync::OnceLock<SdConfig> = std::sync::OnceLock::new();
+    *CFG.get_or_init(|| SdConfig {
+        enabled: env_switch("DS4_ATTN_SD"),
+        sd16_max_ctas: std::env::var("DS4_ATTN_SD16_CTAS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(SD16_MAX_CTAS),
+    })
+}
+
+/// One decode launch's split layout: keys per tile of the kernel, keys per split, splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DecodePlan {
+    key_tile: usize,
+    kps: usize,
+    n_splits: usize,
+}
+
+/// The decode split layout: 16-key splits where `cfg` allows them and the grid
+/// (splits × head groups of 16 × tokens) stays within its CTA bound and no longer
+/// splits were asked for (`DS4_ATTN_SPLIT_KEYS`); else [`split_plan`].
+fn decode_plan_with(
+    cfg: SdConfig,
+    min_kps: usize,
+    n_head: usize,
+    n_tokens: usize,
+    max_keys: usize,
+) -> DecodePlan {
+    let small = max_keys.max(1).div_ceil(SMALL_KEY_TILE);
+    if cfg.enabled
+        && min_kps <= KEY_TILE
+        && small <= MAX_SPLITS
+        && small * n_head.div_ceil(16) * n_tokens <= cfg.sd16_max_ctas
+    {
+        return DecodePlan {
+            key_tile: SMALL_KEY_TILE,
+            kps: SMALL_KEY_TILE,
+            n_splits: small,
+        };
+    }
+    let (kps, n_splits) = split_plan_with(max_keys, min_kps);
+    DecodePlan {
+        key_tile: KEY_TILE,
+        kps,
+        n_splits,
+    }
+}
+
+fn decode_plan(n_head: usize, n_tokens: usize, max_keys: usize) -> DecodePlan {
+    decode_plan_with(sd_config(), min_split_keys(), n_head, n_tokens, max_keys)
 }
 
 /// Whether the tensor-core kernels handle this shape (else use the SIMT kernels).
@@ -104,12 +200,15 @@ fn min_split_keys() -> usize {
     })
 }
 
-/// Device scratch bytes a launch needs for its split partials (0 for chunks).
+/// Device scratch bytes a launch needs for its split partials (0 for chunks): enough
+/// for the decode plan and for the 32-key plan of [`DecodePath::SplitLegacy`].
 pub fn scratch_bytes(n_head: usize, head_dim: usize, n_tokens: usize, max_keys: usize) -> usize {
     if n_tokens == 0 || n_tokens > SPLIT_MAX_TOKENS {
         return 0;
     }
-    let (_, n_splits) = split_plan(max_keys);
+    let n_splits = split_plan(max_keys)
+        .1
+        .max(decode_plan(n_head, n_tokens, max_keys).n_splits);
     n_tokens * n_splits * n_head * (head_dim + 2) * 4
 }
 
@@ -176,8 +275,12 @@ pub enum DecodePath {
     /// The cluster kernel when the device has it and the keys fit
     /// [`CLUSTER_MAX_KEYS`], else split + combine (what [`AttentionKernels::launch`] does).
     Auto,
-    /// Flash-decoding over split CTAs plus `att_combine` (needs scratch).
+    /// Flash-decoding over split CTAs plus `att_combine` (needs scratch), on the
+    /// `att_sd` kernels unless `DS4_ATTN_SD=0`.
     Split,
+    /// [`Self::Split`] on the `att_tc_1` kernels with 32-key splits whatever the
+    /// switches (the reference of the `att_sd` checks).
+    SplitLegacy,
     /// The cluster kernel whatever the key count (an error where the device has none).
     Cluster,
 }
@@ -189,6 +292,16 @@ pub struct AttentionKernels {
     combine: CudaFunction,
     /// `att_dc_<HD>` [HD 512, HD 256]: the cluster decode kernels (sm_90+ only).
     cluster: Option<[CudaFunction; 2]>,
+    /// `att_sd_<KT>_<HD>`: [KT 32, KT 16] × [HD 512, HD 256], the split decode kernels.
+    sd: [[CudaFunction; 2]; 2],
+    /// `att_sq_<KT>_512` [KT 32, KT 16]: `att_sd` with the queries in registers.
+    sq: [CudaFunction; 2],
+    /// Head dim 512 decode takes `att_sq` (`DS4_ATTN_SD_QREG=0`: `att_sd`).
+    qreg: bool,
+    /// `att_sq8_<KT>_512` [KT 32, KT 16]: `att_sq` on 8 warps (256 threads).
+    sq8: [CudaFunction; 2],
+    /// `att_sq` on 8 warps instead of 16 (`DS4_ATTN_SD_WARPS=8`; default 16).
+    sq_8warps: bool,
     /// False when `DS4_CUDA_ATTN=simt` asks for the SIMT kernels (A/B timing).
     enabled: bool,
     /// Most keys for which [`DecodePath::Auto`] takes the cluster kernel (0 when
@@ -269,8 +382,40 @@ impl AttentionKernels {
             None
         };
         let pdl = pdl_enabled(sm.0) && env_switch("DS4_ATTN_PDL");
+        let sd = |kt: usize, hd: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&format!("att_sd_{kt}_{hd}"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes_kt(1, hd, kt) as i32,
+            )?;
+            Ok(f)
+        };
+        let sq = |kt: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&format!("att_sq_{kt}_512"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes_sq(kt) as i32,
+            )?;
+            Ok(f)
+        };
+        let sq8 = |kt: usize| -> Result<CudaFunction> {
+            let f = m.load_function(&format!("att_sq8_{kt}_512"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes_sq8(kt) as i32,
+            )?;
+            Ok(f)
+        };
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],
+            sq: [sq(KEY_TILE)?, sq(SMALL_KEY_TILE)?],
+            sq8: [sq8(KEY_TILE)?, sq8(SMALL_KEY_TILE)?],
+            sq_8warps: matches!(std::env::var("DS4_ATTN_SD_WARPS").as_deref(), Ok("8")),
+            qreg: env_switch("DS4_ATTN_SD_QREG"),
+            sd: [
+                [sd(KEY_TILE, 512)?, sd(KEY_TILE, 256)?],
+                [sd(SMALL_KEY_TILE, 512)?, sd(SMALL_KEY_TILE, 256)?],
+            ],
             combine: m.load_function("att_combine")?,
             cluster,
             enabled,
@@ -279,6 +424,20 @@ impl AttentionKernels {
             picks_first: env_switch("DS4_ATTN_PICKS_FIRST"),
             split_when_deferred: env_switch("DS4_ATTN_SPLIT_MERGE"),
         })
+    }
+
+    /// These kernels with head dim 512 decode on `att_sq` (`on`) or `att_sd` (the
+    /// checks run both, whatever `DS4_ATTN_SD_QREG` says).
+    pub fn with_qreg(mut self, on: bool) -> Self {
+        self.qreg = on;
+        self
+    }
+
+    /// `att_sq` decode on 8 warps (`on`) or 16 (the checks run both, whatever
+    /// `DS4_ATTN_SD_WARPS` says).
+    pub fn with_sq_8warps(mut self, on: bool) -> Self {
+        self.sq_8warps = on;
+        self
     }
 
     /// Whether the backend should launch these kernels for this shape
@@ -383,13 +542,26 @@ impl AttentionKernels {
         }
         let max_keys = a.max_keys();
         let split = n <= SPLIT_MAX_TOKENS;
+        // The split decode layout: the att_sd kernels' plan, or the att_tc_1 kernel with
+        // 32-key splits (DS4_ATTN_SD=0, or the legacy path asked for).
+        let legacy = path == DecodePath::SplitLegacy || !sd_config().enabled;
+        let plan = if legacy {
+            let (kps, n_splits) = split_plan(max_keys);
+            DecodePlan {
+                key_tile: KEY_TILE,
+                kps,
+                n_splits,
+            }
+        } else {
+            decode_plan(nh, n, max_keys)
+        };
         // A merge the caller takes over costs little more than its own kernel, so the
         // split CTAs (one tile each, no cluster barriers) beat the cluster kernel then.
         let merge_deferred =
-            split && self.split_when_deferred && split_plan(max_keys).1 <= defer_merge_up_to;
+            split && self.split_when_deferred && plan.n_splits <= defer_merge_up_to;
         let cluster = match path {
             DecodePath::Auto => self.uses_cluster_decode(max_keys) && !merge_deferred,
-            DecodePath::Split => false,
+            DecodePath::Split | DecodePath::SplitLegacy => false,
             DecodePath::Cluster => true,
         };
         if split && cluster {
@@ -398,7 +570,7 @@ impl AttentionKernels {
         let mt = if split || nh <= 16 { 1 } else { 4 };
         let hgroups = nh.div_ceil(16 * mt);
         let (kps, n_splits) = if split {
-            split_plan(max_keys)
+            (plan.kps, plan.n_splits)
         } else {
             // One CTA owns all of a token's keys.
             (i32::MAX as usize, 1)
@@ -412,11 +584,37 @@ impl AttentionKernels {
                 )));
             }
         }
-        let func = &self.tc[usize::from(mt == 1)][usize::from(hd == 256)];
+        let small = plan.key_tile == SMALL_KEY_TILE;
+        let sq = split && !legacy && self.qreg && hd == 512;
+        let (func, smem, threads) = if sq && self.sq_8warps {
+            (
+                &self.sq8[usize::from(small)],
+                smem_bytes_sq8(plan.key_tile),
+                THREADS / 2,
+            )
+        } else if sq {
+            (
+                &self.sq[usize::from(small)],
+                smem_bytes_sq(plan.key_tile),
+                THREADS,
+            )
+        } else if split && !legacy {
+            (
+                &self.sd[usize::from(small)][usize::from(hd == 256)],
+                smem_bytes_kt(1, hd, plan.key_tile),
+                THREADS,
+            )
+        } else {
+            (
+                &self.tc[usize::from(mt == 1)][usize::from(hd == 256)],
+                smem_bytes(mt, hd),
+                THREADS,
+            )
+        };
         let cfg = LaunchConfig {
             grid_dim: (n_splits as u32, hgroups as u32, n as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem_bytes(mt, hd) as u32,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
         let ld_q = to_i32("ld_q", a.ld_q)?;
         let ld_rows = to_i32("ld_rows", a.ld_rows)?;
@@ -451,7 +649,8 @@ impl AttentionKernels {
             .arg(&part)
             .arg(&ring_app)
             .arg(&picks_first);
-        // SAFETY: matches AT_KERNEL in attention.cu; strides and scratch checked above,
+        // SAFETY: matches AT_KERNEL (and AT_SD_KERNEL, the same arguments) in attention.cu;
+        // kps is a multiple of the kernel's key tile; strides and scratch checked above,
         // the buffers are the caller's (sized for n_tokens rows and the KV caches); the
         // kernel waits (PDL_START) before reading anything.
         unsafe { launch(stream, func, cfg, &mut b, self.pdl) }?;
@@ -571,6 +770,83 @@ mod tests {
     }
 
     #[test]
+    fn decode_plan_takes_16_key_tiles_for_small_grids() {
+        let on = SdConfig {
+            enabled: true,
+            sd16_max_ctas: SD16_MAX_CTAS,
+        };
+        let plan = |cfg, min_kps, nh, n, keys| decode_plan_with(cfg, min_kps, nh, n, keys);
+        // Flash decode: window-only 128 keys, ratio 128 at 2K (145), ratio 4 (640).
+        assert_eq!(
+            plan(on, 32, 64, 1, 128),
+            DecodePlan {
+                key_tile: 16,
+                kps: 16,
+                n_splits: 8
+            }
+        );
+        assert_eq!(plan(on, 32, 64, 1, 145).n_splits, 10);
+        // Ratio 128 at 32K context: 385 keys, 25 × 4 = 100 CTAs.
+        assert_eq!(plan(on, 32, 64, 1, 385).key_tile, 16);
+        assert_eq!(
+            plan(on, 32, 64, 1, 640),
+            DecodePlan {
+                key_tile: 32,
+                kps: 32,
+                n_splits: 20
+            }
+        );
+        // Five tokens of the window-only layer: 8 × 4 × 5 = 160 CTAs.
+        assert_eq!(plan(on, 32, 64, 5, 128).key_tile, 32);
+        // The bound moved, switched off, or longer splits asked for.
+        let wide = SdConfig {
+            sd16_max_ctas: 256,
+            ..on
+        };
+        assert_eq!(plan(wide, 32, 64, 1, 640).n_splits, 40);
+        let off = SdConfig {
+            enabled: false,
+            ..on
+        };
+        assert_eq!(plan(off, 32, 64, 1, 128).key_tile, 32);
+        assert_eq!(
+            plan(on, 64, 64, 1, 128),
+            DecodePlan {
+                key_tile: 32,
+                kps: 64,
+                n_splits: 2
+            }
+        );
+        // Every plan covers every key with whole tiles.
+        for keys in [1, 15, 16, 17, 128, 145, 640, 1222, 40_000] {
+            for cfg in [on, wide, off] {
+                let p = plan(cfg, 32, 64, 1, keys);
+                assert_eq!(p.kps % p.key_tile, 0);
+                assert!(p.n_splits <= MAX_SPLITS);
+                assert!(p.kps * p.n_splits >= keys && p.kps * (p.n_splits - 1) < keys);
+            }
+        }
+    }
+
+    #[test]
+    fn small_tile_shared_memory() {
+        // AT_SMEM(1, 512, 16): Q 2·16640, K 2·16640, S 8·16·20·4, P 2·16·24·2, state 192.
+        assert_eq!(smem_bytes_kt(1, 512, 16), 78_528);
+        assert_eq!(smem_bytes_kt(1, 512, 32), smem_bytes(1, 512));
+        // att_sq: 16 score partials of 16 × (KT + 4) floats instead of 8 (KT 16) / 4 (KT 32).
+        assert_eq!(smem_bytes_sq(16), 78_528 + 8 * 16 * 20 * 4);
+        assert_eq!(smem_bytes_sq(32), smem_bytes(1, 512) + 12 * 16 * 36 * 4);
+        for kt in [16, 32] {
+            assert!(smem_bytes_sq(kt) + 4112 <= 227 * 1024);
+            // att_sq8: 8 partials.
+            assert_eq!(
+                smem_bytes_sq8(kt) + 8 * 16 * (kt + 4) * 4,
+                smem_bytes_sq(kt)
+            );
+        }
+    }
+
+    #[test]
     fn max_keys_counts_window_and_usable_compressed_rows() {
         assert_eq!(max_keys(128, 4, 8193, Some(512)), 640);
         assert_eq!(max_keys(128, 128, 257, None), 385);
@@ -591,6 +867,16 @@ mod tests {
     #[test]
     fn scratch_only_for_the_split_path() {
         assert_eq!(scratch_bytes(64, 512, 1, 640), 20 * 64 * 514 * 4);
+        // 16-key splits (the default plan for 128 keys) need the larger scratch.
+        if sd_config()
+            == (SdConfig {
+                enabled: true,
+                sd16_max_ctas: SD16_MAX_CTAS,
+            })
+            && min_split_keys() == KEY_TILE
+        {
+            assert_eq!(scratch_bytes(64, 512, 1, 128), 8 * 64 * 514 * 4);
+        }
         assert_eq!(scratch_bytes(64, 512, SPLIT_MAX_TOKENS + 1, 640), 0);
         assert_eq!(scratch_bytes(64, 512, 0, 640), 0);
     }

@@ -398,23 +398,40 @@ fn idx_score_checks(
     Ok(out)
 }
 
-/// `att_merge_rope_q8_0` (decode: split merge + inverse RoPE + Q8_0 in one kernel)
-/// against `att_combine` then `rope_quant_q8_0`: bit-exact output rows, codes and
-/// scales; the merged values of the unrotated dims also against an f64 merge.
-/// Flash dims: 64 heads of 512, 20 splits (ratio-4 decode), two of them empty.
+/// `att_merge_rope_q8_0` and `att_merge_rope_q8_0_pre` (decode: split merge + inverse
+/// RoPE + Q8_0 in one kernel) against `att_combine` then `rope_quant_q8_0`: bit-exact
+/// output rows, codes and scales; at 20 splits the merged values of the unrotated dims
+/// also against an f64 merge. Flash dims: 64 heads of 512, two splits empty; 20 splits
+/// (ratio-4 decode), 8 and 10 (16-key window-only / ratio-128 decode), 45 and 64 (lanes
+/// holding a second split).
 fn merge_rope_checks(
     stream: &Arc<CudaStream>,
     ops: &Arc<CudaModule>,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    for ns in [20usize, 8, 10, 45, 64] {
+        out.extend(merge_rope_case(stream, ops, ns, report)?);
+    }
+    Ok(out)
+}
+
+/// [`merge_rope_checks`] at `ns` splits.
+fn merge_rope_case(
+    stream: &Arc<CudaStream>,
+    ops: &Arc<CudaModule>,
+    ns: usize,
     report: &mut impl FnMut(&CheckResult),
 ) -> Result<Vec<CheckResult>> {
     let att = module(stream, &crate::compile::ATTENTION)?;
     let combine = att.load_function("att_combine")?;
     let rope_quant = ops.load_function("rope_quant_q8_0")?;
     let fused = ops.load_function("att_merge_rope_q8_0")?;
-    let (nh, hd, ns, n_rot, pos0) = (64usize, 512usize, 20usize, 64usize, 2050usize);
+    let pre = ops.load_function("att_merge_rope_q8_0_pre")?;
+    let (nh, hd, n_rot, pos0) = (64usize, 512usize, 64usize, 2050usize);
     let cols = nh * hd;
     let stride = nh * (hd + 2);
-    let mut rng = Rng(0x3e_4b1e);
+    let mut rng = Rng(0x3e_4b1e + ns as u64);
     // Partials as att_tc writes them: (m, l, acc[hd]) per split and head; empty splits
     // have m = -inf, l = 0 and unwritten (here NaN) values.
     let mut part = vec![0f32; ns * stride];
@@ -448,8 +465,14 @@ fn merge_rope_checks(
         DevBuf::from_f32(stream, &nan)?,
         DevBuf::from_f32(stream, &nan)?,
     );
-    let (qa, qb) = (DevBuf::zeros(stream, cols)?, DevBuf::zeros(stream, cols)?);
-    let (da, db) = (
+    let xc = DevBuf::from_f32(stream, &nan)?;
+    let (qa, qb, qc) = (
+        DevBuf::zeros(stream, cols)?,
+        DevBuf::zeros(stream, cols)?,
+        DevBuf::zeros(stream, cols)?,
+    );
+    let (da, db, dc) = (
+        DevBuf::from_f32(stream, &nan[..cols / 32])?,
         DevBuf::from_f32(stream, &nan[..cols / 32])?,
         DevBuf::from_f32(stream, &nan[..cols / 32])?,
     );
@@ -488,43 +511,51 @@ fn merge_rope_checks(
             .arg(&da.ptr);
         // SAFETY: rope_quant_q8_0's argument list; x one row of cols, codes and scales.
         unsafe { b.launch(rq_cfg) }?;
-        let mut b = stream.launch_builder(&fused);
-        b.arg(&dpart.ptr)
-            .arg(&ns32)
-            .arg(&nh32)
-            .arg(&dsinks.ptr)
-            .arg(&xb.ptr)
-            .arg(&cols32)
-            .arg(&hd32)
-            .arg(&nr32)
-            .arg(&dfreqs.ptr)
-            .arg(&dpos.ptr)
-            .arg(&inv)
-            .arg(&qb.ptr)
-            .arg(&db.ptr);
-        // SAFETY: att_merge_rope_q8_0's argument list; the buffers above.
-        unsafe { b.launch(rq_cfg) }?;
+        for (f, x, q, d) in [(&fused, &xb, &qb, &db), (&pre, &xc, &qc, &dc)] {
+            let mut b = stream.launch_builder(f);
+            b.arg(&dpart.ptr)
+                .arg(&ns32)
+                .arg(&nh32)
+                .arg(&dsinks.ptr)
+                .arg(&x.ptr)
+                .arg(&cols32)
+                .arg(&hd32)
+                .arg(&nr32)
+                .arg(&dfreqs.ptr)
+                .arg(&dpos.ptr)
+                .arg(&inv)
+                .arg(&q.ptr)
+                .arg(&d.ptr);
+            // SAFETY: the argument list of att_merge_rope_q8_0 (and of its _pre variant);
+            // the buffers above.
+            unsafe { b.launch(rq_cfg) }?;
+        }
     }
     stream.synchronize()?;
     let (x_ref, x_new) = (xa.to_f32(stream)?, xb.to_f32(stream)?);
     let as_f32 = |v: Vec<u8>| -> Vec<f32> { v.into_iter().map(|c| f32::from(c as i8)).collect() };
+    let (codes_ref, scales_ref) = (as_f32(qa.to_bytes(stream)?), da.to_f32(stream)?);
     let mut out = Vec::new();
-    for (what, a, b) in [
-        ("rows  ", x_new.clone(), x_ref.clone()),
-        (
-            "codes ",
-            as_f32(qb.to_bytes(stream)?),
-            as_f32(qa.to_bytes(stream)?),
-        ),
-        ("scales", db.to_f32(stream)?, da.to_f32(stream)?),
+    for (kernel, x, q, d) in [
+        ("att_merge_rope_q8_0    ", &xb, &qb, &db),
+        ("att_merge_rope_q8_0_pre", &xc, &qc, &dc),
     ] {
-        let r = exact(
-            format!("att_merge_rope_q8_0 vs att_combine+rope_quant {what} 64h x 512, 20 splits"),
-            &a,
-            &b,
-        );
-        report(&r);
-        out.push(r);
+        for (what, a, b) in [
+            ("rows  ", x.to_f32(stream)?, &x_ref),
+            ("codes ", as_f32(q.to_bytes(stream)?), &codes_ref),
+            ("scales", d.to_f32(stream)?, &scales_ref),
+        ] {
+            let r = exact(
+                format!("{kernel} vs att_combine+rope_quant {what} 64h x 512, {ns} splits"),
+                &a,
+                b,
+            );
+            report(&r);
+            out.push(r);
+        }
+    }
+    if ns != 20 {
+        return Ok(out);
     }
     // The merge itself (unrotated dims) against f64.
     let mut want = Vec::new();

@@ -414,7 +414,12 @@ impl Ops {
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
             rope_quant_q8_0: f("rope_quant_q8_0")?,
-            att_merge_rope_q8_0: f("att_merge_rope_q8_0")?,
+            // Loads in one round trip (DS4_ATTN_MERGE_PRE=0: the original merge).
+            att_merge_rope_q8_0: f(if crate::launch::env_switch("DS4_ATTN_MERGE_PRE") {
+                "att_merge_rope_q8_0_pre"
+            } else {
+                "att_merge_rope_q8_0"
+            })?,
             round_rows: big("round_rows")?,
             rope_qat: f("rope_qat")?,
             comp_pool: f("comp_pool")?,

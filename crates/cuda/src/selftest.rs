@@ -1390,6 +1390,14 @@ pub fn run_attention_checks(
     };
     let stream = kern.stream();
     let ak = AttentionKernels::load_on(stream)?;
+    // The split decode kernels with and without the queries in registers.
+    let ak_sd = AttentionKernels::load_on(stream)?.with_qreg(false);
+    let ak_sq = AttentionKernels::load_on(stream)?
+        .with_qreg(true)
+        .with_sq_8warps(false);
+    let ak_sq8 = AttentionKernels::load_on(stream)?
+        .with_qreg(true)
+        .with_sq_8warps(true);
     let (sm, nvrtc_version) = crate::compile::target_of(stream)?;
     let ops = crate::compile::load_module(
         stream.context(),
@@ -1656,6 +1664,50 @@ pub fn run_attention_checks(
             let r = check(&format!("{other_name} vs cpu"), &dsplit.to_f32(stream)?);
             report(&r);
             out.push(r);
+        }
+        // Decode: the split kernels att_sd and (head dim 512) att_sq, 16- or 32-key tiles
+        // by the grid size, against the CPU and against the att_tc_1 split kernel they
+        // replace (DS4_ATTN_SD=0).
+        if n <= SPLIT_MAX_TOKENS {
+            let run = |k: &AttentionKernels, path| -> Result<Vec<f32>> {
+                let dsplit = DevBuf::from_bytes(stream, &vec![0xffu8; n * w * 4])?;
+                k.launch_path(
+                    stream,
+                    &AttnLaunch {
+                        out: dsplit.ptr,
+                        ..a
+                    },
+                    path,
+                )?;
+                stream.synchronize()?;
+                dsplit.to_f32(stream)
+            };
+            let legacy = run(&ak, DecodePath::SplitLegacy)?;
+            let variants: &[(&AttentionKernels, &str)] = if hd == 512 {
+                &[(&ak_sd, "att_sd"), (&ak_sq, "att_sq"), (&ak_sq8, "att_sq8")]
+            } else {
+                &[(&ak_sd, "att_sd")]
+            };
+            for &(k, kname) in variants {
+                let got = run(k, DecodePath::Split)?;
+                for r in [
+                    check(&format!("{kname} vs cpu"), &got),
+                    compare_att(
+                        format!(
+                            "attention {kname} vs att_tc_1 split {} {}h x {}",
+                            c.name, nh, hd
+                        ),
+                        &got,
+                        &legacy,
+                        &tokens,
+                        nh,
+                        hd,
+                    ),
+                ] {
+                    report(&r);
+                    out.push(r);
+                }
+            }
         }
     }
     Ok(out)
