@@ -22,6 +22,27 @@ __device__ __forceinline__ void warp_abs_max_first(float& amax, float& mx, int& 
     }
 }
 
+// warp_abs_max_first by two redux instructions instead of 15 shuffles (sm_80+): |x|
+// values are non-negative floats, ordered as their bit patterns, so the largest is a
+// u32 maximum; among the lanes that hold it the first index (and its sign) is a u32
+// minimum of (idx << 1 | sign). The same (amax, mx, idx), the all-zero case included
+// (amax 0, mx +0, idx 0x7fffffff).
+__device__ __forceinline__ void warp_abs_max_first_rx(float& amax, float& mx, int& idx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned mbits, kmin;
+    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(mbits) : "r"(__float_as_uint(amax)));
+    const unsigned key = __float_as_uint(amax) == mbits
+                             ? ((unsigned)idx << 1) | (__float_as_uint(mx) >> 31)
+                             : 0xffffffffu;
+    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(kmin) : "r"(key));
+    amax = __uint_as_float(mbits);
+    mx = (kmin & 1u) ? -amax : amax;
+    idx = (int)(kmin >> 1);
+#else
+    warp_abs_max_first(amax, mx, idx);
+#endif
+}
+
 // Q8_0: a 32-block is 8 consecutive lanes. Called by whole warps (all lanes active).
 __device__ __forceinline__ void q8_0_quad(const float o[4], long long e0, i8* __restrict__ qs,
                                           float* __restrict__ d) {
@@ -44,11 +65,13 @@ __device__ __forceinline__ void q8_0_quad(const float o[4], long long e0, i8* __
 // synchronises); inactive threads (past the row) only take part in the reductions.
 // The block maximum is the signed element of largest |x|, the first one on ties.
 // `reused`: an earlier call of the block used `red` (its readers must be done first).
+// RX: the warp maximum by warp_abs_max_first_rx (same result, fewer instructions).
 struct Q8kRed {
     float amax[32];
     float mx[32];
     int idx[32];
 };
+template <bool RX = false>
 __device__ void q8_k_quad(const float o[4], bool active, long long e0, Q8kRed& red,
                           i8* __restrict__ qs, float* __restrict__ d, i16* __restrict__ bsums,
                           bool reused = true) {
@@ -61,7 +84,10 @@ __device__ void q8_k_quad(const float o[4], bool active, long long e0, Q8kRed& r
         for (int j = 0; j < 4; j++)
             if (fabsf(o[j]) > amax) { amax = fabsf(o[j]); mx = o[j]; idx = loc + j; }
     }
-    warp_abs_max_first(amax, mx, idx);
+    if (RX)
+        warp_abs_max_first_rx(amax, mx, idx);
+    else
+        warp_abs_max_first(amax, mx, idx);
     if (reused) __syncthreads();  // an earlier call's readers are done with `red`
     if (lane == 0) {
         red.amax[warp] = amax;

@@ -824,70 +824,6 @@ extern "C" __global__ void __launch_bounds__(256)
 // four adds and a division, ~80 cycles each) is the longer of the two roles.
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ unsigned warp_redux_max_u32(unsigned v) {
-    unsigned r;
-    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
-    return r;
-}
-__device__ __forceinline__ unsigned warp_redux_min_u32(unsigned v) {
-    unsigned r;
-    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
-    return r;
-}
-
-// q8_k_quad with the warp maximum from two redux instructions instead of 15 shuffles:
-// |x| values are non-negative floats, ordered as their bit patterns, so the largest
-// is a u32 maximum; among the lanes that hold it the first index (and its sign) is a
-// u32 minimum of (idx << 1 | sign). Same (amax, mx, idx) as warp_abs_max_first, the
-// all-zero case included (amax 0, mx +0, idx 0x7fffffff). Rest as q8_k_quad.
-__device__ void q8_k_quad_rx(const float o[4], bool active, long long e0, Q8kRed& red,
-                             i8* __restrict__ qs, float* __restrict__ d,
-                             i16* __restrict__ bsums, bool reused) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float amax = 0.0f, mx = 0.0f;
-    int idx = 0x7fffffff;
-    const int loc = (int)(e0 & 255);
-    if (active) {
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (fabsf(o[j]) > amax) { amax = fabsf(o[j]); mx = o[j]; idx = loc + j; }
-    }
-    const unsigned mbits = warp_redux_max_u32(__float_as_uint(amax));
-    const unsigned key = __float_as_uint(amax) == mbits
-                             ? ((unsigned)idx << 1) | (__float_as_uint(mx) >> 31)
-                             : 0xffffffffu;
-    const unsigned kmin = warp_redux_min_u32(key);
-    amax = __uint_as_float(mbits);
-    mx = (kmin & 1u) ? -amax : amax;
-    idx = (int)(kmin >> 1);
-    if (reused) __syncthreads();  // an earlier call's readers are done with `red`
-    if (lane == 0) {
-        red.amax[warp] = amax;
-        red.mx[warp] = mx;
-        red.idx[warp] = idx;
-    }
-    __syncthreads();
-    {
-        const int pw = warp ^ 1;
-        const float oa = red.amax[pw], om = red.mx[pw];
-        const int oi = red.idx[pw];
-        if (oa > amax || (oa == amax && oi < idx)) { amax = oa; mx = om; }
-    }
-    int q[4] = {0, 0, 0, 0};
-    if (amax != 0.0f) {
-        const float iscale = -127.0f / mx;
-#pragma unroll
-        for (int j = 0; j < 4; j++) q[j] = max(-127, min(127, __float2int_rn(iscale * o[j])));
-    }
-    int s = (q[0] + q[1]) + (q[2] + q[3]);
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    s += __shfl_xor_sync(0xffffffffu, s, 2);
-    if (!active) return;
-    *(char4*)(qs + e0) = make_char4(q[0], q[1], q[2], q[3]);
-    if ((lane & 3) == 0) bsums[e0 >> 4] = (i16)s;
-    if (loc == 0) d[e0 >> 8] = amax == 0.0f ? 0.0f : 1.0f / (-127.0f / mx);
-}
-
 // Rows r0 and r1 of token i's mixes summed over the `np` partial slices by one warp,
 // each exactly as hc_part_row sums it (every lane ends with both); all loads first.
 __device__ __forceinline__ void hc_part_row2(const float* part, int np, int n, int i, int nm,
@@ -1197,7 +1133,7 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
         const long long e0 = (long long)i * e + j;
         // e is a multiple of 128: a warp is wholly inside or past the row.
         if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
-        if (qk_qs) q8_k_quad_rx(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, c > 0);
+        if (qk_qs) q8_k_quad<true>(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, c > 0);
     }
 }
 
