@@ -455,6 +455,47 @@ __device__ __forceinline__ void hc_collapse4(const float* x, int e, const float*
     out = acc;
 }
 
+// y = norm_w · (yv · scale) (yv unchanged without norm_w), stored at yr and kept in yv,
+// then y's optional Q8_0 / Q8_K copies; the HC collapse's last step, shared by
+// hc_norm_store_quant and hc_pre_finish_v2. nwv[c] for c < n_pre: this thread's norm
+// weights loaded early (the rest are read here). RX: the Q8_K warp maximum by redux.
+// `reuse_first`: an earlier call of the block used `qred` before the first Q8_K block.
+template <bool RX>
+__device__ __forceinline__ void hc_store_quant(float4 (&yv)[HCF_MAX4], float scale,
+                                               const float* norm_w,
+                                               const float4 (&nwv)[HCF_MAX4], int n_pre, int e,
+                                               int i, float* yr, i8* q0_qs, float* q0_d,
+                                               i8* qk_qs, float* qk_d, i16* qk_bs,
+                                               Q8kRed& qred, bool reuse_first) {
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (j < e) {
+            float4 o = yv[c];
+            if (norm_w) {
+                const float4 w = c < n_pre ? nwv[c] : *(const float4*)(norm_w + j);
+                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
+                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
+                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
+                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
+            }
+            *(float4*)(yr + j) = o;
+            yv[c] = o;
+        }
+    }
+    if (!q0_qs && !qk_qs) return;
+#pragma unroll
+    for (int c = 0; c < HCF_MAX4; c++) {
+        const int j = 4 * (threadIdx.x + c * blockDim.x);
+        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
+        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
+        const long long e0 = (long long)i * e + j;
+        // e is a multiple of 128: a warp is wholly inside or past the row.
+        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
+        if (qk_qs) q8_k_quad<RX>(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, reuse_first || c > 0);
+    }
+}
+
 // The end of the HC collapse for one token: the sublayer's input RMSNorm (`norm_w`, 0
 // for none; `ss` is this thread's share of Σy², `nw0` its first norm weights, loaded
 // early), the store of y and its optional Q8_0 / Q8_K copies. Every thread of the block
@@ -484,33 +525,9 @@ __device__ __forceinline__ void hc_norm_store_quant(float4 (&yv)[HCF_MAX4], doub
         scale = LEAN ? (float)(1.0 / sqrt(div_count(ss, e, inv_e) + (double)norm_eps))
                      : (float)(1.0 / sqrt(ss / (double)e + (double)norm_eps));
     }
-#pragma unroll
-    for (int c = 0; c < HCF_MAX4; c++) {
-        const int j = 4 * (threadIdx.x + c * blockDim.x);
-        if (j < e) {
-            float4 o = yv[c];
-            if (norm_w) {
-                const float4 w = c == 0 ? nw0 : *(const float4*)(norm_w + j);
-                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
-                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
-                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
-                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
-            }
-            *(float4*)(yr + j) = o;
-            yv[c] = o;
-        }
-    }
-    if (!q0_qs && !qk_qs) return;
-#pragma unroll
-    for (int c = 0; c < HCF_MAX4; c++) {
-        const int j = 4 * (threadIdx.x + c * blockDim.x);
-        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
-        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
-        const long long e0 = (long long)i * e + j;
-        // e is a multiple of 128: a warp is wholly inside or past the row.
-        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
-        if (qk_qs) q8_k_quad(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, !LEAN || c > 0);
-    }
+    const float4 nwv[HCF_MAX4] = {nw0, nw0, nw0, nw0};
+    hc_store_quant<false>(yv, scale, norm_w, nwv, 1, e, i, yr, q0_qs, q0_d, qk_qs, qk_d, qk_bs,
+                          qred, !LEAN);
 }
 
 // hc_pre_finish_norm: the split + collapse (+ norm) above. Optionally (pointers
@@ -1108,33 +1125,8 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
         scale = scale_s;
     }
     float* yr = y + (long long)i * ld_y;
-#pragma unroll
-    for (int c = 0; c < HCF_MAX4; c++) {
-        const int j = 4 * (threadIdx.x + c * blockDim.x);
-        if (j < e) {
-            float4 o = yv[c];
-            if (norm_w) {
-                const float4 w = (c == 0 || emu) ? nwv[c] : *(const float4*)(norm_w + j);
-                o.x = __fmul_rn(w.x, __fmul_rn(o.x, scale));
-                o.y = __fmul_rn(w.y, __fmul_rn(o.y, scale));
-                o.z = __fmul_rn(w.z, __fmul_rn(o.z, scale));
-                o.w = __fmul_rn(w.w, __fmul_rn(o.w, scale));
-            }
-            *(float4*)(yr + j) = o;
-            yv[c] = o;
-        }
-    }
-    if (!q0_qs && !qk_qs) return;
-#pragma unroll
-    for (int c = 0; c < HCF_MAX4; c++) {
-        const int j = 4 * (threadIdx.x + c * blockDim.x);
-        if (4 * c * (int)blockDim.x >= e) break;  // uniform over the block
-        const float o[4] = {yv[c].x, yv[c].y, yv[c].z, yv[c].w};
-        const long long e0 = (long long)i * e + j;
-        // e is a multiple of 128: a warp is wholly inside or past the row.
-        if (q0_qs && j < e) q8_0_quad(o, e0, q0_qs, q0_d);
-        if (qk_qs) q8_k_quad<true>(o, j < e, e0, qred, qk_qs, qk_d, qk_bs, c > 0);
-    }
+    hc_store_quant<true>(yv, scale, norm_w, nwv, emu ? HCF_MAX4 : 1, e, i, yr, q0_qs, q0_d, qk_qs,
+                         qk_d, qk_bs, qred, false);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
