@@ -200,6 +200,63 @@ fn hc_weights(
     })
 }
 
+/// Inputs of one HC step (`run_hc_step`), host rows.
+struct HcStepInputs<'a> {
+    state: &'a [f32],
+    sub: &'a [f32],
+    routed: &'a [f32],
+    shared: &'a [f32],
+    post: &'a [f32],
+    comb: &'a [f32],
+}
+
+/// One HC step on fresh device copies of its inputs: the split alone, merge + split
+/// (`merge`), or the merge that sums the MoE's outputs (`moe`: routed rows + shared
+/// row; sub is then poisoned, the merge must not read it). Without `merge`, post and
+/// comb start poisoned (the split writes them). The step's name, then y, state, post
+/// and comb.
+#[allow(clippy::too_many_arguments)]
+fn run_hc_step(
+    be: &CudaBackend,
+    s: &ModelShape,
+    hcw: &Hc,
+    norm: &CudaWeight,
+    n: usize,
+    merge: bool,
+    moe: bool,
+    inp: &HcStepInputs<'_>,
+) -> Result<(&'static str, [CudaAct; 4])> {
+    let (hcm, e, k) = (s.hc_mult, s.n_embd, s.n_expert_used);
+    let mut state = act(be, n, hcm * e, inp.state)?;
+    let sub = act(be, n, e, if moe { &[] } else { inp.sub })?;
+    let (pv, cv): (&[f32], &[f32]) = if merge {
+        (inp.post, inp.comb)
+    } else {
+        (&[], &[])
+    };
+    let mut post = act(be, n, hcm, pv)?;
+    let mut comb = act(be, n, hcm * hcm, cv)?;
+    let mut y = act(be, n, e, &[])?;
+    let step = if moe {
+        let routed = act(be, n * k, e, inp.routed)?;
+        let shared = act(be, n, e, inp.shared)?;
+        be.hc_post_pre_norm_moe(
+            &routed, &shared, k, &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post,
+            &mut comb,
+        )?;
+        "moe_sum+hc_post+pre_norm"
+    } else if merge {
+        be.hc_post_pre_norm(
+            &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
+        )?;
+        "hc_post+pre_norm"
+    } else {
+        be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
+        "hc_pre_norm"
+    };
+    Ok((step, [y, state, post, comb]))
+}
+
 /// CPU reference of `hc_post` (when `merge` is given: sub, post, comb) and then
 /// `hc_pre_norm` for one token: (new state, y, post, comb).
 #[allow(clippy::type_complexity)]
@@ -357,37 +414,16 @@ fn hc_quant_checks(
                 let comb_v: Vec<f32> = (0..n * hcm * hcm)
                     .map(|_| 0.25 + 0.2 * rng.unit())
                     .collect();
-                let mut state = act(be, n, hcm * e, &state_v)?;
-                // With the MoE's outputs, sub is poisoned: the merge must not read it.
-                let sub = act(be, n, e, if moe { &[] } else { &sub_v })?;
-                // Merge inputs, or poisoned outputs of the split alone.
-                let (pv, cv): (&[f32], &[f32]) = if merge {
-                    (&post_v, &comb_v)
-                } else {
-                    (&[], &[])
+                let inputs = HcStepInputs {
+                    state: &state_v,
+                    sub: &sub_v,
+                    routed: &routed_v,
+                    shared: &shared_v,
+                    post: &post_v,
+                    comb: &comb_v,
                 };
-                let mut post = act(be, n, hcm, pv)?;
-                let mut comb = act(be, n, hcm * hcm, cv)?;
-                let mut y = act(be, n, e, &[])?;
-                if moe {
-                    let routed = act(be, n * k, e, &routed_v)?;
-                    let shared = act(be, n, e, &shared_v)?;
-                    be.hc_post_pre_norm_moe(
-                        &routed, &shared, k, &sub, n, s, &mut state, &hcw.dev, norm, &mut y,
-                        &mut post, &mut comb,
-                    )?;
-                } else if merge {
-                    be.hc_post_pre_norm(
-                        &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
-                    )?;
-                } else {
-                    be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
-                }
-                let step = match (merge, moe) {
-                    (_, true) => "moe_sum+hc_post+pre_norm",
-                    (true, false) => "hc_post+pre_norm",
-                    (false, false) => "hc_pre_norm",
-                };
+                let (step, [y, state, post, comb]) =
+                    run_hc_step(be, s, &hcw, norm, n, merge, moe, &inputs)?;
                 let variant = match split {
                     HcSplit::Side => "",
                     HcSplit::TwoBlocks => " two-block",
@@ -543,33 +579,21 @@ fn hc_v2_checks(
                 let comb_v: Vec<f32> = (0..n * hcm * hcm)
                     .map(|_| 0.25 + 0.2 * rng.unit())
                     .collect();
+                let inputs = HcStepInputs {
+                    state: &state_v,
+                    sub: &sub_v,
+                    routed: &routed_v,
+                    shared: &shared_v,
+                    post: &post_v,
+                    comb: &comb_v,
+                };
                 let mut runs: Vec<HcRun> = Vec::new();
+                let mut step = "";
                 for v2 in [false, true] {
                     be.set_hc_fin_v2(v2);
-                    let mut state = act(be, n, hcm * e, &state_v)?;
-                    let sub = act(be, n, e, if moe { &[] } else { &sub_v })?;
-                    let (pv, cv): (&[f32], &[f32]) = if merge {
-                        (&post_v, &comb_v)
-                    } else {
-                        (&[], &[])
-                    };
-                    let mut post = act(be, n, hcm, pv)?;
-                    let mut comb = act(be, n, hcm * hcm, cv)?;
-                    let mut y = act(be, n, e, &[])?;
-                    if moe {
-                        let routed = act(be, n * k, e, &routed_v)?;
-                        let shared = act(be, n, e, &shared_v)?;
-                        be.hc_post_pre_norm_moe(
-                            &routed, &shared, k, &sub, n, s, &mut state, &hcw.dev, norm, &mut y,
-                            &mut post, &mut comb,
-                        )?;
-                    } else if merge {
-                        be.hc_post_pre_norm(
-                            &sub, n, s, &mut state, &hcw.dev, norm, &mut y, &mut post, &mut comb,
-                        )?;
-                    } else {
-                        be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
-                    }
+                    let (name, [y, state, post, comb]) =
+                        run_hc_step(be, s, &hcw, norm, n, merge, moe, &inputs)?;
+                    step = name;
                     let mut run: HcRun = vec![
                         ("y", read(be, &y)?),
                         ("state", read(be, &state)?),
@@ -596,11 +620,6 @@ fn hc_v2_checks(
                     }
                     runs.push(run);
                 }
-                let step = match (merge, moe) {
-                    (_, true) => "moe_sum+hc_post+pre_norm",
-                    (true, false) => "hc_post+pre_norm",
-                    (false, false) => "hc_pre_norm",
-                };
                 let variant = match (split == HcSplit::Side, t256) {
                     (true, true) => " side t256",
                     (true, false) => " side",
@@ -782,11 +801,7 @@ fn qkv_checks(
             }
         }
         let tag = format!("fused qkv_norm_rope {kind:?} n={n} pos {pos} round {round}");
-        let forms = kv_gpu
-            .iter()
-            .zip(&kv_other)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+        let forms = bit_mismatches(&kv_gpu, &kv_other);
         for r in [
             CheckResult {
                 name: format!("{tag} kv: registers = shared copy (bit-exact)"),
@@ -1125,17 +1140,10 @@ fn router_route_checks(
                 "top-k"
             }
         );
-        let bits = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count()
-                + usize::from(a.len() != b.len())
-        };
         let id_mismatches = fi.iter().zip(&want_ids).filter(|(a, b)| a != b).count()
             + usize::from(fi.len() != want_ids.len());
-        let two_launch = bits(&fl, &tl)
-            + bits(&fw, &tw)
+        let two_launch = bit_mismatches(&fl, &tl)
+            + bit_mismatches(&fw, &tw)
             + fi.iter().zip(&ti).filter(|(a, b)| a != b).count()
             + usize::from(fi.len() != ti.len());
         for r in [
@@ -1184,6 +1192,18 @@ pub const TOL_ROUTER_FUSED_BIT_MISMATCHES: usize = 0;
 /// Indexer top-k picks: mismatching picks allowed. The GPU scores are bit-identical to
 /// the CPU's (same order of sums, no FMA), so ties break the same way.
 pub const TOL_INDEXER_PICK_MISMATCHES: usize = 0;
+
+/// The check of `mismatches` indexer picks against the CPU's (`TOL_INDEXER_PICK_MISMATCHES`).
+pub(crate) fn pick_check(name: String, mismatches: usize) -> CheckResult {
+    CheckResult {
+        name,
+        max_abs: 0.0,
+        max_rel: mismatches as f32,
+        tol: TOL_INDEXER_PICK_MISMATCHES as f32,
+        tol_name: "TOL_INDEXER_PICK_MISMATCHES",
+        pass: mismatches == TOL_INDEXER_PICK_MISMATCHES,
+    }
+}
 
 /// Lightning indexer at Flash dims (64 heads, top 512) through `Backend::indexer_topk`:
 /// decode and a 3-token chunk, random rows (~2,000 visible), and rows with many exact
@@ -1283,17 +1303,13 @@ fn indexer_checks(
                 .filter(|(a, b)| a != b)
                 .count();
         }
-        let r = CheckResult {
-            name: format!(
+        let r = pick_check(
+            format!(
                 "indexer top-{top_k} n={n} pos {pos0}{} picks (exact)",
                 if ties { " ties" } else { "" }
             ),
-            max_abs: 0.0,
-            max_rel: mismatches as f32,
-            tol: TOL_INDEXER_PICK_MISMATCHES as f32,
-            tol_name: "TOL_INDEXER_PICK_MISMATCHES",
-            pass: mismatches == TOL_INDEXER_PICK_MISMATCHES,
-        };
+            mismatches,
+        );
         report(&r);
         out.push(r);
     }

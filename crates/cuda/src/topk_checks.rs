@@ -8,7 +8,7 @@ use ds4_model::numerics;
 
 use crate::Result;
 use crate::backend::{CudaBackend, IdxTopkArgs};
-use crate::fused_checks::TOL_INDEXER_PICK_MISMATCHES;
+use crate::fused_checks::pick_check;
 use crate::kernels::DevBuf;
 use crate::selftest::{CheckResult, Rng};
 
@@ -130,18 +130,14 @@ pub(crate) fn topk_checks(
                 .zip(&want)
                 .filter(|(g, w)| g != *w)
                 .count();
-            let r = CheckResult {
-                name: format!(
+            let r = pick_check(
+                format!(
                     "{} top-{top_k} rows {visible} {} picks (exact)",
                     if v2 { "idx_topk_v2" } else { "idx_topk" },
                     fill.name()
                 ),
-                max_abs: 0.0,
-                max_rel: mismatches as f32,
-                tol: TOL_INDEXER_PICK_MISMATCHES as f32,
-                tol_name: "TOL_INDEXER_PICK_MISMATCHES",
-                pass: mismatches == TOL_INDEXER_PICK_MISMATCHES,
-            };
+                mismatches,
+            );
             report(&r);
             out.push(r);
         }
