@@ -349,15 +349,10 @@ impl AttentionKernels {
     ) -> Result<Self> {
         let arch = compile::arch_for(sm);
         let m = compile::load_module(stream.context(), &compile::ATTENTION, &arch, nvrtc_version)?;
-        let bind = |name: String, mt: usize, hd: usize| -> Result<CudaFunction> {
-            let f = m.load_function(&name)?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_bytes(mt, hd) as i32,
-            )?;
-            Ok(f)
+        let bind = |name: &str, mt: usize, hd: usize| {
+            compile::load_with_smem(&m, name, smem_bytes(mt, hd))
         };
-        let tc = |mt: usize, hd: usize| bind(format!("att_tc_{mt}_{hd}"), mt, hd);
+        let tc = |mt: usize, hd: usize| bind(&format!("att_tc_{mt}_{hd}"), mt, hd);
         let mode = std::env::var("DS4_CUDA_ATTN");
         let enabled = !matches!(mode.as_deref(), Ok("simt"));
         if !enabled {
@@ -374,37 +369,18 @@ impl AttentionKernels {
         };
         // Thread-block clusters and distributed shared memory need sm_90.
         let cluster = if sm.0 >= 9 {
-            Some([
-                bind("att_dc_512".to_string(), 1, 512)?,
-                bind("att_dc_256".to_string(), 1, 256)?,
-            ])
+            Some([bind("att_dc_512", 1, 512)?, bind("att_dc_256", 1, 256)?])
         } else {
             None
         };
         let pdl = pdl_enabled(sm.0) && env_switch("DS4_ATTN_PDL");
-        let sd = |kt: usize, hd: usize| -> Result<CudaFunction> {
-            let f = m.load_function(&format!("att_sd_{kt}_{hd}"))?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_bytes_kt(1, hd, kt) as i32,
-            )?;
-            Ok(f)
+        let sd = |kt: usize, hd: usize| {
+            compile::load_with_smem(&m, &format!("att_sd_{kt}_{hd}"), smem_bytes_kt(1, hd, kt))
         };
-        let sq = |kt: usize| -> Result<CudaFunction> {
-            let f = m.load_function(&format!("att_sq_{kt}_512"))?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_bytes_sq(kt) as i32,
-            )?;
-            Ok(f)
-        };
-        let sq8 = |kt: usize| -> Result<CudaFunction> {
-            let f = m.load_function(&format!("att_sq8_{kt}_512"))?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem_bytes_sq8(kt) as i32,
-            )?;
-            Ok(f)
+        let sq =
+            |kt: usize| compile::load_with_smem(&m, &format!("att_sq_{kt}_512"), smem_bytes_sq(kt));
+        let sq8 = |kt: usize| {
+            compile::load_with_smem(&m, &format!("att_sq8_{kt}_512"), smem_bytes_sq8(kt))
         };
         Ok(Self {
             tc: [[tc(4, 512)?, tc(4, 256)?], [tc(1, 512)?, tc(1, 256)?]],

@@ -384,14 +384,7 @@ impl Ops {
         let arch = compile::arch_for(rt.device.sm);
         let m = compile::load_module(&rt.ctx, &compile::OPS, &arch, rt.nvrtc_version)?;
         let f = |name: &str| m.load_function(name);
-        let big = |name: &str| -> crate::Result<CudaFunction> {
-            let func = m.load_function(name)?;
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                BIG_SMEM as i32,
-            )?;
-            Ok(func)
-        };
+        let big = |name: &str| compile::load_with_smem(&m, name, BIG_SMEM);
         Ok(Self {
             fill_f32: f("fill_f32")?,
             to_f32: f("to_f32")?,

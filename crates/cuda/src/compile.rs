@@ -8,7 +8,7 @@ use std::ffi::{CString, c_char};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 
 use crate::{Error, Result};
@@ -189,6 +189,17 @@ pub fn compile_cubin(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
         nvrtc::destroy_program(prog)?;
         result
     }
+}
+
+/// Kernel `name` of `m`, allowed `bytes` of dynamic shared memory (beyond the default
+/// 48 KB a launch may not ask for more than the function was given).
+pub fn load_with_smem(m: &Arc<CudaModule>, name: &str, bytes: usize) -> Result<CudaFunction> {
+    let f = m.load_function(name)?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )?;
+    Ok(f)
 }
 
 /// Loads `src` as a module: from the cubin cache when present, else compiled

@@ -191,14 +191,7 @@ impl GemmKernels {
     ) -> Result<Self> {
         let arch = compile::arch_for(sm);
         let m = compile::load_module(stream.context(), &compile::GEMM, &arch, nvrtc_version)?;
-        let with_smem = |name: &str, bytes: usize| -> Result<CudaFunction> {
-            let f = m.load_function(name)?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )?;
-            Ok(f)
-        };
+        let with_smem = |name: &str, bytes: usize| compile::load_with_smem(&m, name, bytes);
         Ok(Self {
             stream: stream.clone(),
             gemm_q8_0: with_smem("gemm_q8_0", SMEM_QUANT)?,

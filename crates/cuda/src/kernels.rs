@@ -618,14 +618,7 @@ impl Kernels {
         let src: &KernelSource = &compile::MATVEC;
         let m = compile::load_module(&rt.ctx, src, &arch, rt.nvrtc_version)?;
         let f = |name: &str| m.load_function(name);
-        let mv = |name: &str| -> Result<CudaFunction> {
-            let func = m.load_function(name)?;
-            func.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                SMEM_LIMIT as i32,
-            )?;
-            Ok(func)
-        };
+        let mv = |name: &str| compile::load_with_smem(&m, name, SMEM_LIMIT);
         Ok(Self {
             stream: rt.stream.clone(),
             sm_count: rt.device.multiprocessors.max(1) as usize,

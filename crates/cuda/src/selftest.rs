@@ -1526,9 +1526,9 @@ pub fn run_attention_checks(
         // The SIMT kernel, launched as the backend did before the tensor-core path.
         let dold = DevBuf::from_bytes(stream, &vec![0xffu8; n * w * 4])?;
         {
-            let f = ops.load_function(&format!("attention_{}", hd / 128))?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            let f = crate::compile::load_with_smem(
+                &ops,
+                &format!("attention_{}", hd / 128),
                 200 * 1024,
             )?;
             let decode = n <= 8;
