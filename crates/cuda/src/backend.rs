@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaEvent, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use ds4_gguf::GgmlType;
 use ds4_model::backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
 use ds4_model::kv::HostKv;
@@ -28,6 +30,8 @@ use crate::runtime::CudaRuntime;
 
 /// Small float tensors (norms, sinks, biases, HC scale/base, ape) also get an f32 copy.
 const DENSE_MAX_ELEMS: u64 = 1 << 17;
+/// Largest read (f32 elements) staged through page-locked memory: a few rows of logits.
+const PINNED_READ_MAX: usize = 1 << 20;
 /// Threads of the per-row kernels (must be 128: the Hadamard butterflies use one per dim).
 const ROW_THREADS: u32 = 128;
 /// Dynamic shared memory the attention / indexer kernels may use.
@@ -168,6 +172,44 @@ struct DevLayer {
 struct StepGraph {
     key: (u64, u64),
     graph: CudaGraph,
+}
+
+/// Device time of replayed decode steps: events recorded around each graph launch.
+#[derive(Default)]
+struct StepTiming {
+    pending: Option<(CudaEvent, CudaEvent)>,
+    steps: u64,
+    total_ms: f64,
+}
+
+impl StepTiming {
+    /// Adds the pending step's time (waits for its end event).
+    fn collect(&mut self) {
+        if let Some((start, end)) = self.pending.take()
+            && let Ok(ms) = start.elapsed_ms(&end)
+        {
+            self.steps += 1;
+            self.total_ms += f64::from(ms);
+        }
+    }
+
+    /// Times `launch` on `stream`; a step whose events cannot be made is not timed.
+    fn around(&mut self, stream: &CudaStream, launch: impl FnOnce() -> MResult<()>) -> MResult<()> {
+        self.collect();
+        let ctx = stream.context();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ctx
+            .new_event(flags)
+            .ok()
+            .filter(|e| e.record(stream).is_ok());
+        launch()?;
+        if let Some(start) = start
+            && let Ok(end) = stream.record_event(flags)
+        {
+            self.pending = Some((start, end));
+        }
+        Ok(())
+    }
 }
 
 /// The KV state on the device, same layout as `HostKv` (f32 rows, frontiers).
@@ -636,6 +678,11 @@ impl Drop for ProfGuard<'_> {
 pub struct GraphStats {
     pub recorded: u64,
     pub replayed: u64,
+    /// Replayed steps timed on the device (events around the graph) and their total
+    /// milliseconds: the step's GPU time without the host's part (token upload, logits
+    /// download, sampling, graph launch).
+    pub timed: u64,
+    pub timed_ms: f64,
 }
 
 pub struct CudaBackend {
@@ -676,6 +723,13 @@ pub struct CudaBackend {
     profile: Option<Mutex<OpProfile>>,
     recorded: AtomicU64,
     replayed: AtomicU64,
+    /// Events around the last replayed step (read at the next replay or by
+    /// `graph_stats`) and the totals of the steps read so far.
+    step_timing: Mutex<StepTiming>,
+    /// Page-locked staging for small device-to-host reads (the decode logits): a
+    /// pageable destination makes the driver stage the copy itself, in pieces
+    /// (`DS4_PINNED_READ=0`: read into the destination directly).
+    pinned_read: Option<Mutex<Option<PinnedHostSlice<u8>>>>,
     /// Fused decode steps, on unless `DS4_HC_FUSE=0` / `DS4_NORM_QUANT=0` (A/B runs).
     fuse_hc_post: bool,
     fuse_norm_quant: bool,
@@ -803,6 +857,8 @@ impl CudaBackend {
             profile: profiling.then(|| Mutex::new(HashMap::new())),
             recorded: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            step_timing: Mutex::new(StepTiming::default()),
+            pinned_read: crate::launch::env_switch("DS4_PINNED_READ").then(|| Mutex::new(None)),
             rt,
         })
     }
@@ -926,9 +982,18 @@ impl CudaBackend {
     }
 
     pub fn graph_stats(&self) -> GraphStats {
+        let (timed, timed_ms) = match self.step_timing.lock() {
+            Ok(mut t) => {
+                t.collect();
+                (t.steps, t.total_ms)
+            }
+            Err(_) => (0, 0.0),
+        };
         GraphStats {
             recorded: self.recorded.load(Ordering::Relaxed),
             replayed: self.replayed.load(Ordering::Relaxed),
+            timed,
+            timed_ms,
         }
     }
 
@@ -3622,6 +3687,27 @@ impl<'w> Backend<'w> for CudaBackend {
         check(out.len() >= len && n <= x.rows, || {
             "read_rows: output too small".into()
         })?;
+        if let Some(pinned) = &self.pinned_read
+            && len <= PINNED_READ_MAX
+        {
+            let mut staging = pinned
+                .lock()
+                .map_err(|_| MError::Backend("pinned staging poisoned".into()))?;
+            let bytes = 4 * len;
+            if staging.as_ref().is_none_or(|p| p.len() < bytes) {
+                // Cacheable (not write-combined): the host reads it back. SAFETY: every
+                // byte read below was first written by the device copy.
+                *staging = Some(
+                    unsafe { self.rt.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(be)?,
+                );
+            }
+            if let Some(p) = staging.as_mut() {
+                let host = &mut p.as_mut_slice().map_err(be)?[..bytes];
+                x.buf.read_at(self.stream(), 0, host).map_err(be)?;
+                out[..len].copy_from_slice(bytemuck::cast_slice(&host[..]));
+                return Ok(());
+            }
+        }
         x.buf
             .read_at(self.stream(), 0, bytemuck::cast_slice_mut(&mut out[..len]))
             .map_err(be)
@@ -3670,7 +3756,11 @@ impl<'w> Backend<'w> for CudaBackend {
         if let Some(g) = &kv.graph
             && g.key == key
         {
-            g.graph.launch().map_err(be)?;
+            let mut timing = self
+                .step_timing
+                .lock()
+                .map_err(|_| MError::Backend("step timing poisoned".into()))?;
+            timing.around(self.stream(), || g.graph.launch().map_err(be))?;
             self.replayed.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
