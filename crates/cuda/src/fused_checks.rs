@@ -1470,7 +1470,6 @@ pub fn run_fused_checks(
     out.extend(hc_v2_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(rope_quant_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
-    out.extend(qb_pair_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(router_route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(indexer_checks(&be, &s, &mut rng, &mut report)?);
@@ -1480,6 +1479,8 @@ pub fn run_fused_checks(
         &mut rng,
         &mut report,
     )?);
+    // Last: the earlier checks keep the random data they had before it.
+    out.extend(qb_pair_checks(&be, &keep, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }
