@@ -576,7 +576,8 @@ __device__ __forceinline__ void mv_store_rows(const MvSegs& sg, const float (&ac
 
 // The start of a register-streaming matvec (mv_*_regs): PDL trigger, then (ids given:
 // after the wait, as ids come from the previous kernel) the slot's expert offset, and
-// the warp's first row r0 of R.
+// the warp's first row r0 of R in block `bx` (blockIdx.x, or the block's index among
+// those of its role in a paired grid).
 struct MvRegsWarp {
     int lane, slot, total, r0;
     long long e_off;
@@ -584,7 +585,7 @@ struct MvRegsWarp {
 
 template <int R>
 __device__ __forceinline__ MvRegsWarp mv_regs_warp(const MvSegs& sg, long long w_expert_stride,
-                                                   const int* __restrict__ ids) {
+                                                   const int* __restrict__ ids, int bx) {
     PDL_TRIGGER();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int slot = blockIdx.y;
@@ -592,7 +593,7 @@ __device__ __forceinline__ MvRegsWarp mv_regs_warp(const MvSegs& sg, long long w
     const int e = ids ? ids[slot] : slot;
     const long long e_off = (long long)e * w_expert_stride;
     const int total = sg.start[sg.n];
-    const int r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    const int r0 = (bx * MV_WARPS + warp) * R;
     return MvRegsWarp{lane, slot, total, r0, e_off};
 }
 
@@ -610,11 +611,11 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
                                              const int* __restrict__ ids,
                                              const i8* __restrict__ xq,
                                              const float* __restrict__ xd, int ntok,
-                                             int x_group) {
+                                             int x_group, int bx) {
     constexpr int R = NL / PPL;
     constexpr int K = 512 * PPL;
     constexpr int ROW_BYTES = K / 32 * 34;
-    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids);
+    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids, bx);
     uint4 w[R][PPL];
     u16 wd[R][PPL];
 #pragma unroll
@@ -663,7 +664,7 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32) mv_q8_0_p##PPL##_l##NL(         \
         MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
         const i8* __restrict__ xq, const float* __restrict__ xd, int ntok, int x_group) {       \
-        mv_q8_0_regs<PPL, NL>(sg, w_expert_stride, ids, xq, xd, ntok, x_group);                 \
+        mv_q8_0_regs<PPL, NL>(sg, w_expert_stride, ids, xq, xd, ntok, x_group, blockIdx.x);     \
     }
 MV_Q8_REGS(1, 4)
 MV_Q8_REGS(1, 8)
@@ -763,7 +764,7 @@ __device__ __forceinline__ void mv_iq2_xxs_regs(const MvSegs& sg, long long w_ex
     constexpr int K = 2048 * PPL;
     constexpr int ROW_BYTES = K / 256 * 66;
     __shared__ u64 grid_s[256];
-    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids);
+    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids, blockIdx.x);
     uint4 w[R][PPL];
     u16 wd[R][PPL];
 #pragma unroll
@@ -822,7 +823,7 @@ __device__ __forceinline__ void mv_q2_k_regs(const MvSegs& sg, long long w_exper
                                              int x_group) {
     constexpr int K = 2048 * PPL;
     constexpr int ROW_BYTES = K / 256 * 84;
-    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids);
+    const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids, blockIdx.x);
     uint4 w[R][PPL];
     uint2 wsc[R][PPL];
     u32 wdm[R][PPL];
@@ -1371,7 +1372,7 @@ extern "C" __global__ void __launch_bounds__(128)
 
 template <int PPL, int R, int S>
 __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __restrict__ x,
-                                            int ntok) {
+                                            int ntok, int bx) {
     constexpr int K = 256 * PPL * S;
     constexpr int GROUPS = MV_WARPS / S;
     static_assert(MV_WARPS % S == 0, "a row's warps share a block");
@@ -1380,7 +1381,7 @@ __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __res
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int group = warp / S, part = warp % S;
     const int total = sg.start[sg.n];
-    const int r0 = (blockIdx.x * GROUPS + group) * R;
+    const int r0 = (bx * GROUPS + group) * R;
     const int p0 = part * 32 * PPL + lane;  // this lane's first piece of a row
     uint4 w[R][PPL];
 #pragma unroll
@@ -1437,7 +1438,7 @@ __device__ __forceinline__ void mv_f16_regs(const MvSegs& sg, const float* __res
 #define MV_F16_REGS(PPL, R, S)                                                                  \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4)                              \
         mv_f16_p##PPL##_r##R##_s##S(MvSegs sg, const float* __restrict__ x, int ntok) {         \
-        mv_f16_regs<PPL, R, S>(sg, x, ntok);                                                    \
+        mv_f16_regs<PPL, R, S>(sg, x, ntok, blockIdx.x);                                        \
     }
 // K = 4096 (router, compressors); kernels.rs F16_REGS_VARIANTS lists them in its order
 MV_F16_REGS(4, 4, 4)
@@ -1453,6 +1454,27 @@ MV_F16_REGS(2, 4, 2)
 MV_F16_REGS(4, 2, 1)
 MV_F16_REGS(1, 4, 4)
 MV_F16_REGS(4, 1, 1)
+
+// ---------------------------------------------------------------------------
+// A CSA layer's two query products of one normed row qr in one grid (decode):
+// blocks below n_q8 run the Q8_0 q_b body (mv_q8_0_p{QPPL}_l{QNL} on qr's Q8_0
+// copy), the rest the F16 indexer q_b body (mv_f16_p{FPPL}_r{FR}_s{FS} on the f32
+// row), each on its own block index: the same code, so the same bits, as the two
+// launches, one kernel boundary fewer. Both bodies load their weights before their
+// PDL_WAIT. At most 128 registers, as the F16 kernels (both bodies fit: ptxas -v).
+// ---------------------------------------------------------------------------
+#define MV_QB_PAIR(QPPL, QNL, FPPL, FR, FS)                                                     \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4)                              \
+        mv_qb_pair_q##QPPL##_l##QNL##_f##FPPL##_r##FR##_s##FS(                                  \
+            MvSegs q8, const i8* __restrict__ xq, const float* __restrict__ xd, MvSegs f16,     \
+            const float* __restrict__ x, int ntok, int n_q8) {                                  \
+        if ((int)blockIdx.x < n_q8)                                                             \
+            mv_q8_0_regs<QPPL, QNL>(q8, 0, nullptr, xq, xd, ntok, 1, blockIdx.x);               \
+        else                                                                                    \
+            mv_f16_regs<FPPL, FR, FS>(f16, x, ntok, blockIdx.x - n_q8);                         \
+    }
+// Flash: q_b Q8_0 [32768 x 1024], indexer q_b F16 [8192 x 1024] (kernels.rs QB_PAIR_VARIANTS)
+MV_QB_PAIR(2, 16, 2, 8, 2)
 
 // ---------------------------------------------------------------------------
 // Synthetic weights for `ds4 bench --synthetic`: generated on the device. No PDL

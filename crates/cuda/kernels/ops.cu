@@ -1693,18 +1693,24 @@ extern "C" __global__ void __launch_bounds__(128)
 // The indexer queries' RoPE (rope, forward) and official rounding (round_rows mode 1)
 // in one pass: block (head, row) of 128 threads on a shared copy of the 128-dim head;
 // thread k < n_rot/2 rotates pair k of the last n_rot dims, then block_indexer_qat.
-// Same arithmetic as rope + round_rows. Dynamic smem 128 floats.
-extern "C" __global__ void __launch_bounds__(128)
-    rope_qat(float* x, int ld, int n_rot, const float* freqs, const int* pos_p) { PDL_START();
+// Same arithmetic as rope + round_rows. Dynamic smem 128 floats. The body takes the
+// head `bx` (blockIdx.x, or the block's index among the rope_qat blocks of a paired grid).
+__device__ __forceinline__ void rope_qat_blk(float* x, int ld, int n_rot, const float* freqs,
+                                             const int* pos_p, int bx) {
     extern __shared__ float srow[];
     const int i = blockIdx.y, t = threadIdx.x;
-    float* row = x + (long long)i * ld + (long long)blockIdx.x * 128;
+    float* row = x + (long long)i * ld + (long long)bx * 128;
     srow[t] = row[t];
     __syncthreads();
     if (t < n_rot / 2) rope_pair(srow + (128 - n_rot) + 2 * t, freqs[t], *pos_p + i, 0);
     __syncthreads();
     block_indexer_qat(srow, 128);
     row[t] = srow[t];
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    rope_qat(float* x, int ld, int n_rot, const float* freqs, const int* pos_p) { PDL_START();
+    rope_qat_blk(x, ld, n_rot, freqs, pos_p, blockIdx.x);
 }
 
 // The attention inputs' per-head norms in one launch (decode): blocks x < q_heads do
@@ -1714,15 +1720,18 @@ extern "C" __global__ void __launch_bounds__(128)
 // row. Grid (q_heads + 1, n); blockDim = head_dim / 4 rounded up to whole warps; dynamic
 // smem head_dim floats. Same arithmetic as norm_rope + norm_rope + round_rows.
 // round_kv: 0 none, 1 the rounding on the shared copy, 2 the same in registers.
-extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_kv,
-                                         const float* kv_w, int head_dim, float eps, int n_rot,
-                                         const float* freqs, const int* pos_p, int round_kv,
-                                         int n_nope) { PDL_START();
+// The body takes the block `bx` of the q_heads + 1 = `n_blk` (blockIdx.x and gridDim.x,
+// or the block's index and count among the qkv blocks of a paired grid).
+__device__ __forceinline__ void qkv_norm_rope_blk(float* q, int ld_q, float* kv, int ld_kv,
+                                                  const float* kv_w, int head_dim, float eps,
+                                                  int n_rot, const float* freqs,
+                                                  const int* pos_p, int round_kv, int n_nope,
+                                                  int bx, int n_blk) {
     extern __shared__ float srow[];
     const int i = blockIdx.y;
-    const bool is_kv = blockIdx.x == gridDim.x - 1;
+    const bool is_kv = bx == n_blk - 1;
     float* p = is_kv ? kv + (long long)i * ld_kv
-                     : q + (long long)i * ld_q + (long long)blockIdx.x * head_dim;
+                     : q + (long long)i * ld_q + (long long)bx * head_dim;
     const float* w = is_kv ? kv_w : 0;
     const int j0 = 4 * threadIdx.x;
     const bool own = j0 < head_dim;
@@ -1764,6 +1773,31 @@ extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_k
     block_fp8_row(srow, n_nope);
     block_f16_round(srow, head_dim);
     for (int j = threadIdx.x; j < head_dim; j += blockDim.x) p[j] = srow[j];
+}
+
+extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_kv,
+                                         const float* kv_w, int head_dim, float eps, int n_rot,
+                                         const float* freqs, const int* pos_p, int round_kv,
+                                         int n_nope) { PDL_START();
+    qkv_norm_rope_blk(q, ld_q, kv, ld_kv, kv_w, head_dim, eps, n_rot, freqs, pos_p, round_kv,
+                      n_nope, blockIdx.x, gridDim.x);
+}
+
+// A CSA layer's per-head query steps in one grid (decode): blocks below n_qkv run
+// qkv_norm_rope (query heads, then the KV row), the rest rope_qat of the indexer
+// query heads (ix, ld_ix; frequencies ix_freqs). The same bodies, so the same bits,
+// as the two launches. Both need 128 threads (head_dim in (384, 512]; the host checks);
+// dynamic smem max(head_dim, 128) floats.
+extern "C" __global__ void __launch_bounds__(128)
+    qkv_rope_qat_pair(float* q, int ld_q, float* kv, int ld_kv, const float* kv_w, int head_dim,
+                      float eps, int n_rot, const float* freqs, const int* pos_p, int round_kv,
+                      int n_nope, int n_qkv, float* ix, int ld_ix, const float* ix_freqs) {
+    PDL_START();
+    if ((int)blockIdx.x < n_qkv)
+        qkv_norm_rope_blk(q, ld_q, kv, ld_kv, kv_w, head_dim, eps, n_rot, freqs, pos_p,
+                          round_kv, n_nope, blockIdx.x, n_qkv);
+    else
+        rope_qat_blk(ix, ld_ix, n_rot, ix_freqs, pos_p, blockIdx.x - n_qkv);
 }
 
 // ---------------------------------------------------------------------------

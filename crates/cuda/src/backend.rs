@@ -16,7 +16,9 @@ use cudarc::driver::{
     CudaEvent, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use ds4_gguf::GgmlType;
-use ds4_model::backend::{Backend, CompKind, KvStore, RopeKind, RowRounding};
+use ds4_model::backend::{
+    Backend, CompKind, KvStore, QueryHeads, RopeKind, RowRounding, attn_queries_separate,
+};
 use ds4_model::kv::HostKv;
 use ds4_model::shape::{LayerKind, ModelShape};
 use ds4_model::weights::{CompressorWeights, FfnWeights, HcWeights, TensorView};
@@ -24,7 +26,9 @@ use ds4_model::{Error as MError, Result as MResult};
 
 use crate::compile;
 use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
-use crate::kernels::{ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvSeg};
+use crate::kernels::{
+    ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvSeg, QbPair,
+};
 use crate::launch::KernelArgs;
 use crate::runtime::CudaRuntime;
 
@@ -348,6 +352,7 @@ struct Ops {
     hc_mix_part: CudaFunction,
     norm_rope: CudaFunction,
     qkv_norm_rope: CudaFunction,
+    qkv_rope_qat_pair: CudaFunction,
     hc_post_mix: CudaFunction,
     hc_pre_finish_norm: CudaFunction,
     hc_pre_finish_split: CudaFunction,
@@ -439,6 +444,7 @@ impl Ops {
             hc_mix_part: f("hc_mix_part")?,
             norm_rope: f("norm_rope")?,
             qkv_norm_rope: f("qkv_norm_rope")?,
+            qkv_rope_qat_pair: f("qkv_rope_qat_pair")?,
             hc_post_mix: f("hc_post_mix")?,
             hc_pre_finish_norm: f("hc_pre_finish_norm")?,
             hc_pre_finish_split: f("hc_pre_finish_split")?,
@@ -706,6 +712,10 @@ pub struct CudaBackend {
     /// The indexer queries' RoPE and official rounding in one kernel (`rope_qat`;
     /// `DS4_IDX_ROPE_QAT=0`: rope, then round_rows).
     idx_rope_qat: bool,
+    /// Decode, CSA layers: q_b and the indexer's q_b as one launch (`mv_qb_pair_*`),
+    /// then qkv_norm_rope and rope_qat as one (`qkv_rope_qat_pair`), on the main
+    /// chain (`DS4_QB_PAIR=0`: four launches, the indexer's two on the side branch).
+    qb_pair: std::sync::atomic::AtomicBool,
     /// Routed-GEMM grouping buffers and the (slots, experts) they were sized for.
     gemm_scratch: Mutex<Option<(GemmScratch, usize, usize)>>,
     ops: Ops,
@@ -811,6 +821,7 @@ impl CudaBackend {
             comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
             attn_merge_rope: crate::launch::env_switch("DS4_ATTN_MERGE_ROPE"),
             idx_rope_qat: crate::launch::env_switch("DS4_IDX_ROPE_QAT"),
+            qb_pair: std::sync::atomic::AtomicBool::new(crate::launch::env_switch("DS4_QB_PAIR")),
             gemm_scratch: Mutex::new(None),
             ops,
             shape: shape.clone(),
@@ -1063,6 +1074,148 @@ impl CudaBackend {
         unsafe { crate::launch::launch(self.stream(), f, cfg, &mut b, self.kernels.pdl()) }
             .map_err(be)?;
         Ok(())
+    }
+
+    /// qkv_norm_rope's `round_kv` argument: 0 none, 1 on a shared copy, 2 in registers.
+    fn qkv_round_mode(&self, round_kv: bool) -> i32 {
+        match (round_kv, self.qkv_round_regs.load(Ordering::Relaxed)) {
+            (false, _) => 0,
+            // Registers: a thread's 4 dims never straddle the FP8 part's end.
+            (true, true) if self.shape.n_nope().is_multiple_of(4) => 2,
+            (true, _) => 1,
+        }
+    }
+
+    /// `Backend::attn_queries` of one token in two launches (`DS4_QB_PAIR`): q_b and
+    /// the indexer's q_b as one grid, then qkv_norm_rope and rope_qat as one, the
+    /// same kernel bodies as the four launches. Ok(false), nothing launched, when the
+    /// shapes or types do not take the pairs (the caller runs the four steps).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attn_queries_paired(
+        &self,
+        q_b: &CudaWeight,
+        ix_q_b: &CudaWeight,
+        qr: &CudaAct,
+        kv_norm: &CudaWeight,
+        h: QueryHeads,
+        q: &mut CudaAct,
+        iq: &mut CudaAct,
+        kv: &mut CudaAct,
+    ) -> MResult<bool> {
+        let (k, hd, n_rot) = (qr.cols, h.head_dim, self.shape.n_rot);
+        // The four launches' own conditions: the Q8_0 / F16 matvecs of one row, the
+        // fused qkv_norm_rope (128-thread blocks here) and rope_qat (official only).
+        let fits = q_b.ty == GgmlType::Q8_0
+            && ix_q_b.ty == GgmlType::F16
+            && q_b.k == k
+            && ix_q_b.k == k
+            && q.cols >= q_b.rows
+            && iq.cols >= ix_q_b.rows
+            && q.rows.min(iq.rows).min(kv.rows).min(qr.rows) >= 1
+            && self.fuse_norm_quant
+            && (hd / 4).next_multiple_of(32) == 128
+            && hd.is_multiple_of(4)
+            && n_rot.is_multiple_of(4)
+            && n_rot <= hd
+            && q.cols.is_multiple_of(hd)
+            && kv.cols == hd
+            && kv_norm.k * kv_norm.rows == hd
+            && self.idx_rope_qat
+            && h.official
+            && h.indexer_dim == 128
+            && iq.cols.is_multiple_of(128)
+            && n_rot <= 128;
+        if !fits {
+            return Ok(false);
+        }
+        let _prof = self.prof("qb pair", 1);
+        {
+            // q_b's input is qr's Q8_0 copy, pending from the norm (else made here).
+            let kind = ActKind::Q8_0;
+            let key = (qr.buf.ptr, kind_tag(kind), k, 1);
+            let mut sc = self.scratch()?;
+            let reuse = sc.reuse.claim(key);
+            let act = sc.act(self.stream(), kind, k, 1)?;
+            if !reuse {
+                self.kernels
+                    .quantize_rows(self.stream(), qr.buf.ptr, act, 1)
+                    .map_err(be)?;
+            }
+            let pair = QbPair {
+                k,
+                ntok: 1,
+                act,
+                x: qr.buf.ptr,
+                q8: MvSeg {
+                    w: q_b.data.ptr,
+                    rows: q_b.rows,
+                    y: q.buf.ptr,
+                    ldy: q.cols,
+                },
+                f16: MvSeg {
+                    w: ix_q_b.data.ptr,
+                    rows: ix_q_b.rows,
+                    y: iq.buf.ptr,
+                    ldy: iq.cols,
+                },
+            };
+            if !self
+                .kernels
+                .matvec_qb_pair(self.stream(), &pair)
+                .map_err(be)?
+            {
+                // No compiled pair for these picks: the copy stays for q_b's own launch.
+                sc.reuse.set(key);
+                return Ok(false);
+            }
+        }
+        self.wrote(q)?;
+        self.wrote(kv)?;
+        self.wrote(iq)?;
+        let n_qkv = q.cols / hd + 1;
+        let cfg = LaunchConfig {
+            grid_dim: ((n_qkv + iq.cols / 128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (hd.max(128) * 4) as u32,
+        };
+        let (qp, ldq, kp, ldk, wp, hd32, nr, fr, pp, rk, nn) = (
+            q.buf.ptr,
+            q.cols as i32,
+            kv.buf.ptr,
+            kv.cols as i32,
+            kv_norm.dense_ptr()?,
+            hd as i32,
+            n_rot as i32,
+            self.freqs(h.rope),
+            self.chunk_ptrs()?.1,
+            self.qkv_round_mode(h.official),
+            self.shape.n_nope() as i32,
+        );
+        let (nq, ixp, ldix, ixfr) = (
+            n_qkv as i32,
+            iq.buf.ptr,
+            iq.cols as i32,
+            self.freqs(RopeKind::Compress),
+        );
+        self.launch(&self.ops.qkv_rope_qat_pair, cfg, |b| {
+            b.arg(&qp)
+                .arg(&ldq)
+                .arg(&kp)
+                .arg(&ldk)
+                .arg(&wp)
+                .arg(&hd32)
+                .arg(&h.eps)
+                .arg(&nr)
+                .arg(&fr)
+                .arg(&pp)
+                .arg(&rk)
+                .arg(&nn)
+                .arg(&nq)
+                .arg(&ixp)
+                .arg(&ldix)
+                .arg(&ixfr);
+        })?;
+        Ok(true)
     }
 
     fn freqs(&self, kind: RopeKind) -> u64 {
@@ -2934,12 +3087,7 @@ impl<'w> Backend<'w> for CudaBackend {
             n_rot as i32,
             self.freqs(kind),
             self.chunk_ptrs()?.1,
-            match (round_kv, self.qkv_round_regs.load(Ordering::Relaxed)) {
-                (false, _) => 0i32,
-                // Registers: a thread's 4 dims never straddle the FP8 part's end.
-                (true, true) if self.shape.n_nope().is_multiple_of(4) => 2,
-                (true, _) => 1,
-            },
+            self.qkv_round_mode(round_kv),
             self.shape.n_nope() as i32,
         );
         self.launch(&self.ops.qkv_norm_rope, cfg, |b| {
@@ -2956,6 +3104,28 @@ impl<'w> Backend<'w> for CudaBackend {
                 .arg(&rk)
                 .arg(&nn);
         })
+    }
+
+    fn attn_queries(
+        &self,
+        q_b: &CudaWeight,
+        indexer_q_b: Option<&CudaWeight>,
+        qr: &CudaAct,
+        kv_norm: &CudaWeight,
+        n: usize,
+        h: QueryHeads,
+        q: &mut CudaAct,
+        iq: &mut CudaAct,
+        kv: &mut CudaAct,
+    ) -> MResult<()> {
+        if let Some(ix_q_b) = indexer_q_b
+            && n == 1
+            && self.qb_pair.load(Ordering::Relaxed)
+            && self.attn_queries_paired(q_b, ix_q_b, qr, kv_norm, h, q, iq, kv)?
+        {
+            return Ok(());
+        }
+        attn_queries_separate(self, q_b, indexer_q_b, qr, kv_norm, n, h, q, iq, kv)
     }
 
     fn rope_indexer_q(

@@ -38,6 +38,9 @@ pub const TOL_ROPE_REL: f32 = 1e-6;
 /// HC step, second kernels (`DS4_HC_FIN_V2`) against the first on the same inputs:
 /// differing bits allowed in y, the state, post, comb and y's quantized copies.
 pub const TOL_HC_V2_MISMATCHES: usize = 0;
+/// Paired query launches (`DS4_QB_PAIR`) against the four launches: differing bits
+/// allowed in q, the KV row and the indexer queries (the same kernel bodies).
+pub const TOL_QB_PAIR_MISMATCHES: usize = 0;
 /// Routing: chosen experts must match exactly (random logits keep the k-th and k+1-th
 /// scores far apart; ties are exact on both sides).
 pub const TOL_ROUTE_ID_MISMATCHES: usize = 0;
@@ -833,6 +836,143 @@ fn qkv_checks(
     Ok(out)
 }
 
+/// The CSA layers' paired query launches (`DS4_QB_PAIR`: q_b with the indexer's q_b,
+/// then qkv_norm_rope with rope_qat) against the four launches on the same inputs at
+/// Flash dims, decode: q, the KV row and the indexer queries bit for bit (the same
+/// kernel bodies). With qr's Q8_0 copy pending from the norm, as in decode, and
+/// without (the pair quantizes it); both KV rounding forms.
+fn qb_pair_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use ds4_model::backend::{QueryHeads, attn_queries_separate};
+    let mut out = Vec::new();
+    let (k, qd, hd) = (s.q_lora_rank, s.q_dim(), s.head_dim);
+    let iqd = s.indexer_heads * s.indexer_dim;
+    let q_b = upload(
+        be,
+        keep,
+        "blk.0.attn_q_b.weight",
+        GgmlType::Q8_0,
+        &[k as u64, qd as u64],
+        random_weights(rng, GgmlType::Q8_0, k * qd),
+    )?;
+    let ix_q_b = upload(
+        be,
+        keep,
+        "blk.0.indexer.attn_q_b.weight",
+        GgmlType::F16,
+        &[k as u64, iqd as u64],
+        random_weights(rng, GgmlType::F16, k * iqd),
+    )?;
+    let norm_v: Vec<f32> = (0..k).map(|_| 1.0 + 0.3 * rng.unit()).collect();
+    let q_a_norm = upload(
+        be,
+        keep,
+        "blk.0.attn_q_a_norm.weight",
+        GgmlType::F32,
+        &[k as u64],
+        f32_bytes(&norm_v),
+    )?;
+    let kv_norm_v: Vec<f32> = (0..hd).map(|_| 1.0 + 0.3 * rng.unit()).collect();
+    let kv_norm = upload(
+        be,
+        keep,
+        "blk.0.attn_kv_a_norm.weight",
+        GgmlType::F32,
+        &[hd as u64],
+        f32_bytes(&kv_norm_v),
+    )?;
+    for (pos, pending, regs) in [
+        (5usize, true, true),
+        (70_001, true, false),
+        (4_097, false, true),
+    ] {
+        be.begin_chunk(&[0u32], pos)?;
+        let (qr_v, kv_v) = (random_act(rng, k), random_act(rng, hd));
+        let h = QueryHeads {
+            head_dim: hd,
+            indexer_dim: s.indexer_dim,
+            eps: s.rms_eps,
+            rope: RopeKind::Compress,
+            pos0: pos,
+            official: true,
+        };
+        let prev_regs = be.set_qkv_round_regs(regs);
+        let run = |paired: bool| -> Result<(bool, [Vec<f32>; 3])> {
+            let mut qr = act(be, 1, k, &qr_v)?;
+            if pending {
+                be.rms_norm(&mut qr, Some(&q_a_norm), 1, k, s.rms_eps)?;
+            }
+            let (mut q, mut iq) = (act(be, 1, qd, &[])?, act(be, 1, iqd, &[])?);
+            let mut kv = act(be, 1, hd, &kv_v)?;
+            let took = if paired {
+                be.attn_queries_paired(&q_b, &ix_q_b, &qr, &kv_norm, h, &mut q, &mut iq, &mut kv)?
+            } else {
+                attn_queries_separate(
+                    be,
+                    &q_b,
+                    Some(&ix_q_b),
+                    &qr,
+                    &kv_norm,
+                    1,
+                    h,
+                    &mut q,
+                    &mut iq,
+                    &mut kv,
+                )?;
+                be.branch_join()?;
+                true
+            };
+            Ok((took, [read(be, &q)?, read(be, &kv)?, read(be, &iq)?]))
+        };
+        let pair = run(true);
+        let sep = run(false);
+        be.set_qkv_round_regs(prev_regs);
+        let ((took, got), (_, want)) = (pair?, sep?);
+        let tag = format!(
+            "qb pair pos {pos}{}{}",
+            if pending { "" } else { " (no pending copy)" },
+            if regs {
+                ""
+            } else {
+                " (KV rounding on a shared copy)"
+            }
+        );
+        let taken = CheckResult {
+            name: format!("{tag}: paired launches taken at Flash dims"),
+            max_abs: 0.0,
+            max_rel: f32::from(u8::from(!took)),
+            tol: 0.0,
+            tol_name: "exact",
+            pass: took,
+        };
+        report(&taken);
+        out.push(taken);
+        for (what, g, w) in [
+            ("q", &got[0], &want[0]),
+            ("kv", &got[1], &want[1]),
+            ("indexer q", &got[2], &want[2]),
+        ] {
+            let mismatches = bit_mismatches(g, w);
+            let r = CheckResult {
+                name: format!("{tag} {what} = four launches (bit-exact)"),
+                max_abs: 0.0,
+                max_rel: mismatches as f32,
+                tol: TOL_QB_PAIR_MISMATCHES as f32,
+                tol_name: "TOL_QB_PAIR_MISMATCHES",
+                pass: mismatches == TOL_QB_PAIR_MISMATCHES,
+            };
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
 /// CPU routing of one token (as the CPU backend's MoE): scores sqrt(softplus(l)),
 /// hash table or biased top-k (highest first, lower index on ties), weights.
 fn cpu_route(
@@ -1339,6 +1479,8 @@ pub fn run_fused_checks(
         &mut rng,
         &mut report,
     )?);
+    // Last: the earlier checks keep the random data they had before it.
+    out.extend(qb_pair_checks(&be, &keep, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }

@@ -275,10 +275,30 @@ pub struct Kernels {
     mv_f16_regs: Vec<F16Kernel>,
     /// Variants forced by `DS4_MV_F16_V` (tuning runs), see [`F16Force`].
     f16_forced: Vec<F16Force>,
+    /// The compiled q_b pairs (`QB_PAIR_VARIANTS`) with their kernels.
+    mv_qb_pair: Vec<((usize, usize), F16Variant, CudaFunction)>,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
     pub(crate) synth_f32: CudaFunction,
+}
+
+/// The compiled `mv_qb_pair_q{PPL}_l{NL}_f{P}_r{R}_s{S}` kernels (matvec.cu
+/// `MV_QB_PAIR`): a Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid.
+/// Flash's CSA layers: q_b (Q8_0, K 1024, 32768 rows) and the indexer's q_b (F16,
+/// K 1024, 8192 rows), as the separate launches pick them.
+const QB_PAIR_VARIANTS: [((usize, usize), F16Variant); 1] = [((2, 16), F16Variant::new(2, 8, 2))];
+
+/// A CSA layer's two query products of one input (decode), for
+/// [`Kernels::matvec_qb_pair`]: `q8` (Q8_0 weights, reading `act`, the Q8_0 copy of
+/// the input) and `f16` (F16 weights, reading the f32 input `x`), both of K = `k`.
+pub struct QbPair<'a> {
+    pub k: usize,
+    pub ntok: usize,
+    pub act: &'a ActBuf,
+    pub x: u64,
+    pub q8: MvSeg,
+    pub f16: MvSeg,
 }
 
 /// The compiled `mv_q8_0_p{PPL}_l{NL}` kernels (matvec.cu `MV_Q8_REGS`): 16-byte code
@@ -713,6 +733,16 @@ impl Kernels {
             f16_forced: std::env::var("DS4_MV_F16_V")
                 .map(|spec| parse_f16_forces(&spec))
                 .unwrap_or_default(),
+            mv_qb_pair: QB_PAIR_VARIANTS
+                .iter()
+                .map(|&((ppl, nl), v)| {
+                    let name = format!(
+                        "mv_qb_pair_q{ppl}_l{nl}_f{}_r{}_s{}",
+                        v.ppl, v.rows, v.split
+                    );
+                    Ok(((ppl, nl), v, f(&name)?))
+                })
+                .collect::<Result<Vec<_>>>()?,
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -1217,6 +1247,80 @@ impl Kernels {
         Ok(())
     }
 
+    /// The two products of `p` as one launch (`mv_qb_pair_*`) when the separate
+    /// launches ([`Self::matvec_segs`] of each) would run the register-streaming
+    /// kernels of a compiled pair: the same bodies, so the same results. Ok(false)
+    /// (nothing launched) otherwise, and the caller runs the two products.
+    pub fn matvec_qb_pair(&self, stream: &Arc<CudaStream>, p: &QbPair) -> Result<bool> {
+        let act = p.act;
+        let aligned = [p.f16.w, p.x].iter().all(|v| v.is_multiple_of(16));
+        if p.ntok == 0
+            || p.ntok > act.rows
+            || act.kind != ActKind::Q8_0
+            || act.k != p.k
+            || !p.k.is_multiple_of(512)
+            || p.k > F16_MAX_K
+            || !aligned
+            || [p.q8, p.f16].iter().any(|s| s.rows == 0 || s.ldy < s.rows)
+        {
+            return Ok(false);
+        }
+        let Some((_, q8_rpw)) = self.q8_0_regs_kernel(p.k / 512, p.q8.rows, 1) else {
+            return Ok(false);
+        };
+        let q8_v = (p.k / 512, q8_rpw * (p.k / 512));
+        let Some((f16_v, _)) = self.f16_regs_kernel(p.k, p.f16.rows, None) else {
+            return Ok(false);
+        };
+        let Some((_, _, func)) = self
+            .mv_qb_pair
+            .iter()
+            .find(|(q, f, _)| *q == q8_v && *f == f16_v)
+        else {
+            return Ok(false);
+        };
+        let seg = |s: &MvSeg| -> Result<MvSegsArg> {
+            let rows = i32::try_from(s.rows).map_err(|_| Error::Shape {
+                what: "matvec pair",
+                detail: format!("{} rows", s.rows),
+            })?;
+            let ldy = i32::try_from(s.ldy).map_err(|_| Error::Shape {
+                what: "matvec pair",
+                detail: format!("ldy {}", s.ldy),
+            })?;
+            let mut sg = MvSegsArg::default();
+            sg.w[0] = s.w;
+            sg.y[0] = s.y;
+            sg.ldy[0] = ldy;
+            sg.start[1] = rows;
+            sg.n = 1;
+            Ok(sg)
+        };
+        let (q8_sg, f16_sg) = (seg(&p.q8)?, seg(&p.f16)?);
+        let n_q8 = p.q8.rows.div_ceil(MV_WARPS * q8_rpw);
+        let n_f16 = p.f16.rows.div_ceil(f16_v.rows_per_block());
+        let cfg = LaunchConfig {
+            grid_dim: ((n_q8 + n_f16) as u32, 1, 1),
+            block_dim: ((MV_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ntok, n_q8) = (p.ntok as i32, n_q8 as i32);
+        let mut b = KernelArgs::new();
+        b.arg(&q8_sg)
+            .arg(&act.qs.ptr)
+            .arg(&act.d.ptr)
+            .arg(&f16_sg)
+            .arg(&p.x)
+            .arg(&ntok)
+            .arg(&n_q8);
+        // SAFETY: matches `MV_QB_PAIR`; checked above: K = 512·PPL = 256·ppl·split (so
+        // rows are 16-byte multiples), the Q8_0 copy has K and the tokens, the F16
+        // matrix and input are 16-byte aligned; both bodies PDL_WAIT before reading the
+        // inputs or writing.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+        Ok(true)
+    }
+
     /// The register-streaming F16 kernel for rows of `k` elements: `want` when given,
     /// else the first matching `DS4_MV_F16_V` entry, else [`pick_f16_variant`]. None
     /// when no compiled variant takes this K (tiny models) or the kernels are off.
@@ -1558,6 +1662,25 @@ mod tests {
             assert!(MV_WARPS.is_multiple_of(x.split), "{x:?}");
             assert!([1024, 4096].contains(&x.k()), "{x:?}");
         }
+    }
+
+    #[test]
+    fn every_qb_pair_is_instantiated_from_compiled_bodies() {
+        let src = include_str!("../kernels/matvec.cu");
+        for ((ppl, nl), f) in QB_PAIR_VARIANTS {
+            let inst = format!(
+                "MV_QB_PAIR({ppl}, {nl}, {}, {}, {})",
+                f.ppl, f.rows, f.split
+            );
+            assert!(src.contains(&inst), "{inst} missing from matvec.cu");
+            // The separate launches must have the same bodies compiled, at one K.
+            assert!(Q8_REGS_VARIANTS.contains(&(ppl, nl)), "{inst}");
+            assert!(F16_REGS_VARIANTS.contains(&f), "{inst}");
+            assert_eq!(512 * ppl, f.k(), "{inst}");
+        }
+        // Flash's indexer q_b takes the pair's F16 body by default (8192 rows of K 1024).
+        let pick = pick_f16_variant(&all_resident(4), 1024, 8192, H100_SMS);
+        assert_eq!(pick, Some(QB_PAIR_VARIANTS[0].1));
     }
 
     #[test]

@@ -44,6 +44,50 @@ pub enum RowRounding {
     IndexerQat,
 }
 
+/// Settings of an attention layer's per-head query steps ([`Backend::attn_queries`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryHeads {
+    /// Width of an attention head (queries and the KV row).
+    pub head_dim: usize,
+    /// Width of an indexer query head.
+    pub indexer_dim: usize,
+    pub eps: f32,
+    /// RoPE of the attention queries and the KV row (the indexer's is `Compress`).
+    pub rope: RopeKind,
+    pub pos0: usize,
+    /// Official precision simulations (KV row rounding, indexer QAT).
+    pub official: bool,
+}
+
+/// The steps of [`Backend::attn_queries`] one by one, as its default runs them (a
+/// backend that pairs them falls back to this where it cannot).
+#[allow(clippy::too_many_arguments)]
+pub fn attn_queries_separate<'w, B: Backend<'w> + ?Sized>(
+    be: &B,
+    q_b: &B::Weight,
+    indexer_q_b: Option<&B::Weight>,
+    qr: &B::Act,
+    kv_norm: &B::Weight,
+    n: usize,
+    h: QueryHeads,
+    q: &mut B::Act,
+    iq: &mut B::Act,
+    kv: &mut B::Act,
+) -> Result<()> {
+    // The indexer's query only reads the normed qr: a side branch takes it on, beside
+    // q_b and the q / KV-row norms, until the join before the top-k.
+    if let Some(ix_q_b) = indexer_q_b {
+        be.branch_begin(n)?;
+        be.matmul(ix_q_b, qr, n, iq)?;
+        be.rope_indexer_q(iq, n, h.indexer_dim, RopeKind::Compress, h.pos0, h.official)?;
+        be.branch_end()?;
+    }
+    be.matmul(q_b, qr, n, q)?;
+    be.qkv_norm_rope(
+        q, kv, kv_norm, n, h.head_dim, h.eps, h.rope, h.pos0, h.official,
+    )
+}
+
 /// Session state that a backend owns (KV caches and compressor frontiers).
 pub trait KvStore {
     /// Bytes allocated for this state.
@@ -288,6 +332,26 @@ pub trait Backend<'w> {
             self.round_rows(x, n, RowRounding::IndexerQat)?;
         }
         Ok(())
+    }
+    /// An attention layer's queries from the normed `qr`: q = q_b · qr, then
+    /// `qkv_norm_rope(q, kv, ..)` (the KV row rounded when `official`); with an indexer
+    /// (`indexer_q_b`), on a side branch, iq = indexer_q_b · qr, then
+    /// `rope_indexer_q(iq, ..)`. One step where a backend can run the two products as
+    /// one launch and the two per-head steps as another.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_queries(
+        &self,
+        q_b: &Self::Weight,
+        indexer_q_b: Option<&Self::Weight>,
+        qr: &Self::Act,
+        kv_norm: &Self::Weight,
+        n: usize,
+        h: QueryHeads,
+        q: &mut Self::Act,
+        iq: &mut Self::Act,
+        kv: &mut Self::Act,
+    ) -> Result<()> {
+        attn_queries_separate(self, q_b, indexer_q_b, qr, kv_norm, n, h, q, iq, kv)
     }
     /// Compressor step for a chunk (§8): adds ape, writes the frontier, emits pooled rows
     /// (norm, RoPE, rounding when `official`) into the layer's compressed cache.

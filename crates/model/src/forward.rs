@@ -2,7 +2,7 @@
 //! positions goes through every layer (layer-major), updating the KV state, and produces
 //! logits for every position of the chunk. Decode is a chunk of one.
 
-use crate::backend::{Backend, CompKind, KvStore, RopeKind};
+use crate::backend::{Backend, CompKind, KvStore, QueryHeads, RopeKind};
 use crate::shape::ModelShape;
 use crate::weights::{ModelWeights, TensorView};
 use crate::{Error, Result};
@@ -262,32 +262,23 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 be.branch_end()?;
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
-            // The indexer's query only reads the normed qr: the side branch takes it on,
-            // beside q_b and the q / KV-row norms, until the join before the top-k.
-            if let Some(ix) = &a.indexer {
-                be.branch_begin(n)?;
-                be.matmul(&ix.q_b, &bufs.qr, n, &mut bufs.iq)?;
-                be.rope_indexer_q(
-                    &mut bufs.iq,
-                    n,
-                    s.indexer_dim,
-                    RopeKind::Compress,
-                    pos0,
-                    official,
-                )?;
-                be.branch_end()?;
-            }
-            be.matmul(&a.q_b, &bufs.qr, n, &mut bufs.q)?;
-            be.qkv_norm_rope(
-                &mut bufs.q,
-                &mut bufs.kvr,
+            be.attn_queries(
+                &a.q_b,
+                a.indexer.as_ref().map(|ix| &ix.q_b),
+                &bufs.qr,
                 &a.kv_norm,
                 n,
-                s.head_dim,
-                eps,
-                rope,
-                pos0,
-                official,
+                QueryHeads {
+                    head_dim: s.head_dim,
+                    indexer_dim: s.indexer_dim,
+                    eps,
+                    rope,
+                    pos0,
+                    official,
+                },
+                &mut bufs.q,
+                &mut bufs.iq,
+                &mut bufs.kvr,
             )?;
             if branched || a.indexer.is_some() {
                 be.branch_join()?;
