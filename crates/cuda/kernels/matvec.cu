@@ -1281,8 +1281,10 @@ MV_K_V2_Q2K(2, 8, 8)
 //   come in increasing order), not by a search per row.
 // - Q2_K: the four scale bytes of a lane gathered with one prmt; Σ sc·t and Σ m·bsums
 //   as two dp2a each (t and the per-lane bsums packed in 16-bit pairs): exact integers.
-// - The IQ2_XXS tables (as MATH 0) in static shared memory; dynamic: W·NST stages of R
-//   rows (kernels.rs `KV2Variant::smem`).
+// - IQ2_XXS tables: MATH 0 version 2's (MATH 0) in static shared memory (constant
+//   addresses); MATH 1 the prmt-addressed tables (iq2_group_prmt: one op less per
+//   8 weights) in the first 64 KB of dynamic memory. Then W·NST stages of R rows
+//   (kernels.rs `KV2Variant::smem`).
 // No row counters (the host keeps version 2 for DS4_MV_K_V2_DYN).
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ int dp2a_lo_su(int a, u32 b, int c) {
@@ -1294,6 +1296,59 @@ __device__ __forceinline__ int dp2a_hi_su(int a, u32 b, int c) {
     int r;
     asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
+}
+
+// IQ2_XXS tables of the fast form's MATH 1 (64 KB, dynamic shared memory): row e
+// (256 bytes) holds grid point e's level-code word in bytes 0..127 and the sign word of
+// field e & 127 in bytes 128..255, each 32 times (lane l reads word l). A row offset
+// is then a byte of the codes moved up one byte by a prmt that also brings in the
+// lane's word offset: grid index byte l of a0; sign field l is byte l of a1 << l (its
+// eighth bit belongs to the next field or the scale: the table ignores it).
+// Needs at least 256 threads.
+__device__ __forceinline__ void iq2_tables_fill_prmt(uint4* tab) {
+    const int t = threadIdx.x;
+    if (t < 256) {
+        const u64 g = IQ2XXS_GRID[t];
+        u32 v = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const u32 b = (u32)(g >> (8 * i)) & 255u;
+            v |= (b == 0x08u ? 0u : b == 0x19u ? 1u : 2u) << (4 * i);
+        }
+        tab[16 * t] = make_uint4(v, v, v, v);
+        const u32 f = (u32)t & 127u;
+        const u32 sp = f | ((u32)(__popc(f) & 1) << 7);
+        u32 w = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) w |= ((sp >> i) & 1u) << (4 * i + 2);
+        tab[16 * t + 8] = make_uint4(w, w, w, w);
+    }
+    __syncthreads();
+    for (int c = t; c < 256 * 16; c += blockDim.x) {
+        if ((c & 7) == 0) continue;  // written above
+        const u32 v = tab[c & ~7].x;
+        tab[c] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+}
+
+// One IQ2_XXS group with the MATH 1 tables (the integer of iq2_group_tab).
+// lane4 = 4·lane, lane4s = lane4 + 128.
+__device__ __forceinline__ int iq2_group_prmt(const u8* tab, u32 a0, u32 a1, const int4& xa,
+                                              const int4& xb, u32 lane4, u32 lane4s, u32 pos) {
+    const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    const u32 af[4] = {a1, a1 << 1, a1 << 2, a1 << 3};
+    int s = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        // result bytes: lane word offset, code byte l, 0, 0
+        const u32 go = prmt(a0, lane4, 0x5504u | (l << 4));
+        const u32 so = prmt(af[l], lane4s, 0x5504u | (l << 4));
+        const u32 sel = tab_word(tab, go) | tab_word(tab, so);
+        s = dp4a((int)iq2_signed4(pos, sel), xw[2 * l], s);
+        s = dp4a((int)iq2_signed4(pos, sel >> 16), xw[2 * l + 1], s);
+    }
+    return s * (2 * (int)(a1 >> 28) + 1);
 }
 
 // Rows of one matrix segment for a warp walking rows upwards: `base` + r·(row bytes,
@@ -1340,7 +1395,7 @@ __device__ __forceinline__ void rows_reduce(float (&v)[R], int lane) {
     for (; o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
 }
 
-template <int TY, int PPL, int R, int NST, int W>
+template <int TY, int PPL, int R, int NST, int MATH, int W>
 __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_stride,
                                          const int* __restrict__ ids, const i8* __restrict__ xq,
                                          const float* __restrict__ xd,
@@ -1352,17 +1407,27 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
     constexpr int STAGE = R * RS;
     // The IQ2_XXS tables in static shared memory: their addresses are constants, so a
     // lookup is one LDS [offset + constant] (no base register add).
-    __shared__ __align__(16) u8 tab[TY == TY_IQ2_XXS ? IQ2_TAB_ROWS * 128 : 16];
+    // MATH 1: the prmt-addressed tables (iq2_tables_fill_prmt) in the first 64 KB of
+    // dynamic shared memory instead.
+    __shared__ __align__(16) u8 tab_s[TY == TY_IQ2_XXS && MATH == 0 ? IQ2_TAB_ROWS * 128 : 16];
+    constexpr int DYN_TAB = TY == TY_IQ2_XXS && MATH == 1 ? 65536 : 0;
+    const u8* tab = DYN_TAB ? mv2_smem : tab_s;
     PDL_TRIGGER();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (TY == TY_IQ2_XXS) iq2_tables_fill((uint4*)tab);  // constant data: under the previous kernel's tail
+    // constant data: under the previous kernel's tail
+    if (TY == TY_IQ2_XXS) {
+        if (MATH == 0)
+            iq2_tables_fill((uint4*)tab_s);
+        else
+            iq2_tables_fill_prmt((uint4*)mv2_smem);
+    }
     const int slot = blockIdx.y;
     if (ids) PDL_WAIT();
     const long long e_off = (long long)(ids ? ids[slot] : slot) * w_expert_stride;
     const int total = sg.start[sg.n];
     const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
-    const u32 ring_sa = smem_addr(mv2_smem) + warp * (NST * STAGE);
-    const u8* ring = mv2_smem + warp * (NST * STAGE);
+    const u32 ring_sa = smem_addr(mv2_smem) + DYN_TAB + warp * (NST * STAGE);
+    const u8* ring = mv2_smem + DYN_TAB + warp * (NST * STAGE);
     // This lane's bytes of a row beyond its codes, as version 2.
     const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
                                          : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
@@ -1446,7 +1511,7 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
         }
     }
     const u32 lane4 = 4u * (u32)lane;
-    const u32 lane4s = lane4 + iq2_sign_tab();
+    const u32 lane4s = MATH == 0 ? lane4 + iq2_sign_tab() : lane4 + 128u;
     const u32 lv_pos = iq2_lv_pos();
     const u32 sc_sel = h ? 0x7531u : 0x6420u;  // Q2_K: scale bytes h, 2 + h of two words
     const u32 dsh = (lane & 4) ? 16u : 0u;       // IQ2_XXS: d of block p / 4 in the pair
@@ -1476,8 +1541,11 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
                 if (TY == TY_IQ2_XXS) {
                     const u16 d = (u16)(*(const u32*)aux >> dsh);
                     const int sum =
-                        iq2_group_tab(tab, c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
-                        iq2_group_tab(tab, c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
+                        MATH == 0
+                            ? iq2_group_tab(tab, c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                                  iq2_group_tab(tab, c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos)
+                            : iq2_group_prmt(tab, c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                                  iq2_group_prmt(tab, c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
                     acc[q] += (h2f(d) * xsc[i]) * (float)sum;
                 } else {
                     const uint2 wsc = *(const uint2*)aux;
@@ -1516,28 +1584,35 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
     cp_async_wait_n<0>();
 }
 
-#define MV_K_V2F(NAME, TY, PPL, R, NST, W)                                                      \
+#define MV_K_V2F(NAME, TY, PPL, R, NST, MATH, W)                                                \
     extern "C" __global__ void __launch_bounds__((W) * 32, (W) <= 8 ? 2 : 1) NAME(              \
         MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
         const i8* __restrict__ xq, const float* __restrict__ xd,                                \
         const i16* __restrict__ xbs, int x_group, unsigned* __restrict__ ctr) {                \
-        mv_k_v2f<TY, PPL, R, NST, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);          \
+        mv_k_v2f<TY, PPL, R, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);    \
     }
-// Names: mv2f_{iq2_xxs,q2_k}_p{PPL}_r{R}_s{NST}_w{W}; kernels.rs `K_V2_VARIANTS`. Same
-// arguments as version 2 (`ctr` unused).
-#define MV_K_V2F_IQ2(PPL, R, NST, W) \
-    MV_K_V2F(mv2f_iq2_xxs_p##PPL##_r##R##_s##NST##_w##W, TY_IQ2_XXS, PPL, R, NST, W)
+// Names: mv2f_{iq2_xxs,q2_k}_p{PPL}_r{R}_s{NST}_m{MATH}_w{W}; kernels.rs `K_V2_VARIANTS`.
+// Same arguments as version 2 (`ctr` unused). MATH: IQ2_XXS tables, 0 static (48 KB),
+// 1 prmt-addressed (64 KB dynamic).
+#define MV_K_V2F_IQ2(PPL, R, NST, MATH, W)                                                     \
+    MV_K_V2F(mv2f_iq2_xxs_p##PPL##_r##R##_s##NST##_m##MATH##_w##W, TY_IQ2_XXS, PPL, R, NST, MATH, \
+             W)
 #define MV_K_V2F_Q2K(PPL, R, NST, W) \
-    MV_K_V2F(mv2f_q2_k_p##PPL##_r##R##_s##NST##_w##W, TY_Q2_K, PPL, R, NST, W)
-MV_K_V2F_IQ2(1, 2, 3, 8)
-MV_K_V2F_IQ2(2, 1, 3, 8)
-MV_K_V2F_IQ2(2, 2, 2, 8)
-MV_K_V2F_IQ2(2, 2, 3, 8)
-MV_K_V2F_IQ2(2, 4, 2, 8)
-MV_K_V2F_IQ2(2, 2, 3, 16)
-MV_K_V2F_IQ2(2, 2, 3, 20)
-MV_K_V2F_IQ2(2, 2, 2, 24)
-MV_K_V2F_IQ2(2, 2, 2, 32)
+    MV_K_V2F(mv2f_q2_k_p##PPL##_r##R##_s##NST##_m0_w##W, TY_Q2_K, PPL, R, NST, 0, W)
+MV_K_V2F_IQ2(1, 2, 3, 0, 8)
+MV_K_V2F_IQ2(2, 1, 3, 0, 8)
+MV_K_V2F_IQ2(2, 2, 2, 0, 8)
+MV_K_V2F_IQ2(2, 2, 3, 0, 8)
+MV_K_V2F_IQ2(2, 4, 2, 0, 8)
+MV_K_V2F_IQ2(2, 2, 3, 0, 16)
+MV_K_V2F_IQ2(2, 2, 3, 0, 20)
+MV_K_V2F_IQ2(2, 2, 2, 0, 24)
+MV_K_V2F_IQ2(2, 2, 2, 0, 32)
+MV_K_V2F_IQ2(1, 2, 2, 1, 8)
+MV_K_V2F_IQ2(2, 2, 2, 1, 8)
+MV_K_V2F_IQ2(2, 2, 3, 1, 16)
+MV_K_V2F_IQ2(2, 2, 2, 1, 24)
+MV_K_V2F_IQ2(2, 2, 2, 1, 32)
 MV_K_V2F_Q2K(1, 1, 4, 8)
 MV_K_V2F_Q2K(1, 2, 3, 8)
 MV_K_V2F_Q2K(1, 2, 4, 8)

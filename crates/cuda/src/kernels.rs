@@ -451,8 +451,9 @@ fn parse_f16_forces(spec: &str) -> Vec<F16Force> {
 /// A version-2 IQ2_XXS / Q2_K decode matvec (`mv2_{type}_p{ppl}_s{nst}_m{math}_w{warps}`):
 /// K = 2048·`ppl`, `nst` ring stages per warp, `math` 0 (IQ2_XXS lookup tables) or 1
 /// (IQ2_XXS signs computed, as the register kernels), `warps` per block. `rows` > 0:
-/// the fast form (`mv2f_{type}_p{ppl}_r{rows}_s{nst}_w{warps}`, matvec.cu `MV_K_V2F`),
-/// `rows` rows a warp step, tables in static shared memory, no row counters.
+/// the fast form (`mv2f_{type}_p{ppl}_r{rows}_s{nst}_m{math}_w{warps}`, matvec.cu
+/// `MV_K_V2F`), `rows` rows a warp step, no row counters; its `math` is the IQ2_XXS
+/// table form: 0 static (48 KB), 1 prmt-addressed (64 KB of the dynamic memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KV2Variant {
     pub ty: GgmlType,
@@ -475,12 +476,19 @@ impl KV2Variant {
         }
     }
 
-    const fn fast(ty: GgmlType, ppl: usize, rows: usize, nst: usize, warps: usize) -> Self {
+    const fn fast(
+        ty: GgmlType,
+        ppl: usize,
+        rows: usize,
+        nst: usize,
+        math: usize,
+        warps: usize,
+    ) -> Self {
         Self {
             ty,
             ppl,
             nst,
-            math: 0,
+            math,
             warps,
             rows,
         }
@@ -494,8 +502,8 @@ impl KV2Variant {
         };
         if self.rows > 0 {
             return format!(
-                "mv2f_{t}_p{}_r{}_s{}_w{}",
-                self.ppl, self.rows, self.nst, self.warps
+                "mv2f_{t}_p{}_r{}_s{}_m{}_w{}",
+                self.ppl, self.rows, self.nst, self.math, self.warps
             );
         }
         format!(
@@ -505,10 +513,11 @@ impl KV2Variant {
     }
 
     /// Dynamic shared memory (matvec.cu `MV2_TAB` + W · NST · `MV2_STAGE`; the fast
-    /// form W · NST · R · `MV2_STAGE`, its IQ2_XXS tables being static).
+    /// form its IQ2_XXS `DYN_TAB` + W · NST · R · `MV2_STAGE`).
     fn smem(&self) -> usize {
         let iq2 = self.ty == GgmlType::IQ2_XXS;
         let tab = match (iq2, self.math) {
+            (true, 1) if self.rows > 0 => 65536,
             _ if self.rows > 0 => 0,
             (false, _) => 0,
             (true, 0) => 384 * 128,
@@ -531,7 +540,7 @@ pub enum KV2Force {
 }
 
 /// The compiled version-2 kernels (matvec.cu `MV_K_V2_IQ2` / `MV_K_V2_Q2K`).
-const K_V2_VARIANTS: [KV2Variant; 32] = {
+const K_V2_VARIANTS: [KV2Variant; 37] = {
     use GgmlType::{IQ2_XXS, Q2_K};
     [
         KV2Variant::new(IQ2_XXS, 1, 3, 0, 8),
@@ -551,22 +560,27 @@ const K_V2_VARIANTS: [KV2Variant; 32] = {
         KV2Variant::new(Q2_K, 1, 4, 0, 32),
         KV2Variant::new(Q2_K, 2, 4, 0, 8),
         KV2Variant::new(Q2_K, 2, 8, 0, 8),
-        // (type, PPL, R, NST, W) of matvec.cu `MV_K_V2F_IQ2` / `MV_K_V2F_Q2K`
-        KV2Variant::fast(IQ2_XXS, 1, 2, 3, 8),
-        KV2Variant::fast(IQ2_XXS, 2, 1, 3, 8),
-        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 8),
-        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 8),
-        KV2Variant::fast(IQ2_XXS, 2, 4, 2, 8),
-        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 16),
-        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 20),
-        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 24),
-        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 32),
-        KV2Variant::fast(Q2_K, 1, 1, 4, 8),
-        KV2Variant::fast(Q2_K, 1, 2, 3, 8),
-        KV2Variant::fast(Q2_K, 1, 2, 4, 8),
-        KV2Variant::fast(Q2_K, 1, 4, 2, 8),
-        KV2Variant::fast(Q2_K, 1, 4, 3, 8),
-        KV2Variant::fast(Q2_K, 2, 2, 3, 8),
+        // (type, PPL, R, NST, MATH, W) of matvec.cu `MV_K_V2F_IQ2` / `MV_K_V2F_Q2K`
+        KV2Variant::fast(IQ2_XXS, 1, 2, 3, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 1, 3, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 4, 2, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 0, 16),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 0, 20),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 0, 24),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 0, 32),
+        KV2Variant::fast(IQ2_XXS, 1, 2, 2, 1, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 1, 16),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 24),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 32),
+        KV2Variant::fast(Q2_K, 1, 1, 4, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 2, 3, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 2, 4, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 4, 2, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 4, 3, 0, 8),
+        KV2Variant::fast(Q2_K, 2, 2, 3, 0, 8),
     ]
 };
 
@@ -582,20 +596,16 @@ struct KV2Pick {
     iq2: (usize, usize, usize),
     q2k: (usize, usize, usize),
     fast: bool,
-    iq2_fast: (usize, usize, usize),
-    q2k_fast: (usize, usize, usize),
+    iq2_fast: (usize, usize, usize, usize),
+    q2k_fast: (usize, usize, usize, usize),
 }
 
-/// `r{R}s{NST}w{W}` (`w` part optional: 8) as (R, NST, W).
-fn parse_k_v2_fast_pick(v: &str) -> Option<(usize, usize, usize)> {
+/// `r{R}s{NST}m{MATH}w{W}` (`m`, `w` parts optional: 0 and 8) as (R, NST, MATH, W).
+fn parse_k_v2_fast_pick(v: &str) -> Option<(usize, usize, usize, usize)> {
     let v = v.trim().strip_prefix('r')?;
     let (rows, rest) = v.split_at(v.find('s')?);
-    let rest = &rest[1..];
-    let (nst, warps) = match rest.find('w') {
-        Some(i) => (&rest[..i], rest[i + 1..].parse().ok()?),
-        None => (rest, 8),
-    };
-    Some((rows.parse().ok()?, nst.parse().ok()?, warps))
+    let (nst, math, warps) = parse_k_v2_pick(rest)?;
+    Some((rows.parse().ok()?, nst, math, warps))
 }
 
 /// `s{NST}m{MATH}w{W}` (`m`, `w` parts optional: 0 and 8) as (NST, MATH, W).
@@ -629,7 +639,7 @@ impl KV2Pick {
         let pick_fast = |var: &str, dflt| match std::env::var(var) {
             Err(_) => dflt,
             Ok(v) => parse_k_v2_fast_pick(&v).unwrap_or_else(|| {
-                tracing::warn!("{var}={v}: expected r<R>s<NST>w<W>, using the default");
+                tracing::warn!("{var}={v}: expected r<R>s<NST>m<MATH>w<W>, using the default");
                 dflt
             }),
         };
@@ -637,8 +647,8 @@ impl KV2Pick {
             iq2: pick("DS4_MV_K_V2_IQ2", (3, 0, 8)),
             q2k: pick("DS4_MV_K_V2_Q2K", (4, 0, 8)),
             fast: crate::launch::env_switch("DS4_MV2_FAST"),
-            iq2_fast: pick_fast("DS4_MV2_FAST_IQ2", (2, 3, 8)),
-            q2k_fast: pick_fast("DS4_MV2_FAST_Q2K", (2, 4, 8)),
+            iq2_fast: pick_fast("DS4_MV2_FAST_IQ2", (2, 2, 1, 8)),
+            q2k_fast: pick_fast("DS4_MV2_FAST_Q2K", (2, 4, 0, 8)),
         }
     }
 }
@@ -646,23 +656,32 @@ impl KV2Pick {
 #[cfg(test)]
 #[test]
 fn k_v2_fast_pick_parses() {
-    assert_eq!(parse_k_v2_fast_pick("r2s3w8"), Some((2, 3, 8)));
-    assert_eq!(parse_k_v2_fast_pick("r4s2"), Some((4, 2, 8)));
-    assert_eq!(parse_k_v2_fast_pick(" r2s3w16 "), Some((2, 3, 16)));
+    assert_eq!(parse_k_v2_fast_pick("r2s3m1w8"), Some((2, 3, 1, 8)));
+    assert_eq!(parse_k_v2_fast_pick("r2s3w8"), Some((2, 3, 0, 8)));
+    assert_eq!(parse_k_v2_fast_pick("r4s2"), Some((4, 2, 0, 8)));
+    assert_eq!(parse_k_v2_fast_pick(" r2s3w16 "), Some((2, 3, 0, 16)));
     assert_eq!(parse_k_v2_fast_pick("s3w8"), None);
     assert_eq!(parse_k_v2_fast_pick("r2"), None);
     assert_eq!(parse_k_v2_fast_pick("r2s"), None);
     assert_eq!(parse_k_v2_fast_pick("r2s3w"), None);
     assert_eq!(
-        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 3, 8).name(),
-        "mv2f_iq2_xxs_p2_r2_s3_w8"
+        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 3, 0, 8).name(),
+        "mv2f_iq2_xxs_p2_r2_s3_m0_w8"
     );
-    // Ring only (the tables are static): 8 warps x 3 stages x 2 rows x 1280 bytes.
+    // Ring only (static tables): 8 warps x 3 stages x 2 rows x 1280 bytes.
     assert_eq!(
-        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 3, 8).smem(),
+        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 3, 0, 8).smem(),
         61440
     );
-    assert_eq!(KV2Variant::fast(GgmlType::Q2_K, 1, 2, 4, 8).smem(), 65536);
+    // 64 KB of tables, then the ring.
+    assert_eq!(
+        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 2, 1, 8).smem(),
+        65536 + 40960
+    );
+    assert_eq!(
+        KV2Variant::fast(GgmlType::Q2_K, 1, 2, 4, 0, 8).smem(),
+        65536
+    );
 }
 
 #[cfg(test)]
@@ -1406,12 +1425,12 @@ impl Kernels {
                 .k_v2_dyn_forced
                 .load(std::sync::atomic::Ordering::Relaxed);
         if self.k_v2_pick.fast && !dyn_rows {
-            let (rows, nst, warps) = if iq2 {
+            let (rows, nst, math, warps) = if iq2 {
                 self.k_v2_pick.iq2_fast
             } else {
                 self.k_v2_pick.q2k_fast
             };
-            let want = KV2Variant::fast(ty, ppl, rows, nst, warps);
+            let want = KV2Variant::fast(ty, ppl, rows, nst, math, warps);
             if let Some(found) = self.mv_k_v2.iter().find(|(v, _, _)| *v == want) {
                 return Some(found);
             }
