@@ -1584,8 +1584,11 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
     cp_async_wait_n<0>();
 }
 
+// Blocks per multiprocessor asked of ptxas (register cap): two of up to 8 warps; Q2_K
+// (small stages) also two of 16 warps (<= 64 registers); else one.
+#define MV_K_V2F_MINB(TY, W) ((W) <= 8 || ((TY) == TY_Q2_K && (W) <= 16) ? 2 : 1)
 #define MV_K_V2F(NAME, TY, PPL, R, NST, MATH, W)                                                \
-    extern "C" __global__ void __launch_bounds__((W) * 32, (W) <= 8 ? 2 : 1) NAME(              \
+    extern "C" __global__ void __launch_bounds__((W) * 32, MV_K_V2F_MINB(TY, W)) NAME(          \
         MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
         const i8* __restrict__ xq, const float* __restrict__ xd,                                \
         const i16* __restrict__ xbs, int x_group, unsigned* __restrict__ ctr) {                \
@@ -1613,12 +1616,15 @@ MV_K_V2F_IQ2(2, 2, 2, 1, 8)
 MV_K_V2F_IQ2(2, 2, 3, 1, 16)
 MV_K_V2F_IQ2(2, 2, 2, 1, 24)
 MV_K_V2F_IQ2(2, 2, 2, 1, 32)
+MV_K_V2F_IQ2(2, 4, 2, 1, 16)
 MV_K_V2F_Q2K(1, 1, 4, 8)
 MV_K_V2F_Q2K(1, 2, 3, 8)
 MV_K_V2F_Q2K(1, 2, 4, 8)
 MV_K_V2F_Q2K(1, 4, 2, 8)
 MV_K_V2F_Q2K(1, 4, 3, 8)
 MV_K_V2F_Q2K(2, 2, 3, 8)
+MV_K_V2F_Q2K(1, 1, 4, 16)
+MV_K_V2F_Q2K(1, 2, 3, 16)
 
 // acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
 __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {

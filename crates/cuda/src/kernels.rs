@@ -540,7 +540,7 @@ pub enum KV2Force {
 }
 
 /// The compiled version-2 kernels (matvec.cu `MV_K_V2_IQ2` / `MV_K_V2_Q2K`).
-const K_V2_VARIANTS: [KV2Variant; 37] = {
+const K_V2_VARIANTS: [KV2Variant; 40] = {
     use GgmlType::{IQ2_XXS, Q2_K};
     [
         KV2Variant::new(IQ2_XXS, 1, 3, 0, 8),
@@ -575,12 +575,15 @@ const K_V2_VARIANTS: [KV2Variant; 37] = {
         KV2Variant::fast(IQ2_XXS, 2, 2, 3, 1, 16),
         KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 24),
         KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 32),
+        KV2Variant::fast(IQ2_XXS, 2, 4, 2, 1, 16),
         KV2Variant::fast(Q2_K, 1, 1, 4, 0, 8),
         KV2Variant::fast(Q2_K, 1, 2, 3, 0, 8),
         KV2Variant::fast(Q2_K, 1, 2, 4, 0, 8),
         KV2Variant::fast(Q2_K, 1, 4, 2, 0, 8),
         KV2Variant::fast(Q2_K, 1, 4, 3, 0, 8),
         KV2Variant::fast(Q2_K, 2, 2, 3, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 1, 4, 0, 16),
+        KV2Variant::fast(Q2_K, 1, 2, 3, 0, 16),
     ]
 };
 
