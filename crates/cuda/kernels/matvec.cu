@@ -977,10 +977,9 @@ __device__ __forceinline__ void cp_async_wait_n() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// The level-code and sign tables (MATH 0) at mv2_smem, 384 rows of 32 equal words.
+// The level-code and sign tables (MATH 0) at `tab`, 384 rows of 32 equal words.
 // Needs at least 256 threads.
-__device__ __forceinline__ void iq2_tables_fill() {
-    uint4* tab = (uint4*)mv2_smem;
+__device__ __forceinline__ void iq2_tables_fill(uint4* tab) {
     const int t = threadIdx.x;
     if (t < 256) {
         const u64 g = IQ2XXS_GRID[t];
@@ -1008,7 +1007,7 @@ __device__ __forceinline__ void iq2_tables_fill() {
     __syncthreads();
 }
 
-__device__ __forceinline__ u32 tab_word(u32 off) { return *(const u32*)(mv2_smem + off); }
+__device__ __forceinline__ u32 tab_word(const u8* tab, u32 off) { return *(const u32*)(tab + off); }
 
 // The positive levels 8, 25, 43 as bytes 0..2. Read once from memory (volatile) so
 // they sit in an ordinary register: prmt takes only its second source as an
@@ -1028,20 +1027,26 @@ __device__ __forceinline__ u32 iq2_signed4(u32 pos, u32 sel) {
 // lane4 = 4·lane, lane4s = lane4 + the sign table's base (256 rows of 128 bytes):
 // field offsets are built in place (a row is 128 bytes) and or-ed with them, one
 // and-or after the shift.
-__device__ __forceinline__ int iq2_group_tab(u32 a0, u32 a1, const int4& xa, const int4& xb,
-                                             u32 lane4, u32 lane4s, u32 pos) {
+__device__ __forceinline__ int iq2_group_tab(const u8* tab, u32 a0, u32 a1, const int4& xa,
+                                             const int4& xb, u32 lane4, u32 lane4s, u32 pos) {
     const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
     int s = 0;
 #pragma unroll
     for (int l = 0; l < 4; l++) {
         const u32 go = ((l == 0 ? a0 << 7 : a0 >> (8 * l - 7)) & 0x7f80u) | lane4;
         const u32 so = ((l == 0 ? a1 << 7 : a1 >> (7 * l - 7)) & 0x3f80u) | lane4s;
-        const u32 sel = tab_word(go) | tab_word(so);
+        const u32 sel = tab_word(tab, go) | tab_word(tab, so);
         s = dp4a((int)iq2_signed4(pos, sel), xw[2 * l], s);
         s = dp4a((int)iq2_signed4(pos, sel >> 16), xw[2 * l + 1], s);
     }
     return s * (2 * (int)(a1 >> 28) + 1);
 }
+
+// The sign table's offset in the IQ2_XXS tables, read once from memory (volatile) so
+// that lane4 + it stays one register: left a constant, ptxas rebuilds the sum (one more
+// or per lookup) to save the register.
+__device__ const u32 IQ2_SIGN_TAB = 256u * 128u;
+__device__ __forceinline__ u32 iq2_sign_tab() { return *(const volatile u32*)&IQ2_SIGN_TAB; }
 
 // Shared memory of a version-2 kernel (kernels.rs `KV2Variant::smem` computes the same).
 #define MV2_AUX(TY) ((TY) == TY_IQ2_XXS ? 4 : 16)
@@ -1064,7 +1069,7 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     // kernel's tail.
     if (TY == TY_IQ2_XXS) {
         if (MATH == 0) {
-            iq2_tables_fill();
+            iq2_tables_fill((uint4*)mv2_smem);
         } else {
             if (threadIdx.x < 256) ((u64*)mv2_smem)[threadIdx.x] = IQ2XXS_GRID[threadIdx.x];
             __syncthreads();
@@ -1186,8 +1191,8 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
                 const u16 d = (u16)(*(const u32*)aux >> dsh);
                 int sum;
                 if (MATH == 0) {
-                    sum = iq2_group_tab(c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
-                          iq2_group_tab(c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
+                    sum = iq2_group_tab(mv2_smem, c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                          iq2_group_tab(mv2_smem, c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
                 } else {
                     const u64* grid = (const u64*)mv2_smem;
                     sum = iq2_group(c.x, c.y, xv[i][0], xv[i][1], grid) +
@@ -1261,6 +1266,366 @@ MV_K_V2_Q2K(1, 8, 16)
 MV_K_V2_Q2K(1, 4, 32)
 MV_K_V2_Q2K(2, 4, 8)
 MV_K_V2_Q2K(2, 8, 8)
+
+// ---------------------------------------------------------------------------
+// IQ2_XXS / Q2_K decode matvec, version 2 fast (`mv2f`): version 2's ring and
+// arithmetic with fewer instructions a row and more independent work a warp.
+// - R rows a step: a warp takes rows R·g .. R·g + R - 1 of groups g = gw, gw + nw, ...
+//   (static), decodes them interleaved (independent chains) and reduces them together:
+//   each butterfly step halves the rows a lane holds (rows_reduce), so R rows cost
+//   5 shuffles, not 5·R. The adds pair the lanes as warp_sum does: sums are bit-equal
+//   to version 2's.
+// - A stage holds R rows laid out as version 2's stage (a lane copies and reads back
+//   only its own bytes: no warp barrier, which would also cost the table lookups their
+//   uniform base register).
+// - Rows find their matrix through cursors that step on only at a segment end (rows
+//   come in increasing order), not by a search per row.
+// - Q2_K: the four scale bytes of a lane gathered with one prmt; Σ sc·t and Σ m·bsums
+//   as two dp2a each (t and the per-lane bsums packed in 16-bit pairs): exact integers.
+// - IQ2_XXS tables: MATH 0 version 2's (MATH 0) in static shared memory (constant
+//   addresses); MATH 1 the prmt-addressed tables (iq2_group_prmt: one op less per
+//   8 weights) in the first 64 KB of dynamic memory. Then W·NST stages of R rows
+//   (kernels.rs `KV2Variant::smem`).
+// No row counters (the host keeps version 2 for DS4_MV_K_V2_DYN).
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ int dp2a_lo_su(int a, u32 b, int c) {
+    int r;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+__device__ __forceinline__ int dp2a_hi_su(int a, u32 b, int c) {
+    int r;
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// IQ2_XXS tables of the fast form's MATH 1 (64 KB, dynamic shared memory): row e
+// (256 bytes) holds grid point e's level-code word in bytes 0..127 and the sign word of
+// field e & 127 in bytes 128..255, each 32 times (lane l reads word l). A row offset
+// is then a byte of the codes moved up one byte by a prmt that also brings in the
+// lane's word offset: grid index byte l of a0; sign field l is byte l of a1 << l (its
+// eighth bit belongs to the next field or the scale: the table ignores it).
+// Needs at least 256 threads.
+__device__ __forceinline__ void iq2_tables_fill_prmt(uint4* tab) {
+    const int t = threadIdx.x;
+    if (t < 256) {
+        const u64 g = IQ2XXS_GRID[t];
+        u32 v = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const u32 b = (u32)(g >> (8 * i)) & 255u;
+            v |= (b == 0x08u ? 0u : b == 0x19u ? 1u : 2u) << (4 * i);
+        }
+        tab[16 * t] = make_uint4(v, v, v, v);
+        const u32 f = (u32)t & 127u;
+        const u32 sp = f | ((u32)(__popc(f) & 1) << 7);
+        u32 w = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) w |= ((sp >> i) & 1u) << (4 * i + 2);
+        tab[16 * t + 8] = make_uint4(w, w, w, w);
+    }
+    __syncthreads();
+    for (int c = t; c < 256 * 16; c += blockDim.x) {
+        if ((c & 7) == 0) continue;  // written above
+        const u32 v = tab[c & ~7].x;
+        tab[c] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+}
+
+// One IQ2_XXS group with the MATH 1 tables (the integer of iq2_group_tab).
+// lane4 = 4·lane, lane4s = lane4 + 128.
+__device__ __forceinline__ int iq2_group_prmt(const u8* tab, u32 a0, u32 a1, const int4& xa,
+                                              const int4& xb, u32 lane4, u32 lane4s, u32 pos) {
+    const int xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    const u32 af[4] = {a1, a1 << 1, a1 << 2, a1 << 3};
+    int s = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        // result bytes: lane word offset, code byte l, 0, 0
+        const u32 go = prmt(a0, lane4, 0x5504u | (l << 4));
+        const u32 so = prmt(af[l], lane4s, 0x5504u | (l << 4));
+        const u32 sel = tab_word(tab, go) | tab_word(tab, so);
+        s = dp4a((int)iq2_signed4(pos, sel), xw[2 * l], s);
+        s = dp4a((int)iq2_signed4(pos, sel >> 16), xw[2 * l + 1], s);
+    }
+    return s * (2 * (int)(a1 >> 28) + 1);
+}
+
+// Rows of one matrix segment for a warp walking rows upwards: `base` + r·(row bytes,
+// or 4 for outputs) is row r's address while r < `end`.
+struct MvCursor {
+    int seg, end;
+    long long base;
+};
+
+// The cursor of row r's segment, stepping on from `c` (r never decreases). OUT: output
+// rows of slot `slot`, else weight rows of expert offset e_off.
+template <bool OUT, int ROW_BYTES>
+__device__ __forceinline__ void mv_cursor_step(const MvSegs& sg, MvCursor& c, int r,
+                                               long long e_off, int slot) {
+    if (r < c.end) return;
+    int s = c.seg;
+    while (s + 1 < sg.n && r >= sg.start[s + 1]) s++;
+    c.seg = s;
+    c.end = s + 1 < sg.n ? sg.start[s + 1] : 0x7fffffff;
+    if (OUT)
+        c.base = (long long)sg.y[s] + 4ll * ((long long)slot * sg.ldy[s] - sg.start[s]);
+    else
+        c.base = (long long)sg.w[s] + e_off - (long long)sg.start[s] * ROW_BYTES;
+}
+
+// v[q] = lane partials of row q (R a power of two <= 32): on return v[0] holds the
+// warp sum of row lane / (32 / R) in lanes that are multiples of 32 / R. A step at
+// offset o keeps the upper half of the rows in lanes with bit o, the lower in the
+// others, and adds the partner's: the same pairs, in the same order, as warp_sum.
+template <int R>
+__device__ __forceinline__ void rows_reduce(float (&v)[R], int lane) {
+    int o = 16;
+#pragma unroll
+    for (int n = R; n > 1; n >>= 1, o >>= 1) {
+        const bool up = (lane & o) != 0;
+#pragma unroll
+        for (int i = 0; i < n / 2; i++) {
+            const float keep = up ? v[i + n / 2] : v[i];
+            const float send = up ? v[i] : v[i + n / 2];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+    }
+#pragma unroll
+    for (; o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+}
+
+template <int TY, int PPL, int R, int NST, int MATH, int W>
+__device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_stride,
+                                         const int* __restrict__ ids, const i8* __restrict__ xq,
+                                         const float* __restrict__ xd,
+                                         const i16* __restrict__ xbs, int x_group) {
+    constexpr int K = 2048 * PPL;
+    constexpr int ROW_BYTES = TY == TY_IQ2_XXS ? K / 256 * 66 : K / 256 * 84;
+    constexpr int AUX = MV2_AUX(TY);
+    constexpr int RS = MV2_STAGE(TY, PPL);  // a row in a stage
+    constexpr int STAGE = R * RS;
+    // The IQ2_XXS tables in static shared memory: their addresses are constants, so a
+    // lookup is one LDS [offset + constant] (no base register add).
+    // MATH 1: the prmt-addressed tables (iq2_tables_fill_prmt) in the first 64 KB of
+    // dynamic shared memory instead.
+    __shared__ __align__(16) u8 tab_s[TY == TY_IQ2_XXS && MATH == 0 ? IQ2_TAB_ROWS * 128 : 16];
+    constexpr int DYN_TAB = TY == TY_IQ2_XXS && MATH == 1 ? 65536 : 0;
+    const u8* tab = DYN_TAB ? mv2_smem : tab_s;
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // constant data: under the previous kernel's tail
+    if (TY == TY_IQ2_XXS) {
+        if (MATH == 0)
+            iq2_tables_fill((uint4*)tab_s);
+        else
+            iq2_tables_fill_prmt((uint4*)mv2_smem);
+    }
+    const int slot = blockIdx.y;
+    if (ids) PDL_WAIT();
+    const long long e_off = (long long)(ids ? ids[slot] : slot) * w_expert_stride;
+    const int total = sg.start[sg.n];
+    const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
+    const u32 ring_sa = smem_addr(mv2_smem) + DYN_TAB + warp * (NST * STAGE);
+    const u8* ring = mv2_smem + DYN_TAB + warp * (NST * STAGE);
+    // This lane's bytes of a row beyond its codes, as version 2.
+    const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
+                                         : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
+    const int dm_off = K / 4 + K / 16 + 4 * (lane >> 2);  // Q2_K
+    MvCursor wc{-1, -1, 0};  // weight rows (issue order)
+    // Copies row r (at `row`) into row q of stage st.
+    auto copy_row = [&](const u8* row, int st, int q) {
+        const u32 sa = ring_sa + st * STAGE + q * RS + 16 * lane;
+        const u32 sx = ring_sa + st * STAGE + q * RS + PPL * 512 + AUX * lane;
+        const u8* ra = row + aux_off;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            cp_async16s(sa + 512 * i, row + 16 * lane + 512 * i);
+            if (TY == TY_IQ2_XXS) {
+                cp_async4s(sx + 4 * 32 * i, ra + 16 * i);
+            } else {
+                cp_async8s(sx + 16 * 32 * i, ra + 128 * i);
+                cp_async4s(sx + 16 * 32 * i + 8, row + dm_off + 32 * i);
+            }
+        }
+    };
+    // Copies the rows of group g into stage st; one commit group either way. Rows of
+    // one matrix (nearly always) are ROW_BYTES apart: one address for the group.
+    auto issue = [&](int g, int st) {
+        const int r0 = R * g;
+        if (r0 < total) {
+            mv_cursor_step<false, ROW_BYTES>(sg, wc, r0, e_off, slot);
+            if (r0 + R - 1 < wc.end && r0 + R - 1 < total) {
+                const u8* row0 = (const u8*)(wc.base + (long long)r0 * ROW_BYTES);
+#pragma unroll
+                for (int q = 0; q < R; q++) copy_row(row0 + q * ROW_BYTES, st, q);
+            } else {
+#pragma unroll
+                for (int q = 0; q < R; q++) {
+                    const int r = r0 + q;
+                    if (r < total) {
+                        mv_cursor_step<false, ROW_BYTES>(sg, wc, r, e_off, slot);
+                        copy_row((const u8*)(wc.base + (long long)r * ROW_BYTES), st, q);
+                    }
+                }
+            }
+        }
+        cp_async_commit();
+    };
+    int g_next = gw;
+#pragma unroll
+    for (int st = 0; st < NST - 1; st++) {
+        issue(g_next, st);
+        g_next += nw;
+    }
+    if (!ids) PDL_WAIT();  // the first rows above stream in while the previous kernel finishes
+    if (R * gw >= total) {
+        cp_async_wait_n<0>();
+        return;
+    }
+    // This lane's activation share (as version 2).
+    const long long arow = slot / x_group;
+    const i8* xa = xq + arow * K;
+    const int h = lane & 1;
+    int4 xv[PPL][4];
+    float xsc[PPL];
+    int bs01[PPL], bs23[PPL];  // Q2_K: bsums of sub-blocks 8n + 2j + h, j = 0, 1 / 2, 3
+#pragma unroll
+    for (int i = 0; i < PPL; i++) {
+        const int p = lane + 32 * i;
+        if (TY == TY_IQ2_XXS) {
+            const int4* xp = (const int4*)(xa + 64 * p);
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[i][j] = xp[j];
+            xsc[i] = 0.125f * xd[arow * (K / 256) + (p >> 2)];
+        } else {
+            const int b = p >> 2, n = (p >> 1) & 1;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                xv[i][j] = *(const int4*)(xa + 256 * b + 128 * n + 32 * j + 16 * h);
+            const uint4 bsw = *(const uint4*)(xbs + arow * (K / 16) + 16 * b + 8 * n);
+            const u32 sel = h ? 0x7632u : 0x5410u;
+            bs01[i] = (int)prmt(bsw.x, bsw.y, sel);
+            bs23[i] = (int)prmt(bsw.z, bsw.w, sel);
+            xsc[i] = xd[arow * (K / 256) + b];
+        }
+    }
+    const u32 lane4 = 4u * (u32)lane;
+    const u32 lane4s = MATH == 0 ? lane4 + iq2_sign_tab() : lane4 + 128u;
+    const u32 lv_pos = iq2_lv_pos();
+    const u32 sc_sel = h ? 0x7531u : 0x6420u;  // Q2_K: scale bytes h, 2 + h of two words
+    const u32 dsh = (lane & 4) ? 16u : 0u;       // IQ2_XXS: d of block p / 4 in the pair
+    constexpr int LSH = R == 1 ? 5 : R == 2 ? 4 : R == 4 ? 3 : 2;  // log2(32 / R)
+    static_assert(R == 1 || R == 2 || R == 4 || R == 8, "rows a step");
+    const int my_q = lane >> LSH;  // the row this lane stores (lanes 32/R·q)
+    const bool storer = (lane & ((1 << LSH) - 1)) == 0;
+    MvCursor yc{-1, -1, 0};  // output rows (this lane's row of each group)
+    int st = 0;
+    for (int g = gw; R * g < total; g += nw) {
+        const int ahead = st == 0 ? NST - 1 : st - 1;  // the stage read one step ago
+        issue(g_next, ahead);
+        g_next += nw;
+        cp_async_wait_n<NST - 1>();
+        const u8* s = ring + st * STAGE;
+        float acc[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) acc[q] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PPL; i++) {
+            const int p = lane + 32 * i;
+#pragma unroll
+            for (int q = 0; q < R; q++) {
+                const u8* sr = s + q * RS;
+                const uint4 c = *(const uint4*)(sr + 16 * p);
+                const u8* aux = sr + PPL * 512 + AUX * p;
+                if (TY == TY_IQ2_XXS) {
+                    const u16 d = (u16)(*(const u32*)aux >> dsh);
+                    const int sum =
+                        MATH == 0
+                            ? iq2_group_tab(tab, c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                                  iq2_group_tab(tab, c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos)
+                            : iq2_group_prmt(tab, c.x, c.y, xv[i][0], xv[i][1], lane4, lane4s, lv_pos) +
+                                  iq2_group_prmt(tab, c.z, c.w, xv[i][2], xv[i][3], lane4, lane4s, lv_pos);
+                    acc[q] += (h2f(d) * xsc[i]) * (float)sum;
+                } else {
+                    const uint2 wsc = *(const uint2*)aux;
+                    const u32 wdm = *(const u32*)(aux + 8);
+                    const u32 sc4 = prmt(wsc.x, wsc.y, sc_sel);  // byte j: sub-block 8n + 2j + h
+                    int t[4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const u32 mask = 0x03030303u << (2 * j);
+                        int u = dp4a_us(c.x & mask, xv[i][j].x, 0);
+                        u = dp4a_us(c.y & mask, xv[i][j].y, u);
+                        u = dp4a_us(c.z & mask, xv[i][j].z, u);
+                        u = dp4a_us(c.w & mask, xv[i][j].w, u);
+                        t[j] = u >> (2 * j);  // exact: every code was 4^j times too large
+                    }
+                    // |t| <= 16·3·127: the 16-bit halves hold them exactly
+                    const u32 lo = sc4 & 0x0f0f0f0fu, hi = (sc4 >> 4) & 0x0f0f0f0fu;
+                    int S = dp2a_lo_su((int)prmt((u32)t[0], (u32)t[1], 0x5410u), lo, 0);
+                    S = dp2a_hi_su((int)prmt((u32)t[2], (u32)t[3], 0x5410u), lo, S);
+                    int M = dp2a_lo_su(bs01[i], hi, 0);
+                    M = dp2a_hi_su(bs23[i], hi, M);
+                    const float dall = xsc[i] * h2f((u16)(wdm & 0xffffu));
+                    const float dmin = xsc[i] * h2f((u16)(wdm >> 16));
+                    acc[q] += dall * (float)S - dmin * (float)M;
+                }
+            }
+        }
+        rows_reduce<R>(acc, lane);
+        const int r = R * g + my_q;
+        if (storer && r < total) {
+            mv_cursor_step<true, 4>(sg, yc, r, 0, slot);
+            asm volatile("st.global.f32 [%0], %1;" ::"l"(yc.base + 4ll * r), "f"(acc[0]) : "memory");
+        }
+        st = st == NST - 1 ? 0 : st + 1;
+    }
+    cp_async_wait_n<0>();
+}
+
+// Blocks per multiprocessor asked of ptxas (register cap): two of up to 8 warps; Q2_K
+// (small stages) also two of 16 warps (<= 64 registers); else one.
+#define MV_K_V2F_MINB(TY, W) ((W) <= 8 || ((TY) == TY_Q2_K && (W) <= 16) ? 2 : 1)
+#define MV_K_V2F(NAME, TY, PPL, R, NST, MATH, W)                                                \
+    extern "C" __global__ void __launch_bounds__((W) * 32, MV_K_V2F_MINB(TY, W)) NAME(          \
+        MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
+        const i8* __restrict__ xq, const float* __restrict__ xd,                                \
+        const i16* __restrict__ xbs, int x_group, unsigned* __restrict__ ctr) {                \
+        mv_k_v2f<TY, PPL, R, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);    \
+    }
+// Names: mv2f_{iq2_xxs,q2_k}_p{PPL}_r{R}_s{NST}_m{MATH}_w{W}; kernels.rs `K_V2_VARIANTS`.
+// Same arguments as version 2 (`ctr` unused). MATH: IQ2_XXS tables, 0 static (48 KB),
+// 1 prmt-addressed (64 KB dynamic).
+#define MV_K_V2F_IQ2(PPL, R, NST, MATH, W)                                                     \
+    MV_K_V2F(mv2f_iq2_xxs_p##PPL##_r##R##_s##NST##_m##MATH##_w##W, TY_IQ2_XXS, PPL, R, NST, MATH, \
+             W)
+#define MV_K_V2F_Q2K(PPL, R, NST, W) \
+    MV_K_V2F(mv2f_q2_k_p##PPL##_r##R##_s##NST##_m0_w##W, TY_Q2_K, PPL, R, NST, 0, W)
+MV_K_V2F_IQ2(1, 2, 3, 0, 8)
+MV_K_V2F_IQ2(2, 1, 3, 0, 8)
+MV_K_V2F_IQ2(2, 2, 2, 0, 8)
+MV_K_V2F_IQ2(2, 2, 3, 0, 8)
+MV_K_V2F_IQ2(2, 4, 2, 0, 8)
+MV_K_V2F_IQ2(2, 2, 3, 0, 16)
+MV_K_V2F_IQ2(2, 2, 3, 0, 20)
+MV_K_V2F_IQ2(2, 2, 2, 0, 24)
+MV_K_V2F_IQ2(2, 2, 2, 0, 32)
+MV_K_V2F_IQ2(1, 2, 2, 1, 8)
+MV_K_V2F_IQ2(2, 2, 2, 1, 8)
+MV_K_V2F_IQ2(2, 2, 3, 1, 16)
+MV_K_V2F_IQ2(2, 2, 2, 1, 24)
+MV_K_V2F_IQ2(2, 2, 2, 1, 32)
+MV_K_V2F_IQ2(2, 4, 2, 1, 16)
+MV_K_V2F_Q2K(1, 1, 4, 8)
+MV_K_V2F_Q2K(1, 2, 3, 8)
+MV_K_V2F_Q2K(1, 2, 4, 8)
+MV_K_V2F_Q2K(1, 4, 2, 8)
+MV_K_V2F_Q2K(1, 4, 3, 8)
+MV_K_V2F_Q2K(2, 2, 3, 8)
+MV_K_V2F_Q2K(1, 1, 4, 16)
+MV_K_V2F_Q2K(1, 2, 3, 16)
 
 // acc + Σ of 8 f16 weights (one 16-byte piece) times 8 f32 activations, in order.
 __device__ __forceinline__ float fma8_f16(uint4 w, float4 xa, float4 xb, float acc) {

@@ -470,7 +470,10 @@ fn parse_f16_forces(spec: &str) -> Vec<F16Force> {
 
 /// A version-2 IQ2_XXS / Q2_K decode matvec (`mv2_{type}_p{ppl}_s{nst}_m{math}_w{warps}`):
 /// K = 2048·`ppl`, `nst` ring stages per warp, `math` 0 (IQ2_XXS lookup tables) or 1
-/// (IQ2_XXS signs computed, as the register kernels), `warps` per block.
+/// (IQ2_XXS signs computed, as the register kernels), `warps` per block. `rows` > 0:
+/// the fast form (`mv2f_{type}_p{ppl}_r{rows}_s{nst}_m{math}_w{warps}`, matvec.cu
+/// `MV_K_V2F`), `rows` rows a warp step, no row counters; its `math` is the IQ2_XXS
+/// table form: 0 static (48 KB), 1 prmt-addressed (64 KB of the dynamic memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KV2Variant {
     pub ty: GgmlType,
@@ -478,6 +481,7 @@ pub struct KV2Variant {
     pub nst: usize,
     pub math: usize,
     pub warps: usize,
+    pub rows: usize,
 }
 
 impl KV2Variant {
@@ -488,6 +492,25 @@ impl KV2Variant {
             nst,
             math,
             warps,
+            rows: 0,
+        }
+    }
+
+    const fn fast(
+        ty: GgmlType,
+        ppl: usize,
+        rows: usize,
+        nst: usize,
+        math: usize,
+        warps: usize,
+    ) -> Self {
+        Self {
+            ty,
+            ppl,
+            nst,
+            math,
+            warps,
+            rows,
         }
     }
 
@@ -497,22 +520,31 @@ impl KV2Variant {
         } else {
             "q2_k"
         };
+        if self.rows > 0 {
+            return format!(
+                "mv2f_{t}_p{}_r{}_s{}_m{}_w{}",
+                self.ppl, self.rows, self.nst, self.math, self.warps
+            );
+        }
         format!(
             "mv2_{t}_p{}_s{}_m{}_w{}",
             self.ppl, self.nst, self.math, self.warps
         )
     }
 
-    /// Dynamic shared memory (matvec.cu `MV2_TAB` + W · NST · `MV2_STAGE`).
+    /// Dynamic shared memory (matvec.cu `MV2_TAB` + W · NST · `MV2_STAGE`; the fast
+    /// form its IQ2_XXS `DYN_TAB` + W · NST · R · `MV2_STAGE`).
     fn smem(&self) -> usize {
         let iq2 = self.ty == GgmlType::IQ2_XXS;
         let tab = match (iq2, self.math) {
+            (true, 1) if self.rows > 0 => 65536,
+            _ if self.rows > 0 => 0,
             (false, _) => 0,
             (true, 0) => 384 * 128,
             (true, _) => 2048,
         };
         let aux = if iq2 { 4 } else { 16 };
-        tab + self.warps * self.nst * self.ppl * 32 * (16 + aux)
+        tab + self.warps * self.nst * self.rows.max(1) * self.ppl * 32 * (16 + aux)
     }
 }
 
@@ -528,7 +560,7 @@ pub enum KV2Force {
 }
 
 /// The compiled version-2 kernels (matvec.cu `MV_K_V2_IQ2` / `MV_K_V2_Q2K`).
-const K_V2_VARIANTS: [KV2Variant; 17] = {
+const K_V2_VARIANTS: [KV2Variant; 40] = {
     use GgmlType::{IQ2_XXS, Q2_K};
     [
         KV2Variant::new(IQ2_XXS, 1, 3, 0, 8),
@@ -548,6 +580,30 @@ const K_V2_VARIANTS: [KV2Variant; 17] = {
         KV2Variant::new(Q2_K, 1, 4, 0, 32),
         KV2Variant::new(Q2_K, 2, 4, 0, 8),
         KV2Variant::new(Q2_K, 2, 8, 0, 8),
+        // (type, PPL, R, NST, MATH, W) of matvec.cu `MV_K_V2F_IQ2` / `MV_K_V2F_Q2K`
+        KV2Variant::fast(IQ2_XXS, 1, 2, 3, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 1, 3, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 4, 2, 0, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 0, 16),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 0, 20),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 0, 24),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 0, 32),
+        KV2Variant::fast(IQ2_XXS, 1, 2, 2, 1, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 8),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 3, 1, 16),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 24),
+        KV2Variant::fast(IQ2_XXS, 2, 2, 2, 1, 32),
+        KV2Variant::fast(IQ2_XXS, 2, 4, 2, 1, 16),
+        KV2Variant::fast(Q2_K, 1, 1, 4, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 2, 3, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 2, 4, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 4, 2, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 4, 3, 0, 8),
+        KV2Variant::fast(Q2_K, 2, 2, 3, 0, 8),
+        KV2Variant::fast(Q2_K, 1, 1, 4, 0, 16),
+        KV2Variant::fast(Q2_K, 1, 2, 3, 0, 16),
     ]
 };
 
@@ -556,11 +612,23 @@ const K_V2_SITES: usize = 256;
 /// Slots per launch the row counters cover (larger launches take static rows).
 const K_V2_CTR_SLOTS: usize = 64;
 
-/// The (NST, MATH, W) of the version-2 kernels used per type.
+/// The (NST, MATH, W) of the version-2 kernels used per type, and the (R, NST, W) of
+/// the fast form, used first unless `DS4_MV2_FAST=0` (or row counters are on).
 #[derive(Debug, Clone, Copy)]
 struct KV2Pick {
     iq2: (usize, usize, usize),
     q2k: (usize, usize, usize),
+    fast: bool,
+    iq2_fast: (usize, usize, usize, usize),
+    q2k_fast: (usize, usize, usize, usize),
+}
+
+/// `r{R}s{NST}m{MATH}w{W}` (`m`, `w` parts optional: 0 and 8) as (R, NST, MATH, W).
+fn parse_k_v2_fast_pick(v: &str) -> Option<(usize, usize, usize, usize)> {
+    let v = v.trim().strip_prefix('r')?;
+    let (rows, rest) = v.split_at(v.find('s')?);
+    let (nst, math, warps) = parse_k_v2_pick(rest)?;
+    Some((rows.parse().ok()?, nst, math, warps))
 }
 
 /// `s{NST}m{MATH}w{W}` (`m`, `w` parts optional: 0 and 8) as (NST, MATH, W).
@@ -591,11 +659,54 @@ impl KV2Pick {
         };
         // H100, whole decode step at 2K: s3 / s4 156.7, 156.9 -> 158.7, 158.7 tok/s
         // against s4 / s8 (routed products alone: gate+up 16.9 -> 15.7 us, down 11.2 -> 9.5).
+        let pick_fast = |var: &str, dflt| match std::env::var(var) {
+            Err(_) => dflt,
+            Ok(v) => parse_k_v2_fast_pick(&v).unwrap_or_else(|| {
+                tracing::warn!("{var}={v}: expected r<R>s<NST>m<MATH>w<W>, using the default");
+                dflt
+            }),
+        };
         Self {
             iq2: pick("DS4_MV_K_V2_IQ2", (3, 0, 8)),
             q2k: pick("DS4_MV_K_V2_Q2K", (4, 0, 8)),
+            fast: crate::launch::env_switch("DS4_MV2_FAST"),
+            // Not measured yet (no GPU when written): 2 rows a step; IQ2_XXS 2 rows and
+            // Q2_K 4 rows ahead per warp, near version 2's best depths (2 and 3).
+            iq2_fast: pick_fast("DS4_MV2_FAST_IQ2", (2, 2, 1, 8)),
+            q2k_fast: pick_fast("DS4_MV2_FAST_Q2K", (2, 3, 0, 8)),
         }
     }
+}
+
+#[cfg(test)]
+#[test]
+fn k_v2_fast_pick_parses() {
+    assert_eq!(parse_k_v2_fast_pick("r2s3m1w8"), Some((2, 3, 1, 8)));
+    assert_eq!(parse_k_v2_fast_pick("r2s3w8"), Some((2, 3, 0, 8)));
+    assert_eq!(parse_k_v2_fast_pick("r4s2"), Some((4, 2, 0, 8)));
+    assert_eq!(parse_k_v2_fast_pick(" r2s3w16 "), Some((2, 3, 0, 16)));
+    assert_eq!(parse_k_v2_fast_pick("s3w8"), None);
+    assert_eq!(parse_k_v2_fast_pick("r2"), None);
+    assert_eq!(parse_k_v2_fast_pick("r2s"), None);
+    assert_eq!(parse_k_v2_fast_pick("r2s3w"), None);
+    assert_eq!(
+        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 3, 0, 8).name(),
+        "mv2f_iq2_xxs_p2_r2_s3_m0_w8"
+    );
+    // Ring only (static tables): 8 warps x 3 stages x 2 rows x 1280 bytes.
+    assert_eq!(
+        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 3, 0, 8).smem(),
+        61440
+    );
+    // 64 KB of tables, then the ring.
+    assert_eq!(
+        KV2Variant::fast(GgmlType::IQ2_XXS, 2, 2, 2, 1, 8).smem(),
+        65536 + 40960
+    );
+    assert_eq!(
+        KV2Variant::fast(GgmlType::Q2_K, 1, 2, 4, 0, 8).smem(),
+        65536
+    );
 }
 
 #[cfg(test)]
@@ -1142,7 +1253,12 @@ impl Kernels {
             tracing::trace!("matvec {} via {}", m.ty.name(), v.name());
             let stride = m.w_slot_stride as i64;
             let x_group = m.x_group as i32;
-            let ctr = self.k_v2_counters(m.w, m.slots);
+            // The fast form has no row counters.
+            let ctr = if v.rows == 0 {
+                self.k_v2_counters(m.w, m.slots)
+            } else {
+                0
+            };
             let mut b = KernelArgs::new();
             b.arg(&sg)
                 .arg(&stride)
@@ -1412,7 +1528,23 @@ impl Kernels {
                 .get(forced - 1)
                 .filter(|(v, _, _)| v.ty == ty && v.ppl == ppl);
         }
-        let (nst, math, warps) = if ty == GgmlType::IQ2_XXS {
+        let iq2 = ty == GgmlType::IQ2_XXS;
+        let dyn_rows = self.k_v2_dyn
+            || self
+                .k_v2_dyn_forced
+                .load(std::sync::atomic::Ordering::Relaxed);
+        if self.k_v2_pick.fast && !dyn_rows {
+            let (rows, nst, math, warps) = if iq2 {
+                self.k_v2_pick.iq2_fast
+            } else {
+                self.k_v2_pick.q2k_fast
+            };
+            let want = KV2Variant::fast(ty, ppl, rows, nst, math, warps);
+            if let Some(found) = self.mv_k_v2.iter().find(|(v, _, _)| *v == want) {
+                return Some(found);
+            }
+        }
+        let (nst, math, warps) = if iq2 {
             self.k_v2_pick.iq2
         } else {
             self.k_v2_pick.q2k

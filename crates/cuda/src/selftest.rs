@@ -622,6 +622,27 @@ fn run_k_v2_checks(
             segs: 3,
             ..routed("Q2_K    3 x (2048->200) routed 6", Q2_K, 2048, 200, 1)
         },
+        // Odd segment ends: a warp's rows of one step (mv2f) span two matrices.
+        Case {
+            segs: 2,
+            ..routed(
+                "IQ2_XXS 2 x (4096->37) routed 6 (odd segments)",
+                IQ2_XXS,
+                4096,
+                37,
+                1,
+            )
+        },
+        Case {
+            segs: 3,
+            ..routed(
+                "Q2_K    3 x (2048->37) routed 6 (odd segments)",
+                Q2_K,
+                2048,
+                37,
+                1,
+            )
+        },
     ];
     let mut out = Vec::new();
     for v in kern.k_v2_variants() {
@@ -644,6 +665,13 @@ fn run_k_v2_checks(
         }
     }
     kern.force_k_v2(KV2Force::Env);
+    // The default pick (the fast form unless DS4_MV2_FAST=0) on every shape.
+    for c in &shapes {
+        let mut r = run_case(kern, rng, c)?;
+        r.name = format!("mv2 default {}", r.name);
+        report(&r);
+        out.push(r);
+    }
     // Rows from the per-slot counters (`DS4_MV_K_V2_DYN`), default variants, every
     // shape twice: the second launch finds the counters the first left behind.
     kern.force_k_v2_dyn(true);
