@@ -671,10 +671,12 @@ impl KV2Pick {
             q2k: pick("DS4_MV_K_V2_Q2K", (4, 0, 8)),
             fast: crate::launch::env_switch("DS4_MV2_FAST"),
             // H100 (ncu, isolated): gate+up 20.06 -> 17.79 us, down 12.06 -> 10.34 us
-            // (mv2 s3 / s4 before); step 5.70 -> 5.65 ms. Still latency-bound: the
-            // w24 / w32 (IQ2_XXS) and w16 (Q2_K) variants have more warps per SM, not
-            // yet timed.
-            iq2_fast: pick_fast("DS4_MV2_FAST_IQ2", (2, 2, 1, 8)),
+            // (mv2 s3 / s4 before); step 5.70 -> 5.65 ms. Whole step at 2K by IQ2_XXS
+            // pick: r2s2m0w8 5.598 / 5.605 ms, r2s2m1w24 5.625 / 5.624, r2s2m1w8 5.660 /
+            // 5.676, r2s3m0w8 5.701 (m1's 104 KB of shared memory per block is faster
+            // alone, 13.2 against 13.8 us, but slower beside the side branch's kernels).
+            // Q2_K: r2s3w8 5.660, r2s4w8 5.682; the w16 forms slower.
+            iq2_fast: pick_fast("DS4_MV2_FAST_IQ2", (2, 2, 0, 8)),
             q2k_fast: pick_fast("DS4_MV2_FAST_Q2K", (2, 3, 0, 8)),
         }
     }
