@@ -1053,6 +1053,65 @@ __device__ __forceinline__ u32 iq2_sign_tab() { return *(const volatile u32*)&IQ
 #define MV2_TAB(TY, MATH) ((TY) == TY_IQ2_XXS ? ((MATH) == 0 ? IQ2_TAB_ROWS * 128 : 2048) : 0)
 #define MV2_STAGE(TY, PPL) ((PPL) * 32 * (16 + MV2_AUX(TY)))
 
+// A version-2 row's layout per lane (piece p = lane + 32i): its 16-byte code pieces
+// at 16·lane + 512i; beyond the codes IQ2_XXS the f16 pair holding d of block p / 4 at
+// K/4 + 4(p / 8); Q2_K the 8 scale bytes at K/4 + 16(p / 4) + 8((p / 2) & 1) and (d,
+// dmin) at K/4 + K/16 + 4(p / 4). Copies this lane's part of `row` into a stage row
+// whose codes start at `sa` (this lane's first piece) and aux bytes at `sx` (the row's
+// aux area, lane 0).
+template <int TY, int PPL>
+__device__ __forceinline__ void mv2_copy_row(u32 sa, u32 sx, const u8* row, int lane) {
+    constexpr int K = 2048 * PPL;
+    constexpr int AUX = MV2_AUX(TY);
+    const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
+                                         : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
+    const int dm_off = K / 4 + K / 16 + 4 * (lane >> 2);  // Q2_K
+    const u8* ra = row + aux_off;
+    sx += AUX * lane;
+#pragma unroll
+    for (int i = 0; i < PPL; i++) {
+        cp_async16s(sa + 512 * i, row + 16 * lane + 512 * i);
+        if (TY == TY_IQ2_XXS) {
+            cp_async4s(sx + 4 * 32 * i, ra + 16 * i);
+        } else {
+            cp_async8s(sx + 16 * 32 * i, ra + 128 * i);
+            cp_async4s(sx + 16 * 32 * i + 8, row + dm_off + 32 * i);
+        }
+    }
+}
+
+// This lane's share of one token's quantized activation (row `arow`): 64 codes per
+// piece (IQ2_XXS: groups 2(p & 3), +1 of block p / 4; Q2_K: the four 16-code runs of
+// sub-blocks 8n + 2j + h), the block scale (IQ2_XXS with its 1/8) and, Q2_K, the word
+// of bsums of sub-blocks 8n + 0..7 (the kernels pick their halves).
+template <int TY, int PPL>
+__device__ __forceinline__ void mv2_act_share(const i8* __restrict__ xq, const float* __restrict__ xd,
+                                              const i16* __restrict__ xbs, long long arow,
+                                              int lane, int4 (&xv)[PPL][4], float (&xsc)[PPL],
+                                              uint4 (&bsw)[PPL]) {
+    constexpr int K = 2048 * PPL;
+    const i8* xa = xq + arow * K;
+    const int h = lane & 1;
+#pragma unroll
+    for (int i = 0; i < PPL; i++) {
+        const int p = lane + 32 * i;
+        if (TY == TY_IQ2_XXS) {
+            const int4* xp = (const int4*)(xa + 64 * p);
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[i][j] = xp[j];
+            xsc[i] = 0.125f * xd[arow * (K / 256) + (p >> 2)];
+            bsw[i] = make_uint4(0, 0, 0, 0);
+        } else {
+            const int b = p >> 2, n = (p >> 1) & 1;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                xv[i][j] = *(const int4*)(xa + 256 * b + 128 * n + 32 * j + 16 * h);
+            bsw[i] = *(const uint4*)(xbs + arow * (K / 16) + 16 * b + 8 * n);
+            xsc[i] = xd[arow * (K / 256) + b];
+        }
+    }
+}
+
 template <int TY, int PPL, int NST, int MATH, int W>
 __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_stride,
                                         const int* __restrict__ ids, const i8* __restrict__ xq,
@@ -1083,12 +1142,6 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
     const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
     u8* ring = mv2_smem + MV2_TAB(TY, MATH) + warp * (NST * STAGE);
     const u32 ring_sa = smem_addr(ring) + 16 * lane;  // this lane's codes in stage 0
-    // This lane's bytes of a row beyond its codes (piece p = lane + 32i): IQ2_XXS the
-    // f16 pair holding d of block p / 4 at K/4 + 4(p / 8); Q2_K the 8 scale bytes at
-    // K/4 + 16(p / 4) + 8((p / 2) & 1) and (d, dmin) at K/4 + K/16 + 4(p / 4).
-    const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
-                                         : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
-    const int dm_off = K / 4 + K / 16 + 4 * (lane >> 2);  // Q2_K
     // Copies row r's pieces of this lane into stage st; one commit group either way.
     // Rows come in increasing order, so the segment is found by stepping on.
     int isg = 0;
@@ -1098,19 +1151,7 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
             const u8* row =
                 (const u8*)sg.w[isg] + e_off + (long long)(r - sg.start[isg]) * ROW_BYTES;
             const u32 sa = ring_sa + st * STAGE;
-            const u32 sx = ring_sa - 16 * lane + st * STAGE + PPL * 512 + AUX * lane;
-            const u8* rc = row + 16 * lane;
-            const u8* ra = row + aux_off;
-#pragma unroll
-            for (int i = 0; i < PPL; i++) {
-                cp_async16s(sa + 512 * i, rc + 512 * i);
-                if (TY == TY_IQ2_XXS) {
-                    cp_async4s(sx + 4 * 32 * i, ra + 16 * i);
-                } else {
-                    cp_async8s(sx + 16 * 32 * i, ra + 128 * i);
-                    cp_async4s(sx + 16 * 32 * i + 8, row + dm_off + 32 * i);
-                }
-            }
+            mv2_copy_row<TY, PPL>(sa, sa - 16 * lane + PPL * 512, row, lane);
         }
         cp_async_commit();
     };
@@ -1137,33 +1178,19 @@ __device__ __forceinline__ void mv_k_v2(const MvSegs& sg, long long w_expert_str
         cp_async_wait_n<0>();
         return;
     }
-    // This lane's activation share: 64 codes per piece (IQ2_XXS: groups 2(p & 3), +1 of
-    // block p / 4; Q2_K: the four 16-code runs of sub-blocks 8n + 2j + h).
+    // This lane's activation share.
     const long long arow = slot / x_group;
-    const i8* xa = xq + arow * K;
     const int h = lane & 1;
     int4 xv[PPL][4];
     float xsc[PPL];
+    uint4 bsw[PPL];
+    mv2_act_share<TY, PPL>(xq, xd, xbs, arow, lane, xv, xsc, bsw);
     int bs[PPL][4];
 #pragma unroll
     for (int i = 0; i < PPL; i++) {
-        const int p = lane + 32 * i;
-        if (TY == TY_IQ2_XXS) {
-            const int4* xp = (const int4*)(xa + 64 * p);
+        const u32 bw[4] = {bsw[i].x, bsw[i].y, bsw[i].z, bsw[i].w};
 #pragma unroll
-            for (int j = 0; j < 4; j++) xv[i][j] = xp[j];
-            xsc[i] = 0.125f * xd[arow * (K / 256) + (p >> 2)];
-        } else {
-            const int b = p >> 2, n = (p >> 1) & 1;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                xv[i][j] = *(const int4*)(xa + 256 * b + 128 * n + 32 * j + 16 * h);
-            const uint4 bsw = *(const uint4*)(xbs + arow * (K / 16) + 16 * b + 8 * n);
-            const u32 bw[4] = {bsw.x, bsw.y, bsw.z, bsw.w};
-#pragma unroll
-            for (int j = 0; j < 4; j++) bs[i][j] = h ? (int)bw[j] >> 16 : (int)(short)(bw[j] & 0xffffu);
-            xsc[i] = xd[arow * (K / 256) + b];
-        }
+        for (int j = 0; j < 4; j++) bs[i][j] = h ? (int)bw[j] >> 16 : (int)(short)(bw[j] & 0xffffu);
     }
     const u32 lane4 = 4u * (u32)lane;
     const u32 lane4s = lane4 + 256u * 128u;
@@ -1429,26 +1456,11 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
     const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
     const u32 ring_sa = smem_addr(mv2_smem) + DYN_TAB + warp * (NST * STAGE);
     const u8* ring = mv2_smem + DYN_TAB + warp * (NST * STAGE);
-    // This lane's bytes of a row beyond its codes, as version 2.
-    const int aux_off = TY == TY_IQ2_XXS ? K / 4 + 4 * (lane >> 3)
-                                         : K / 4 + 16 * (lane >> 2) + 8 * ((lane >> 1) & 1);
-    const int dm_off = K / 4 + K / 16 + 4 * (lane >> 2);  // Q2_K
     MvCursor wc{-1, -1, 0};  // weight rows (issue order)
     // Copies row r (at `row`) into row q of stage st.
     auto copy_row = [&](const u8* row, int st, int q) {
-        const u32 sa = ring_sa + st * STAGE + q * RS + 16 * lane;
-        const u32 sx = ring_sa + st * STAGE + q * RS + PPL * 512 + AUX * lane;
-        const u8* ra = row + aux_off;
-#pragma unroll
-        for (int i = 0; i < PPL; i++) {
-            cp_async16s(sa + 512 * i, row + 16 * lane + 512 * i);
-            if (TY == TY_IQ2_XXS) {
-                cp_async4s(sx + 4 * 32 * i, ra + 16 * i);
-            } else {
-                cp_async8s(sx + 16 * 32 * i, ra + 128 * i);
-                cp_async4s(sx + 16 * 32 * i + 8, row + dm_off + 32 * i);
-            }
-        }
+        const u32 base = ring_sa + st * STAGE + q * RS;
+        mv2_copy_row<TY, PPL>(base + 16 * lane, base + PPL * 512, row, lane);
     };
     // Copies the rows of group g into stage st; one commit group either way. Rows of
     // one matrix (nearly always) are ROW_BYTES apart: one address for the group.
@@ -1484,32 +1496,19 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
         cp_async_wait_n<0>();
         return;
     }
-    // This lane's activation share (as version 2).
+    // This lane's activation share.
     const long long arow = slot / x_group;
-    const i8* xa = xq + arow * K;
     const int h = lane & 1;
     int4 xv[PPL][4];
     float xsc[PPL];
+    uint4 bsw[PPL];
+    mv2_act_share<TY, PPL>(xq, xd, xbs, arow, lane, xv, xsc, bsw);
     int bs01[PPL], bs23[PPL];  // Q2_K: bsums of sub-blocks 8n + 2j + h, j = 0, 1 / 2, 3
 #pragma unroll
     for (int i = 0; i < PPL; i++) {
-        const int p = lane + 32 * i;
-        if (TY == TY_IQ2_XXS) {
-            const int4* xp = (const int4*)(xa + 64 * p);
-#pragma unroll
-            for (int j = 0; j < 4; j++) xv[i][j] = xp[j];
-            xsc[i] = 0.125f * xd[arow * (K / 256) + (p >> 2)];
-        } else {
-            const int b = p >> 2, n = (p >> 1) & 1;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                xv[i][j] = *(const int4*)(xa + 256 * b + 128 * n + 32 * j + 16 * h);
-            const uint4 bsw = *(const uint4*)(xbs + arow * (K / 16) + 16 * b + 8 * n);
-            const u32 sel = h ? 0x7632u : 0x5410u;
-            bs01[i] = (int)prmt(bsw.x, bsw.y, sel);
-            bs23[i] = (int)prmt(bsw.z, bsw.w, sel);
-            xsc[i] = xd[arow * (K / 256) + b];
-        }
+        const u32 sel = h ? 0x7632u : 0x5410u;
+        bs01[i] = (int)prmt(bsw[i].x, bsw[i].y, sel);
+        bs23[i] = (int)prmt(bsw[i].z, bsw[i].w, sel);
     }
     const u32 lane4 = 4u * (u32)lane;
     const u32 lane4s = MATH == 0 ? lane4 + iq2_sign_tab() : lane4 + 128u;

@@ -70,6 +70,20 @@ fn upload(
     Ok(w)
 }
 
+/// A random `rows × k` matrix of type `ty` on the device (`upload` of `random_weights`).
+fn upload_random(
+    be: &CudaBackend,
+    keep: &Keep,
+    rng: &mut Rng,
+    name: &str,
+    ty: GgmlType,
+    k: usize,
+    rows: usize,
+) -> Result<CudaWeight> {
+    let data = random_weights(rng, ty, k * rows);
+    upload(be, keep, name, ty, &[k as u64, rows as u64], data)
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -359,22 +373,8 @@ fn hc_quant_checks(
     ];
     // The products that read y: attn_kv-like Q8_0 and a Q2_K (Q8_K activation) matrix.
     let rows = 256;
-    let w_q8 = upload(
-        be,
-        keep,
-        "fused_check_q8_0",
-        GgmlType::Q8_0,
-        &[e as u64, rows as u64],
-        random_weights(rng, GgmlType::Q8_0, e * rows),
-    )?;
-    let w_q2 = upload(
-        be,
-        keep,
-        "fused_check_q2_k",
-        GgmlType::Q2_K,
-        &[e as u64, rows as u64],
-        random_weights(rng, GgmlType::Q2_K, e * rows),
-    )?;
+    let w_q8 = upload_random(be, keep, rng, "fused_check_q8_0", GgmlType::Q8_0, e, rows)?;
+    let w_q2 = upload_random(be, keep, rng, "fused_check_q2_k", GgmlType::Q2_K, e, rows)?;
     // Every form of the split: the Sinkhorn on the side branch (the default; one token
     // only, n = 3 runs two blocks), in a second block, in the collapse's block.
     let default_split = be.hc_split();
@@ -709,14 +709,7 @@ fn rope_quant_checks(
     let mut out = Vec::new();
     let (qd, groups) = (s.q_dim(), s.o_groups);
     let (k, rows) = (qd / groups, groups * 64);
-    let w = upload(
-        be,
-        keep,
-        "fused_check_out_a",
-        GgmlType::Q8_0,
-        &[k as u64, rows as u64],
-        random_weights(rng, GgmlType::Q8_0, k * rows),
-    )?;
+    let w = upload_random(be, keep, rng, "fused_check_out_a", GgmlType::Q8_0, k, rows)?;
     for (kind, pos) in [(RopeKind::Plain, 7usize), (RopeKind::Compress, 70_001)] {
         be.begin_chunk(&[0], pos)?;
         let x_v = random_act(rng, qd);
@@ -852,21 +845,23 @@ fn qb_pair_checks(
     let mut out = Vec::new();
     let (k, qd, hd) = (s.q_lora_rank, s.q_dim(), s.head_dim);
     let iqd = s.indexer_heads * s.indexer_dim;
-    let q_b = upload(
+    let q_b = upload_random(
         be,
         keep,
+        rng,
         "blk.0.attn_q_b.weight",
         GgmlType::Q8_0,
-        &[k as u64, qd as u64],
-        random_weights(rng, GgmlType::Q8_0, k * qd),
+        k,
+        qd,
     )?;
-    let ix_q_b = upload(
+    let ix_q_b = upload_random(
         be,
         keep,
+        rng,
         "blk.0.indexer.attn_q_b.weight",
         GgmlType::F16,
-        &[k as u64, iqd as u64],
-        random_weights(rng, GgmlType::F16, k * iqd),
+        k,
+        iqd,
     )?;
     let norm_v: Vec<f32> = (0..k).map(|_| 1.0 + 0.3 * rng.unit()).collect();
     let q_a_norm = upload(

@@ -486,14 +486,7 @@ pub struct KV2Variant {
 
 impl KV2Variant {
     const fn new(ty: GgmlType, ppl: usize, nst: usize, math: usize, warps: usize) -> Self {
-        Self {
-            ty,
-            ppl,
-            nst,
-            math,
-            warps,
-            rows: 0,
-        }
+        Self::fast(ty, ppl, 0, nst, math, warps)
     }
 
     const fn fast(
