@@ -979,32 +979,49 @@ __device__ __forceinline__ void cp_async_wait_n() {
 
 // The level-code and sign tables (MATH 0) at `tab`, 384 rows of 32 equal words.
 // Needs at least 256 threads.
-__device__ __forceinline__ void iq2_tables_fill(uint4* tab) {
-    const int t = threadIdx.x;
-    if (t < 256) {
-        const u64 g = IQ2XXS_GRID[t];
-        u32 v = 0;
+// Grid point g's level codes: a nibble per weight (0, 1, 2 for the levels 8, 25, 43).
+__device__ __forceinline__ u32 iq2_level_word(int g) {
+    const u64 grid = IQ2XXS_GRID[g];
+    u32 v = 0;
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const u32 b = (u32)(g >> (8 * i)) & 255u;
-            v |= (b == 0x08u ? 0u : b == 0x19u ? 1u : 2u) << (4 * i);
-        }
-        tab[8 * t] = make_uint4(v, v, v, v);
+    for (int i = 0; i < 8; i++) {
+        const u32 b = (u32)(grid >> (8 * i)) & 255u;
+        v |= (b == 0x08u ? 0u : b == 0x19u ? 1u : 2u) << (4 * i);
     }
-    if (t < 128) {
-        const u32 s = (u32)t | ((u32)(__popc(t) & 1) << 7);
-        u32 v = 0;
+    return v;
+}
+
+// Sign field f (7 bits, the eighth its parity) as bit 2 of each weight's nibble.
+__device__ __forceinline__ u32 iq2_sign_word(u32 f) {
+    const u32 s = f | ((u32)(__popc(f) & 1) << 7);
+    u32 v = 0;
 #pragma unroll
-        for (int i = 0; i < 8; i++) v |= ((s >> i) & 1u) << (4 * i + 2);
-        tab[8 * (256 + t)] = make_uint4(v, v, v, v);
-    }
+    for (int i = 0; i < 8; i++) v |= ((s >> i) & 1u) << (4 * i + 2);
+    return v;
+}
+
+// Copies word 0 of every 8-word group of tab[0, n) to its other seven (between barriers).
+__device__ __forceinline__ void iq2_tables_replicate(uint4* tab, int n) {
     __syncthreads();
-    for (int c = t; c < IQ2_TAB_ROWS * 8; c += blockDim.x) {
-        if ((c & 7) == 0) continue;  // written above
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        if ((c & 7) == 0) continue;  // written before
         const u32 v = tab[c & ~7].x;
         tab[c] = make_uint4(v, v, v, v);
     }
     __syncthreads();
+}
+
+__device__ __forceinline__ void iq2_tables_fill(uint4* tab) {
+    const int t = threadIdx.x;
+    if (t < 256) {
+        const u32 v = iq2_level_word(t);
+        tab[8 * t] = make_uint4(v, v, v, v);
+    }
+    if (t < 128) {
+        const u32 v = iq2_sign_word((u32)t);
+        tab[8 * (256 + t)] = make_uint4(v, v, v, v);
+    }
+    iq2_tables_replicate(tab, IQ2_TAB_ROWS * 8);
 }
 
 __device__ __forceinline__ u32 tab_word(const u8* tab, u32 off) { return *(const u32*)(tab + off); }
@@ -1336,28 +1353,12 @@ __device__ __forceinline__ int dp2a_hi_su(int a, u32 b, int c) {
 __device__ __forceinline__ void iq2_tables_fill_prmt(uint4* tab) {
     const int t = threadIdx.x;
     if (t < 256) {
-        const u64 g = IQ2XXS_GRID[t];
-        u32 v = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const u32 b = (u32)(g >> (8 * i)) & 255u;
-            v |= (b == 0x08u ? 0u : b == 0x19u ? 1u : 2u) << (4 * i);
-        }
+        const u32 v = iq2_level_word(t);
         tab[16 * t] = make_uint4(v, v, v, v);
-        const u32 f = (u32)t & 127u;
-        const u32 sp = f | ((u32)(__popc(f) & 1) << 7);
-        u32 w = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) w |= ((sp >> i) & 1u) << (4 * i + 2);
+        const u32 w = iq2_sign_word((u32)t & 127u);
         tab[16 * t + 8] = make_uint4(w, w, w, w);
     }
-    __syncthreads();
-    for (int c = t; c < 256 * 16; c += blockDim.x) {
-        if ((c & 7) == 0) continue;  // written above
-        const u32 v = tab[c & ~7].x;
-        tab[c] = make_uint4(v, v, v, v);
-    }
-    __syncthreads();
+    iq2_tables_replicate(tab, 256 * 16);
 }
 
 // One IQ2_XXS group with the MATH 1 tables (the integer of iq2_group_tab).
