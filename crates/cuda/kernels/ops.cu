@@ -736,6 +736,70 @@ extern "C" __global__ void hc_post(const float* sub, int ld_sub, const float* po
 // but summed here as moe_sum would: o = (Σ_{s<k} routed[t·k + s]) + shared[t], rows of e
 // (the route weights are already in the routed rows).
 #define HCPM_COLS 64
+
+// The sublayer output at column j of token i: `sub`, or (routed non-null) the routed
+// rows summed in moe_sum's order, then the shared row. The first 8 routed rows and
+// the shared row load together.
+__device__ __forceinline__ float hc_pm_sub_out(const float* sub, int ld_sub, const float* routed,
+                                               const float* shared, int k_routed, int e, int i,
+                                               int j) {
+    if (!routed) return sub[(long long)i * ld_sub + j];
+    const float* rr = routed + (long long)i * k_routed * e + j;
+    float rv[8];
+#pragma unroll
+    for (int s = 0; s < 8; s++) rv[s] = s < k_routed ? rr[(long long)s * e] : 0.0f;
+    const float sh = shared[(long long)i * e + j];
+    float o = 0.0f;
+#pragma unroll
+    for (int s = 0; s < 8; s++)
+        if (s < k_routed) o += rv[s];
+    for (int s = 8; s < k_routed; s++) o += rr[(long long)s * e];
+    return o + sh;
+}
+
+// The merged state of column j: nw[d] = post[d]·o + Σ_a comb[a][d]·X[a] (X at xr, rows
+// of e), each square added to ss in f64. P / C: pointers or register arrays.
+template <typename P, typename C>
+__device__ __forceinline__ void hc_pm_new_state(const P& p, const C& c, float o, const float* xr,
+                                                int e, int j, float (&nw)[4], double& ss) {
+    float old[4];
+#pragma unroll
+    for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
+#pragma unroll
+    for (int d = 0; d < 4; d++) {
+        float v = p[d] * o;
+#pragma unroll
+        for (int a = 0; a < 4; a++) v += c[a * 4 + d] * old[a];
+        nw[d] = v;
+        ss += (double)v * (double)v;
+    }
+}
+
+// This thread's terms of its group's mix rows: acc[q] = Σ_d fn[g + 4q][d·e + j]·nw[d].
+__device__ __forceinline__ void hc_pm_mix_terms(const u16 (&wv)[HCM_ROWS / 4][4],
+                                                const float (&nw)[4],
+                                                float (&acc)[HCM_ROWS / 4]) {
+#pragma unroll
+    for (int q = 0; q < HCM_ROWS / 4; q++) {
+        float v = 0.0f;
+#pragma unroll
+        for (int d = 0; d < 4; d++) v = fmaf(h2f(wv[q][d]), nw[d], v);
+        acc[q] = v;
+    }
+}
+
+// Block `blk`'s partial mixes of token i from the two warps of each row group (after
+// the barrier that follows their writes to red): rows 0..nm-1, then the sum of squares.
+__device__ __forceinline__ void hc_pm_store_part(float* part, const float (*red)[HCM_ROWS + 1],
+                                                 int nm, int blk, int n, int i) {
+    float* pr = part + ((long long)blk * n + i) * (nm + 1);
+    if ((int)threadIdx.x < nm) {
+        const int r = threadIdx.x, gg = r & 3;
+        pr[r] = red[2 * gg][r] + red[2 * gg + 1][r];
+    } else if ((int)threadIdx.x == nm) {
+        pr[nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
+    }
+}
 extern "C" __global__ void __launch_bounds__(256)
     hc_post_mix(const float* sub, int ld_sub, const float* post, const float* comb, int e,
                 float* state, int ld_state, const u16* __restrict__ fn, int nm,
@@ -769,47 +833,15 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* p = post + (long long)i * 4;
         const float* c = comb + (long long)i * 16;
         float* xr = state + (long long)i * ld_state;
-        float o;
-        if (routed) {
-            // The first 8 routed rows and the shared row load together; the sum keeps
-            // moe_sum's order.
-            const float* rr = routed + (long long)i * k_routed * e + j;
-            float rv[8];
-#pragma unroll
-            for (int s = 0; s < 8; s++) rv[s] = s < k_routed ? rr[(long long)s * e] : 0.0f;
-            const float sh = shared[(long long)i * e + j];
-            o = 0.0f;
-#pragma unroll
-            for (int s = 0; s < 8; s++)
-                if (s < k_routed) o += rv[s];
-            for (int s = 8; s < k_routed; s++) o += rr[(long long)s * e];
-            o += sh;
-        } else {
-            o = sub[(long long)i * ld_sub + j];
-        }
-        float old[4], nw[4];
-#pragma unroll
-        for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
-#pragma unroll
-        for (int d = 0; d < 4; d++) {
-            float v = p[d] * o;
-#pragma unroll
-            for (int a = 0; a < 4; a++) v += c[a * 4 + d] * old[a];
-            nw[d] = v;
-            ss += (double)v * (double)v;
-        }
+        const float o = hc_pm_sub_out(sub, ld_sub, routed, shared, k_routed, e, i, j);
+        float nw[4];
+        hc_pm_new_state(p, c, o, xr, e, j, nw, ss);
         __syncthreads();  // every group has read the old state before group 0 overwrites it
         if (g == 0) {
 #pragma unroll
             for (int d = 0; d < 4; d++) xr[d * e + j] = nw[d];
         }
-#pragma unroll
-        for (int q = 0; q < HCM_ROWS / 4; q++) {
-            float v = 0.0f;
-#pragma unroll
-            for (int d = 0; d < 4; d++) v = fmaf(h2f(wv[q][d]), nw[d], v);
-            acc[q] = v;
-        }
+        hc_pm_mix_terms(wv, nw, acc);
     } else {
         __syncthreads();
     }
@@ -821,12 +853,7 @@ extern "C" __global__ void __launch_bounds__(256)
     ss = warp_sum_d(ss);
     if (warp < 2 && lane == 0) red[warp][HCM_ROWS] = (float)ss;
     __syncthreads();
-    if ((int)threadIdx.x < nm) {
-        const int r = threadIdx.x, gg = r & 3;
-        part[((long long)blockIdx.x * n + i) * (nm + 1) + r] = red[2 * gg][r] + red[2 * gg + 1][r];
-    } else if ((int)threadIdx.x == nm) {
-        part[((long long)blockIdx.x * n + i) * (nm + 1) + nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
-    }
+    hc_pm_store_part(part, red, nm, blockIdx.x, n, i);
 }
 
 // ---------------------------------------------------------------------------
@@ -1209,40 +1236,9 @@ extern "C" __global__ void __launch_bounds__(256)
         const float c[16] = {cr[0].x, cr[0].y, cr[0].z, cr[0].w, cr[1].x, cr[1].y,
                              cr[1].z, cr[1].w, cr[2].x, cr[2].y, cr[2].z, cr[2].w,
                              cr[3].x, cr[3].y, cr[3].z, cr[3].w};
-        float o;
-        if (routed) {
-            const float* rr = routed + (long long)i * k_routed * e + j;
-            float rv[8];
-#pragma unroll
-            for (int s = 0; s < 8; s++) rv[s] = s < k_routed ? rr[(long long)s * e] : 0.0f;
-            const float sh = shared[(long long)i * e + j];
-            o = 0.0f;
-#pragma unroll
-            for (int s = 0; s < 8; s++)
-                if (s < k_routed) o += rv[s];
-            for (int s = 8; s < k_routed; s++) o += rr[(long long)s * e];
-            o += sh;
-        } else {
-            o = sub[(long long)i * ld_sub + j];
-        }
-        float old[4];
-#pragma unroll
-        for (int a = 0; a < 4; a++) old[a] = xr[a * e + j];
-#pragma unroll
-        for (int d = 0; d < 4; d++) {
-            float v = p[d] * o;
-#pragma unroll
-            for (int a = 0; a < 4; a++) v += c[a * 4 + d] * old[a];
-            nw[d] = v;
-            ss += (double)v * (double)v;
-        }
-#pragma unroll
-        for (int q = 0; q < HCM_ROWS / 4; q++) {
-            float v = 0.0f;
-#pragma unroll
-            for (int d = 0; d < 4; d++) v = fmaf(h2f(wv[q][d]), nw[d], v);
-            acc[q] = v;
-        }
+        const float o = hc_pm_sub_out(sub, ld_sub, routed, shared, k_routed, e, i, j);
+        hc_pm_new_state(p, c, o, xr, e, j, nw, ss);
+        hc_pm_mix_terms(wv, nw, acc);
     }
     // Halving butterfly. Step 16: lanes < 16 keep rows 0..3, lanes >= 16 rows 4, 5 and
     // the sum of squares (two words).
@@ -1324,12 +1320,7 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
     __syncthreads();
-    if ((int)threadIdx.x < nm) {
-        const int r = threadIdx.x, gg = r & 3;
-        part[((long long)blockIdx.x * n + i) * (nm + 1) + r] = red[2 * gg][r] + red[2 * gg + 1][r];
-    } else if ((int)threadIdx.x == nm) {
-        part[((long long)blockIdx.x * n + i) * (nm + 1) + nm] = red[0][HCM_ROWS] + red[1][HCM_ROWS];
-    }
+    hc_pm_store_part(part, red, nm, blockIdx.x, n, i);
     if (j < e && g == 0) {
 #pragma unroll
         for (int d = 0; d < 4; d++) xr[d * e + j] = nw[d];

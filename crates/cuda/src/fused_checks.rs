@@ -84,6 +84,16 @@ fn upload_random(
     upload(be, keep, name, ty, &[k as u64, rows as u64], data)
 }
 
+/// Random HC post weights (1 ± 0.5) and comb entries (0.25 ± 0.2) of n tokens, the
+/// ranges a merge meets after a split.
+fn random_post_comb(rng: &mut Rng, n: usize, hcm: usize) -> (Vec<f32>, Vec<f32>) {
+    let post = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
+    let comb = (0..n * hcm * hcm)
+        .map(|_| 0.25 + 0.2 * rng.unit())
+        .collect();
+    (post, comb)
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -413,10 +423,7 @@ fn hc_quant_checks(
                 } else {
                     random_act(rng, n * e)
                 };
-                let post_v: Vec<f32> = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
-                let comb_v: Vec<f32> = (0..n * hcm * hcm)
-                    .map(|_| 0.25 + 0.2 * rng.unit())
-                    .collect();
+                let (post_v, comb_v) = random_post_comb(rng, n, hcm);
                 let inputs = HcStepInputs {
                     state: &state_v,
                     sub: &sub_v,
@@ -578,10 +585,7 @@ fn hc_v2_checks(
                 let sub_v = random_act(rng, n * e);
                 let routed_v = random_act(rng, n * k * e);
                 let shared_v = random_act(rng, n * e);
-                let post_v: Vec<f32> = (0..n * hcm).map(|_| 1.0 + 0.5 * rng.unit()).collect();
-                let comb_v: Vec<f32> = (0..n * hcm * hcm)
-                    .map(|_| 0.25 + 0.2 * rng.unit())
-                    .collect();
+                let (post_v, comb_v) = random_post_comb(rng, n, hcm);
                 let inputs = HcStepInputs {
                     state: &state_v,
                     sub: &sub_v,
