@@ -6,8 +6,37 @@
 // its predecessors to complete (and their writes to be visible) before anything else.
 // Weight loads (never written by a kernel) may go between PDL_TRIGGER and PDL_WAIT.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#ifdef DS4_TRACE
+// Timing diagnostic (DS4_TRACE=1, launch.rs): thread 0 of block 0 notes when its wait
+// returned (global timer, grid and block shape); the host sets the buffer.
+__device__ unsigned long long* ds4_trace_ptr;
+__device__ __forceinline__ void ds4_trace_mark(unsigned long long tag) {
+    unsigned long long* b = ds4_trace_ptr;
+    if (!b || blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x | threadIdx.y) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned long long i = atomicAdd(b, 1ULL);
+    if (i < 16383) {
+        b[2 + 2 * i] = t;
+        b[3 + 2 * i] = (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 20) |
+                       ((unsigned long long)blockDim.x << 40) | tag;
+    }
+}
+// The trigger's entry (bit 63) tells when block 0 was placed.
+#define PDL_TRIGGER()                                                      \
+    do {                                                                   \
+        ds4_trace_mark(1ULL << 63);                                        \
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");    \
+    } while (0)
+#define PDL_WAIT()                                              \
+    do {                                                        \
+        asm volatile("griddepcontrol.wait;" ::: "memory");      \
+        ds4_trace_mark(0);                                      \
+    } while (0)
+#else
 #define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#endif
 #else
 #define PDL_TRIGGER()
 #define PDL_WAIT()

@@ -89,6 +89,9 @@ pub fn nvrtc_options(arch: &str) -> Vec<String> {
     if inc.is_dir() {
         opts.push(format!("-I{}", inc.display()));
     }
+    if crate::launch::trace::on() {
+        opts.push("-DDS4_TRACE".to_string());
+    }
     opts
 }
 
@@ -235,6 +238,7 @@ pub fn load_module(
         match ctx.load_module(Ptx::from_binary(bytes)) {
             Ok(m) => {
                 tracing::debug!(path = %path.display(), "kernel cubin from cache");
+                crate::launch::trace::attach(ctx, &m)?;
                 return Ok(m);
             }
             Err(e) => {
@@ -256,7 +260,9 @@ pub fn load_module(
     {
         tracing::warn!(error = %e, "could not write the kernel cache");
     }
-    Ok(ctx.load_module(Ptx::from_binary(cubin))?)
+    let m = ctx.load_module(Ptx::from_binary(cubin))?;
+    crate::launch::trace::attach(ctx, &m)?;
+    Ok(m)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -113,6 +113,9 @@ pub unsafe fn launch(
     if is_skipped(f) {
         return Ok(());
     }
+    if trace::on() {
+        trace::note(stream, f.cu_function(), cfg.grid_dim, cfg.block_dim.0);
+    }
     // SAFETY: a zeroed attribute is a valid "ignore" value; the id and the one union
     // field used are set below.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -140,5 +143,155 @@ pub unsafe fn launch(
             std::ptr::null_mut(),
         )
         .result()
+    }
+}
+
+/// `DS4_TRACE=1`: a timing diagnostic. Kernels are compiled with `DS4_TRACE` (pdl.cuh):
+/// block 0 of every kernel notes when its `griddepcontrol.wait` returned, and the
+/// launches made while a stream records a graph are listed here, so that
+/// [`trace_report`] can print one replayed decode step kernel by kernel.
+pub mod trace {
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use cudarc::driver::{CudaContext, CudaModule, CudaStream, DriverError, sys};
+
+    /// Entries the device buffer holds (pdl.cuh's bound).
+    const CAP: usize = 16383;
+
+    pub fn on() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("DS4_TRACE").is_ok_and(|v| v != "0"))
+    }
+
+    /// The device buffer: word 0 counts entries, then (time, shape) pairs.
+    fn buffer() -> Result<u64, DriverError> {
+        static BUF: OnceLock<u64> = OnceLock::new();
+        if let Some(p) = BUF.get() {
+            return Ok(*p);
+        }
+        let bytes = (2 + 2 * CAP) * 8;
+        let mut p: sys::CUdeviceptr = 0;
+        // SAFETY: plain allocation and clear of a buffer that is never freed (diagnostic).
+        unsafe {
+            sys::cuMemAlloc_v2(&mut p, bytes).result()?;
+            sys::cuMemsetD8_v2(p, 0, bytes).result()?;
+        }
+        Ok(*BUF.get_or_init(|| p))
+    }
+
+    /// Points a module compiled with `DS4_TRACE` at the buffer.
+    pub fn attach(ctx: &Arc<CudaContext>, m: &Arc<CudaModule>) -> Result<(), DriverError> {
+        if !on() {
+            return Ok(());
+        }
+        ctx.bind_to_thread()?;
+        let p = buffer()?;
+        let stream = ctx.default_stream();
+        let Ok(mut g) = m.get_global("ds4_trace_ptr", &stream) else {
+            return Ok(()); // a module without PDL kernels
+        };
+        stream.memcpy_htod(&p.to_le_bytes(), &mut g)?;
+        stream.synchronize()
+    }
+
+    type Launch = (String, (u32, u32, u32), u32);
+    fn log() -> &'static Mutex<Vec<Launch>> {
+        static LOG: OnceLock<Mutex<Vec<Launch>>> = OnceLock::new();
+        LOG.get_or_init(|| Mutex::new(Vec::new()))
+    }
+
+    /// Notes a launch made while `stream` records a graph.
+    pub(crate) fn note(stream: &CudaStream, f: sys::CUfunction, grid: (u32, u32, u32), block: u32) {
+        let mut st = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: queries of a live stream and function.
+        unsafe {
+            if sys::cuStreamIsCapturing(stream.cu_stream(), &mut st) != sys::CUresult::CUDA_SUCCESS
+                || st != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE
+            {
+                return;
+            }
+            let mut name: *const std::ffi::c_char = std::ptr::null();
+            if sys::cuFuncGetName(&mut name, f) != sys::CUresult::CUDA_SUCCESS || name.is_null() {
+                return;
+            }
+            let name = std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned();
+            if let Ok(mut l) = log().lock() {
+                l.push((name, grid, block));
+            }
+        }
+    }
+
+    /// Clears the device entries (call with the device idle).
+    pub fn reset() -> Result<(), DriverError> {
+        let p = buffer()?;
+        // SAFETY: the buffer is live and 8 bytes long at least.
+        unsafe { sys::cuMemsetD8_v2(p, 0, 8).result() }
+    }
+
+    /// The entries since [`reset`] (call after a synchronize), in the order the waits
+    /// returned: microseconds from the first, the gap to the next, the shape and the
+    /// name of the recorded launch of that shape (the first unused one, in launch order).
+    pub fn report() -> Result<String, DriverError> {
+        let p = buffer()?;
+        let mut words = vec![0u64; 2 + 2 * CAP];
+        // SAFETY: `words` holds the whole buffer.
+        unsafe {
+            sys::cuMemcpyDtoH_v2(words.as_mut_ptr().cast(), p, words.len() * 8).result()?;
+        }
+        let n = (words[0] as usize).min(CAP);
+        let mut ev: Vec<(u64, u64)> = (0..n)
+            .map(|i| (words[2 + 2 * i], words[3 + 2 * i]))
+            .collect();
+        ev.sort_by_key(|e| e.0);
+        // Placement entries (bit 63) are printed as PLACED lines, not matched to names.
+        let (placed, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| e.1 >> 63 != 0);
+        let launches = log().lock().map(|l| l.clone()).unwrap_or_default();
+        // The recorded launches of the last graph: one per wait entry, the last of the log.
+        let recorded = &launches[launches.len().saturating_sub(ev.len())..];
+        let mut used = vec![false; recorded.len()];
+        let mut cursor = 0usize;
+        let mut out = String::from("TRACE t_us gap_us grid_x grid_y block name\n");
+        let t0 = ev
+            .first()
+            .map_or(0, |e| e.0)
+            .min(placed.first().map_or(u64::MAX, |e| e.0));
+        for &(t, shape) in &placed {
+            out.push_str(&format!(
+                "PLACED {:.2} {} {} {}\n",
+                (t - t0) as f64 / 1e3,
+                shape & 0xfffff,
+                (shape >> 20) & 0xfffff,
+                (shape >> 40) & 0x7fffff
+            ));
+        }
+        for (k, &(t, shape)) in ev.iter().enumerate() {
+            let gx = (shape & 0xfffff) as u32;
+            let gy = ((shape >> 20) & 0xfffff) as u32;
+            let bx = (shape >> 40) as u32;
+            let gap = ev.get(k + 1).map_or(0, |e| e.0 - t);
+            // The first unused recorded launch of this shape at or after the cursor - 64.
+            let from = cursor.saturating_sub(64);
+            let name = (from..recorded.len())
+                .find(|&j| {
+                    !used[j]
+                        && recorded[j].1.0 == gx
+                        && recorded[j].1.1 == gy
+                        && recorded[j].2 == bx
+                })
+                .map(|j| {
+                    used[j] = true;
+                    cursor = cursor.max(j);
+                    recorded[j].0.as_str()
+                })
+                .unwrap_or("?");
+            out.push_str(&format!(
+                "TRACE {:.2} {:.2} {gx} {gy} {bx} {name}\n",
+                (t - t0) as f64 / 1e3,
+                gap as f64 / 1e3
+            ));
+        }
+        Ok(out)
     }
 }

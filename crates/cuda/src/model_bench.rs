@@ -290,6 +290,13 @@ pub fn run(
                 1e3 / row.gen_tps - ms
             ));
         }
+        if crate::launch::trace::on() {
+            // One more replayed step, its kernels noted (decode returns with the logits
+            // read, so the device is idle before and after).
+            crate::launch::trace::reset()?;
+            session.decode(tok).map_err(model_err)?;
+            log(&crate::launch::trace::report()?);
+        }
         rows.push(row);
     }
     if let Some(p) = model.backend.profile_report() {
