@@ -1821,16 +1821,16 @@ MV_F16_REGS(1, 4, 4)
 MV_F16_REGS(4, 1, 1)
 
 // ---------------------------------------------------------------------------
-// A CSA layer's two query products of one normed row qr in one grid (decode):
-// blocks below n_q8 run the Q8_0 q_b body (mv_q8_0_p{QPPL}_l{QNL} on qr's Q8_0
-// copy), the rest the F16 indexer q_b body (mv_f16_p{FPPL}_r{FR}_s{FS} on the f32
-// row), each on its own block index: the same code, so the same bits, as the two
-// launches, one kernel boundary fewer. Both bodies load their weights before their
-// PDL_WAIT. At most 128 registers, as the F16 kernels (both bodies fit: ptxas -v).
+// Two decode products of one input row in one grid (`mv_pair_*`): blocks below n_q8
+// run the Q8_0 body (mv_q8_0_p{QPPL}_l{QNL} on the row's Q8_0 copy), the rest the F16
+// body (mv_f16_p{FPPL}_r{FR}_s{FS} on the f32 row), each on its own block index and
+// matrices (segments): the same code, so the same bits, as the two launches, one
+// kernel boundary fewer. Both bodies load their weights before their PDL_WAIT. At
+// most 128 registers, as the F16 kernels (both bodies fit: ptxas -v).
 // ---------------------------------------------------------------------------
-#define MV_QB_PAIR(QPPL, QNL, FPPL, FR, FS)                                                     \
+#define MV_PAIR(QPPL, QNL, FPPL, FR, FS)                                                        \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * 32, 4)                              \
-        mv_qb_pair_q##QPPL##_l##QNL##_f##FPPL##_r##FR##_s##FS(                                  \
+        mv_pair_q##QPPL##_l##QNL##_f##FPPL##_r##FR##_s##FS(                                     \
             MvSegs q8, const i8* __restrict__ xq, const float* __restrict__ xd, MvSegs f16,     \
             const float* __restrict__ x, int ntok, int n_q8) {                                  \
         if ((int)blockIdx.x < n_q8)                                                             \
@@ -1838,8 +1838,15 @@ MV_F16_REGS(4, 1, 1)
         else                                                                                    \
             mv_f16_regs<FPPL, FR, FS>(f16, x, ntok, blockIdx.x - n_q8);                         \
     }
-// Flash: q_b Q8_0 [32768 x 1024], indexer q_b F16 [8192 x 1024] (kernels.rs QB_PAIR_VARIANTS)
-MV_QB_PAIR(2, 16, 2, 8, 2)
+// kernels.rs MV_PAIR_VARIANTS. Flash: q_b Q8_0 [32768 x 1024] with the indexer's q_b
+// F16 [8192 x 1024] (CSA layers).
+MV_PAIR(2, 16, 2, 8, 2)
+// q_a + kv Q8_0 [1536 x 4096] with the compressor (and indexer) projections F16
+// [1024 (CSA: 2624) x 4096]; the shared expert's gate + up Q8_0 [4096 x 4096] with
+// the router F16 [256 x 4096].
+MV_PAIR(8, 8, 4, 4, 4)
+MV_PAIR(8, 8, 4, 2, 4)
+MV_PAIR(8, 16, 4, 1, 4)
 
 // ---------------------------------------------------------------------------
 // Synthetic weights for `ds4 bench --synthetic`: generated on the device. No PDL

@@ -27,7 +27,7 @@ use ds4_model::{Error as MError, Result as MResult};
 use crate::compile;
 use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
 use crate::kernels::{
-    ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvSeg, QbPair,
+    ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvPair, MvSeg,
 };
 use crate::launch::KernelArgs;
 use crate::runtime::CudaRuntime;
@@ -712,7 +712,7 @@ pub struct CudaBackend {
     /// The indexer queries' RoPE and official rounding in one kernel (`rope_qat`;
     /// `DS4_IDX_ROPE_QAT=0`: rope, then round_rows).
     idx_rope_qat: bool,
-    /// Decode, CSA layers: q_b and the indexer's q_b as one launch (`mv_qb_pair_*`),
+    /// Decode, CSA layers: q_b and the indexer's q_b as one launch (`mv_pair_*`),
     /// then qkv_norm_rope and rope_qat as one (`qkv_rope_qat_pair`), on the main
     /// chain (`DS4_QB_PAIR=0`: four launches, the indexer's two on the side branch).
     qb_pair: std::sync::atomic::AtomicBool,
@@ -1141,29 +1141,27 @@ impl CudaBackend {
                     .quantize_rows(self.stream(), qr.buf.ptr, act, 1)
                     .map_err(be)?;
             }
-            let pair = QbPair {
+            let q8 = [MvSeg {
+                w: q_b.data.ptr,
+                rows: q_b.rows,
+                y: q.buf.ptr,
+                ldy: q.cols,
+            }];
+            let f16 = [MvSeg {
+                w: ix_q_b.data.ptr,
+                rows: ix_q_b.rows,
+                y: iq.buf.ptr,
+                ldy: iq.cols,
+            }];
+            let pair = MvPair {
                 k,
                 ntok: 1,
                 act,
                 x: qr.buf.ptr,
-                q8: MvSeg {
-                    w: q_b.data.ptr,
-                    rows: q_b.rows,
-                    y: q.buf.ptr,
-                    ldy: q.cols,
-                },
-                f16: MvSeg {
-                    w: ix_q_b.data.ptr,
-                    rows: ix_q_b.rows,
-                    y: iq.buf.ptr,
-                    ldy: iq.cols,
-                },
+                q8: &q8,
+                f16: &f16,
             };
-            if !self
-                .kernels
-                .matvec_qb_pair(self.stream(), &pair)
-                .map_err(be)?
-            {
+            if !self.kernels.matvec_pair(self.stream(), &pair).map_err(be)? {
                 // No compiled pair for these picks: the copy stays for q_b's own launch.
                 sc.reuse.set(key);
                 return Ok(false);

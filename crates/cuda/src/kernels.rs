@@ -275,30 +275,37 @@ pub struct Kernels {
     mv_f16_regs: Vec<F16Kernel>,
     /// Variants forced by `DS4_MV_F16_V` (tuning runs), see [`F16Force`].
     f16_forced: Vec<F16Force>,
-    /// The compiled q_b pairs (`QB_PAIR_VARIANTS`) with their kernels.
-    mv_qb_pair: Vec<((usize, usize), F16Variant, CudaFunction)>,
+    /// The compiled pairs (`MV_PAIR_VARIANTS`) with their kernels.
+    mv_pair: Vec<((usize, usize), F16Variant, CudaFunction)>,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
     pub(crate) synth_f32: CudaFunction,
 }
 
-/// The compiled `mv_qb_pair_q{PPL}_l{NL}_f{P}_r{R}_s{S}` kernels (matvec.cu
-/// `MV_QB_PAIR`): a Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid.
-/// Flash's CSA layers: q_b (Q8_0, K 1024, 32768 rows) and the indexer's q_b (F16,
-/// K 1024, 8192 rows), as the separate launches pick them.
-const QB_PAIR_VARIANTS: [((usize, usize), F16Variant); 1] = [((2, 16), F16Variant::new(2, 8, 2))];
+/// The compiled `mv_pair_q{PPL}_l{NL}_f{P}_r{R}_s{S}` kernels (matvec.cu `MV_PAIR`): a
+/// Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid, as the separate
+/// launches pick them for Flash: q_b (K 1024, 32768 rows) with the indexer's q_b
+/// (8192 rows); q_a + kv (K 4096, 1536 rows) with the compressor projections (2624
+/// rows in CSA layers, 1024 in HCA ones); the shared gate + up (4096 rows) with the
+/// router (256 rows).
+const MV_PAIR_VARIANTS: [((usize, usize), F16Variant); 4] = [
+    ((2, 16), F16Variant::new(2, 8, 2)),
+    ((8, 8), F16Variant::new(4, 4, 4)),
+    ((8, 8), F16Variant::new(4, 2, 4)),
+    ((8, 16), F16Variant::new(4, 1, 4)),
+];
 
-/// A CSA layer's two query products of one input (decode), for
-/// [`Kernels::matvec_qb_pair`]: `q8` (Q8_0 weights, reading `act`, the Q8_0 copy of
-/// the input) and `f16` (F16 weights, reading the f32 input `x`), both of K = `k`.
-pub struct QbPair<'a> {
+/// Two decode products of one input, for [`Kernels::matvec_pair`]: `q8` (Q8_0 matrices,
+/// reading `act`, the Q8_0 copy of the input) and `f16` (F16 matrices, reading the f32
+/// input `x`), all of K = `k`; each part one or more matrices (segments).
+pub struct MvPair<'a> {
     pub k: usize,
     pub ntok: usize,
     pub act: &'a ActBuf,
     pub x: u64,
-    pub q8: MvSeg,
-    pub f16: MvSeg,
+    pub q8: &'a [MvSeg],
+    pub f16: &'a [MvSeg],
 }
 
 /// The compiled `mv_q8_0_p{PPL}_l{NL}` kernels (matvec.cu `MV_Q8_REGS`): 16-byte code
@@ -841,13 +848,10 @@ impl Kernels {
             f16_forced: std::env::var("DS4_MV_F16_V")
                 .map(|spec| parse_f16_forces(&spec))
                 .unwrap_or_default(),
-            mv_qb_pair: QB_PAIR_VARIANTS
+            mv_pair: MV_PAIR_VARIANTS
                 .iter()
                 .map(|&((ppl, nl), v)| {
-                    let name = format!(
-                        "mv_qb_pair_q{ppl}_l{nl}_f{}_r{}_s{}",
-                        v.ppl, v.rows, v.split
-                    );
+                    let name = format!("mv_pair_q{ppl}_l{nl}_f{}_r{}_s{}", v.ppl, v.rows, v.split);
                     Ok(((ppl, nl), v, f(&name)?))
                 })
                 .collect::<Result<Vec<_>>>()?,
@@ -1360,13 +1364,23 @@ impl Kernels {
         Ok(())
     }
 
-    /// The two products of `p` as one launch (`mv_qb_pair_*`) when the separate
-    /// launches ([`Self::matvec_segs`] of each) would run the register-streaming
-    /// kernels of a compiled pair: the same bodies, so the same results. Ok(false)
-    /// (nothing launched) otherwise, and the caller runs the two products.
-    pub fn matvec_qb_pair(&self, stream: &Arc<CudaStream>, p: &QbPair) -> Result<bool> {
+    /// The two products of `p` as one launch (`mv_pair_*`) when the separate launches
+    /// ([`Self::matvec_segs`] of each part) would run the register-streaming kernels of
+    /// a compiled pair: the same bodies, so the same results. Ok(false) (nothing
+    /// launched) otherwise, and the caller runs the two products.
+    pub fn matvec_pair(&self, stream: &Arc<CudaStream>, p: &MvPair) -> Result<bool> {
         let act = p.act;
-        let aligned = [p.f16.w, p.x].iter().all(|v| v.is_multiple_of(16));
+        let aligned = p
+            .f16
+            .iter()
+            .map(|s| s.w)
+            .chain([p.x])
+            .all(|v| v.is_multiple_of(16));
+        let parts_ok = |segs: &[MvSeg]| {
+            !segs.is_empty()
+                && segs.len() <= MV_MAX_SEGS
+                && segs.iter().all(|s| s.rows > 0 && s.ldy >= s.rows)
+        };
         if p.ntok == 0
             || p.ntok > act.rows
             || act.kind != ActKind::Q8_0
@@ -1374,44 +1388,49 @@ impl Kernels {
             || !p.k.is_multiple_of(512)
             || p.k > F16_MAX_K
             || !aligned
-            || [p.q8, p.f16].iter().any(|s| s.rows == 0 || s.ldy < s.rows)
+            || !parts_ok(p.q8)
+            || !parts_ok(p.f16)
         {
             return Ok(false);
         }
-        let Some((_, q8_rpw)) = self.q8_0_regs_kernel(p.k / 512, p.q8.rows, 1) else {
+        let q8_rows: usize = p.q8.iter().map(|s| s.rows).sum();
+        let f16_rows: usize = p.f16.iter().map(|s| s.rows).sum();
+        let Some((_, q8_rpw)) = self.q8_0_regs_kernel(p.k / 512, q8_rows, 1) else {
             return Ok(false);
         };
         let q8_v = (p.k / 512, q8_rpw * (p.k / 512));
-        let Some((f16_v, _)) = self.f16_regs_kernel(p.k, p.f16.rows, None) else {
+        let Some((f16_v, _)) = self.f16_regs_kernel(p.k, f16_rows, None) else {
             return Ok(false);
         };
         let Some((_, _, func)) = self
-            .mv_qb_pair
+            .mv_pair
             .iter()
             .find(|(q, f, _)| *q == q8_v && *f == f16_v)
         else {
             return Ok(false);
         };
-        let seg = |s: &MvSeg| -> Result<MvSegsArg> {
-            let rows = i32::try_from(s.rows).map_err(|_| Error::Shape {
+        let segs = |part: &[MvSeg]| -> Result<MvSegsArg> {
+            let err = |detail: String| Error::Shape {
                 what: "matvec pair",
-                detail: format!("{} rows", s.rows),
-            })?;
-            let ldy = i32::try_from(s.ldy).map_err(|_| Error::Shape {
-                what: "matvec pair",
-                detail: format!("ldy {}", s.ldy),
-            })?;
+                detail,
+            };
             let mut sg = MvSegsArg::default();
-            sg.w[0] = s.w;
-            sg.y[0] = s.y;
-            sg.ldy[0] = ldy;
-            sg.start[1] = rows;
-            sg.n = 1;
+            let mut total = 0usize;
+            for (i, s) in part.iter().enumerate() {
+                sg.w[i] = s.w;
+                sg.y[i] = s.y;
+                sg.ldy[i] = i32::try_from(s.ldy).map_err(|_| err(format!("ldy {}", s.ldy)))?;
+                sg.start[i] = i32::try_from(total).map_err(|_| err(format!("{total} rows")))?;
+                total += s.rows;
+            }
+            sg.start[part.len()] =
+                i32::try_from(total).map_err(|_| err(format!("{total} rows")))?;
+            sg.n = part.len() as i32;
             Ok(sg)
         };
-        let (q8_sg, f16_sg) = (seg(&p.q8)?, seg(&p.f16)?);
-        let n_q8 = p.q8.rows.div_ceil(MV_WARPS * q8_rpw);
-        let n_f16 = p.f16.rows.div_ceil(f16_v.rows_per_block());
+        let (q8_sg, f16_sg) = (segs(p.q8)?, segs(p.f16)?);
+        let n_q8 = q8_rows.div_ceil(MV_WARPS * q8_rpw);
+        let n_f16 = f16_rows.div_ceil(f16_v.rows_per_block());
         let cfg = LaunchConfig {
             grid_dim: ((n_q8 + n_f16) as u32, 1, 1),
             block_dim: ((MV_WARPS * 32) as u32, 1, 1),
@@ -1426,10 +1445,10 @@ impl Kernels {
             .arg(&p.x)
             .arg(&ntok)
             .arg(&n_q8);
-        // SAFETY: matches `MV_QB_PAIR`; checked above: K = 512·PPL = 256·ppl·split (so
-        // rows are 16-byte multiples), the Q8_0 copy has K and the tokens, the F16
-        // matrix and input are 16-byte aligned; both bodies PDL_WAIT before reading the
-        // inputs or writing.
+        // SAFETY: matches `MV_PAIR`; checked above: K = 512·PPL = 256·ppl·split (so rows
+        // are 16-byte multiples), at most MV_MAX_SEGS matrices a part, the Q8_0 copy has
+        // K and the tokens, the F16 matrices and input are 16-byte aligned; both bodies
+        // PDL_WAIT before reading the inputs or writing.
         unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(true)
     }
@@ -1794,13 +1813,10 @@ mod tests {
     }
 
     #[test]
-    fn every_qb_pair_is_instantiated_from_compiled_bodies() {
+    fn every_pair_is_instantiated_from_compiled_bodies() {
         let src = include_str!("../kernels/matvec.cu");
-        for ((ppl, nl), f) in QB_PAIR_VARIANTS {
-            let inst = format!(
-                "MV_QB_PAIR({ppl}, {nl}, {}, {}, {})",
-                f.ppl, f.rows, f.split
-            );
+        for ((ppl, nl), f) in MV_PAIR_VARIANTS {
+            let inst = format!("MV_PAIR({ppl}, {nl}, {}, {}, {})", f.ppl, f.rows, f.split);
             assert!(src.contains(&inst), "{inst} missing from matvec.cu");
             // The separate launches must have the same bodies compiled, at one K.
             assert!(Q8_REGS_VARIANTS.contains(&(ppl, nl)), "{inst}");
@@ -1809,7 +1825,7 @@ mod tests {
         }
         // Flash's indexer q_b takes the pair's F16 body by default (8192 rows of K 1024).
         let pick = pick_f16_variant(&all_resident(4), 1024, 8192, H100_SMS);
-        assert_eq!(pick, Some(QB_PAIR_VARIANTS[0].1));
+        assert_eq!(pick, Some(MV_PAIR_VARIANTS[0].1));
     }
 
     #[test]
