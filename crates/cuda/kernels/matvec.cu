@@ -1841,11 +1841,7 @@ MV_F16_REGS(4, 1, 1)
 // kernels.rs MV_PAIR_VARIANTS. Flash: q_b Q8_0 [32768 x 1024] with the indexer's q_b
 // F16 [8192 x 1024] (CSA layers).
 MV_PAIR(2, 16, 2, 8, 2)
-// q_a + kv Q8_0 [1536 x 4096] with the compressor (and indexer) projections F16
-// [1024 (CSA: 2624) x 4096]; the shared expert's gate + up Q8_0 [4096 x 4096] with
-// the router F16 [256 x 4096].
-MV_PAIR(8, 8, 4, 4, 4)
-MV_PAIR(8, 8, 4, 2, 4)
+// The shared expert's gate + up Q8_0 [4096 x 4096] with the router F16 [256 x 4096].
 MV_PAIR(8, 16, 4, 1, 4)
 
 // ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@ use cudarc::driver::{
 };
 use ds4_gguf::GgmlType;
 use ds4_model::backend::{
-    Backend, CompKind, KvStore, QueryHeads, RopeKind, RowRounding, attn_queries_separate,
+    Backend, CompKind, CompUpdate, KvStore, QueryHeads, RopeKind, RowRounding,
+    attn_queries_separate,
 };
 use ds4_model::kv::HostKv;
 use ds4_model::shape::{LayerKind, ModelShape};
@@ -368,6 +369,7 @@ struct Ops {
     rope_qat: CudaFunction,
     comp_pool: CudaFunction,
     comp_step: CudaFunction,
+    comp_step_pair: CudaFunction,
     comp_pool_chunk: CudaFunction,
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
@@ -465,6 +467,7 @@ impl Ops {
             rope_qat: f("rope_qat")?,
             comp_pool: f("comp_pool")?,
             comp_step: f("comp_step")?,
+            comp_step_pair: f("comp_step_pair")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
@@ -706,6 +709,9 @@ pub struct CudaBackend {
     /// Decode: each compressor step is one `comp_step` launch (`DS4_COMP_FUSE=0`:
     /// comp_pool + comp_finish).
     comp_fuse: bool,
+    /// Decode, CSA layers: the attention and indexer compressor steps as one launch
+    /// (`comp_step_pair`) instead of two in a row (`DS4_COMP_PAIR=0`: two).
+    comp_pair: bool,
     /// Decode: the attention's split partials are merged by the RoPE + Q8_0 kernel of
     /// o_a (`DS4_ATTN_MERGE_ROPE=0`: att_combine, then rope_quant_q8_0).
     attn_merge_rope: bool,
@@ -819,6 +825,7 @@ impl CudaBackend {
             attn_kv_append: crate::launch::env_switch("DS4_ATTN_KV_APPEND"),
             ring_appended: AtomicUsize::new(0),
             comp_fuse: crate::launch::env_switch("DS4_COMP_FUSE"),
+            comp_pair: crate::launch::env_switch("DS4_COMP_PAIR"),
             attn_merge_rope: crate::launch::env_switch("DS4_ATTN_MERGE_ROPE"),
             idx_rope_qat: crate::launch::env_switch("DS4_IDX_ROPE_QAT"),
             qb_pair: std::sync::atomic::AtomicBool::new(crate::launch::env_switch("DS4_QB_PAIR")),
@@ -1084,6 +1091,253 @@ impl CudaBackend {
             (true, true) if self.shape.n_nope().is_multiple_of(4) => 2,
             (true, _) => 1,
         }
+    }
+
+    /// `Backend::compressor_update`; with `defer`, a decode step that would be one
+    /// `comp_step` launch is added to `defer` for the caller to launch, and anything
+    /// else is launched as usual.
+    #[allow(clippy::too_many_arguments)]
+    fn compressor_update_into(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        which: CompKind,
+        w: &CompressorWeights<CudaWeight>,
+        proj_kv: &CudaAct,
+        proj_score: &CudaAct,
+        n: usize,
+        pos0: usize,
+        official: bool,
+        defer: Option<&mut Vec<CompStepArgs>>,
+    ) -> MResult<()> {
+        let _prof = self.prof("compressor_update", n);
+        let l = kv
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
+        let slot = match which {
+            CompKind::Attn => l.comp.as_mut(),
+            CompKind::Indexer => l.index.as_mut(),
+        };
+        let Some((rows, fr)) = slot else {
+            return Err(MError::Backend(format!(
+                "layer {layer} has no {which:?} compressor state"
+            )));
+        };
+        let (r, coff, dc) = (fr.ratio, fr.coff, fr.d_c);
+        let wdt = coff * dc;
+        check(
+            proj_kv.cols >= wdt && proj_kv.cols == proj_score.cols,
+            || format!("compressor layer {layer}: bad shapes"),
+        )?;
+        check((pos0 + n) / r <= rows.cap, || {
+            format!("compressor layer {layer}: context full")
+        })?;
+        let (ape, norm) = (w.ape.dense_ptr()?, w.norm.dense_ptr()?);
+        check(w.ape.k * w.ape.rows == r * wdt, || {
+            format!("compressor layer {layer}: ape shape")
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (kp, sp, ld, n32, pp, r32, c32, dc32, fk, fs, rp) = (
+            proj_kv.buf.ptr,
+            proj_score.buf.ptr,
+            proj_kv.cols as i32,
+            n as i32,
+            self.chunk_ptrs()?.1,
+            r as i32,
+            coff as i32,
+            dc as i32,
+            fr.kv.ptr,
+            fr.score.ptr,
+            rows.buf.ptr,
+        );
+        let mode: i32 = match (official, which) {
+            (false, _) => 0,
+            (true, CompKind::Attn) => 1,
+            (true, CompKind::Indexer) => 2,
+        };
+        check(mode != 2 || dc.is_multiple_of(128), || {
+            "indexer rows must be multiples of 128".into()
+        })?;
+        let (fq, nr, eps) = (
+            self.rope_comp.ptr,
+            self.shape.n_rot.min(dc) as i32,
+            self.shape.rms_eps,
+        );
+        // Decode: pool and finish in one block of dc threads (comp_step).
+        if n == 1
+            && self.comp_fuse
+            && dc.is_multiple_of(128)
+            && dc <= 512
+            && (mode != 2 || dc == 128)
+        {
+            let step = CompStepArgs {
+                kv: kp,
+                score: sp,
+                pos_p: pp,
+                ape,
+                fr_kv: fk,
+                fr_score: fs,
+                rows: rp,
+                norm_w: norm,
+                freqs: fq,
+                r: r32,
+                coff: c32,
+                dc: dc32,
+                n_rot: nr,
+                eps,
+                mode,
+            };
+            return match defer {
+                Some(d) => {
+                    d.push(step);
+                    Ok(())
+                }
+                None => self.launch_comp_step(&step),
+            };
+        }
+        let tiles = (dc as u32).div_ceil(128);
+        // One token: the sequential walk is a single step. A chunk: every closing row in
+        // parallel from the old frontier, then the new frontier (comp_frontier).
+        let (pool, rows_y) = if n == 1 {
+            (&self.ops.comp_pool, 1)
+        } else {
+            (&self.ops.comp_pool_chunk, (n / r + 1) as u32)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, rows_y, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(pool, cfg, |b| {
+            b.arg(&kp)
+                .arg(&sp)
+                .arg(&ld)
+                .arg(&n32)
+                .arg(&pp)
+                .arg(&ape)
+                .arg(&r32)
+                .arg(&c32)
+                .arg(&dc32)
+                .arg(&fk)
+                .arg(&fs)
+                .arg(&rp);
+        })?;
+        if n > 1 {
+            let cfg = LaunchConfig {
+                grid_dim: (tiles, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(&self.ops.comp_frontier, cfg, |b| {
+                b.arg(&kp)
+                    .arg(&sp)
+                    .arg(&ld)
+                    .arg(&n32)
+                    .arg(&pp)
+                    .arg(&ape)
+                    .arg(&r32)
+                    .arg(&c32)
+                    .arg(&dc32)
+                    .arg(&fk)
+                    .arg(&fs);
+            })?;
+        }
+        // At most n/r + 1 rows close in a chunk of n; surplus blocks exit.
+        let cfg = LaunchConfig {
+            grid_dim: ((n / r + 1) as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: (dc * 4) as u32,
+        };
+        self.launch(&self.ops.comp_finish, cfg, |b| {
+            b.arg(&rp)
+                .arg(&dc32)
+                .arg(&n32)
+                .arg(&pp)
+                .arg(&r32)
+                .arg(&norm)
+                .arg(&fq)
+                .arg(&nr)
+                .arg(&eps)
+                .arg(&mode);
+        })
+    }
+
+    /// `Backend::compressor_updates`; with `pair`, two decode steps that are one
+    /// comp_step each run as one `comp_step_pair` launch (returns whether they did).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn compressor_updates_with(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        updates: &[CompUpdate<'_, CudaWeight, CudaAct>],
+        n: usize,
+        pos0: usize,
+        official: bool,
+        pair: bool,
+    ) -> MResult<bool> {
+        let mut steps: Vec<CompStepArgs> = Vec::with_capacity(2);
+        let defer = pair && n == 1 && updates.len() == 2;
+        for u in updates {
+            self.compressor_update_into(
+                kv,
+                layer,
+                u.which,
+                u.w,
+                u.proj_kv,
+                u.proj_score,
+                n,
+                pos0,
+                official,
+                defer.then_some(&mut steps),
+            )?;
+        }
+        match steps[..] {
+            [c0, c1] => {
+                let threads = c0.dc.max(c1.dc) as u32;
+                let cfg = LaunchConfig {
+                    grid_dim: (2, 1, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: threads * 4,
+                };
+                self.launch(&self.ops.comp_step_pair, cfg, |b| {
+                    b.arg(&c0).arg(&c1);
+                })?;
+                Ok(true)
+            }
+            _ => {
+                steps.iter().try_for_each(|c| self.launch_comp_step(c))?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// One decode compressor step: one block of dc threads (`comp_step`).
+    fn launch_comp_step(&self, c: &CompStepArgs) -> MResult<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (c.dc as u32, 1, 1),
+            shared_mem_bytes: (c.dc * 4) as u32,
+        };
+        self.launch(&self.ops.comp_step, cfg, |b| {
+            b.arg(&c.kv)
+                .arg(&c.score)
+                .arg(&c.pos_p)
+                .arg(&c.ape)
+                .arg(&c.r)
+                .arg(&c.coff)
+                .arg(&c.dc)
+                .arg(&c.fr_kv)
+                .arg(&c.fr_score)
+                .arg(&c.rows)
+                .arg(&c.norm_w)
+                .arg(&c.freqs)
+                .arg(&c.n_rot)
+                .arg(&c.eps)
+                .arg(&c.mode);
+        })
     }
 
     /// `Backend::attn_queries` of one token in two launches (`DS4_QB_PAIR`): q_b and
@@ -3217,157 +3471,22 @@ impl<'w> Backend<'w> for CudaBackend {
         pos0: usize,
         official: bool,
     ) -> MResult<()> {
-        let _prof = self.prof("compressor_update", n);
-        let l = kv
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| MError::Backend("layer out of range".into()))?;
-        let slot = match which {
-            CompKind::Attn => l.comp.as_mut(),
-            CompKind::Indexer => l.index.as_mut(),
-        };
-        let Some((rows, fr)) = slot else {
-            return Err(MError::Backend(format!(
-                "layer {layer} has no {which:?} compressor state"
-            )));
-        };
-        let (r, coff, dc) = (fr.ratio, fr.coff, fr.d_c);
-        let wdt = coff * dc;
-        check(
-            proj_kv.cols >= wdt && proj_kv.cols == proj_score.cols,
-            || format!("compressor layer {layer}: bad shapes"),
-        )?;
-        check((pos0 + n) / r <= rows.cap, || {
-            format!("compressor layer {layer}: context full")
-        })?;
-        let (ape, norm) = (w.ape.dense_ptr()?, w.norm.dense_ptr()?);
-        check(w.ape.k * w.ape.rows == r * wdt, || {
-            format!("compressor layer {layer}: ape shape")
-        })?;
-        if n == 0 {
-            return Ok(());
-        }
-        let (kp, sp, ld, n32, pp, r32, c32, dc32, fk, fs, rp) = (
-            proj_kv.buf.ptr,
-            proj_score.buf.ptr,
-            proj_kv.cols as i32,
-            n as i32,
-            self.chunk_ptrs()?.1,
-            r as i32,
-            coff as i32,
-            dc as i32,
-            fr.kv.ptr,
-            fr.score.ptr,
-            rows.buf.ptr,
-        );
-        let mode: i32 = match (official, which) {
-            (false, _) => 0,
-            (true, CompKind::Attn) => 1,
-            (true, CompKind::Indexer) => 2,
-        };
-        check(mode != 2 || dc.is_multiple_of(128), || {
-            "indexer rows must be multiples of 128".into()
-        })?;
-        let (fq, nr, eps) = (
-            self.rope_comp.ptr,
-            self.shape.n_rot.min(dc) as i32,
-            self.shape.rms_eps,
-        );
-        // Decode: pool and finish in one block of dc threads (comp_step).
-        if n == 1
-            && self.comp_fuse
-            && dc.is_multiple_of(128)
-            && dc <= 512
-            && (mode != 2 || dc == 128)
-        {
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (dc as u32, 1, 1),
-                shared_mem_bytes: (dc * 4) as u32,
-            };
-            return self.launch(&self.ops.comp_step, cfg, |b| {
-                b.arg(&kp)
-                    .arg(&sp)
-                    .arg(&pp)
-                    .arg(&ape)
-                    .arg(&r32)
-                    .arg(&c32)
-                    .arg(&dc32)
-                    .arg(&fk)
-                    .arg(&fs)
-                    .arg(&rp)
-                    .arg(&norm)
-                    .arg(&fq)
-                    .arg(&nr)
-                    .arg(&eps)
-                    .arg(&mode);
-            });
-        }
-        let tiles = (dc as u32).div_ceil(128);
-        // One token: the sequential walk is a single step. A chunk: every closing row in
-        // parallel from the old frontier, then the new frontier (comp_frontier).
-        let (pool, rows_y) = if n == 1 {
-            (&self.ops.comp_pool, 1)
-        } else {
-            (&self.ops.comp_pool_chunk, (n / r + 1) as u32)
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (tiles, rows_y, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(pool, cfg, |b| {
-            b.arg(&kp)
-                .arg(&sp)
-                .arg(&ld)
-                .arg(&n32)
-                .arg(&pp)
-                .arg(&ape)
-                .arg(&r32)
-                .arg(&c32)
-                .arg(&dc32)
-                .arg(&fk)
-                .arg(&fs)
-                .arg(&rp);
-        })?;
-        if n > 1 {
-            let cfg = LaunchConfig {
-                grid_dim: (tiles, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(&self.ops.comp_frontier, cfg, |b| {
-                b.arg(&kp)
-                    .arg(&sp)
-                    .arg(&ld)
-                    .arg(&n32)
-                    .arg(&pp)
-                    .arg(&ape)
-                    .arg(&r32)
-                    .arg(&c32)
-                    .arg(&dc32)
-                    .arg(&fk)
-                    .arg(&fs);
-            })?;
-        }
-        // At most n/r + 1 rows close in a chunk of n; surplus blocks exit.
-        let cfg = LaunchConfig {
-            grid_dim: ((n / r + 1) as u32, 1, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: (dc * 4) as u32,
-        };
-        self.launch(&self.ops.comp_finish, cfg, |b| {
-            b.arg(&rp)
-                .arg(&dc32)
-                .arg(&n32)
-                .arg(&pp)
-                .arg(&r32)
-                .arg(&norm)
-                .arg(&fq)
-                .arg(&nr)
-                .arg(&eps)
-                .arg(&mode);
-        })
+        self.compressor_update_into(
+            kv, layer, which, w, proj_kv, proj_score, n, pos0, official, None,
+        )
+    }
+
+    fn compressor_updates(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        updates: &[CompUpdate<'_, CudaWeight, CudaAct>],
+        n: usize,
+        pos0: usize,
+        official: bool,
+    ) -> MResult<()> {
+        self.compressor_updates_with(kv, layer, updates, n, pos0, official, self.comp_pair)
+            .map(|_| ())
     }
 
     fn indexer_topk(
@@ -3967,6 +4086,30 @@ impl<'w> Backend<'w> for CudaBackend {
         }
     }
 }
+
+/// `comp_step`'s arguments as one kernel parameter (ops.cu `CompStepArgs`, same layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CompStepArgs {
+    kv: u64,
+    score: u64,
+    pos_p: u64,
+    ape: u64,
+    fr_kv: u64,
+    fr_score: u64,
+    rows: u64,
+    norm_w: u64,
+    freqs: u64,
+    r: i32,
+    coff: i32,
+    dc: i32,
+    n_rot: i32,
+    eps: f32,
+    mode: i32,
+}
+
+// SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.
+unsafe impl cudarc::driver::DeviceRepr for CompStepArgs {}
 
 /// A pending quantized copy as the products would read it (selftest): codes, scales,
 /// and for Q8_K the 16-element sums.

@@ -972,6 +972,157 @@ fn qb_pair_checks(
     Ok(out)
 }
 
+/// A CSA layer's two decode compressor steps as one launch (`DS4_COMP_PAIR`,
+/// `comp_step_pair`) against `compressor_update` of each, at Flash dims: positions 0 ..
+/// 9 (rows close at 3 and 7, ratio 4), the compressor state at the end (the saved KV
+/// bytes: frontiers and compressed rows) bit for bit.
+fn comp_pair_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use ds4_model::backend::{CompKind, CompUpdate, KvStore};
+    use ds4_model::weights::CompressorWeights;
+    let mut out = Vec::new();
+    let Some(il) = s.layer_kinds.iter().position(|k| k.is_csa()) else {
+        return Ok(out);
+    };
+    let kind = s.layer_kinds[il];
+    let r = kind.ratio();
+    let comp =
+        |rng: &mut Rng, pre: &str, w: usize, dn: usize| -> Result<CompressorWeights<CudaWeight>> {
+            let ape: Vec<f32> = (0..w * r).map(|_| 0.1 * rng.unit()).collect();
+            let norm: Vec<f32> = (0..dn).map(|_| 1.0 + 0.3 * rng.unit()).collect();
+            Ok(CompressorWeights {
+                ape: upload(
+                    be,
+                    keep,
+                    &format!("{pre}_ape"),
+                    GgmlType::F32,
+                    &[w as u64, r as u64],
+                    f32_bytes(&ape),
+                )?,
+                // The projections come in as activations: the matrices are not read.
+                kv: upload(
+                    be,
+                    keep,
+                    "unused.comp",
+                    GgmlType::F32,
+                    &[1],
+                    f32_bytes(&[0.0]),
+                )?,
+                gate: upload(
+                    be,
+                    keep,
+                    "unused.comp",
+                    GgmlType::F32,
+                    &[1],
+                    f32_bytes(&[0.0]),
+                )?,
+                norm: upload(
+                    be,
+                    keep,
+                    &format!("{pre}_norm"),
+                    GgmlType::F32,
+                    &[dn as u64],
+                    f32_bytes(&norm),
+                )?,
+            })
+        };
+    let (wa, wi) = (kind.coff() * s.head_dim, 2 * s.indexer_dim);
+    let cw = comp(rng, &format!("blk.{il}.attn_compressor"), wa, s.head_dim)?;
+    let iw = comp(
+        rng,
+        &format!("blk.{il}.indexer_compressor"),
+        wi,
+        s.indexer_dim,
+    )?;
+    let positions: Vec<usize> = (0..10).collect();
+    let inputs: Vec<[Vec<f32>; 4]> = positions
+        .iter()
+        .map(|_| {
+            [
+                random_act(rng, wa),
+                random_act(rng, wa),
+                random_act(rng, wi),
+                random_act(rng, wi),
+            ]
+        })
+        .collect();
+    let run = |paired: bool| -> Result<(bool, Vec<u8>)> {
+        let mut kv = be.alloc_kv(s, 64)?;
+        let mut took = true;
+        for (&pos, v) in positions.iter().zip(&inputs) {
+            be.begin_chunk(&[0u32], pos)?;
+            let (ak, ascore) = (act(be, 1, wa, &v[0])?, act(be, 1, wa, &v[1])?);
+            let (ik, iscore) = (act(be, 1, wi, &v[2])?, act(be, 1, wi, &v[3])?);
+            let updates = [
+                CompUpdate {
+                    which: CompKind::Attn,
+                    w: &cw,
+                    proj_kv: &ak,
+                    proj_score: &ascore,
+                },
+                CompUpdate {
+                    which: CompKind::Indexer,
+                    w: &iw,
+                    proj_kv: &ik,
+                    proj_score: &iscore,
+                },
+            ];
+            if paired {
+                took &= be.compressor_updates_with(&mut kv, il, &updates, 1, pos, true, true)?;
+            } else {
+                for u in &updates {
+                    be.compressor_update(
+                        &mut kv,
+                        il,
+                        u.which,
+                        u.w,
+                        u.proj_kv,
+                        u.proj_score,
+                        1,
+                        pos,
+                        true,
+                    )?;
+                }
+            }
+        }
+        let mut saved = Vec::new();
+        kv.save(positions.len(), &mut saved)?;
+        Ok((took, saved))
+    };
+    let (took, got) = run(true)?;
+    let (_, want) = run(false)?;
+    let tag = format!("compressor step pair, CSA layer {il}");
+    let bad =
+        got.iter().zip(&want).filter(|(g, w)| g != w).count() + got.len().abs_diff(want.len());
+    for r in [
+        CheckResult {
+            name: format!("{tag}: one launch taken at Flash dims"),
+            max_abs: 0.0,
+            max_rel: f32::from(u8::from(!took)),
+            tol: 0.0,
+            tol_name: "exact",
+            pass: took,
+        },
+        CheckResult {
+            name: format!("{tag}: compressor state (saved bytes) = two launches (bit-exact)"),
+            max_abs: 0.0,
+            max_rel: bad as f32,
+            tol: TOL_QB_PAIR_MISMATCHES as f32,
+            tol_name: "TOL_QB_PAIR_MISMATCHES",
+            pass: bad == TOL_QB_PAIR_MISMATCHES,
+        },
+    ] {
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// CPU routing of one token (as the CPU backend's MoE): scores sqrt(softplus(l)),
 /// hash table or biased top-k (highest first, lower index on ties), weights.
 fn cpu_route(
@@ -1478,8 +1629,9 @@ pub fn run_fused_checks(
         &mut rng,
         &mut report,
     )?);
-    // Last: the earlier checks keep the random data they had before it.
+    // Last: the earlier checks keep the random data they had before them.
     out.extend(qb_pair_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(comp_pair_checks(&be, &keep, &s, &mut rng, &mut report)?);
     be.runtime().stream.synchronize()?;
     Ok(out)
 }

@@ -286,13 +286,9 @@ pub struct Kernels {
 /// The compiled `mv_pair_q{PPL}_l{NL}_f{P}_r{R}_s{S}` kernels (matvec.cu `MV_PAIR`): a
 /// Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid, as the separate
 /// launches pick them for Flash: q_b (K 1024, 32768 rows) with the indexer's q_b
-/// (8192 rows); q_a + kv (K 4096, 1536 rows) with the compressor projections (2624
-/// rows in CSA layers, 1024 in HCA ones); the shared gate + up (4096 rows) with the
-/// router (256 rows).
-const MV_PAIR_VARIANTS: [((usize, usize), F16Variant); 4] = [
+/// (8192 rows); the shared gate + up (K 4096, 4096 rows) with the router (256 rows).
+const MV_PAIR_VARIANTS: [((usize, usize), F16Variant); 2] = [
     ((2, 16), F16Variant::new(2, 8, 2)),
-    ((8, 8), F16Variant::new(4, 4, 4)),
-    ((8, 8), F16Variant::new(4, 2, 4)),
     ((8, 16), F16Variant::new(4, 1, 4)),
 ];
 

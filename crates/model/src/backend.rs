@@ -59,6 +59,15 @@ pub struct QueryHeads {
     pub official: bool,
 }
 
+/// One compressor's step of [`Backend::compressor_updates`]: which compressor, its
+/// weights and this chunk's projections.
+pub struct CompUpdate<'a, W, A> {
+    pub which: CompKind,
+    pub w: &'a CompressorWeights<W>,
+    pub proj_kv: &'a A,
+    pub proj_score: &'a A,
+}
+
 /// The steps of [`Backend::attn_queries`] one by one, as its default runs them (a
 /// backend that pairs them falls back to this where it cannot).
 #[allow(clippy::too_many_arguments)]
@@ -368,6 +377,33 @@ pub trait Backend<'w> {
         pos0: usize,
         official: bool,
     ) -> Result<()>;
+    /// The compressor steps of one layer (its attention compressor, then its indexer's),
+    /// as `compressor_update` of each in turn; a backend may run them together.
+    #[allow(clippy::too_many_arguments)]
+    fn compressor_updates(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        updates: &[CompUpdate<'_, Self::Weight, Self::Act>],
+        n: usize,
+        pos0: usize,
+        official: bool,
+    ) -> Result<()> {
+        for u in updates {
+            self.compressor_update(
+                kv,
+                layer,
+                u.which,
+                u.w,
+                u.proj_kv,
+                u.proj_score,
+                n,
+                pos0,
+                official,
+            )?;
+        }
+        Ok(())
+    }
     /// Lightning indexer (§9): per token, the top-k visible indexer rows by
     /// Σ_h w_h·relu(q_h·k). Rows past visibility are never chosen.
     #[allow(clippy::too_many_arguments)]

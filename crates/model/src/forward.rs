@@ -2,7 +2,7 @@
 //! positions goes through every layer (layer-major), updating the KV state, and produces
 //! logits for every position of the chunk. Decode is a chunk of one.
 
-use crate::backend::{Backend, CompKind, KvStore, QueryHeads, RopeKind};
+use crate::backend::{Backend, CompKind, CompUpdate, KvStore, QueryHeads, RopeKind};
 use crate::shape::ModelShape;
 use crate::weights::{ModelWeights, TensorView};
 use crate::{Error, Result};
@@ -233,32 +233,24 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                     outs.extend([&mut bufs.icomp_kv, &mut bufs.icomp_score, &mut bufs.iw]);
                 }
                 be.matmul_multi(&ws, &bufs.y, n, &mut outs)?;
+                let mut updates = Vec::with_capacity(2);
                 if let Some(cw) = &a.compressor {
-                    be.compressor_update(
-                        kv,
-                        il,
-                        CompKind::Attn,
-                        cw,
-                        &bufs.comp_kv,
-                        &bufs.comp_score,
-                        n,
-                        pos0,
-                        official,
-                    )?;
+                    updates.push(CompUpdate {
+                        which: CompKind::Attn,
+                        w: cw,
+                        proj_kv: &bufs.comp_kv,
+                        proj_score: &bufs.comp_score,
+                    });
                 }
                 if let Some(ix) = &a.indexer {
-                    be.compressor_update(
-                        kv,
-                        il,
-                        CompKind::Indexer,
-                        &ix.compressor,
-                        &bufs.icomp_kv,
-                        &bufs.icomp_score,
-                        n,
-                        pos0,
-                        official,
-                    )?;
+                    updates.push(CompUpdate {
+                        which: CompKind::Indexer,
+                        w: &ix.compressor,
+                        proj_kv: &bufs.icomp_kv,
+                        proj_score: &bufs.icomp_score,
+                    });
                 }
+                be.compressor_updates(kv, il, &updates, n, pos0, official)?;
                 be.branch_end()?;
             }
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;

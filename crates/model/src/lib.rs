@@ -12,7 +12,7 @@ pub mod shape;
 pub mod synthetic;
 pub mod weights;
 
-pub use backend::{Backend, CompKind, KvStore, QueryHeads, RopeKind, RowRounding};
+pub use backend::{Backend, CompKind, CompUpdate, KvStore, QueryHeads, RopeKind, RowRounding};
 pub use forward::{Buffers, ForwardOptions, LogitRows, Model, Session};
 pub use kv::HostKv;
 pub use shape::{LayerKind, ModelShape};
