@@ -2023,41 +2023,7 @@ extern "C" __global__ void __launch_bounds__(128)
     comp_finish_row(srow, row, dc, q, r, norm_w, freqs, n_rot, eps, mode);
 }
 
-// One decode token's compressor step: comp_pool (n = 1) then, when a row closes at
-// this position, comp_finish of that row from shared memory (srow, dc floats). Run by
-// threads 0 .. dc - 1 of a block of dc (a multiple of 128, at most 512; 128 for
-// mode 2) or more threads whose warps past dc have exited (they would idle in every
-// loop: the loops stride by blockDim but stop at dc). Thread j owns column j as in
-// comp_pool. Same arithmetic as the two kernels.
-__device__ void comp_step_body(const float* kv, const float* score, const int* pos_p,
-                               const float* ape, int r, int coff, int dc, float* fr_kv,
-                               float* fr_score, float* rows, const float* norm_w,
-                               const float* freqs, int n_rot, float eps, int mode, float* srow) {
-    const int p = *pos_p;
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
-        float out;
-        if (comp_pool_token(kv, score, p, ape, r, coff, dc, j, fr_kv, fr_score, &out)) srow[j] = out;
-    }
-    // (p + 1) % r is the same for every thread: the whole block returns or goes on.
-    if ((p + 1) % r != 0) return;
-    __syncthreads();
-    const int q = (p + 1) / r - 1;
-    comp_finish_row(srow, rows + (long long)q * dc, dc, q, r, norm_w, freqs, n_rot, eps, mode);
-}
-
-// One decode token's compressor step in one launch (comp_step_body): one block of dc
-// threads, smem dc floats.
-extern "C" __global__ void __launch_bounds__(512)
-    comp_step(const float* kv, const float* score, const int* pos_p, const float* ape, int r,
-              int coff, int dc, float* fr_kv, float* fr_score, float* rows,
-              const float* norm_w, const float* freqs, int n_rot, float eps, int mode) {
-    PDL_START();
-    extern __shared__ float srow[];
-    comp_step_body(kv, score, pos_p, ape, r, coff, dc, fr_kv, fr_score, rows, norm_w, freqs, n_rot,
-                   eps, mode, srow);
-}
-
-// comp_step's arguments as one value (backend.rs `CompStepArgs`, same layout).
+// A decode compressor step's arguments (backend.rs `CompStepArgs`, same layout).
 struct CompStepArgs {
     const float* kv;
     const float* score;
@@ -2073,18 +2039,37 @@ struct CompStepArgs {
     int mode;
 };
 
-// A CSA layer's two decode compressor steps (attention: c0, indexer: c1) as one
-// launch of two blocks instead of two launches in a row: block b runs c_b. blockDim =
-// the larger dc (<= 512); a block's warps past its own dc exit first. Smem: the
-// larger dc floats.
-extern "C" __global__ void __launch_bounds__(512)
-    comp_step_pair(CompStepArgs c0, CompStepArgs c1) {
+// One decode token's compressor step: comp_pool (n = 1) then, when a row closes at
+// this position, comp_finish of that row from shared memory (srow, dc floats). Run by
+// threads 0 .. dc - 1 of a block of dc (a multiple of 128, at most 512; 128 for
+// mode 2) or more threads whose warps past dc have exited (they would idle in every
+// loop: the loops stride by blockDim but stop at dc). Thread j owns column j as in
+// comp_pool. Same arithmetic as the two kernels.
+__device__ void comp_step_body(const CompStepArgs& c, float* srow) {
+    const int p = *c.pos_p;
+    for (int j = threadIdx.x; j < c.dc; j += blockDim.x) {
+        float out;
+        if (comp_pool_token(c.kv, c.score, p, c.ape, c.r, c.coff, c.dc, j, c.fr_kv, c.fr_score, &out))
+            srow[j] = out;
+    }
+    // (p + 1) % r is the same for every thread: the whole block returns or goes on.
+    if ((p + 1) % c.r != 0) return;
+    __syncthreads();
+    const int q = (p + 1) / c.r - 1;
+    comp_finish_row(srow, c.rows + (long long)q * c.dc, c.dc, q, c.r, c.norm_w, c.freqs, c.n_rot, c.eps,
+                    c.mode);
+}
+
+// One token's compressor steps in one launch, block b running step c_b (c0 only with
+// one block; a CSA layer's attention and indexer steps as two blocks instead of two
+// launches in a row). blockDim = the larger dc (<= 512); a block's warps past its own
+// dc exit first. Smem: the larger dc floats.
+extern "C" __global__ void __launch_bounds__(512) comp_steps(CompStepArgs c0, CompStepArgs c1) {
     PDL_START();
     extern __shared__ float srow[];
     const CompStepArgs& c = blockIdx.x == 0 ? c0 : c1;
     if ((int)threadIdx.x >= c.dc) return;
-    comp_step_body(c.kv, c.score, c.pos_p, c.ape, c.r, c.coff, c.dc, c.fr_kv, c.fr_score, c.rows,
-                   c.norm_w, c.freqs, c.n_rot, c.eps, c.mode, srow);
+    comp_step_body(c, srow);
 }
 
 // ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::Result;
+use crate::backend::CompStepArgs;
 use crate::compile::KernelSource;
 use crate::kernels::{DevBuf, Kernels};
 use crate::selftest::{CheckResult, Rng};
@@ -84,7 +85,7 @@ impl CompState {
     }
 }
 
-/// `comp_step` (one launch per decode token) against `comp_pool` + `comp_finish`
+/// `comp_steps` (one launch per decode token) against `comp_pool` + `comp_finish`
 /// over decode steps that close rows, from the same random state and projections.
 fn comp_checks(
     stream: &Arc<CudaStream>,
@@ -93,7 +94,7 @@ fn comp_checks(
 ) -> Result<Vec<CheckResult>> {
     let pool = ops.load_function("comp_pool")?;
     let finish = ops.load_function("comp_finish")?;
-    let step = ops.load_function("comp_step")?;
+    let step = ops.load_function("comp_steps")?;
     let cases = [
         CompCase {
             name: "attn comp  ratio 4   dc 512 fp8",
@@ -172,7 +173,7 @@ fn comp_checks(
         ] {
             let r = exact(
                 format!(
-                    "comp_step vs pool+finish {} {} ({} steps)",
+                    "comp_steps vs pool+finish {} {} ({} steps)",
                     c.name,
                     what,
                     c.pos.len()
@@ -277,30 +278,33 @@ fn launch_comp_step(
     eps: f32,
 ) -> Result<()> {
     let i = |v: usize| v as i32;
-    let (r, coff, dc, nr) = (i(c.r), i(c.coff), i(c.dc), i(n_rot));
-    // As the backend launches it: one block of dc threads.
+    let step_args = CompStepArgs {
+        kv: kv.ptr,
+        score: score.ptr,
+        pos_p: pos.ptr,
+        ape: ape.ptr,
+        fr_kv: s.fr_kv.ptr,
+        fr_score: s.fr_score.ptr,
+        rows: s.rows.ptr,
+        norm_w: norm.ptr,
+        freqs: freqs.ptr,
+        r: i(c.r),
+        coff: i(c.coff),
+        dc: i(c.dc),
+        n_rot: i(n_rot),
+        eps,
+        mode: c.mode,
+    };
+    // As the backend launches one step: one block of dc threads.
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (c.dc as u32, 1, 1),
         shared_mem_bytes: (c.dc * 4) as u32,
     };
+    let unused = CompStepArgs::default();
     let mut b = stream.launch_builder(step);
-    b.arg(&kv.ptr)
-        .arg(&score.ptr)
-        .arg(&pos.ptr)
-        .arg(&ape.ptr)
-        .arg(&r)
-        .arg(&coff)
-        .arg(&dc)
-        .arg(&s.fr_kv.ptr)
-        .arg(&s.fr_score.ptr)
-        .arg(&s.rows.ptr)
-        .arg(&norm.ptr)
-        .arg(&freqs.ptr)
-        .arg(&nr)
-        .arg(&eps)
-        .arg(&c.mode);
-    // SAFETY: comp_step's argument list; buffers sized for the case above.
+    b.arg(&step_args).arg(&unused);
+    // SAFETY: comp_steps' argument list (one step); buffers sized for the case above.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -368,8 +368,7 @@ struct Ops {
     round_rows: CudaFunction,
     rope_qat: CudaFunction,
     comp_pool: CudaFunction,
-    comp_step: CudaFunction,
-    comp_step_pair: CudaFunction,
+    comp_steps: CudaFunction,
     comp_pool_chunk: CudaFunction,
     comp_frontier: CudaFunction,
     comp_finish: CudaFunction,
@@ -466,8 +465,7 @@ impl Ops {
             round_rows: big("round_rows")?,
             rope_qat: f("rope_qat")?,
             comp_pool: f("comp_pool")?,
-            comp_step: f("comp_step")?,
-            comp_step_pair: f("comp_step_pair")?,
+            comp_steps: f("comp_steps")?,
             comp_pool_chunk: f("comp_pool_chunk")?,
             comp_frontier: f("comp_frontier")?,
             comp_finish: big("comp_finish")?,
@@ -706,11 +704,11 @@ pub struct CudaBackend {
     /// Layer + 1 whose ring the last attention launch appended to (0: none); the
     /// `kv_append_raw` that follows for that layer takes it and skips its launch.
     ring_appended: AtomicUsize,
-    /// Decode: each compressor step is one `comp_step` launch (`DS4_COMP_FUSE=0`:
+    /// Decode: each compressor step is one `comp_steps` launch (`DS4_COMP_FUSE=0`:
     /// comp_pool + comp_finish).
     comp_fuse: bool,
     /// Decode, CSA layers: the attention and indexer compressor steps as one launch
-    /// (`comp_step_pair`) instead of two in a row (`DS4_COMP_PAIR=0`: two).
+    /// of two blocks (`comp_steps`) instead of two in a row (`DS4_COMP_PAIR=0`: two).
     comp_pair: bool,
     /// Decode: the attention's split partials are merged by the RoPE + Q8_0 kernel of
     /// o_a (`DS4_ATTN_MERGE_ROPE=0`: att_combine, then rope_quant_q8_0).
@@ -1094,7 +1092,7 @@ impl CudaBackend {
     }
 
     /// `Backend::compressor_update`; with `defer`, a decode step that would be one
-    /// `comp_step` launch is added to `defer` for the caller to launch, and anything
+    /// `comp_steps` block is added to `defer` for the caller to launch, and anything
     /// else is launched as usual.
     #[allow(clippy::too_many_arguments)]
     fn compressor_update_into(
@@ -1166,7 +1164,7 @@ impl CudaBackend {
             self.shape.n_rot.min(dc) as i32,
             self.shape.rms_eps,
         );
-        // Decode: pool and finish in one block of dc threads (comp_step).
+        // Decode: pool and finish in one block of dc threads (comp_steps).
         if n == 1
             && self.comp_fuse
             && dc.is_multiple_of(128)
@@ -1195,7 +1193,7 @@ impl CudaBackend {
                     d.push(step);
                     Ok(())
                 }
-                None => self.launch_comp_step(&step),
+                None => self.launch_comp_steps(&[step]),
             };
         }
         let tiles = (dc as u32).div_ceil(128);
@@ -1266,7 +1264,7 @@ impl CudaBackend {
     }
 
     /// `Backend::compressor_updates`; with `pair`, two decode steps that are one
-    /// comp_step each run as one `comp_step_pair` launch (returns whether they did).
+    /// `comp_steps` block each run as one launch (returns whether they did).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn compressor_updates_with(
         &self,
@@ -1294,49 +1292,31 @@ impl CudaBackend {
                 defer.then_some(&mut steps),
             )?;
         }
-        match steps[..] {
-            [c0, c1] => {
-                let threads = c0.dc.max(c1.dc) as u32;
-                let cfg = LaunchConfig {
-                    grid_dim: (2, 1, 1),
-                    block_dim: (threads, 1, 1),
-                    shared_mem_bytes: threads * 4,
-                };
-                self.launch(&self.ops.comp_step_pair, cfg, |b| {
-                    b.arg(&c0).arg(&c1);
-                })?;
-                Ok(true)
-            }
-            _ => {
-                steps.iter().try_for_each(|c| self.launch_comp_step(c))?;
-                Ok(false)
-            }
-        }
+        self.launch_comp_steps(&steps)?;
+        Ok(steps.len() == 2)
     }
 
-    /// One decode compressor step: one block of dc threads (`comp_step`).
-    fn launch_comp_step(&self, c: &CompStepArgs) -> MResult<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (c.dc as u32, 1, 1),
-            shared_mem_bytes: (c.dc * 4) as u32,
+    /// Decode compressor steps (none, one or two) as one `comp_steps` launch: a block
+    /// of the larger dc threads per step.
+    fn launch_comp_steps(&self, steps: &[CompStepArgs]) -> MResult<()> {
+        let (c0, c1) = match *steps {
+            [] => return Ok(()),
+            [c0] => (c0, CompStepArgs::default()),
+            [c0, c1] => (c0, c1),
+            _ => {
+                return Err(MError::Backend(
+                    "at most two compressor steps a launch".into(),
+                ));
+            }
         };
-        self.launch(&self.ops.comp_step, cfg, |b| {
-            b.arg(&c.kv)
-                .arg(&c.score)
-                .arg(&c.pos_p)
-                .arg(&c.ape)
-                .arg(&c.r)
-                .arg(&c.coff)
-                .arg(&c.dc)
-                .arg(&c.fr_kv)
-                .arg(&c.fr_score)
-                .arg(&c.rows)
-                .arg(&c.norm_w)
-                .arg(&c.freqs)
-                .arg(&c.n_rot)
-                .arg(&c.eps)
-                .arg(&c.mode);
+        let threads = c0.dc.max(c1.dc) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (steps.len() as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: threads * 4,
+        };
+        self.launch(&self.ops.comp_steps, cfg, |b| {
+            b.arg(&c0).arg(&c1);
         })
     }
 
@@ -4087,25 +4067,26 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 }
 
-/// `comp_step`'s arguments as one kernel parameter (ops.cu `CompStepArgs`, same layout).
+/// A decode compressor step's arguments, one kernel parameter of `comp_steps` (ops.cu
+/// `CompStepArgs`, same layout; device pointers as u64).
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct CompStepArgs {
-    kv: u64,
-    score: u64,
-    pos_p: u64,
-    ape: u64,
-    fr_kv: u64,
-    fr_score: u64,
-    rows: u64,
-    norm_w: u64,
-    freqs: u64,
-    r: i32,
-    coff: i32,
-    dc: i32,
-    n_rot: i32,
-    eps: f32,
-    mode: i32,
+    pub(crate) kv: u64,
+    pub(crate) score: u64,
+    pub(crate) pos_p: u64,
+    pub(crate) ape: u64,
+    pub(crate) fr_kv: u64,
+    pub(crate) fr_score: u64,
+    pub(crate) rows: u64,
+    pub(crate) norm_w: u64,
+    pub(crate) freqs: u64,
+    pub(crate) r: i32,
+    pub(crate) coff: i32,
+    pub(crate) dc: i32,
+    pub(crate) n_rot: i32,
+    pub(crate) eps: f32,
+    pub(crate) mode: i32,
 }
 
 // SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.

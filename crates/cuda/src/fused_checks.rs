@@ -972,10 +972,10 @@ fn qb_pair_checks(
     Ok(out)
 }
 
-/// A CSA layer's two decode compressor steps as one launch (`DS4_COMP_PAIR`,
-/// `comp_step_pair`) against `compressor_update` of each, at Flash dims: positions 0 ..
-/// 9 (rows close at 3 and 7, ratio 4), the compressor state at the end (the saved KV
-/// bytes: frontiers and compressed rows) bit for bit.
+/// A CSA layer's two decode compressor steps as one launch of two blocks
+/// (`DS4_COMP_PAIR`, `comp_steps`) against `compressor_update` of each, at Flash dims:
+/// positions 0 .. 9 (rows close at 3 and 7, ratio 4), the compressor state at the end
+/// (the saved KV bytes: frontiers and compressed rows) bit for bit.
 fn comp_pair_checks(
     be: &CudaBackend,
     keep: &Keep,
