@@ -680,6 +680,163 @@ MV_Q8_REGS(8, 16)
 MV_Q8_REGS(16, 16)
 
 // ---------------------------------------------------------------------------
+// Q8_0 decode products through shared memory filled by TMA bulk copies, for the big
+// matrices (mv_q8_0_tma_p{PPL}_r{SR}, K = 512·PPL). One block per multiprocessor
+// (most of its shared memory); each warp owns a contiguous run of `rpw` rows of the
+// flattened (slot, row) space and streams it through a ring of `nbuf` stages of SR
+// rows, one mbarrier per stage. The ring's first fill is requested before the PDL
+// wait (weights are never written), so a ring's worth of weights per warp arrives
+// while the kernels before this one still run: the register kernels preload only what
+// their resident blocks' registers hold, and beside the previous product's blocks that
+// is little. A stage is refilled as soon as its rows are done. The arithmetic is mv_q8_0_regs's lane for lane (lane l takes
+// pieces l, l + 32, ... of a row, summed in that order, then warp_sum): the results
+// are bit-identical to it. Slots are contiguous (stride = rows · row bytes), each with
+// its own activation row (x_group 1); one token, no expert ids, one segment; rows and
+// rpw are multiples of SR, so a stage never straddles two slots.
+// ---------------------------------------------------------------------------
+// TMA bulk copies and transaction-counting mbarriers are sm_90 features.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TMA_WARPS 8
+#define TMA_MAX_BUF 16
+#define TMA_HEAD (TMA_WARPS * TMA_MAX_BUF * 8)  // an mbarrier per stage
+
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+// `bytes` from global `src` to shared `dst`, completing on `bar` (which expects them).
+__device__ __forceinline__ void tma_load(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+                 "r"(bytes)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+            "r"(smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(bar))
+        : "memory");
+}
+
+__device__ __forceinline__ bool mbar_done(u64* bar, u32 parity) {
+    u32 ok;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(ok)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+    return ok != 0;
+}
+
+template <int PPL, int SR>
+__device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int total, int rpw,
+                                            int nbuf, int depth, const i8* __restrict__ xq,
+                                            const float* __restrict__ xd) {
+    constexpr int K = 512 * PPL;
+    constexpr int RB = K / 32 * 34;
+    extern __shared__ __align__(128) u8 tma_smem[];
+    PDL_TRIGGER();
+    TRACE_BLOCK(0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    u64* bars = (u64*)tma_smem + warp * TMA_MAX_BUF;
+    u8* ring = tma_smem + TMA_HEAD + (long long)warp * nbuf * SR * RB;
+    const int f0 = (blockIdx.x * TMA_WARPS + warp) * rpw;
+    const int n = max(0, min(rpw, total - f0));
+    const int nst = (n + SR - 1) / SR;
+    const u8* w = (const u8*)sg.w[0];
+    if (lane == 0 && nst > 0) {
+        for (int b = 0; b < nbuf; b++) mbar_init(bars + b, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        // At most `depth` stages of the warp in flight before the wait (0: no limit):
+        // a deep queue of early requests delays the loads of the small kernels that
+        // run meanwhile on the critical path (measured: depth 1 is the fastest step).
+        for (int s = 0; s < min(nbuf, nst); s++) {
+            if (depth > 0 && s >= depth)
+                while (!mbar_done(bars + s - depth, 0)) {
+                }
+            tma_load(ring + (long long)s * SR * RB, w + (long long)(f0 + s * SR) * RB,
+                     (u32)(min(SR, n - s * SR) * RB), bars + s);
+        }
+    }
+    __syncwarp();
+    PDL_WAIT();
+    TRACE_BLOCK(1);
+    int cur = -1;
+    int4 xv[PPL];
+    float xs[PPL];
+    float* y = (float*)sg.y[0];
+    const int ldy = sg.ldy[0];
+    for (int s = 0; s < nst; s++) {
+        const int b = s % nbuf;
+        while (!mbar_done(bars + b, (u32)((s / nbuf) & 1))) {
+        }
+        const u8* st = ring + (long long)b * SR * RB;
+        const int m = min(SR, n - s * SR);
+        const int fs = f0 + s * SR;
+        const int slot = fs / rows;  // the host keeps rows and rpw multiples of SR
+        if (slot != cur) {
+            cur = slot;
+#pragma unroll
+            for (int i = 0; i < PPL; i++) {
+                const int p = lane + 32 * i;
+                xv[i] = *(const int4*)(xq + (long long)slot * K + 16 * p);
+                xs[i] = xd[(long long)slot * (K / 32) + (p >> 1)];
+            }
+        }
+        float acc[SR];
+#pragma unroll
+        for (int q = 0; q < SR; q++) {
+            acc[q] = 0.0f;
+            if (q < m) {
+                const u8* row = st + q * RB;
+#pragma unroll
+                for (int i = 0; i < PPL; i++) {
+                    const int p = lane + 32 * i;
+                    const uint4 wv = *(const uint4*)(row + 16 * p);
+                    const u16 wd = *(const u16*)(row + K + 2 * (p >> 1));
+                    int sum = dp4a((int)wv.x, xv[i].x, 0);
+                    sum = dp4a((int)wv.y, xv[i].y, sum);
+                    sum = dp4a((int)wv.z, xv[i].z, sum);
+                    sum = dp4a((int)wv.w, xv[i].w, sum);
+                    acc[q] += (h2f(wd) * xs[i]) * (float)sum;
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < SR; q++) acc[q] = warp_sum(acc[q]);
+        if (lane == 0) {
+#pragma unroll
+            for (int q = 0; q < SR; q++)
+                if (q < m) y[(long long)slot * ldy + (fs + q - slot * rows)] = acc[q];
+        }
+        __syncwarp();
+        if (lane == 0 && s + nbuf < nst) {
+            // The stage's generic reads are done (syncwarp); order them before the
+            // asynchronous proxy writes the next rows over them.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            const int t = s + nbuf;
+            tma_load(ring + (long long)b * SR * RB, w + (long long)(f0 + t * SR) * RB,
+                     (u32)(min(SR, n - t * SR) * RB), bars + b);
+        }
+        if (s == min(nbuf, nst) - 1 && warp == 0) TRACE_BLOCK(2);
+    }
+    TRACE_BLOCK(3);
+}
+
+#define MV_Q8_TMA(PPL, SR)                                                                      \
+    extern "C" __global__ void __launch_bounds__(TMA_WARPS * 32, 1) mv_q8_0_tma_p##PPL##_r##SR( \
+        MvSegs sg, int rows, int total, int rpw, int nbuf, int depth,                           \
+        const i8* __restrict__ xq, const float* __restrict__ xd) {                              \
+        mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd);                        \
+    }
+MV_Q8_TMA(2, 4)
+MV_Q8_TMA(4, 2)
+MV_Q8_TMA(8, 1)
+MV_Q8_TMA(16, 1)
+#endif
+
+// ---------------------------------------------------------------------------
 // IQ2_XXS and Q2_K (GPU layout, layout.rs) straight into registers, for rows of
 // K = 2048·PPL elements: a row's codes are K/4 bytes = 32·PPL pieces of 16 bytes,
 // lane l takes pieces l, l + 32, ... of R consecutive rows, all loads (codes and the

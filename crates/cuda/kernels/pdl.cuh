@@ -7,6 +7,7 @@
 // Weight loads (never written by a kernel) may go between PDL_TRIGGER and PDL_WAIT.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #ifdef DS4_TRACE
+#define DS4_TRACE_CAP 262143ULL
 // Timing diagnostic (DS4_TRACE=1, launch.rs): thread 0 of block 0 notes when its wait
 // returned (global timer, grid and block shape); the host sets the buffer.
 __device__ unsigned long long* ds4_trace_ptr;
@@ -16,12 +17,26 @@ __device__ __forceinline__ void ds4_trace_mark(unsigned long long tag) {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     const unsigned long long i = atomicAdd(b, 1ULL);
-    if (i < 16383) {
+    if (i < DS4_TRACE_CAP) {
         b[2 + 2 * i] = t;
         b[3 + 2 * i] = (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 20) |
                        ((unsigned long long)blockDim.x << 40) | tag;
     }
 }
+// Every block's own moments (bit 62, `what` in bits 56..61, the block in bits 0..19):
+// the TMA products note when each block was placed, its wait returned and it ended.
+__device__ __forceinline__ void ds4_trace_block(unsigned long long what) {
+    unsigned long long* b = ds4_trace_ptr;
+    if (!b || threadIdx.x | threadIdx.y) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned long long i = atomicAdd(b, 1ULL);
+    if (i < DS4_TRACE_CAP) {
+        b[2 + 2 * i] = t;
+        b[3 + 2 * i] = (1ULL << 62) | (what << 56) | (unsigned long long)gridDim.x << 20 | blockIdx.x;
+    }
+}
+#define TRACE_BLOCK(what) ds4_trace_block(what)
 // The trigger's entry (bit 63) tells when block 0 was placed.
 #define PDL_TRIGGER()                                                      \
     do {                                                                   \
@@ -34,10 +49,12 @@ __device__ __forceinline__ void ds4_trace_mark(unsigned long long tag) {
         ds4_trace_mark(0);                                      \
     } while (0)
 #else
+#define TRACE_BLOCK(what)
 #define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
 #endif
 #else
+#define TRACE_BLOCK(what)
 #define PDL_TRIGGER()
 #define PDL_WAIT()
 #endif

@@ -277,6 +277,22 @@ pub struct Kernels {
     f16_forced: Vec<F16Force>,
     /// The compiled pairs (`MV_PAIR_VARIANTS`) with their kernels.
     mv_pair: Vec<((usize, usize), F16Variant, CudaFunction)>,
+    /// Q8_0 decode products through shared memory filled by TMA (`MV_Q8_TMA`), by
+    /// (PPL, rows per stage); empty before sm_90 or when `DS4_MV_TMA=0`.
+    mv_q8_tma: Vec<((usize, usize), CudaFunction)>,
+    /// Shared memory a TMA product block may take, by row length (`DS4_MV_TMA_KB`:
+    /// `200` for every K or `1024:200,4096:150,...`; a K not listed keeps the register
+    /// kernels): what it leaves is room for the small kernels placed beside it.
+    tma_smem: Vec<(usize, usize)>,
+    /// Weight stages a warp of a TMA product has in flight before its PDL wait
+    /// (`DS4_MV_TMA_DEPTH`, default 1; 0 no limit).
+    tma_depth: i32,
+    /// Most blocks of a TMA product (`DS4_MV_TMA_BLOCKS`; default: every SM).
+    tma_blocks: usize,
+    /// Smallest matrix (bytes) that takes the TMA kernel (`DS4_MV_TMA_MIN_MB`, 16).
+    tma_min_bytes: usize,
+    /// Forcing by the selftest: 0 the default, 1 off, 2 on (whatever the size).
+    tma_forced: std::sync::atomic::AtomicU8,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -287,6 +303,78 @@ pub struct Kernels {
 /// Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid, as the separate
 /// launches pick them for Flash: q_b (K 1024, 32768 rows) with the indexer's q_b
 /// (8192 rows); the shared gate + up (K 4096, 4096 rows) with the router (256 rows).
+/// The compiled `mv_q8_0_tma_p{PPL}_r{SR}` kernels (matvec.cu `MV_Q8_TMA`): rows of
+/// K = 512·PPL, SR rows per shared-memory stage (a stage of ~4–9 KB).
+const Q8_TMA_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (8, 1), (16, 1)];
+/// Warps of a TMA product block and the mbarrier area before its rings (matvec.cu
+/// `TMA_WARPS`, `TMA_MAX_BUF`, `TMA_HEAD`).
+const TMA_WARPS: usize = 8;
+const TMA_MAX_BUF: usize = 16;
+const TMA_HEAD: usize = TMA_WARPS * TMA_MAX_BUF * 8;
+/// The most dynamic shared memory a Hopper block may take.
+const TMA_SMEM_MAX: usize = 227 * 1024;
+
+/// How a TMA product is cut: `blocks` blocks of `TMA_WARPS` warps, `rpw` rows a warp
+/// (a multiple of `sr`), a ring of `nbuf` stages of `sr` rows a warp, `smem` bytes a
+/// block. None when the budget holds fewer than two stages a warp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaPlan {
+    pub blocks: usize,
+    pub rpw: usize,
+    pub nbuf: usize,
+    pub smem: usize,
+}
+
+/// `DS4_MV_TMA_KB`: one budget in KB for every K (`200`), or `K:KB` pairs; default 200
+/// KB for every K. Entries that do not parse are skipped.
+fn parse_tma_kb(spec: Option<&str>) -> Vec<(usize, usize)> {
+    let Some(spec) = spec else {
+        return vec![(0, 200 * 1024)];
+    };
+    if let Ok(kb) = spec.trim().parse::<usize>() {
+        return vec![(0, kb * 1024)];
+    }
+    spec.split(',')
+        .filter_map(|e| {
+            let (k, kb) = e.split_once(':')?;
+            Some((
+                k.trim().parse().ok()?,
+                kb.trim().parse::<usize>().ok()? * 1024,
+            ))
+        })
+        .collect()
+}
+
+/// The cut of a TMA product of `total_rows` rows of `row_bytes`, `sr` rows a stage, over
+/// at most `sm_count` blocks, each within `budget` bytes of shared memory.
+pub fn plan_tma(
+    total_rows: usize,
+    row_bytes: usize,
+    sr: usize,
+    sm_count: usize,
+    budget: usize,
+) -> Option<TmaPlan> {
+    if total_rows == 0 || sr == 0 || sm_count == 0 {
+        return None;
+    }
+    let rpw = total_rows.div_ceil(sm_count * TMA_WARPS).div_ceil(sr) * sr;
+    let blocks = total_rows.div_ceil(TMA_WARPS * rpw);
+    let stage = sr * row_bytes;
+    let fit = budget.min(TMA_SMEM_MAX).saturating_sub(TMA_HEAD) / (TMA_WARPS * stage);
+    let nbuf = fit.min(TMA_MAX_BUF).min(rpw / sr);
+    // A warp with more than one stage needs two in its ring, or nothing streams while
+    // a stage is read.
+    if nbuf == 0 || (nbuf < 2 && rpw > sr) {
+        return None;
+    }
+    Some(TmaPlan {
+        blocks,
+        rpw,
+        nbuf,
+        smem: TMA_HEAD + TMA_WARPS * nbuf * stage,
+    })
+}
+
 const MV_PAIR_VARIANTS: [((usize, usize), F16Variant); 2] = [
     ((2, 16), F16Variant::new(2, 8, 2)),
     ((8, 16), F16Variant::new(4, 1, 4)),
@@ -851,6 +939,35 @@ impl Kernels {
                     Ok(((ppl, nl), v, f(&name)?))
                 })
                 .collect::<Result<Vec<_>>>()?,
+            mv_q8_tma: if rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA") {
+                let mut v = Vec::new();
+                for &(ppl, sr) in &Q8_TMA_VARIANTS {
+                    let name = format!("mv_q8_0_tma_p{ppl}_r{sr}");
+                    // A device with less shared memory than TMA_SMEM_MAX leaves them out.
+                    match compile::load_with_smem(&m, &name, TMA_SMEM_MAX) {
+                        Ok(func) => v.push(((ppl, sr), func)),
+                        Err(e) => tracing::debug!("{name} left out: {e}"),
+                    }
+                }
+                v
+            } else {
+                Vec::new()
+            },
+            tma_smem: parse_tma_kb(std::env::var("DS4_MV_TMA_KB").ok().as_deref()),
+            tma_blocks: std::env::var("DS4_MV_TMA_BLOCKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&b: &usize| b > 0)
+                .unwrap_or(usize::MAX),
+            tma_depth: std::env::var("DS4_MV_TMA_DEPTH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(1, |d: i32| d.clamp(0, TMA_MAX_BUF as i32)),
+            tma_min_bytes: std::env::var("DS4_MV_TMA_MIN_MB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(16 << 20, |mb| mb << 20),
+            tma_forced: std::sync::atomic::AtomicU8::new(0),
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -1196,6 +1313,9 @@ impl Kernels {
         }
         let be = m.ty.block_elems() as usize;
         let rb = row_bytes(m.ty, m.k);
+        if m.ty == GgmlType::Q8_0 && self.try_q8_tma(stream, m, &sg, n_segs, rb, act)? {
+            return Ok(());
+        }
         if m.ty == GgmlType::Q8_0
             && m.k.is_multiple_of(512)
             && let Some((func, rows_per_warp)) = self.q8_0_regs_kernel(m.k / 512, total, m.slots)
@@ -1504,6 +1624,93 @@ impl Kernels {
         Ok(())
     }
 
+    /// Forces the TMA Q8_0 products on (any size) or off, or back to the default (None).
+    pub fn force_tma(&self, on: Option<bool>) {
+        let v = match on {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        self.tma_forced
+            .store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a TMA Q8_0 kernel is compiled for rows of `k`.
+    pub fn has_tma(&self, k: usize) -> bool {
+        k.is_multiple_of(512) && self.mv_q8_tma.iter().any(|((ppl, _), _)| *ppl == k / 512)
+    }
+
+    /// A decode Q8_0 product through `mv_q8_0_tma_*` when it takes this shape (one
+    /// segment, one token, no expert ids, slots contiguous with their own activation
+    /// rows, big enough); false to leave it to the other kernels.
+    fn try_q8_tma(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        sg: &MvSegsArg,
+        n_segs: usize,
+        rb: usize,
+        act: &ActBuf,
+    ) -> Result<bool> {
+        let forced = self.tma_forced.load(std::sync::atomic::Ordering::Relaxed);
+        if forced == 1 || !m.k.is_multiple_of(512) {
+            return Ok(false);
+        }
+        let Some(&((_, sr), ref func)) = self
+            .mv_q8_tma
+            .iter()
+            .find(|((ppl, _), _)| *ppl == m.k / 512)
+        else {
+            return Ok(false);
+        };
+        let total = m.rows * m.slots;
+        let shaped = n_segs == 1
+            && m.ntok == 1
+            && m.ids == 0
+            && m.x_group == 1
+            && (m.slots == 1 || m.w_slot_stride as usize == m.rows * rb)
+            && m.rows.is_multiple_of(sr)
+            && m.w.is_multiple_of(16)
+            && act.qs.ptr.is_multiple_of(16);
+        if !shaped || (forced != 2 && total * rb < self.tma_min_bytes) {
+            return Ok(false);
+        }
+        let budget = match self.tma_smem.iter().find(|(k, _)| *k == 0 || *k == m.k) {
+            Some(&(_, b)) => b,
+            None if forced == 2 => 200 * 1024,
+            None => return Ok(false),
+        };
+        let Some(plan) = plan_tma(total, rb, sr, self.sm_count.min(self.tma_blocks), budget) else {
+            return Ok(false);
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (plan.blocks as u32, 1, 1),
+            block_dim: ((TMA_WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: plan.smem as u32,
+        };
+        let (rows, total, rpw, nbuf) = (
+            m.rows as i32,
+            total as i32,
+            plan.rpw as i32,
+            plan.nbuf as i32,
+        );
+        let mut b = KernelArgs::new();
+        b.arg(sg)
+            .arg(&rows)
+            .arg(&total)
+            .arg(&rpw)
+            .arg(&nbuf)
+            .arg(&self.tma_depth)
+            .arg(&act.qs.ptr)
+            .arg(&act.d.ptr);
+        // SAFETY: matches `MV_Q8_TMA`; checked above: one segment, K = 512·PPL (rows are
+        // 16-byte multiples, as the TMA copies need), slots contiguous, rows and rpw
+        // multiples of SR, the ring within the shared memory given; the kernel waits
+        // (PDL_WAIT) before it reads the activation or writes.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+        Ok(true)
+    }
+
     /// The register-streaming Q8_0 kernel for rows of 512·`ppl` elements and the rows
     /// each warp takes: the most loads in flight per lane that still leave ≥ 2 blocks
     /// per multiprocessor (small matrices spread over every SM instead).
@@ -1749,6 +1956,49 @@ pub fn matrix_bytes(ty: GgmlType, k: usize, rows: usize) -> usize {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tma_plans_of_the_flash_products() {
+        // q_b: 32768 rows of K 1024 (1088 B), stages of 4 rows, 200 KB a block.
+        let p = plan_tma(32768, 1088, 4, 132, 200 * 1024).unwrap();
+        assert_eq!((p.rpw, p.blocks, p.nbuf), (32, 128, 5));
+        assert_eq!(p.smem, TMA_HEAD + 8 * 5 * 4 * 1088);
+        // attn_output_a: 8 x 1024 rows of K 4096 (4352 B), a row a stage.
+        let p = plan_tma(8192, 4352, 1, 132, 200 * 1024).unwrap();
+        assert_eq!((p.rpw, p.blocks, p.nbuf), (8, 128, 5));
+        // attn_output_b: 4096 rows of K 8192: two stages of a row fit, 4 rows a warp.
+        let p = plan_tma(4096, 8704, 1, 132, 200 * 1024).unwrap();
+        assert_eq!((p.rpw, p.blocks, p.nbuf), (4, 128, 2));
+        assert!(p.smem <= 200 * 1024 && p.blocks * 8 * p.rpw >= 4096);
+    }
+
+    #[test]
+    fn tma_plans_of_short_matrices_and_small_budgets() {
+        // Fewer rows than warps: one row a warp, a ring of one stage.
+        let p = plan_tma(40, 4352, 1, 132, 200 * 1024).unwrap();
+        assert_eq!((p.rpw, p.blocks, p.nbuf), (1, 5, 1));
+        // rpw rounds up to whole stages.
+        let p = plan_tma(108, 1088, 4, 132, 200 * 1024).unwrap();
+        assert_eq!((p.rpw, p.blocks), (4, 4));
+        // A budget below two stages a warp (several stages to stream) is refused,
+        // and so is one below a single stage.
+        assert_eq!(plan_tma(4096, 8704, 1, 132, 100 * 1024), None);
+        assert_eq!(plan_tma(40, 8704, 1, 132, 8 * 1024), None);
+        assert_eq!(plan_tma(0, 1088, 4, 132, 200 * 1024), None);
+        // Never more than the hardware gives a block.
+        let p = plan_tma(1 << 20, 1088, 4, 132, 1 << 30).unwrap();
+        assert!(p.smem <= TMA_SMEM_MAX && p.nbuf <= TMA_MAX_BUF);
+    }
+
+    #[test]
+    fn tma_budget_spec() {
+        assert_eq!(parse_tma_kb(None), vec![(0, 200 * 1024)]);
+        assert_eq!(parse_tma_kb(Some("150")), vec![(0, 150 * 1024)]);
+        assert_eq!(
+            parse_tma_kb(Some("1024:180, 8192:100,bad,4096:x")),
+            vec![(1024, 180 * 1024), (8192, 100 * 1024)]
+        );
+    }
 
     const H100_SMS: usize = 132;
 

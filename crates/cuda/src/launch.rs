@@ -156,7 +156,7 @@ pub mod trace {
     use cudarc::driver::{CudaContext, CudaModule, CudaStream, DriverError, sys};
 
     /// Entries the device buffer holds (pdl.cuh's bound).
-    const CAP: usize = 16383;
+    const CAP: usize = 262143;
 
     pub fn on() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
@@ -246,6 +246,7 @@ pub mod trace {
             .collect();
         ev.sort_by_key(|e| e.0);
         // Placement entries (bit 63) are printed as PLACED lines, not matched to names.
+        let (blocks, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| (e.1 >> 62) & 1 != 0);
         let (placed, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| e.1 >> 63 != 0);
         let launches = log().lock().map(|l| l.clone()).unwrap_or_default();
         // The recorded launches of the last graph: one per wait entry, the last of the log.
@@ -264,6 +265,16 @@ pub mod trace {
                 shape & 0xfffff,
                 (shape >> 20) & 0xfffff,
                 (shape >> 40) & 0x7fffff
+            ));
+        }
+        // Per-block entries (bit 62): BLOCK t_us what grid_x block.
+        for &(t, info) in &blocks {
+            out.push_str(&format!(
+                "BLOCK {:.2} {} {} {}\n",
+                t.saturating_sub(t0) as f64 / 1e3,
+                (info >> 56) & 0x3f,
+                (info >> 20) & 0xfffff,
+                info & 0xfffff
             ));
         }
         for (k, &(t, shape)) in ev.iter().enumerate() {

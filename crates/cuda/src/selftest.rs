@@ -199,6 +199,17 @@ pub(crate) fn compare(
 }
 
 fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
+    let (gpu, cpu) = run_case_outputs(kern, rng, c)?;
+    let (tol, tol_name) = if c.ty == GgmlType::F16 {
+        (TOL_F16_DOT_REL, "TOL_F16_DOT_REL")
+    } else {
+        (TOL_QUANT_DOT_REL, "TOL_QUANT_DOT_REL")
+    };
+    Ok(compare(c.name.clone(), &gpu, &cpu, tol, tol_name))
+}
+
+/// The GPU and CPU outputs of one matvec case.
+fn run_case_outputs(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<(Vec<f32>, Vec<f32>)> {
     let stream = kern.stream();
     let mat_bytes = matrix_bytes(c.ty, c.k, c.rows);
     let rb = mat_bytes / c.rows;
@@ -292,12 +303,72 @@ fn run_case(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<CheckResult> {
     }
     stream.synchronize()?;
     let gpu = y_dev.to_f32(stream)?;
-    let (tol, tol_name) = if c.ty == GgmlType::F16 {
-        (TOL_F16_DOT_REL, "TOL_F16_DOT_REL")
-    } else {
-        (TOL_QUANT_DOT_REL, "TOL_QUANT_DOT_REL")
+    Ok((gpu, cpu))
+}
+
+/// The Q8_0 decode products through shared memory (`mv_q8_0_tma_*`) forced on, on the
+/// Flash shapes they take and on short ones (fewer rows than warps, several slots):
+/// against the CPU, and bit for bit against the register kernels on the same data.
+fn run_tma_checks(
+    kern: &Kernels,
+    rng: &mut Rng,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use GgmlType::Q8_0;
+    let grouped = |name: &str, k, rows, slots| Case {
+        n_mats: slots,
+        slots,
+        ..case(name, Q8_0, k, rows)
     };
-    Ok(compare(c.name.clone(), &gpu, &cpu, tol, tol_name))
+    let shapes = [
+        case("attn_q_b        Q8_0    1024->32768", Q8_0, 1024, 32768),
+        grouped(
+            "attn_output_a   Q8_0    grouped 8 x (4096->1024)",
+            4096,
+            1024,
+            8,
+        ),
+        case("attn_output_b   Q8_0    8192->4096", Q8_0, 8192, 4096),
+        case("ffn_gate_shexp  Q8_0    4096->2048", Q8_0, 4096, 2048),
+        case("ffn_down_shexp  Q8_0    2048->4096", Q8_0, 2048, 4096),
+        case(
+            "Q8_0            4096->40 (fewer rows than warps)",
+            Q8_0,
+            4096,
+            40,
+        ),
+        grouped("Q8_0            3 x (1024->36)", 1024, 36, 3),
+    ];
+    let mut out = Vec::new();
+    for c in shapes.iter().filter(|c| kern.has_tma(c.k)) {
+        let seed = rng.next();
+        kern.force_tma(Some(true));
+        let on = run_case_outputs(kern, &mut Rng(seed), c);
+        kern.force_tma(Some(false));
+        let off = run_case_outputs(kern, &mut Rng(seed), c);
+        kern.force_tma(None);
+        let ((tma, cpu), (regs, _)) = (on?, off?);
+        for r in [
+            compare(
+                format!("tma {}", c.name),
+                &tma,
+                &cpu,
+                TOL_QUANT_DOT_REL,
+                "TOL_QUANT_DOT_REL",
+            ),
+            compare(
+                format!("tma = regs {}", c.name),
+                &tma,
+                &regs,
+                0.0,
+                "bit-exact",
+            ),
+        ] {
+            report(&r);
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 /// A GPU quantisation of whole rows of `k` values `x` (codes `qs`, scales `d`, Q8_K
@@ -566,6 +637,7 @@ pub fn run_kernel_checks(
     }
     out.extend(crate::f16_checks::run_f16_checks(kern, &mut report)?);
     out.extend(run_k_v2_checks(kern, &mut rng, &mut report)?);
+    out.extend(run_tma_checks(kern, &mut rng, &mut report)?);
     out.extend(run_gemm_checks(kern, &mut report)?);
     out.extend(run_attention_checks(kern, &mut report)?);
     out.extend(crate::attn_checks::run_attn_chain_checks(
