@@ -696,7 +696,7 @@ MV_Q8_REGS(16, 16)
 // ---------------------------------------------------------------------------
 // TMA bulk copies and transaction-counting mbarriers are sm_90 features.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define TMA_WARPS 8
+#define TMA_WARPS 16  // at most; 8 for K = 8192 (its registers)
 #define TMA_MAX_BUF 16
 #define TMA_HEAD (TMA_WARPS * TMA_MAX_BUF * 8)  // an mbarrier per stage
 
@@ -738,10 +738,12 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     extern __shared__ __align__(128) u8 tma_smem[];
     PDL_TRIGGER();
     TRACE_BLOCK(0);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // Up to TMA_WARPS warps a block (fewer leave registers for the attention kernels
+    // that share the SM while this product preloads).
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     u64* bars = (u64*)tma_smem + warp * TMA_MAX_BUF;
     u8* ring = tma_smem + TMA_HEAD + (long long)warp * nbuf * SR * RB;
-    const int f0 = (blockIdx.x * TMA_WARPS + warp) * rpw;
+    const int f0 = (blockIdx.x * nw + warp) * rpw;
     const int n = max(0, min(rpw, total - f0));
     const int nst = (n + SR - 1) / SR;
     const u8* w = (const u8*)sg.w[0];
@@ -825,7 +827,8 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
 }
 
 #define MV_Q8_TMA(PPL, SR)                                                                      \
-    extern "C" __global__ void __launch_bounds__(TMA_WARPS * 32, 1) mv_q8_0_tma_p##PPL##_r##SR( \
+    extern "C" __global__ void __launch_bounds__((PPL < 16 ? 16 : 8) * 32, 1)                    \
+        mv_q8_0_tma_p##PPL##_r##SR(                                                             \
         MvSegs sg, int rows, int total, int rpw, int nbuf, int depth,                           \
         const i8* __restrict__ xq, const float* __restrict__ xd) {                              \
         mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd);                        \

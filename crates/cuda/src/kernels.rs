@@ -289,6 +289,9 @@ pub struct Kernels {
     tma_depth: i32,
     /// Most blocks of a TMA product (`DS4_MV_TMA_BLOCKS`; default: every SM).
     tma_blocks: usize,
+    /// Warps a TMA product block has, by row length (`DS4_MV_TMA_WARPS`: `8` or
+    /// `4096:2,...`; default 8).
+    tma_warps: Vec<(usize, usize)>,
     /// Smallest matrix (bytes) that takes the TMA kernel (`DS4_MV_TMA_MIN_MB`, 16).
     tma_min_bytes: usize,
     /// Forcing by the selftest: 0 the default, 1 off, 2 on (whatever the size).
@@ -308,18 +311,21 @@ pub struct Kernels {
 const Q8_TMA_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (8, 1), (16, 1)];
 /// Warps of a TMA product block and the mbarrier area before its rings (matvec.cu
 /// `TMA_WARPS`, `TMA_MAX_BUF`, `TMA_HEAD`).
-const TMA_WARPS: usize = 8;
+const TMA_WARPS: usize = 16;
+/// Warps a TMA block has by default.
+const TMA_DEFAULT_WARPS: usize = 8;
 const TMA_MAX_BUF: usize = 16;
 const TMA_HEAD: usize = TMA_WARPS * TMA_MAX_BUF * 8;
 /// The most dynamic shared memory a Hopper block may take.
 const TMA_SMEM_MAX: usize = 227 * 1024;
 
-/// How a TMA product is cut: `blocks` blocks of `TMA_WARPS` warps, `rpw` rows a warp
+/// How a TMA product is cut: `blocks` blocks of `warps` warps, `rpw` rows a warp
 /// (a multiple of `sr`), a ring of `nbuf` stages of `sr` rows a warp, `smem` bytes a
 /// block. None when the budget holds fewer than two stages a warp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TmaPlan {
     pub blocks: usize,
+    pub warps: usize,
     pub rpw: usize,
     pub nbuf: usize,
     pub smem: usize,
@@ -328,39 +334,49 @@ pub struct TmaPlan {
 /// `DS4_MV_TMA_KB`: one budget in KB for every K (`200`), or `K:KB` pairs; default 200
 /// KB for every K. Entries that do not parse are skipped.
 fn parse_tma_kb(spec: Option<&str>) -> Vec<(usize, usize)> {
+    match spec {
+        None => vec![(0, 200 * 1024)],
+        Some(s) => parse_k_list(Some(s), 1024),
+    }
+}
+
+/// A value for every K (`8`) or `K:value` pairs (K 0 = every K), each value times
+/// `unit`; entries that do not parse are skipped.
+fn parse_k_list(spec: Option<&str>, unit: usize) -> Vec<(usize, usize)> {
     let Some(spec) = spec else {
-        return vec![(0, 200 * 1024)];
+        return Vec::new();
     };
-    if let Ok(kb) = spec.trim().parse::<usize>() {
-        return vec![(0, kb * 1024)];
+    if let Ok(v) = spec.trim().parse::<usize>() {
+        return vec![(0, v * unit)];
     }
     spec.split(',')
         .filter_map(|e| {
-            let (k, kb) = e.split_once(':')?;
+            let (k, v) = e.split_once(':')?;
             Some((
                 k.trim().parse().ok()?,
-                kb.trim().parse::<usize>().ok()? * 1024,
+                v.trim().parse::<usize>().ok()? * unit,
             ))
         })
         .collect()
 }
 
 /// The cut of a TMA product of `total_rows` rows of `row_bytes`, `sr` rows a stage, over
-/// at most `sm_count` blocks, each within `budget` bytes of shared memory.
+/// at most `sm_count` blocks of `warps` warps, each within `budget` bytes of shared memory.
 pub fn plan_tma(
     total_rows: usize,
     row_bytes: usize,
     sr: usize,
     sm_count: usize,
     budget: usize,
+    warps: usize,
 ) -> Option<TmaPlan> {
-    if total_rows == 0 || sr == 0 || sm_count == 0 {
+    if total_rows == 0 || sr == 0 || sm_count == 0 || warps == 0 || warps > TMA_WARPS {
         return None;
     }
-    let rpw = total_rows.div_ceil(sm_count * TMA_WARPS).div_ceil(sr) * sr;
-    let blocks = total_rows.div_ceil(TMA_WARPS * rpw);
+    let rpw = total_rows.div_ceil(sm_count * warps).div_ceil(sr) * sr;
+    let blocks = total_rows.div_ceil(warps * rpw);
     let stage = sr * row_bytes;
-    let fit = budget.min(TMA_SMEM_MAX).saturating_sub(TMA_HEAD) / (TMA_WARPS * stage);
+    let fit = budget.min(TMA_SMEM_MAX).saturating_sub(TMA_HEAD) / (warps * stage);
     let nbuf = fit.min(TMA_MAX_BUF).min(rpw / sr);
     // A warp with more than one stage needs two in its ring, or nothing streams while
     // a stage is read.
@@ -371,7 +387,8 @@ pub fn plan_tma(
         blocks,
         rpw,
         nbuf,
-        smem: TMA_HEAD + TMA_WARPS * nbuf * stage,
+        warps,
+        smem: TMA_HEAD + warps * nbuf * stage,
     })
 }
 
@@ -954,6 +971,10 @@ impl Kernels {
                 Vec::new()
             },
             tma_smem: parse_tma_kb(std::env::var("DS4_MV_TMA_KB").ok().as_deref()),
+            tma_warps: parse_k_list(std::env::var("DS4_MV_TMA_WARPS").ok().as_deref(), 1)
+                .into_iter()
+                .filter(|&(_, w)| (1..=TMA_WARPS).contains(&w))
+                .collect(),
             tma_blocks: std::env::var("DS4_MV_TMA_BLOCKS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -1680,12 +1701,26 @@ impl Kernels {
             None if forced == 2 => 200 * 1024,
             None => return Ok(false),
         };
-        let Some(plan) = plan_tma(total, rb, sr, self.sm_count.min(self.tma_blocks), budget) else {
+        let warps = self
+            .tma_warps
+            .iter()
+            .find(|(k, _)| *k == 0 || *k == m.k)
+            .map_or(TMA_DEFAULT_WARPS, |&(_, w)| w)
+            // The K = 8192 kernel is compiled for 8 warps (its registers).
+            .min(if m.k >= 8192 { 8 } else { TMA_WARPS });
+        let Some(plan) = plan_tma(
+            total,
+            rb,
+            sr,
+            self.sm_count.min(self.tma_blocks),
+            budget,
+            warps,
+        ) else {
             return Ok(false);
         };
         let cfg = LaunchConfig {
             grid_dim: (plan.blocks as u32, 1, 1),
-            block_dim: ((TMA_WARPS * 32) as u32, 1, 1),
+            block_dim: ((plan.warps * 32) as u32, 1, 1),
             shared_mem_bytes: plan.smem as u32,
         };
         let (rows, total, rpw, nbuf) = (
@@ -1960,14 +1995,14 @@ mod tests {
     #[test]
     fn tma_plans_of_the_flash_products() {
         // q_b: 32768 rows of K 1024 (1088 B), stages of 4 rows, 200 KB a block.
-        let p = plan_tma(32768, 1088, 4, 132, 200 * 1024).unwrap();
+        let p = plan_tma(32768, 1088, 4, 132, 200 * 1024, 8).unwrap();
         assert_eq!((p.rpw, p.blocks, p.nbuf), (32, 128, 5));
         assert_eq!(p.smem, TMA_HEAD + 8 * 5 * 4 * 1088);
         // attn_output_a: 8 x 1024 rows of K 4096 (4352 B), a row a stage.
-        let p = plan_tma(8192, 4352, 1, 132, 200 * 1024).unwrap();
+        let p = plan_tma(8192, 4352, 1, 132, 200 * 1024, 8).unwrap();
         assert_eq!((p.rpw, p.blocks, p.nbuf), (8, 128, 5));
         // attn_output_b: 4096 rows of K 8192: two stages of a row fit, 4 rows a warp.
-        let p = plan_tma(4096, 8704, 1, 132, 200 * 1024).unwrap();
+        let p = plan_tma(4096, 8704, 1, 132, 200 * 1024, 8).unwrap();
         assert_eq!((p.rpw, p.blocks, p.nbuf), (4, 128, 2));
         assert!(p.smem <= 200 * 1024 && p.blocks * 8 * p.rpw >= 4096);
     }
@@ -1975,19 +2010,28 @@ mod tests {
     #[test]
     fn tma_plans_of_short_matrices_and_small_budgets() {
         // Fewer rows than warps: one row a warp, a ring of one stage.
-        let p = plan_tma(40, 4352, 1, 132, 200 * 1024).unwrap();
+        let p = plan_tma(40, 4352, 1, 132, 200 * 1024, 8).unwrap();
         assert_eq!((p.rpw, p.blocks, p.nbuf), (1, 5, 1));
         // rpw rounds up to whole stages.
-        let p = plan_tma(108, 1088, 4, 132, 200 * 1024).unwrap();
+        let p = plan_tma(108, 1088, 4, 132, 200 * 1024, 8).unwrap();
         assert_eq!((p.rpw, p.blocks), (4, 4));
         // A budget below two stages a warp (several stages to stream) is refused,
         // and so is one below a single stage.
-        assert_eq!(plan_tma(4096, 8704, 1, 132, 100 * 1024), None);
-        assert_eq!(plan_tma(40, 8704, 1, 132, 8 * 1024), None);
-        assert_eq!(plan_tma(0, 1088, 4, 132, 200 * 1024), None);
+        assert_eq!(plan_tma(4096, 8704, 1, 132, 100 * 1024, 8), None);
+        assert_eq!(plan_tma(40, 8704, 1, 132, 8 * 1024, 8), None);
+        assert_eq!(plan_tma(0, 1088, 4, 132, 200 * 1024, 8), None);
         // Never more than the hardware gives a block.
-        let p = plan_tma(1 << 20, 1088, 4, 132, 1 << 30).unwrap();
+        let p = plan_tma(1 << 20, 1088, 4, 132, 1 << 30, 8).unwrap();
         assert!(p.smem <= TMA_SMEM_MAX && p.nbuf <= TMA_MAX_BUF);
+    }
+
+    #[test]
+    fn tma_plans_with_fewer_warps() {
+        // attn_output_a on 2 warps a block: 32 rows a warp, the ring capped at 16 stages.
+        let p = plan_tma(8192, 4352, 1, 132, 200 * 1024, 2).unwrap();
+        assert_eq!((p.rpw, p.blocks, p.nbuf, p.warps), (32, 128, 16, 2));
+        assert_eq!(plan_tma(8192, 4352, 1, 132, 200 * 1024, 0), None);
+        assert_eq!(plan_tma(8192, 4352, 1, 132, 200 * 1024, 17), None);
     }
 
     #[test]
