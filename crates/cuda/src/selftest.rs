@@ -320,25 +320,23 @@ fn run_tma_checks(
         slots,
         ..case(name, Q8_0, k, rows)
     };
-    let shapes = [
-        case("attn_q_b        Q8_0    1024->32768", Q8_0, 1024, 32768),
-        grouped(
-            "attn_output_a   Q8_0    grouped 8 x (4096->1024)",
-            4096,
-            1024,
-            8,
-        ),
-        case("attn_output_b   Q8_0    8192->4096", Q8_0, 8192, 4096),
-        case("ffn_gate_shexp  Q8_0    4096->2048", Q8_0, 4096, 2048),
-        case("ffn_down_shexp  Q8_0    2048->4096", Q8_0, 2048, 4096),
-        case(
-            "Q8_0            4096->40 (fewer rows than warps)",
-            Q8_0,
-            4096,
-            40,
-        ),
-        grouped("Q8_0            3 x (1024->36)", 1024, 36, 3),
-    ];
+    // The one-token Q8_0 products of the kernel checks with 8 M weights or more (those
+    // that take the TMA kernel by default, ≥ 16 MB, or with DS4_MV_TMA_MIN_MB=8), and
+    // two short ones.
+    let shapes: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| c.ty == Q8_0 && c.ntok == 1 && c.segs == 1 && !c.routed)
+        .filter(|c| c.k * c.rows * c.slots >= 8 << 20)
+        .chain([
+            case(
+                "Q8_0            4096->40 (fewer rows than warps)",
+                Q8_0,
+                4096,
+                40,
+            ),
+            grouped("Q8_0            3 x (1024->36)", 1024, 36, 3),
+        ])
+        .collect();
     let mut out = Vec::new();
     for c in shapes.iter().filter(|c| kern.has_tma(c.k)) {
         let seed = rng.next();
