@@ -78,6 +78,14 @@ __device__ __forceinline__ int dp4a(int a, int b, int c) {
     return r;
 }
 
+// The integer dot product of 16 Q8_0 weight codes with 16 activation codes.
+__device__ __forceinline__ int dp4a_16(uint4 w, int4 x) {
+    int sum = dp4a((int)w.x, x.x, 0);
+    sum = dp4a((int)w.y, x.y, sum);
+    sum = dp4a((int)w.z, x.z, sum);
+    return dp4a((int)w.w, x.w, sum);
+}
+
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -648,13 +656,8 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
             const int4 xv = *(const int4*)(xa + 16 * p);
             const float xsc = xs[p >> 1];
 #pragma unroll
-            for (int q = 0; q < R; q++) {
-                int sum = dp4a((int)w[q][i].x, xv.x, 0);
-                sum = dp4a((int)w[q][i].y, xv.y, sum);
-                sum = dp4a((int)w[q][i].z, xv.z, sum);
-                sum = dp4a((int)w[q][i].w, xv.w, sum);
-                acc[q] += (h2f(wd[q][i]) * xsc) * (float)sum;
-            }
+            for (int q = 0; q < R; q++)
+                acc[q] += (h2f(wd[q][i]) * xsc) * (float)dp4a_16(w[q][i], xv);
         }
         mv_store_rows<R>(sg, acc, lane, r0, total, slot, ntok, t);
     }
@@ -688,9 +691,9 @@ MV_Q8_REGS(16, 16)
 // wait (weights are never written), so a ring's worth of weights per warp arrives
 // while the kernels before this one still run: the register kernels preload only what
 // their resident blocks' registers hold, and beside the previous product's blocks that
-// is little. A stage is refilled as soon as its rows are done. The arithmetic is mv_q8_0_regs's lane for lane (lane l takes
-// pieces l, l + 32, ... of a row, summed in that order, then warp_sum): the results
-// are bit-identical to it. Slots are contiguous (stride = rows · row bytes), each with
+// is little. A stage is refilled as soon as its rows are done. The arithmetic is
+// mv_q8_0_regs's lane for lane (lane l takes pieces l, l + 32, ... of a row, summed in
+// that order, then warp_sum): the results are bit-identical to it. Slots are contiguous (stride = rows · row bytes), each with
 // its own activation row (x_group 1); one token, no expert ids, one segment; rows and
 // rpw are multiples of SR, so a stage never straddles two slots.
 // ---------------------------------------------------------------------------
@@ -797,11 +800,7 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
                     const int p = lane + 32 * i;
                     const uint4 wv = *(const uint4*)(row + 16 * p);
                     const u16 wd = *(const u16*)(row + K + 2 * (p >> 1));
-                    int sum = dp4a((int)wv.x, xv[i].x, 0);
-                    sum = dp4a((int)wv.y, xv[i].y, sum);
-                    sum = dp4a((int)wv.z, xv[i].z, sum);
-                    sum = dp4a((int)wv.w, xv[i].w, sum);
-                    acc[q] += (h2f(wd) * xs[i]) * (float)sum;
+                    acc[q] += (h2f(wd) * xs[i]) * (float)dp4a_16(wv, xv[i]);
                 }
             }
         }

@@ -11,30 +11,29 @@
 // Timing diagnostic (DS4_TRACE=1, launch.rs): thread 0 of block 0 notes when its wait
 // returned (global timer, grid and block shape); the host sets the buffer.
 __device__ unsigned long long* ds4_trace_ptr;
+// One entry: the global timer now and `info`, at the next free slot of the buffer.
+__device__ __forceinline__ void ds4_trace_put(unsigned long long* b, unsigned long long info) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned long long i = atomicAdd(b, 1ULL);
+    if (i < DS4_TRACE_CAP) {
+        b[2 + 2 * i] = t;
+        b[3 + 2 * i] = info;
+    }
+}
 __device__ __forceinline__ void ds4_trace_mark(unsigned long long tag) {
     unsigned long long* b = ds4_trace_ptr;
     if (!b || blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x | threadIdx.y) return;
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    const unsigned long long i = atomicAdd(b, 1ULL);
-    if (i < DS4_TRACE_CAP) {
-        b[2 + 2 * i] = t;
-        b[3 + 2 * i] = (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 20) |
-                       ((unsigned long long)blockDim.x << 40) | tag;
-    }
+    ds4_trace_put(b, (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 20) |
+                         ((unsigned long long)blockDim.x << 40) | tag);
 }
-// Every block's own moments (bit 62, `what` in bits 56..61, the block in bits 0..19):
-// the TMA products note when each block was placed, its wait returned and it ended.
+// Every block's own moments (bit 62, `what` in bits 56..61, the grid in bits 20..39, the
+// block in bits 0..19): the TMA products note when each block was placed (0), its wait
+// returned (1), warp 0's first ring was in (2) and it ended (3).
 __device__ __forceinline__ void ds4_trace_block(unsigned long long what) {
     unsigned long long* b = ds4_trace_ptr;
     if (!b || threadIdx.x | threadIdx.y) return;
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    const unsigned long long i = atomicAdd(b, 1ULL);
-    if (i < DS4_TRACE_CAP) {
-        b[2 + 2 * i] = t;
-        b[3 + 2 * i] = (1ULL << 62) | (what << 56) | (unsigned long long)gridDim.x << 20 | blockIdx.x;
-    }
+    ds4_trace_put(b, (1ULL << 62) | (what << 56) | (unsigned long long)gridDim.x << 20 | blockIdx.x);
 }
 #define TRACE_BLOCK(what) ds4_trace_block(what)
 // The trigger's entry (bit 63) tells when block 0 was placed.

@@ -302,10 +302,6 @@ pub struct Kernels {
     pub(crate) synth_f32: CudaFunction,
 }
 
-/// The compiled `mv_pair_q{PPL}_l{NL}_f{P}_r{R}_s{S}` kernels (matvec.cu `MV_PAIR`): a
-/// Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid, as the separate
-/// launches pick them for Flash: q_b (K 1024, 32768 rows) with the indexer's q_b
-/// (8192 rows); the shared gate + up (K 4096, 4096 rows) with the router (256 rows).
 /// The compiled `mv_q8_0_tma_p{PPL}_r{SR}` kernels (matvec.cu `MV_Q8_TMA`): rows of
 /// K = 512·PPL, SR rows per shared-memory stage (a stage of ~4–9 KB).
 const Q8_TMA_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (8, 1), (16, 1)];
@@ -392,6 +388,10 @@ pub fn plan_tma(
     })
 }
 
+/// The compiled `mv_pair_q{PPL}_l{NL}_f{P}_r{R}_s{S}` kernels (matvec.cu `MV_PAIR`): a
+/// Q8_0 register-streaming body (PPL, NL) and an F16 one in one grid, as the separate
+/// launches pick them for Flash: q_b (K 1024, 32768 rows) with the indexer's q_b
+/// (8192 rows); the shared gate + up (K 4096, 4096 rows) with the router (256 rows).
 const MV_PAIR_VARIANTS: [((usize, usize), F16Variant); 2] = [
     ((2, 16), F16Variant::new(2, 8, 2)),
     ((8, 16), F16Variant::new(4, 1, 4)),
@@ -1658,7 +1658,18 @@ impl Kernels {
 
     /// Whether a TMA Q8_0 kernel is compiled for rows of `k`.
     pub fn has_tma(&self, k: usize) -> bool {
-        k.is_multiple_of(512) && self.mv_q8_tma.iter().any(|((ppl, _), _)| *ppl == k / 512)
+        self.tma_kernel(k).is_some()
+    }
+
+    /// The TMA Q8_0 kernel for rows of `k` and its rows per stage, if compiled.
+    fn tma_kernel(&self, k: usize) -> Option<(usize, &CudaFunction)> {
+        if !k.is_multiple_of(512) {
+            return None;
+        }
+        self.mv_q8_tma
+            .iter()
+            .find(|((ppl, _), _)| *ppl == k / 512)
+            .map(|((_, sr), f)| (*sr, f))
     }
 
     /// A decode Q8_0 product through `mv_q8_0_tma_*` when it takes this shape (one
@@ -1674,14 +1685,10 @@ impl Kernels {
         act: &ActBuf,
     ) -> Result<bool> {
         let forced = self.tma_forced.load(std::sync::atomic::Ordering::Relaxed);
-        if forced == 1 || !m.k.is_multiple_of(512) {
+        if forced == 1 {
             return Ok(false);
         }
-        let Some(&((_, sr), ref func)) = self
-            .mv_q8_tma
-            .iter()
-            .find(|((ppl, _), _)| *ppl == m.k / 512)
-        else {
+        let Some((sr, func)) = self.tma_kernel(m.k) else {
             return Ok(false);
         };
         let total = m.rows * m.slots;

@@ -245,7 +245,8 @@ pub mod trace {
             .map(|i| (words[2 + 2 * i], words[3 + 2 * i]))
             .collect();
         ev.sort_by_key(|e| e.0);
-        // Placement entries (bit 63) are printed as PLACED lines, not matched to names.
+        // Per-block entries (bit 62) are printed as BLOCK lines and placement entries
+        // (bit 63) as PLACED lines, neither matched to names.
         let (blocks, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| (e.1 >> 62) & 1 != 0);
         let (placed, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| e.1 >> 63 != 0);
         let launches = log().lock().map(|l| l.clone()).unwrap_or_default();
