@@ -217,6 +217,43 @@ impl StepTiming {
     }
 }
 
+/// Host time of the decode step's phases (`DS4_HOST_PROFILE=1`, a diagnostic): token
+/// upload, graph launch, waiting for the logits, copying them out; nanoseconds and calls.
+pub(crate) mod host_profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    pub(crate) const PHASES: [&str; 5] = ["upload", "launch", "join", "wait+copy", "host copy"];
+    static NS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+    static N: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+    pub(crate) fn on() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("DS4_HOST_PROFILE").is_ok_and(|v| v == "1"))
+    }
+    pub(crate) fn add(phase: usize, since: Option<std::time::Instant>) {
+        if let Some(t) = since {
+            NS[phase].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            N[phase].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub(crate) fn start() -> Option<std::time::Instant> {
+        on().then(std::time::Instant::now)
+    }
+    pub(crate) fn report() -> Option<String> {
+        if !on() {
+            return None;
+        }
+        let mut out = String::from("host profile (us per call):");
+        for (i, name) in PHASES.iter().enumerate() {
+            let n = N[i].swap(0, Ordering::Relaxed);
+            let ns = NS[i].swap(0, Ordering::Relaxed);
+            out.push_str(&format!(
+                " {name} {:.1} ({n})",
+                ns as f64 / 1e3 / n.max(1) as f64
+            ));
+        }
+        Some(out)
+    }
+}
+
 /// The KV state on the device, same layout as `HostKv` (f32 rows, frontiers).
 pub struct CudaKv {
     stream: Arc<CudaStream>,
@@ -3949,7 +3986,9 @@ impl<'w> Backend<'w> for CudaBackend {
 
     fn read_rows(&self, x: &CudaAct, n: usize, out: &mut [f32]) -> MResult<()> {
         // Side work (e.g. an HC split) may still write what is read.
+        let t = host_profile::start();
         self.join_side()?;
+        host_profile::add(2, t);
         let len = n * x.cols;
         check(out.len() >= len && n <= x.rows, || {
             "read_rows: output too small".into()
@@ -3970,8 +4009,12 @@ impl<'w> Backend<'w> for CudaBackend {
             }
             if let Some(p) = staging.as_mut() {
                 let host = &mut p.as_mut_slice().map_err(be)?[..bytes];
+                let t = host_profile::start();
                 x.buf.read_at(self.stream(), 0, host).map_err(be)?;
+                host_profile::add(3, t);
+                let t = host_profile::start();
                 out[..len].copy_from_slice(bytemuck::cast_slice(&host[..]));
+                host_profile::add(4, t);
                 return Ok(());
             }
         }
@@ -3981,29 +4024,10 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 
     fn begin_chunk(&self, tokens: &[u32], pos0: usize) -> MResult<()> {
-        let st = self.stream();
-        let mut cb = self
-            .chunk
-            .lock()
-            .map_err(|_| MError::Backend("chunk buffer poisoned".into()))?;
-        let n = tokens.len();
-        if cb.tokens.len() < n * 4 {
-            let cap = n.next_power_of_two() * 4;
-            cb.tokens = DevBuf::zeros(st, cap).map_err(be)?;
-            cb.pos = DevBuf::zeros(st, cap).map_err(be)?;
-            self.scratch()?.epoch += 1;
-        }
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let first = as_i32(pos0, "position")?;
-        as_i32(pos0 + n, "position")?;
-        let pos: Vec<i32> = (0..n as i32).map(|t| first + t).collect();
-        cb.tokens
-            .write_at(st, 0, bytemuck::cast_slice(&ids))
-            .map_err(be)?;
-        cb.pos
-            .write_at(st, 0, bytemuck::cast_slice(&pos))
-            .map_err(be)?;
-        Ok(())
+        let t = host_profile::start();
+        let r = self.begin_chunk_inner(tokens, pos0);
+        host_profile::add(0, t);
+        r
     }
 
     fn run_chunk(
@@ -4027,7 +4051,9 @@ impl<'w> Backend<'w> for CudaBackend {
                 .step_timing
                 .lock()
                 .map_err(|_| MError::Backend("step timing poisoned".into()))?;
+            let t = host_profile::start();
             timing.around(self.stream(), || g.graph.launch().map_err(be))?;
+            host_profile::add(1, t);
             self.replayed.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -4101,6 +4127,33 @@ pub(crate) struct PendingCopy {
 }
 
 impl CudaBackend {
+    /// The token ids and positions of a chunk to the device.
+    fn begin_chunk_inner(&self, tokens: &[u32], pos0: usize) -> MResult<()> {
+        let st = self.stream();
+        let mut cb = self
+            .chunk
+            .lock()
+            .map_err(|_| MError::Backend("chunk buffer poisoned".into()))?;
+        let n = tokens.len();
+        if cb.tokens.len() < n * 4 {
+            let cap = n.next_power_of_two() * 4;
+            cb.tokens = DevBuf::zeros(st, cap).map_err(be)?;
+            cb.pos = DevBuf::zeros(st, cap).map_err(be)?;
+            self.scratch()?.epoch += 1;
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let first = as_i32(pos0, "position")?;
+        as_i32(pos0 + n, "position")?;
+        let pos: Vec<i32> = (0..n as i32).map(|t| first + t).collect();
+        cb.tokens
+            .write_at(st, 0, bytemuck::cast_slice(&ids))
+            .map_err(be)?;
+        cb.pos
+            .write_at(st, 0, bytemuck::cast_slice(&pos))
+            .map_err(be)?;
+        Ok(())
+    }
+
     /// Expert choice and routing weights of `n` tokens from the router logits (n × ne
     /// at `logits`): `moe_route`, one block per token (ne ≤ 256, k ≤ 64 checked by the
     /// caller). `bias` / `t2e`: device pointers or 0.

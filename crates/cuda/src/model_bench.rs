@@ -252,6 +252,8 @@ pub fn run(
             warm_start.elapsed().as_secs_f64() * 1e3
         ));
         let timed_before = model.backend.graph_stats();
+        // Host phases of the timed steps only.
+        let _ = crate::backend::host_profile::report();
         let t = Instant::now();
         for _ in 0..gen_steps {
             session.decode(tok).map_err(model_err)?;
@@ -289,6 +291,9 @@ pub fn run(
                 "ctx {ctx}: decode step on the device {ms:.3} ms (graph replay, {timed} steps timed); the host adds {:.3} ms/token",
                 1e3 / row.gen_tps - ms
             ));
+        }
+        if let Some(p) = crate::backend::host_profile::report() {
+            log(&format!("ctx {ctx}: {p}"));
         }
         if crate::launch::trace::on() {
             // One more replayed step, its kernels noted (decode returns with the logits
