@@ -1489,11 +1489,12 @@ extern "C" __global__ void att_merge_rope_q8_0(const float* part, int n_splits, 
 // (att_split_den_regs = att_split_den; att_split_acc over the splits in order), so
 // the bits agree. Same arguments and grid; n_splits <= 64.
 #define MERGE_PRE_SPLITS 64
-extern "C" __global__ void att_merge_rope_q8_0_pre(const float* part, int n_splits, int n_head,
-                                                   const float* sinks, float* x, int cols,
-                                                   int head_dim, int n_rot, const float* freqs,
-                                                   const int* pos_p, int inverse,
-                                                   i8* __restrict__ qs, float* __restrict__ d) {
+// MS: most splits a lane holds values of (64, or 32 for the lean variants below).
+template <int MS>
+__device__ __forceinline__ void att_merge_rope_q8_0_pre_body(
+    const float* part, int n_splits, int n_head, const float* sinks, float* x, int cols,
+    int head_dim, int n_rot, const float* freqs, const int* pos_p, int inverse,
+    i8* __restrict__ qs, float* __restrict__ d) {
     PDL_START();
     const int i = blockIdx.y;
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -1503,7 +1504,7 @@ extern "C" __global__ void att_merge_rope_q8_0_pre(const float* part, int n_spli
     const int h = col / head_dim, dim = col % head_dim;  // a block never straddles heads
     const long long stride = (long long)n_head * (head_dim + 2);
     const float* base = part + (long long)i * n_splits * stride + (long long)h * (head_dim + 2);
-    const int ns = min(n_splits, MERGE_PRE_SPLITS);
+    const int ns = min(n_splits, MS);
     const float sink = sinks[h];
     float m_lo = NEG_INF, l_lo = 0.0f, m_hi = NEG_INF, l_hi = 0.0f;
     if (lane < ns) {
@@ -1516,9 +1517,9 @@ extern "C" __global__ void att_merge_rope_q8_0_pre(const float* part, int n_spli
     }
     // Values of empty splits were never written: loaded anyway, selected away below.
     const float* src = base + 2 + dim;
-    float v[MERGE_PRE_SPLITS];
+    float v[MS];
 #pragma unroll
-    for (int s = 0; s < MERGE_PRE_SPLITS; s++) v[s] = s < ns ? src[s * stride] : 0.0f;
+    for (int s = 0; s < MS; s++) v[s] = s < ns ? src[s * stride] : 0.0f;
     float c = 0.0f, sn = 0.0f;
     const bool rot = rope_lane_cs(i, col, head_dim, n_rot, freqs, pos_p, inverse, c, sn);
     float w_lo = 0.0f, w_hi = 0.0f;
@@ -1526,13 +1527,33 @@ extern "C" __global__ void att_merge_rope_q8_0_pre(const float* part, int n_spli
     const float inv = 1.0f / den;
     float a = 0.0f;
 #pragma unroll
-    for (int s = 0; s < MERGE_PRE_SPLITS; s++) {
+    for (int s = 0; s < MS; s++) {
         if (s >= ns) break;
         const float w = __shfl_sync(0xffffffffu, s < 32 ? w_lo : w_hi, s & 31);
         a = att_split_acc(a, w, v[s]);
     }
     float* p = x + (long long)i * cols + col;
     rope_q8_0_lane_cs(a * inv, p, i, col, lane, cols, rot, c, sn, qs, d, true);
+}
+
+#define MERGE_PRE_ARGS                                                                        \
+    const float *part, int n_splits, int n_head, const float *sinks, float *x, int cols,      \
+        int head_dim, int n_rot, const float *freqs, const int *pos_p, int inverse,           \
+        i8 *__restrict__ qs, float *__restrict__ d
+#define MERGE_PRE_PASS part, n_splits, n_head, sinks, x, cols, head_dim, n_rot, freqs, pos_p, inverse, qs, d
+extern "C" __global__ void att_merge_rope_q8_0_pre(MERGE_PRE_ARGS) {
+    att_merge_rope_q8_0_pre_body<MERGE_PRE_SPLITS>(MERGE_PRE_PASS);
+}
+// Lean variants for n_splits <= 32 (the host checks): fewer registers a block, so that
+// the attention output product's blocks (placed while this merge runs, to preload their
+// weights) still fit beside it on the multiprocessors the attention kernel leaves free.
+// Same arithmetic, same bits. t256: 256 threads, at most 64 registers (4 blocks an SM);
+// t512: 512 threads (one head a block), at most 64 registers.
+extern "C" __global__ void __launch_bounds__(256, 4) att_merge_rope_q8_0_pre32_t256(MERGE_PRE_ARGS) {
+    att_merge_rope_q8_0_pre_body<32>(MERGE_PRE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(512, 2) att_merge_rope_q8_0_pre32_t512(MERGE_PRE_ARGS) {
+    att_merge_rope_q8_0_pre_body<32>(MERGE_PRE_PASS);
 }
 
 // Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the

@@ -535,15 +535,52 @@ fn merge_rope_case(
             unsafe { b.launch(rq_cfg) }?;
         }
     }
+    // The lean merges (at most 32 splits; 512 / 256 threads a block).
+    let mut lean = Vec::new();
+    if ns <= 32 {
+        for t in [512u32, 256] {
+            let f = ops.load_function(&format!("att_merge_rope_q8_0_pre32_t{t}"))?;
+            let (x, q, d) = (
+                DevBuf::from_f32(stream, &nan)?,
+                DevBuf::zeros(stream, cols)?,
+                DevBuf::from_f32(stream, &nan[..cols / 32])?,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (cols as u32 / t, 1, 1),
+                block_dim: (t, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&dpart.ptr)
+                .arg(&ns32)
+                .arg(&nh32)
+                .arg(&dsinks.ptr)
+                .arg(&x.ptr)
+                .arg(&cols32)
+                .arg(&hd32)
+                .arg(&nr32)
+                .arg(&dfreqs.ptr)
+                .arg(&dpos.ptr)
+                .arg(&inv)
+                .arg(&q.ptr)
+                .arg(&d.ptr);
+            // SAFETY: the argument list of att_merge_rope_q8_0_pre (same for the lean
+            // variants); whole heads of 512 per block group, the buffers above.
+            unsafe { b.launch(cfg) }?;
+            lean.push((format!("att_merge_rope_q8_0_pre32_t{t}"), x, q, d));
+        }
+    }
     stream.synchronize()?;
     let (x_ref, x_new) = (xa.to_f32(stream)?, xb.to_f32(stream)?);
     let as_f32 = |v: Vec<u8>| -> Vec<f32> { v.into_iter().map(|c| f32::from(c as i8)).collect() };
     let (codes_ref, scales_ref) = (as_f32(qa.to_bytes(stream)?), da.to_f32(stream)?);
     let mut out = Vec::new();
-    for (kernel, x, q, d) in [
-        ("att_merge_rope_q8_0    ", &xb, &qb, &db),
-        ("att_merge_rope_q8_0_pre", &xc, &qc, &dc),
-    ] {
+    let mut kernels = vec![
+        ("att_merge_rope_q8_0    ".to_string(), &xb, &qb, &db),
+        ("att_merge_rope_q8_0_pre".to_string(), &xc, &qc, &dc),
+    ];
+    kernels.extend(lean.iter().map(|(k, x, q, d)| (k.clone(), x, q, d)));
+    for (kernel, x, q, d) in kernels {
         for (what, a, b) in [
             ("rows  ", x.to_f32(stream)?, &x_ref),
             ("codes ", as_f32(q.to_bytes(stream)?), &codes_ref),

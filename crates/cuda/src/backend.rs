@@ -402,6 +402,9 @@ struct Ops {
     rope: CudaFunction,
     rope_quant_q8_0: CudaFunction,
     att_merge_rope_q8_0: CudaFunction,
+    /// The lean merge for at most 32 splits and its block size (`DS4_MERGE_LEAN`: 512,
+    /// 256, or 0 for none): fewer registers, so the output product's blocks fit beside.
+    att_merge_lean: Option<(CudaFunction, u32)>,
     round_rows: CudaFunction,
     rope_qat: CudaFunction,
     comp_pool: CudaFunction,
@@ -499,6 +502,10 @@ impl Ops {
             } else {
                 "att_merge_rope_q8_0"
             })?,
+            att_merge_lean: match merge_lean_threads() {
+                0 => None,
+                t => Some((f(&format!("att_merge_rope_q8_0_pre32_t{t}"))?, t)),
+            },
             round_rows: big("round_rows")?,
             rope_qat: f("rope_qat")?,
             comp_pool: f("comp_pool")?,
@@ -531,6 +538,18 @@ impl Ops {
 
 /// Most attention splits `att_merge_rope_q8_0` merges (its lanes keep two weights each).
 const MERGE_ROPE_MAX_SPLITS: usize = 64;
+/// Most splits of the lean merges (`att_merge_rope_q8_0_pre32_t*`).
+const MERGE_LEAN_MAX_SPLITS: usize = 32;
+
+/// Block size of the lean merge (`DS4_MERGE_LEAN`: 512 by default, 256, or 0 for the
+/// 64-split merge always).
+fn merge_lean_threads() -> u32 {
+    match std::env::var("DS4_MERGE_LEAN").as_deref() {
+        Ok("0") => 0,
+        Ok("256") => 256,
+        _ => 512,
+    }
+}
 
 /// Decode attention partials left unmerged for the RoPE + Q8_0 step (`attention_impl`).
 #[derive(Debug, Clone, Copy)]
@@ -2541,7 +2560,22 @@ impl CudaBackend {
                     || "attention merge: bad shapes".into(),
                 )?;
                 let (part, ns, nh, sk) = (m.part, m.n_splits as i32, m.n_head as i32, m.sinks);
-                self.launch(&self.ops.att_merge_rope_q8_0, cfg, |b| {
+                let (func, cfg) = match &self.ops.att_merge_lean {
+                    // Whole heads or half heads a block (head_dim a multiple of the block).
+                    Some((f, t))
+                        if m.n_splits <= MERGE_LEAN_MAX_SPLITS
+                            && head_dim.is_multiple_of(*t as usize) =>
+                    {
+                        let cfg = LaunchConfig {
+                            grid_dim: ((x.cols / *t as usize) as u32, n as u32, 1),
+                            block_dim: (*t, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        (f, cfg)
+                    }
+                    _ => (&self.ops.att_merge_rope_q8_0, cfg),
+                };
+                self.launch(func, cfg, |b| {
                     b.arg(&part)
                         .arg(&ns)
                         .arg(&nh)
