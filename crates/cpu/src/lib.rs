@@ -145,6 +145,7 @@ impl<'w> Backend<'w> for CpuBackend {
     type Act = Mat;
     type Idx = Sel;
     type Kv = HostKv;
+    type HostBuf = Vec<f32>;
 
     fn upload(&self, t: &TensorView<'w>) -> Result<CpuWeight<'w>> {
         Ok(CpuWeight {
@@ -783,6 +784,10 @@ impl<'w> Backend<'w> for CpuBackend {
         })?;
         out[..src.len()].copy_from_slice(src);
         Ok(())
+    }
+
+    fn alloc_host(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
     }
 }
 

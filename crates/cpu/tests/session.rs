@@ -56,6 +56,78 @@ fn snapshot_restore_and_rewind_are_exact() {
     assert_eq!(got, want[53 * vocab..], "rewound session diverged");
 }
 
+/// The last logits live in backend host memory (`Backend::HostBuf`): decode, prefill,
+/// snapshot/restore, rewind and failed restores keep them exactly as before (the last
+/// position's row of `read_rows`, empty when there is no last position).
+#[test]
+fn last_logits_in_backend_host_memory() {
+    use ds4_model::Backend;
+    let (shape, file) = load_gguf("tiny-a");
+    let model = Model::new(
+        CpuBackend::new(&shape),
+        shape.clone(),
+        &file,
+        ForwardOptions::default(),
+    )
+    .unwrap();
+    let vocab = shape.vocab;
+    let toks = tokens(24);
+    let ctx = 32;
+
+    // The host buffer: zeroed, of the asked length.
+    let be = &model.backend;
+    let host = be.alloc_host(vocab).unwrap();
+    assert_eq!(host.len(), vocab);
+    assert!(host.iter().all(|&v| v == 0.0));
+
+    // Reference: every position's logits, through `read_rows`.
+    let mut full = Session::new(&model, ctx, 8).unwrap();
+    let mut want = Vec::new();
+    full.feed(&toks, 8, Some(&mut want)).unwrap();
+    assert_eq!(full.last_logits(), &want[23 * vocab..24 * vocab]);
+
+    let mut s = Session::new(&model, ctx, 8).unwrap();
+    assert!(s.last_logits().is_empty());
+    s.feed(&toks[..20], 8, None).unwrap();
+    assert_eq!(s.last_logits(), &want[19 * vocab..20 * vocab]);
+    let empty_snap = Session::new(&model, ctx, 8).unwrap().snapshot().unwrap();
+    for (i, &t) in toks[20..].iter().enumerate() {
+        let got = s.decode(t).unwrap().to_vec();
+        let row = 20 + i;
+        assert_eq!(
+            got,
+            &want[row * vocab..(row + 1) * vocab],
+            "decode at {row}"
+        );
+        assert_eq!(s.last_logits(), &got[..]);
+    }
+
+    // Snapshot round trip, into a session that has other logits.
+    let snap = s.snapshot().unwrap();
+    let mut r = Session::new(&model, ctx, 8).unwrap();
+    r.feed(&toks[..3], 8, None).unwrap();
+    r.restore(&snap).unwrap();
+    assert_eq!(r.last_logits(), &want[23 * vocab..24 * vocab]);
+    assert_eq!(r.snapshot().unwrap(), snap);
+    // A snapshot without logits empties them.
+    r.restore(&empty_snap).unwrap();
+    assert_eq!(r.n_tokens(), 0);
+    assert!(r.last_logits().is_empty());
+    // A failed restore leaves an empty session.
+    r.restore(&snap).unwrap();
+    assert!(r.restore(&snap[..snap.len() - 1]).is_err());
+    assert_eq!(r.n_tokens(), 0);
+    assert!(r.last_logits().is_empty());
+
+    // Rewind: to a position (its logits), to 0 (none), then decode again.
+    s.rewind(10).unwrap();
+    assert_eq!(s.last_logits(), &want[9 * vocab..10 * vocab]);
+    s.rewind(0).unwrap();
+    assert!(s.last_logits().is_empty());
+    assert!(s.snapshot().unwrap() == empty_snap);
+    assert_eq!(s.decode(toks[0]).unwrap(), &want[..vocab]);
+}
+
 #[test]
 fn bad_snapshots_are_refused() {
     let (shape, file) = load_gguf("tiny-a");

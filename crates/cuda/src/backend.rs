@@ -6,6 +6,12 @@
 //! the chunk's first position and token ids from device memory (`begin_chunk` uploads
 //! them), so nothing in a step depends on host values, nothing allocates and nothing
 //! synchronises until the logits are read.
+//!
+//! The host's share of a decode step is kept small: the token id and position go up
+//! with one asynchronous copy from page-locked staging (`DecodeUpload`), the replay is
+//! timed by a reused pair of events (`StepTiming`), and the logits come down with one
+//! copy straight into the session's page-locked buffer (`read_rows_host` into a
+//! [`PinnedF32`]), with no copy on the host.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaEvent, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaStream, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 use ds4_gguf::GgmlType;
 use ds4_model::backend::{
@@ -180,9 +187,14 @@ struct StepGraph {
 }
 
 /// Device time of replayed decode steps: events recorded around each graph launch.
+/// One pair of events, made at the first timed step, is recorded again at every
+/// step (after the previous step's time was read from it).
 #[derive(Default)]
 struct StepTiming {
-    pending: Option<(CudaEvent, CudaEvent)>,
+    /// (before the launch, after it).
+    events: Option<(CudaEvent, CudaEvent)>,
+    /// Whether `events` hold a step whose time is not added yet.
+    pending: bool,
     steps: u64,
     total_ms: f64,
 }
@@ -190,28 +202,33 @@ struct StepTiming {
 impl StepTiming {
     /// Adds the pending step's time (waits for its end event).
     fn collect(&mut self) {
-        if let Some((start, end)) = self.pending.take()
-            && let Ok(ms) = start.elapsed_ms(&end)
+        if std::mem::take(&mut self.pending)
+            && let Some((start, end)) = &self.events
+            && let Ok(ms) = start.elapsed_ms(end)
         {
             self.steps += 1;
             self.total_ms += f64::from(ms);
         }
     }
 
-    /// Times `launch` on `stream`; a step whose events cannot be made is not timed.
+    /// Times `launch` on `stream`; a step whose events cannot be made or recorded is
+    /// not timed.
     fn around(&mut self, stream: &CudaStream, launch: impl FnOnce() -> MResult<()>) -> MResult<()> {
         self.collect();
-        let ctx = stream.context();
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = ctx
-            .new_event(flags)
-            .ok()
-            .filter(|e| e.record(stream).is_ok());
+        if self.events.is_none() {
+            let ctx = stream.context();
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            if let (Ok(start), Ok(end)) = (ctx.new_event(flags), ctx.new_event(flags)) {
+                self.events = Some((start, end));
+            }
+        }
+        let started = self
+            .events
+            .as_ref()
+            .is_some_and(|(start, _)| start.record(stream).is_ok());
         launch()?;
-        if let Some(start) = start
-            && let Ok(end) = stream.record_event(flags)
-        {
-            self.pending = Some((start, end));
+        if started && let Some((_, end)) = &self.events {
+            self.pending = end.record(stream).is_ok();
         }
         Ok(())
     }
@@ -710,6 +727,160 @@ type Uploaded = (Arc<DevBuf>, Option<Arc<DevBuf>>);
 struct ChunkBufs {
     tokens: DevBuf,
     pos: DevBuf,
+    /// Set by a decode chunk (one token): its id and position are read from
+    /// `DecodeUpload::dev` instead (device pointers to the id and to the position).
+    decode: Option<(u64, u64)>,
+}
+
+/// Page-locked host memory of `len` values, zeroed at allocation and addressed
+/// directly (no event wait per access, unlike `PinnedHostSlice::as_slice`): every
+/// device write into it is waited for before the `&mut` borrow that issued it ends
+/// (`read_rows_host`), and the one buffer the device reads from asynchronously (the
+/// decode staging) is only written once no copy from it can be pending
+/// (`DecodeUpload::upload`).
+pub struct PinnedHost<T> {
+    /// The allocation (freed on drop).
+    _mem: PinnedHostSlice<T>,
+    ptr: *mut T,
+    len: usize,
+}
+
+/// The CUDA backend's `Backend::HostBuf`: a session's last logits, in page-locked
+/// memory that `read_rows_host` copies into directly.
+pub type PinnedF32 = PinnedHost<f32>;
+
+// SAFETY: the memory is owned by `_mem` (itself Send and Sync) and only reached through
+// `&self` / `&mut self`; `ptr` is a cached address of it.
+unsafe impl<T: Send> Send for PinnedHost<T> {}
+// SAFETY: as for Send: shared access only hands out `&[T]`.
+unsafe impl<T: Sync> Sync for PinnedHost<T> {}
+
+impl<T: DeviceRepr + ValidAsZeroBits> PinnedHost<T> {
+    fn zeroed(ctx: &Arc<CudaContext>, len: usize) -> Result<Self, cudarc::driver::DriverError> {
+        // Cacheable (flags 0, not write-combined): the host reads it back.
+        // SAFETY: the memory is zeroed below before anything reads it.
+        let mut mem = unsafe { ctx.alloc_pinned_with_flags::<T>(len.max(1), 0) }?;
+        let ptr = mem.as_mut_ptr()?;
+        // SAFETY: `ptr` starts `len.max(1)` values of fresh host memory that no copy uses
+        // yet; all-zero bytes are a valid `T` (ValidAsZeroBits).
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(Self {
+            _mem: mem,
+            ptr,
+            len,
+        })
+    }
+}
+
+impl<T> std::ops::Deref for PinnedHost<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr` addresses `len` initialised values owned by `_mem` for as long as
+        // `self` lives; the device writes them only in copies that are waited for before
+        // the `&mut self` borrow that issued them ends (see the type's comment).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T> std::ops::DerefMut for PinnedHost<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as for Deref; `&mut self` makes the borrow unique on the host, and no
+        // device copy reads or writes the memory while it is written (type's comment).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Bytes of `DecodeUpload::dev`: the id and the position, then zeros (a kernel that
+/// reads a little past a one-token chunk stays inside the allocation).
+const DECODE_UPLOAD_BYTES: usize = 256;
+
+/// A decode chunk's token id and position: written to page-locked staging, then one
+/// asynchronous copy on the main stream to `dev` (`[id, pos]` as i32).
+///
+/// Invariant: the staging is only overwritten once every copy from it is known to be
+/// done. `enqueued` counts the copies issued, `synced` how many of them a
+/// synchronisation of the main stream has waited for (the logits read of every step
+/// performs one, see `note_synced`); with a copy possibly pending, `upload` first
+/// synchronises the stream itself, and dropping this waits for a pending copy before
+/// the staging is freed.
+struct DecodeUpload {
+    stream: Arc<CudaStream>,
+    staging: Mutex<PinnedHost<i32>>,
+    dev: DevBuf,
+    enqueued: AtomicU64,
+    synced: AtomicU64,
+}
+
+impl DecodeUpload {
+    fn new(stream: &Arc<CudaStream>) -> crate::Result<Self> {
+        Ok(Self {
+            stream: stream.clone(),
+            staging: Mutex::new(PinnedHost::zeroed(stream.context(), 2)?),
+            dev: DevBuf::zeros(stream, DECODE_UPLOAD_BYTES)?,
+            enqueued: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+        })
+    }
+
+    /// Device pointers to the id and to the position.
+    fn ptrs(&self) -> (u64, u64) {
+        (self.dev.ptr, self.dev.ptr + 4)
+    }
+
+    /// Issues the copy of `[id, pos]` to `dev` (stream-ordered, not waited for).
+    fn upload(&self, id: i32, pos: i32) -> MResult<()> {
+        let mut staging = self
+            .staging
+            .lock()
+            .map_err(|_| MError::Backend("decode staging poisoned".into()))?;
+        let issued = self.enqueued.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) < issued {
+            // No synchronisation since the last copy (no logits read in between): it may
+            // still be pending; wait for it before overwriting its source.
+            self.stream.synchronize().map_err(be)?;
+            self.synced.fetch_max(issued, Ordering::AcqRel);
+        }
+        staging[0] = id;
+        staging[1] = pos;
+        self.stream.context().bind_to_thread().map_err(be)?;
+        // SAFETY: `dev` holds DECODE_UPLOAD_BYTES ≥ 8 bytes. The source is page-locked
+        // memory that stays allocated until the copy is done (dropping `self` waits for
+        // it) and is not written again before a synchronisation covers this copy (the
+        // check above; `enqueued` is raised below, while the staging is still locked).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                self.dev.ptr,
+                &staging[..2],
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(be)?;
+        self.enqueued.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The copies issued so far: read before a synchronisation of `stream`, then passed
+    /// to `note_synced` once it returned.
+    fn issued(&self) -> u64 {
+        self.enqueued.load(Ordering::Acquire)
+    }
+
+    /// `stream` was synchronised after `issued` copies had been issued: those are done
+    /// (when it is the main stream, which the copies go on).
+    fn note_synced(&self, stream: &Arc<CudaStream>, issued: u64) {
+        if Arc::ptr_eq(stream, &self.stream) {
+            self.synced.fetch_max(issued, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for DecodeUpload {
+    fn drop(&mut self) {
+        if *self.synced.get_mut() < *self.enqueued.get_mut() {
+            // A copy may still read the staging: let it finish before it is freed.
+            let _ = self.stream.synchronize();
+        }
+    }
 }
 
 /// Seconds and calls per (operation, decode step?).
@@ -784,6 +955,8 @@ pub struct CudaBackend {
     rope_comp: DevBuf,
     /// The chunk's token ids and positions (i32 each) read by the kernels.
     chunk: Mutex<ChunkBufs>,
+    /// A decode chunk's id and position, uploaded from page-locked staging.
+    decode_up: DecodeUpload,
     scratch: Mutex<Scratch>,
     uploads: Mutex<HashMap<(usize, usize), Uploaded>>,
     /// Record decode steps into CUDA graphs (on by default; off while profiling).
@@ -871,7 +1044,9 @@ impl CudaBackend {
         let chunk = Mutex::new(ChunkBufs {
             tokens: DevBuf::zeros(s, 4 * 64)?,
             pos: DevBuf::zeros(s, 4 * 64)?,
+            decode: None,
         });
+        let decode_up = DecodeUpload::new(s)?;
         Ok(Self {
             kernels,
             gemm,
@@ -889,6 +1064,7 @@ impl CudaBackend {
             rope_plain,
             rope_comp,
             chunk,
+            decode_up,
             scratch: Mutex::new(Scratch::default()),
             uploads: Mutex::new(HashMap::new()),
             use_graphs: !profiling,
@@ -2615,6 +2791,7 @@ impl<'w> Backend<'w> for CudaBackend {
     type Act = CudaAct;
     type Idx = CudaIdx;
     type Kv = CudaKv;
+    type HostBuf = PinnedF32;
 
     fn upload(&self, t: &TensorView<'w>) -> MResult<CudaWeight> {
         let key = (t.data.as_ptr() as usize, t.data.len());
@@ -4027,34 +4204,40 @@ impl<'w> Backend<'w> for CudaBackend {
         check(out.len() >= len && n <= x.rows, || {
             "read_rows: output too small".into()
         })?;
-        if let Some(pinned) = &self.pinned_read
-            && len <= PINNED_READ_MAX
-        {
-            let mut staging = pinned
-                .lock()
-                .map_err(|_| MError::Backend("pinned staging poisoned".into()))?;
-            let bytes = 4 * len;
-            if staging.as_ref().is_none_or(|p| p.len() < bytes) {
-                // Cacheable (not write-combined): the host reads it back. SAFETY: every
-                // byte read below was first written by the device copy.
-                *staging = Some(
-                    unsafe { self.rt.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(be)?,
-                );
-            }
-            if let Some(p) = staging.as_mut() {
-                let host = &mut p.as_mut_slice().map_err(be)?[..bytes];
-                let t = host_profile::start();
-                x.buf.read_at(self.stream(), 0, host).map_err(be)?;
-                host_profile::add(3, t);
-                let t = host_profile::start();
-                out[..len].copy_from_slice(bytemuck::cast_slice(&host[..]));
-                host_profile::add(4, t);
-                return Ok(());
-            }
+        // Every read below waits for the stream: decode uploads issued before it are done.
+        let issued = self.decode_up.issued();
+        let st = self.stream();
+        let read = self.read_rows_to(x, len, out);
+        if read.is_ok() {
+            self.decode_up.note_synced(st, issued);
         }
-        x.buf
-            .read_at(self.stream(), 0, bytemuck::cast_slice_mut(&mut out[..len]))
-            .map_err(be)
+        read
+    }
+
+    fn alloc_host(&self, len: usize) -> MResult<PinnedF32> {
+        PinnedHost::zeroed(&self.rt.ctx, len).map_err(be)
+    }
+
+    /// One device-to-host copy straight into `out` (page-locked), then the stream's
+    /// sync: no staging, no copy on the host.
+    fn read_rows_host(&self, x: &CudaAct, n: usize, out: &mut PinnedF32) -> MResult<()> {
+        // Side work (e.g. an HC split) may still write what is read.
+        let t = host_profile::start();
+        self.join_side()?;
+        host_profile::add(2, t);
+        let len = n
+            .checked_mul(x.cols)
+            .filter(|&len| len <= out.len() && n <= x.rows);
+        let Some(len) = len else {
+            return Err(MError::Backend("read_rows_host: output too small".into()));
+        };
+        let issued = self.decode_up.issued();
+        let st = self.stream();
+        let t = host_profile::start();
+        x.buf.read_f32_into(st, &mut out[..len]).map_err(be)?;
+        host_profile::add(3, t);
+        self.decode_up.note_synced(st, issued);
+        Ok(())
     }
 
     fn begin_chunk(&self, tokens: &[u32], pos0: usize) -> MResult<()> {
@@ -4161,6 +4344,39 @@ pub(crate) struct PendingCopy {
 }
 
 impl CudaBackend {
+    /// `read_rows`' copy of `len` values (checked by the caller): through page-locked
+    /// staging unless `DS4_PINNED_READ=0` or the read is large, else into `out` directly.
+    fn read_rows_to(&self, x: &CudaAct, len: usize, out: &mut [f32]) -> MResult<()> {
+        if let Some(pinned) = &self.pinned_read
+            && len <= PINNED_READ_MAX
+        {
+            let mut staging = pinned
+                .lock()
+                .map_err(|_| MError::Backend("pinned staging poisoned".into()))?;
+            let bytes = 4 * len;
+            if staging.as_ref().is_none_or(|p| p.len() < bytes) {
+                // Cacheable (not write-combined): the host reads it back. SAFETY: every
+                // byte read below was first written by the device copy.
+                *staging = Some(
+                    unsafe { self.rt.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(be)?,
+                );
+            }
+            if let Some(p) = staging.as_mut() {
+                let host = &mut p.as_mut_slice().map_err(be)?[..bytes];
+                let t = host_profile::start();
+                x.buf.read_at(self.stream(), 0, host).map_err(be)?;
+                host_profile::add(3, t);
+                let t = host_profile::start();
+                out[..len].copy_from_slice(bytemuck::cast_slice(&host[..]));
+                host_profile::add(4, t);
+                return Ok(());
+            }
+        }
+        x.buf
+            .read_at(self.stream(), 0, bytemuck::cast_slice_mut(&mut out[..len]))
+            .map_err(be)
+    }
+
     /// The token ids and positions of a chunk to the device.
     fn begin_chunk_inner(&self, tokens: &[u32], pos0: usize) -> MResult<()> {
         let st = self.stream();
@@ -4169,6 +4385,16 @@ impl CudaBackend {
             .lock()
             .map_err(|_| MError::Backend("chunk buffer poisoned".into()))?;
         let n = tokens.len();
+        if let [token] = tokens {
+            // Decode: one asynchronous copy from page-locked staging (no pageable copies,
+            // no wait); the kernels read the id and position from `decode_up.dev`.
+            let pos = as_i32(pos0, "position")?;
+            as_i32(pos0 + 1, "position")?;
+            self.decode_up.upload(*token as i32, pos)?;
+            cb.decode = Some(self.decode_up.ptrs());
+            return Ok(());
+        }
+        cb.decode = None;
         if cb.tokens.len() < n * 4 {
             let cap = n.next_power_of_two() * 4;
             cb.tokens = DevBuf::zeros(st, cap).map_err(be)?;
@@ -4424,7 +4650,7 @@ impl CudaBackend {
             .chunk
             .lock()
             .map_err(|_| MError::Backend("chunk buffer poisoned".into()))?;
-        Ok((cb.tokens.ptr, cb.pos.ptr))
+        Ok(cb.decode.unwrap_or((cb.tokens.ptr, cb.pos.ptr)))
     }
 
     /// Device pointer to the position of token `t0` of the chunk: kernels that work on

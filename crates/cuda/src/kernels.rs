@@ -86,6 +86,27 @@ impl DevBuf {
         Ok(())
     }
 
+    /// Copies `out.len()` f32 from the start of the buffer to the host with one
+    /// asynchronous copy, then waits for it. Meant for page-locked `out` (the copy then
+    /// lands there directly); a pageable one works too (the driver stages it).
+    pub fn read_f32_into(&self, stream: &Arc<CudaStream>, out: &mut [f32]) -> Result<()> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes > self.buf.len() {
+            return Err(Error::Shape {
+                what: "device read",
+                detail: format!("{bytes} bytes from {}", self.buf.len()),
+            });
+        }
+        stream.context().bind_to_thread()?;
+        // SAFETY: the source range lies inside this allocation (checked above), and the
+        // stream's synchronisation below waits for the copy while `out` is still
+        // borrowed, so the destination outlives it. (A failed synchronisation is a
+        // sticky context error, after which the device runs no further work.)
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, self.ptr, stream.cu_stream()) }?;
+        stream.synchronize()?;
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.buf.len() == 0
     }

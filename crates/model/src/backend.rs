@@ -8,7 +8,10 @@
 //!   (tokens of the chunk), so decode (n = 1) and prefill use the same code;
 //! * the KV state is backend-owned (`Backend::Kv`) and only leaves the device for
 //!   snapshots (`KvStore::save`);
-//! * the only host reads are `read_rows` (logits) — nothing inside a layer syncs.
+//! * the only host reads are `read_rows` / `read_rows_host` (logits) — nothing inside a
+//!   layer syncs. A session's last logits live in backend-provided host memory
+//!   (`Backend::HostBuf`), so a GPU backend can copy them straight into page-locked
+//!   memory that the session then hands out.
 //!
 //! Positions of a chunk are always contiguous: row i of every activation is the token at
 //! absolute position `pos0 + i`.
@@ -115,6 +118,10 @@ pub trait Backend<'w> {
     /// Per-token selected compressed-row indices (indexer top-k).
     type Idx;
     type Kv: KvStore;
+    /// Host memory of f32 that [`Self::read_rows_host`] writes into (a session's last
+    /// logits): a plain `Vec<f32>` for a CPU backend, page-locked memory for a GPU one.
+    /// Its length is fixed at allocation.
+    type HostBuf: std::ops::Deref<Target = [f32]> + std::ops::DerefMut + Send;
 
     fn upload(&self, t: &TensorView<'w>) -> Result<Self::Weight>;
     fn alloc_act(&self, rows: usize, cols: usize) -> Result<Self::Act>;
@@ -503,6 +510,13 @@ pub trait Backend<'w> {
     }
     /// Copies the first n rows to the host (row-major).
     fn read_rows(&self, x: &Self::Act, n: usize, out: &mut [f32]) -> Result<()>;
+    /// Host memory for `len` f32 values, all zero.
+    fn alloc_host(&self, len: usize) -> Result<Self::HostBuf>;
+    /// [`Self::read_rows`] into backend host memory (from [`Self::alloc_host`]): the
+    /// first `n · cols` values of `out` receive the rows, the rest is left as it was.
+    fn read_rows_host(&self, x: &Self::Act, n: usize, out: &mut Self::HostBuf) -> Result<()> {
+        self.read_rows(x, n, out)
+    }
     /// dst[dst_row] = src[src_row] (same width).
     fn copy_row(
         &self,

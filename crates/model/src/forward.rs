@@ -378,7 +378,13 @@ pub struct Session<'m, 'w, B: Backend<'w>> {
     bufs: Buffers<B::Act, B::Idx>,
     tokens: Vec<u32>,
     ctx: usize,
-    last_logits: Vec<f32>,
+    /// The last position's logits (vocab wide), in backend host memory that the
+    /// backend reads them straight into (page-locked on a GPU: no copy on the host).
+    /// Only meaningful while `has_logits`.
+    last_logits: B::HostBuf,
+    /// Whether `last_logits` holds the logits of the last fed position (false before
+    /// any token, after a rewind or a failed restore).
+    has_logits: bool,
 }
 
 const SESSION_MAGIC: &[u8; 4] = b"DS4S";
@@ -389,13 +395,22 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
     pub fn new(model: &'m Model<'w, B>, ctx: usize, max_chunk: usize) -> Result<Self> {
         let kv = model.alloc_kv(ctx)?;
         let bufs = model.alloc_buffers(max_chunk.min(ctx.max(1)))?;
+        let last_logits = model.backend.alloc_host(model.shape.vocab)?;
+        if last_logits.len() != model.shape.vocab {
+            return Err(Error::Backend(format!(
+                "alloc_host: {} values for a vocabulary of {}",
+                last_logits.len(),
+                model.shape.vocab
+            )));
+        }
         Ok(Self {
             model,
             kv,
             bufs,
             tokens: Vec::new(),
             ctx,
-            last_logits: Vec::new(),
+            last_logits,
+            has_logits: false,
         })
     }
 
@@ -413,7 +428,11 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
     }
     /// Logits for the token after the last one fed (empty before any token).
     pub fn last_logits(&self) -> &[f32] {
-        &self.last_logits
+        if self.has_logits {
+            &self.last_logits
+        } else {
+            &[]
+        }
     }
 
     /// Feeds `tokens`, chunk by chunk (`chunk` ≤ the buffer capacity). When `all_logits`
@@ -445,15 +464,17 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
                 self.model
                     .backend
                     .read_rows(&self.bufs.logits, m, &mut out[start..])?;
-                self.last_logits.clear();
                 self.last_logits
-                    .extend_from_slice(&out[start + (m - 1) * vocab..]);
+                    .copy_from_slice(&out[start + (m - 1) * vocab..]);
+                self.has_logits = true;
             } else {
-                // Only the last position's logits were computed (row 0).
-                self.last_logits.resize(vocab, 0.0);
+                // Only the last position's logits were computed (row 0): read straight
+                // into the session's host buffer. A failed read leaves none.
+                self.has_logits = false;
                 self.model
                     .backend
-                    .read_rows(&self.bufs.logits, 1, &mut self.last_logits)?;
+                    .read_rows_host(&self.bufs.logits, 1, &mut self.last_logits)?;
+                self.has_logits = true;
             }
             self.tokens.extend_from_slice(piece);
         }
@@ -463,7 +484,7 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
     /// Decodes one token; returns the logits for the next one.
     pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
         self.feed(&[token], 1, None)?;
-        Ok(&self.last_logits)
+        Ok(self.last_logits())
     }
 
     /// Drops every token after position `n`. Exact: the state equals a fresh prefill of the
@@ -482,7 +503,7 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
         let kept: Vec<u32> = self.tokens[..n].to_vec();
         self.kv.reset();
         self.tokens.clear();
-        self.last_logits.clear();
+        self.has_logits = false;
         let chunk = self.bufs.cap;
         self.feed(&kept, chunk, None)
     }
@@ -496,8 +517,9 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
         for t in &self.tokens {
             out.extend_from_slice(&t.to_le_bytes());
         }
-        out.extend_from_slice(&(self.last_logits.len() as u64).to_le_bytes());
-        for v in &self.last_logits {
+        let logits = self.last_logits();
+        out.extend_from_slice(&(logits.len() as u64).to_le_bytes());
+        for v in logits {
             out.extend_from_slice(&v.to_le_bytes());
         }
         self.kv.save(self.tokens.len(), &mut out)?;
@@ -560,12 +582,16 @@ impl<'m, 'w, B: Backend<'w>> Session<'m, 'w, B> {
                 // Leave a consistent (empty) session behind.
                 self.kv.reset();
                 self.tokens.clear();
-                self.last_logits.clear();
+                self.has_logits = false;
                 return Err(e);
             }
         }
         self.tokens = tokens;
-        self.last_logits = logits;
+        // `nl` is 0 or the vocabulary (checked above), the buffer's length.
+        self.has_logits = nl != 0;
+        if self.has_logits {
+            self.last_logits.copy_from_slice(&logits);
+        }
         Ok(())
     }
 }
