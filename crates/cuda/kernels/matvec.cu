@@ -701,8 +701,7 @@ MV_Q8_REGS(16, 16)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define TMA_WARPS 16  // at most; 8 for K = 8192 (its registers)
 #define TMA_MAX_BUF 16
-// An mbarrier per stage, then the stage index each ring slot holds (int).
-#define TMA_HEAD (TMA_WARPS * TMA_MAX_BUF * (8 + 4))
+#define TMA_HEAD (TMA_WARPS * TMA_MAX_BUF * 8)  // an mbarrier per stage
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
@@ -733,41 +732,10 @@ __device__ __forceinline__ bool mbar_done(u64* bar, u32 parity) {
     return ok != 0;
 }
 
-// Where a warp's stages come from. Static (ctr = 0): the warp's own contiguous rows
-// [f0, f0 + n). Dynamic (ctr != 0, DS4_MV_TMA_DYN=1): every stage, the first ring's
-// included, in chunks of `grab` stages from a global counter in the order the warps ask,
-// so that blocks placed late (their SM was busy) take less; a warp asks for its next
-// chunk when it starts one (`pend`), so the atomic's round trip is off the path. Only
-// lane 0 calls it.
-struct TmaStages {
-    int s_next, s_end;   // static stages left
-    int c_next, c_end;   // current chunk
-    int pend;            // start of the next chunk (already requested), or >= n_stages
-    int* ctr;
-    int base, grab, n_stages;
-    __device__ __forceinline__ int take_chunk() {
-        const int v = base + atomicAdd(ctr, grab);
-        return v;
-    }
-    // The next stage of this warp, or -1 when there is none.
-    __device__ __forceinline__ int next() {
-        if (s_next < s_end) return s_next++;
-        if (!ctr) return -1;
-        if (c_next >= c_end) {
-            if (pend >= n_stages) return -1;
-            c_next = pend;
-            c_end = min(pend + grab, n_stages);
-            pend = take_chunk();
-        }
-        return c_next++;
-    }
-};
-
 template <int PPL, int SR>
 __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int total, int rpw,
                                             int nbuf, int depth, const i8* __restrict__ xq,
-                                            const float* __restrict__ xd, int* ctr, int grab,
-                                            int waiter) {
+                                            const float* __restrict__ xd, int waiter) {
     constexpr int K = 512 * PPL;
     constexpr int RB = K / 32 * 34;
     extern __shared__ __align__(128) u8 tma_smem[];
@@ -775,7 +743,7 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     // nothing else): the warps stop pacing their first ring fill then. The pacing keeps
     // the early requests from crowding the small kernels that run before this one; a
     // block placed only when they are done (its SM was busy) would otherwise fill its
-    // ring one stage at a time and start streaming ~6 µs after the others (traces).
+    // ring one stage at a time before it starts streaming (traces: ~6 µs).
     __shared__ volatile int dep_done;
     PDL_TRIGGER();
     TRACE_BLOCK(0);
@@ -792,48 +760,24 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
         return;
     }
     u64* bars = (u64*)tma_smem + warp * TMA_MAX_BUF;
-    // The stage each ring slot of this warp holds (-1: none, the warp is done).
-    int* slot_stage = (int*)(tma_smem + TMA_WARPS * TMA_MAX_BUF * 8) + warp * TMA_MAX_BUF;
     u8* ring = tma_smem + TMA_HEAD + (long long)warp * nbuf * SR * RB;
-    const int gw = blockIdx.x * nw + warp;
-    const int n_stages = total / SR;  // the host keeps total a multiple of SR
+    const int f0 = (blockIdx.x * nw + warp) * rpw;
+    const int n = max(0, min(rpw, total - f0));
+    const int nst = (n + SR - 1) / SR;
     const u8* w = (const u8*)sg.w[0];
-    TmaStages src;
-    if (lane == 0) {
-        src.ctr = ctr;
-        src.grab = grab;
-        src.n_stages = n_stages;
-        src.c_next = src.c_end = 0;
-        if (ctr) {
-            src.s_next = src.s_end = 0;
-            src.base = 0;
-            src.pend = src.take_chunk();
-        } else {
-            const int f0 = gw * rpw;
-            const int n = max(0, min(rpw, total - f0));
-            src.s_next = f0 / SR;
-            src.s_end = src.s_next + (n + SR - 1) / SR;
-            src.base = 0;
-            src.pend = n_stages;
-        }
+    if (lane == 0 && nst > 0) {
         for (int b = 0; b < nbuf; b++) mbar_init(bars + b, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         // At most `depth` stages of the warp in flight before the wait (0: no limit):
         // a deep queue of early requests delays the loads of the small kernels that
         // run meanwhile on the critical path (measured: depth 1 is the fastest step).
-        for (int s = 0; s < nbuf; s++) {
-            const int st = src.next();
-            slot_stage[s] = st;
-            if (st < 0) {
-                for (int r = s + 1; r < nbuf; r++) slot_stage[r] = -1;
-                break;
-            }
+        for (int s = 0; s < min(nbuf, nst); s++) {
             if (depth > 0 && s >= depth && !(waiter && dep_done))
                 while (!mbar_done(bars + s - depth, 0)) {
                     if (waiter && dep_done) break;
                 }
-            tma_load(ring + (long long)s * SR * RB, w + (long long)st * SR * RB, (u32)(SR * RB),
-                     bars + s);
+            tma_load(ring + (long long)s * SR * RB, w + (long long)(f0 + s * SR) * RB,
+                     (u32)(min(SR, n - s * SR) * RB), bars + s);
         }
     }
     __syncwarp();
@@ -844,15 +788,14 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     float xs[PPL];
     float* y = (float*)sg.y[0];
     const int ldy = sg.ldy[0];
-    for (int it = 0;; it++) {
-        const int b = it % nbuf;
-        const int st = slot_stage[b];
-        if (st < 0) break;
-        while (!mbar_done(bars + b, (u32)((it / nbuf) & 1))) {
+    for (int s = 0; s < nst; s++) {
+        const int b = s % nbuf;
+        while (!mbar_done(bars + b, (u32)((s / nbuf) & 1))) {
         }
-        const u8* stg = ring + (long long)b * SR * RB;
-        const int fs = st * SR;
-        const int slot = fs / rows;  // the host keeps rows a multiple of SR
+        const u8* st = ring + (long long)b * SR * RB;
+        const int m = min(SR, n - s * SR);
+        const int fs = f0 + s * SR;
+        const int slot = fs / rows;  // the host keeps rows and rpw multiples of SR
         if (slot != cur) {
             cur = slot;
 #pragma unroll
@@ -866,41 +809,34 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
 #pragma unroll
         for (int q = 0; q < SR; q++) {
             acc[q] = 0.0f;
-            const u8* row = stg + q * RB;
+            if (q < m) {
+                const u8* row = st + q * RB;
 #pragma unroll
-            for (int i = 0; i < PPL; i++) {
-                const int p = lane + 32 * i;
-                const uint4 wv = *(const uint4*)(row + 16 * p);
-                const u16 wd = *(const u16*)(row + K + 2 * (p >> 1));
-                acc[q] += (h2f(wd) * xs[i]) * (float)dp4a_16(wv, xv[i]);
+                for (int i = 0; i < PPL; i++) {
+                    const int p = lane + 32 * i;
+                    const uint4 wv = *(const uint4*)(row + 16 * p);
+                    const u16 wd = *(const u16*)(row + K + 2 * (p >> 1));
+                    acc[q] += (h2f(wd) * xs[i]) * (float)dp4a_16(wv, xv[i]);
+                }
             }
         }
 #pragma unroll
         for (int q = 0; q < SR; q++) acc[q] = warp_sum(acc[q]);
         if (lane == 0) {
 #pragma unroll
-            for (int q = 0; q < SR; q++) y[(long long)slot * ldy + (fs + q - slot * rows)] = acc[q];
+            for (int q = 0; q < SR; q++)
+                if (q < m) y[(long long)slot * ldy + (fs + q - slot * rows)] = acc[q];
         }
         __syncwarp();
-        if (lane == 0) {
-            const int nx = src.next();
-            slot_stage[b] = nx;
-            if (nx >= 0) {
-                // The stage's generic reads are done (syncwarp); order them before the
-                // asynchronous proxy writes the next rows over them.
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                tma_load(ring + (long long)b * SR * RB, w + (long long)nx * SR * RB,
-                         (u32)(SR * RB), bars + b);
-            }
+        if (lane == 0 && s + nbuf < nst) {
+            // The stage's generic reads are done (syncwarp); order them before the
+            // asynchronous proxy writes the next rows over them.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            const int t = s + nbuf;
+            tma_load(ring + (long long)b * SR * RB, w + (long long)(f0 + t * SR) * RB,
+                     (u32)(min(SR, n - t * SR) * RB), bars + b);
         }
-        __syncwarp();
-        if (it == nbuf - 1 && warp == 0) TRACE_BLOCK(2);
-    }
-    // Dynamic: the last warp to finish clears the counters for the next launch that
-    // uses them (ctr[0]: chunks taken, ctr[1]: warps done).
-    if (ctr && lane == 0 && atomicAdd(ctr + 1, 1) == (int)(gridDim.x * nw) - 1) {
-        atomicExch(ctr, 0);
-        atomicExch(ctr + 1, 0);
+        if (s == min(nbuf, nst) - 1 && warp == 0) TRACE_BLOCK(2);
     }
     TRACE_BLOCK(3);
 }
@@ -909,9 +845,8 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     extern "C" __global__ void __launch_bounds__(((PPL < 16 ? 16 : 8) + 1) * 32, 1)              \
         mv_q8_0_tma_p##PPL##_r##SR(                                                             \
         MvSegs sg, int rows, int total, int rpw, int nbuf, int depth,                           \
-        const i8* __restrict__ xq, const float* __restrict__ xd, int* ctr, int grab,            \
-        int waiter) {                                                                           \
-        mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd, ctr, grab, waiter);     \
+        const i8* __restrict__ xq, const float* __restrict__ xd, int waiter) {                  \
+        mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter);                \
     }
 MV_Q8_TMA(2, 4)
 MV_Q8_TMA(4, 2)

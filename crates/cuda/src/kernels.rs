@@ -317,21 +317,10 @@ pub struct Kernels {
     tma_min_bytes: usize,
     /// Forcing by the selftest: 0 the default, 1 off, 2 on (whatever the size).
     tma_forced: std::sync::atomic::AtomicU8,
-    /// Stages taken from a shared counter instead of each warp's own rows
-    /// (`DS4_MV_TMA_DYN=1`; off by default: measured slower; the selftest forces either
-    /// way: 0 default, 1 static, 2 dynamic) and how many a warp takes at a time
-    /// (`DS4_MV_TMA_GRAB`, 2).
-    tma_dyn: bool,
     /// A TMA product block has one more warp that only waits for the previous kernel and
     /// tells the others to stop pacing their first ring fill (`DS4_MV_TMA_WAITER`, on).
     tma_waiter: bool,
     tma_expected: bool,
-    tma_dyn_forced: std::sync::atomic::AtomicU8,
-    tma_grab: i32,
-    /// Counter pairs of the dynamic TMA products (chunks taken, warps done; each launch
-    /// leaves its pair at zero), handed out in turn, `TMA_COUNTER_PAIRS` of them.
-    tma_counters: DevBuf,
-    tma_counter_next: std::sync::atomic::AtomicUsize,
     pub(crate) synth_blocks: CudaFunction,
     pub(crate) synth_scales: CudaFunction,
     pub(crate) synth_f16: CudaFunction,
@@ -341,20 +330,16 @@ pub struct Kernels {
 /// The compiled `mv_q8_0_tma_p{PPL}_r{SR}` kernels (matvec.cu `MV_Q8_TMA`): rows of
 /// K = 512·PPL, SR rows per shared-memory stage (a stage of ~4–9 KB).
 const Q8_TMA_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (8, 1), (16, 1)];
-/// Warps of a TMA product block and the area before its rings: an mbarrier and a stage
-/// index per ring slot (matvec.cu `TMA_WARPS`, `TMA_MAX_BUF`, `TMA_HEAD`).
+/// Warps of a TMA product block and the mbarrier area before its rings (matvec.cu
+/// `TMA_WARPS`, `TMA_MAX_BUF`, `TMA_HEAD`).
 const TMA_WARPS: usize = 16;
 /// Warps a TMA block has by default.
 const TMA_DEFAULT_WARPS: usize = 8;
 const TMA_MAX_BUF: usize = 16;
-const TMA_HEAD: usize = TMA_WARPS * TMA_MAX_BUF * (8 + 4);
+const TMA_HEAD: usize = TMA_WARPS * TMA_MAX_BUF * 8;
 /// The most dynamic shared memory a TMA product block may take: a Hopper block's 227 KB
 /// less room for the kernel's static shared memory (the waiter's flag).
 const TMA_SMEM_MAX: usize = 226 * 1024;
-/// Counter pairs for the dynamic TMA products: launches take them in turn, so two
-/// launches share a pair only `TMA_COUNTER_PAIRS` launches apart (a decode step has
-/// ~4 a layer, run one after the other), long after the first left it at zero.
-const TMA_COUNTER_PAIRS: usize = 64;
 
 /// How a TMA product is cut: `blocks` blocks of `warps` warps, `rpw` rows a warp
 /// (a multiple of `sr`), a ring of `nbuf` stages of `sr` rows a warp, `smem` bytes a
@@ -1030,16 +1015,8 @@ impl Kernels {
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(16 << 20, |mb| mb << 20),
             tma_forced: std::sync::atomic::AtomicU8::new(0),
-            tma_dyn: matches!(std::env::var("DS4_MV_TMA_DYN").as_deref(), Ok("1")),
             tma_waiter: crate::launch::env_switch("DS4_MV_TMA_WAITER"),
             tma_expected: rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA"),
-            tma_dyn_forced: std::sync::atomic::AtomicU8::new(0),
-            tma_grab: std::env::var("DS4_MV_TMA_GRAB")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map_or(2, |g: i32| g.clamp(1, 1024)),
-            tma_counters: DevBuf::zeros(&rt.stream, 8 * TMA_COUNTER_PAIRS)?,
-            tma_counter_next: std::sync::atomic::AtomicUsize::new(0),
             synth_blocks: f("synth_blocks")?,
             synth_scales: f("synth_scales")?,
             synth_f16: f("synth_f16")?,
@@ -1707,21 +1684,6 @@ impl Kernels {
             .store(v, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Forces the TMA products' stage source (selftest): None the default
-    /// (`DS4_MV_TMA_DYN`), Some(false) each warp's own rows, Some(true) the shared counter.
-    pub fn force_tma_dynamic(&self, on: Option<bool>) {
-        let v = match on {
-            None => 0,
-            Some(false) => 1,
-            Some(true) => 2,
-        };
-        self.tma_dyn_forced
-            .store(v, std::sync::atomic::Ordering::Relaxed);
-        // The next launch takes the first counter pair again (a check of the reset).
-        self.tma_counter_next
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Whether the TMA kernels should be there: sm_90 or newer and `DS4_MV_TMA` on.
     pub fn tma_expected(&self) -> bool {
         self.tma_expected
@@ -1808,23 +1770,6 @@ impl Kernels {
             plan.rpw as i32,
             plan.nbuf as i32,
         );
-        let dynamic = match self
-            .tma_dyn_forced
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            1 => false,
-            2 => true,
-            _ => self.tma_dyn,
-        };
-        let ctr: u64 = if dynamic {
-            let pair = self
-                .tma_counter_next
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                % TMA_COUNTER_PAIRS;
-            self.tma_counters.ptr + (8 * pair) as u64
-        } else {
-            0
-        };
         let mut b = KernelArgs::new();
         b.arg(sg)
             .arg(&rows)
@@ -1834,8 +1779,6 @@ impl Kernels {
             .arg(&self.tma_depth)
             .arg(&act.qs.ptr)
             .arg(&act.d.ptr)
-            .arg(&ctr)
-            .arg(&self.tma_grab)
             .arg(&waiter);
         // SAFETY: matches `MV_Q8_TMA`; checked above: one segment, K = 512·PPL (rows are
         // 16-byte multiples, as the TMA copies need), slots contiguous, rows and rpw
