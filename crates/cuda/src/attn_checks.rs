@@ -487,6 +487,27 @@ fn merge_rope_case(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    // One merge kernel (they share one argument list) into rows x, codes q, scales d.
+    let launch_merge = |f: &CudaFunction, cfg: LaunchConfig, x: &DevBuf, q: &DevBuf, d: &DevBuf| {
+        let mut b = stream.launch_builder(f);
+        b.arg(&dpart.ptr)
+            .arg(&ns32)
+            .arg(&nh32)
+            .arg(&dsinks.ptr)
+            .arg(&x.ptr)
+            .arg(&cols32)
+            .arg(&hd32)
+            .arg(&nr32)
+            .arg(&dfreqs.ptr)
+            .arg(&dpos.ptr)
+            .arg(&inv)
+            .arg(&q.ptr)
+            .arg(&d.ptr);
+        // SAFETY: the argument list of att_merge_rope_q8_0 and its _pre / lean variants;
+        // partials of one token, x one row of cols with its codes and scales, and the
+        // grid covers whole heads.
+        unsafe { b.launch(cfg) }.map(|_| ())
+    };
     {
         let cfg = LaunchConfig {
             grid_dim: (nh as u32, 1, 1),
@@ -516,23 +537,7 @@ fn merge_rope_case(
         // SAFETY: rope_quant_q8_0's argument list; x one row of cols, codes and scales.
         unsafe { b.launch(rq_cfg) }?;
         for (f, x, q, d) in [(&fused, &xb, &qb, &db), (&pre, &xc, &qc, &dc)] {
-            let mut b = stream.launch_builder(f);
-            b.arg(&dpart.ptr)
-                .arg(&ns32)
-                .arg(&nh32)
-                .arg(&dsinks.ptr)
-                .arg(&x.ptr)
-                .arg(&cols32)
-                .arg(&hd32)
-                .arg(&nr32)
-                .arg(&dfreqs.ptr)
-                .arg(&dpos.ptr)
-                .arg(&inv)
-                .arg(&q.ptr)
-                .arg(&d.ptr);
-            // SAFETY: the argument list of att_merge_rope_q8_0 (and of its _pre variant);
-            // the buffers above.
-            unsafe { b.launch(rq_cfg) }?;
+            launch_merge(f, rq_cfg, x, q, d)?;
         }
     }
     // The lean merges (at most 32 splits; 512 / 256 threads a block).
@@ -550,23 +555,7 @@ fn merge_rope_case(
                 block_dim: (t, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&dpart.ptr)
-                .arg(&ns32)
-                .arg(&nh32)
-                .arg(&dsinks.ptr)
-                .arg(&x.ptr)
-                .arg(&cols32)
-                .arg(&hd32)
-                .arg(&nr32)
-                .arg(&dfreqs.ptr)
-                .arg(&dpos.ptr)
-                .arg(&inv)
-                .arg(&q.ptr)
-                .arg(&d.ptr);
-            // SAFETY: the argument list of att_merge_rope_q8_0_pre (same for the lean
-            // variants); whole heads of 512 per block group, the buffers above.
-            unsafe { b.launch(cfg) }?;
+            launch_merge(&f, cfg, &x, &q, &d)?;
             lean.push((format!("att_merge_rope_q8_0_pre32_t{t}"), x, q, d));
         }
     }
