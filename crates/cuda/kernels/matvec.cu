@@ -180,10 +180,14 @@ extern "C" __global__ void quant_act_q8_k(const float* __restrict__ x, int n,
 extern "C" __global__ void __launch_bounds__(1024)
     norm_quant_q8_0(float* __restrict__ x, const float* __restrict__ w, int k, float eps,
                     i8* __restrict__ qs, float* __restrict__ d) {
-    PDL_START();
+    PDL_TRIGGER();
     __shared__ double red[32];
     float* p = x + (long long)blockIdx.x * k;
     const int j0 = 4 * threadIdx.x;
+    // The norm weights load before the wait (on the chain they were an HBM round trip
+    // after the sum of squares).
+    const float4 wv = w ? ld_const_f32x4(w + j0) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+    PDL_WAIT();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float4 v = *(const float4*)(p + j0);
     double ss = (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
@@ -196,7 +200,6 @@ extern "C" __global__ void __launch_bounds__(1024)
     const float r = (float)(1.0 / sqrt(tot / (double)k + (double)eps));
     float o[4] = {__fmul_rn(v.x, r), __fmul_rn(v.y, r), __fmul_rn(v.z, r), __fmul_rn(v.w, r)};
     if (w) {
-        const float4 wv = *(const float4*)(w + j0);
         o[0] = __fmul_rn(wv.x, o[0]);
         o[1] = __fmul_rn(wv.y, o[1]);
         o[2] = __fmul_rn(wv.z, o[2]);

@@ -1386,18 +1386,27 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
 // Split in two (rope_lane_cs: whether the column rotates and its cos / sin, which
 // need no value; rope_q8_0_lane_cs: the rest), so a caller can compute the angle
 // while its values are still loading.
+// rope_lane_cs with the column's frequency already loaded (`freq`, any value for a
+// column that does not rotate).
+__device__ __forceinline__ bool rope_lane_cs_f(int i, int col, int head_dim, int n_rot, float freq,
+                                               const int* pos_p, int inverse, float& c, float& s) {
+    const int r0 = head_dim - n_rot;
+    const int hc = col % head_dim;
+    if (hc < r0) return false;
+    const int pos = *pos_p + i;
+    const float theta = __fmul_rn((float)pos, freq);
+    c = (float)cos((double)theta);
+    s = (float)sin((double)theta);
+    if (inverse) s = -s;
+    return true;
+}
 __device__ __forceinline__ bool rope_lane_cs(int i, int col, int head_dim, int n_rot,
                                              const float* freqs, const int* pos_p, int inverse,
                                              float& c, float& s) {
     const int r0 = head_dim - n_rot;
     const int hc = col % head_dim;
-    if (hc < r0) return false;
-    const int pos = *pos_p + i;
-    const float theta = __fmul_rn((float)pos, freqs[(hc - r0) >> 1]);
-    c = (float)cos((double)theta);
-    s = (float)sin((double)theta);
-    if (inverse) s = -s;
-    return true;
+    return rope_lane_cs_f(i, col, head_dim, n_rot, hc < r0 ? 0.0f : freqs[(hc - r0) >> 1], pos_p,
+                          inverse, c, s);
 }
 
 __device__ __forceinline__ void rope_q8_0_lane_cs(float v, float* p, int i, int col, int lane,
@@ -1495,17 +1504,24 @@ __device__ __forceinline__ void att_merge_rope_q8_0_pre_body(
     const float* part, int n_splits, int n_head, const float* sinks, float* x, int cols,
     int head_dim, int n_rot, const float* freqs, const int* pos_p, int inverse,
     i8* __restrict__ qs, float* __restrict__ d) {
-    PDL_START();
+    PDL_TRIGGER();
     const int i = blockIdx.y;
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
-    if (blk >= cols / 32) return;  // whole warps
+    if (blk >= cols / 32) {  // whole warps
+        PDL_WAIT();
+        return;
+    }
     const int col = blk * 32 + lane;
     const int h = col / head_dim, dim = col % head_dim;  // a block never straddles heads
+    // The head's sink and the column's RoPE frequency (constants) load before the wait.
+    const float sink = ld_const_f32(sinks + h);
+    const int r0 = head_dim - n_rot;
+    const float freq = dim >= r0 ? ld_const_f32(freqs + ((dim - r0) >> 1)) : 0.0f;
+    PDL_WAIT();
     const long long stride = (long long)n_head * (head_dim + 2);
     const float* base = part + (long long)i * n_splits * stride + (long long)h * (head_dim + 2);
     const int ns = min(n_splits, MS);
-    const float sink = sinks[h];
     float m_lo = NEG_INF, l_lo = 0.0f, m_hi = NEG_INF, l_hi = 0.0f;
     if (lane < ns) {
         m_lo = base[lane * stride];
@@ -1521,7 +1537,7 @@ __device__ __forceinline__ void att_merge_rope_q8_0_pre_body(
 #pragma unroll
     for (int s = 0; s < MS; s++) v[s] = s < ns ? src[s * stride] : 0.0f;
     float c = 0.0f, sn = 0.0f;
-    const bool rot = rope_lane_cs(i, col, head_dim, n_rot, freqs, pos_p, inverse, c, sn);
+    const bool rot = rope_lane_cs_f(i, col, head_dim, n_rot, freq, pos_p, inverse, c, sn);
     float w_lo = 0.0f, w_hi = 0.0f;
     const float den = att_split_den_regs(m_lo, l_lo, m_hi, l_hi, ns, sink, lane, w_lo, w_hi);
     const float inv = 1.0f / den;
@@ -1559,26 +1575,41 @@ extern "C" __global__ void __launch_bounds__(512, 2) att_merge_rope_q8_0_pre32_t
 // Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the
 // optional weight w, then RoPE when they lie in the last n_rot dims (row i at *pos_p + i).
 // Shared by norm_rope and qkv_norm_rope.
-__device__ __forceinline__ void head_norm_rope4(float4 v, double ss, int j0, int head_dim,
-                                                float eps, const float* w, int n_rot,
-                                                const float* freqs, const int* pos_p, int i,
-                                                float o[4]) {
+// head_norm_rope4 with the weights (wv, when has_w) and the two RoPE frequencies (fa, fb,
+// when j0 lies in the rotated dims) already loaded.
+__device__ __forceinline__ void head_norm_rope4_pre(float4 v, double ss, int j0, int head_dim,
+                                                    float eps, bool has_w, float4 wv, int n_rot,
+                                                    float fa, float fb, const int* pos_p, int i,
+                                                    float o[4]) {
     const float r = (float)(1.0 / sqrt(ss / (double)head_dim + (double)eps));
     o[0] = __fmul_rn(v.x, r);
     o[1] = __fmul_rn(v.y, r);
     o[2] = __fmul_rn(v.z, r);
     o[3] = __fmul_rn(v.w, r);
-    if (w) {
-#pragma unroll
-        for (int c = 0; c < 4; c++) o[c] = __fmul_rn(w[j0 + c], o[c]);
+    if (has_w) {
+        o[0] = __fmul_rn(wv.x, o[0]);
+        o[1] = __fmul_rn(wv.y, o[1]);
+        o[2] = __fmul_rn(wv.z, o[2]);
+        o[3] = __fmul_rn(wv.w, o[3]);
     }
     const int r0 = head_dim - n_rot;
     if (j0 >= r0) {
         const int pos = *pos_p + i;
-        const int q = (j0 - r0) / 2;
-        rope_pair(o, freqs[q], pos, 0);
-        rope_pair(o + 2, freqs[q + 1], pos, 0);
+        rope_pair(o, fa, pos, 0);
+        rope_pair(o + 2, fb, pos, 0);
     }
+}
+__device__ __forceinline__ void head_norm_rope4(float4 v, double ss, int j0, int head_dim,
+                                                float eps, const float* w, int n_rot,
+                                                const float* freqs, const int* pos_p, int i,
+                                                float o[4]) {
+    const int r0 = head_dim - n_rot;
+    const int q = (j0 - r0) / 2;
+    const float4 wv = w ? make_float4(w[j0], w[j0 + 1], w[j0 + 2], w[j0 + 3])
+                        : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+    const bool rot = j0 >= r0;
+    head_norm_rope4_pre(v, ss, j0, head_dim, eps, w != 0, wv, n_rot, rot ? freqs[q] : 0.0f,
+                        rot ? freqs[q + 1] : 0.0f, pos_p, i, o);
 }
 
 // RMSNorm of each head_dim head (optional weight w), then RoPE on its last n_rot dims
@@ -1725,6 +1756,26 @@ extern "C" __global__ void __launch_bounds__(128)
     rope_qat_blk(x, ld, n_rot, freqs, pos_p, blockIdx.x);
 }
 
+// The constants a qkv_norm_rope block's thread needs (the KV norm weights, the two RoPE
+// frequencies of its dims), loaded before the PDL wait by qkv_consts: they used to be
+// HBM round trips on the chain after the sum of squares.
+struct QkvConsts {
+    float4 wv;
+    float fa, fb;
+};
+__device__ __forceinline__ QkvConsts qkv_consts(const float* kv_w, int head_dim, int n_rot,
+                                                const float* freqs, int bx, int n_blk) {
+    QkvConsts kc{make_float4(1.0f, 1.0f, 1.0f, 1.0f), 0.0f, 0.0f};
+    const int j0 = 4 * threadIdx.x, r0 = head_dim - n_rot;
+    if (j0 >= head_dim) return kc;
+    if (bx == n_blk - 1 && kv_w) kc.wv = ld_const_f32x4(kv_w + j0);
+    if (j0 >= r0) {
+        kc.fa = ld_const_f32(freqs + (j0 - r0) / 2);
+        kc.fb = ld_const_f32(freqs + (j0 - r0) / 2 + 1);
+    }
+    return kc;
+}
+
 // The attention inputs' per-head norms in one launch (decode): blocks x < q_heads do
 // norm_rope of query head x (no weight); block x = q_heads does norm_rope of the KV row
 // (weight kv_w, one head of head_dim) and, when `round_kv`, its official rounding
@@ -1738,7 +1789,7 @@ __device__ __forceinline__ void qkv_norm_rope_blk(float* q, int ld_q, float* kv,
                                                   const float* kv_w, int head_dim, float eps,
                                                   int n_rot, const float* freqs,
                                                   const int* pos_p, int round_kv, int n_nope,
-                                                  int bx, int n_blk) {
+                                                  int bx, int n_blk, const QkvConsts& kc) {
     extern __shared__ float srow[];
     const int i = blockIdx.y;
     const bool is_kv = bx == n_blk - 1;
@@ -1752,7 +1803,9 @@ __device__ __forceinline__ void qkv_norm_rope_blk(float* q, int ld_q, float* kv,
     double ss = (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
     ss = block_sum_d(ss);
     float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (own) head_norm_rope4(v, ss, j0, head_dim, eps, w, n_rot, freqs, pos_p, i, o);
+    if (own)
+        head_norm_rope4_pre(v, ss, j0, head_dim, eps, w != 0, kc.wv, n_rot, kc.fa, kc.fb, pos_p,
+                            i, o);
     if (!(is_kv && round_kv)) {  // uniform over the block
         if (own) *(float4*)(p + j0) = make_float4(o[0], o[1], o[2], o[3]);
         return;
@@ -1790,9 +1843,12 @@ __device__ __forceinline__ void qkv_norm_rope_blk(float* q, int ld_q, float* kv,
 extern "C" __global__ void qkv_norm_rope(float* q, int ld_q, float* kv, int ld_kv,
                                          const float* kv_w, int head_dim, float eps, int n_rot,
                                          const float* freqs, const int* pos_p, int round_kv,
-                                         int n_nope) { PDL_START();
+                                         int n_nope) {
+    PDL_TRIGGER();
+    const QkvConsts kc = qkv_consts(kv_w, head_dim, n_rot, freqs, blockIdx.x, gridDim.x);
+    PDL_WAIT();
     qkv_norm_rope_blk(q, ld_q, kv, ld_kv, kv_w, head_dim, eps, n_rot, freqs, pos_p, round_kv,
-                      n_nope, blockIdx.x, gridDim.x);
+                      n_nope, blockIdx.x, gridDim.x, kc);
 }
 
 // A CSA layer's per-head query steps in one grid (decode): blocks below n_qkv run
@@ -1804,10 +1860,14 @@ extern "C" __global__ void __launch_bounds__(128)
     qkv_rope_qat_pair(float* q, int ld_q, float* kv, int ld_kv, const float* kv_w, int head_dim,
                       float eps, int n_rot, const float* freqs, const int* pos_p, int round_kv,
                       int n_nope, int n_qkv, float* ix, int ld_ix, const float* ix_freqs) {
-    PDL_START();
+    PDL_TRIGGER();
+    const QkvConsts kc = (int)blockIdx.x < n_qkv
+                             ? qkv_consts(kv_w, head_dim, n_rot, freqs, blockIdx.x, n_qkv)
+                             : QkvConsts{make_float4(1.0f, 1.0f, 1.0f, 1.0f), 0.0f, 0.0f};
+    PDL_WAIT();
     if ((int)blockIdx.x < n_qkv)
         qkv_norm_rope_blk(q, ld_q, kv, ld_kv, kv_w, head_dim, eps, n_rot, freqs, pos_p,
-                          round_kv, n_nope, blockIdx.x, n_qkv);
+                          round_kv, n_nope, blockIdx.x, n_qkv, kc);
     else
         rope_qat_blk(ix, ld_ix, n_rot, ix_freqs, pos_p, blockIdx.x - n_qkv);
 }

@@ -62,3 +62,19 @@ __device__ __forceinline__ void ds4_trace_block(unsigned long long what) {
         PDL_TRIGGER(); \
         PDL_WAIT();    \
     } while (0)
+
+// Loads of weights or constants (never written by a kernel) kept where they are written,
+// before a PDL wait: asm volatile, since the compiler moves plain read-only loads below
+// the wait (seen in SASS). They arrive while the previous kernel finishes.
+__device__ __forceinline__ float ld_const_f32(const float* p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 ld_const_f32x4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
