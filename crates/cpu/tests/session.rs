@@ -9,6 +9,17 @@ use ds4_cpu::CpuBackend;
 use ds4_gguf::{GgmlType, GgufFile, GgufWriter};
 use ds4_model::{ForwardOptions, HostKv, KvStore, Model, Session};
 
+/// A model of `file` on the CPU backend, default options.
+fn cpu_model<'w>(shape: &ds4_model::ModelShape, file: &'w GgufFile) -> Model<'w, CpuBackend> {
+    Model::new(
+        CpuBackend::new(shape),
+        shape.clone(),
+        file,
+        ForwardOptions::default(),
+    )
+    .unwrap()
+}
+
 fn tokens(n: usize) -> Vec<u32> {
     let (t, _) = load_seq("tiny-a", "text");
     t[..n].to_vec()
@@ -17,13 +28,7 @@ fn tokens(n: usize) -> Vec<u32> {
 #[test]
 fn snapshot_restore_and_rewind_are_exact() {
     let (shape, file) = load_gguf("tiny-a");
-    let model = Model::new(
-        CpuBackend::new(&shape),
-        shape.clone(),
-        &file,
-        ForwardOptions::default(),
-    )
-    .unwrap();
+    let model = cpu_model(&shape, &file);
     let toks = tokens(90);
     let ctx = 128;
     // Reference: one session over everything, logits of every position.
@@ -63,13 +68,7 @@ fn snapshot_restore_and_rewind_are_exact() {
 fn last_logits_in_backend_host_memory() {
     use ds4_model::Backend;
     let (shape, file) = load_gguf("tiny-a");
-    let model = Model::new(
-        CpuBackend::new(&shape),
-        shape.clone(),
-        &file,
-        ForwardOptions::default(),
-    )
-    .unwrap();
+    let model = cpu_model(&shape, &file);
     let vocab = shape.vocab;
     let toks = tokens(24);
     let ctx = 32;
@@ -131,13 +130,7 @@ fn last_logits_in_backend_host_memory() {
 #[test]
 fn bad_snapshots_are_refused() {
     let (shape, file) = load_gguf("tiny-a");
-    let model = Model::new(
-        CpuBackend::new(&shape),
-        shape.clone(),
-        &file,
-        ForwardOptions::default(),
-    )
-    .unwrap();
+    let model = cpu_model(&shape, &file);
     let mut s = Session::new(&model, 64, 8).unwrap();
     s.feed(&tokens(10), 8, None).unwrap();
     let snap = s.snapshot().unwrap();
@@ -184,13 +177,7 @@ fn memory_estimate_matches_allocation() {
 #[test]
 fn context_overflow_and_bad_tokens_are_errors() {
     let (shape, file) = load_gguf("tiny-a");
-    let model = Model::new(
-        CpuBackend::new(&shape),
-        shape.clone(),
-        &file,
-        ForwardOptions::default(),
-    )
-    .unwrap();
+    let model = cpu_model(&shape, &file);
     let mut s = Session::new(&model, 8, 4).unwrap();
     assert!(s.feed(&tokens(9), 4, None).is_err());
     assert!(s.feed(&[shape.vocab as u32], 1, None).is_err());
