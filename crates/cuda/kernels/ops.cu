@@ -1383,9 +1383,6 @@ extern "C" __global__ void rope(float* x, int ld, int cols, int head_dim, int n_
 // col % 32), RoPE when col lies in the last n_rot dims of its head, then the Q8_0
 // code (and the block scale from lane 0). x_all: write the result to *p for every
 // column (else only the rotated ones change).
-// Split in two (rope_lane_cs: whether the column rotates and its cos / sin, which
-// need no value; rope_q8_0_lane_cs: the rest), so a caller can compute the angle
-// while its values are still loading.
 // rope_lane_cs with the column's frequency already loaded (`freq`, any value for a
 // column that does not rotate).
 __device__ __forceinline__ bool rope_lane_cs_f(int i, int col, int head_dim, int n_rot, float freq,
@@ -1400,6 +1397,9 @@ __device__ __forceinline__ bool rope_lane_cs_f(int i, int col, int head_dim, int
     if (inverse) s = -s;
     return true;
 }
+// Split in two (rope_lane_cs: whether the column rotates and its cos / sin, which
+// need no value; rope_q8_0_lane_cs: the rest), so a caller can compute the angle
+// while its values are still loading.
 __device__ __forceinline__ bool rope_lane_cs(int i, int col, int head_dim, int n_rot,
                                              const float* freqs, const int* pos_p, int inverse,
                                              float& c, float& s) {
@@ -1572,9 +1572,6 @@ extern "C" __global__ void __launch_bounds__(512, 2) att_merge_rope_q8_0_pre32_t
     att_merge_rope_q8_0_pre_body<32>(MERGE_PRE_PASS);
 }
 
-// Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the
-// optional weight w, then RoPE when they lie in the last n_rot dims (row i at *pos_p + i).
-// Shared by norm_rope and qkv_norm_rope.
 // head_norm_rope4 with the weights (wv, when has_w) and the two RoPE frequencies (fa, fb,
 // when j0 lies in the rotated dims) already loaded.
 __device__ __forceinline__ void head_norm_rope4_pre(float4 v, double ss, int j0, int head_dim,
@@ -1599,6 +1596,9 @@ __device__ __forceinline__ void head_norm_rope4_pre(float4 v, double ss, int j0,
         rope_pair(o + 2, fb, pos, 0);
     }
 }
+// Dims j0..j0+3 of a head (values v, the head's sum of squares ss): RMSNorm with the
+// optional weight w, then RoPE when they lie in the last n_rot dims (row i at *pos_p + i).
+// Shared by norm_rope and (through head_norm_rope4_pre) qkv_norm_rope.
 __device__ __forceinline__ void head_norm_rope4(float4 v, double ss, int j0, int head_dim,
                                                 float eps, const float* w, int n_rot,
                                                 const float* freqs, const int* pos_p, int i,
@@ -1757,15 +1757,20 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // The constants a qkv_norm_rope block's thread needs (the KV norm weights, the two RoPE
-// frequencies of its dims), loaded before the PDL wait by qkv_consts: they used to be
-// HBM round trips on the chain after the sum of squares.
+// frequencies of its dims), loaded before the PDL wait by qkv_consts (block bx of the
+// n_blk qkv blocks): they used to be HBM round trips on the chain after the sum of
+// squares.
 struct QkvConsts {
     float4 wv;
     float fa, fb;
 };
+// None to load: unit weights (a thread without dims, a block past the qkv blocks).
+__device__ __forceinline__ QkvConsts qkv_consts_none() {
+    return QkvConsts{make_float4(1.0f, 1.0f, 1.0f, 1.0f), 0.0f, 0.0f};
+}
 __device__ __forceinline__ QkvConsts qkv_consts(const float* kv_w, int head_dim, int n_rot,
                                                 const float* freqs, int bx, int n_blk) {
-    QkvConsts kc{make_float4(1.0f, 1.0f, 1.0f, 1.0f), 0.0f, 0.0f};
+    QkvConsts kc = qkv_consts_none();
     const int j0 = 4 * threadIdx.x, r0 = head_dim - n_rot;
     if (j0 >= head_dim) return kc;
     if (bx == n_blk - 1 && kv_w) kc.wv = ld_const_f32x4(kv_w + j0);
@@ -1863,7 +1868,7 @@ extern "C" __global__ void __launch_bounds__(128)
     PDL_TRIGGER();
     const QkvConsts kc = (int)blockIdx.x < n_qkv
                              ? qkv_consts(kv_w, head_dim, n_rot, freqs, blockIdx.x, n_qkv)
-                             : QkvConsts{make_float4(1.0f, 1.0f, 1.0f, 1.0f), 0.0f, 0.0f};
+                             : qkv_consts_none();
     PDL_WAIT();
     if ((int)blockIdx.x < n_qkv)
         qkv_norm_rope_blk(q, ld_q, kv, ld_kv, kv_w, head_dim, eps, n_rot, freqs, pos_p,

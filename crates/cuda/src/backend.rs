@@ -4196,22 +4196,11 @@ impl<'w> Backend<'w> for CudaBackend {
     }
 
     fn read_rows(&self, x: &CudaAct, n: usize, out: &mut [f32]) -> MResult<()> {
-        // Side work (e.g. an HC split) may still write what is read.
-        let t = host_profile::start();
-        self.join_side()?;
-        host_profile::add(2, t);
         let len = n * x.cols;
         check(out.len() >= len && n <= x.rows, || {
             "read_rows: output too small".into()
         })?;
-        // Every read below waits for the stream: decode uploads issued before it are done.
-        let issued = self.decode_up.issued();
-        let st = self.stream();
-        let read = self.read_rows_to(x, len, out);
-        if read.is_ok() {
-            self.decode_up.note_synced(st, issued);
-        }
-        read
+        self.synced_read(|| self.read_rows_to(x, len, out))
     }
 
     fn alloc_host(&self, len: usize) -> MResult<PinnedF32> {
@@ -4221,23 +4210,20 @@ impl<'w> Backend<'w> for CudaBackend {
     /// One device-to-host copy straight into `out` (page-locked), then the stream's
     /// sync: no staging, no copy on the host.
     fn read_rows_host(&self, x: &CudaAct, n: usize, out: &mut PinnedF32) -> MResult<()> {
-        // Side work (e.g. an HC split) may still write what is read.
-        let t = host_profile::start();
-        self.join_side()?;
-        host_profile::add(2, t);
         let len = n
             .checked_mul(x.cols)
             .filter(|&len| len <= out.len() && n <= x.rows);
         let Some(len) = len else {
             return Err(MError::Backend("read_rows_host: output too small".into()));
         };
-        let issued = self.decode_up.issued();
-        let st = self.stream();
-        let t = host_profile::start();
-        x.buf.read_f32_into(st, &mut out[..len]).map_err(be)?;
-        host_profile::add(3, t);
-        self.decode_up.note_synced(st, issued);
-        Ok(())
+        self.synced_read(|| {
+            let t = host_profile::start();
+            x.buf
+                .read_f32_into(self.stream(), &mut out[..len])
+                .map_err(be)?;
+            host_profile::add(3, t);
+            Ok(())
+        })
     }
 
     fn begin_chunk(&self, tokens: &[u32], pos0: usize) -> MResult<()> {
@@ -4344,6 +4330,19 @@ pub(crate) struct PendingCopy {
 }
 
 impl CudaBackend {
+    /// A read of the main stream's results to the host (`read`, which synchronises the
+    /// stream): the side work joined first (it may still write what is read), and once
+    /// it succeeded the decode uploads issued before it known done (`DecodeUpload`).
+    fn synced_read(&self, read: impl FnOnce() -> MResult<()>) -> MResult<()> {
+        let t = host_profile::start();
+        self.join_side()?;
+        host_profile::add(2, t);
+        let issued = self.decode_up.issued();
+        read()?;
+        self.decode_up.note_synced(self.stream(), issued);
+        Ok(())
+    }
+
     /// `read_rows`' copy of `len` values (checked by the caller): through page-locked
     /// staging unless `DS4_PINNED_READ=0` or the read is large, else into `out` directly.
     fn read_rows_to(&self, x: &CudaAct, len: usize, out: &mut [f32]) -> MResult<()> {
