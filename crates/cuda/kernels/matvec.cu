@@ -215,11 +215,20 @@ extern "C" __global__ void __launch_bounds__(1024)
 // SwiGLU of `rows` rows of ff (gate g, up u; row weight wts[row] or 1) quantized
 // straight to the down projection's input (the f32 product is never stored):
 // Q8_K (q8k = 1, one warp per 256-block) or Q8_0 (one warp per 32-block).
+// late_release: the next launch is released only after this grid's wait (all earlier
+// kernels complete), so a routed product placed next may read its expert ids before
+// its own wait (mv2f's RouteArgs::ids_early) and load its first weights under this one.
 extern "C" __global__ void swiglu_quant(const float* __restrict__ g, const float* __restrict__ u,
                                         int ff, int rows, const float* __restrict__ wts,
                                         float clamp, int q8k, i8* __restrict__ qs,
-                                        float* __restrict__ d, i16* __restrict__ bsums) {
-    PDL_START();
+                                        float* __restrict__ d, i16* __restrict__ bsums,
+                                        int late_release) {
+    if (late_release) {
+        PDL_WAIT();
+        PDL_TRIGGER();
+    } else {
+        PDL_START();
+    }
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const int bw = q8k ? 256 : 32;
@@ -421,6 +430,7 @@ __device__ __forceinline__ float unit_iq2_xxs(const u8* row, int u, const ActU& 
 }
 
 #include "iq2xxs_grid.cuh"
+#include "route.cuh"
 
 // ---------------------------------------------------------------------------
 // Matvec driver: stage a row in shared memory, then each lane takes units.
@@ -735,10 +745,17 @@ __device__ __forceinline__ bool mbar_done(u64* bar, u32 parity) {
     return ok != 0;
 }
 
+// qout / dout (optional): the products' Q8_0 quantisation as well (the input of the
+// next product: attn_output_b after attn_output_a), so no quantising launch follows.
+// The host keeps rpw <= 32 and a block's rows whole 32-blocks of the flattened output
+// (slots contiguous in y); each warp keeps its values in registers (value i in lane
+// i), the block meets at a named barrier (the waiting warp has left), and warp j
+// quantizes the block's 32-block j as quant_act_q8_0 does (q8_0_block).
 template <int PPL, int SR>
 __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int total, int rpw,
                                             int nbuf, int depth, const i8* __restrict__ xq,
-                                            const float* __restrict__ xd, int waiter) {
+                                            const float* __restrict__ xd, int waiter,
+                                            i8* __restrict__ qout, float* __restrict__ dout) {
     constexpr int K = 512 * PPL;
     constexpr int RB = K / 32 * 34;
     extern __shared__ __align__(128) u8 tma_smem[];
@@ -789,6 +806,7 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     int cur = -1;
     int4 xv[PPL];
     float xs[PPL];
+    float mine = 0.0f;  // qout: this warp's value `lane`
     float* y = (float*)sg.y[0];
     const int ldy = sg.ldy[0];
     for (int s = 0; s < nst; s++) {
@@ -830,6 +848,9 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
             for (int q = 0; q < SR; q++)
                 if (q < m) y[(long long)slot * ldy + (fs + q - slot * rows)] = acc[q];
         }
+#pragma unroll
+        for (int q = 0; q < SR; q++)
+            if (lane == s * SR + q) mine = acc[q];
         __syncwarp();
         if (lane == 0 && s + nbuf < nst) {
             // The stage's generic reads are done (syncwarp); order them before the
@@ -841,6 +862,24 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
         }
         if (s == min(nbuf, nst) - 1 && warp == 0) TRACE_BLOCK(2);
     }
+    if (qout) {
+        // The warp's values go where its mbarriers were (TMA_MAX_BUF · 8 bytes = 32
+        // floats): every copy has completed, so they are invalidated first.
+        static_assert(TMA_MAX_BUF * 8 == 32 * sizeof(float), "a warp's values");
+        if (lane == 0 && nst > 0)
+            for (int b = 0; b < nbuf; b++)
+                asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(smem_u32(bars + b)) : "memory");
+        __syncwarp();
+        float* vals = (float*)tma_smem;
+        vals[warp * 32 + lane] = mine;
+        asm volatile("bar.sync 1, %0;" ::"r"(nw * 32) : "memory");
+        const int fb = blockIdx.x * nw * rpw;  // the block's first row
+        for (int j = warp; j < nw * rpw / 32; j += nw) {
+            const int v = 32 * j + lane;
+            if (fb + 32 * j < total)
+                q8_0_block(vals[(v / rpw) * 32 + v % rpw], (fb >> 5) + j, lane, qout, dout);
+        }
+    }
     TRACE_BLOCK(3);
 }
 
@@ -848,8 +887,9 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     extern "C" __global__ void __launch_bounds__(((PPL < 16 ? 16 : 8) + 1) * 32, 1)              \
         mv_q8_0_tma_p##PPL##_r##SR(                                                             \
         MvSegs sg, int rows, int total, int rpw, int nbuf, int depth,                           \
-        const i8* __restrict__ xq, const float* __restrict__ xd, int waiter) {                  \
-        mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter);                \
+        const i8* __restrict__ xq, const float* __restrict__ xd, int waiter,                    \
+        i8* __restrict__ qout, float* __restrict__ dout) {                                      \
+        mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter, qout, dout);    \
     }
 MV_Q8_TMA(2, 4)
 MV_Q8_TMA(4, 2)
@@ -1602,11 +1642,31 @@ __device__ __forceinline__ void rows_reduce(float (&v)[R], int lane) {
     for (; o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
 }
 
+// How a routed mv2f product learns its experts (kernels.rs `RouteArgs`). logits null:
+// from `ids`, read after the PDL wait, or before it with ids_early (the previous
+// launch released this one only after its own wait: swiglu_quant's late_release).
+// logits set (decode, one token): every block chooses the experts itself from the
+// router's logits (moe_route_pick, as moe_route does; no moe_route launch between the
+// router and this product), and block (0, 0) writes the ids and routing weights
+// (`ids_out`, `wts`) for the kernels after it.
+struct RouteArgs {
+    const float* logits;
+    const float* bias;
+    const int* tid2eid;
+    const int* tok;
+    int* ids_out;
+    float* wts;
+    int ne, k, norm;
+    float wscale;
+    int ids_early;
+};
+
 template <int TY, int PPL, int R, int NST, int MATH, int W>
 __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_stride,
                                          const int* __restrict__ ids, const i8* __restrict__ xq,
                                          const float* __restrict__ xd,
-                                         const i16* __restrict__ xbs, int x_group) {
+                                         const i16* __restrict__ xbs, int x_group,
+                                         const RouteArgs& ra) {
     constexpr int K = 2048 * PPL;
     constexpr int ROW_BYTES = TY == TY_IQ2_XXS ? K / 256 * 66 : K / 256 * 84;
     constexpr int AUX = MV2_AUX(TY);
@@ -1629,8 +1689,30 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
             iq2_tables_fill_prmt((uint4*)mv2_smem);
     }
     const int slot = blockIdx.y;
-    if (ids) PDL_WAIT();
-    const long long e_off = (long long)(ids ? ids[slot] : slot) * w_expert_stride;
+    // Waits here when the experts depend on the previous kernels, else after the first
+    // weight requests below.
+    const bool wait_first = ra.logits || (ids && !ra.ids_early);
+    int expert = slot;
+    if (ra.logits) {
+        static_assert(W * 32 >= 256, "one thread an expert");
+        __shared__ int s_ids[64];
+        __shared__ float s_sc[64];
+        const int ex = threadIdx.x;
+        const float bex = ra.bias && ex < ra.ne ? ld_const_f32(ra.bias + ex) : 0.0f;
+        PDL_WAIT();
+        const float l = ex < ra.ne ? ra.logits[ex] : 0.0f;
+        moe_route_pick<W * 32>(l, bex, 0, ra.ne, ra.k, ra.tid2eid, ra.tok, s_ids, s_sc);
+        expert = s_ids[slot];
+        if ((blockIdx.x | blockIdx.y) == 0 && ex < ra.k) {
+            ra.ids_out[ex] = s_ids[ex];
+            ra.wts[ex] = moe_route_weight(s_sc, ex, ra.k, ra.norm, ra.wscale);
+        }
+    } else if (ids) {
+        if (wait_first) PDL_WAIT();
+        // Early: written before the previous launch's wait returned; read past L1.
+        expert = ra.ids_early ? __ldcg(ids + slot) : ids[slot];
+    }
+    const long long e_off = (long long)expert * w_expert_stride;
     const int total = sg.start[sg.n];
     const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
     const u32 ring_sa = smem_addr(mv2_smem) + DYN_TAB + warp * (NST * STAGE);
@@ -1670,7 +1752,7 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
         issue(g_next, st);
         g_next += nw;
     }
-    if (!ids) PDL_WAIT();  // the first rows above stream in while the previous kernel finishes
+    if (!wait_first) PDL_WAIT();  // the first rows above stream in while the previous kernel finishes
     if (R * gw >= total) {
         cp_async_wait_n<0>();
         return;
@@ -1770,12 +1852,12 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
     extern "C" __global__ void __launch_bounds__((W) * 32, MV_K_V2F_MINB(TY, W)) NAME(          \
         MvSegs sg, long long w_expert_stride, const int* __restrict__ ids,                      \
         const i8* __restrict__ xq, const float* __restrict__ xd,                                \
-        const i16* __restrict__ xbs, int x_group, unsigned* __restrict__ ctr) {                \
-        mv_k_v2f<TY, PPL, R, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group);    \
+        const i16* __restrict__ xbs, int x_group, RouteArgs ra) {                              \
+        mv_k_v2f<TY, PPL, R, NST, MATH, W>(sg, w_expert_stride, ids, xq, xd, xbs, x_group, ra); \
     }
 // Names: mv2f_{iq2_xxs,q2_k}_p{PPL}_r{R}_s{NST}_m{MATH}_w{W}; kernels.rs `K_V2_VARIANTS`.
-// Same arguments as version 2 (`ctr` unused). MATH: IQ2_XXS tables, 0 static (48 KB),
-// 1 prmt-addressed (64 KB dynamic).
+// Arguments as version 2's, with RouteArgs in place of the row counters. MATH: IQ2_XXS
+// tables, 0 static (48 KB), 1 prmt-addressed (64 KB dynamic).
 #define MV_K_V2F_IQ2(PPL, R, NST, MATH, W)                                                     \
     MV_K_V2F(mv2f_iq2_xxs_p##PPL##_r##R##_s##NST##_m##MATH##_w##W, TY_IQ2_XXS, PPL, R, NST, MATH, \
              W)

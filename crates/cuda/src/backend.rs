@@ -35,7 +35,8 @@ use ds4_model::{Error as MError, Result as MResult};
 use crate::compile;
 use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
 use crate::kernels::{
-    ActBuf, ActKind, DevBuf, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvPair, MvSeg,
+    ActBuf, ActKind, DevBuf, ExpertIds, FusedRoute, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvPair,
+    MvSeg,
 };
 use crate::launch::KernelArgs;
 use crate::runtime::CudaRuntime;
@@ -1007,6 +1008,17 @@ pub struct CudaBackend {
     /// then moe_route. Measured neutral on the H100 (2K: 156.1/156.4 fused, 156.8/155.2
     /// not): its 16-CTA cluster needs 16 nearly free SMs to start.
     route_fuse: std::sync::atomic::AtomicBool,
+    /// Decode: the routed gate/up product chooses its experts itself from the router
+    /// logits (`ExpertIds::Choose`: no moe_route launch between them; `DS4_MOE_CHOOSE=0`:
+    /// moe_route, for A/B runs).
+    moe_choose: bool,
+    /// Decode: the routed down product reads its expert ids before its PDL wait and
+    /// loads its first weights under the SwiGLU before it, which releases it only after
+    /// its own wait (`ExpertIds::Early`; off with `DS4_DOWN_EARLY=0`).
+    down_early: bool,
+    /// Decode: attn_output_a writes attn_output_b's Q8_0 input itself
+    /// (`Kernels::matvec_quant_out`; off with `DS4_OA_QUANT=0`).
+    oa_quant: bool,
     /// Decode: the compressors run on the side branch forward.rs marks
     /// (`Backend::branch_begin`; `DS4_ATTN_BRANCH=0`: one chain).
     /// Indexer scores with the heads in parallel (`idx_scores_heads`); `DS4_IDX_HEADS=0`
@@ -1092,6 +1104,9 @@ impl CudaBackend {
             route_fuse: std::sync::atomic::AtomicBool::new(
                 std::env::var("DS4_ROUTE_FUSE").is_ok_and(|v| v == "1"),
             ),
+            moe_choose: crate::launch::env_switch("DS4_MOE_CHOOSE"),
+            down_early: crate::launch::env_switch("DS4_DOWN_EARLY"),
+            oa_quant: crate::launch::env_switch("DS4_OA_QUANT"),
             attn_branch: crate::launch::env_switch("DS4_ATTN_BRANCH"),
             side_continue: std::env::var("DS4_SIDE_CONTINUE").is_ok_and(|v| v == "1"),
             idx_heads: crate::launch::env_switch("DS4_IDX_HEADS"),
@@ -1881,6 +1896,23 @@ impl CudaBackend {
         x: u64,
         y: u64,
     ) -> MResult<()> {
+        self.matmul_slots_with(w, rows, ids, slots, x_group, x, y, ExpertIds::AfterWait)
+    }
+
+    /// [`Self::matmul_slots`] whose routed decode product learns its experts as `experts`
+    /// says (anything but `AfterWait` only where `Kernels::routed_fast` holds).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_slots_with(
+        &self,
+        w: &CudaWeight,
+        rows: usize,
+        ids: u64,
+        slots: usize,
+        x_group: usize,
+        x: u64,
+        y: u64,
+        experts: ExpertIds,
+    ) -> MResult<()> {
         let k = w.k;
         let stride = (w.row_bytes() * rows) as u64;
         match w.ty {
@@ -1947,12 +1979,75 @@ impl CudaBackend {
                     x: MvInput::Quant(act),
                     y,
                 };
-                self.kernels.matvec_ld(self.stream(), &m, rows).map_err(be)
+                self.kernels
+                    .matvec_routed(self.stream(), &m, rows, &[], experts)
+                    .map_err(be)
             }
             _ => self.mv_float(
                 w, w.data.ptr, stride, ids, x, k, rows, 1, slots, x_group, y, rows,
             ),
         }
+    }
+
+    /// Decode: the grouped Q8_0 product of one token (attn_output_a) through the TMA
+    /// kernel that also writes the Q8_0 copy of its output, left pending for the next
+    /// product of `out` (attn_output_b: no quantising launch between them;
+    /// `DS4_OA_QUANT=0`: a quant_act_q8_0 launch). False, launching nothing, where that
+    /// does not apply.
+    fn grouped_quant_out(
+        &self,
+        w: &CudaWeight,
+        per: usize,
+        groups: usize,
+        x: u64,
+        out: &CudaAct,
+    ) -> MResult<bool> {
+        let (k, total) = (w.k, per * groups);
+        if !self.oa_quant
+            || w.ty != GgmlType::Q8_0
+            || out.cols != total
+            || k == total
+            || !self.kernels.has_tma(k)
+        {
+            return Ok(false);
+        }
+        let (kind, tag) = (ActKind::Q8_0, kind_tag(ActKind::Q8_0));
+        let mut sc = self.scratch()?;
+        sc.act(self.stream(), kind, k, groups)?;
+        sc.act(self.stream(), kind, total, 1)?;
+        let reuse = sc.reuse.claim((x, tag, k, groups));
+        let missing = || MError::Backend("activation scratch missing".into());
+        let act_in = sc.acts.get(&(tag, k)).ok_or_else(missing)?;
+        let act_out = sc.acts.get(&(tag, total)).ok_or_else(missing)?;
+        if !reuse {
+            self.kernels
+                .quantize_rows(self.stream(), x, act_in, groups)
+                .map_err(be)?;
+        }
+        let m = Matvec {
+            ty: w.ty,
+            w: w.data.ptr,
+            k,
+            rows: per,
+            ntok: 1,
+            slots: groups,
+            w_slot_stride: (w.row_bytes() * per) as u64,
+            ids: 0,
+            x_group: 1,
+            x: MvInput::Quant(act_in),
+            y: out.buf.ptr,
+        };
+        if !self
+            .kernels
+            .matvec_quant_out(self.stream(), &m, act_out)
+            .map_err(be)?
+        {
+            // The input copy is made: the plain product reads it.
+            self.kernels.matvec_ld(self.stream(), &m, per).map_err(be)?;
+            return Ok(true);
+        }
+        sc.reuse.set((out.buf.ptr, tag, total, 1));
+        Ok(true)
     }
 
     /// Grouped projection of a chunk on the tensor cores, straight from the token-major
@@ -2022,6 +2117,7 @@ impl CudaBackend {
         slots: usize,
         ids: u64,
         x_group: usize,
+        experts: ExpertIds,
     ) -> MResult<bool> {
         let kind = match ActKind::for_weight(w.ty) {
             Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => Some(k),
@@ -2068,7 +2164,7 @@ impl CudaBackend {
             y: first.y,
         };
         self.kernels
-            .matvec_segs(self.stream(), &m, first.ldy, extra)
+            .matvec_routed(self.stream(), &m, first.ldy, extra, experts)
             .map_err(be)?;
         Ok(true)
     }
@@ -2086,6 +2182,7 @@ impl CudaBackend {
         wts: u64,
         clamp: f32,
         mid: u64,
+        late_release: bool,
     ) -> MResult<bool> {
         let kind = match ActKind::for_weight(down.ty) {
             Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => k,
@@ -2099,7 +2196,7 @@ impl CudaBackend {
         let mut sc = self.scratch()?;
         let act = sc.act(self.stream(), kind, ff, rows)?;
         self.kernels
-            .swiglu_quant(self.stream(), g, u, rows, wts, clamp, act)
+            .swiglu_quant(self.stream(), g, u, rows, wts, clamp, act, late_release)
             .map_err(be)?;
         sc.reuse.set((mid, kind_tag(kind), ff, rows));
         Ok(true)
@@ -3071,7 +3168,17 @@ impl<'w> Backend<'w> for CudaBackend {
                     ldy: o.cols,
                 })
                 .collect();
-            if self.fused_matvec(first, &parts, x.buf.ptr, n, n, 1, 0, 1)? {
+            if self.fused_matvec(
+                first,
+                &parts,
+                x.buf.ptr,
+                n,
+                n,
+                1,
+                0,
+                1,
+                ExpertIds::AfterWait,
+            )? {
                 return Ok(());
             }
         }
@@ -3103,6 +3210,9 @@ impl<'w> Backend<'w> for CudaBackend {
         )?;
         let per = rows / groups;
         if n == 1 {
+            if self.grouped_quant_out(w, per, groups, x.buf.ptr, out)? {
+                return Ok(());
+            }
             // One token: the input row already is group-major.
             return self.matmul_slots(w, per, 0, groups, 1, x.buf.ptr, out.buf.ptr);
         }
@@ -4025,6 +4135,7 @@ impl<'w> Backend<'w> for CudaBackend {
                     1,
                     0,
                     1,
+                    ExpertIds::AfterWait,
                 )?;
             if !fused {
                 self.matmul_raw(&w.gate_sh, 0, ff, xp, e, n, sg, ff)?;
@@ -4038,7 +4149,7 @@ impl<'w> Backend<'w> for CudaBackend {
             Ok(())
         };
         let shared_down = || -> MResult<()> {
-            if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid)? {
+            if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid, false)? {
                 swiglu(sg, su, n, 0, smid)?;
             }
             let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
@@ -4057,13 +4168,37 @@ impl<'w> Backend<'w> for CudaBackend {
             None => 0,
         };
         let t2e = w.tid2eid.as_ref().map_or(0, |t| t.data.ptr);
-        if !self.router_route(s, &w.router, xp, n, bias, t2e, logits, ids, wts)? {
+        let pair_exps = pair(&w.gate_exps, &w.up_exps) && n * k < ROUTED_GEMM_MIN_SLOTS;
+        // Decode: the gate/up product chooses the experts itself (one launch less on
+        // the chain); the router product alone before it.
+        let choose = self.moe_choose
+            && n == 1
+            && pair_exps
+            && ne <= crate::kernels::FUSED_ROUTE_MAX_EXPERTS
+            && k <= 64
+            && self.kernels.routed_fast(w.gate_exps.ty, w.gate_exps.k);
+        let experts = if choose {
             self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
-            self.route(s, logits, n, bias, t2e, ids, wts)?;
-        }
+            ExpertIds::Choose(FusedRoute {
+                logits,
+                bias,
+                tid2eid: t2e,
+                tok: self.chunk_ptrs()?.0,
+                wts,
+                ne,
+                k,
+                norm: s.expert_weights_norm,
+                wscale: s.expert_weights_scale,
+            })
+        } else {
+            if !self.router_route(s, &w.router, xp, n, bias, t2e, logits, ids, wts)? {
+                self.matmul_raw(&w.router, 0, ne, xp, e, n, logits, ne)?;
+                self.route(s, logits, n, bias, t2e, ids, wts)?;
+            }
+            ExpertIds::AfterWait
+        };
         // Routed experts: 6 slots per token, gate/up share the token's input row.
-        let fused = pair(&w.gate_exps, &w.up_exps)
-            && n * k < ROUTED_GEMM_MIN_SLOTS
+        let fused = pair_exps
             && self.fused_matvec(
                 &w.gate_exps,
                 &[
@@ -4086,8 +4221,13 @@ impl<'w> Backend<'w> for CudaBackend {
                 n * k,
                 ids,
                 k,
+                experts,
             )?;
         if !fused {
+            if choose {
+                // Not launched: the experts are still to be chosen.
+                self.route(s, logits, n, bias, t2e, ids, wts)?;
+            }
             self.matmul_slots(&w.gate_exps, ff, ids, n * k, k, xp, g)?;
             if same(&w.gate_exps, &w.up_exps) {
                 self.allow_reuse(xp, &w.up_exps, e, n)?;
@@ -4105,10 +4245,22 @@ impl<'w> Backend<'w> for CudaBackend {
         let r = shared_down();
         self.on_side.store(false, Ordering::Relaxed);
         r?;
-        if !self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid)? {
+        // Decode: the down product's ids are complete once the SwiGLU before it has
+        // waited, so it may read them and start its weights before its own wait.
+        let early = self.down_early
+            && n == 1
+            && n * k < ROUTED_GEMM_MIN_SLOTS
+            && self.kernels.routed_fast(w.down_exps.ty, w.down_exps.k);
+        let quantized = self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid, early)?;
+        if !quantized {
             swiglu(g, u, n * k, wts, mid)?;
         }
-        let r = self.matmul_slots(&w.down_exps, e, ids, n * k, 1, mid, down);
+        let experts = if early && quantized {
+            ExpertIds::Early
+        } else {
+            ExpertIds::AfterWait
+        };
+        let r = self.matmul_slots_with(&w.down_exps, e, ids, n * k, 1, mid, down, experts);
         self.scratch()?.reuse.clear();
         r?;
         self.join_side()?;

@@ -55,6 +55,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("act_quad.cuh", include_str!("../kernels/act_quad.cuh")),
     ("att_merge.cuh", include_str!("../kernels/att_merge.cuh")),
     ("f16_dot.cuh", include_str!("../kernels/f16_dot.cuh")),
+    ("route.cuh", include_str!("../kernels/route.cuh")),
 ];
 
 /// The compute capability of `stream`'s device and the loaded NVRTC's version: what

@@ -1335,6 +1335,213 @@ fn route_checks(
     Ok(out)
 }
 
+/// Bit mismatches allowed between a routed product that learns its experts another way
+/// (`ExpertIds`) and the launches it replaces: none (same choice, same sums).
+pub const TOL_EXPERT_IDS_MISMATCHES: usize = 0;
+
+/// Routed decode products that learn their experts another way (`ExpertIds`), bit for
+/// bit against the launches they replace, on Flash widths with 64 rows an expert: the
+/// IQ2_XXS gate + up pair choosing its experts from the router logits (no moe_route)
+/// against moe_route and the same pair reading the ids, with the ids and weights it
+/// leaves (biased top-k with ties, all tied, hash table); the Q2_K down product reading
+/// its ids before its PDL wait against after.
+fn expert_ids_checks(
+    be: &CudaBackend,
+    keep: &Keep,
+    s: &ModelShape,
+    rng: &mut Rng,
+    report: &mut dyn FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    use crate::kernels::{
+        ActBuf, DevBuf, ExpertIds, FusedRoute, Matvec, MvInput, MvSeg, matrix_bytes,
+    };
+    let mut out = Vec::new();
+    let kern = be.kernels();
+    let (ne, k, e, ff) = (s.n_expert, s.n_expert_used, s.n_embd, s.n_ff_exp);
+    if !kern.routed_fast(GgmlType::IQ2_XXS, e) || !kern.routed_fast(GgmlType::Q2_K, ff) {
+        return Ok(out);
+    }
+    let st = kern.stream().clone();
+    let rows = 64usize;
+    let RouteData {
+        bias_v,
+        bias,
+        vocab,
+        table,
+        t2e,
+        ..
+    } = route_data(be, keep, "expert_ids_check", ne, k, rng)?;
+    let bias_dev = DevBuf::from_f32(&st, &bias_v)?;
+    let table_dev = DevBuf::from_bytes(&st, bytemuck::cast_slice(&table))?;
+    let upload_w = |rng: &mut Rng, ty: GgmlType, kk: usize, mats: usize| -> Result<DevBuf> {
+        let w = random_weights(rng, ty, mats * rows * kk);
+        DevBuf::from_bytes(&st, &crate::layout::to_gpu(ty, &w, kk)?)
+    };
+    let gu = upload_w(rng, GgmlType::IQ2_XXS, e, 2 * ne)?;
+    let down = upload_w(rng, GgmlType::Q2_K, ff, ne)?;
+    let gu_set = (ne * matrix_bytes(GgmlType::IQ2_XXS, e, rows)) as u64;
+    let i32_bytes = |b: Vec<u8>| -> Vec<i32> {
+        b.chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let mismatch = |a: &[u32], b: &[u32]| {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() + usize::from(a.len() != b.len())
+    };
+    let mut push = |name: String, bad: usize, out: &mut Vec<CheckResult>| {
+        let r = CheckResult {
+            name,
+            max_abs: 0.0,
+            max_rel: bad as f32,
+            tol: TOL_EXPERT_IDS_MISMATCHES as f32,
+            tol_name: "TOL_EXPERT_IDS_MISMATCHES",
+            pass: bad == TOL_EXPERT_IDS_MISMATCHES,
+        };
+        report(&r);
+        out.push(r);
+    };
+    for (case, (hashed, flat)) in [(false, false), (false, true), (true, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let tok = (case as u32 * 3 + 2) % vocab as u32;
+        be.begin_chunk(&[tok], 0)?;
+        let mut logits: Vec<f32> = (0..ne).map(|_| 3.0 * rng.unit()).collect();
+        for (i, v) in [
+            (10, 6.0),
+            (200, 6.0),
+            (30, 5.5),
+            (31, 5.5),
+            (60, 5.0),
+            (50, 4.5),
+            (51, 4.5),
+        ] {
+            logits[i] = v;
+        }
+        if flat {
+            logits.fill(1.25);
+        }
+        let use_bias = !hashed && !flat;
+        let (want_ids, want_wts) = be.route_host(
+            s,
+            &logits,
+            1,
+            use_bias.then_some(&bias),
+            hashed.then_some(&t2e),
+        )?;
+        let lg = DevBuf::from_f32(&st, &logits)?;
+        let tok_dev = DevBuf::from_bytes(&st, &(tok as i32).to_le_bytes())?;
+        let x: Vec<f32> = (0..e).map(|_| rng.unit()).collect();
+        let x_dev = DevBuf::from_f32(&st, &x)?;
+        let act = ActBuf::new(&st, ActKind::Q8K, e, 1)?;
+        kern.quantize(x_dev.ptr, &act)?;
+        let nan = vec![f32::NAN; 2 * k * rows];
+        let (y_ref, y_fused) = (DevBuf::from_f32(&st, &nan)?, DevBuf::from_f32(&st, &nan)?);
+        let ids_ref = DevBuf::from_bytes(&st, bytemuck::cast_slice(&want_ids))?;
+        let (ids_out, wts_out) = (
+            DevBuf::from_f32(&st, &nan[..k])?,
+            DevBuf::from_f32(&st, &nan[..k])?,
+        );
+        let product = |ids: u64, y: u64, experts: ExpertIds| -> Result<()> {
+            let m = Matvec {
+                ty: GgmlType::IQ2_XXS,
+                w: gu.ptr,
+                k: e,
+                rows,
+                ntok: 1,
+                slots: k,
+                w_slot_stride: matrix_bytes(GgmlType::IQ2_XXS, e, rows) as u64,
+                ids,
+                x_group: k,
+                x: MvInput::Quant(&act),
+                y,
+            };
+            let up = MvSeg {
+                w: gu.ptr + gu_set,
+                rows,
+                y: y + (k * rows * 4) as u64,
+                ldy: rows,
+            };
+            kern.matvec_routed(&st, &m, rows, &[up], experts)
+        };
+        product(ids_ref.ptr, y_ref.ptr, ExpertIds::AfterWait)?;
+        let choice = FusedRoute {
+            logits: lg.ptr,
+            bias: if use_bias { bias_dev.ptr } else { 0 },
+            tid2eid: if hashed { table_dev.ptr } else { 0 },
+            tok: tok_dev.ptr,
+            wts: wts_out.ptr,
+            ne,
+            k,
+            norm: s.expert_weights_norm,
+            wscale: s.expert_weights_scale,
+        };
+        product(ids_out.ptr, y_fused.ptr, ExpertIds::Choose(choice))?;
+        st.synchronize()?;
+        let tag = format!(
+            "expert choice in the gate/up product ({})",
+            if hashed {
+                "hash"
+            } else if flat {
+                "top-k all tied"
+            } else {
+                "top-k"
+            }
+        );
+        let got_ids = i32_bytes(ids_out.to_bytes(&st)?);
+        let id_bad = got_ids
+            .iter()
+            .zip(&want_ids)
+            .filter(|(a, b)| a != b)
+            .count()
+            + usize::from(got_ids.len() != want_ids.len());
+        push(format!("{tag}: ids (exact)"), id_bad, &mut out);
+        let w_bad = mismatch(&bits(&wts_out.to_f32(&st)?), &bits(&want_wts));
+        push(format!("{tag}: weights (bits)"), w_bad, &mut out);
+        let y_bad = mismatch(&bits(&y_fused.to_f32(&st)?), &bits(&y_ref.to_f32(&st)?));
+        push(format!("{tag}: outputs (bits)"), y_bad, &mut out);
+
+        // The down product, ids read before the wait against after.
+        let mid: Vec<f32> = (0..k * ff).map(|_| rng.unit()).collect();
+        let mid_dev = DevBuf::from_f32(&st, &mid)?;
+        let mid_act = ActBuf::new(&st, ActKind::Q8K, ff, k)?;
+        kern.quantize(mid_dev.ptr, &mid_act)?;
+        let nan_d = vec![f32::NAN; k * rows];
+        let (d_ref, d_early) = (
+            DevBuf::from_f32(&st, &nan_d)?,
+            DevBuf::from_f32(&st, &nan_d)?,
+        );
+        for (y, experts) in [(&d_ref, ExpertIds::AfterWait), (&d_early, ExpertIds::Early)] {
+            let m = Matvec {
+                ty: GgmlType::Q2_K,
+                w: down.ptr,
+                k: ff,
+                rows,
+                ntok: 1,
+                slots: k,
+                w_slot_stride: matrix_bytes(GgmlType::Q2_K, ff, rows) as u64,
+                ids: ids_ref.ptr,
+                x_group: 1,
+                x: MvInput::Quant(&mid_act),
+                y: y.ptr,
+            };
+            kern.matvec_routed(&st, &m, rows, &[], experts)?;
+        }
+        st.synchronize()?;
+        let d_bad = mismatch(&bits(&d_early.to_f32(&st)?), &bits(&d_ref.to_f32(&st)?));
+        push(
+            format!(
+                "expert ids before the wait, Q2_K down ({}): outputs (bits)",
+                case
+            ),
+            d_bad,
+            &mut out,
+        );
+    }
+    Ok(out)
+}
+
 /// Decode router + expert choice in one cluster launch (`moe_router_route`, Flash
 /// shapes, one token) against the CPU (f32 logits of the f16 router, then the CPU
 /// routing) and against the two-launch path it replaces (F16 matvec + moe_route), whose
@@ -1622,6 +1829,7 @@ pub fn run_fused_checks(
     out.extend(qkv_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(route_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(router_route_checks(&be, &keep, &s, &mut rng, &mut report)?);
+    out.extend(expert_ids_checks(&be, &keep, &s, &mut rng, &mut report)?);
     out.extend(indexer_checks(&be, &s, &mut rng, &mut report)?);
     out.extend(crate::topk_checks::topk_checks(
         &be,

@@ -244,6 +244,65 @@ struct MvSegsArg {
 // SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.
 unsafe impl cudarc::driver::DeviceRepr for MvSegsArg {}
 
+/// The router's side of a routed decode product that chooses its own experts
+/// ([`ExpertIds::Choose`]): what `moe_route` takes for one token.
+#[derive(Clone, Copy, Debug)]
+pub struct FusedRoute {
+    /// The token's `ne` router logits (f32).
+    pub logits: u64,
+    /// Selection bias per expert (f32), or 0.
+    pub bias: u64,
+    /// Hash routing table (`tid2eid`, i32 [vocab][k]), or 0 for the biased top-k.
+    pub tid2eid: u64,
+    /// The token id (i32, device).
+    pub tok: u64,
+    /// Where the `k` routing weights go (f32); the ids go to [`Matvec::ids`].
+    pub wts: u64,
+    pub ne: usize,
+    pub k: usize,
+    pub norm: bool,
+    pub wscale: f32,
+}
+
+/// How a routed one-token IQ2_XXS / Q2_K product (the `mv2f` kernels) learns its
+/// experts.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum ExpertIds {
+    /// From [`Matvec::ids`], read after the PDL wait.
+    #[default]
+    AfterWait,
+    /// From [`Matvec::ids`], read before the wait, so the first weights load under the
+    /// previous kernel: only right after a `swiglu_quant` launched with `late_release`
+    /// (which releases this launch after its own wait, when the ids are complete).
+    Early,
+    /// Chosen by every block from the router logits (no `moe_route` launch); block
+    /// (0, 0) writes the ids to [`Matvec::ids`] and the weights to [`FusedRoute::wts`].
+    Choose(FusedRoute),
+}
+
+/// matvec.cu `RouteArgs` (the `mv2f` kernels' last argument).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RouteArgsDev {
+    logits: u64,
+    bias: u64,
+    tid2eid: u64,
+    tok: u64,
+    ids_out: u64,
+    wts: u64,
+    ne: i32,
+    k: i32,
+    norm: i32,
+    wscale: f32,
+    ids_early: i32,
+}
+
+// SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.
+unsafe impl cudarc::driver::DeviceRepr for RouteArgsDev {}
+
+/// Most experts a block of the fused choice takes (one thread each, 8 warps).
+pub const FUSED_ROUTE_MAX_EXPERTS: usize = 256;
+
 /// Loaded kernel functions.
 pub struct Kernels {
     stream: Arc<CudaStream>,
@@ -1084,7 +1143,8 @@ impl Kernels {
     }
 
     /// SwiGLU of `rows` rows of `act.k` (gate `g`, up `u`, f32; row weights `wts` or 0
-    /// for 1) quantized straight into `act` (Q8_0 or Q8_K).
+    /// for 1) quantized straight into `act` (Q8_0 or Q8_K). `late_release`: the next
+    /// launch is placed only after this one's PDL wait (see [`ExpertIds::Early`]).
     #[allow(clippy::too_many_arguments)]
     pub fn swiglu_quant(
         &self,
@@ -1095,6 +1155,7 @@ impl Kernels {
         wts: u64,
         clamp: f32,
         act: &ActBuf,
+        late_release: bool,
     ) -> Result<()> {
         let (q8k, bw) = match act.kind {
             ActKind::Q8_0 => (0i32, 32usize),
@@ -1124,7 +1185,7 @@ impl Kernels {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ff, rows32) = (act.k as i32, rows as i32);
+        let (ff, rows32, late) = (act.k as i32, rows as i32, i32::from(late_release));
         let mut b = KernelArgs::new();
         b.arg(&g)
             .arg(&u)
@@ -1135,8 +1196,9 @@ impl Kernels {
             .arg(&q8k)
             .arg(&act.qs.ptr)
             .arg(&act.d.ptr)
-            .arg(&act.bsums.ptr);
-        // SAFETY: matches `swiglu_quant`; sizes checked above; PDL_START first.
+            .arg(&act.bsums.ptr)
+            .arg(&late);
+        // SAFETY: matches `swiglu_quant`; sizes checked above; PDL_WAIT before any read.
         unsafe { crate::launch::launch(stream, &self.swiglu_quant, cfg, &mut b, self.pdl) }?;
         Ok(())
     }
@@ -1213,7 +1275,67 @@ impl Kernels {
         ldy: usize,
         extra: &[MvSeg],
     ) -> Result<()> {
-        self.matvec_segs_with(stream, m, ldy, extra, None)
+        self.matvec_segs_with(stream, m, ldy, extra, None, ExpertIds::AfterWait)
+    }
+
+    /// [`Self::matvec_segs`] of a routed one-token product whose experts come as
+    /// `experts` says; an error, launching nothing, unless [`Self::routed_fast`] holds
+    /// for its type and K (or `experts` is [`ExpertIds::AfterWait`]).
+    pub fn matvec_routed(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        ldy: usize,
+        extra: &[MvSeg],
+        experts: ExpertIds,
+    ) -> Result<()> {
+        self.matvec_segs_with(stream, m, ldy, extra, None, experts)
+    }
+
+    /// A one-token Q8_0 product (slots contiguous, output rows `m.rows` apart) through
+    /// the TMA kernel that also writes the Q8_0 copy of its output (`q8_out`: `k` = all
+    /// the output rows, slot-major), so the next product of that output needs no
+    /// quantising launch. False, launching nothing, where that kernel does not take it.
+    pub fn matvec_quant_out(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        q8_out: &ActBuf,
+    ) -> Result<bool> {
+        let MvInput::Quant(act) = m.x else {
+            return Ok(false);
+        };
+        if m.ty != GgmlType::Q8_0
+            || act.kind != ActKind::Q8_0
+            || act.k != m.k
+            || m.ntok != 1
+            || m.rows == 0
+            || act.rows < m.slots
+        {
+            return Ok(false);
+        }
+        let mut sg = MvSegsArg::default();
+        sg.w[0] = m.w;
+        sg.y[0] = m.y;
+        sg.ldy[0] = i32::try_from(m.rows).map_err(|_| Error::Shape {
+            what: "matvec",
+            detail: format!("{} rows", m.rows),
+        })?;
+        sg.start[1] = sg.ldy[0];
+        sg.n = 1;
+        let rb = row_bytes(m.ty, m.k);
+        self.try_q8_tma(stream, m, &sg, 1, rb, act, Some(q8_out))
+    }
+
+    /// Whether a routed one-token product of `ty` with rows of `k` runs on an `mv2f`
+    /// kernel, which takes every [`ExpertIds`] form (a choosing block needs a thread
+    /// an expert: 8 warps or more).
+    pub fn routed_fast(&self, ty: GgmlType, k: usize) -> bool {
+        matches!(ty, GgmlType::IQ2_XXS | GgmlType::Q2_K)
+            && k.is_multiple_of(2048)
+            && self
+                .k_v2_kernel(ty, k / 2048)
+                .is_some_and(|(v, _, _)| v.rows > 0 && v.warps * 32 >= FUSED_ROUTE_MAX_EXPERTS)
     }
 
     /// [`Self::matvec_segs`] of F16 weights through the register-streaming variant `v`
@@ -1227,7 +1349,7 @@ impl Kernels {
         extra: &[MvSeg],
         v: F16Variant,
     ) -> Result<()> {
-        self.matvec_segs_with(stream, m, ldy, extra, Some(v))
+        self.matvec_segs_with(stream, m, ldy, extra, Some(v), ExpertIds::AfterWait)
     }
 
     /// The register-streaming F16 variants this run compiled (none with `DS4_MV_F16_REGS=0`).
@@ -1242,11 +1364,33 @@ impl Kernels {
         ldy: usize,
         extra: &[MvSeg],
         f16_variant: Option<F16Variant>,
+        experts: ExpertIds,
     ) -> Result<()> {
         let shape_err = |detail: String| Error::Shape {
             what: "matvec",
             detail,
         };
+        let special_ids = !matches!(experts, ExpertIds::AfterWait);
+        if special_ids && (m.ids == 0 || m.ntok != 1 || !self.routed_fast(m.ty, m.k)) {
+            return Err(shape_err(format!(
+                "{experts:?} needs a routed one-token mv2f product ({} K {})",
+                m.ty.name(),
+                m.k
+            )));
+        }
+        if let ExpertIds::Choose(r) = experts
+            && (r.ne == 0
+                || r.ne > FUSED_ROUTE_MAX_EXPERTS
+                || r.k == 0
+                || r.k > 64
+                || r.k > r.ne
+                || m.slots != r.k)
+        {
+            return Err(shape_err(format!(
+                "expert choice of {} of {} experts in {} slots",
+                r.k, r.ne, m.slots
+            )));
+        }
         if extra.len() >= MV_MAX_SEGS {
             return Err(shape_err(format!(
                 "{} matrices in one launch, at most {MV_MAX_SEGS}",
@@ -1362,7 +1506,7 @@ impl Kernels {
         }
         let be = m.ty.block_elems() as usize;
         let rb = row_bytes(m.ty, m.k);
-        if m.ty == GgmlType::Q8_0 && self.try_q8_tma(stream, m, &sg, n_segs, rb, act)? {
+        if m.ty == GgmlType::Q8_0 && self.try_q8_tma(stream, m, &sg, n_segs, rb, act, None)? {
             return Ok(());
         }
         if m.ty == GgmlType::Q8_0
@@ -1419,11 +1563,31 @@ impl Kernels {
             tracing::trace!("matvec {} via {}", m.ty.name(), v.name());
             let stride = m.w_slot_stride as i64;
             let x_group = m.x_group as i32;
-            // The fast form has no row counters.
+            // The fast form has no row counters: it takes RouteArgs there.
             let ctr = if v.rows == 0 {
                 self.k_v2_counters(m.w, m.slots)
             } else {
                 0
+            };
+            let route = match experts {
+                ExpertIds::AfterWait => RouteArgsDev::default(),
+                ExpertIds::Early => RouteArgsDev {
+                    ids_early: 1,
+                    ..Default::default()
+                },
+                ExpertIds::Choose(r) => RouteArgsDev {
+                    logits: r.logits,
+                    bias: r.bias,
+                    tid2eid: r.tid2eid,
+                    tok: r.tok,
+                    ids_out: m.ids,
+                    wts: r.wts,
+                    ne: r.ne as i32,
+                    k: r.k as i32,
+                    norm: i32::from(r.norm),
+                    wscale: r.wscale,
+                    ids_early: 0,
+                },
             };
             let mut b = KernelArgs::new();
             b.arg(&sg)
@@ -1432,14 +1596,26 @@ impl Kernels {
                 .arg(&act.qs.ptr)
                 .arg(&act.d.ptr)
                 .arg(&act.bsums.ptr)
-                .arg(&x_group)
-                .arg(&ctr);
-            // SAFETY: matches `MV_K_V2`; shapes checked above (one token, K = 2048·PPL,
-            // rows and activation rows 16-byte multiples, bases aligned); routed slots
-            // PDL_WAIT before reading the ids; `ctr` is null or 2·slots zeroed u32 that
-            // only launches of this tensor use (and leave zeroed).
+                .arg(&x_group);
+            if v.rows == 0 {
+                b.arg(&ctr);
+            } else {
+                b.arg(&route);
+            }
+            // SAFETY: matches `MV_K_V2` / `MV_K_V2F`; shapes checked above (one token,
+            // K = 2048·PPL, rows and activation rows 16-byte multiples, bases aligned);
+            // routed slots PDL_WAIT before reading the ids (or read them early only as
+            // `ExpertIds::Early` allows); a choosing launch has a thread an expert
+            // (routed_fast) and k = slots <= 64 ids / weights to write; `ctr` is null or
+            // 2·slots zeroed u32 that only launches of this tensor use (and leave zeroed).
             unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
             return Ok(());
+        }
+        if special_ids {
+            // Any other kernel would read the ids after its wait, or never choose them.
+            return Err(shape_err(format!(
+                "{experts:?}: the mv2f kernel does not take this product (alignment)"
+            )));
         }
         if k_aligned
             && let Some((func, rows_per_warp)) =
@@ -1708,6 +1884,7 @@ impl Kernels {
     /// A decode Q8_0 product through `mv_q8_0_tma_*` when it takes this shape (one
     /// segment, one token, no expert ids, slots contiguous with their own activation
     /// rows, big enough); false to leave it to the other kernels.
+    #[allow(clippy::too_many_arguments)]
     fn try_q8_tma(
         &self,
         stream: &Arc<CudaStream>,
@@ -1716,6 +1893,7 @@ impl Kernels {
         n_segs: usize,
         rb: usize,
         act: &ActBuf,
+        q8_out: Option<&ActBuf>,
     ) -> Result<bool> {
         let forced = self.tma_forced.load(std::sync::atomic::Ordering::Relaxed);
         if forced == 1 {
@@ -1758,6 +1936,24 @@ impl Kernels {
         ) else {
             return Ok(false);
         };
+        // The Q8_0 copy of the output: a block's rows whole 32-blocks of it, a warp's
+        // values one a lane, the output rows contiguous.
+        let (qout, dout) = match q8_out {
+            None => (0u64, 0u64),
+            Some(q) => {
+                let fits = q.kind == ActKind::Q8_0
+                    && q.k == total
+                    && q.rows >= 1
+                    && plan.rpw <= 32
+                    && (plan.warps * plan.rpw).is_multiple_of(32)
+                    && total.is_multiple_of(32)
+                    && sg.ldy[0] as usize == m.rows;
+                if !fits {
+                    return Ok(false);
+                }
+                (q.qs.ptr, q.d.ptr)
+            }
+        };
         let waiter = i32::from(self.tma_waiter);
         let cfg = LaunchConfig {
             grid_dim: (plan.blocks as u32, 1, 1),
@@ -1779,11 +1975,14 @@ impl Kernels {
             .arg(&self.tma_depth)
             .arg(&act.qs.ptr)
             .arg(&act.d.ptr)
-            .arg(&waiter);
+            .arg(&waiter)
+            .arg(&qout)
+            .arg(&dout);
         // SAFETY: matches `MV_Q8_TMA`; checked above: one segment, K = 512·PPL (rows are
         // 16-byte multiples, as the TMA copies need), slots contiguous, rows and rpw
-        // multiples of SR, the ring within the shared memory given; the kernel waits
-        // (PDL_WAIT) before it reads the activation or writes.
+        // multiples of SR, the ring within the shared memory given, a Q8_0 copy (if any)
+        // of `total` values in whole 32-blocks; the kernel waits (PDL_WAIT) before it
+        // reads the activation or writes.
         unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(true)
     }

@@ -306,6 +306,97 @@ fn run_case_outputs(kern: &Kernels, rng: &mut Rng, c: &Case) -> Result<(Vec<f32>
     Ok((gpu, cpu))
 }
 
+/// attn_output_a's TMA product writing attn_output_b's Q8_0 input itself
+/// (`Kernels::matvec_quant_out`, Flash shape: 8 groups of 1024 rows, K 4096): its f32
+/// output and its Q8_0 copy bit for bit against the product alone and `quantize`.
+fn run_quant_out_checks(
+    kern: &Kernels,
+    rng: &mut Rng,
+    report: &mut impl FnMut(&CheckResult),
+) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    let (k, rows, groups) = (4096usize, 1024usize, 8usize);
+    if !kern.has_tma(k) {
+        return Ok(out);
+    }
+    let stream = kern.stream();
+    let mat_bytes = matrix_bytes(GgmlType::Q8_0, k, rows);
+    let w = random_weights(rng, GgmlType::Q8_0, groups * rows * k);
+    let w_dev = DevBuf::from_bytes(stream, &crate::layout::to_gpu(GgmlType::Q8_0, &w, k)?)?;
+    let x = random_act(rng, groups * k);
+    let x_dev = DevBuf::from_f32(stream, &x)?;
+    let act = ActBuf::new(stream, ActKind::Q8_0, k, groups)?;
+    kern.quantize(x_dev.ptr, &act)?;
+    let total = groups * rows;
+    let nan = vec![f32::NAN; total];
+    let (y_ref, y_fused) = (
+        DevBuf::from_f32(stream, &nan)?,
+        DevBuf::from_f32(stream, &nan)?,
+    );
+    let (q_ref, q_fused) = (
+        ActBuf::new(stream, ActKind::Q8_0, total, 1)?,
+        ActBuf::new(stream, ActKind::Q8_0, total, 1)?,
+    );
+    let product = |y: u64| Matvec {
+        ty: GgmlType::Q8_0,
+        w: w_dev.ptr,
+        k,
+        rows,
+        ntok: 1,
+        slots: groups,
+        w_slot_stride: mat_bytes as u64,
+        ids: 0,
+        x_group: 1,
+        x: MvInput::Quant(&act),
+        y,
+    };
+    kern.matvec(&product(y_ref.ptr))?;
+    kern.quantize(y_ref.ptr, &q_ref)?;
+    let taken = kern.matvec_quant_out(stream, &product(y_fused.ptr), &q_fused)?;
+    stream.synchronize()?;
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+    let differ = |a: &[u32], b: &[u32]| {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() + usize::from(a.len() != b.len())
+    };
+    let y_bad = differ(&bits(y_fused.to_f32(stream)?), &bits(y_ref.to_f32(stream)?));
+    let qs_bad = differ(
+        &q_fused
+            .qs
+            .to_bytes(stream)?
+            .iter()
+            .map(|&b| b as u32)
+            .collect::<Vec<_>>(),
+        &q_ref
+            .qs
+            .to_bytes(stream)?
+            .iter()
+            .map(|&b| b as u32)
+            .collect::<Vec<_>>(),
+    );
+    let d_bad = differ(
+        &bits(q_fused.d.to_f32(stream)?),
+        &bits(q_ref.d.to_f32(stream)?),
+    );
+    for (what, bad) in [
+        ("taken", usize::from(!taken)),
+        ("f32 output (bits)", y_bad),
+        ("Q8_0 codes", qs_bad),
+        ("Q8_0 scales (bits)", d_bad),
+    ] {
+        let r = CheckResult {
+            name: format!("tma product with its Q8_0 copy (attn_output_a): {what}"),
+            max_abs: 0.0,
+            max_rel: bad as f32,
+            tol: 0.0,
+            tol_name: "bit-exact",
+            pass: bad == 0,
+        };
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
 /// The Q8_0 decode products through shared memory (`mv_q8_0_tma_*`) forced on, on the
 /// Flash shapes they take and on short ones (fewer rows than warps, several slots):
 /// against the CPU, and bit for bit against the register kernels on the same data.
@@ -650,6 +741,7 @@ pub fn run_kernel_checks(
     out.extend(crate::f16_checks::run_f16_checks(kern, &mut report)?);
     out.extend(run_k_v2_checks(kern, &mut rng, &mut report)?);
     out.extend(run_tma_checks(kern, &mut rng, &mut report)?);
+    out.extend(run_quant_out_checks(kern, &mut rng, &mut report)?);
     out.extend(run_gemm_checks(kern, &mut report)?);
     out.extend(run_attention_checks(kern, &mut report)?);
     out.extend(crate::attn_checks::run_attn_chain_checks(
