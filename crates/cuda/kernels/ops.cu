@@ -1026,6 +1026,7 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
     const int i = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     PDL_TRIGGER();
+    TRACE_BLOCK(0);
     double inv_k = 1.0 / (double)(HC * e), inv_e = 1.0 / (double)e;
     // Pinned here, before the wait (the compiler would sink them to their uses).
     asm volatile("" : "+d"(inv_k), "+d"(inv_e));
@@ -1041,6 +1042,7 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
             if (lane < HC) bpost = base[HC + lane];
         }
         PDL_WAIT();
+        TRACE_BLOCK(1);
         // Warp 0 sums the sum of squares and computes r while warps 1.. sum the post and
         // comb rows (HC + w - 1, then every nw - 1): r's f64 chain is off the path.
         float r_inv = 0.0f;
@@ -1063,6 +1065,7 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
         }
         if (warp != 0) return;
         hc_sinkhorn4_warp(mix_s, r_inv, s2, bcomb, iters, hc_eps, comb + (long long)i * HC * HC);
+        TRACE_BLOCK(3);
         return;
     }
     __shared__ Q8kRed qred;
@@ -1086,6 +1089,7 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
         if (norm_w && j < e && (c == 0 || emu)) nwv[c] = *(const float4*)(norm_w + j);
     }
     PDL_WAIT();
+    TRACE_BLOCK(1);
     // The state loads of every slot (emulating) or the first (else) go out now.
     float4 xv[HCF_MAX4][HC];
 #pragma unroll
@@ -1105,6 +1109,7 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
             pre_s[warp] = sigmoidf_stable(__fadd_rn(__fmul_rn(s0, __fmul_rn(m, r_inv)), bw)) + hc_eps;
     }
     __syncthreads();
+    TRACE_BLOCK(4);
     const float4 pv = *(const float4*)pre_s;
     const float pre[HC] = {pv.x, pv.y, pv.z, pv.w};
     float4 yv[HCF_MAX4];
@@ -1141,10 +1146,12 @@ __device__ __forceinline__ void hc_pre_finish_v2_body(
         }
         __syncthreads();
         scale = scale_s;
+        TRACE_BLOCK(5);
     }
     float* yr = y + (long long)i * ld_y;
     hc_store_quant<true>(yv, scale, norm_w, nwv, emu ? HCF_MAX4 : 1, e, i, yr, q0_qs, q0_d, qk_qs,
                          qk_d, qk_bs, qred, false);
+    TRACE_BLOCK(3);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) hc_pre_finish_v2(
@@ -1194,6 +1201,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const int j = blockIdx.x * HCPM_COLS + (threadIdx.x % HCPM_COLS);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;  // 2 warps per group
     PDL_TRIGGER();
+    TRACE_BLOCK(0);
     u16 wv[HCM_ROWS / 4][4];
     {
         const long long K = 4LL * e;
@@ -1212,6 +1220,7 @@ extern "C" __global__ void __launch_bounds__(256)
     // The wait in a basic block of its own (e > 0 always: the backend launches no empty
     // rows): within one block the assembler schedules it above loads it does not feed.
     if (e > 0) PDL_WAIT();
+    TRACE_BLOCK(1);
     float acc[HCM_ROWS / 4];
 #pragma unroll
     for (int q = 0; q < HCM_ROWS / 4; q++) acc[q] = 0.0f;
@@ -1316,6 +1325,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int d = 0; d < 4; d++) xr[d * e + j] = nw[d];
     }
+    TRACE_BLOCK(3);
 }
 
 // Final HC collapse; one block per token.
