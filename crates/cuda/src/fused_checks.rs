@@ -1234,6 +1234,28 @@ fn route_data(
     })
 }
 
+/// Router logits of `n` tokens (`ne` experts) with exact ties in token 0's: at the top
+/// (lower index first) and across the k-th place (k = 6: 10, 200, 30, 31, 60, then 50
+/// before 51); `flat`: token 0's all equal.
+fn tied_logits(rng: &mut Rng, n: usize, ne: usize, flat: bool) -> Vec<f32> {
+    let mut logits: Vec<f32> = (0..n * ne).map(|_| 3.0 * rng.unit()).collect();
+    for (i, v) in [
+        (10, 6.0),
+        (200, 6.0),
+        (30, 5.5),
+        (31, 5.5),
+        (60, 5.0),
+        (50, 4.5),
+        (51, 4.5),
+    ] {
+        logits[i] = v;
+    }
+    if flat {
+        logits[..ne].fill(1.25);
+    }
+    logits
+}
+
 /// Task 4: expert choice and weights of `moe_route` (one block per token, ranks instead
 /// of serial arg-max rounds) against the CPU's routing, with exact ties in the logits.
 fn route_checks(
@@ -1263,23 +1285,7 @@ fn route_checks(
     ] {
         let tokens: Vec<u32> = (0..n as u32).map(|t| (t * 3 + 1) % vocab as u32).collect();
         be.begin_chunk(&tokens, 0)?;
-        let mut logits: Vec<f32> = (0..n * ne).map(|_| 3.0 * rng.unit()).collect();
-        // Exact ties at the top (lower index first) and across the k-th place (k = 6:
-        // 10, 200, 30, 31, 60, then 50 before 51).
-        for (i, v) in [
-            (10, 6.0),
-            (200, 6.0),
-            (30, 5.5),
-            (31, 5.5),
-            (60, 5.0),
-            (50, 4.5),
-            (51, 4.5),
-        ] {
-            logits[i] = v;
-        }
-        if flat {
-            logits[..ne].fill(1.25);
-        }
+        let logits = tied_logits(rng, n, ne, flat);
         let (ids, wts) = be.route_host(
             s,
             &logits,
@@ -1407,21 +1413,7 @@ fn expert_ids_checks(
     {
         let tok = (case as u32 * 3 + 2) % vocab as u32;
         be.begin_chunk(&[tok], 0)?;
-        let mut logits: Vec<f32> = (0..ne).map(|_| 3.0 * rng.unit()).collect();
-        for (i, v) in [
-            (10, 6.0),
-            (200, 6.0),
-            (30, 5.5),
-            (31, 5.5),
-            (60, 5.0),
-            (50, 4.5),
-            (51, 4.5),
-        ] {
-            logits[i] = v;
-        }
-        if flat {
-            logits.fill(1.25);
-        }
+        let logits = tied_logits(rng, 1, ne, flat);
         let use_bias = !hashed && !flat;
         let (want_ids, want_wts) = be.route_host(
             s,
