@@ -1642,7 +1642,7 @@ __device__ __forceinline__ void rows_reduce(float (&v)[R], int lane) {
     for (; o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
 }
 
-// How a routed mv2f product learns its experts (kernels.rs `RouteArgs`). logits null:
+// How a routed mv2f product learns its experts (kernels.rs `RouteArgsDev`). logits null:
 // from `ids`, read after the PDL wait, or before it with ids_early (the previous
 // launch released this one only after its own wait: swiglu_quant's late_release).
 // logits set (decode, one token): every block chooses the experts itself from the
