@@ -244,6 +244,41 @@ struct MvSegsArg {
 // SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.
 unsafe impl cudarc::driver::DeviceRepr for MvSegsArg {}
 
+/// The segment table of the matrices `segs` (each with rows, output rows `ldy` apart
+/// and `ldy >= rows`), in order, at most [`MV_MAX_SEGS`]; `what` names the product in
+/// errors.
+fn seg_table<'a>(
+    what: &'static str,
+    segs: impl IntoIterator<Item = &'a MvSeg>,
+) -> Result<MvSegsArg> {
+    let err = |detail: String| Error::Shape { what, detail };
+    let mut sg = MvSegsArg::default();
+    let mut total = 0usize;
+    let mut n = 0usize;
+    for seg in segs {
+        if n == MV_MAX_SEGS {
+            return Err(err(format!(
+                "more than {MV_MAX_SEGS} matrices in one launch"
+            )));
+        }
+        if seg.rows == 0 || seg.ldy < seg.rows {
+            return Err(err(format!(
+                "segment {n}: rows {}, ldy {}",
+                seg.rows, seg.ldy
+            )));
+        }
+        sg.w[n] = seg.w;
+        sg.y[n] = seg.y;
+        sg.start[n] = i32::try_from(total).map_err(|_| err(format!("{total} rows")))?;
+        sg.ldy[n] = i32::try_from(seg.ldy).map_err(|_| err(format!("ldy {}", seg.ldy)))?;
+        total += seg.rows;
+        n += 1;
+    }
+    sg.start[n] = i32::try_from(total).map_err(|_| err(format!("{total} rows")))?;
+    sg.n = n as i32;
+    Ok(sg)
+}
+
 /// The router's side of a routed decode product that chooses its own experts
 /// ([`ExpertIds::Choose`]): what `moe_route` takes for one token.
 #[derive(Clone, Copy, Debug)]
@@ -1314,15 +1349,13 @@ impl Kernels {
         {
             return Ok(false);
         }
-        let mut sg = MvSegsArg::default();
-        sg.w[0] = m.w;
-        sg.y[0] = m.y;
-        sg.ldy[0] = i32::try_from(m.rows).map_err(|_| Error::Shape {
-            what: "matvec",
-            detail: format!("{} rows", m.rows),
-        })?;
-        sg.start[1] = sg.ldy[0];
-        sg.n = 1;
+        let only = MvSeg {
+            w: m.w,
+            rows: m.rows,
+            y: m.y,
+            ldy: m.rows,
+        };
+        let sg = seg_table("matvec", [&only])?;
         let rb = row_bytes(m.ty, m.k);
         self.try_q8_tma(stream, m, &sg, 1, rb, act, Some(q8_out))
     }
@@ -1397,30 +1430,16 @@ impl Kernels {
                 extra.len() + 1
             )));
         }
-        let mut sg = MvSegsArg::default();
-        let mut total = 0usize;
         let first = MvSeg {
             w: m.w,
             rows: m.rows,
             y: m.y,
             ldy,
         };
-        for (i, seg) in std::iter::once(&first).chain(extra).enumerate() {
-            if seg.rows == 0 || seg.ldy < seg.rows {
-                return Err(shape_err(format!(
-                    "segment {i}: rows {}, ldy {}",
-                    seg.rows, seg.ldy
-                )));
-            }
-            sg.w[i] = seg.w;
-            sg.y[i] = seg.y;
-            sg.start[i] = i32::try_from(total).map_err(|_| shape_err("too many rows".into()))?;
-            sg.ldy[i] = i32::try_from(seg.ldy).map_err(|_| shape_err("ldy too large".into()))?;
-            total += seg.rows;
-        }
+        let sg = seg_table("matvec", std::iter::once(&first).chain(extra))?;
         let n_segs = extra.len() + 1;
-        sg.start[n_segs] = i32::try_from(total).map_err(|_| shape_err("too many rows".into()))?;
-        sg.n = n_segs as i32;
+        // Non-negative: it came from a usize through i32::try_from.
+        let total = sg.start[n_segs] as usize;
         if m.rows == 0 || m.k == 0 || m.ntok == 0 || m.slots == 0 || m.x_group == 0 {
             return Err(shape_err(format!(
                 "empty dimension (rows {}, k {}, ntok {}, slots {}, x_group {})",
@@ -1750,26 +1769,10 @@ impl Kernels {
         else {
             return Ok(false);
         };
-        let segs = |part: &[MvSeg]| -> Result<MvSegsArg> {
-            let err = |detail: String| Error::Shape {
-                what: "matvec pair",
-                detail,
-            };
-            let mut sg = MvSegsArg::default();
-            let mut total = 0usize;
-            for (i, s) in part.iter().enumerate() {
-                sg.w[i] = s.w;
-                sg.y[i] = s.y;
-                sg.ldy[i] = i32::try_from(s.ldy).map_err(|_| err(format!("ldy {}", s.ldy)))?;
-                sg.start[i] = i32::try_from(total).map_err(|_| err(format!("{total} rows")))?;
-                total += s.rows;
-            }
-            sg.start[part.len()] =
-                i32::try_from(total).map_err(|_| err(format!("{total} rows")))?;
-            sg.n = part.len() as i32;
-            Ok(sg)
-        };
-        let (q8_sg, f16_sg) = (segs(p.q8)?, segs(p.f16)?);
+        let (q8_sg, f16_sg) = (
+            seg_table("matvec pair", p.q8)?,
+            seg_table("matvec pair", p.f16)?,
+        );
         let n_q8 = q8_rows.div_ceil(MV_WARPS * q8_rpw);
         let n_f16 = f16_rows.div_ceil(f16_v.rows_per_block());
         let cfg = LaunchConfig {
