@@ -358,21 +358,11 @@ fn run_quant_out_checks(
     let differ = |a: &[u32], b: &[u32]| {
         a.iter().zip(b).filter(|(x, y)| x != y).count() + usize::from(a.len() != b.len())
     };
+    let codes = |q: &ActBuf| -> Result<Vec<u32>> {
+        Ok(q.qs.to_bytes(stream)?.iter().map(|&b| b as u32).collect())
+    };
     let y_bad = differ(&bits(y_fused.to_f32(stream)?), &bits(y_ref.to_f32(stream)?));
-    let qs_bad = differ(
-        &q_fused
-            .qs
-            .to_bytes(stream)?
-            .iter()
-            .map(|&b| b as u32)
-            .collect::<Vec<_>>(),
-        &q_ref
-            .qs
-            .to_bytes(stream)?
-            .iter()
-            .map(|&b| b as u32)
-            .collect::<Vec<_>>(),
-    );
+    let qs_bad = differ(&codes(&q_fused)?, &codes(&q_ref)?);
     let d_bad = differ(
         &bits(q_fused.d.to_f32(stream)?),
         &bits(q_ref.d.to_f32(stream)?),
