@@ -211,6 +211,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 #include "swiglu.cuh"
+#include "hc_split.cuh"
 
 // SwiGLU of `rows` rows of ff (gate g, up u; row weight wts[row] or 1) quantized
 // straight to the down projection's input (the f32 product is never stored):
@@ -222,12 +223,18 @@ extern "C" __global__ void swiglu_quant(const float* __restrict__ g, const float
                                         int ff, int rows, const float* __restrict__ wts,
                                         float clamp, int q8k, i8* __restrict__ qs,
                                         float* __restrict__ d, i16* __restrict__ bsums,
-                                        int late_release) {
+                                        int late_release, HcSplitJob split) {
     if (late_release) {
         PDL_WAIT();
         PDL_TRIGGER();
     } else {
         PDL_START();
+    }
+    // A deferred HC split carried by one extra block (the last), off the main chain
+    // when this SwiGLU is on a side branch.
+    if (split.part && blockIdx.x == gridDim.x - 1) {
+        if (threadIdx.x < 32) hc_split_warp(split);
+        return;
     }
     const int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -751,11 +758,14 @@ __device__ __forceinline__ bool mbar_done(u64* bar, u32 parity) {
 // (slots contiguous in y); each warp keeps its values in registers (value i in lane
 // i), the block meets at a named barrier (the waiting warp has left), and warp j
 // quantizes the block's 32-block j as quant_act_q8_0 does (q8_0_block).
-template <int PPL, int SR>
+// SEGS: several matrices of one input (q_a + kv), one slot; a stage's rows lie in one
+// matrix (the host keeps every segment start a multiple of SR).
+template <int PPL, int SR, bool SEGS>
 __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int total, int rpw,
                                             int nbuf, int depth, const i8* __restrict__ xq,
                                             const float* __restrict__ xd, int waiter,
-                                            i8* __restrict__ qout, float* __restrict__ dout) {
+                                            i8* __restrict__ qout, float* __restrict__ dout,
+                                            const HcSplitJob& split) {
     constexpr int K = 512 * PPL;
     constexpr int RB = K / 32 * 34;
     extern __shared__ __align__(128) u8 tma_smem[];
@@ -777,6 +787,9 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     if (warp == nw) {
         PDL_WAIT();
         if (lane == 0) dep_done = 1;
+        // A deferred HC split, carried by block 0's waiting warp (the product's blocks
+        // stream for several µs after the wait; the split is done well before).
+        if (split.part && blockIdx.x == 0) hc_split_warp(split);
         return;
     }
     u64* bars = (u64*)tma_smem + warp * TMA_MAX_BUF;
@@ -785,6 +798,14 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     const int n = max(0, min(rpw, total - f0));
     const int nst = (n + SR - 1) / SR;
     const u8* w = (const u8*)sg.w[0];
+    // The first byte of flattened row r.
+    auto wrow = [&](int r) -> const u8* {
+        if (SEGS) {
+            const int g = mv_seg(sg, r);
+            return (const u8*)sg.w[g] + (long long)(r - sg.start[g]) * RB;
+        }
+        return w + (long long)r * RB;
+    };
     if (lane == 0 && nst > 0) {
         for (int b = 0; b < nbuf; b++) mbar_init(bars + b, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -796,7 +817,7 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
                 while (!mbar_done(bars + s - depth, 0)) {
                     if (waiter && dep_done) break;
                 }
-            tma_load(ring + (long long)s * SR * RB, w + (long long)(f0 + s * SR) * RB,
+            tma_load(ring + (long long)s * SR * RB, wrow(f0 + s * SR),
                      (u32)(min(SR, n - s * SR) * RB), bars + s);
         }
     }
@@ -844,9 +865,16 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
 #pragma unroll
         for (int q = 0; q < SR; q++) acc[q] = warp_sum(acc[q]);
         if (lane == 0) {
+            if (SEGS) {
+                const int g = mv_seg(sg, fs);
 #pragma unroll
-            for (int q = 0; q < SR; q++)
-                if (q < m) y[(long long)slot * ldy + (fs + q - slot * rows)] = acc[q];
+                for (int q = 0; q < SR; q++)
+                    if (q < m) ((float*)sg.y[g])[fs + q - sg.start[g]] = acc[q];
+            } else {
+#pragma unroll
+                for (int q = 0; q < SR; q++)
+                    if (q < m) y[(long long)slot * ldy + (fs + q - slot * rows)] = acc[q];
+            }
         }
 #pragma unroll
         for (int q = 0; q < SR; q++)
@@ -857,7 +885,7 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
             // asynchronous proxy writes the next rows over them.
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             const int t = s + nbuf;
-            tma_load(ring + (long long)b * SR * RB, w + (long long)(f0 + t * SR) * RB,
+            tma_load(ring + (long long)b * SR * RB, wrow(f0 + t * SR),
                      (u32)(min(SR, n - t * SR) * RB), bars + b);
         }
         if (s == min(nbuf, nst) - 1 && warp == 0) TRACE_BLOCK(2);
@@ -888,13 +916,24 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
         mv_q8_0_tma_p##PPL##_r##SR(                                                             \
         MvSegs sg, int rows, int total, int rpw, int nbuf, int depth,                           \
         const i8* __restrict__ xq, const float* __restrict__ xd, int waiter,                    \
-        i8* __restrict__ qout, float* __restrict__ dout) {                                      \
-        mv_q8_0_tma<PPL, SR>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter, qout, dout);    \
+        i8* __restrict__ qout, float* __restrict__ dout, HcSplitJob split) {                    \
+        mv_q8_0_tma<PPL, SR, false>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter, qout,    \
+                                    dout, split);                                               \
     }
 MV_Q8_TMA(2, 4)
 MV_Q8_TMA(4, 2)
 MV_Q8_TMA(8, 1)
 MV_Q8_TMA(16, 1)
+// Several matrices of one input in one launch (no quantized copy of the output).
+#define MV_Q8_TMA_SEGS(PPL, SR)                                                                 \
+    extern "C" __global__ void __launch_bounds__(((PPL < 16 ? 16 : 8) + 1) * 32, 1)              \
+        mv_q8_0_tma_segs_p##PPL##_r##SR(MvSegs sg, int total, int rpw, int nbuf, int depth,      \
+                                        const i8* __restrict__ xq, const float* __restrict__ xd, \
+                                        int waiter) {                                           \
+        mv_q8_0_tma<PPL, SR, true>(sg, total, total, rpw, nbuf, depth, xq, xd, waiter, nullptr,  \
+                                   nullptr, HcSplitJob{});                                      \
+    }
+MV_Q8_TMA_SEGS(8, 1)
 #endif
 
 // ---------------------------------------------------------------------------

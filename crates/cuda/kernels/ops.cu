@@ -87,6 +87,7 @@ __device__ float block_max(float v) {
 }
 
 #include "swiglu.cuh"
+#include "hc_split.cuh"
 
 #include "act_quad.cuh"
 #include "att_merge.cuh"
@@ -888,83 +889,6 @@ __device__ __forceinline__ void hc_part_row2(const float* part, int np, int n, i
     v1 = b;
 }
 
-// a / s through the fast path of the compiler's division (MUFU.RCP, one Newton step on
-// the reciprocal, one correction of the quotient: the same five FMAs), without its
-// range check and slow-path branch. With |a| and |s| in [2^-40, 2^40] (div_mid_ok) no
-// step under- or overflows, the remainder is exact and the result is a / s correctly
-// rounded, i.e. the bits of the division.
-__device__ __forceinline__ float div_rn_mid(float a, float s) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
-    const float e = __fmaf_rn(-s, r, 1.0f);
-    const float r1 = __fmaf_rn(r, e, r);
-    const float q0 = __fmul_rn(a, r1);
-    const float rem = __fmaf_rn(-s, q0, a);
-    return __fmaf_rn(r1, rem, q0);
-}
-__device__ __forceinline__ bool div_mid_ok(float a, float s) {
-    const unsigned ea = (__float_as_uint(a) >> 23) & 0xffu;
-    const unsigned es = (__float_as_uint(s) >> 23) & 0xffu;
-    return ea - 87u <= 80u && es - 87u <= 80u;  // biased exponents 87..167
-}
-
-// Sinkhorn split (hc = 4) of hc_split_warp_t on one warp, writing comb only (post is
-// another warp's, the pre weights the collapse block's). Lane a*4+b owns comb[a][b]. The row and
-// column sums start from their first element instead of 0 + it: the values are never
-// -0 (softmax outputs plus eps, then quotients of those), so 0 + g == g bit for bit.
-// The 39 normalising divisions use div_rn_mid, branch-free; a lane that met an
-// operand outside its range makes the warp redo the iterations with the division.
-// Both save latency on the serial chain (one add and the branch per step).
-__device__ __forceinline__ void hc_sinkhorn4_warp(const float* mix, float r, float s2, float bcomb,
-                                                  int iters, float eps, float* comb) {
-    constexpr int HC = 4;
-    const int lane = threadIdx.x & 31;
-    const int a = lane / HC, b = lane % HC;
-    const bool own = lane < HC * HC;
-    float v = own ? __fadd_rn(__fmul_rn(s2, __fmul_rn(mix[2 * HC + (lane & 15)], r)), bcomb) : 0.0f;
-    float g[HC];
-#pragma unroll
-    for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
-    float mx = NEG_INF;
-#pragma unroll
-    for (int bb = 0; bb < HC; bb++) mx = fmaxf(mx, g[bb]);
-    v = expf(v - mx);
-#pragma unroll
-    for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
-    v = v / (((g[0] + g[1]) + g[2]) + g[3]) + eps;
-    const float v0 = v;
-    const int n_it = iters > 0 ? iters : 1;
-    bool ok = true;
-    for (int it = 0; it < n_it; it++) {
-        if (it > 0) {
-#pragma unroll
-            for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
-            const float s = (((g[0] + g[1]) + g[2]) + g[3]) + eps;
-            ok = ok && div_mid_ok(v, s);
-            v = div_rn_mid(v, s);
-        }
-#pragma unroll
-        for (int aa = 0; aa < HC; aa++) g[aa] = __shfl_sync(0xffffffffu, v, (aa * HC + b) & 31);
-        const float s = (((g[0] + g[1]) + g[2]) + g[3]) + eps;
-        ok = ok && div_mid_ok(v, s);
-        v = div_rn_mid(v, s);
-    }
-    if (!__all_sync(0xffffffffu, ok || !own)) {
-        v = v0;
-        for (int it = 0; it < n_it; it++) {
-            if (it > 0) {
-#pragma unroll
-                for (int bb = 0; bb < HC; bb++) g[bb] = __shfl_sync(0xffffffffu, v, (a * HC + bb) & 31);
-                v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
-            }
-#pragma unroll
-            for (int aa = 0; aa < HC; aa++) g[aa] = __shfl_sync(0xffffffffu, v, (aa * HC + b) & 31);
-            v /= (((g[0] + g[1]) + g[2]) + g[3]) + eps;
-        }
-    }
-    if (own) comb[lane] = v;
-}
-
 // Up to three rows (r0, r0 + step, r0 + 2 step; rows >= nm skipped) of token i's mixes
 // summed by one warp, each as hc_part_row sums it, all their loads in flight together.
 // Lane 0 writes them to mix_s.
@@ -1326,6 +1250,319 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int d = 0; d < 4; d++) xr[d * e + j] = nw[d];
     }
     TRACE_BLOCK(3);
+}
+
+// ---------------------------------------------------------------------------
+// The decode HC step in two short launches without the Sinkhorn on the chain (HC v3,
+// one token). hc_post_mix_v3 (grid e / 256, 256 threads; thread t of block b owns
+// columns 256b + 4(t % 64) .. + 3 of every stream, its group g = t / 64 sums mix
+// rows g, g + 4, ...): the merge X'_d = post_d·o + Σ_a comb[a][d]·X_a, the next step's
+// mix rows and Σx² as one partial row per block (floats, HC_PART_STRIDE apart), and
+// the block's share of G, the Gram matrix of the four streams (f64, HC3_GRAM per
+// block at `gram`). hc_pre_finish_v3 (same grid, 64 threads): every block sums the
+// rows it needs itself (pre from rows 0..3 and Σx²; Σy² = Σ_st pre_s pre_t G_st, since
+// y = Σ_s pre_s X'_s, so no second reduction), then collapses, norms and quantizes its
+// own 256 columns. post/comb of the step (the Sinkhorn) are made later, off the chain,
+// by hc_split_warp in a kernel placed between this step and the next merge.
+// ---------------------------------------------------------------------------
+#define HC3_COLS 256
+#define HC3_GRAM 10  // G_00 G_01 G_02 G_03 G_11 G_12 G_13 G_22 G_23 G_33
+
+__device__ __forceinline__ uint2 ld_nc_u32x2_pinned(const void* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 ld_nc_u32_pinned(const void* p) {
+    u32 v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+template <int CPT>
+__device__ __forceinline__ void hc3_load(const float* p, float (&v)[CPT]) {
+    if (CPT == 4) {
+        const float4 t = *(const float4*)p;
+        v[0] = t.x; v[1 % CPT] = t.y; v[2 % CPT] = t.z; v[3 % CPT] = t.w;
+    } else if (CPT == 2) {
+        const float2 t = *(const float2*)p;
+        v[0] = t.x; v[1 % CPT] = t.y;
+    } else {
+        v[0] = *p;
+    }
+}
+template <int CPT>
+__device__ __forceinline__ void hc3_store(float* p, const float (&v)[CPT]) {
+    if (CPT == 4)
+        *(float4*)p = make_float4(v[0], v[1 % CPT], v[2 % CPT], v[3 % CPT]);
+    else if (CPT == 2)
+        *(float2*)p = make_float2(v[0], v[1 % CPT]);
+    else
+        *p = v[0];
+}
+
+// The sublayer output at columns j..j+CPT-1: `sub`, or the routed rows summed in
+// moe_sum's order, then the shared row (hc_pm_sub_out's order, CPT columns).
+template <int CPT>
+__device__ __forceinline__ void hc3_sub_out(const float* sub, const float* routed,
+                                            const float* shared, int k_routed, int e, int j,
+                                            float (&o)[CPT]) {
+    if (!routed) {
+        hc3_load<CPT>(sub + j, o);
+        return;
+    }
+    float rv[8][CPT], sh[CPT];
+#pragma unroll
+    for (int s = 0; s < 8; s++) {
+        if (s < k_routed) hc3_load<CPT>(routed + (long long)s * e + j, rv[s]);
+        else
+#pragma unroll
+            for (int c = 0; c < CPT; c++) rv[s][c] = 0.0f;
+    }
+    hc3_load<CPT>(shared + j, sh);
+#pragma unroll
+    for (int c = 0; c < CPT; c++) o[c] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < 8; s++)
+        if (s < k_routed)
+#pragma unroll
+            for (int c = 0; c < CPT; c++) o[c] += rv[s][c];
+    for (int s = 8; s < k_routed; s++) {
+        float r[CPT];
+        hc3_load<CPT>(routed + (long long)s * e + j, r);
+#pragma unroll
+        for (int c = 0; c < CPT; c++) o[c] += r[c];
+    }
+#pragma unroll
+    for (int c = 0; c < CPT; c++) o[c] += sh[c];
+}
+
+// CPT columns a thread (4: grid e / 256; 2: grid e / 128, half the registers).
+template <int CPT>
+__device__ __forceinline__ void hc_post_mix_v3_body(const float* sub, const float* routed,
+                                                    const float* shared, int k_routed,
+                                                    const float* post, const float* comb,
+                                                    float* state, int e, const u16* __restrict__ fn,
+                                                    float* __restrict__ part,
+                                                    double* __restrict__ gram) {
+    constexpr int HC = 4, NM = 24, NQ = NM / 4;
+    __shared__ float redf[8][NQ];
+    __shared__ double redd[8][4];
+    const int blk = blockIdx.x;
+    const int g = threadIdx.x >> 6;
+    const int j = blk * 64 * CPT + CPT * (threadIdx.x & 63);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long K = 4LL * e;
+    PDL_TRIGGER();
+    TRACE_BLOCK(0);
+    // This thread's fn weights (rows g + 4q, streams d, its columns), loaded while the
+    // kernel before runs (pinned: the compiler would sink them past the wait).
+    u16 wv[NQ][4][CPT];
+#pragma unroll
+    for (int q = 0; q < NQ; q++)
+#pragma unroll
+        for (int d = 0; d < 4; d++) {
+            const u16* src = fn + (g + 4 * q) * K + d * e + j;
+            if (CPT == 4) {
+                const uint2 v = ld_nc_u32x2_pinned(src);
+                wv[q][d][0] = (u16)(v.x & 0xffffu);
+                wv[q][d][1 % CPT] = (u16)(v.x >> 16);
+                wv[q][d][2 % CPT] = (u16)(v.y & 0xffffu);
+                wv[q][d][3 % CPT] = (u16)(v.y >> 16);
+            } else if (CPT == 2) {
+                const u32 v = ld_nc_u32_pinned(src);
+                wv[q][d][0] = (u16)(v & 0xffffu);
+                wv[q][d][1 % CPT] = (u16)(v >> 16);
+            } else {
+                wv[q][d][0] = ld_nc_u16_pinned(src);
+            }
+        }
+    if (e > 0) PDL_WAIT();
+    TRACE_BLOCK(1);
+    const float4 p4 = *(const float4*)post;
+    const float4* c4 = (const float4*)comb;
+    const float4 cr[4] = {c4[0], c4[1], c4[2], c4[3]};
+    float o[CPT], x[HC][CPT];
+    hc3_sub_out<CPT>(sub, routed, shared, k_routed, e, j, o);
+#pragma unroll
+    for (int a = 0; a < HC; a++) hc3_load<CPT>(state + (long long)a * e + j, x[a]);
+    const float p[4] = {p4.x, p4.y, p4.z, p4.w};
+    const float c[16] = {cr[0].x, cr[0].y, cr[0].z, cr[0].w, cr[1].x, cr[1].y, cr[1].z, cr[1].w,
+                         cr[2].x, cr[2].y, cr[2].z, cr[2].w, cr[3].x, cr[3].y, cr[3].z, cr[3].w};
+    // The merge (hc_pm_new_state's order).
+    float nw[HC][CPT];
+    double ss = 0.0;
+#pragma unroll
+    for (int d = 0; d < HC; d++) {
+#pragma unroll
+        for (int cc = 0; cc < CPT; cc++) {
+            float v = p[d] * o[cc];
+#pragma unroll
+            for (int a = 0; a < HC; a++) v += c[a * HC + d] * x[a][cc];
+            nw[d][cc] = v;
+            if (g == 0) ss += (double)v * (double)v;
+        }
+    }
+    // Mix rows g + 4q over the thread's columns, and the group's Gram entries.
+    float acc[NQ];
+#pragma unroll
+    for (int q = 0; q < NQ; q++) {
+        float v = 0.0f;
+#pragma unroll
+        for (int d = 0; d < HC; d++)
+#pragma unroll
+            for (int cc = 0; cc < CPT; cc++) v = fmaf(h2f(wv[q][d][cc]), nw[d][cc], v);
+        acc[q] = warp_sum(v);
+    }
+    double gm[3];
+#pragma unroll
+    for (int m = 0; m < 3; m++) {
+        const int k = 3 * g + m;
+        // (s, t) of entry k: rows of the upper triangle in order.
+        const int s = k < 4 ? 0 : k < 7 ? 1 : k < 9 ? 2 : 3;
+        const int t = k < 4 ? k : k < 7 ? k - 3 : k < 9 ? k - 5 : 3;
+        double v = 0.0;
+        if (k < HC3_GRAM) {
+            // Selects, not indexing by the runtime s, t (that puts nw in local memory).
+#pragma unroll
+            for (int cc = 0; cc < CPT; cc++) {
+                const float a = s == 0 ? nw[0][cc] : s == 1 ? nw[1][cc] : s == 2 ? nw[2][cc] : nw[3][cc];
+                const float b = t == 0 ? nw[0][cc] : t == 1 ? nw[1][cc] : t == 2 ? nw[2][cc] : nw[3][cc];
+                v += (double)a * (double)b;
+            }
+        }
+        gm[m] = warp_sum_d(v);
+    }
+    ss = warp_sum_d(ss);
+    if (lane == 0) {
+#pragma unroll
+        for (int q = 0; q < NQ; q++) redf[warp][q] = acc[q];
+#pragma unroll
+        for (int m = 0; m < 3; m++) redd[warp][m] = gm[m];
+        redd[warp][3] = ss;
+    }
+    __syncthreads();
+    {
+        float* pr = part + (long long)blk * HC_PART_STRIDE;
+        const int t = threadIdx.x;
+        if (t < NM) {
+            const int gg = t & 3, q = t >> 2;
+            pr[t] = redf[2 * gg][q] + redf[2 * gg + 1][q];
+        } else if (t == NM) {
+            pr[NM] = (float)(redd[0][3] + redd[1][3]);
+        } else if (t >= 32 && t < 32 + HC3_GRAM) {
+            const int k = t - 32, gg = k / 3, m = k % 3;
+            gram[(long long)blk * HC3_GRAM + k] = redd[2 * gg][m] + redd[2 * gg + 1][m];
+        }
+    }
+    // Every group has read the old state (the barrier above): group 0 writes X'.
+    if (g == 0) {
+#pragma unroll
+        for (int d = 0; d < HC; d++) hc3_store<CPT>(state + (long long)d * e + j, nw[d]);
+    }
+    TRACE_BLOCK(3);
+}
+#define HC_POST_MIX_V3(NAME, CPT)                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        NAME(const float* sub, const float* routed, const float* shared, int k_routed,          \
+             const float* post, const float* comb, float* state, int e,                         \
+             const u16* __restrict__ fn, float* __restrict__ part, double* __restrict__ gram) { \
+        hc_post_mix_v3_body<CPT>(sub, routed, shared, k_routed, post, comb, state, e, fn, part, \
+                                 gram);                                                         \
+    }
+HC_POST_MIX_V3(hc_post_mix_v3, 4)
+HC_POST_MIX_V3(hc_post_mix_v3_c2, 2)
+HC_POST_MIX_V3(hc_post_mix_v3_c1, 1)
+
+// 64 threads a block, 256 columns (grid e / 256); np partial rows.
+extern "C" __global__ void __launch_bounds__(64)
+    hc_pre_finish_v3(const float* state, int e, const float* part, const double* gram, int np,
+                     const float* scale3, const float* base, float hc_eps, float rms_eps,
+                     const float* norm_w, float norm_eps, float* y, i8* q0_qs, float* q0_d,
+                     i8* qk_qs, float* qk_d, i16* qk_bs) {
+    constexpr int HC = 4, NM = 24;
+    __shared__ __align__(16) float pre_s[HC];
+    __shared__ double gt_s[HC3_GRAM];
+    __shared__ Q8kRed qred;
+    const int j = blockIdx.x * HC3_COLS + 4 * threadIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    PDL_TRIGGER();
+    TRACE_BLOCK(0);
+    float4 nwt = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+    if (norm_w) nwt = ld_const_f32x4(norm_w + j);
+    float s0 = 0.0f, bw = 0.0f;
+    if (warp == 0 && lane < HC) {
+        s0 = ld_const_f32(scale3);
+        bw = ld_const_f32(base + lane);
+    }
+    if (e > 0) PDL_WAIT();
+    TRACE_BLOCK(1);
+    float4 xs[HC];
+#pragma unroll
+    for (int a = 0; a < HC; a++) xs[a] = *(const float4*)(state + (long long)a * e + j);
+    if (warp == 0) {
+        // Lane p sums over partial rows p, p + 32, ...: mix rows 0..3 and Σx².
+        float m[HC + 1] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int p = lane; p < np; p += 32) {
+            const float* pr = part + (long long)p * HC_PART_STRIDE;
+#pragma unroll
+            for (int s = 0; s < HC; s++) m[s] += pr[s];
+            m[HC] += pr[NM];
+        }
+#pragma unroll
+        for (int s = 0; s <= HC; s++) m[s] = warp_sum(m[s]);
+        const float r_inv = (float)(1.0 / sqrt((double)m[HC] / (double)(HC * e) + (double)rms_eps));
+        const float ms = lane == 0 ? m[0] : lane == 1 ? m[1] : lane == 2 ? m[2] : m[3];
+        if (lane < HC)
+            pre_s[lane] = sigmoidf_stable(__fadd_rn(__fmul_rn(s0, __fmul_rn(ms, r_inv)), bw)) + hc_eps;
+    } else {
+        double gs[HC3_GRAM];
+#pragma unroll
+        for (int k = 0; k < HC3_GRAM; k++) gs[k] = 0.0;
+        for (int p = lane; p < np; p += 32) {
+#pragma unroll
+            for (int k = 0; k < HC3_GRAM; k++) gs[k] += gram[(long long)p * HC3_GRAM + k];
+        }
+#pragma unroll
+        for (int k = 0; k < HC3_GRAM; k++) gs[k] = warp_sum_d(gs[k]);
+        if (lane == 0) {
+#pragma unroll
+            for (int k = 0; k < HC3_GRAM; k++) gt_s[k] = gs[k];
+        }
+    }
+    __syncthreads();
+    TRACE_BLOCK(4);
+    const float4 pv = *(const float4*)pre_s;
+    const float pre[HC] = {pv.x, pv.y, pv.z, pv.w};
+    const double p0 = pv.x, p1 = pv.y, p2 = pv.z, p3 = pv.w;
+    const double sy2 = p0 * p0 * gt_s[0] + p1 * p1 * gt_s[4] + p2 * p2 * gt_s[7] + p3 * p3 * gt_s[9] +
+                       2.0 * (p0 * (p1 * gt_s[1] + p2 * gt_s[2] + p3 * gt_s[3]) +
+                              p1 * (p2 * gt_s[5] + p3 * gt_s[6]) + p2 * p3 * gt_s[8]);
+    const float sc = norm_w ? (float)(1.0 / sqrt(fmax(sy2, 0.0) / (double)e + (double)norm_eps)) : 1.0f;
+    const float w[4] = {nwt.x, nwt.y, nwt.z, nwt.w};
+    const float x[HC][4] = {{xs[0].x, xs[0].y, xs[0].z, xs[0].w},
+                            {xs[1].x, xs[1].y, xs[1].z, xs[1].w},
+                            {xs[2].x, xs[2].y, xs[2].z, xs[2].w},
+                            {xs[3].x, xs[3].y, xs[3].z, xs[3].w}};
+    float o[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int s = 0; s < HC; s++) acc += pre[s] * x[s][c];
+        o[c] = norm_w ? __fmul_rn(w[c], __fmul_rn(acc, sc)) : acc;
+    }
+    *(float4*)(y + j) = make_float4(o[0], o[1], o[2], o[3]);
+    if (q0_qs) q8_0_quad(o, j, q0_qs, q0_d);
+    if (qk_qs) q8_k_quad<true>(o, true, j, qred, qk_qs, qk_d, qk_bs, false);
+    TRACE_BLOCK(3);
+}
+
+// The split of hc_split_warp as a launch of its own (one warp), for a step whose
+// deferred split found no kernel to carry it before the next merge.
+extern "C" __global__ void __launch_bounds__(32) hc_split_v3(HcSplitJob job) {
+    PDL_START();
+    hc_split_warp(job);
 }
 
 // Final HC collapse; one block per token.

@@ -35,8 +35,8 @@ use ds4_model::{Error as MError, Result as MResult};
 use crate::compile;
 use crate::gemm::{Gemm, GemmKernels, GemmScratch, RoutedGemm};
 use crate::kernels::{
-    ActBuf, ActKind, DevBuf, ExpertIds, FusedRoute, Kernels, MV_MAX_SEGS, Matvec, MvInput, MvPair,
-    MvSeg,
+    ActBuf, ActKind, DevBuf, ExpertIds, FusedRoute, HcSplitJob, Kernels, MV_MAX_SEGS, Matvec,
+    MvInput, MvPair, MvSeg,
 };
 use crate::launch::KernelArgs;
 use crate::runtime::CudaRuntime;
@@ -64,6 +64,11 @@ const ATT_DECODE_MAX_TOKENS: usize = 8;
 const HC_MIX_MAX_ROWS: usize = 24;
 /// Most tokens whose HC merge runs fused with the next mixes (`hc_post_mix`).
 const HC_FUSE_MAX_TOKENS: usize = 8;
+/// HC v3's column block, partial row stride and Gram entries per block (ops.cu
+/// `HC3_COLS`, hc_split.cuh `HC_PART_STRIDE`, ops.cu `HC3_GRAM`).
+const HC3_COLS: usize = 256;
+const HC3_PART_STRIDE: usize = 25;
+const HC3_GRAM: usize = 10;
 /// Outputs per thread of `hc_pre_finish_norm` (HCF_MAX in ops.cu).
 const HC_FINISH_MAX_PER_THREAD: usize = 16;
 /// Compressed rows scored per block by `idx_scores` (`IDX_TILE` in ops.cu).
@@ -415,6 +420,10 @@ struct Ops {
     hc_pre_finish_v2: CudaFunction,
     hc_pre_finish_v2_t256: CudaFunction,
     hc_post_mix_v2: CudaFunction,
+    /// `hc_post_mix_v3` with 4, 2, 1 columns a thread (index 0, 1, 2).
+    hc_post_mix_v3: [CudaFunction; 3],
+    hc_pre_finish_v3: CudaFunction,
+    hc_split_v3: CudaFunction,
     hc_post: CudaFunction,
     hc_head_finish: CudaFunction,
     rope: CudaFunction,
@@ -510,6 +519,13 @@ impl Ops {
             hc_pre_finish_v2: f("hc_pre_finish_v2")?,
             hc_pre_finish_v2_t256: f("hc_pre_finish_v2_t256")?,
             hc_post_mix_v2: f("hc_post_mix_v2")?,
+            hc_post_mix_v3: [
+                f("hc_post_mix_v3")?,
+                f("hc_post_mix_v3_c2")?,
+                f("hc_post_mix_v3_c1")?,
+            ],
+            hc_pre_finish_v3: f("hc_pre_finish_v3")?,
+            hc_split_v3: f("hc_split_v3")?,
             hc_post: f("hc_post")?,
             hc_head_finish: f("hc_head_finish")?,
             rope: f("rope")?,
@@ -992,6 +1008,20 @@ pub struct CudaBackend {
     /// (`hc_pre_finish_v2_t256`, the 1024-thread launch's sums; half of an SM's
     /// registers instead of all) only with `DS4_HC_FIN_256=1` (not yet measured).
     hc_fin_256: std::sync::atomic::AtomicBool,
+    /// Decode's HC step as `hc_post_mix_v3` + `hc_pre_finish_v3` (the norm from the
+    /// streams' Gram matrix, the collapse on every column block), its split (post,
+    /// comb) deferred to a kernel off the main chain (`hc_pending`); off with
+    /// `DS4_HC_V3=0`.
+    hc_v3: std::sync::atomic::AtomicBool,
+    /// The deferred split of the last v3 step, until a kernel carries it (the TMA
+    /// product attn_output_a's waiting warp, the shared expert's SwiGLU on the side
+    /// branch) or `hc_settle` launches it before post/comb are next read or written.
+    hc_pending: Mutex<Option<HcSplitJob>>,
+    /// Columns a thread of `hc_post_mix_v3` takes (`DS4_HC_V3_CPT`: 4, 2 or 1).
+    hc_v3_cpt: usize,
+    /// Kernels on the way carry the deferred split (`DS4_HC_CARRY=0`: it is launched on
+    /// its own before the next merge, for A/B runs).
+    hc_carry: bool,
     /// Decode FFN sublayer: the HC merge sums the experts' outputs itself (no moe_sum
     /// kernel; `DS4_MOE_SUM_FOLD=0`: moe_sum writes the sublayer output first).
     moe_sum_fold: bool,
@@ -1097,6 +1127,14 @@ impl CudaBackend {
             hc_fin_256: std::sync::atomic::AtomicBool::new(
                 std::env::var("DS4_HC_FIN_256").is_ok_and(|v| v == "1"),
             ),
+            hc_v3: std::sync::atomic::AtomicBool::new(crate::launch::env_switch("DS4_HC_V3")),
+            hc_pending: Mutex::new(None),
+            hc_carry: crate::launch::env_switch("DS4_HC_CARRY"),
+            hc_v3_cpt: match std::env::var("DS4_HC_V3_CPT").ok().as_deref() {
+                Some("1") => 1,
+                Some("2") => 2,
+                _ => 4,
+            },
             moe_sum_fold: crate::launch::env_switch("DS4_MOE_SUM_FOLD"),
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
@@ -1155,6 +1193,46 @@ impl CudaBackend {
 
     pub(crate) fn hc_fin_256(&self) -> bool {
         self.hc_fin_256.load(Ordering::Relaxed)
+    }
+
+    /// Selftest: decode's HC step v3 on or off; returns the previous setting.
+    pub(crate) fn set_hc_v3(&self, on: bool) -> bool {
+        self.hc_v3.swap(on, Ordering::Relaxed)
+    }
+
+    fn pending_split(&self) -> MResult<MutexGuard<'_, Option<HcSplitJob>>> {
+        self.hc_pending
+            .lock()
+            .map_err(|_| MError::Backend("hc_pending poisoned".into()))
+    }
+
+    /// The deferred split, for a kernel that carries it (given back with
+    /// `restore_split` when that kernel is not launched after all).
+    fn take_split(&self) -> MResult<Option<HcSplitJob>> {
+        Ok(self.pending_split()?.take())
+    }
+
+    fn restore_split(&self, job: Option<HcSplitJob>) -> MResult<()> {
+        if job.is_some() {
+            *self.pending_split()? = job;
+        }
+        Ok(())
+    }
+
+    /// Makes post/comb of the last v3 step if no kernel has carried its split yet:
+    /// before anything reads or writes them.
+    pub(crate) fn hc_settle(&self) -> MResult<()> {
+        let Some(job) = self.take_split()? else {
+            return Ok(());
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&self.ops.hc_split_v3, cfg, |b| {
+            b.arg(&job);
+        })
     }
 
     pub(crate) fn hc_split(&self) -> HcSplit {
@@ -2037,11 +2115,20 @@ impl CudaBackend {
             x: MvInput::Quant(act_in),
             y: out.buf.ptr,
         };
-        if !self
+        // attn_output_a carries a deferred HC split on its waiting warp.
+        let job = if self.hc_carry && self.kernels.tma_carries_split() {
+            self.take_split()?
+        } else {
+            None
+        };
+        let taken = self
             .kernels
-            .matvec_quant_out(self.stream(), &m, act_out)
-            .map_err(be)?
-        {
+            .matvec_quant_out(self.stream(), &m, act_out, job.as_ref())
+            .map_err(be);
+        if !matches!(taken, Ok(true)) {
+            self.restore_split(job)?;
+        }
+        if !taken? {
             // The input copy is made: the plain product reads it.
             self.kernels.matvec_ld(self.stream(), &m, per).map_err(be)?;
             return Ok(true);
@@ -2183,6 +2270,7 @@ impl CudaBackend {
         clamp: f32,
         mid: u64,
         late_release: bool,
+        split: Option<&HcSplitJob>,
     ) -> MResult<bool> {
         let kind = match ActKind::for_weight(down.ty) {
             Ok(k @ (ActKind::Q8_0 | ActKind::Q8K)) => k,
@@ -2196,7 +2284,17 @@ impl CudaBackend {
         let mut sc = self.scratch()?;
         let act = sc.act(self.stream(), kind, ff, rows)?;
         self.kernels
-            .swiglu_quant(self.stream(), g, u, rows, wts, clamp, act, late_release)
+            .swiglu_quant(
+                self.stream(),
+                g,
+                u,
+                rows,
+                wts,
+                clamp,
+                act,
+                late_release,
+                split,
+            )
             .map_err(be)?;
         sc.reuse.set((mid, kind_tag(kind), ff, rows));
         Ok(true)
@@ -2312,6 +2410,142 @@ impl CudaBackend {
     /// Whether `hc_post_pre_norm` runs as one fused merge + mixes pass (`hc_post_mix`).
     /// Decode: one pass over the state merges and sums the next mixes per column block.
     /// Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
+    /// Whether decode's HC step runs as v3 (`hc_step_v3`): one token, hc = 4 with 24
+    /// mix rows, whole 256-column blocks, post/comb float4-aligned.
+    #[allow(clippy::too_many_arguments)]
+    fn hc_v3_fits(
+        &self,
+        sub: &CudaAct,
+        n: usize,
+        s: &ModelShape,
+        state: &CudaAct,
+        next: &HcWeights<CudaWeight>,
+        y: &CudaAct,
+        post: &CudaAct,
+        comb: &CudaAct,
+    ) -> bool {
+        self.hc_v3.load(Ordering::Relaxed)
+            && n == 1
+            && s.hc_mix() == 24
+            && s.n_embd.is_multiple_of(HC3_COLS)
+            && y.cols >= s.n_embd
+            && post.buf.ptr.is_multiple_of(16)
+            && comb.buf.ptr.is_multiple_of(16)
+            && self.hc_post_fusable(sub, n, s, state, next, y)
+    }
+
+    /// Decode's HC step v3: `hc_post_mix_v3` merges the sublayer output (`sub`, or the
+    /// experts' outputs `moe` summed) with post/comb and leaves the next mixes and the
+    /// Gram partials of every 256-column block; `hc_pre_finish_v3` makes y (normed, with
+    /// its quantized copies) from them. The split of the new mixes is left pending.
+    #[allow(clippy::too_many_arguments)]
+    fn hc_step_v3(
+        &self,
+        sub: &CudaAct,
+        moe: Option<MoeParts>,
+        s: &ModelShape,
+        state: &mut CudaAct,
+        next: &HcWeights<CudaWeight>,
+        norm: &CudaWeight,
+        y: &mut CudaAct,
+        post: &mut CudaAct,
+        comb: &mut CudaAct,
+    ) -> MResult<()> {
+        let _prof = self.prof("hc_step_v3", 1);
+        self.wrote(state)?;
+        let e = s.n_embd;
+        check(norm.k * norm.rows == e, || {
+            "hc_pre: norm weight length".into()
+        })?;
+        let norm_ptr = norm.dense_ptr()?;
+        let cpt = self.hc_v3_cpt;
+        let np = e / (64 * cpt);
+        // Partial rows (floats), then the Gram partials (f64, 8-byte aligned).
+        let rows_f = (np * HC3_PART_STRIDE).next_multiple_of(2);
+        let part = self
+            .scratch()?
+            .f32(self.stream(), "hc3_part", rows_f + 2 * np * HC3_GRAM)?;
+        let gram = part + 4 * rows_f as u64;
+        let (routed, shared, k_routed) = match moe {
+            Some(m) => (m.routed, m.shared, as_i32(m.k, "n_expert_used")?),
+            None => (0u64, 0u64, 0i32),
+        };
+        let (sbp, pp, cp, xp, e32, fnp) = (
+            sub.buf.ptr,
+            post.buf.ptr,
+            comb.buf.ptr,
+            state.buf.ptr,
+            e as i32,
+            next.fn_.data.ptr,
+        );
+        let cfg = |blocks: usize, threads: u32| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mix = &self.ops.hc_post_mix_v3[match cpt {
+            4 => 0,
+            2 => 1,
+            _ => 2,
+        }];
+        self.launch(mix, cfg(np, 256), |b| {
+            b.arg(&sbp)
+                .arg(&routed)
+                .arg(&shared)
+                .arg(&k_routed)
+                .arg(&pp)
+                .arg(&cp)
+                .arg(&xp)
+                .arg(&e32)
+                .arg(&fnp)
+                .arg(&part)
+                .arg(&gram);
+        })?;
+        let quant = self.y_quant(Some(norm), y, 1, e)?;
+        let (sc, bs) = (next.scale.dense_ptr()?, next.base.dense_ptr()?);
+        let (np32, he, re, yp) = (np as i32, s.hc_eps, s.rms_eps, y.buf.ptr);
+        self.launch(&self.ops.hc_pre_finish_v3, cfg(e / HC3_COLS, 64), |b| {
+            b.arg(&xp)
+                .arg(&e32)
+                .arg(&part)
+                .arg(&gram)
+                .arg(&np32)
+                .arg(&sc)
+                .arg(&bs)
+                .arg(&he)
+                .arg(&re)
+                .arg(&norm_ptr)
+                .arg(&re)
+                .arg(&yp)
+                .arg(&quant.q0.0)
+                .arg(&quant.q0.1)
+                .arg(&quant.qk.0)
+                .arg(&quant.qk.1)
+                .arg(&quant.qk.2);
+        })?;
+        {
+            let mut sc = self.scratch()?;
+            match quant.keys {
+                [Some(a), Some(b)] => sc.reuse.set2(a, b),
+                [Some(a), None] | [None, Some(a)] => sc.reuse.set(a),
+                [None, None] => sc.reuse.forget(y.buf.ptr),
+            }
+        }
+        *self.pending_split()? = Some(HcSplitJob {
+            part,
+            scale3: sc,
+            base: bs,
+            post: pp,
+            comb: cp,
+            np: np32,
+            e: e32,
+            iters: s.hc_sinkhorn_iters as i32,
+            hc_eps: he,
+            rms_eps: re,
+        });
+        Ok(())
+    }
+
     fn hc_post_fusable(
         &self,
         sub: &CudaAct,
@@ -2353,9 +2587,14 @@ impl CudaBackend {
         post: &mut CudaAct,
         comb: &mut CudaAct,
     ) -> MResult<()> {
-        // post/comb may come from a split on the side branch (HcSplit::Side).
+        // post/comb may come from a split on the side branch (HcSplit::Side) or be
+        // still to make (a deferred v3 split).
         self.join_side()?;
+        self.hc_settle()?;
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
+        if self.hc_v3_fits(sub, n, s, state, next, y, post, comb) {
+            return self.hc_step_v3(sub, moe, s, state, next, norm, y, post, comb);
+        }
         if !self.hc_post_fusable(sub, n, s, state, next, y) {
             if moe.is_some() {
                 return Err(MError::Backend(
@@ -3060,6 +3299,9 @@ impl<'w> Backend<'w> for CudaBackend {
     ) -> MResult<()> {
         let _prof = self.prof("embed", tokens.len());
         self.wrote(out)?;
+        // A forward pass starts here: a split still pending belongs to a step that did
+        // not finish (an error), and its buffers may be another session's.
+        *self.pending_split()? = None;
         let e = table.k;
         let ty: i32 = match table.ty {
             GgmlType::F32 => 0,
@@ -3324,6 +3566,8 @@ impl<'w> Backend<'w> for CudaBackend {
     ) -> MResult<()> {
         let _prof = self.prof("hc_pre", n);
         self.join_side()?;
+        // A deferred split must not land on the post/comb this split writes.
+        self.hc_settle()?;
         let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
         check(
             hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
@@ -3383,6 +3627,7 @@ impl<'w> Backend<'w> for CudaBackend {
     ) -> MResult<()> {
         {
             let _prof = self.prof("hc_pre", n);
+            self.hc_settle()?;
             let (hc, e, nm) = (s.hc_mult, s.n_embd, s.hc_mix());
             check(
                 hc <= 16 && w.fn_.rows == nm && w.fn_.k == hc * e && state.cols == hc * e,
@@ -3423,6 +3668,7 @@ impl<'w> Backend<'w> for CudaBackend {
         let _prof = self.prof("hc_post", n);
         // post/comb may come from a split on the side branch (HcSplit::Side).
         self.join_side()?;
+        self.hc_settle()?;
         self.wrote(state)?;
         let e = sub.cols;
         check(hc <= 16 && state.cols == hc * e, || {
@@ -4149,7 +4395,19 @@ impl<'w> Backend<'w> for CudaBackend {
             Ok(())
         };
         let shared_down = || -> MResult<()> {
-            if !self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid, false)? {
+            // On the side branch, its SwiGLU carries a deferred HC split (one block
+            // more), off the main chain.
+            let job = if branch && self.hc_carry {
+                self.take_split()?
+            } else {
+                None
+            };
+            let quantized =
+                self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid, false, job.as_ref());
+            if !matches!(quantized, Ok(true)) {
+                self.restore_split(job)?;
+            }
+            if !quantized? {
                 swiglu(sg, su, n, 0, smid)?;
             }
             let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);
@@ -4251,7 +4509,8 @@ impl<'w> Backend<'w> for CudaBackend {
             && n == 1
             && n * k < ROUTED_GEMM_MIN_SLOTS
             && self.kernels.routed_fast(w.down_exps.ty, w.down_exps.k);
-        let quantized = self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid, early)?;
+        let quantized =
+            self.swiglu_into_act(&w.down_exps, g, u, n * k, wts, clamp, mid, early, None)?;
         if !quantized {
             swiglu(g, u, n * k, wts, mid)?;
         }

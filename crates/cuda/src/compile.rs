@@ -56,6 +56,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("att_merge.cuh", include_str!("../kernels/att_merge.cuh")),
     ("f16_dot.cuh", include_str!("../kernels/f16_dot.cuh")),
     ("route.cuh", include_str!("../kernels/route.cuh")),
+    ("hc_split.cuh", include_str!("../kernels/hc_split.cuh")),
 ];
 
 /// The compute capability of `stream`'s device and the loaded NVRTC's version: what

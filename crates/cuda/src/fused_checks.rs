@@ -281,6 +281,8 @@ fn run_hc_step(
         be.hc_pre_norm(&hcw.dev, &state, n, s, norm, &mut y, &mut post, &mut comb)?;
         "hc_pre_norm"
     };
+    // post/comb of a v3 step are made later (a deferred split): now, to be read.
+    be.hc_settle()?;
     Ok((step, [y, state, post, comb]))
 }
 
@@ -387,15 +389,19 @@ fn hc_quant_checks(
     let w_q2 = upload_random(be, keep, rng, "fused_check_q2_k", GgmlType::Q2_K, e, rows)?;
     // Every form of the split: the Sinkhorn on the side branch (the default; one token
     // only, n = 3 runs two blocks), in a second block, in the collapse's block.
+    // v3 (one token, merge + split): the split deferred, then settled.
     let default_split = be.hc_split();
-    for (split, n) in [
-        (HcSplit::Side, 1usize),
-        (HcSplit::Side, 3),
-        (HcSplit::TwoBlocks, 1),
-        (HcSplit::OneBlock, 1),
-        (HcSplit::OneBlock, 3),
+    let default_v3 = be.set_hc_v3(false);
+    for (split, n, v3) in [
+        (HcSplit::Side, 1usize, true),
+        (HcSplit::Side, 1, false),
+        (HcSplit::Side, 3, false),
+        (HcSplit::TwoBlocks, 1, false),
+        (HcSplit::OneBlock, 1, false),
+        (HcSplit::OneBlock, 3, false),
     ] {
         be.set_hc_split(split);
+        be.set_hc_v3(v3);
         be.begin_chunk(&vec![0u32; n], 0)?;
         for (which, norm) in &norms {
             // The split alone, merge + split, and merge + split summing the MoE's
@@ -435,6 +441,7 @@ fn hc_quant_checks(
                 let (step, [y, state, post, comb]) =
                     run_hc_step(be, s, &hcw, norm, n, merge, moe, &inputs)?;
                 let variant = match split {
+                    _ if v3 && merge => " v3",
                     HcSplit::Side => "",
                     HcSplit::TwoBlocks => " two-block",
                     HcSplit::OneBlock => " one-block",
@@ -521,6 +528,7 @@ fn hc_quant_checks(
         }
     }
     be.set_hc_split(default_split);
+    be.set_hc_v3(default_v3);
     Ok(out)
 }
 
@@ -569,6 +577,8 @@ fn hc_v2_checks(
         norms.push((which, w));
     }
     let (default_split, default_v2, default_256) = (be.hc_split(), be.hc_fin_v2(), be.hc_fin_256());
+    // v1 against v2: the one-token merges must not take v3 (hc_quant_checks covers it).
+    let default_v3 = be.set_hc_v3(false);
     for (split, n, t256) in [
         (HcSplit::TwoBlocks, 1usize, false),
         (HcSplit::TwoBlocks, 3, false),
@@ -678,6 +688,7 @@ fn hc_v2_checks(
     be.set_hc_split(default_split);
     be.set_hc_fin_v2(default_v2);
     be.set_hc_fin_256(default_256);
+    be.set_hc_v3(default_v3);
     Ok(out)
 }
 

@@ -227,6 +227,27 @@ pub struct MvSeg {
 /// Bytes of weights a warp stages per step at most when it groups short rows.
 const MV_GROUP_BYTES: usize = 4608;
 
+/// A deferred HC split (hc_split.cuh `HcSplitJob`): post and comb of one token's HC
+/// step, made from the step's partial rows by a kernel placed between that step and the
+/// next merge (`hc_split_warp`). Zeroed: none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HcSplitJob {
+    pub part: u64,
+    pub scale3: u64,
+    pub base: u64,
+    pub post: u64,
+    pub comb: u64,
+    pub np: i32,
+    pub e: i32,
+    pub iters: i32,
+    pub hc_eps: f32,
+    pub rms_eps: f32,
+}
+
+// SAFETY: plain-old-data, `#[repr(C)]` with the kernel's field order and types.
+unsafe impl cudarc::driver::DeviceRepr for HcSplitJob {}
+
 /// Most matrices one matvec launch takes (`MV_MAX_SEGS` in matvec.cu).
 pub const MV_MAX_SEGS: usize = 6;
 
@@ -409,6 +430,13 @@ pub struct Kernels {
     tma_warps: Vec<(usize, usize)>,
     /// Smallest matrix (bytes) that takes the TMA kernel (`DS4_MV_TMA_MIN_MB`, 16).
     tma_min_bytes: usize,
+    /// `mv_q8_0_tma_segs_p{PPL}_r{SR}`: several matrices of one input (q_a + kv).
+    mv_q8_tma_segs: Vec<((usize, usize), CudaFunction)>,
+    /// Bytes (all matrices together) a several-matrix product needs to take the TMA
+    /// kernel, from and below (`DS4_MV_TMA_SEG_MB`: `lo` or `lo,hi` in MB; default 4,10),
+    /// and its shared-memory budget (`DS4_MV_TMA_SEG_KB`, 200).
+    tma_seg_bytes: (usize, usize),
+    tma_seg_smem: usize,
     /// Forcing by the selftest: 0 the default, 1 off, 2 on (whatever the size).
     tma_forced: std::sync::atomic::AtomicU8,
     /// A TMA product block has one more warp that only waits for the previous kernel and
@@ -424,6 +452,25 @@ pub struct Kernels {
 /// The compiled `mv_q8_0_tma_p{PPL}_r{SR}` kernels (matvec.cu `MV_Q8_TMA`): rows of
 /// K = 512·PPL, SR rows per shared-memory stage (a stage of ~4–9 KB).
 const Q8_TMA_VARIANTS: [(usize, usize); 4] = [(2, 4), (4, 2), (8, 1), (16, 1)];
+/// The compiled `mv_q8_0_tma_segs_p{PPL}_r{SR}` kernels (matvec.cu `MV_Q8_TMA_SEGS`).
+const Q8_TMA_SEGS_VARIANTS: [(usize, usize); 1] = [(8, 1)];
+
+/// `DS4_MV_TMA_SEG_MB`: `lo` or `lo,hi` (MB) → the byte range `[lo, hi)`; unset: 4 to
+/// 10 MB (decode's q_a + kv, 6.7 MB in Flash, which then preloads under the HC step
+/// before it; the shared expert's gate + up, 17.8 MB on the side branch, measured
+/// slower through TMA); `off` or not parsing: an empty range.
+fn parse_mb_range(spec: Option<&str>) -> (usize, usize) {
+    let Some(spec) = spec else {
+        return (4 << 20, 10 << 20);
+    };
+    let mut it = spec.split(',').map(|v| v.trim().parse::<usize>().ok());
+    match (it.next().flatten(), it.next()) {
+        (Some(lo), None) => (lo << 20, usize::MAX),
+        (Some(lo), Some(Some(hi))) => (lo << 20, hi << 20),
+        _ => (usize::MAX, 0),
+    }
+}
+
 /// Warps of a TMA product block and the mbarrier area before its rings (matvec.cu
 /// `TMA_WARPS`, `TMA_MAX_BUF`, `TMA_HEAD`).
 const TMA_WARPS: usize = 16;
@@ -1108,6 +1155,24 @@ impl Kernels {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(16 << 20, |mb| mb << 20),
+            mv_q8_tma_segs: if rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA") {
+                let mut v = Vec::new();
+                for &(ppl, sr) in &Q8_TMA_SEGS_VARIANTS {
+                    let name = format!("mv_q8_0_tma_segs_p{ppl}_r{sr}");
+                    match compile::load_with_smem(&m, &name, TMA_SMEM_MAX) {
+                        Ok(func) => v.push(((ppl, sr), func)),
+                        Err(e) => tracing::debug!("{name} left out: {e}"),
+                    }
+                }
+                v
+            } else {
+                Vec::new()
+            },
+            tma_seg_bytes: parse_mb_range(std::env::var("DS4_MV_TMA_SEG_MB").ok().as_deref()),
+            tma_seg_smem: std::env::var("DS4_MV_TMA_SEG_KB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(200 * 1024, |kb| kb * 1024),
             tma_forced: std::sync::atomic::AtomicU8::new(0),
             tma_waiter: crate::launch::env_switch("DS4_MV_TMA_WAITER"),
             tma_expected: rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA"),
@@ -1191,6 +1256,7 @@ impl Kernels {
         clamp: f32,
         act: &ActBuf,
         late_release: bool,
+        split: Option<&HcSplitJob>,
     ) -> Result<()> {
         let (q8k, bw) = match act.kind {
             ActKind::Q8_0 => (0i32, 32usize),
@@ -1215,12 +1281,14 @@ impl Kernels {
         if warps == 0 {
             return Ok(());
         }
+        // A carried split takes one more block (the last).
         let cfg = LaunchConfig {
-            grid_dim: (warps.div_ceil(8), 1, 1),
+            grid_dim: (warps.div_ceil(8) + u32::from(split.is_some()), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let (ff, rows32, late) = (act.k as i32, rows as i32, i32::from(late_release));
+        let split = split.copied().unwrap_or_default();
         let mut b = KernelArgs::new();
         b.arg(&g)
             .arg(&u)
@@ -1232,7 +1300,8 @@ impl Kernels {
             .arg(&act.qs.ptr)
             .arg(&act.d.ptr)
             .arg(&act.bsums.ptr)
-            .arg(&late);
+            .arg(&late)
+            .arg(&split);
         // SAFETY: matches `swiglu_quant`; sizes checked above; PDL_WAIT before any read.
         unsafe { crate::launch::launch(stream, &self.swiglu_quant, cfg, &mut b, self.pdl) }?;
         Ok(())
@@ -1336,6 +1405,7 @@ impl Kernels {
         stream: &Arc<CudaStream>,
         m: &Matvec,
         q8_out: &ActBuf,
+        split: Option<&HcSplitJob>,
     ) -> Result<bool> {
         let MvInput::Quant(act) = m.x else {
             return Ok(false);
@@ -1357,7 +1427,13 @@ impl Kernels {
         };
         let sg = seg_table("matvec", [&only])?;
         let rb = row_bytes(m.ty, m.k);
-        self.try_q8_tma(stream, m, &sg, 1, rb, act, Some(q8_out))
+        self.try_q8_tma(stream, m, &sg, 1, rb, act, Some(q8_out), split)
+    }
+
+    /// Whether the TMA products can carry a deferred HC split (their blocks have a
+    /// waiting warp): `matvec_quant_out` takes a split only then.
+    pub fn tma_carries_split(&self) -> bool {
+        self.tma_waiter && !self.mv_q8_tma.is_empty()
     }
 
     /// Whether a routed one-token product of `ty` with rows of `k` runs on an `mv2f`
@@ -1525,7 +1601,7 @@ impl Kernels {
         }
         let be = m.ty.block_elems() as usize;
         let rb = row_bytes(m.ty, m.k);
-        if m.ty == GgmlType::Q8_0 && self.try_q8_tma(stream, m, &sg, n_segs, rb, act, None)? {
+        if m.ty == GgmlType::Q8_0 && self.try_q8_tma(stream, m, &sg, n_segs, rb, act, None, None)? {
             return Ok(());
         }
         if m.ty == GgmlType::Q8_0
@@ -1897,10 +1973,20 @@ impl Kernels {
         rb: usize,
         act: &ActBuf,
         q8_out: Option<&ActBuf>,
+        split: Option<&HcSplitJob>,
     ) -> Result<bool> {
         let forced = self.tma_forced.load(std::sync::atomic::Ordering::Relaxed);
         if forced == 1 {
             return Ok(false);
+        }
+        if split.is_some() && !self.tma_waiter {
+            return Err(Error::Shape {
+                what: "matvec",
+                detail: "an HC split given to a TMA product without a waiting warp".into(),
+            });
+        }
+        if n_segs > 1 {
+            return self.try_q8_tma_segs(stream, m, sg, n_segs, rb, act);
         }
         let Some((sr, func)) = self.tma_kernel(m.k) else {
             return Ok(false);
@@ -1958,6 +2044,7 @@ impl Kernels {
             }
         };
         let waiter = i32::from(self.tma_waiter);
+        let split = split.copied().unwrap_or_default();
         let cfg = LaunchConfig {
             grid_dim: (plan.blocks as u32, 1, 1),
             block_dim: ((plan.warps + waiter as usize) as u32 * 32, 1, 1),
@@ -1980,12 +2067,84 @@ impl Kernels {
             .arg(&act.d.ptr)
             .arg(&waiter)
             .arg(&qout)
-            .arg(&dout);
+            .arg(&dout)
+            .arg(&split);
         // SAFETY: matches `MV_Q8_TMA`; checked above: one segment, K = 512·PPL (rows are
         // 16-byte multiples, as the TMA copies need), slots contiguous, rows and rpw
         // multiples of SR, the ring within the shared memory given, a Q8_0 copy (if any)
         // of `total` values in whole 32-blocks; the kernel waits (PDL_WAIT) before it
         // reads the activation or writes.
+        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
+        Ok(true)
+    }
+
+    /// [`Self::try_q8_tma`] of several matrices of one input (`mv_q8_0_tma_segs_*`): one
+    /// slot, one token, every matrix start a multiple of the stage rows, the bytes in
+    /// the `DS4_MV_TMA_SEG_MB` range (or forced by the selftest).
+    fn try_q8_tma_segs(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &Matvec,
+        sg: &MvSegsArg,
+        n_segs: usize,
+        rb: usize,
+        act: &ActBuf,
+    ) -> Result<bool> {
+        let forced = self.tma_forced.load(std::sync::atomic::Ordering::Relaxed);
+        if forced == 1 || !m.k.is_multiple_of(512) {
+            return Ok(false);
+        }
+        let Some(&((_, sr), ref func)) = self
+            .mv_q8_tma_segs
+            .iter()
+            .find(|((ppl, _), _)| *ppl == m.k / 512)
+        else {
+            return Ok(false);
+        };
+        // Non-negative: seg_table made them from usizes.
+        let total = sg.start[n_segs] as usize;
+        let bytes = total * rb;
+        let (lo, hi) = self.tma_seg_bytes;
+        let shaped = m.ntok == 1
+            && m.ids == 0
+            && m.slots == 1
+            && m.x_group == 1
+            && (0..=n_segs).all(|i| (sg.start[i] as usize).is_multiple_of(sr))
+            && sg.w.iter().take(n_segs).all(|w| w.is_multiple_of(16))
+            && act.qs.ptr.is_multiple_of(16);
+        if !shaped || (forced != 2 && !(lo..hi).contains(&bytes)) {
+            return Ok(false);
+        }
+        let Some(plan) = plan_tma(
+            total,
+            rb,
+            sr,
+            self.sm_count.min(self.tma_blocks),
+            self.tma_seg_smem,
+            TMA_DEFAULT_WARPS,
+        ) else {
+            return Ok(false);
+        };
+        let waiter = i32::from(self.tma_waiter);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.blocks as u32, 1, 1),
+            block_dim: ((plan.warps + waiter as usize) as u32 * 32, 1, 1),
+            shared_mem_bytes: plan.smem as u32,
+        };
+        let (total, rpw, nbuf) = (total as i32, plan.rpw as i32, plan.nbuf as i32);
+        let mut b = KernelArgs::new();
+        b.arg(sg)
+            .arg(&total)
+            .arg(&rpw)
+            .arg(&nbuf)
+            .arg(&self.tma_depth)
+            .arg(&act.qs.ptr)
+            .arg(&act.d.ptr)
+            .arg(&waiter);
+        // SAFETY: matches `MV_Q8_TMA_SEGS`; checked above: one slot and token, K =
+        // 512·PPL (16-byte rows), every matrix 16-byte aligned and starting at a multiple
+        // of SR rows, the ring within the shared memory given; the kernel waits
+        // (PDL_WAIT) before it reads the activation or writes.
         unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(true)
     }
@@ -2267,6 +2426,27 @@ mod tests {
         // Never more than the hardware gives a block.
         let p = plan_tma(1 << 20, 1088, 4, 132, 1 << 30, 8).unwrap();
         assert!(p.smem <= TMA_SMEM_MAX && p.nbuf <= TMA_MAX_BUF);
+    }
+
+    #[test]
+    fn several_matrix_tma_range() {
+        // Default: q_a + kv (1536 rows of 4352 B, 6.7 MB) in, gate + up (17.8 MB) out.
+        let (lo, hi) = parse_mb_range(None);
+        assert!((lo..hi).contains(&(1536 * 4352)) && !(lo..hi).contains(&(4096 * 4352)));
+        assert_eq!(parse_mb_range(Some("8")), (8 << 20, usize::MAX));
+        assert_eq!(parse_mb_range(Some(" 2 , 20 ")), (2 << 20, 20 << 20));
+        let (lo, hi) = parse_mb_range(Some("off"));
+        assert!((lo..hi).is_empty());
+        // q_a + kv: two rows a warp on 96 blocks, both rows in the ring.
+        let p = plan_tma(1536, 4352, 1, 132, 200 * 1024, 8).unwrap();
+        assert_eq!((p.rpw, p.blocks, p.nbuf), (2, 96, 2));
+    }
+
+    #[test]
+    fn hc_split_job_matches_the_kernel_struct() {
+        // hc_split.cuh's HcSplitJob: five pointers, three ints, two floats, 8-aligned.
+        assert_eq!(std::mem::size_of::<HcSplitJob>(), 64);
+        assert_eq!(std::mem::align_of::<HcSplitJob>(), 8);
     }
 
     #[test]

@@ -350,10 +350,88 @@ fn run_quant_out_checks(
         x: MvInput::Quant(&act),
         y,
     };
+    // The fused product also carries a deferred HC split (post, comb from 16 partial
+    // rows of a Flash HC step) on its waiting warp when it has one; a SwiGLU launch
+    // carries the same split on its extra block. Both against the CPU's split, and
+    // bit for bit against each other.
+    let split = SplitCase::new(rng, 16, 4096)?;
+    let part_dev = DevBuf::from_f32(stream, &split.part)?;
+    let consts = DevBuf::from_f32(stream, &split.consts)?;
+    let outs = DevBuf::from_f32(stream, &[f32::NAN; 40])?;
+    let job = |o: u64| crate::kernels::HcSplitJob {
+        part: part_dev.ptr,
+        scale3: consts.ptr,
+        base: consts.ptr + 12,
+        post: o,
+        comb: o + 16,
+        np: split.np as i32,
+        e: split.e as i32,
+        iters: 20,
+        hc_eps: 1e-6,
+        rms_eps: 1e-6,
+    };
+    let (job_tma, job_swiglu) = (job(outs.ptr), job(outs.ptr + 80));
+    let carried = kern.tma_carries_split();
     kern.matvec(&product(y_ref.ptr))?;
     kern.quantize(y_ref.ptr, &q_ref)?;
-    let taken = kern.matvec_quant_out(stream, &product(y_fused.ptr), &q_fused)?;
+    let taken = kern.matvec_quant_out(
+        stream,
+        &product(y_fused.ptr),
+        &q_fused,
+        carried.then_some(&job_tma),
+    )?;
+    // The SwiGLU's own work: one 256-block of Q8_K from random gate/up rows.
+    let (g_dev, u_dev) = (
+        DevBuf::from_f32(stream, &random_act(rng, 256))?,
+        DevBuf::from_f32(stream, &random_act(rng, 256))?,
+    );
+    let sw_act = ActBuf::new(stream, ActKind::Q8K, 256, 1)?;
+    kern.swiglu_quant(
+        stream,
+        g_dev.ptr,
+        u_dev.ptr,
+        1,
+        0,
+        f32::INFINITY,
+        &sw_act,
+        false,
+        Some(&job_swiglu),
+    )?;
     stream.synchronize()?;
+    let got = outs.to_f32(stream)?;
+    let (want_post, want_comb) = split.cpu(20, 1e-6, 1e-6);
+    let want: Vec<f32> = want_post.iter().chain(&want_comb).copied().collect();
+    let swiglu_split: Vec<f32> = got[20..40].to_vec();
+    let mut carriers = vec![("swiglu_quant's extra block", swiglu_split.clone())];
+    if carried {
+        carriers.push(("the TMA product's waiting warp", got[..20].to_vec()));
+        let bad = swiglu_split
+            .iter()
+            .zip(&got[..20])
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        let r = CheckResult {
+            name: "deferred HC split: TMA waiting warp = SwiGLU block".into(),
+            max_abs: 0.0,
+            max_rel: bad as f32,
+            tol: 0.0,
+            tol_name: "bit-exact",
+            pass: bad == 0,
+        };
+        report(&r);
+        out.push(r);
+    }
+    for (who, v) in carriers {
+        let r = compare(
+            format!("deferred HC split (post, comb) on {who}"),
+            &v,
+            &want,
+            TOL_HC_SPLIT_REL,
+            "TOL_HC_SPLIT_REL",
+        );
+        report(&r);
+        out.push(r);
+    }
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
     let differ = |a: &[u32], b: &[u32]| {
         a.iter().zip(b).filter(|(x, y)| x != y).count() + usize::from(a.len() != b.len())
@@ -387,6 +465,63 @@ fn run_quant_out_checks(
     Ok(out)
 }
 
+/// Relative error of a deferred HC split's post/comb against the CPU's (f32 sums in
+/// the same order; the Sinkhorn's divisions are exact): rounding only.
+const TOL_HC_SPLIT_REL: f32 = 1e-5;
+
+/// Partial rows of one token's HC step (hc_post_mix_v3's layout: 24 mix rows and Σx²
+/// per row) and the step's constants (scale3, then 24 base values at float 3).
+struct SplitCase {
+    np: usize,
+    e: usize,
+    part: Vec<f32>,
+    consts: Vec<f32>,
+}
+
+impl SplitCase {
+    fn new(rng: &mut Rng, np: usize, e: usize) -> Result<Self> {
+        let mut part = random_act(rng, np * 25);
+        for p in 0..np {
+            // Σx² of the row's columns: positive, about 4 · 256 unit values.
+            part[p * 25 + 24] = 1024.0 * (1.0 + 0.25 * part[p * 25 + 24].abs());
+        }
+        let mut consts = vec![0.5, 0.8, 1.3];
+        consts.extend(random_act(rng, 24).iter().map(|v| 0.3 * v));
+        Ok(Self {
+            np,
+            e,
+            part,
+            consts,
+        })
+    }
+
+    /// The CPU split: rows summed in order (f32), r in f64, `numerics::hc_split`.
+    fn cpu(&self, iters: usize, hc_eps: f32, rms_eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let mut sums = [0f32; 25];
+        for row in self.part.chunks_exact(25) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += v;
+            }
+        }
+        let r = (1.0 / ((sums[24] as f64) / (4 * self.e) as f64 + rms_eps as f64).sqrt()) as f32;
+        let mixes: Vec<f32> = sums[..24].iter().map(|m| m * r).collect();
+        let scale = [self.consts[0], self.consts[1], self.consts[2]];
+        let (mut pre, mut post, mut comb) = (vec![0f32; 4], vec![0f32; 4], vec![0f32; 16]);
+        ds4_model::numerics::hc_split(
+            &mixes,
+            &scale,
+            &self.consts[3..],
+            4,
+            iters,
+            hc_eps,
+            &mut pre,
+            &mut post,
+            &mut comb,
+        );
+        (post, comb)
+    }
+}
+
 /// The Q8_0 decode products through shared memory (`mv_q8_0_tma_*`) forced on, on the
 /// Flash shapes they take and on short ones (fewer rows than warps, several slots):
 /// against the CPU, and bit for bit against the register kernels on the same data.
@@ -402,8 +537,8 @@ fn run_tma_checks(
         ..case(name, Q8_0, k, rows)
     };
     // The one-token Q8_0 products of the kernel checks with 8 M weights or more (those
-    // that take the TMA kernel by default, ≥ 16 MB, or with DS4_MV_TMA_MIN_MB=8), and
-    // two short ones.
+    // that take the TMA kernel by default, ≥ 16 MB, or with DS4_MV_TMA_MIN_MB=8), two
+    // short ones and two of several matrices.
     let shapes: Vec<Case> = cases()
         .into_iter()
         .filter(|c| c.ty == Q8_0 && c.ntok == 1 && c.segs == 1 && !c.routed)
@@ -416,6 +551,16 @@ fn run_tma_checks(
                 40,
             ),
             grouped("Q8_0            3 x (1024->36)", 1024, 36, 3),
+            // Several matrices of one input (mv_q8_0_tma_segs_*): q_a + kv's 6.7 MB,
+            // and odd matrix ends inside a warp's rows.
+            Case {
+                segs: 2,
+                ..case("Q8_0            2 x (4096->768)", Q8_0, 4096, 768)
+            },
+            Case {
+                segs: 3,
+                ..case("Q8_0            3 x (4096->37)", Q8_0, 4096, 37)
+            },
         ])
         .collect();
     let mut out = Vec::new();
