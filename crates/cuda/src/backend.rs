@@ -730,6 +730,18 @@ struct YQuant {
     keys: [Option<ReuseKey>; 2],
 }
 
+impl YQuant {
+    /// The five pointers the HC finish kernels take (Q8_0 codes, scales; Q8_K codes,
+    /// scales, sums; 0 for none), in that order.
+    fn push_args<'a>(&'a self, b: &mut KernelArgs<'a>) {
+        b.arg(&self.q0.0)
+            .arg(&self.q0.1)
+            .arg(&self.qk.0)
+            .arg(&self.qk.1)
+            .arg(&self.qk.2);
+    }
+}
+
 /// The FFN input norm (GGUF `blk.N.ffn_norm.weight`): its normed output feeds the
 /// routed experts (Q8_K) as well as the shared expert (Q8_0). Any other norm's output
 /// gets the Q8_0 copy only; a wrong guess costs a quantisation kernel, never a result.
@@ -2516,21 +2528,10 @@ impl CudaBackend {
                 .arg(&re)
                 .arg(&norm_ptr)
                 .arg(&re)
-                .arg(&yp)
-                .arg(&quant.q0.0)
-                .arg(&quant.q0.1)
-                .arg(&quant.qk.0)
-                .arg(&quant.qk.1)
-                .arg(&quant.qk.2);
+                .arg(&yp);
+            quant.push_args(b);
         })?;
-        {
-            let mut sc = self.scratch()?;
-            match quant.keys {
-                [Some(a), Some(b)] => sc.reuse.set2(a, b),
-                [Some(a), None] | [None, Some(a)] => sc.reuse.set(a),
-                [None, None] => sc.reuse.forget(y.buf.ptr),
-            }
-        }
+        self.set_y_reuse(&quant, y)?;
         *self.pending_split()? = Some(HcSplitJob {
             part,
             scale3: sc,
@@ -2773,12 +2774,8 @@ impl CudaBackend {
                     .arg(&yp)
                     .arg(&ldy)
                     .arg(&pp)
-                    .arg(&cp)
-                    .arg(&quant.q0.0)
-                    .arg(&quant.q0.1)
-                    .arg(&quant.qk.0)
-                    .arg(&quant.qk.1)
-                    .arg(&quant.qk.2);
+                    .arg(&cp);
+                quant.push_args(b);
                 if roles.is_some() {
                     b.arg(&first_role);
                 }
@@ -2801,6 +2798,11 @@ impl CudaBackend {
                 run(Some((1, 0)), threads)?;
             }
         }
+        self.set_y_reuse(&quant, y)
+    }
+
+    /// y's quantized copies (`quant`) are pending for the next products of y (or none).
+    fn set_y_reuse(&self, quant: &YQuant, y: &CudaAct) -> MResult<()> {
         let mut sc = self.scratch()?;
         match quant.keys {
             [Some(a), Some(b)] => sc.reuse.set2(a, b),

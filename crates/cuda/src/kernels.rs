@@ -1022,6 +1022,20 @@ impl Kernels {
         let m = compile::load_module(&rt.ctx, src, &arch, rt.nvrtc_version)?;
         let f = |name: &str| m.load_function(name);
         let mv = |name: &str| compile::load_with_smem(&m, name, SMEM_LIMIT);
+        // The TMA products `{prefix}_p{PPL}_r{SR}` (sm_90 and DS4_MV_TMA on); a device
+        // with less shared memory than TMA_SMEM_MAX leaves them out.
+        let tma_on = rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA");
+        let load_tma = |prefix: &str, variants: &[(usize, usize)]| {
+            let mut v = Vec::new();
+            for &(ppl, sr) in variants.iter().filter(|_| tma_on) {
+                let name = format!("{prefix}_p{ppl}_r{sr}");
+                match compile::load_with_smem(&m, &name, TMA_SMEM_MAX) {
+                    Ok(func) => v.push(((ppl, sr), func)),
+                    Err(e) => tracing::debug!("{name} left out: {e}"),
+                }
+            }
+            v
+        };
         Ok(Self {
             stream: rt.stream.clone(),
             sm_count: rt.device.multiprocessors.max(1) as usize,
@@ -1123,20 +1137,7 @@ impl Kernels {
                     Ok(((ppl, nl), v, f(&name)?))
                 })
                 .collect::<Result<Vec<_>>>()?,
-            mv_q8_tma: if rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA") {
-                let mut v = Vec::new();
-                for &(ppl, sr) in &Q8_TMA_VARIANTS {
-                    let name = format!("mv_q8_0_tma_p{ppl}_r{sr}");
-                    // A device with less shared memory than TMA_SMEM_MAX leaves them out.
-                    match compile::load_with_smem(&m, &name, TMA_SMEM_MAX) {
-                        Ok(func) => v.push(((ppl, sr), func)),
-                        Err(e) => tracing::debug!("{name} left out: {e}"),
-                    }
-                }
-                v
-            } else {
-                Vec::new()
-            },
+            mv_q8_tma: load_tma("mv_q8_0_tma", &Q8_TMA_VARIANTS),
             tma_smem: parse_tma_kb(std::env::var("DS4_MV_TMA_KB").ok().as_deref()),
             tma_warps: parse_k_list(std::env::var("DS4_MV_TMA_WARPS").ok().as_deref(), 1)
                 .into_iter()
@@ -1155,19 +1156,7 @@ impl Kernels {
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(16 << 20, |mb| mb << 20),
-            mv_q8_tma_segs: if rt.device.sm.0 >= 9 && crate::launch::env_switch("DS4_MV_TMA") {
-                let mut v = Vec::new();
-                for &(ppl, sr) in &Q8_TMA_SEGS_VARIANTS {
-                    let name = format!("mv_q8_0_tma_segs_p{ppl}_r{sr}");
-                    match compile::load_with_smem(&m, &name, TMA_SMEM_MAX) {
-                        Ok(func) => v.push(((ppl, sr), func)),
-                        Err(e) => tracing::debug!("{name} left out: {e}"),
-                    }
-                }
-                v
-            } else {
-                Vec::new()
-            },
+            mv_q8_tma_segs: load_tma("mv_q8_0_tma_segs", &Q8_TMA_SEGS_VARIANTS),
             tma_seg_bytes: parse_mb_range(std::env::var("DS4_MV_TMA_SEG_MB").ok().as_deref()),
             tma_seg_smem: std::env::var("DS4_MV_TMA_SEG_KB")
                 .ok()

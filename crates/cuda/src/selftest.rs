@@ -410,14 +410,10 @@ fn run_quant_out_checks(
             .zip(&got[..20])
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count();
-        let r = CheckResult {
-            name: "deferred HC split: TMA waiting warp = SwiGLU block".into(),
-            max_abs: 0.0,
-            max_rel: bad as f32,
-            tol: 0.0,
-            tol_name: "bit-exact",
-            pass: bad == 0,
-        };
+        let r = bit_exact(
+            "deferred HC split: TMA waiting warp = SwiGLU block".into(),
+            bad,
+        );
         report(&r);
         out.push(r);
     }
@@ -451,18 +447,26 @@ fn run_quant_out_checks(
         ("Q8_0 codes", qs_bad),
         ("Q8_0 scales (bits)", d_bad),
     ] {
-        let r = CheckResult {
-            name: format!("tma product with its Q8_0 copy (attn_output_a): {what}"),
-            max_abs: 0.0,
-            max_rel: bad as f32,
-            tol: 0.0,
-            tol_name: "bit-exact",
-            pass: bad == 0,
-        };
+        let r = bit_exact(
+            format!("tma product with its Q8_0 copy (attn_output_a): {what}"),
+            bad,
+        );
         report(&r);
         out.push(r);
     }
     Ok(out)
+}
+
+/// A check that passes when `bad` values differ in their bits (none may).
+fn bit_exact(name: String, bad: usize) -> CheckResult {
+    CheckResult {
+        name,
+        max_abs: 0.0,
+        max_rel: bad as f32,
+        tol: 0.0,
+        tol_name: "bit-exact",
+        pass: bad == 0,
+    }
 }
 
 /// Relative error of a deferred HC split's post/comb against the CPU's (f32 sums in
