@@ -911,29 +911,22 @@ __device__ __forceinline__ void mv_q8_0_tma(const MvSegs& sg, int rows, int tota
     TRACE_BLOCK(3);
 }
 
-#define MV_Q8_TMA(PPL, SR)                                                                      \
-    extern "C" __global__ void __launch_bounds__(((PPL < 16 ? 16 : 8) + 1) * 32, 1)              \
-        mv_q8_0_tma_p##PPL##_r##SR(                                                             \
+// SEGS (several matrices of one input): rows = total, no quantized copy.
+#define MV_Q8_TMA_K(NAME, PPL, SR, SEGS)                                                        \
+    extern "C" __global__ void __launch_bounds__(((PPL < 16 ? 16 : 8) + 1) * 32, 1) NAME(        \
         MvSegs sg, int rows, int total, int rpw, int nbuf, int depth,                           \
         const i8* __restrict__ xq, const float* __restrict__ xd, int waiter,                    \
         i8* __restrict__ qout, float* __restrict__ dout, HcSplitJob split) {                    \
-        mv_q8_0_tma<PPL, SR, false>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter, qout,    \
-                                    dout, split);                                               \
+        mv_q8_0_tma<PPL, SR, SEGS>(sg, rows, total, rpw, nbuf, depth, xq, xd, waiter, qout,     \
+                                   dout, split);                                                \
     }
+#define MV_Q8_TMA(PPL, SR) MV_Q8_TMA_K(mv_q8_0_tma_p##PPL##_r##SR, PPL, SR, false)
 MV_Q8_TMA(2, 4)
 MV_Q8_TMA(4, 2)
 MV_Q8_TMA(8, 1)
 MV_Q8_TMA(16, 1)
-// Several matrices of one input in one launch (no quantized copy of the output).
-#define MV_Q8_TMA_SEGS(PPL, SR)                                                                 \
-    extern "C" __global__ void __launch_bounds__(((PPL < 16 ? 16 : 8) + 1) * 32, 1)              \
-        mv_q8_0_tma_segs_p##PPL##_r##SR(MvSegs sg, int total, int rpw, int nbuf, int depth,      \
-                                        const i8* __restrict__ xq, const float* __restrict__ xd, \
-                                        int waiter) {                                           \
-        mv_q8_0_tma<PPL, SR, true>(sg, total, total, rpw, nbuf, depth, xq, xd, waiter, nullptr,  \
-                                   nullptr, HcSplitJob{});                                      \
-    }
-MV_Q8_TMA_SEGS(8, 1)
+// Several matrices of one input in one launch (q_a + kv).
+MV_Q8_TMA_K(mv_q8_0_tma_segs_p8_r1, 8, 1, true)
 #endif
 
 // ---------------------------------------------------------------------------

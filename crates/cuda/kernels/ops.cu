@@ -1274,133 +1274,81 @@ __device__ __forceinline__ uint2 ld_nc_u32x2_pinned(const void* p) {
     return v;
 }
 
-__device__ __forceinline__ u32 ld_nc_u32_pinned(const void* p) {
-    u32 v;
-    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
-template <int CPT>
-__device__ __forceinline__ void hc3_load(const float* p, float (&v)[CPT]) {
-    if (CPT == 4) {
-        const float4 t = *(const float4*)p;
-        v[0] = t.x; v[1 % CPT] = t.y; v[2 % CPT] = t.z; v[3 % CPT] = t.w;
-    } else if (CPT == 2) {
-        const float2 t = *(const float2*)p;
-        v[0] = t.x; v[1 % CPT] = t.y;
-    } else {
-        v[0] = *p;
-    }
-}
-template <int CPT>
-__device__ __forceinline__ void hc3_store(float* p, const float (&v)[CPT]) {
-    if (CPT == 4)
-        *(float4*)p = make_float4(v[0], v[1 % CPT], v[2 % CPT], v[3 % CPT]);
-    else if (CPT == 2)
-        *(float2*)p = make_float2(v[0], v[1 % CPT]);
-    else
-        *p = v[0];
-}
-
-// The sublayer output at columns j..j+CPT-1: `sub`, or the routed rows summed in
-// moe_sum's order, then the shared row (hc_pm_sub_out's order, CPT columns).
-template <int CPT>
-__device__ __forceinline__ void hc3_sub_out(const float* sub, const float* routed,
-                                            const float* shared, int k_routed, int e, int j,
-                                            float (&o)[CPT]) {
-    if (!routed) {
-        hc3_load<CPT>(sub + j, o);
-        return;
-    }
-    float rv[8][CPT], sh[CPT];
-#pragma unroll
-    for (int s = 0; s < 8; s++) {
-        if (s < k_routed) hc3_load<CPT>(routed + (long long)s * e + j, rv[s]);
-        else
-#pragma unroll
-            for (int c = 0; c < CPT; c++) rv[s][c] = 0.0f;
-    }
-    hc3_load<CPT>(shared + j, sh);
-#pragma unroll
-    for (int c = 0; c < CPT; c++) o[c] = 0.0f;
+// The sublayer output at columns j..j+3: `sub`, or the routed rows summed in
+// moe_sum's order, then the shared row (hc_pm_sub_out's order, four columns).
+__device__ __forceinline__ float4 hc3_sub_out(const float* sub, const float* routed,
+                                              const float* shared, int k_routed, int e, int j) {
+    if (!routed) return *(const float4*)(sub + j);
+    float4 rv[8];
 #pragma unroll
     for (int s = 0; s < 8; s++)
-        if (s < k_routed)
+        rv[s] = s < k_routed ? *(const float4*)(routed + (long long)s * e + j) : make_float4(0, 0, 0, 0);
+    const float4 sh = *(const float4*)(shared + j);
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-            for (int c = 0; c < CPT; c++) o[c] += rv[s][c];
+    for (int s = 0; s < 8; s++)
+        if (s < k_routed) { o.x += rv[s].x; o.y += rv[s].y; o.z += rv[s].z; o.w += rv[s].w; }
     for (int s = 8; s < k_routed; s++) {
-        float r[CPT];
-        hc3_load<CPT>(routed + (long long)s * e + j, r);
-#pragma unroll
-        for (int c = 0; c < CPT; c++) o[c] += r[c];
+        const float4 r = *(const float4*)(routed + (long long)s * e + j);
+        o.x += r.x; o.y += r.y; o.z += r.z; o.w += r.w;
     }
-#pragma unroll
-    for (int c = 0; c < CPT; c++) o[c] += sh[c];
+    o.x += sh.x; o.y += sh.y; o.z += sh.z; o.w += sh.w;
+    return o;
 }
 
-// CPT columns a thread (4: grid e / 256; 2: grid e / 128, half the registers).
-template <int CPT>
-__device__ __forceinline__ void hc_post_mix_v3_body(const float* sub, const float* routed,
-                                                    const float* shared, int k_routed,
-                                                    const float* post, const float* comb,
-                                                    float* state, int e, const u16* __restrict__ fn,
-                                                    float* __restrict__ part,
-                                                    double* __restrict__ gram) {
+extern "C" __global__ void __launch_bounds__(256)
+    hc_post_mix_v3(const float* sub, const float* routed, const float* shared, int k_routed,
+                   const float* post, const float* comb, float* state, int e,
+                   const u16* __restrict__ fn, float* __restrict__ part, double* __restrict__ gram) {
     constexpr int HC = 4, NM = 24, NQ = NM / 4;
     __shared__ float redf[8][NQ];
     __shared__ double redd[8][4];
     const int blk = blockIdx.x;
     const int g = threadIdx.x >> 6;
-    const int j = blk * 64 * CPT + CPT * (threadIdx.x & 63);
+    const int j = blk * HC3_COLS + 4 * (threadIdx.x & 63);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long K = 4LL * e;
     PDL_TRIGGER();
     TRACE_BLOCK(0);
-    // This thread's fn weights (rows g + 4q, streams d, its columns), loaded while the
-    // kernel before runs (pinned: the compiler would sink them past the wait).
-    u16 wv[NQ][4][CPT];
+    // This thread's fn weights (rows g + 4q, streams d, columns j..j+3), loaded while
+    // the kernel before runs (pinned: the compiler would sink them past the wait).
+    uint2 wv[NQ][4];
 #pragma unroll
     for (int q = 0; q < NQ; q++)
 #pragma unroll
-        for (int d = 0; d < 4; d++) {
-            const u16* src = fn + (g + 4 * q) * K + d * e + j;
-            if (CPT == 4) {
-                const uint2 v = ld_nc_u32x2_pinned(src);
-                wv[q][d][0] = (u16)(v.x & 0xffffu);
-                wv[q][d][1 % CPT] = (u16)(v.x >> 16);
-                wv[q][d][2 % CPT] = (u16)(v.y & 0xffffu);
-                wv[q][d][3 % CPT] = (u16)(v.y >> 16);
-            } else if (CPT == 2) {
-                const u32 v = ld_nc_u32_pinned(src);
-                wv[q][d][0] = (u16)(v & 0xffffu);
-                wv[q][d][1 % CPT] = (u16)(v >> 16);
-            } else {
-                wv[q][d][0] = ld_nc_u16_pinned(src);
-            }
-        }
+        for (int d = 0; d < 4; d++) wv[q][d] = ld_nc_u32x2_pinned(fn + (g + 4 * q) * K + d * e + j);
     if (e > 0) PDL_WAIT();
     TRACE_BLOCK(1);
     const float4 p4 = *(const float4*)post;
     const float4* c4 = (const float4*)comb;
     const float4 cr[4] = {c4[0], c4[1], c4[2], c4[3]};
-    float o[CPT], x[HC][CPT];
-    hc3_sub_out<CPT>(sub, routed, shared, k_routed, e, j, o);
+    const float4 o4 = hc3_sub_out(sub, routed, shared, k_routed, e, j);
+    float4 old[HC];
 #pragma unroll
-    for (int a = 0; a < HC; a++) hc3_load<CPT>(state + (long long)a * e + j, x[a]);
+    for (int a = 0; a < HC; a++) old[a] = *(const float4*)(state + (long long)a * e + j);
     const float p[4] = {p4.x, p4.y, p4.z, p4.w};
     const float c[16] = {cr[0].x, cr[0].y, cr[0].z, cr[0].w, cr[1].x, cr[1].y, cr[1].z, cr[1].w,
                          cr[2].x, cr[2].y, cr[2].z, cr[2].w, cr[3].x, cr[3].y, cr[3].z, cr[3].w};
     // The merge (hc_pm_new_state's order).
-    float nw[HC][CPT];
+    float nw[HC][4];
     double ss = 0.0;
+    {
+        const float o[4] = {o4.x, o4.y, o4.z, o4.w};
+        float x[HC][4];
 #pragma unroll
-    for (int d = 0; d < HC; d++) {
+        for (int a = 0; a < HC; a++) {
+            x[a][0] = old[a].x; x[a][1] = old[a].y; x[a][2] = old[a].z; x[a][3] = old[a].w;
+        }
 #pragma unroll
-        for (int cc = 0; cc < CPT; cc++) {
-            float v = p[d] * o[cc];
+        for (int d = 0; d < HC; d++) {
 #pragma unroll
-            for (int a = 0; a < HC; a++) v += c[a * HC + d] * x[a][cc];
-            nw[d][cc] = v;
-            if (g == 0) ss += (double)v * (double)v;
+            for (int cc = 0; cc < 4; cc++) {
+                float v = p[d] * o[cc];
+#pragma unroll
+                for (int a = 0; a < HC; a++) v += c[a * HC + d] * x[a][cc];
+                nw[d][cc] = v;
+                if (g == 0) ss += (double)v * (double)v;
+            }
         }
     }
     // Mix rows g + 4q over the thread's columns, and the group's Gram entries.
@@ -1409,9 +1357,12 @@ __device__ __forceinline__ void hc_post_mix_v3_body(const float* sub, const floa
     for (int q = 0; q < NQ; q++) {
         float v = 0.0f;
 #pragma unroll
-        for (int d = 0; d < HC; d++)
-#pragma unroll
-            for (int cc = 0; cc < CPT; cc++) v = fmaf(h2f(wv[q][d][cc]), nw[d][cc], v);
+        for (int d = 0; d < HC; d++) {
+            v = fmaf(h2f((u16)(wv[q][d].x & 0xffffu)), nw[d][0], v);
+            v = fmaf(h2f((u16)(wv[q][d].x >> 16)), nw[d][1], v);
+            v = fmaf(h2f((u16)(wv[q][d].y & 0xffffu)), nw[d][2], v);
+            v = fmaf(h2f((u16)(wv[q][d].y >> 16)), nw[d][3], v);
+        }
         acc[q] = warp_sum(v);
     }
     double gm[3];
@@ -1425,7 +1376,7 @@ __device__ __forceinline__ void hc_post_mix_v3_body(const float* sub, const floa
         if (k < HC3_GRAM) {
             // Selects, not indexing by the runtime s, t (that puts nw in local memory).
 #pragma unroll
-            for (int cc = 0; cc < CPT; cc++) {
+            for (int cc = 0; cc < 4; cc++) {
                 const float a = s == 0 ? nw[0][cc] : s == 1 ? nw[1][cc] : s == 2 ? nw[2][cc] : nw[3][cc];
                 const float b = t == 0 ? nw[0][cc] : t == 1 ? nw[1][cc] : t == 2 ? nw[2][cc] : nw[3][cc];
                 v += (double)a * (double)b;
@@ -1458,21 +1409,11 @@ __device__ __forceinline__ void hc_post_mix_v3_body(const float* sub, const floa
     // Every group has read the old state (the barrier above): group 0 writes X'.
     if (g == 0) {
 #pragma unroll
-        for (int d = 0; d < HC; d++) hc3_store<CPT>(state + (long long)d * e + j, nw[d]);
+        for (int d = 0; d < HC; d++)
+            *(float4*)(state + (long long)d * e + j) = make_float4(nw[d][0], nw[d][1], nw[d][2], nw[d][3]);
     }
     TRACE_BLOCK(3);
 }
-#define HC_POST_MIX_V3(NAME, CPT)                                                               \
-    extern "C" __global__ void __launch_bounds__(256)                                           \
-        NAME(const float* sub, const float* routed, const float* shared, int k_routed,          \
-             const float* post, const float* comb, float* state, int e,                         \
-             const u16* __restrict__ fn, float* __restrict__ part, double* __restrict__ gram) { \
-        hc_post_mix_v3_body<CPT>(sub, routed, shared, k_routed, post, comb, state, e, fn, part, \
-                                 gram);                                                         \
-    }
-HC_POST_MIX_V3(hc_post_mix_v3, 4)
-HC_POST_MIX_V3(hc_post_mix_v3_c2, 2)
-HC_POST_MIX_V3(hc_post_mix_v3_c1, 1)
 
 // 64 threads a block, 256 columns (grid e / 256); np partial rows.
 extern "C" __global__ void __launch_bounds__(64)

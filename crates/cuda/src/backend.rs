@@ -420,8 +420,7 @@ struct Ops {
     hc_pre_finish_v2: CudaFunction,
     hc_pre_finish_v2_t256: CudaFunction,
     hc_post_mix_v2: CudaFunction,
-    /// `hc_post_mix_v3` with 4, 2, 1 columns a thread (index 0, 1, 2).
-    hc_post_mix_v3: [CudaFunction; 3],
+    hc_post_mix_v3: CudaFunction,
     hc_pre_finish_v3: CudaFunction,
     hc_split_v3: CudaFunction,
     hc_post: CudaFunction,
@@ -519,11 +518,7 @@ impl Ops {
             hc_pre_finish_v2: f("hc_pre_finish_v2")?,
             hc_pre_finish_v2_t256: f("hc_pre_finish_v2_t256")?,
             hc_post_mix_v2: f("hc_post_mix_v2")?,
-            hc_post_mix_v3: [
-                f("hc_post_mix_v3")?,
-                f("hc_post_mix_v3_c2")?,
-                f("hc_post_mix_v3_c1")?,
-            ],
+            hc_post_mix_v3: f("hc_post_mix_v3")?,
             hc_pre_finish_v3: f("hc_pre_finish_v3")?,
             hc_split_v3: f("hc_split_v3")?,
             hc_post: f("hc_post")?,
@@ -1029,8 +1024,6 @@ pub struct CudaBackend {
     /// product attn_output_a's waiting warp, the shared expert's SwiGLU on the side
     /// branch) or `hc_settle` launches it before post/comb are next read or written.
     hc_pending: Mutex<Option<HcSplitJob>>,
-    /// Columns a thread of `hc_post_mix_v3` takes (`DS4_HC_V3_CPT`: 4, 2 or 1).
-    hc_v3_cpt: usize,
     /// Kernels on the way carry the deferred split (`DS4_HC_CARRY=0`: it is launched on
     /// its own before the next merge, for A/B runs).
     hc_carry: bool,
@@ -1142,11 +1135,6 @@ impl CudaBackend {
             hc_v3: std::sync::atomic::AtomicBool::new(crate::launch::env_switch("DS4_HC_V3")),
             hc_pending: Mutex::new(None),
             hc_carry: crate::launch::env_switch("DS4_HC_CARRY"),
-            hc_v3_cpt: match std::env::var("DS4_HC_V3_CPT").ok().as_deref() {
-                Some("1") => 1,
-                Some("2") => 2,
-                _ => 4,
-            },
             moe_sum_fold: crate::launch::env_switch("DS4_MOE_SUM_FOLD"),
             fold_moe_sum: std::sync::atomic::AtomicBool::new(false),
             moe_parts: Mutex::new(None),
@@ -1218,23 +1206,30 @@ impl CudaBackend {
             .map_err(|_| MError::Backend("hc_pending poisoned".into()))
     }
 
-    /// The deferred split, for a kernel that carries it (given back with
-    /// `restore_split` when that kernel is not launched after all).
-    fn take_split(&self) -> MResult<Option<HcSplitJob>> {
-        Ok(self.pending_split()?.take())
-    }
-
-    fn restore_split(&self, job: Option<HcSplitJob>) -> MResult<()> {
-        if job.is_some() {
+    /// `launch` with the deferred split to carry (when `can` and `DS4_HC_CARRY` allow
+    /// it): the split stays pending unless `launch` returns true (it launched a kernel
+    /// carrying it).
+    fn carry_split(
+        &self,
+        can: bool,
+        launch: impl FnOnce(Option<&HcSplitJob>) -> MResult<bool>,
+    ) -> MResult<bool> {
+        let job = if can && self.hc_carry {
+            self.pending_split()?.take()
+        } else {
+            None
+        };
+        let launched = launch(job.as_ref());
+        if job.is_some() && !matches!(launched, Ok(true)) {
             *self.pending_split()? = job;
         }
-        Ok(())
+        launched
     }
 
     /// Makes post/comb of the last v3 step if no kernel has carried its split yet:
     /// before anything reads or writes them.
     pub(crate) fn hc_settle(&self) -> MResult<()> {
-        let Some(job) = self.take_split()? else {
+        let Some(job) = self.pending_split()?.take() else {
             return Ok(());
         };
         let cfg = LaunchConfig {
@@ -2128,19 +2123,12 @@ impl CudaBackend {
             y: out.buf.ptr,
         };
         // attn_output_a carries a deferred HC split on its waiting warp.
-        let job = if self.hc_carry && self.kernels.tma_carries_split() {
-            self.take_split()?
-        } else {
-            None
-        };
-        let taken = self
-            .kernels
-            .matvec_quant_out(self.stream(), &m, act_out, job.as_ref())
-            .map_err(be);
-        if !matches!(taken, Ok(true)) {
-            self.restore_split(job)?;
-        }
-        if !taken? {
+        let taken = self.carry_split(self.kernels.tma_carries_split(), |job| {
+            self.kernels
+                .matvec_quant_out(self.stream(), &m, act_out, job)
+                .map_err(be)
+        })?;
+        if !taken {
             // The input copy is made: the plain product reads it.
             self.kernels.matvec_ld(self.stream(), &m, per).map_err(be)?;
             return Ok(true);
@@ -2419,9 +2407,6 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// Whether `hc_post_pre_norm` runs as one fused merge + mixes pass (`hc_post_mix`).
-    /// Decode: one pass over the state merges and sums the next mixes per column block.
-    /// Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
     /// Whether decode's HC step runs as v3 (`hc_step_v3`): one token, hc = 4 with 24
     /// mix rows, whole 256-column blocks, post/comb float4-aligned.
     #[allow(clippy::too_many_arguments)]
@@ -2470,8 +2455,7 @@ impl CudaBackend {
             "hc_pre: norm weight length".into()
         })?;
         let norm_ptr = norm.dense_ptr()?;
-        let cpt = self.hc_v3_cpt;
-        let np = e / (64 * cpt);
+        let np = e / HC3_COLS;
         // Partial rows (floats), then the Gram partials (f64, 8-byte aligned).
         let rows_f = (np * HC3_PART_STRIDE).next_multiple_of(2);
         let part = self
@@ -2495,12 +2479,7 @@ impl CudaBackend {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mix = &self.ops.hc_post_mix_v3[match cpt {
-            4 => 0,
-            2 => 1,
-            _ => 2,
-        }];
-        self.launch(mix, cfg(np, 256), |b| {
+        self.launch(&self.ops.hc_post_mix_v3, cfg(np, 256), |b| {
             b.arg(&sbp)
                 .arg(&routed)
                 .arg(&shared)
@@ -2516,7 +2495,7 @@ impl CudaBackend {
         let quant = self.y_quant(Some(norm), y, 1, e)?;
         let (sc, bs) = (next.scale.dense_ptr()?, next.base.dense_ptr()?);
         let (np32, he, re, yp) = (np as i32, s.hc_eps, s.rms_eps, y.buf.ptr);
-        self.launch(&self.ops.hc_pre_finish_v3, cfg(e / HC3_COLS, 64), |b| {
+        self.launch(&self.ops.hc_pre_finish_v3, cfg(np, 64), |b| {
             b.arg(&xp)
                 .arg(&e32)
                 .arg(&part)
@@ -2547,6 +2526,9 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether `hc_post_pre_norm` runs as one fused merge + mixes pass (`hc_post_mix`).
+    /// Decode: one pass over the state merges and sums the next mixes per column block.
+    /// Chunks keep hc_mix_part, which reuses each weight slice over 8 tokens.
     fn hc_post_fusable(
         &self,
         sub: &CudaAct,
@@ -4399,17 +4381,10 @@ impl<'w> Backend<'w> for CudaBackend {
         let shared_down = || -> MResult<()> {
             // On the side branch, its SwiGLU carries a deferred HC split (one block
             // more), off the main chain.
-            let job = if branch && self.hc_carry {
-                self.take_split()?
-            } else {
-                None
-            };
-            let quantized =
-                self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid, false, job.as_ref());
-            if !matches!(quantized, Ok(true)) {
-                self.restore_split(job)?;
-            }
-            if !quantized? {
+            let quantized = self.carry_split(branch, |job| {
+                self.swiglu_into_act(&w.down_sh, sg, su, n, 0, clamp, smid, false, job)
+            })?;
+            if !quantized {
                 swiglu(sg, su, n, 0, smid)?;
             }
             let r = self.matmul_raw(&w.down_sh, 0, e, smid, ff, n, sout, e);

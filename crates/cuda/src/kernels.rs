@@ -1950,8 +1950,9 @@ impl Kernels {
     }
 
     /// A decode Q8_0 product through `mv_q8_0_tma_*` when it takes this shape (one
-    /// segment, one token, no expert ids, slots contiguous with their own activation
-    /// rows, big enough); false to leave it to the other kernels.
+    /// token, no expert ids; one matrix with its slots contiguous, each with its own
+    /// activation row, big enough, or `mv_q8_0_tma_segs_*` for several matrices of one
+    /// input); false to leave it to the other kernels.
     #[allow(clippy::too_many_arguments)]
     fn try_q8_tma(
         &self,
@@ -1974,36 +1975,65 @@ impl Kernels {
                 detail: "an HC split given to a TMA product without a waiting warp".into(),
             });
         }
-        if n_segs > 1 {
-            return self.try_q8_tma_segs(stream, m, sg, n_segs, rb, act);
-        }
-        let Some((sr, func)) = self.tma_kernel(m.k) else {
+        // Several matrices of one input (`mv_q8_0_tma_segs_*`): one slot, no quantized
+        // copy, every matrix start a multiple of the stage rows, the bytes in the
+        // `DS4_MV_TMA_SEG_MB` range; one matrix: its slots contiguous, big enough.
+        let segs = n_segs > 1;
+        let kernel = if segs {
+            self.mv_q8_tma_segs
+                .iter()
+                .find(|((ppl, _), _)| m.k.is_multiple_of(512) && *ppl == m.k / 512)
+                .map(|((_, sr), f)| (*sr, f))
+        } else {
+            self.tma_kernel(m.k)
+        };
+        let Some((sr, func)) = kernel else {
             return Ok(false);
         };
-        let total = m.rows * m.slots;
-        let shaped = n_segs == 1
-            && m.ntok == 1
+        // Non-negative: seg_table made the starts from usizes.
+        let total = if segs {
+            sg.start[n_segs] as usize
+        } else {
+            m.rows * m.slots
+        };
+        let shaped = m.ntok == 1
             && m.ids == 0
             && m.x_group == 1
-            && (m.slots == 1 || m.w_slot_stride as usize == m.rows * rb)
-            && m.rows.is_multiple_of(sr)
-            && m.w.is_multiple_of(16)
-            && act.qs.ptr.is_multiple_of(16);
-        if !shaped || (forced != 2 && total * rb < self.tma_min_bytes) {
+            && sg.w.iter().take(n_segs).all(|w| w.is_multiple_of(16))
+            && act.qs.ptr.is_multiple_of(16)
+            && if segs {
+                m.slots == 1
+                    && q8_out.is_none()
+                    && (0..=n_segs).all(|i| (sg.start[i] as usize).is_multiple_of(sr))
+            } else {
+                (m.slots == 1 || m.w_slot_stride as usize == m.rows * rb)
+                    && m.rows.is_multiple_of(sr)
+            };
+        let big = if segs {
+            let (lo, hi) = self.tma_seg_bytes;
+            (lo..hi).contains(&(total * rb))
+        } else {
+            total * rb >= self.tma_min_bytes
+        };
+        if !shaped || (forced != 2 && !big) {
             return Ok(false);
         }
         let budget = match self.tma_smem.iter().find(|(k, _)| *k == 0 || *k == m.k) {
+            _ if segs => self.tma_seg_smem,
             Some(&(_, b)) => b,
             None if forced == 2 => 200 * 1024,
             None => return Ok(false),
         };
-        let warps = self
-            .tma_warps
-            .iter()
-            .find(|(k, _)| *k == 0 || *k == m.k)
-            .map_or(TMA_DEFAULT_WARPS, |&(_, w)| w)
-            // The K = 8192 kernel is compiled for 8 warps (its registers).
-            .min(if m.k >= 8192 { 8 } else { TMA_WARPS });
+        let warps = if segs {
+            TMA_DEFAULT_WARPS
+        } else {
+            self.tma_warps
+                .iter()
+                .find(|(k, _)| *k == 0 || *k == m.k)
+                .map_or(TMA_DEFAULT_WARPS, |&(_, w)| w)
+                // The K = 8192 kernel is compiled for 8 warps (its registers).
+                .min(if m.k >= 8192 { 8 } else { TMA_WARPS })
+        };
         let Some(plan) = plan_tma(
             total,
             rb,
@@ -2039,8 +2069,9 @@ impl Kernels {
             block_dim: ((plan.warps + waiter as usize) as u32 * 32, 1, 1),
             shared_mem_bytes: plan.smem as u32,
         };
+        // Several matrices: one slot of all their rows (the kernel's slot index stays 0).
         let (rows, total, rpw, nbuf) = (
-            m.rows as i32,
+            if segs { total } else { m.rows } as i32,
             total as i32,
             plan.rpw as i32,
             plan.nbuf as i32,
@@ -2058,82 +2089,12 @@ impl Kernels {
             .arg(&qout)
             .arg(&dout)
             .arg(&split);
-        // SAFETY: matches `MV_Q8_TMA`; checked above: one segment, K = 512·PPL (rows are
-        // 16-byte multiples, as the TMA copies need), slots contiguous, rows and rpw
-        // multiples of SR, the ring within the shared memory given, a Q8_0 copy (if any)
-        // of `total` values in whole 32-blocks; the kernel waits (PDL_WAIT) before it
-        // reads the activation or writes.
-        unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
-        Ok(true)
-    }
-
-    /// [`Self::try_q8_tma`] of several matrices of one input (`mv_q8_0_tma_segs_*`): one
-    /// slot, one token, every matrix start a multiple of the stage rows, the bytes in
-    /// the `DS4_MV_TMA_SEG_MB` range (or forced by the selftest).
-    fn try_q8_tma_segs(
-        &self,
-        stream: &Arc<CudaStream>,
-        m: &Matvec,
-        sg: &MvSegsArg,
-        n_segs: usize,
-        rb: usize,
-        act: &ActBuf,
-    ) -> Result<bool> {
-        let forced = self.tma_forced.load(std::sync::atomic::Ordering::Relaxed);
-        if forced == 1 || !m.k.is_multiple_of(512) {
-            return Ok(false);
-        }
-        let Some(&((_, sr), ref func)) = self
-            .mv_q8_tma_segs
-            .iter()
-            .find(|((ppl, _), _)| *ppl == m.k / 512)
-        else {
-            return Ok(false);
-        };
-        // Non-negative: seg_table made them from usizes.
-        let total = sg.start[n_segs] as usize;
-        let bytes = total * rb;
-        let (lo, hi) = self.tma_seg_bytes;
-        let shaped = m.ntok == 1
-            && m.ids == 0
-            && m.slots == 1
-            && m.x_group == 1
-            && (0..=n_segs).all(|i| (sg.start[i] as usize).is_multiple_of(sr))
-            && sg.w.iter().take(n_segs).all(|w| w.is_multiple_of(16))
-            && act.qs.ptr.is_multiple_of(16);
-        if !shaped || (forced != 2 && !(lo..hi).contains(&bytes)) {
-            return Ok(false);
-        }
-        let Some(plan) = plan_tma(
-            total,
-            rb,
-            sr,
-            self.sm_count.min(self.tma_blocks),
-            self.tma_seg_smem,
-            TMA_DEFAULT_WARPS,
-        ) else {
-            return Ok(false);
-        };
-        let waiter = i32::from(self.tma_waiter);
-        let cfg = LaunchConfig {
-            grid_dim: (plan.blocks as u32, 1, 1),
-            block_dim: ((plan.warps + waiter as usize) as u32 * 32, 1, 1),
-            shared_mem_bytes: plan.smem as u32,
-        };
-        let (total, rpw, nbuf) = (total as i32, plan.rpw as i32, plan.nbuf as i32);
-        let mut b = KernelArgs::new();
-        b.arg(sg)
-            .arg(&total)
-            .arg(&rpw)
-            .arg(&nbuf)
-            .arg(&self.tma_depth)
-            .arg(&act.qs.ptr)
-            .arg(&act.d.ptr)
-            .arg(&waiter);
-        // SAFETY: matches `MV_Q8_TMA_SEGS`; checked above: one slot and token, K =
-        // 512·PPL (16-byte rows), every matrix 16-byte aligned and starting at a multiple
-        // of SR rows, the ring within the shared memory given; the kernel waits
-        // (PDL_WAIT) before it reads the activation or writes.
+        // SAFETY: matches `MV_Q8_TMA_K`; checked above: K = 512·PPL (rows are 16-byte
+        // multiples, as the TMA copies need), 16-byte aligned matrices, slots contiguous
+        // (one matrix) or one slot with every matrix starting at a multiple of SR rows
+        // (several), rows and rpw multiples of SR, the ring within the shared memory
+        // given, a Q8_0 copy (one matrix only) of `total` values in whole 32-blocks; the
+        // kernel waits (PDL_WAIT) before it reads the activation or writes.
         unsafe { crate::launch::launch(stream, func, cfg, &mut b, self.pdl) }?;
         Ok(true)
     }
