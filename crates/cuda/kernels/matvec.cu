@@ -643,6 +643,9 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
     constexpr int R = NL / PPL;
     constexpr int K = 512 * PPL;
     constexpr int ROW_BYTES = K / 32 * 34;
+    // Trace marks (DS4_TRACE builds only): placed, wait returned, stored.
+    constexpr unsigned long long TB = PPL == 8 ? 16 : 20;
+    TRACE_BLOCK(TB);
     const auto [lane, slot, total, r0, e_off] = mv_regs_warp<R>(sg, w_expert_stride, ids, bx);
     uint4 w[R][PPL];
     u16 wd[R][PPL];
@@ -662,6 +665,7 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
         }
     }
     if (!ids) PDL_WAIT();  // the weights above stream in while the previous kernel finishes
+    TRACE_BLOCK(TB + 1);
     if (r0 >= total) return;
     for (int t = 0; t < ntok; t++) {
         const long long arow = (long long)(slot / x_group) * ntok + t;
@@ -681,6 +685,7 @@ __device__ __forceinline__ void mv_q8_0_regs(const MvSegs& sg, long long w_exper
         }
         mv_store_rows<R>(sg, acc, lane, r0, total, slot, ntok, t);
     }
+    TRACE_BLOCK(TB + 3);
 }
 
 #define MV_Q8_REGS(PPL, NL)                                                                     \
@@ -1711,6 +1716,9 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
     __shared__ __align__(16) u8 tab_s[TY == TY_IQ2_XXS && MATH == 0 ? IQ2_TAB_ROWS * 128 : 16];
     constexpr int DYN_TAB = TY == TY_IQ2_XXS && MATH == 1 ? 65536 : 0;
     const u8* tab = DYN_TAB ? mv2_smem : tab_s;
+    // Trace marks (DS4_TRACE builds only): placed, experts known, first stage in, done.
+    constexpr unsigned long long TB = TY == TY_IQ2_XXS ? 8 : 12;
+    TRACE_BLOCK(TB);
     PDL_TRIGGER();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // constant data: under the previous kernel's tail
@@ -1744,6 +1752,7 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
         // Early: written before the previous launch's wait returned; read past L1.
         expert = ra.ids_early ? __ldcg(ids + slot) : ids[slot];
     }
+    TRACE_BLOCK(TB + 1);
     const long long e_off = (long long)expert * w_expert_stride;
     const int total = sg.start[sg.n];
     const int gw = blockIdx.x * W + warp, nw = gridDim.x * W;
@@ -1819,6 +1828,7 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
         issue(g_next, ahead);
         g_next += nw;
         cp_async_wait_n<NST - 1>();
+        if (g == gw) TRACE_BLOCK(TB + 2);
         const u8* s = ring + st * STAGE;
         float acc[R];
 #pragma unroll
@@ -1875,6 +1885,7 @@ __device__ __forceinline__ void mv_k_v2f(const MvSegs& sg, long long w_expert_st
         st = st == NST - 1 ? 0 : st + 1;
     }
     cp_async_wait_n<0>();
+    TRACE_BLOCK(TB + 3);
 }
 
 // Blocks per multiprocessor asked of ptxas (register cap): two of up to 8 warps; Q2_K

@@ -33,7 +33,10 @@ __device__ __forceinline__ void ds4_trace_mark(unsigned long long tag) {
 __device__ __forceinline__ void ds4_trace_block(unsigned long long what) {
     unsigned long long* b = ds4_trace_ptr;
     if (!b || threadIdx.x | threadIdx.y) return;
-    ds4_trace_put(b, (1ULL << 62) | (what << 56) | (unsigned long long)gridDim.x << 20 | blockIdx.x);
+    // 2-D grids: the block's linear index and the whole count.
+    ds4_trace_put(b, (1ULL << 62) | (what << 56) |
+                         (unsigned long long)(gridDim.x * gridDim.y) << 20 |
+                         (blockIdx.y * gridDim.x + blockIdx.x));
 }
 #define TRACE_BLOCK(what) ds4_trace_block(what)
 // The trigger's entry (bit 63) tells when block 0 was placed.

@@ -60,26 +60,48 @@ pub fn pdl_enabled(sm_major: i32) -> bool {
 fn skipped_prefixes() -> &'static [String] {
     static SKIP: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     SKIP.get_or_init(|| {
-        let list: Vec<String> = std::env::var("DS4_SKIP_KERNELS")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(String::from)
-            .collect();
-        if !list.is_empty() {
-            tracing::warn!(
-                "DS4_SKIP_KERNELS={}: these kernels are not launched, results are wrong (timing diagnostic)",
-                list.join(",")
-            );
-        }
-        list
+        prefix_list(
+            "DS4_SKIP_KERNELS",
+            "these kernels are not launched, results are wrong (timing diagnostic)",
+        )
     })
+}
+
+/// Kernel-name prefixes from `DS4_NO_PDL_KERNELS`: those kernels are launched without
+/// PDL, so they are placed only once the kernel before them is complete (a timing
+/// diagnostic of block placement; results stay right).
+fn no_pdl_prefixes() -> &'static [String] {
+    static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        prefix_list(
+            "DS4_NO_PDL_KERNELS",
+            "these kernels are launched without PDL (timing diagnostic)",
+        )
+    })
+}
+
+/// The comma-separated list in `var`, announced with `what` when not empty.
+fn prefix_list(var: &str, what: &str) -> Vec<String> {
+    let list: Vec<String> = std::env::var(var)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect();
+    if !list.is_empty() {
+        tracing::warn!("{var}={}: {what}", list.join(","));
+    }
+    list
 }
 
 /// Whether `f` is one of the kernels `DS4_SKIP_KERNELS` names.
 pub(crate) fn is_skipped(f: &CudaFunction) -> bool {
-    let prefixes = skipped_prefixes();
+    name_in(f, skipped_prefixes())
+}
+
+/// Whether `f`'s name starts with one of `prefixes`.
+fn name_in(f: &CudaFunction, prefixes: &[String]) -> bool {
     if prefixes.is_empty() {
         return false;
     }
@@ -121,6 +143,7 @@ pub unsafe fn launch(
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
+    let pdl = pdl && !name_in(f, no_pdl_prefixes());
     let config = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
