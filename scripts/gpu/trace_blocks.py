@@ -16,7 +16,7 @@ import statistics
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log")
-    ap.add_argument("--grid", type=int, required=True, help="grid_x of the kernel")
+    ap.add_argument("--grid", type=int, required=True, help="the kernel's block count (grid_x · grid_y)")
     ap.add_argument("--block", type=int, default=0, help="block index to follow")
     a = ap.parse_args()
     events = []

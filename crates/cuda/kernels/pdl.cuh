@@ -27,9 +27,10 @@ __device__ __forceinline__ void ds4_trace_mark(unsigned long long tag) {
     ds4_trace_put(b, (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 20) |
                          ((unsigned long long)blockDim.x << 40) | tag);
 }
-// Every block's own moments (bit 62, `what` in bits 56..61, the grid in bits 20..39, the
-// block in bits 0..19): the TMA products note when each block was placed (0), its wait
-// returned (1), warp 0's first ring was in (2) and it ended (3).
+// Every block's own moments (bit 62, `what` in bits 56..61, the grid's block count in bits
+// 20..39, the block's linear index in bits 0..19): e.g. the TMA products note when each
+// block was placed (0), its wait returned (1), warp 0's first ring was in (2) and it
+// ended (3); the routed and Q8_0 register products use 8..15 and 16..23 (matvec.cu).
 __device__ __forceinline__ void ds4_trace_block(unsigned long long what) {
     unsigned long long* b = ds4_trace_ptr;
     if (!b || threadIdx.x | threadIdx.y) return;

@@ -291,7 +291,7 @@ pub mod trace {
                 (shape >> 40) & 0x7fffff
             ));
         }
-        // Per-block entries (bit 62): BLOCK t_us what grid_x block.
+        // Per-block entries (bit 62): BLOCK t_us what blocks block (count and linear index).
         for &(t, info) in &blocks {
             out.push_str(&format!(
                 "BLOCK {:.2} {} {} {}\n",
