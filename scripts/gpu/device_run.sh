@@ -19,7 +19,8 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 ctxs="${CTX:-2048,32768}"
 bench() { # quant
-  $ds4 bench --synthetic "$1" --ctx "$ctxs" --gen "${GEN:-64}" \
+  # BENCH_FLAGS: extra bench flags, e.g. --decode-before
+  $ds4 bench --synthetic "$1" --ctx "$ctxs" --gen "${GEN:-64}" ${BENCH_FLAGS:-} \
     --csv "$out/bench-$1.csv" --plot "$out/bench-$1.svg" 2>&1 | grep -v " INFO " | tee "$out/bench-$1.log"
   return "${PIPESTATUS[0]}"
 }

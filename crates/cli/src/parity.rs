@@ -191,6 +191,7 @@ pub fn run(
             for official in [false, true] {
                 let opts = ForwardOptions {
                     official_rounding: official,
+                    ..Default::default()
                 };
                 let cpu = Model::new(CpuBackend::new(&shape), shape.clone(), &file, opts)?;
                 let want = feed_all(&cpu, &tokens, tokens.len())?;
@@ -241,6 +242,33 @@ pub fn run(
                     "  ({name} {ty_name}: decode steps recorded {} time(s), replayed {})",
                     st.recorded, st.replayed
                 );
+                drop(gpu);
+                // The indexer run where it is skipped by default (it picks every row
+                // there): the same logits as the CPU's skipping run.
+                let always = ForwardOptions {
+                    always_index: true,
+                    ..opts
+                };
+                let gpu = Model::new(
+                    CudaBackend::new(rt.clone(), &shape)?,
+                    shape.clone(),
+                    &file,
+                    always,
+                )?;
+                let got = feed_all(&gpu, &tokens, 1)?;
+                let r = ParityResult::compare(
+                    format!(
+                        "{name} {ty_name} rounding {} decode, indexer always",
+                        if official { "on " } else { "off" }
+                    ),
+                    &got,
+                    &want,
+                    vocab,
+                    tol,
+                    sensitivity,
+                );
+                emit(&r);
+                results.push(r);
             }
         }
     }
@@ -275,6 +303,7 @@ pub fn op_checks(
         let shape = Config::from_gguf(&file)?.shape();
         let opts = ForwardOptions {
             official_rounding: false,
+            ..Default::default()
         };
         let cpu = Model::new(CpuBackend::new(&shape), shape.clone(), &file, opts)?;
         let gpu = Model::new(
@@ -448,6 +477,7 @@ pub fn wide_heads(
     let shape = config.shape();
     let opts = ForwardOptions {
         official_rounding: false,
+        ..Default::default()
     };
     let mut seed = 0x9e37_79b9_u64;
     let tokens: Vec<u32> = (0..160)

@@ -22,6 +22,7 @@ fn run(name: &str, seq: &str) {
         &file,
         ForwardOptions {
             official_rounding: false,
+            ..Default::default()
         },
     )
     .expect("model binds");
@@ -83,6 +84,7 @@ fn tiny_a_text_converted_f16() {
         &file,
         ForwardOptions {
             official_rounding: false,
+            ..Default::default()
         },
     )
     .expect("model binds to the f16 GGUF");
@@ -92,4 +94,53 @@ fn tiny_a_text_converted_f16() {
     let (err, pos) = max_rel_err(&got, &want, shape.vocab);
     eprintln!("tiny-a/text converted f16, chunk 7: {err:.3e} (position {pos})");
     assert!(err < TOL);
+}
+
+/// Skipping the indexer while every token sees at most top_k compressed rows (the
+/// default) gives the same logits, bit for bit, as running it (it would pick every row,
+/// in order), in prefill, chunked prefill and decode, across the position where the
+/// indexer starts to matter.
+#[test]
+fn indexer_skip_is_exact() {
+    for name in ["tiny-a", "tiny-b"] {
+        let (shape, file) = load_gguf(name);
+        let (tokens, _) = load_seq(name, "random");
+        let csa_ratio = shape
+            .layer_kinds
+            .iter()
+            .filter(|k| k.is_csa())
+            .map(|k| k.ratio())
+            .min()
+            .expect("the fixture has CSA layers");
+        assert!(
+            tokens.len() / csa_ratio > shape.indexer_top_k,
+            "{name}: the sequence must reach the indexer's threshold"
+        );
+        let logits = |always_index: bool, chunk: usize| {
+            let model = Model::new(
+                CpuBackend::new(&shape),
+                shape.clone(),
+                &file,
+                ForwardOptions {
+                    official_rounding: true,
+                    always_index,
+                },
+            )
+            .expect("model binds");
+            let mut s = Session::new(&model, tokens.len() + 8, chunk).unwrap();
+            let mut got = Vec::new();
+            s.feed(&tokens, chunk, Some(&mut got)).unwrap();
+            got
+        };
+        for chunk in [tokens.len(), 7, 1] {
+            let (skipped, indexed) = (logits(false, chunk), logits(true, chunk));
+            assert_eq!(skipped.len(), indexed.len());
+            let differ = skipped
+                .iter()
+                .zip(&indexed)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{name}, chunk {chunk}: {differ} logits differ");
+        }
+    }
 }

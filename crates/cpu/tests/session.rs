@@ -256,6 +256,7 @@ fn quantised_variant_vs_dequantised() {
     let toks = tokens(64);
     let opts = ForwardOptions {
         official_rounding: false,
+        ..Default::default()
     };
     let run = |src: &GgufFile| {
         let m = Model::new(CpuBackend::new(&shape), shape.clone(), src, opts).unwrap();

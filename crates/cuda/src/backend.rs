@@ -188,7 +188,7 @@ struct DevLayer {
 
 /// A recorded decode step and what it was recorded for.
 struct StepGraph {
-    key: (u64, u64),
+    key: (u64, u64, u64),
     graph: CudaGraph,
 }
 
@@ -287,7 +287,7 @@ pub struct CudaKv {
     graph: Option<StepGraph>,
     /// Key of the last unrecorded decode step (the first step allocates scratch, so it
     /// runs directly; the second is recorded).
-    warm: Option<(u64, u64)>,
+    warm: Option<(u64, u64, u64)>,
 }
 
 // SAFETY: the graph and buffers are only used through `&mut CudaKv` / the backend's one
@@ -2853,6 +2853,7 @@ impl CudaBackend {
         sinks: &CudaWeight,
         sel: Option<&CudaIdx>,
         n: usize,
+        pos_end: usize,
         out: &mut CudaAct,
         defer_merge_up_to: usize,
     ) -> MResult<Option<(u64, usize)>> {
@@ -2876,6 +2877,21 @@ impl CudaBackend {
         if n == 0 {
             return Ok(None);
         }
+        // The keys planned for: every cached compressed row, or where a layer with an
+        // indexer attends without a selection (the indexer skipped: no token of the
+        // chunk sees more than top_k rows, the forward's rule), top_k of them, the
+        // same split plan as with the indexer's picks.
+        let mut comp_cap = l.comp.as_ref().map_or(0, |(c, _)| c.cap);
+        if sel.is_none() && l.index.is_some() && ratio > 0 {
+            let top_k = s.indexer_top_k;
+            check(pos_end / ratio <= top_k, || {
+                format!(
+                    "attention: layer {layer} without the indexer's picks at position {pos_end} \
+                     (more than {top_k} compressed rows)"
+                )
+            })?;
+            comp_cap = comp_cap.min(top_k);
+        }
         if self.attn.handles(nh, hd) {
             let mut a = crate::attention::AttnLaunch {
                 q: q.buf.ptr,
@@ -2885,7 +2901,7 @@ impl CudaBackend {
                 ring: l.raw.ptr,
                 ring_cap: l.raw_cap,
                 comp: comp_ptr,
-                comp_cap: l.comp.as_ref().map_or(0, |(c, _)| c.cap),
+                comp_cap,
                 ratio,
                 sel: sel.map_or(0, |sl| sl.buf.ptr),
                 sel_k: sel.map_or(0, |sl| sl.k),
@@ -4164,10 +4180,10 @@ impl<'w> Backend<'w> for CudaBackend {
         sinks: &CudaWeight,
         sel: Option<&CudaIdx>,
         n: usize,
-        _pos0: usize,
+        pos0: usize,
         out: &mut CudaAct,
     ) -> MResult<()> {
-        self.attention_impl(kv, layer, q, rows, sinks, sel, n, out, 0)
+        self.attention_impl(kv, layer, q, rows, sinks, sel, n, pos0 + n, out, 0)
             .map(|_| ())
     }
 
@@ -4197,7 +4213,8 @@ impl<'w> Backend<'w> for CudaBackend {
         } else {
             0
         };
-        let merge = self.attention_impl(kv, layer, q, rows, sinks, sel, n, attn, defer)?;
+        let merge =
+            self.attention_impl(kv, layer, q, rows, sinks, sel, n, pos0 + n, attn, defer)?;
         let merge = merge.map(|(part, ns)| -> MResult<MergeSplits> {
             Ok(MergeSplits {
                 part,
@@ -4625,6 +4642,7 @@ impl<'w> Backend<'w> for CudaBackend {
         &self,
         n: usize,
         bufs_id: u64,
+        variant: u64,
         kv: &mut CudaKv,
         body: &mut dyn FnMut(&mut CudaKv) -> MResult<()>,
     ) -> MResult<()> {
@@ -4634,7 +4652,7 @@ impl<'w> Backend<'w> for CudaBackend {
             return ran;
         }
         let epoch = self.scratch()?.epoch;
-        let key = (bufs_id, epoch);
+        let key = (bufs_id, epoch, variant);
         if let Some(g) = &kv.graph
             && g.key == key
         {

@@ -22,9 +22,9 @@ use crate::backend::{CudaBackend, CudaWeight};
 use crate::runtime::CudaRuntime;
 use crate::{Error, Result};
 
-/// Most untimed decode steps before the timed ones (normally 2-3: run directly, recorded,
-/// replayed).
-const DECODE_WARM_MAX: usize = 6;
+/// Most untimed decode steps before the timed ones (normally 3: run directly, recorded,
+/// replayed; 3 more where the indexer starts to run just past the frontier).
+const DECODE_WARM_MAX: usize = 8;
 
 /// Options of the model benchmark.
 #[derive(Debug, Clone)]
@@ -39,6 +39,11 @@ pub struct ModelBenchOpts {
     /// Timed decode steps per frontier.
     pub gen_steps: usize,
     pub seed: u64,
+    /// Time the decode steps that end at each frontier (the last one sees ctx tokens)
+    /// instead of those just past it.
+    pub decode_before: bool,
+    /// Run the indexer where it is skipped by default (see `ForwardOptions`).
+    pub always_index: bool,
 }
 
 /// One frontier's measurement.
@@ -115,7 +120,12 @@ fn bytes(w: &CudaWeight) -> usize {
 
 /// Weight bytes a decode step reads: every matrix once, `used / n_expert` of the routed
 /// experts, the output head (norm vectors and the one embedding row are negligible).
-pub fn decode_step_bytes(w: &ModelWeights<CudaWeight>, used: usize, n_expert: usize) -> usize {
+pub fn decode_step_bytes(
+    w: &ModelWeights<CudaWeight>,
+    used: usize,
+    n_expert: usize,
+    indexer_runs: bool,
+) -> usize {
     let mut total = bytes(&w.output) + bytes(&w.hc_head.fn_);
     for l in &w.layers {
         let a = &l.attn;
@@ -125,10 +135,10 @@ pub fn decode_step_bytes(w: &ModelWeights<CudaWeight>, used: usize, n_expert: us
             total += bytes(&c.kv) + bytes(&c.gate);
         }
         if let Some(ix) = &a.indexer {
-            total += bytes(&ix.q_b)
-                + bytes(&ix.proj)
-                + bytes(&ix.compressor.kv)
-                + bytes(&ix.compressor.gate);
+            total += bytes(&ix.compressor.kv) + bytes(&ix.compressor.gate);
+            if indexer_runs {
+                total += bytes(&ix.q_b) + bytes(&ix.proj);
+            }
         }
         let f = &l.ffn;
         total += bytes(&f.router) + bytes(&f.gate_sh) + bytes(&f.up_sh) + bytes(&f.down_sh);
@@ -182,18 +192,30 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
     let src = SharedLayers { proto: &proto, map };
     let t0 = Instant::now();
-    let model =
-        Model::new(backend, shape.clone(), &src, ForwardOptions::default()).map_err(model_err)?;
+    let options = ForwardOptions {
+        always_index: opts.always_index,
+        ..Default::default()
+    };
+    let model = Model::new(backend, shape.clone(), &src, options).map_err(model_err)?;
     let uploaded_bytes = model.backend.uploaded_bytes();
     log(&format!(
         "uploaded {:.1} GB of distinct weights in {:.1} s ({layers} layers)",
         uploaded_bytes as f64 / 1e9,
         t0.elapsed().as_secs_f64()
     ));
-    let step_bytes = decode_step_bytes(&model.weights, shape.n_expert_used, shape.n_expert);
+    let (used, ne) = (shape.n_expert_used, shape.n_expert);
+    let step_bytes = decode_step_bytes(&model.weights, used, ne, true);
+    let step_bytes_short = decode_step_bytes(&model.weights, used, ne, opts.always_index);
     log(&format!(
-        "weights read per decoded token: {:.2} GB",
-        step_bytes as f64 / 1e9
+        "weights read per decoded token: {:.2} GB ({:.2} GB while no token sees more than {} compressed rows: the indexer {})",
+        step_bytes as f64 / 1e9,
+        step_bytes_short as f64 / 1e9,
+        shape.indexer_top_k,
+        if opts.always_index {
+            "still runs (--always-index)"
+        } else {
+            "is skipped"
+        }
     ));
 
     let total = max_ctx + (gen_steps + 2) * frontiers.len() + 8;
@@ -212,8 +234,21 @@ pub fn run(
             log(&format!("ctx {ctx}: already past it (at {pos}); skipped"));
             continue;
         }
-        // Prefill up to the frontier; the last chunk ends exactly at it.
-        let seg: Vec<u32> = (pos..ctx).map(|_| next_token()).collect();
+        // Prefill up to the frontier, the last chunk ending exactly at it; with
+        // decode_before, up to where the warm-up and timed decode steps end at it.
+        let decode_steps = gen_steps + DECODE_WARM_MAX;
+        let prefill_end = if opts.decode_before {
+            if ctx < pos + decode_steps + 1 {
+                log(&format!(
+                    "ctx {ctx}: too close to the previous frontier ({pos}) for {decode_steps} decode steps before it; skipped"
+                ));
+                continue;
+            }
+            ctx - decode_steps
+        } else {
+            ctx
+        };
+        let seg: Vec<u32> = (pos..prefill_end).map(|_| next_token()).collect();
         let seg_start = Instant::now();
         let mut last = (0usize, 0.0f64);
         let mut at = 0;
@@ -243,14 +278,37 @@ pub fn run(
             session.decode(tok).map_err(model_err)?;
             tok = next_token();
             warm_steps += 1;
-            if model.backend.graph_stats().replayed > replayed {
+            // A replay of the recording the timed steps will use (they must not cross
+            // the position where the indexer starts to run; the first after it records).
+            let next = session.n_tokens();
+            let same_variant = model.indexers_skipped(next - 1, 1)
+                == model.indexers_skipped(next + gen_steps - 1, 1);
+            if model.backend.graph_stats().replayed > replayed
+                && (same_variant || opts.decode_before)
+            {
                 break;
+            }
+        }
+        if opts.decode_before {
+            // Untimed replays until the timed steps end at the frontier.
+            while session.n_tokens() + gen_steps < ctx {
+                session.decode(tok).map_err(model_err)?;
+                tok = next_token();
+                warm_steps += 1;
             }
         }
         log(&format!(
             "ctx {ctx}: {warm_steps} untimed decode steps (direct, recording, first replay) took {:.1} ms",
             warm_start.elapsed().as_secs_f64() * 1e3
         ));
+        // Positions of the timed steps, and the bytes their weights take.
+        let first_timed = session.n_tokens();
+        let last_timed = first_timed + gen_steps - 1;
+        let step_bytes = if model.indexers_skipped(last_timed, 1) > 0 {
+            step_bytes_short
+        } else {
+            step_bytes
+        };
         let timed_before = model.backend.graph_stats();
         // Host phases of the timed steps only.
         let _ = crate::backend::host_profile::report();
@@ -288,7 +346,7 @@ pub fn run(
         ));
         if let Some(ms) = device_ms {
             log(&format!(
-                "ctx {ctx}: decode step on the device {ms:.3} ms (graph replay, {timed} steps timed); the host adds {:.3} ms/token",
+                "ctx {ctx}: decode step on the device {ms:.3} ms (graph replay, {timed} steps timed, positions {first_timed}..={last_timed}); the host adds {:.3} ms/token",
                 1e3 / row.gen_tps - ms
             ));
         }

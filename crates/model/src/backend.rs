@@ -534,12 +534,15 @@ pub trait Backend<'w> {
     }
 
     /// Runs `body` (every operation of one chunk of `n` tokens on `kv` and the buffers
-    /// identified by `bufs_id`). The default runs it; a GPU backend may record a decode
-    /// step once and replay the recording for later steps with the same key.
+    /// identified by `bufs_id`; `variant` tells apart chunks whose operations differ,
+    /// such as the indexers skipped at short contexts). The default runs it; a GPU
+    /// backend may record a decode step once and replay the recording for later steps
+    /// with the same key.
     fn run_chunk(
         &self,
         _n: usize,
         _bufs_id: u64,
+        _variant: u64,
         kv: &mut Self::Kv,
         body: &mut dyn FnMut(&mut Self::Kv) -> Result<()>,
     ) -> Result<()> {

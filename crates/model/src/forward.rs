@@ -3,7 +3,7 @@
 //! logits for every position of the chunk. Decode is a chunk of one.
 
 use crate::backend::{Backend, CompKind, CompUpdate, KvStore, QueryHeads, RopeKind};
-use crate::shape::ModelShape;
+use crate::shape::{LayerKind, ModelShape};
 use crate::weights::{ModelWeights, TensorView};
 use crate::{Error, Result};
 
@@ -13,12 +13,17 @@ pub struct ForwardOptions {
     /// The official FP8 KV / Hadamard+FP4 indexer / f16 cache rounding (model.md §6).
     /// On by default; transformers does not do it.
     pub official_rounding: bool,
+    /// Run the indexer even where every token of a chunk sees at most top_k
+    /// compressed rows (it then picks them all; skipped by default, same result).
+    /// For checks and timing.
+    pub always_index: bool,
 }
 
 impl Default for ForwardOptions {
     fn default() -> Self {
         Self {
             official_rounding: true,
+            always_index: false,
         }
     }
 }
@@ -166,9 +171,33 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         }
         self.backend.begin_chunk(tokens, pos0)?;
         let id = bufs.id;
-        self.backend.run_chunk(n, id, kv, &mut |kv: &mut B::Kv| {
-            self.forward_layers(tokens, pos0, kv, bufs, rows)
-        })
+        // A recorded step is valid only for chunks that skip the same indexers.
+        let variant = self.indexers_skipped(pos0, n) as u64;
+        self.backend
+            .run_chunk(n, id, variant, kv, &mut |kv: &mut B::Kv| {
+                self.forward_layers(tokens, pos0, kv, bufs, rows)
+            })
+    }
+
+    /// Whether a layer's indexer must score its compressed rows for the chunk at
+    /// pos0..pos0 + n: not while every token of it sees at most top_k rows, since
+    /// the top-k then picks all of them in order, which is what the attention reads
+    /// without a selection (ds4 skips the indexer's q_b and weights there too). The
+    /// indexer's own compressor still runs: later tokens need its rows.
+    fn indexer_needed(&self, kind: LayerKind, has_indexer: bool, pos0: usize, n: usize) -> bool {
+        let ratio = kind.ratio();
+        has_indexer
+            && ratio > 0
+            && (self.options.always_index || (pos0 + n) / ratio > self.shape.indexer_top_k)
+    }
+
+    /// How many layers skip their indexer for the chunk at pos0..pos0 + n.
+    pub fn indexers_skipped(&self, pos0: usize, n: usize) -> usize {
+        self.weights
+            .layers
+            .iter()
+            .filter(|l| l.attn.indexer.is_some() && !self.indexer_needed(l.kind, true, pos0, n))
+            .count()
     }
 
     /// Every operation of one chunk (see `forward_chunk`).
@@ -210,6 +239,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             };
             // ---- attention sublayer
             let a = &lw.attn;
+            let index = self.indexer_needed(kind, a.indexer.is_some(), pos0, n);
             // Every projection of the normed input y at once (one quantisation, few launches).
             be.matmul_multi(
                 &[&a.q_a, &a.kv],
@@ -229,8 +259,12 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                     outs.extend([&mut bufs.comp_kv, &mut bufs.comp_score]);
                 }
                 if let Some(ix) = &a.indexer {
-                    ws.extend([&ix.compressor.kv, &ix.compressor.gate, &ix.proj]);
-                    outs.extend([&mut bufs.icomp_kv, &mut bufs.icomp_score, &mut bufs.iw]);
+                    ws.extend([&ix.compressor.kv, &ix.compressor.gate]);
+                    outs.extend([&mut bufs.icomp_kv, &mut bufs.icomp_score]);
+                    if index {
+                        ws.push(&ix.proj);
+                        outs.push(&mut bufs.iw);
+                    }
                 }
                 be.matmul_multi(&ws, &bufs.y, n, &mut outs)?;
                 let mut updates = Vec::with_capacity(2);
@@ -256,7 +290,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             be.rms_norm(&mut bufs.qr, Some(&a.q_a_norm), n, s.q_lora_rank, eps)?;
             be.attn_queries(
                 &a.q_b,
-                a.indexer.as_ref().map(|ix| &ix.q_b),
+                a.indexer.as_ref().filter(|_| index).map(|ix| &ix.q_b),
                 &bufs.qr,
                 &a.kv_norm,
                 n,
@@ -276,7 +310,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
                 be.branch_join()?;
             }
             let mut use_sel = false;
-            if a.indexer.is_some() {
+            if index {
                 be.indexer_topk(
                     kv,
                     il,

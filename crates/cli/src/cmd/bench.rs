@@ -43,6 +43,14 @@ pub struct Args {
     /// Timed decode steps per frontier.
     #[arg(long = "gen", default_value_t = 64)]
     pub gen_steps: usize,
+    /// Time the decode steps that end at each frontier (the last one sees ctx tokens;
+    /// prefill stops that many steps short) instead of the steps just past it.
+    #[arg(long)]
+    pub decode_before: bool,
+    /// Run the indexer even where it is skipped (while no token sees more than top_k
+    /// compressed rows; the result is the same): for A/B timing.
+    #[arg(long)]
+    pub always_index: bool,
     /// Write the CSV (ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kv_bytes) here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -118,6 +126,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         chunk: args.chunk,
         gen_steps: args.gen_steps,
         seed: 20261126,
+        decode_before: args.decode_before,
+        always_index: args.always_index,
     };
     let report = ds4_cuda::model_bench::run(Arc::new(rt), &opts, |l| println!("{l}"))?;
     let points = points_of(&report);

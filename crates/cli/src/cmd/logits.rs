@@ -47,6 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let shape = config.shape();
     let opts = ForwardOptions {
         official_rounding: args.official_rounding == "on",
+        ..Default::default()
     };
     let vocab = shape.vocab;
     let model =

@@ -86,6 +86,7 @@ impl Chat {
     pub fn open(args: ModelArgs) -> anyhow::Result<Self> {
         let options = ForwardOptions {
             official_rounding: args.official_rounding == "on",
+            ..Default::default()
         };
         let t0 = Instant::now();
         let load = ds4_engine::live::LoadOptions {

@@ -92,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (None, Some(model)) => {
                 let options = ds4_model::ForwardOptions {
                     official_rounding: args.official_rounding == "on",
+                    ..Default::default()
                 };
                 let ctx = args.ctx.map_or(DEFAULT_CTX, |c| c.max(2) as usize);
                 let load = ds4_engine::live::LoadOptions {
