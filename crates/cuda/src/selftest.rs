@@ -1563,6 +1563,9 @@ struct AttCase {
     sel_k: Option<usize>,
     n: usize,
     pos0: usize,
+    /// Compressed rows the launch plans for, where not every cached row (the backend
+    /// plans for top_k in a CSA layer whose indexer is skipped).
+    comp_plan: Option<usize>,
 }
 
 /// Random inputs of one case, laid out as the backend's buffers.
@@ -1757,9 +1760,19 @@ pub fn run_attention_checks(
         sel_k,
         n,
         pos0,
+        comp_plan: None,
     };
     let cases = [
         flash("flash csa  ratio 4 sel 512   decode", 4, Some(512), 1, 2001),
+        // The indexer skipped (every token sees at most 512 rows): all rows, no picks.
+        AttCase {
+            comp_plan: Some(512),
+            ..flash("flash csa  ratio 4 no picks  decode", 4, None, 1, 2047)
+        },
+        AttCase {
+            comp_plan: Some(512),
+            ..flash("flash csa  ratio 4 no picks 2048 tok", 4, None, 2048, 0)
+        },
         flash("flash csa  ratio 4 sel 512   5 tok ", 4, Some(512), 5, 1998),
         flash(
             "flash csa  ratio 4 sel 512   64 tok",
@@ -1799,6 +1812,7 @@ pub fn run_attention_checks(
             sel_k: Some(16),
             n: 1,
             pos0: 100,
+            comp_plan: None,
         },
         AttCase {
             name: "tiny 4x256 ratio 4 sel 16    37 tok",
@@ -1809,6 +1823,7 @@ pub fn run_attention_checks(
             sel_k: Some(16),
             n: 37,
             pos0: 50,
+            comp_plan: None,
         },
         AttCase {
             name: "tiny 4x256 ratio 0           37 tok",
@@ -1819,6 +1834,7 @@ pub fn run_attention_checks(
             sel_k: None,
             n: 37,
             pos0: 0,
+            comp_plan: None,
         },
     ];
     let mut rng = Rng(0xa77e_5000);
@@ -1842,7 +1858,7 @@ pub fn run_attention_checks(
             ring: dring.ptr,
             ring_cap: d.ring_cap,
             comp: if c.ratio > 0 { dcomp.ptr } else { 0 },
-            comp_cap: d.comp_cap,
+            comp_cap: c.comp_plan.unwrap_or(d.comp_cap),
             ratio: c.ratio,
             sel: if c.sel_k.is_some() { dsel.ptr } else { 0 },
             sel_k: c.sel_k.unwrap_or(0),
