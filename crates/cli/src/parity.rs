@@ -219,16 +219,11 @@ pub fn run(
                     None => TOL_FLOAT,
                     Some(s) => TOL_QUANT.max(SENSITIVITY_FACTOR * s),
                 };
-                let gpu_backend = CudaBackend::new(rt.clone(), &shape)?;
-                let gpu = Model::new(gpu_backend, shape.clone(), &file, opts)?;
-                for (mode, chunk) in [("prefill", tokens.len()), ("chunk7", 7), ("decode", 1)] {
-                    let got = feed_all(&gpu, &tokens, chunk)?;
+                let rounding = if official { "on " } else { "off" };
+                let mut check = |mode: &str, got: &[f32]| {
                     let r = ParityResult::compare(
-                        format!(
-                            "{name} {ty_name} rounding {} {mode}",
-                            if official { "on " } else { "off" }
-                        ),
-                        &got,
+                        format!("{name} {ty_name} rounding {rounding} {mode}"),
+                        got,
                         &want,
                         vocab,
                         tol,
@@ -236,6 +231,11 @@ pub fn run(
                     );
                     emit(&r);
                     results.push(r);
+                };
+                let gpu_backend = CudaBackend::new(rt.clone(), &shape)?;
+                let gpu = Model::new(gpu_backend, shape.clone(), &file, opts)?;
+                for (mode, chunk) in [("prefill", tokens.len()), ("chunk7", 7), ("decode", 1)] {
+                    check(mode, &feed_all(&gpu, &tokens, chunk)?);
                 }
                 let st = gpu.backend.graph_stats();
                 println!(
@@ -249,26 +249,9 @@ pub fn run(
                     always_index: true,
                     ..opts
                 };
-                let gpu = Model::new(
-                    CudaBackend::new(rt.clone(), &shape)?,
-                    shape.clone(),
-                    &file,
-                    always,
-                )?;
-                let got = feed_all(&gpu, &tokens, 1)?;
-                let r = ParityResult::compare(
-                    format!(
-                        "{name} {ty_name} rounding {} decode, indexer always",
-                        if official { "on " } else { "off" }
-                    ),
-                    &got,
-                    &want,
-                    vocab,
-                    tol,
-                    sensitivity,
-                );
-                emit(&r);
-                results.push(r);
+                let gpu_backend = CudaBackend::new(rt.clone(), &shape)?;
+                let gpu = Model::new(gpu_backend, shape.clone(), &file, always)?;
+                check("decode, indexer always", &feed_all(&gpu, &tokens, 1)?);
             }
         }
     }
