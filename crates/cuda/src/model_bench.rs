@@ -283,9 +283,7 @@ pub fn run(
             let next = session.n_tokens();
             let same_variant = model.indexers_skipped(next - 1, 1)
                 == model.indexers_skipped(next + gen_steps - 1, 1);
-            if model.backend.graph_stats().replayed > replayed
-                && (same_variant || opts.decode_before)
-            {
+            if model.backend.graph_stats().replayed > replayed && same_variant {
                 break;
             }
         }

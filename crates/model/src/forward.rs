@@ -3,8 +3,8 @@
 //! logits for every position of the chunk. Decode is a chunk of one.
 
 use crate::backend::{Backend, CompKind, CompUpdate, KvStore, QueryHeads, RopeKind};
-use crate::shape::{LayerKind, ModelShape};
-use crate::weights::{ModelWeights, TensorView};
+use crate::shape::ModelShape;
+use crate::weights::{LayerWeights, ModelWeights, TensorView};
 use crate::{Error, Result};
 
 /// Options that change numerics.
@@ -184,9 +184,9 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
     /// the top-k then picks all of them in order, which is what the attention reads
     /// without a selection (ds4 skips the indexer's q_b and weights there too). The
     /// indexer's own compressor still runs: later tokens need its rows.
-    fn indexer_needed(&self, kind: LayerKind, has_indexer: bool, pos0: usize, n: usize) -> bool {
-        let ratio = kind.ratio();
-        has_indexer
+    fn indexer_needed(&self, layer: &LayerWeights<B::Weight>, pos0: usize, n: usize) -> bool {
+        let ratio = layer.kind.ratio();
+        layer.attn.indexer.is_some()
             && ratio > 0
             && (self.options.always_index || (pos0 + n) / ratio > self.shape.indexer_top_k)
     }
@@ -196,7 +196,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
         self.weights
             .layers
             .iter()
-            .filter(|l| l.attn.indexer.is_some() && !self.indexer_needed(l.kind, true, pos0, n))
+            .filter(|l| l.attn.indexer.is_some() && !self.indexer_needed(l, pos0, n))
             .count()
     }
 
@@ -239,7 +239,7 @@ impl<'w, B: Backend<'w>> Model<'w, B> {
             };
             // ---- attention sublayer
             let a = &lw.attn;
-            let index = self.indexer_needed(kind, a.indexer.is_some(), pos0, n);
+            let index = self.indexer_needed(lw, pos0, n);
             // Every projection of the normed input y at once (one quantisation, few launches).
             be.matmul_multi(
                 &[&a.q_a, &a.kv],
